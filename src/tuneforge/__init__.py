@@ -1,0 +1,36 @@
+"""tuneforge: from a file of examples to a fine-tuned, evaluated, packaged and served language model.
+
+The Python API under the ``tuneforge`` CLI::
+
+    import tuneforge
+    config = tuneforge.load_config("examples/quickstart.yaml", overrides=["max_steps=3"])
+    result = tuneforge.train(config)                      # writes config.output_dir
+    print(tuneforge.generate(result.run_dir, "Where is my parcel?"))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from tuneforge.config import ConfigError, RunConfig, load_config
+
+
+def train(config: "RunConfig | str | dict", overrides: list[str] | None = None):
+    """Train from a :class:`RunConfig`, a YAML path or a dict of settings; return a ``RunResult``."""
+    from tuneforge.training.trainer import train as _train
+
+    if isinstance(config, str):
+        config = load_config(config, overrides)
+    elif isinstance(config, dict):
+        config = load_config(None, overrides, data=config)
+    return _train(config)
+
+
+def generate(run_dir: str, prompt: str, **kwargs) -> str:
+    """Generate an answer to ``prompt`` with the model of a finished run (adapter applied)."""
+    from tuneforge.serving.inference import load_run
+
+    return load_run(run_dir).generate(prompt, **kwargs)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "train", "generate", "__version__"]

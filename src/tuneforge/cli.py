@@ -1,0 +1,154 @@
+"""The ``tuneforge`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.training.trainer import train
+
+    config = load_config(args.config, args.set)
+    result = train(config)
+    print(f"run directory: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}"
+          + (f"  best eval loss: {result.best_eval_loss:.4f} (step {result.best_step})" if result.best_step else ""))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from tuneforge.quickstart import run_quickstart
+
+    run_quickstart(args.config, args.set)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tuneforge.serving.inference import load_run
+
+    loaded = load_run(args.run)
+    print(loaded.generate(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.serving.inference import load_run
+
+    loaded = load_run(args.run)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chatting with", args.run, "(empty line or Ctrl-D to quit, /reset to start over)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = loaded.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        messages.append({"role": "assistant", "content": answer})
+        print("model>", answer)
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from tuneforge.config import DataConfig
+    from tuneforge.data.preview import preview
+    from tuneforge.models.loading import load_tokenizer
+
+    cfg = DataConfig(train=args.file, format=args.format, train_on=args.train_on, system_prompt=args.system,
+                     columns=dict(c.split("=", 1) for c in args.columns))
+    color = sys.stdout.isatty() and not args.no_color
+    print(preview(args.file, load_tokenizer(args.model), cfg, n=args.n, color=color))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a YAML run config")
+    t.add_argument("config", help="run config (YAML), e.g. examples/quickstart.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; dotted keys reach nested ones (data.train=FILE)")
+    t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")
+    q.add_argument("--config", default="examples/quickstart.yaml")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(func=cmd_quickstart)
+
+    for name, helptext in (("generate", "generate one answer with a trained run"), ("chat", "chat with a trained run")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("run", help="run directory written by `tuneforge train`")
+        if name == "generate":
+            g.add_argument("--prompt", required=True)
+        g.add_argument("--system", default=None, help="system prompt")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        g.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    d = sub.add_parser("data", help="inspect and curate data files")
+    dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    pv = dsub.add_parser("preview", help="show rendered examples with the trained tokens marked")
+    pv.add_argument("file")
+    pv.add_argument("-n", type=int, default=3, help="how many examples")
+    pv.add_argument("--model", default="smollm2-135m-instruct")
+    pv.add_argument("--format", default="auto", choices=["auto", "messages", "alpaca", "prompt_completion", "text"])
+    pv.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN")
+    pv.add_argument("--train-on", default="assistant", choices=["assistant", "all"])
+    pv.add_argument("--system", default=None, help="system prompt to add")
+    pv.add_argument("--no-color", action="store_true")
+    pv.set_defaults(func=cmd_data_preview)
+    try:
+        from tuneforge.data.commands import add_curation_commands
+    except ImportError:
+        pass
+    else:
+        add_curation_commands(dsub)
+    d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
+
+    try:
+        from tuneforge.export.commands import add_merge_command
+    except ImportError:
+        pass
+    else:
+        add_merge_command(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tuneforge.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

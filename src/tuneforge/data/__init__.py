@@ -1,0 +1,1 @@
+"""Reading, normalising, rendering and packing training data."""

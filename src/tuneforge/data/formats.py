@@ -1,0 +1,125 @@
+"""Detect a record's format and normalise it to one schema.
+
+Formats (canonical field names; ``columns`` in the config maps them to other column names):
+
+==================  ===========================================  =====================
+format              fields                                       becomes
+==================  ===========================================  =====================
+``messages``        ``messages``: [{role, content}, ...]         the messages as given
+``alpaca``          ``instruction``, ``input`` (optional), ``output``  user / assistant
+``prompt_completion`` ``prompt``, ``completion``                 user / assistant
+``text``            ``text``                                     raw text (no template)
+``preference``      ``chosen``, ``rejected`` (``prompt`` optional)  preference pair
+==================  ===========================================  =====================
+
+A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference")
+ROLES = ("system", "user", "assistant")
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("chosen", "rejected"),
+    "text": ("text",),
+}
+CANONICAL_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
+
+
+class RecordError(ValueError):
+    """A record that does not fit its format; the message says what is wrong."""
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
+    """Return ``record`` with source columns renamed to canonical fields (``columns``: canonical -> source)."""
+    if not columns:
+        return record
+    out = dict(record)
+    for canonical, source in columns.items():
+        if source in record:
+            out[canonical] = record[source]
+    return out
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The format whose required fields ``record`` has, or None."""
+    for fmt in ("messages", "preference", "alpaca", "prompt_completion", "text"):
+        if all(k in record for k in FORMAT_FIELDS[fmt]):
+            return fmt
+    return None
+
+
+def _text_field(record: dict[str, Any], key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise RecordError(f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def normalise_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("field 'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RecordError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RecordError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RecordError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = None) -> Example:
+    """Normalise ``record`` (already column-renamed) of format ``fmt`` into an :class:`Example`.
+
+    Raises :class:`RecordError` naming the field that is wrong.
+    """
+    if fmt == "messages":
+        messages = normalise_messages(record.get("messages"))
+    elif fmt == "alpaca":
+        instruction = _text_field(record, "instruction")
+        extra = _text_field(record, "input", required=False)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(record, "output")}]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text_field(record, "prompt")},
+                    {"role": "assistant", "content": _text_field(record, "completion")}]
+    elif fmt == "text":
+        text = _text_field(record, "text")
+        if not text.strip():
+            raise RecordError("field 'text' is empty")
+        return Example(text=text)
+    elif fmt == "preference":
+        raise RecordError("preference pairs (chosen/rejected) are for preference training, not SFT")
+    else:
+        raise RecordError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("conversation has no assistant turn: nothing to learn from")
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("conversation must end with an assistant turn")
+    for m in messages:
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise RecordError("an assistant turn is empty")
+    return Example(messages=messages)

@@ -1,0 +1,152 @@
+"""Stream raw records out of data files, each tagged with where it came from.
+
+Supported files: ``.jsonl`` (one JSON object a line), ``.json`` (an array of objects, or one object
+with a list under ``data``), ``.csv`` and ``.parquet``, optionally gzipped (``.jsonl.gz``).
+Nothing is dropped here: a line that is not valid JSON comes out as a :class:`RawRecord` with
+``error`` set, so callers can count it and put it in a rejects file.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read at all (missing, unknown type)."""
+
+
+@dataclass
+class RawRecord:
+    source: str                  # file path as given
+    line: int                    # 1-based line for jsonl/csv; 1-based element index for json arrays / parquet rows
+    data: dict[str, Any] | None  # the parsed object, None when it could not be parsed
+    raw: str | None = None       # the raw text when it could not be parsed (kept verbatim for rejects)
+    error: str | None = None     # why it could not be parsed
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def data_suffix(path: str | Path) -> str:
+    name = str(path).lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise DataFileError(
+        f"{path}: unsupported data file type; use one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
+    )
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if str(path).lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def iter_records(path: str | Path) -> Iterator[RawRecord]:
+    """Yield every record of ``path`` in file order, streaming where the format allows."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: data file not found")
+    suffix = data_suffix(path)
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path)
+    elif suffix == ".json":
+        yield from _iter_json(path)
+    elif suffix == ".csv":
+        yield from _iter_csv(path)
+    else:
+        yield from _iter_parquet(path)
+
+
+def _has_bad_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if _has_bad_utf8(text):
+                yield RawRecord(str(path), number, None, raw=text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                                error="invalid UTF-8")
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield RawRecord(str(path), number, None, raw=text, error=f"not JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(obj, dict):
+                yield RawRecord(str(path), number, None, raw=text, error=f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield RawRecord(str(path), number, obj)
+
+
+def _iter_json(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFileError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one array of records "
+            "(use .jsonl for one record per line)"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataFileError(f"{path}: a .json data file must hold an array of records, got {type(obj).__name__}")
+    for index, item in enumerate(obj, start=1):
+        if isinstance(item, dict):
+            yield RawRecord(str(path), index, item)
+        else:
+            yield RawRecord(str(path), index, None, raw=json.dumps(item)[:10000],
+                            error=f"expected a JSON object, got {type(item).__name__}")
+
+
+def _iter_csv(path: Path) -> Iterator[RawRecord]:
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield RawRecord(str(path), reader.line_num, None, raw=None, error=f"CSV error: {e}")
+                continue
+            extra = row.pop(None, None)
+            if extra:
+                yield RawRecord(str(path), reader.line_num, None, raw=json.dumps(list(row.values()) + extra),
+                                error=f"row has {len(extra)} more fields than the header")
+                continue
+            yield RawRecord(str(path), reader.line_num, dict(row))
+
+
+def _iter_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            index += 1
+            yield RawRecord(str(path), index, row)

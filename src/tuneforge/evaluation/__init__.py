@@ -1,0 +1,1 @@
+"""Evaluating models before shipping them."""

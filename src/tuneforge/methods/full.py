@@ -1,0 +1,26 @@
+"""Full fine-tuning: every weight trains, optionally with the embeddings or some layers frozen.
+
+Trainable parameters: all parameters (tied ``lm_head`` counted once with the embeddings) minus
+``vocab * hidden`` with ``freeze_embeddings`` minus the parameters of each layer in ``freeze_layers``
+(negative indices count from the last layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.config import FullConfig
+
+
+def apply_full(model: torch.nn.Module, cfg: FullConfig) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    layers = model.model.layers
+    for index in cfg.freeze_layers:
+        if not -len(layers) <= index < len(layers):
+            raise ValueError(f"full.freeze_layers: layer {index} does not exist (the model has {len(layers)})")
+        for p in layers[index].parameters():
+            p.requires_grad_(False)
+    return model

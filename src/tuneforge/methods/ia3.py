@@ -1,0 +1,33 @@
+"""IA3 (Liu et al. 2022) through peft: learned rescaling of activations.
+
+For an attention target (``k_proj``, ``v_proj``) the output is rescaled: ``y = l ⊙ (W x)`` with
+``l: (d_out,)``; for a feed-forward target (``down_proj``) the input is: ``y = W (l ⊙ x)`` with
+``l: (d_in,)``. All ``l`` start at 1, so training starts exactly at the base model. Trainable parameters:
+``d_out`` per attention target and ``d_in`` per feed-forward target, per layer. Mergeable: ``l`` folds
+into ``W`` by scaling its rows (attention) or columns (feed-forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import IA3Config as PeftIA3Config
+from peft import get_peft_model
+
+from tuneforge.config import IA3Config
+
+DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
+DEFAULT_FEEDFORWARD = ["down_proj"]
+
+
+def peft_ia3_config(cfg: IA3Config) -> PeftIA3Config:
+    targets = cfg.target_modules or DEFAULT_TARGETS
+    feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else \
+        [m for m in DEFAULT_FEEDFORWARD if m in targets]
+    stray = [m for m in feedforward if m not in targets]
+    if stray:
+        raise ValueError(f"ia3.feedforward_modules {stray} must also be listed in ia3.target_modules ({targets})")
+    return PeftIA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
+
+
+def apply_ia3(model: torch.nn.Module, cfg: IA3Config) -> torch.nn.Module:
+    return get_peft_model(model, peft_ia3_config(cfg))

@@ -1,0 +1,32 @@
+"""LoRA (and DoRA, rsLoRA) through peft.
+
+LoRA replaces a frozen linear layer ``W0`` by ``x -> W0 x + (alpha / r) * B A x`` with ``A: (r, d_in)``
+(Kaiming-uniform init) and ``B: (d_out, r)`` (zeros), so training starts exactly at the base model.
+rsLoRA scales by ``alpha / sqrt(r)`` instead; DoRA additionally learns a per-output-row magnitude.
+Trainable parameters per target linear: ``r * (d_in + d_out)`` (+ ``d_out`` for DoRA).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from tuneforge.config import LoraConfig
+
+
+def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    return get_peft_model(model, peft_lora_config(cfg))

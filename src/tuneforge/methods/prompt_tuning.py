@@ -1,0 +1,76 @@
+"""Prompt tuning (Lester et al. 2021) through peft.
+
+A soft prompt ``S: (P, hidden)`` with ``P = num_virtual_tokens`` is prepended to the input embeddings:
+``model([S; E(x)])``. Only ``S`` trains: ``P * hidden`` parameters. ``init_text`` initialises ``S`` from
+the embeddings of that text's tokens (repeated or cut to ``P`` tokens, as peft does); without it, from
+the embeddings of ``P`` tokens drawn at random from the vocabulary (Lester et al.'s "sampled vocab"
+init, which trains better than peft's N(0, 1) default at the embedding scale of small models).
+
+Packed rows: peft prepends ``S`` once per row and drops ``position_ids``, so examples would share one
+prompt and attend to each other. :func:`forward_for_loss` re-packs the row as ``[S; x_1][S; x_2]...``
+with positions restarting at 0 for each ``[S; x_i]``; transformers then builds the block-causal mask
+from those positions, and each example computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+from tuneforge.config import PromptConfig
+from tuneforge.methods.packed_rows import segment_bounds
+
+
+def peft_prompt_config(cfg: PromptConfig) -> PromptTuningConfig:
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+                              prompt_tuning_init=PromptTuningInit.RANDOM)
+
+
+def init_token_ids(cfg: PromptConfig, tokenizer, vocab_size: int) -> torch.Tensor:
+    """``P`` token ids whose embeddings initialise the soft prompt."""
+    P = cfg.num_virtual_tokens
+    if cfg.init_text is None:
+        return torch.randint(0, vocab_size, (P,))
+    if tokenizer is None:
+        raise ValueError("prompt.init_text needs the tokenizer: call apply_method(model, config, tokenizer)")
+    ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt.init_text {cfg.init_text!r} has no tokens; write some text or remove the key")
+    ids = (ids * (P // len(ids) + 1))[:P]
+    return torch.tensor(ids)
+
+
+def apply_prompt(model: torch.nn.Module, cfg: PromptConfig, tokenizer=None) -> PeftModel:
+    embeddings = model.get_input_embeddings()
+    ids = init_token_ids(cfg, tokenizer, embeddings.weight.shape[0])
+    peft_model = get_peft_model(model, peft_prompt_config(cfg))
+    soft = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    with torch.no_grad():
+        soft.weight.copy_(embeddings.weight[ids.to(embeddings.weight.device)].to(soft.weight.dtype))
+    return peft_model
+
+
+def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     keep_idx: torch.Tensor) -> torch.Tensor:
+    """Logits ``[K, V]`` at positions ``keep_idx [K]`` of the packed row ``input_ids [1, T]``.
+
+    Equal (up to float rounding) to running each example of the row alone through ``model``.
+    """
+    bounds = segment_bounds(position_ids)
+    P = model.active_peft_config.num_virtual_tokens
+    base = model.get_base_model()
+    embeds = model.word_embeddings(input_ids)[0]                        # [T, H]
+    soft = model.get_prompt(batch_size=1)[0].to(embeds.dtype)           # [P, H]
+    pieces, positions = [], []
+    for start, end in bounds:
+        pieces += [soft, embeds[start:end]]
+        positions.append(torch.arange(P + end - start, device=input_ids.device))
+    row = torch.cat(pieces)[None]                                       # [1, T + n*P]
+    new_pos = torch.cat(positions)[None]
+    # a token at row index t of example i moves to t + (i + 1) * P
+    shift = torch.zeros(input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    for i, (start, end) in enumerate(bounds):
+        shift[start:end] = (i + 1) * P
+    keep = keep_idx.to(input_ids.device)
+    out = base(inputs_embeds=row, position_ids=new_pos, use_cache=False, logits_to_keep=keep + shift[keep])
+    return out.logits[0]

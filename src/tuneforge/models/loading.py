@@ -1,0 +1,57 @@
+"""Load a base model and its tokenizer, ready for training or inference."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tuneforge.models.registry import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``model`` (a spec accepted by :func:`resolve_model` or a folder).
+
+    The pad token is only used to fill generation batches; training is padding-free, and loss masks
+    come from token offsets, never from ``input_ids == pad_token_id`` (SmolLM2 ships pad == eos).
+    """
+    path = resolve_model(str(model))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa") -> PreTrainedModel:
+    path = resolve_model(str(model))
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return m.to(device)
+
+
+def tiny_config_from(model: str | Path, num_hidden_layers: int = 2, hidden_size: int = 64,
+                     intermediate_size: int = 128, num_attention_heads: int = 4, num_key_value_heads: int = 2):
+    """A small config of the same architecture and vocabulary as ``model``: for fast unit tests."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(str(model)))
+    config.num_hidden_layers = num_hidden_layers
+    config.hidden_size = hidden_size
+    config.intermediate_size = intermediate_size
+    config.num_attention_heads = num_attention_heads
+    config.num_key_value_heads = num_key_value_heads
+    config.head_dim = hidden_size // num_attention_heads
+    return config
+
+
+def build_tiny_model(model: str | Path = "smollm2-135m-instruct", seed: int = 0, **sizes) -> PreTrainedModel:
+    """A randomly initialised small model with the real architecture and vocabulary (tests, benchmarks)."""
+    torch.manual_seed(seed)
+    config = tiny_config_from(model, **sizes)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    m.eval()
+    return m

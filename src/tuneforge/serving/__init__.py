@@ -1,0 +1,1 @@
+"""Loading finished runs for generation, chat and (later) serving."""

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from tuneforge.config import DataConfig
+from tuneforge.data.dataset import load_examples
+from tuneforge.data.formats import RecordError, detect_format, to_example
+from tuneforge.data.loaders import DataFileError, iter_records
+
+
+def test_detects_each_format():
+    assert detect_format({"messages": []}) == "messages"
+    assert detect_format({"instruction": "i", "input": "", "output": "o"}) == "alpaca"
+    assert detect_format({"prompt": "p", "completion": "c"}) == "prompt_completion"
+    assert detect_format({"text": "t"}) == "text"
+    assert detect_format({"chosen": "a", "rejected": "b"}) == "preference"
+    assert detect_format({"foo": 1}) is None
+
+
+def test_alpaca_with_input_becomes_user_assistant():
+    ex = to_example({"instruction": "Translate.", "input": "hola", "output": "hello"}, "alpaca", system_prompt="Be nice.")
+    assert ex.messages == [{"role": "system", "content": "Be nice."},
+                           {"role": "user", "content": "Translate.\n\nhola"},
+                           {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize("messages,match", [
+    ([{"role": "user", "content": "hi"}], "no assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "must end with an assistant turn"),
+    ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "messages\\[0\\].role is 'robot'"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "content must be a string"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "assistant turn is empty"),
+])
+def test_bad_messages_say_what_is_wrong(messages, match):
+    with pytest.raises(RecordError, match=match):
+        to_example({"messages": messages}, "messages")
+
+
+def test_jsonl_bad_lines_are_kept_with_line_numbers(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a"}\n\nnot json\n[1, 2]\n{"text": "b"}\n')
+    recs = list(iter_records(f))
+    assert [(r.line, r.data is not None) for r in recs] == [(1, True), (3, False), (4, False), (5, True)]
+    assert "not JSON" in recs[1].error and recs[1].raw == "not json"
+    assert "expected a JSON object" in recs[2].error
+
+
+def test_json_array_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.json").write_text(json.dumps([{"prompt": "p", "completion": "c"}, 5]))
+    recs = list(iter_records(tmp_path / "a.json"))
+    assert recs[0].data == {"prompt": "p", "completion": "c"} and recs[1].error
+
+    (tmp_path / "t.csv").write_text('category,text\nbilling,"I was charged, twice"\nlogin,cannot sign in\n')
+    recs = list(iter_records(tmp_path / "t.csv"))
+    assert [(r.line, r.data["category"]) for r in recs] == [(2, "billing"), (3, "login")]
+
+    pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "t.parquet")
+    assert [r.data["text"] for r in iter_records(tmp_path / "t.parquet")] == ["x", "y"]
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataFileError, match="unsupported data file type"):
+        list(iter_records(tmp_path / "x.txt"))
+    with pytest.raises(DataFileError, match="not found"):
+        list(iter_records(tmp_path / "missing.jsonl"))
+
+
+def test_csv_with_column_mapping(tmp_path):
+    f = tmp_path / "tickets.csv"
+    f.write_text("category,text\nbilling,I was charged twice\nlogin,cannot sign in\n")
+    cfg = DataConfig(train=str(f), format="prompt_completion", columns={"prompt": "text", "completion": "category"})
+    loaded = load_examples(str(f), cfg)
+    assert not loaded.rejects
+    assert loaded.examples[0].messages[-1] == {"role": "assistant", "content": "billing"}
+    assert loaded.examples[1].meta["where"].endswith("tickets.csv:3")
+
+
+def test_rejects_name_file_line_and_reason(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"prompt": "p", "completion": "c"}\n{"foo": 1}\n{"messages": [{"role": "user", "content": "q"}]}\n')
+    loaded = load_examples(str(f), DataConfig(train=str(f)))
+    assert len(loaded.examples) == 1
+    assert [(r.line, r.reason.split(":")[0]) for r in loaded.rejects] == [(2, "unknown format"), (3, "messages")]

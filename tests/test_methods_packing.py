@@ -1,0 +1,71 @@
+"""``method_forward`` on a packed row equals running each example alone, for every method.
+
+Prefix tuning passes a KV cache (which turns off transformers' packed-row detection) and prompt tuning
+prepends virtual tokens once per row; both have their own forward. The reference here is peft's plain
+forward on each example separately, so a mask that lets examples see each other fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _method_helpers import HAS_BNB, packed_row, run_config
+from tuneforge.methods import apply_method, method_forward
+
+SECTIONS = {
+    "lora": {"lora": {"r": 4, "dropout": 0.0}},
+    "qlora": {"lora": {"r": 4, "dropout": 0.0}},
+    "adapter": {"adapter": {"bottleneck": 8}},
+    "prefix": {"prefix": {"num_virtual_tokens": 4}},
+    "prompt": {"prompt": {"num_virtual_tokens": 4}},
+    "ia3": {},
+    "full": {},
+}
+
+
+def _perturbed(model):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.numel() < 100_000:  # all adapters; for full, all but the embeddings
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", list(SECTIONS))
+def test_packed_row_equals_each_example_alone(method, tiny_model):
+    if method == "qlora" and not HAS_BNB:
+        pytest.skip("bitsandbytes not installed")
+    config = run_config(method, SECTIONS[method])
+    model = _perturbed(apply_method(tiny_model, config))
+    ids, pos, lengths = packed_row(lengths=(5, 3, 6))
+    keep = torch.tensor([0, 2, 4, 5, 7, 8, 13])  # positions in all three examples
+    with torch.no_grad():
+        packed = method_forward(model, config, ids, pos, keep)
+        alone = []
+        start = 0
+        for n in lengths:
+            out = model(input_ids=ids[:, start:start + n], use_cache=False).logits[0]
+            alone.append(out[-n:])  # prompt tuning returns the virtual positions too
+            start += n
+        reference = torch.cat(alone)[keep]
+    assert packed.shape == (len(keep), tiny_model.config.vocab_size)
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generation_matches_the_training_forward(method, tiny_model):
+    """peft's cached generation (transformers 5.23 cache classes) scores each step as method_forward does."""
+    config = run_config(method, SECTIONS[method])
+    model = _perturbed(apply_method(tiny_model, config))
+    ids = torch.randint(0, 49152, (1, 6), generator=torch.Generator().manual_seed(2))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    seq = out.sequences
+    assert seq.shape == (1, 10)
+    with torch.no_grad():
+        for step, scores in enumerate(out.scores):
+            T = 6 + step
+            logits = method_forward(model, config, seq[:, :T], torch.arange(T)[None], torch.tensor([T - 1]))
+            torch.testing.assert_close(scores[0], logits[0], rtol=0, atol=1e-4)

@@ -1,0 +1,98 @@
+"""The training loop on a tiny model: run directory contents, loss going down, accumulation, checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tuneforge.config import load_config
+from tuneforge.training.trainer import train
+
+LABELS = ["billing", "shipping", "login"]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    rows = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
+             "completion": LABELS[i % 3]} for i in range(48)]
+    return write_jsonl(tmp_path / "train.jsonl", rows + ["{broken"])
+
+
+def _config(tiny_model_dir, data, tmp_path, **extra):
+    settings = {"model": str(tiny_model_dir), "data": {"train": str(data), "val_fraction": 0.25},
+                "output_dir": str(tmp_path / "run"), "max_steps": 12, "batch_size": 6, "learning_rate": 3e-3,
+                "eval_every": 4, "progress": False, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    settings.update(extra)
+    return load_config(data=settings)
+
+
+def test_run_directory_has_everything(tiny_model_dir, data, tmp_path):
+    result = train(_config(tiny_model_dir, data, tmp_path))
+    run = result.run_dir
+    for name in ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                 "chat_template.jinja", "metrics.jsonl", "loss_curve.png", "run.json", "rejects.jsonl"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"loss", "lr", "tokens_per_s"} <= rows[0].keys()
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12]
+    record = json.loads((run / "run.json").read_text())
+    assert record["data"][0]["sha256"] and record["base_model"]["weights_sha256"]
+    assert record["seed"] == 42 and record["versions"]["torch"] and record["wall_time_s"] > 0
+    assert record["examples"] == {"train": 36, "validation": 12, "rejected": 1, "truncated": 0,
+                                  "formats": {"prompt_completion": 48}}
+    reject = json.loads((run / "rejects.jsonl").read_text())
+    assert reject["line"] == 49 and "not JSON" in reject["reasons"][0]
+    # LoRA r=4 on every linear of 2 layers: r * (d_in + d_out) summed over q,k,v,o,gate,up,down
+    h, kv, inter = 64, 32, 128
+    per_layer = 4 * ((h + h) + (h + kv) * 2 + (h + h) + (h + inter) * 2 + (inter + h))
+    assert result.trainable_params == 2 * per_layer
+
+
+def test_loss_goes_down_and_best_checkpoint_is_kept(tiny_model_dir, data, tmp_path):
+    result = train(_config(tiny_model_dir, data, tmp_path, method="full", learning_rate=5e-3))
+    evals = [r["eval_loss"] for r in result.metrics if "eval_loss" in r]
+    assert evals[-1] < evals[0] * 0.7
+    assert result.best_eval_loss == min(evals)
+    assert json.loads((result.run_dir / "run.json").read_text())["weights_from_step"] == result.best_step
+
+
+def _trained_lora(tiny_model_dir, data, tmp_path, name, **extra):
+    cfg = _config(tiny_model_dir, data, tmp_path, output_dir=str(tmp_path / name), max_steps=3, eval_every=100,
+                  keep_best=False, warmup_ratio=0.0, data={"train": str(data), "val_fraction": 0.0}, **extra)
+    from safetensors.torch import load_file
+
+    train(cfg)
+    return load_file(tmp_path / name / "adapter_model.safetensors")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path):
+    """4 micro-batches of 3 examples accumulate to exactly the update of one batch of 12."""
+    big = _trained_lora(tiny_model_dir, data, tmp_path, "big", batch_size=12, gradient_accumulation_steps=1)
+    acc = _trained_lora(tiny_model_dir, data, tmp_path, "acc", batch_size=3, gradient_accumulation_steps=4)
+    for k in big:
+        assert torch.allclose(big[k], acc[k], atol=1e-5), k
+
+
+def test_early_stopping(tiny_model_dir, data, tmp_path):
+    result = train(_config(tiny_model_dir, data, tmp_path, learning_rate=1e-9, lr_scheduler="constant",
+                           warmup_ratio=0.0, max_steps=40, eval_every=1, early_stopping_patience=2))
+    assert result.steps < 40
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
+    from tuneforge.training.checkpoint import atomic_save_dir
+
+    target = tmp_path / "checkpoints" / "last"
+    atomic_save_dir(target, lambda d: (d / "weights").write_text("step 10"))
+
+    def crash(d):
+        (d / "weights").write_text("half written")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save_dir(target, crash)
+    assert (target / "weights").read_text() == "step 10"
+    assert os.listdir(target.parent) == ["last"]  # no temporary folders left behind
