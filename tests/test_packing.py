@@ -80,3 +80,33 @@ def test_cross_attention_would_change_the_loss(tiny_model, tokenizer):
     n0 = len(exs[0])
     assert torch.allclose(packed[:n0], leaky[:n0], atol=1e-5)
     assert not torch.allclose(packed[n0:], leaky[n0:], atol=1e-3)
+
+
+def test_packed_attention_equals_unpacked_and_skips_cross_example_work(tiny_model, tokenizer):
+    from tuneforge.training.packed_attention import NAME, set_attention
+
+    exs = _examples(tokenizer)
+    batch = pack(exs)
+    with torch.no_grad():
+        dense = tiny_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+        assert set_attention(tiny_model, NAME) == "sdpa"
+        varlen = tiny_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+        offset = 0
+        for e in exs:
+            set_attention(tiny_model, "sdpa")
+            alone = tiny_model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            assert torch.allclose(varlen[offset:offset + len(e)], alone, atol=1e-5)
+            offset += len(e)
+            set_attention(tiny_model, NAME)
+    assert torch.allclose(dense, varlen, atol=1e-5)
+    # the loss and its gradient agree with the dense block-causal path
+    set_attention(tiny_model, NAME)
+    loss_v = packed_loss_sum(tiny_model, batch)
+    loss_v.backward()
+    grad_v = tiny_model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    tiny_model.zero_grad()
+    set_attention(tiny_model, "sdpa")
+    loss_d = packed_loss_sum(tiny_model, batch)
+    loss_d.backward()
+    assert abs(loss_v.item() - loss_d.item()) < 1e-4
+    assert torch.allclose(grad_v, tiny_model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)

@@ -96,3 +96,24 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
         atomic_save_dir(target, crash)
     assert (target / "weights").read_text() == "step 10"
     assert os.listdir(target.parent) == ["last"]  # no temporary folders left behind
+
+
+def test_second_run_on_unchanged_data_does_not_tokenize_again(tiny_model_dir, data, tmp_path, monkeypatch):
+    from tuneforge.data import dataset
+    from tuneforge.models.loading import load_tokenizer
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = dataset._prepare
+    monkeypatch.setattr(dataset, "_prepare", lambda *a: calls.append(1) or real(*a))
+    cfg = _config(tiny_model_dir, data, tmp_path).data
+    tok = load_tokenizer(str(tiny_model_dir))
+    first = dataset.prepare_data(cfg, tok, seed=1)
+    second = dataset.prepare_data(cfg, tok, seed=1)
+    assert len(calls) == 1
+    assert [e.input_ids for e in first.train] == [e.input_ids for e in second.train]
+    assert [(r.line, r.reason) for r in first.rejects] == [(r.line, r.reason) for r in second.rejects]
+    dataset.prepare_data(cfg, tok, seed=2)  # another split: tokenized again
+    cfg.train_on = "all"
+    dataset.prepare_data(cfg, tok, seed=1)  # another setting: tokenized again
+    assert len(calls) == 3

@@ -77,6 +77,9 @@ def cmd_data_preview(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuneforge.data.commands import add_curation_commands
+    from tuneforge.export.commands import add_merge_command
+
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -114,20 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--system", default=None, help="system prompt to add")
     pv.add_argument("--no-color", action="store_true")
     pv.set_defaults(func=cmd_data_preview)
-    try:
-        from tuneforge.data.commands import add_curation_commands
-    except ImportError:
-        pass
-    else:
-        add_curation_commands(dsub)
+    add_curation_commands(dsub)
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
-    try:
-        from tuneforge.export.commands import add_merge_command
-    except ImportError:
-        pass
-    else:
-        add_merge_command(sub)
+    add_merge_command(sub)
     return p
 
 

@@ -142,6 +142,8 @@ class RunConfig(_Strict):
     # hardware
     device: str = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
+        "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     progress: bool = True

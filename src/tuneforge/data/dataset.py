@@ -84,6 +84,21 @@ class PreparedData:
     def train_tokens(self) -> int:
         return sum(len(e) for e in self.train)
 
+    def to_payload(self) -> dict:
+        """Plain lists and dicts (what the token cache stores)."""
+        return {"train": [(e.input_ids, e.trained) for e in self.train],
+                "validation": [(e.input_ids, e.trained) for e in self.validation],
+                "rejects": [{"source": r.source, "line": r.line, "reason": r.reason, "record": json.dumps(r.record, default=str)}
+                            for r in self.rejects],
+                "formats": self.formats, "truncated": self.truncated}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "PreparedData":
+        return cls([TokenizedExample(list(i), list(t)) for i, t in payload["train"]],
+                   [TokenizedExample(list(i), list(t)) for i, t in payload["validation"]],
+                   [Reject(r["source"], r["line"], r["reason"], json.loads(r["record"])) for r in payload["rejects"]],
+                   dict(payload["formats"]), payload["truncated"])
+
 
 def _tokenize_all(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedExample], int]:
     out, truncated = [], 0
@@ -112,8 +127,28 @@ def _tokenize_all(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[
     return out, truncated
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft") -> PreparedData:
-    """Load, normalise, split and tokenize the train (and validation) data of a run."""
+RENDER_VERSION = 1  # bump when rendering/tokenization changes, to invalidate cached tokenized data
+
+
+def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
+                 use_cache: bool = True) -> PreparedData:
+    """Load, normalise, split and tokenize the data of a run; cached by content hash.
+
+    The cache key holds the data files' SHA-256, the tokenizer's fingerprint (vocabulary, special tokens,
+    chat template), every ``data:`` setting, the seed (which decides the split) and the task, so a second
+    run on unchanged data and tokenizer does not tokenize again, and any change does.
+    """
+    from tuneforge.data.token_cache import cached_tokenize, file_sha256, tokenizer_fingerprint
+
+    settings = cfg.model_dump(mode="json", exclude={"train", "validation"})
+    key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
+           "train": file_sha256(cfg.train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
+           "tokenizer": tokenizer_fingerprint(tokenizer)}
+    payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
+    return PreparedData.from_payload(payload)
+
+
+def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> PreparedData:
     train_file = load_examples(cfg.train, cfg, task)
     rejects = list(train_file.rejects)
     formats = dict(train_file.formats)

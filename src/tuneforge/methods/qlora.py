@@ -82,8 +82,10 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     """
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.models.loading import flush_denormals
     from tuneforge.models.registry import resolve_model
 
+    flush_denormals()
     device = torch.device(device)
     return AutoModelForCausalLM.from_pretrained(
         resolve_model(str(model)), quantization_config=bnb_quantization_config(cfg, compute_dtype),

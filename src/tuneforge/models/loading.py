@@ -26,8 +26,18 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def flush_denormals() -> None:
+    """Treat denormal floats as zero: on x86 CPUs they make matmuls ~20x slower.
+
+    Measured on SmolLM2-135M with a real chat prompt: 10.4 s per forward without, 0.5 s with. Random
+    token ids do not trigger it, real text does (tiny activations in some layers).
+    """
+    torch.set_flush_denormal(True)
+
+
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa") -> PreTrainedModel:
+    flush_denormals()
     path = resolve_model(str(model))
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return m.to(device)

@@ -31,6 +31,8 @@ from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import atomic_save_dir, copy_files
 from tuneforge.training.loss import evaluate_loss, packed_loss_sum
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
+from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
+from tuneforge.training.packed_attention import set_attention
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def train(config: RunConfig) -> RunResult:
     # --- model and method
     model = load_base_model(config, dtype=dtype, device=device)
     model = apply_method(model, config, tokenizer)
+    set_attention(model, PACKED_ATTENTION if config.attention == "packed_sdpa" else config.attention)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -1,0 +1,111 @@
+"""Token counts of normalised records: an exact count with a tokenizer, or a fast character estimate.
+
+A normalised record is what ``clean.jsonl`` holds: ``{"messages": [...]}``, ``{"text": ...}`` or
+``{"chosen", "rejected", "prompt"?}``. Counts are in tokens of the model's vocabulary:
+
+* :class:`TokenizerCounter` renders chats with the tokenizer's chat template (the way training sees
+  them, template tokens included) and tokenizes in batches; text gets +1 for EOS; a preference pair
+  counts its longer side (prompt + chosen or prompt + rejected).
+* :class:`CharEstimate` divides characters by ``chars_per_token`` and adds ``per_turn`` tokens of
+  template per message: no tokenizer load, ~1 µs a record. SmolLM2 averages 5.1 characters a token
+  on English instruction data (gpteacher); the default 4.5 errs toward over-counting, and code and
+  non-Latin text have fewer characters a token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+
+class LengthCounter(Protocol):
+    unit: str
+
+    def count(self, records: list[dict[str, Any]]) -> list[int]: ...
+
+
+def _messages_chars(messages: list[dict[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+class CharEstimate:
+    """Estimated tokens: characters / ``chars_per_token`` + ``per_turn`` per message."""
+
+    def __init__(self, chars_per_token: float = 4.5, per_turn: int = 5):
+        self.chars_per_token, self.per_turn = chars_per_token, per_turn
+        self.unit = f"tokens (estimated: {chars_per_token:g} characters a token)"
+
+    def _one(self, record: dict[str, Any]) -> int:
+        cpt = self.chars_per_token
+        if "messages" in record:
+            m = record["messages"]
+            return math.ceil(_messages_chars(m) / cpt) + self.per_turn * len(m)
+        if "text" in record:
+            return math.ceil(len(record["text"]) / cpt) + 1
+        prompt = record.get("prompt") or ""
+        sides = []
+        for side in (record["chosen"], record["rejected"]):
+            if isinstance(side, str):
+                sides.append(math.ceil((len(prompt) + len(side)) / cpt))
+            else:
+                sides.append(math.ceil((_chars(prompt) + _messages_chars(side)) / cpt) + self.per_turn * len(side))
+        return max(sides)
+
+    def count(self, records: list[dict[str, Any]]) -> list[int]:
+        return [self._one(r) for r in records]
+
+
+def _chars(prompt: Any) -> int:
+    return len(prompt) if isinstance(prompt, str) else _messages_chars(prompt)
+
+
+class TokenizerCounter:
+    """Exact token counts with a Hugging Face tokenizer (chat template for conversations)."""
+
+    def __init__(self, tokenizer: Any, name: str | None = None):
+        self.tokenizer = tokenizer
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.unit = f"tokens ({name or getattr(tokenizer, 'name_or_path', 'tokenizer')})"
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        if self.has_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    def _texts(self, record: dict[str, Any]) -> list[str]:
+        if "messages" in record:
+            return [self._render(record["messages"])]
+        if "text" in record:
+            return [record["text"]]
+        prompt = record.get("prompt")
+        out = []
+        for side in (record["chosen"], record["rejected"]):
+            if isinstance(side, str):
+                out.append((prompt if isinstance(prompt, str) else "") + side)
+            else:
+                out.append(self._render((prompt if isinstance(prompt, list) else []) + side))
+        return out
+
+    def count(self, records: list[dict[str, Any]]) -> list[int]:
+        texts, owners = [], []
+        for i, r in enumerate(records):
+            for t in self._texts(r):
+                texts.append(t)
+                owners.append(i)
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out = [0] * len(records)
+        for i, r, toks in zip(owners, texts, ids):
+            n = len(toks) + (1 if "text" in records[i] else 0)
+            out[i] = max(out[i], n)
+        return out
+
+
+def make_counter(model: str | None, chars_per_token: float = 4.5) -> LengthCounter:
+    """A :class:`TokenizerCounter` for ``model`` (loads its tokenizer), else a :class:`CharEstimate`."""
+    if model is None:
+        return CharEstimate(chars_per_token)
+    from tuneforge.models.loading import load_tokenizer
+
+    return TokenizerCounter(load_tokenizer(model), name=model)

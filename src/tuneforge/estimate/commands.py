@@ -1,0 +1,60 @@
+"""``tuneforge estimate``: the command over :func:`tuneforge.estimate.estimate_memory`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from tuneforge.estimate.memory import estimate_memory, seeds_table
+
+    if args.seeds_table:
+        print(seeds_table(seq=args.seq, batch=args.batch, lora_r=args.lora_r))
+        return 0
+    methods = ["full", "lora", "qlora"] if args.method == "all" else [args.method]
+    estimates = [estimate_memory(args.model, method, args.seq, args.batch,
+                                 gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                                 lora_dropout=args.lora_dropout, dtype=args.dtype, trained_fraction=args.trained_fraction,
+                                 master_weights=args.master_weights, optimizer=args.optimizer,
+                                 optimizer_impl=args.optimizer_impl, device=args.device)
+                 for method in methods]
+    if args.json:
+        print(json.dumps([{**{name.replace(" ", "_"): value for name, value in e.rows()}, "peak": e.peak,
+                           "peak_phase": e.peak_phase, "method": e.method, "model": e.model, "seq": e.seq,
+                           "batch": e.batch, "trainable_params": e.trainable_params, "total_params": e.total_params}
+                          for e in estimates], indent=2))
+        return 0
+    print("\n\n".join(e.table() for e in estimates))
+    return 0
+
+
+def add_estimate_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``estimate`` on the top-level ``tuneforge`` subparsers; return its parser."""
+    e = subparsers.add_parser("estimate", help="predict peak training memory (weights, gradients, optimizer, activations, logits)",
+                              description="Predict the peak memory of one training step, by component, without loading "
+                                          "the model. --model takes a model spec (its config.json is read) or a named "
+                                          "shape: 7b, 13b, 70b (Llama-2), llama-3.2-1b, llama-3.1-8b, smollm2-135m.")
+    e.add_argument("--model", default="smollm2-135m-instruct", help="model spec or named shape (default: %(default)s)")
+    e.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "all"])
+    e.add_argument("--seq", type=int, default=512, help="tokens per example (default: %(default)s)")
+    e.add_argument("--batch", type=int, default=1, help="examples packed into one row per step (default: %(default)s)")
+    e.add_argument("--gradient-checkpointing", action="store_true")
+    e.add_argument("--lora-r", type=int, default=16)
+    e.add_argument("--lora-dropout", type=float, default=0.05)
+    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="weights and activations (default: %(default)s; tuneforge trains in fp32 on CPUs without bf16)")
+    e.add_argument("--trained-fraction", type=float, default=1.0,
+                   help="share of tokens with a loss, sizes the logits (default: %(default)s; ~0.3 for chat SFT)")
+    e.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="sets the runtime overhead, dropout mask size and optimizer default (default: %(default)s)")
+    e.add_argument("--master-weights", action="store_true",
+                   help="full: AdamW updates an fp32 master copy (classic mixed precision; not what `tuneforge train` does)")
+    e.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
+    e.add_argument("--optimizer-impl", default=None, choices=["for-loop", "foreach", "fused"],
+                   help="default: torch's default for the device (for-loop on cpu, foreach on cuda)")
+    e.add_argument("--seeds-table", action="store_true",
+                   help="print the Llama-2 7B/13B/70B x full/LoRA/QLoRA table with its assumptions")
+    e.add_argument("--json", action="store_true", help="print bytes as JSON")
+    e.set_defaults(func=cmd_estimate)
+    return e

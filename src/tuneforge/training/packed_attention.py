@@ -1,0 +1,65 @@
+"""Attention for packed rows that costs what each example costs alone.
+
+With ``attention_mask=None`` and restarting ``position_ids`` transformers builds a dense block-causal
+``T x T`` mask for a packed row, and SDPA then computes all ``T^2`` query/key scores, masking most of
+them away: a row of ``n`` examples of length ``L`` pays ``n^2 L^2`` instead of ``n L^2``. This
+attention function (registered with transformers' ``AttentionInterface`` as ``tuneforge_packed_sdpa``)
+splits the row at the position restarts and runs causal SDPA per example, so nothing crosses examples
+and nothing is wasted. The mask is never built (an implementation name unknown to the mask registry
+makes transformers skip it). Anything that is not a plain packed training row (an explicit mask, a KV
+cache, prefix tokens, batch > 1) falls through to transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+NAME = "tuneforge_packed_sdpa"
+
+
+def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query [1, H, T, D]``, ``key/value [1, H_kv, T, D]`` -> ``[1, T, H, D]``, causal within each example."""
+    plain_row = (attention_mask is None and position_ids is not None and query.shape[0] == 1
+                 and query.shape[2] == key.shape[2])
+    if not plain_row:
+        if attention_mask is None and key.shape[2] == query.shape[2]:
+            kwargs["is_causal"] = True
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    T = query.shape[2]
+    starts = (position_ids.reshape(-1)[:T] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = list(zip(starts, starts[1:] + [T]))
+    gqa = query.shape[1] != key.shape[1]
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                           scale=scaling, dropout_p=dropout if module.training else 0.0,
+                                           enable_gqa=gqa)
+            for s, e in bounds]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, packed_sdpa_attention)
+
+
+def base_pretrained(model: torch.nn.Module) -> PreTrainedModel | None:
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> str:
+    """Switch the attention of ``model`` (or the transformers model inside a peft wrapper); return the old one."""
+    base = base_pretrained(model)
+    if base is None:
+        return ""
+    previous = base.config._attn_implementation
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if isinstance(m, PreTrainedModel) and config is not None:
+            config._attn_implementation = implementation
+    return previous

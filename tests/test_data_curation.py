@@ -1,0 +1,367 @@
+"""tuneforge data check/clean/stats/split: checks, dedup, leakage, PII, nothing lost."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tuneforge.data.clean import check_files, clean_files
+from tuneforge.data.commands import main as data_main
+from tuneforge.data.curation_config import CHECKS, CurationConfig, CurationConfigError, load_curation_config
+from tuneforge.data.dedup import DuplicateIndex, MinHasher, lsh_params
+from tuneforge.data.formats import to_example
+from tuneforge.data.loaders import RawRecord
+from tuneforge.data.quality import find_pii, is_refusal, luhn_valid, mask_pii, repeats_prompt
+from tuneforge.data.split import split_file
+from tuneforge.data.stats import compute_stats, plot_histogram
+from tuneforge.data.validation import check_record
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GPTEACHER = SHARED / "gpteacher_roleplay.json"
+HH = SHARED / "hh_rlhf_harmless_test.jsonl.gz"
+needs_shared = pytest.mark.skipif(not GPTEACHER.exists(), reason="../shared/data not present")
+
+LOREM = ("The quick brown fox jumps over the lazy dog near the river bank while the farmer watches "
+         "from the old wooden porch and the sun sets slowly behind the distant green hills.")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+
+def alpaca(i: int, output: str | None = None) -> dict:
+    return {"instruction": f"Question number {i}: describe item {i} in detail.", "input": "",
+            "output": output or f"Item {i} is a distinct thing with property {i * 7} and colour code {i * 13}."}
+
+
+def issues(record: dict, **cfg) -> set[str]:
+    return {i.check for i in check_record(RawRecord("f.jsonl", 1, record), CurationConfig(**cfg)).issues}
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------- structure
+
+@pytest.mark.parametrize("record,check", [
+    ({"messages": "hi"}, "wrong_type"),
+    ({"messages": []}, "missing_field"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}, "wrong_type"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "assistant", "content": "b"}]}, "turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "q2"}]}, "turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "a"}]}, "turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty_answer"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a fine answer"}]}, "empty_turn"),
+    ({"instruction": "q", "output": ""}, "empty_answer"),
+    ({"instruction": "q", "output": 5}, "wrong_type"),
+    ({"instruction": "q", "input": ["x"], "output": "ok answer"}, "wrong_type"),
+    ({"question": "q", "answer": "a"}, "unknown_format"),
+    ({"text": "   "}, "empty_answer"),
+    ({"chosen": "same", "rejected": "same"}, "identical_pair"),
+    ({"chosen": "x", "rejected": 3}, "wrong_type"),
+])
+def test_structure_checks_name_the_problem(record, check):
+    assert check in issues(record)
+
+
+def test_parse_errors_are_named():
+    assert issues_of_raw("not JSON: Expecting value at column 1") == {"not_json"}
+    assert issues_of_raw("invalid UTF-8") == {"invalid_utf8"}
+    assert issues_of_raw("expected a JSON object, got list") == {"not_object"}
+
+
+def issues_of_raw(error: str) -> set[str]:
+    return {i.check for i in check_record(RawRecord("f", 1, None, raw="x", error=error), CurationConfig()).issues}
+
+
+def test_valid_chat_matches_formats_to_example():
+    rec = {"instruction": "Say hi", "input": "to Bob", "output": "Hi Bob!"}
+    c = check_record(RawRecord("f", 1, rec), CurationConfig())
+    assert c.issues == [] and c.clean == {"messages": to_example(rec, "alpaca").messages}
+
+
+def test_columns_and_declared_format():
+    rec = {"q": "What is 2+2?", "a": "Four, because two plus two is four."}
+    c = check_record(RawRecord("f", 1, rec), CurationConfig(columns={"prompt": "q", "completion": "a"}))
+    assert c.format == "prompt_completion" and c.clean["messages"][1]["content"].startswith("Four")
+    c = check_record(RawRecord("f", 1, {"text": "hello"}), CurationConfig(format="alpaca"))
+    assert {i.check for i in c.issues} == {"missing_field"}
+
+
+# ---------------------------------------------------------------- quality and PII
+
+def test_quality_heuristics():
+    assert "refusal" in issues({"instruction": "Tell me a joke", "output": "As an AI language model, I cannot joke."})
+    assert "placeholder" in issues({"instruction": "Write a bio", "output": "Lorem ipsum dolor sit amet, consectetur."})
+    assert "placeholder" in issues({"instruction": "Write a letter", "output": "Dear <insert name>, thanks a lot."})
+    assert "repeats_prompt" in issues({"instruction": "Explain how photosynthesis works in plants.",
+                                       "output": "Explain how photosynthesis works in plants."})
+    assert "control_chars" in issues({"instruction": "q", "output": "bin\x00\x01ary data here"})
+    assert "non_text" in issues({"instruction": "q", "output": "0x3f 0x00 1234 5678 !!! ### $$$ %%% 9999 8888 7777"})
+    assert "short_answer" in issues({"instruction": "Pick one", "output": "A"})
+    assert issues(alpaca(1)) == set()
+    assert not repeats_prompt("Is the sky blue? Answer yes or no.", "yes")
+
+
+def test_pii_detection_and_masking():
+    text = "Mail jane.doe@example.com or call +1 415-555-0132; card 4111 1111 1111 1111; not 4111 1111 1111 1112."
+    assert find_pii(text) == {"email": 1, "phone": 1, "card": 1}
+    masked = mask_pii(text)
+    assert "[EMAIL]" in masked and "[PHONE]" in masked and "[CARD]" in masked and "4111 1111 1111 1112" in masked
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    assert find_pii("In 1999 there were 1234567 people and 42 cats.") == {}
+
+
+def test_pii_regexes_are_linear_on_huge_fields():
+    import time
+
+    t = time.perf_counter()
+    find_pii("a" * 2_000_000 + "@" + "b" * 2_000_000)
+    find_pii("1" * 1_000_000)
+    mask_pii("-1" * 500_000)
+    assert time.perf_counter() - t < 5
+
+
+def test_refusal_is_not_overeager():
+    assert not is_refusal("As an engineer, I can model the system with a language of my own.")
+
+
+# ---------------------------------------------------------------- dedup
+
+def test_lsh_params_put_the_curve_near_threshold():
+    bands, rows = lsh_params(0.8, 128)
+    assert bands * rows <= 128
+    p = lambda j: 1 - (1 - j ** rows) ** bands  # noqa: E731
+    assert p(0.9) > 0.99 and p(0.8) > 0.8 and p(0.5) < 0.05
+
+
+def test_minhash_estimates_jaccard():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in rng.integers(0, 10_000, 300)]
+    mh = MinHasher(num_perm=256, shingle=1)
+    a, b = " ".join(words[:200]), " ".join(words[100:300])
+    sa, sb = set(words[:200]), set(words[100:300])
+    sig, _ = mh.signatures([a, b])
+    assert abs((sig[0] == sig[1]).mean() - len(sa & sb) / len(sa | sb)) < 0.08
+
+
+def test_duplicate_index_exact_near_and_leak():
+    rng = np.random.default_rng(1)
+    base = [" ".join(f"w{k}" for k in rng.integers(0, 5000, 40)) for _ in range(50)]
+    words = base[3].split()
+    near = " ".join(words[:20] + ["changed"] + words[21:])
+    idx = DuplicateIndex(threshold=0.7)
+    idx.add(base + [base[0], near])
+    idx.add_reference([base[10]])
+    res = idx.find()
+    assert res.duplicates[50].kind == "exact" and res.duplicates[50].of == 0
+    assert res.duplicates[51].kind == "near" and res.duplicates[51].of == 3
+    assert res.duplicates[10].leak and res.duplicates[10].of == 52
+    assert len(res.duplicates) == 3
+
+
+def test_clean_drops_duplicates_and_leaks(tmp_path):
+    rows = [alpaca(i) for i in range(30)]
+    rows.append(dict(alpaca(5), output=alpaca(5)["output"].upper() + "  "))   # exact after normalisation
+    rows.append({"instruction": "Write a long story.", "output": LOREM * 2})
+    rows.append({"instruction": "Write a long story.", "output": (LOREM * 2).replace("farmer", "old farmer")})
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", [alpaca(7), {"text": "something else entirely"}])
+    report = clean_files(train, tmp_path / "out", CurationConfig(min_examples=0), against=[val])
+    rejects = lines(tmp_path / "out" / "rejects.jsonl")
+    reasons = {(r["line"], r["reasons"][0]["check"]) for r in rejects}
+    assert reasons == {(31, "exact_duplicate"), (33, "near_duplicate"), (8, "leakage")}
+    assert report.clean == 30 and report.rejected == 3
+    # rejects keep the record verbatim
+    assert next(r for r in rejects if r["line"] == 31)["record"] == rows[30]
+    assert report.duplicate_clusters
+
+
+# ---------------------------------------------------------------- pipeline: nothing lost
+
+def test_clean_accounts_for_every_record(tmp_path):
+    rows = [alpaca(i) for i in range(20)] + [
+        "{not json", "[1, 2]", {"text": "a text record in chat data"}, {"instruction": "q", "output": ""},
+        {"foo": 1}, {"messages": [{"role": "user", "content": "hi"}]}, alpaca(3),
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = clean_files(path, tmp_path / "out")
+    clean, rejects = lines(tmp_path / "out" / "clean.jsonl"), lines(tmp_path / "out" / "rejects.jsonl")
+    assert len(clean) == report.clean == 20 and len(rejects) == report.rejected == 7
+    assert sorted(r["line"] for r in rejects) == [21, 22, 23, 24, 25, 26, 27]
+    assert all(r["reasons"] and r["reasons"][0]["check"] in CHECKS for r in rejects)
+    assert {r["reasons"][0]["check"] for r in rejects} == {
+        "not_json", "not_object", "mixed_kinds", "empty_answer", "unknown_format", "turn_order", "exact_duplicate"}
+    assert all(set(c) == {"messages"} for c in clean)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["clean"] == 20 and saved["checks"]["not_json"]["found"] == 1
+    assert any(w["check"] == "few_examples" for w in saved["dataset_warnings"])
+    assert not list((tmp_path / "out").glob(".spool*"))
+
+
+def test_workers_give_the_same_output(tmp_path):
+    rows = [alpaca(i) for i in range(300)] + [alpaca(i) for i in range(0, 300, 7)] + ["{bad", {"x": 1}]
+    rows.append({"instruction": "Write a long story.", "output": LOREM * 2})
+    rows.append({"instruction": "Write a long story.", "output": (LOREM * 2).replace("farmer", "old farmer")})
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    one = clean_files(path, tmp_path / "a", chunk_size=64)
+    two = clean_files(path, tmp_path / "b", chunk_size=64, workers=2)
+    for name in ("clean.jsonl", "rejects.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert one.rejected_by == two.rejected_by and one.rejected_by["near_duplicate"] == 1
+    # truncation and PII masking rebuild the record in the parent
+    cfg = CurationConfig(max_length=60, too_long="truncate", mask_pii=True)
+    rows = [{"instruction": "Story?", "output": LOREM * 3}, {"instruction": "Mail?", "output": "to a@b.example.com"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    clean_files(path, tmp_path / "c", cfg)
+    clean_files(path, tmp_path / "d", cfg, workers=2)
+    assert (tmp_path / "c" / "clean.jsonl").read_bytes() == (tmp_path / "d" / "clean.jsonl").read_bytes()
+    assert "[EMAIL]" in (tmp_path / "d" / "clean.jsonl").read_text()
+
+
+def test_check_reports_file_line_and_exit_code(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [alpaca(i) for i in range(5)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [alpaca(1), {"instruction": "q", "output": 3}])
+    assert data_main(["check", str(good)]) == 0
+    assert data_main(["check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:2: field 'output' must be a string, got int" in out
+    assert data_main(["check", str(good), "--strict"]) == 1            # few_examples warning
+    assert data_main(["check", str(good), "--warn", "nope"]) == 2
+
+
+def test_too_long_drop_truncate_keep(tmp_path):
+    rows = [alpaca(1), {"instruction": "Tell a long story.", "output": LOREM * 20},
+            {"instruction": LOREM * 20, "output": "Short answer here."}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    r = check_files(path, CurationConfig(max_length=100))
+    assert r.checks["too_long"]["found"] == 2 and r.rejected == 2
+    r = clean_files(path, tmp_path / "t", CurationConfig(max_length=100, too_long="truncate"))
+    assert r.clean == 2 and r.rejected == 1            # the long prompt cannot be truncated without losing the answer
+    clean = lines(tmp_path / "t" / "clean.jsonl")
+    assert LOREM[:50] in clean[1]["messages"][1]["content"] and len(clean[1]["messages"][1]["content"]) < len(LOREM * 20)
+    assert "truncating would remove the answer" in lines(tmp_path / "t" / "rejects.jsonl")[0]["reasons"][0]["message"]
+    r = check_files(path, CurationConfig(max_length=100, too_long="keep"))
+    assert r.rejected == 0 and r.checks["too_long"]["found"] == 2
+
+
+def test_exact_token_counts_with_tokenizer(tmp_path, tokenizer):
+    from tuneforge.data.token_count import TokenizerCounter
+
+    rows = [alpaca(i) for i in range(5)]
+    counter = TokenizerCounter(tokenizer)
+    n = counter.count([{"messages": to_example(rows[0], "alpaca").messages}])[0]
+    rendered = tokenizer.apply_chat_template(to_example(rows[0], "alpaca").messages, tokenize=True)
+    rendered = rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered
+    assert n == len(rendered)
+    r = check_files(write_jsonl(tmp_path / "d.jsonl", rows), CurationConfig(max_length=n - 1), counter=counter)
+    assert r.checks["too_long"]["found"] >= 1
+
+
+def test_mask_pii_in_clean_output(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Who to contact?", "output": "Write to bob@corp.example.org."}])
+    clean_files(path, tmp_path / "o", CurationConfig(mask_pii=True))
+    assert lines(tmp_path / "o" / "clean.jsonl")[0]["messages"][1]["content"] == "Write to [EMAIL]."
+
+
+def test_preference_and_text_normalisation(tmp_path):
+    pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "Good answer.", "rejected": "Bad answer."},
+                                              {"chosen": "same", "rejected": "same"}])
+    clean_files(pref, tmp_path / "p")
+    assert lines(tmp_path / "p" / "clean.jsonl") == [{"chosen": "Good answer.", "rejected": "Bad answer.", "prompt": "Q?"}]
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Plain text to learn.", "meta": 1}])
+    clean_files(text, tmp_path / "t")
+    assert lines(tmp_path / "t" / "clean.jsonl") == [{"text": "Plain text to learn."}]
+
+
+def test_label_imbalance_and_label_counts(tmp_path):
+    rows = [{"instruction": f"Review {i}: great product, works well.", "output": "positive"} for i in range(60)]
+    rows += [{"instruction": f"Review {i}: broke after a day.", "output": "negative"} for i in range(3)]
+    r = check_files(write_jsonl(tmp_path / "d.jsonl", rows), CurationConfig(min_examples=0, near_dup=False))
+    assert r.labels == {"positive": 60, "negative": 3}
+    assert [w["check"] for w in r.dataset_warnings] == ["label_imbalance"]
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_yaml_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("max_length: 512\ntoo_long: truncate\nactions: {refusal: reject}\n")
+    c = load_curation_config(y, actions={"pii": "off"})
+    assert c.max_length == 512 and c.action("refusal") == "reject" and c.action("pii") == "off"
+    assert c.action("too_long") == "reject" and c.action("exact_duplicate") == "reject"
+    with pytest.raises(CurationConfigError, match="did you mean 'max_length'"):
+        load_curation_config(None, max_lenght=3)
+    with pytest.raises(CurationConfigError, match="structural"):
+        load_curation_config(None, actions={"not_json": "warn"})
+
+
+# ---------------------------------------------------------------- stats and split
+
+def test_stats_estimate_and_histogram(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi " * i}, {"role": "assistant", "content": "yes"}] * (1 + i % 2)}
+            for i in range(1, 41)]
+    rows = [r for r in rows]
+    s = compute_stats(write_jsonl(tmp_path / "d.jsonl", rows + ["{bad"]), model=None, max_length=20)
+    assert s.records == 41 and s.valid == 40 and s.invalid == 1
+    assert s.turns == {2: 20, 4: 20} and s.labels == {"yes": 40} or s.labels is None
+    assert s.percentiles["p50"] <= s.percentiles["p99"] <= s.percentiles["max"]
+    assert s.over_max_length == int((s.lengths > 20).sum())
+    png = plot_histogram(s, tmp_path / "h.png")
+    assert Path(png).stat().st_size > 1000
+
+
+def test_split_is_reproducible_stratified_and_complete(tmp_path):
+    rows = [{"instruction": f"t{i}", "output": "a" if i % 5 else "b"} for i in range(200)] + ["{broken"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    r1 = split_file(path, val=0.1, seed=3, stratify="output", out_dir=tmp_path / "s1")
+    r2 = split_file(path, val=0.1, seed=3, stratify="output", out_dir=tmp_path / "s2")
+    assert (tmp_path / "s1" / "val.jsonl").read_text() == (tmp_path / "s2" / "val.jsonl").read_text()
+    assert r1.n_train + r1.n_val + r1.n_rejected == 201 and r1.n_val == 20
+    assert r1.val_labels == {"a": 16, "b": 4}
+    train, val = lines(Path(r1.train)), lines(Path(r1.val))
+    assert sorted(x["instruction"] for x in train + val) == sorted(f"t{i}" for i in range(200))
+    assert r2.n_val == 20
+
+
+# ---------------------------------------------------------------- real data
+
+@needs_shared
+def test_real_data_gpteacher_and_hh(tmp_path):
+    r = clean_files(GPTEACHER, tmp_path / "g")
+    assert r.records == 3146 and r.clean + r.rejected == 3146 and r.kind == "chat"
+    assert r.clean >= 3100
+    r = check_files(HH)
+    assert r.records == 2312 and r.kind == "preference" and r.checks["pii"]["found"] > 0
+
+
+@needs_shared
+def test_cli_clean_and_split_on_real_data(tmp_path, capsys):
+    assert data_main(["clean", str(GPTEACHER), "--out", str(tmp_path / "c"), "--no-near-dup", "--reject", "refusal"]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["rejected_by"] == {"refusal": 3} and report["clean"] == 3143
+    assert data_main(["split", str(tmp_path / "c" / "clean.jsonl"), "--val", "0.1", "--seed", "0",
+                      "--out", str(tmp_path / "s")]) == 0
+    assert "train:" in capsys.readouterr().out
+
+
+def test_gz_input(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i in range(3):
+            f.write(json.dumps(alpaca(i)) + "\n")
+    assert check_files(path, CurationConfig(min_examples=0)).clean == 3

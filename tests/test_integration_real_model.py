@@ -1,0 +1,47 @@
+"""Short runs on the real SmolLM2-135M-Instruct (integration: slower, still run in CI)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+# Learning rates that move each method visibly in a few steps on the ticket task.
+METHODS = {"lora": 1e-3, "full": 5e-5, "adapter": 1e-3, "ia3": 2e-2, "prefix": 3e-2, "prompt": 3e-2, "qlora": 1e-3}
+
+
+def _cli(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def small_tickets(tmp_path_factory):
+    """48 training tickets and 16 validation tickets from the quickstart data."""
+    folder = tmp_path_factory.mktemp("tickets")
+    lines = open("examples/data/tickets_train.jsonl").read().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[48:64]) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_on_the_real_model_and_generates_in_a_new_process(method, small_tickets, tmp_path):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    run = tmp_path / method
+    _cli("train", "examples/quickstart.yaml", "--set", f"method={method}", "--set", "max_steps=6",
+         "--set", "batch_size=8", "--set", f"learning_rate={METHODS[method]}", "--set", "eval_every=3",
+         "--set", f"data.train={small_tickets / 'train.jsonl'}", "--set", f"data.validation={small_tickets / 'val.jsonl'}",
+         "--set", f"output_dir={run}", "--set", "progress=false", "--set", "warmup_ratio=0")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first_loss = rows[0]["loss"]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[-1] < first_loss, (method, first_loss, evals)
+    record = json.loads((run / "run.json").read_text())
+    assert record["base_model"]["gguf_sha256"] and record["method"] == method
+    answer = _cli("generate", str(run), "--prompt", "My parcel never arrived, order #A12345.", "--max-new-tokens", "8")
+    assert answer.strip()
