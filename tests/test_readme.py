@@ -15,3 +15,20 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_quickstart_command_runs_the_quickstart():
     readme = ROOT.joinpath("README.md").read_text()
     assert "tuneforge quickstart" in readme and "examples/quickstart.yaml" in readme
+
+
+def test_support_matrix_merge_column_matches_the_code():
+    from tuneforge.methods import MERGEABLE, NOT_MERGEABLE
+
+    readme = ROOT.joinpath("README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and "generate" not in line]
+    merge = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) == 7:
+            merge[cells[0].split("`")[1]] = cells[4]
+    assert set(merge) == {"full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3"}
+    for method in MERGEABLE:
+        assert merge[method].startswith("✔"), method
+    for method in NOT_MERGEABLE:
+        assert merge[method].startswith("✘"), method

@@ -78,6 +78,7 @@ def cmd_data_preview(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.commands import add_curation_commands
+    from tuneforge.estimate.commands import add_estimate_command
     from tuneforge.export.commands import add_merge_command
 
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
     add_merge_command(sub)
+    add_estimate_command(sub)
     return p
 
 

@@ -59,7 +59,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
 def _end_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     markers = [tokenizer.eos_token] if tokenizer.eos_token else []
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        if token in tokenizer.get_vocab():
+        token_id = tokenizer.convert_tokens_to_ids(token)  # O(1); get_vocab() builds a 49k-entry dict
+        if token_id is not None and token_id != tokenizer.unk_token_id:
             markers.append(token)
     return tuple(markers)
 

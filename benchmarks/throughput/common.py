@@ -1,0 +1,45 @@
+"""Helpers the recipes' child processes share (standard library, torch and transformers only).
+
+A child is run as ``python <recipe>.py SPEC.json OUT.json``. ``SPEC.json`` (written by the parent) holds:
+``model`` (local HF folder), ``messages_file`` (JSONL of ``{"messages": [...]}``), ``prompt_completion_file``
+(the same conversations as ``{"prompt": [...], "completion": [last assistant turn]}``), ``max_length``,
+``steps``, ``batch``, ``lr``, ``lora`` (``r``, ``alpha``, ``dropout``), ``threads``, ``device``, ``dtype``
+(``fp32``/``bf16``), ``seed``, ``work_dir`` and recipe ``options``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_spec(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def torch_dtype(spec: dict):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+
+
+def training_args_kwargs(spec: dict) -> dict:
+    """The ``TrainingArguments`` every Trainer-based recipe shares: same steps, batch, LR and schedule."""
+    on_gpu = spec["device"].startswith("cuda")
+    return dict(
+        output_dir=str(Path(spec["work_dir"]) / "out"), per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"],
+        lr_scheduler_type="cosine", warmup_steps=spec.get("warmup_steps", 0), weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], dataloader_num_workers=0,
+        use_cpu=not on_gpu, bf16=on_gpu and spec["dtype"] == "bf16", disable_tqdm=True,
+    )
+
+
+def training_args(spec: dict):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**training_args_kwargs(spec))

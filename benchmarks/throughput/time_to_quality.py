@@ -1,0 +1,157 @@
+"""Time to quality: held-out exact-match accuracy against training wall time, tuneforge vs TRL.
+
+The task is the quickstart (``examples/quickstart.yaml``: route support tickets to one of six queues).
+tuneforge trains with the quickstart's own settings (its defaults: packed rows of 4 tickets, LR 1e-3
+cosine, validation every 30 steps with the best checkpoint kept) for each step count in ``--ttq-steps``;
+TRL trains its recipe (``SFTTrainer``, BFD packing into bins of ``max_length`` = 256 tokens, 4 bins per
+step, completion-only loss, same LR, schedule, LoRA) for each count in ``--ttq-trl-steps``. Each run's
+schedule is sized to its own length. Training wall time is the training loop (first step start to last
+step end; tuneforge's includes its validation passes). Accuracy: :func:`tuneforge.evaluation.exact_match.
+evaluate_generation` on ``examples/data/tickets_test.jsonl`` (greedy, 8 new tokens); tuneforge's run is
+loaded with :func:`tuneforge.serving.inference.load_run`, TRL's saved adapter with peft on the same base.
+
+The budget table then answers: given B seconds of training, what accuracy does each tool reach (the best
+of its runs that finished within B)?
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
+import measure  # noqa: E402
+import venvs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+TICKETS = ROOT / "examples" / "data"
+
+
+def _test_conversations() -> tuple[list[list[dict]], list[str]]:
+    import yaml
+
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    rows = [json.loads(x) for x in (TICKETS / "tickets_test.jsonl").read_text().splitlines() if x.strip()]
+    return [r["messages"] for r in rows], cfg["eval_task"]["labels"]
+
+
+def _score(loaded) -> dict:
+    from tuneforge.evaluation.exact_match import evaluate_generation
+
+    conversations, labels = _test_conversations()
+    started = time.time()
+    result = evaluate_generation(loaded, conversations, labels=labels, max_new_tokens=8)
+    return {"exact_match": result.exact_match, "valid_format": result.valid_format, "n": result.n,
+            "eval_s": round(time.time() - started, 1)}
+
+
+def child_tuneforge(spec: dict, out: Path) -> None:
+    """Train the quickstart for ``spec['steps']`` steps with tuneforge's settings, then score it."""
+    measure.set_threads(spec["threads"])
+    from tuneforge.config import load_config
+    from tuneforge.serving.inference import load_run
+    from tuneforge.training.trainer import train
+
+    overrides = [f"max_steps={spec['steps']}", f"output_dir={spec['work_dir']}/run", f"threads={spec['threads']}",
+                 "progress=false", f"model={spec['model']}"]
+    result = train(load_config(QUICKSTART, overrides))
+    loop_s = result.metrics[-1]["elapsed_s"]
+    score = _score(load_run(result.run_dir, device="cpu"))
+    out.write_text(json.dumps({"recipe": "tuneforge", "steps": spec["steps"], "train_loop_s": loop_s,
+                               "process_train_s": result.wall_time_s, **score}))
+
+
+def child_score_adapter(spec: dict, out: Path) -> None:
+    """Score a peft adapter (saved by the TRL run) on the base model, in tuneforge's environment."""
+    measure.set_threads(spec["threads"])
+    from peft import PeftModel
+
+    from tuneforge.serving.inference import LoadedModel, load_base
+
+    base = load_base(spec["model"], dtype="fp32", device="cpu")
+    model = PeftModel.from_pretrained(base.model, spec["adapter"])
+    result = json.loads(Path(spec["trl_result"]).read_text())
+    loop_s = result["steps"][-1]["end_s"]
+    out.write_text(json.dumps({"recipe": "trl", "steps": len(result["steps"]), "train_loop_s": loop_s,
+                               "examples_per_step": round(sum(s["examples"] for s in result["steps"]) / len(result["steps"]), 1),
+                               **_score(LoadedModel(model, base.tokenizer))}))
+
+
+def _run_child(kind: str, spec: dict, work: Path, timeout: float) -> dict:
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = dict(spec, work_dir=str(work))
+    (work / "spec.json").write_text(json.dumps(spec))
+    with open(work / "child.log", "w") as logf:
+        proc = subprocess.run([sys.executable, __file__, kind, str(work / "spec.json"), str(work / "result.json")],
+                              stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        return {"recipe": kind, "error": f"exit {proc.returncode} (log: {work / 'child.log'})"}
+    return json.loads((work / "result.json").read_text())
+
+
+def main(args, base: dict, work: Path) -> int:
+    import yaml
+
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    rows = []
+    for steps in args.ttq_steps:
+        print(f"[{time.strftime('%H:%M:%S')}] tuneforge quickstart, {steps} steps", flush=True)
+        rows.append(_run_child("tuneforge", dict(base, steps=steps), work / f"ttq-tuneforge-{steps}", args.timeout))
+        print(f"  {rows[-1]}", flush=True)
+    trl_python, info = venvs.ensure_venv(venvs.TRL, force=args.rebuild_venvs)
+    train_conv = [json.loads(x)["messages"] for x in (TICKETS / "tickets_train.jsonl").read_text().splitlines() if x.strip()]
+    files = harness.write_data(train_conv, work / "ttq-data")
+    for steps in args.ttq_trl_steps:
+        if trl_python is None:
+            rows.append({"recipe": "trl", "steps": steps, "error": info})
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] trl quickstart, {steps} steps", flush=True)
+        run_dir = work / f"ttq-trl-{steps}"
+        spec = dict(base, **files, steps=steps, batch=cfg["batch_size"], lr=cfg["learning_rate"],
+                    max_length=cfg["data"]["max_length"], warmup_steps=round(cfg["warmup_ratio"] * steps),
+                    lora={"r": cfg["lora"]["r"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]},
+                    options={"save_adapter": str(run_dir / "adapter")})
+        result = harness.run_recipe("trl", trl_python, spec, run_dir, args.timeout)
+        if "error" in result:
+            rows.append({"recipe": "trl", "steps": steps, "error": result["error"]})
+            continue
+        rows.append(_run_child("score-adapter", dict(base, adapter=str(run_dir / "adapter"),
+                                                     trl_result=str(run_dir / "result.json")),
+                               run_dir / "score", args.timeout))
+        print(f"  {rows[-1]}", flush=True)
+    print(report(rows, args.ttq_budgets))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mode": "time-to-quality", "load_average": harness.load_average(),
+                                               "trl_versions": info, "rows": rows}, indent=1))
+    return 0
+
+
+def report(rows: list[dict], budgets: list[float]) -> str:
+    lines = ["| recipe | steps | train loop s | exact match | valid format |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | {r.get('steps', '-')} | not run: {r['error']} | | |")
+        else:
+            vf = "-" if r["valid_format"] is None else f"{r['valid_format']:.1%}"
+            lines.append(f"| {r['recipe']} | {r['steps']} | {r['train_loop_s']:.0f} | {r['exact_match']:.1%} | {vf} |")
+    lines += ["", "| training budget s | " + " | ".join(sorted({r["recipe"] for r in rows})) + " |",
+              "|---|" + "---|" * len({r["recipe"] for r in rows})]
+    for b in budgets:
+        cells = []
+        for recipe in sorted({r["recipe"] for r in rows}):
+            done = [r for r in rows if r["recipe"] == recipe and "error" not in r and r["train_loop_s"] <= b]
+            cells.append(f"{max(r['exact_match'] for r in done):.1%}" if done else "no run fits")
+        lines.append(f"| {b:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # child entry: time_to_quality.py {tuneforge|score-adapter} SPEC.json OUT.json
+    kind, spec_path, out_path = sys.argv[1:4]
+    {"tuneforge": child_tuneforge, "score-adapter": child_score_adapter}[kind](
+        json.loads(Path(spec_path).read_text()), Path(out_path))

@@ -1,0 +1,53 @@
+"""tuneforge: ``tuneforge.train`` with the equivalent config (LoRA, packed padding-free rows).
+
+``batch`` examples per step are packed into one row (position ids restart per example, per-example
+causal SDPA), the LM head runs only on target positions, the loss is on assistant tokens, examples
+longer than ``max_length`` are truncated. Step timings come from the run's ``metrics.jsonl``
+(``elapsed_s`` at the end of each step, since the loop started). Run as
+``python tuneforge_recipe.py SPEC.json OUT.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import measure  # noqa: E402
+
+
+def run_config(spec: dict) -> dict:
+    """The tuneforge run config equivalent to the bench spec."""
+    options = spec.get("options", {})
+    return {
+        "model": spec["model"], "method": "lora", "output_dir": str(Path(spec["work_dir"]) / "run"),
+        "seed": spec["seed"], "batch_size": spec["batch"], "max_steps": spec["steps"],
+        "learning_rate": spec["lr"], "lr_scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0,
+        "data": {"train": spec["messages_file"], "format": "messages", "val_fraction": 0.0,
+                 "train_on": "assistant", "max_length": spec["max_length"], "too_long": "truncate"},
+        "lora": {"r": spec["lora"]["r"], "alpha": spec["lora"]["alpha"], "dropout": spec["lora"]["dropout"],
+                 "target_modules": "all-linear"},
+        "dtype": spec["dtype"], "device": spec["device"], "threads": spec["threads"], "progress": False,
+        "attention": options.get("attention", "packed_sdpa"), "log_every": 1,
+    }
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = common.load_spec(spec_path)
+    measure.set_threads(spec["threads"])
+    from tuneforge.config import RunConfig
+    from tuneforge.training.trainer import train
+
+    result = train(RunConfig.model_validate(run_config(spec)))
+    log = measure.StepLog()
+    for row in result.metrics:
+        log.steps.append({"step": row["step"], "end_s": row["elapsed_s"], "tokens": row["tokens"],
+                          "trained_tokens": row["trained_tokens"], "examples": spec["batch"], "loss": row["loss"]})
+    measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
+                         measure.versions_of("tuneforge", "torch", "transformers", "peft"),
+                         notes="packed rows of `batch` examples, assistant-only loss")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
