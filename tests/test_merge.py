@@ -16,7 +16,6 @@ from tuneforge.export import MergeCheckError, merge_run, verify_merge
 from tuneforge.export.commands import add_merge_command
 from tuneforge.methods import NotMergeableError, apply_method, save_trained
 
-MODEL = "smollm2-135m-instruct"
 PROMPTS = ["Hi there", "2 + 2 ="]
 SECTIONS = {
     "lora": ("lora", {"lora": {"r": 4, "dropout": 0.0}}),
@@ -30,13 +29,8 @@ SECTIONS = {
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    from tuneforge.models.loading import build_tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny_base")
-    build_tiny_model(MODEL, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def base_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def make_run(tmp_path, base_dir, tokenizer, case: str):

@@ -86,13 +86,9 @@ class DataConfig(_Strict):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
-        from tuneforge.data.formats import CANONICAL_FIELDS
+        from tuneforge.data.formats import check_columns
 
-        for key in v:
-            if key not in CANONICAL_FIELDS:
-                raise ValueError(f"data.columns key '{key}' is not a field tuneforge knows{_did_you_mean(key, CANONICAL_FIELDS)}; "
-                                 f"map one of {', '.join(CANONICAL_FIELDS)} to your column name")
-        return v
+        return check_columns(v, "data.columns")
 
 
 class EvalTask(_Strict):

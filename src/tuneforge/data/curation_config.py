@@ -114,13 +114,9 @@ class CurationConfig(BaseModel):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        from tuneforge.data.formats import CANONICAL_FIELDS
+        from tuneforge.data.formats import check_columns
 
-        for key in v:
-            if key not in CANONICAL_FIELDS:
-                raise ValueError(f"columns key '{key}' is not a field tuneforge knows; map one of "
-                                 f"{', '.join(CANONICAL_FIELDS)} to your column name")
-        return v
+        return check_columns(v)
 
     def action(self, check: str) -> str:
         """The action for ``check``; ``too_long`` follows ``too_long`` unless set explicitly."""

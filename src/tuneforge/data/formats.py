@@ -32,6 +32,19 @@ FORMAT_FIELDS = {
 CANONICAL_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
 
 
+def check_columns(columns: dict[str, str], key: str = "columns") -> dict[str, str]:
+    """Validate a ``{canonical field: source column}`` mapping; raise ValueError naming the bad key."""
+    import difflib
+
+    for field_name in columns:
+        if field_name not in CANONICAL_FIELDS:
+            close = difflib.get_close_matches(field_name, CANONICAL_FIELDS, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{key} key '{field_name}' is not a field tuneforge knows{hint}; "
+                             f"map one of {', '.join(CANONICAL_FIELDS)} to your column name")
+    return columns
+
+
 class RecordError(ValueError):
     """A record that does not fit its format; the message says what is wrong."""
 
