@@ -117,3 +117,21 @@ def test_second_run_on_unchanged_data_does_not_tokenize_again(tiny_model_dir, da
     cfg.train_on = "all"
     dataset.prepare_data(cfg, tok, seed=1)  # another setting: tokenized again
     assert len(calls) == 3
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, data, tmp_path):
+    plain = _trained_lora(tiny_model_dir, data, tmp_path, "plain")
+    ckpt = _trained_lora(tiny_model_dir, data, tmp_path, "ckpt", gradient_checkpointing=True)
+    for k in plain:
+        assert torch.allclose(plain[k], ckpt[k], atol=1e-6), k
+
+
+def test_generate_and_chat_commands_use_the_run(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    from tuneforge.cli import main
+
+    result = train(_config(tiny_model_dir, data, tmp_path, max_steps=2))
+    assert main(["generate", str(result.run_dir), "--prompt", "Ticket 1: parcel late", "--max-new-tokens", "3"]) == 0
+    answers = iter(["Ticket 2: charged twice", "/reset", "Ticket 3: cannot sign in", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", str(result.run_dir), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model>") == 2
