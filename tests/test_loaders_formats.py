@@ -85,3 +85,28 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     loaded = load_examples(str(f), DataConfig(train=str(f)))
     assert len(loaded.examples) == 1
     assert [(r.line, r.reason.split(":")[0]) for r in loaded.rejects] == [(2, "unknown format"), (3, "messages")]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
+def test_json_arrays_stream_across_chunk_edges(tmp_path, chunk):
+    import io
+
+    from tuneforge.data.loaders import _iter_json_array
+
+    items = [{"instruction": "a, [b] {c}", "output": "ü 'q' \\ end", "n": 12345.678}, 42, {"text": "x" * 50},
+             [1, 2], {"nested": {"k": [1, {"z": None}]}}, 7]
+    text = json.dumps(items, indent=1)
+    stream = io.StringIO(text)
+    first = stream.read(chunk).lstrip()
+    recs = list(_iter_json_array(tmp_path / "a.json", stream, first[1:], chunk=chunk))
+    assert [r.data if r.data is not None else json.loads(r.raw) for r in recs] == items
+    assert [r.line for r in recs] == list(range(1, len(items) + 1))
+
+
+def test_truncated_json_array_is_a_clear_error(tmp_path):
+    (tmp_path / "t.json").write_text('[{"text": "a"}, {"text": "b"')
+    with pytest.raises(DataFileError, match="element 2 of the array is not valid JSON"):
+        list(iter_records(tmp_path / "t.json"))
+    (tmp_path / "u.json").write_text('[{"text": "a"}, ')
+    with pytest.raises(DataFileError, match="not closed"):
+        list(iter_records(tmp_path / "u.json"))

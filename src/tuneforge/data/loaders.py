@@ -100,8 +100,14 @@ def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
 
 
 def _iter_json(path: Path) -> Iterator[RawRecord]:
+    """Stream the elements of a top-level JSON array (constant memory); ``{"data": [...]}`` is read whole."""
     with _open_text(path) as f:
-        text = f.read()
+        head = f.read(1 << 16)
+        stripped = head.lstrip()
+        if stripped.startswith("["):
+            yield from _iter_json_array(path, f, stripped[1:])
+            return
+        text = head + f.read()
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -114,11 +120,52 @@ def _iter_json(path: Path) -> Iterator[RawRecord]:
     if not isinstance(obj, list):
         raise DataFileError(f"{path}: a .json data file must hold an array of records, got {type(obj).__name__}")
     for index, item in enumerate(obj, start=1):
-        if isinstance(item, dict):
-            yield RawRecord(str(path), index, item)
-        else:
-            yield RawRecord(str(path), index, None, raw=json.dumps(item)[:10000],
-                            error=f"expected a JSON object, got {type(item).__name__}")
+        yield _json_item(path, index, item)
+
+
+def _json_item(path: Path, index: int, item: Any) -> RawRecord:
+    if isinstance(item, dict):
+        return RawRecord(str(path), index, item)
+    return RawRecord(str(path), index, None, raw=json.dumps(item)[:10000],
+                     error=f"expected a JSON object, got {type(item).__name__}")
+
+
+def _iter_json_array(path: Path, f: io.TextIOBase, buffer: str, chunk: int = 1 << 20) -> Iterator[RawRecord]:
+    """Decode one array element at a time with ``raw_decode``, reading ``chunk`` characters as needed."""
+    decoder = json.JSONDecoder()
+    index, pos, eof = 0, 0, False
+    while True:
+        while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(buffer) and buffer[pos] == "]":
+            return
+        if pos >= len(buffer):
+            if eof:
+                raise DataFileError(f"{path}: the JSON array is not closed with ']' (file truncated?)")
+            buffer, pos = buffer[pos:] + f.read(chunk), 0
+            eof = eof or len(buffer) == 0
+            continue
+        try:
+            item, end = decoder.raw_decode(buffer, pos)
+        except json.JSONDecodeError as e:
+            if not eof:  # the element may continue in the next chunk
+                more = f.read(chunk)
+                eof = not more
+                buffer, pos = buffer[pos:] + more, 0
+                continue
+            raise DataFileError(f"{path}: element {index + 1} of the array is not valid JSON ({e.msg}); "
+                                "a .json file must hold one array of records") from e
+        if end == len(buffer) and not eof:  # a number may be cut at the chunk edge: read on and decode again
+            more = f.read(chunk)
+            if more:
+                buffer, pos = buffer[pos:] + more, 0
+                continue
+            eof = True
+        index += 1
+        yield _json_item(path, index, item)
+        pos = end
+        if pos > chunk:
+            buffer, pos = buffer[pos:], 0
 
 
 def _iter_csv(path: Path) -> Iterator[RawRecord]:
