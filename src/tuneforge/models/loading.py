@@ -27,10 +27,11 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
 
 
 def flush_denormals() -> None:
-    """Treat denormal floats as zero: on x86 CPUs they make matmuls ~20x slower.
+    """Treat denormal floats as zero (FTZ/DAZ), a cheap guard for CPUs where denormal arithmetic is slow.
 
-    Measured on SmolLM2-135M with a real chat prompt: 10.4 s per forward without, 0.5 s with. Random
-    token ids do not trigger it, real text does (tiny activations in some layers).
+    On our 2-core AMD EPYC CI machines no denormal penalty was measured (benchmarks/NOTES.md); a 20x
+    slowdown first blamed on denormals turned out to be two OpenMP threads competing with other busy
+    processes. Kept because it costs nothing and helps on CPUs that do pay for denormals.
     """
     torch.set_flush_denormal(True)
 

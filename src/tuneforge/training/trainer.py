@@ -26,7 +26,7 @@ from tuneforge.data.dataset import PreparedData, prepare_data, write_rejects
 from tuneforge.data.packing import PackedBatch, micro_batches
 from tuneforge.methods import apply_method, count_parameters, load_base_model, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
-from tuneforge.models.loading import load_tokenizer
+from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import atomic_save_dir, copy_files
 from tuneforge.training.loss import evaluate_loss, packed_loss_sum
@@ -58,7 +58,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _configure_cpu(threads: int | None) -> None:
-    torch.set_flush_denormal(True)  # denormal floats are ~100x slower on x86 CPUs
+    flush_denormals()
     if threads:
         torch.set_num_threads(threads)
 
