@@ -50,9 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--with-llamafactory", action=argparse.BooleanOptionalAction, default=True,
                    help="build LLaMA-Factory's venv and run it (default on; its row says why when it cannot)")
     p.add_argument("--trl-defaults", action="store_true", help="also run TRL with its own defaults (bf16, checkpointing)")
+    p.add_argument("--llamafactory-defaults", action="store_true",
+                   help="also run LLaMA-Factory with its default gradient checkpointing on")
     p.add_argument("--trl-padding-free", action="store_true",
                    help="also run TRL padding-free without packing (batch examples per row, like tuneforge)")
     p.add_argument("--rebuild-venvs", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole suite N times (recipes alternate) and keep each recipe's median run: "
+                        "on a shared machine, load then biases no recipe more than another")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per recipe run")
     p.add_argument("--work-dir", help="where runs write (default: a temporary folder)")
     p.add_argument("--json", help="write the table (one object per recipe) to this file")
@@ -63,10 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="skip sweep points tuneforge's estimator puts above this (default: 85%% of RAM on CPU)")
     p.add_argument("--time-to-quality", action="store_true", help="quickstart accuracy vs wall time, tuneforge vs TRL")
-    p.add_argument("--ttq-steps", type=int, nargs="+", default=[30, 90],
+    p.add_argument("--ttq-steps", type=int, nargs="+", default=[10, 30, 90],
                    help="tuneforge training lengths (optimizer steps) whose wall time and accuracy are measured")
-    p.add_argument("--ttq-trl-steps", type=int, nargs="+", default=[10, 30],
+    p.add_argument("--ttq-trl-steps", type=int, nargs="+", default=[3, 8, 24],
                    help="TRL training lengths (its steps hold ~4x the tickets: 4 bins of 256 tokens)")
+    p.add_argument("--ttq-test-examples", type=int, default=None, help="score only the first N test tickets")
     p.add_argument("--ttq-budgets", type=float, nargs="+", default=[60, 120, 300, 600, 1200],
                    help="training-time budgets (s) of the accuracy-at-budget table")
     return p.parse_args(argv)
@@ -135,6 +141,8 @@ def throughput_specs(args, base: dict) -> list[tuple[str, dict]]:
             specs.append(("trl-padding-free", dict(base, recipe="trl", options={"packing": "padding_free"})))
         if recipe == "llamafactory":
             specs.append(("llamafactory-neat", dict(base, recipe="llamafactory", options={"neat_packing": True})))
+            if args.llamafactory_defaults:
+                specs.append(("llamafactory-defaults", dict(base, recipe="llamafactory", options={"lf_defaults": True})))
         if recipe == "trl" and args.trl_defaults:
             specs.append(("trl-defaults", dict(base, recipe="trl", options={"trl_defaults": True})))
     return specs
@@ -168,6 +176,16 @@ def sweep(args, base: dict, conversations, work: Path, pythons, peak_gflops) -> 
             row["predicted_peak_gib"] = round(predicted, 2)
             rows.append(row)
     return rows
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median real tokens/s of one recipe's repeats (all throughputs kept in ``repeats``)."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["real_tok_s"])
+    if not ok:
+        return runs[0]
+    row = dict(ok[(len(ok) - 1) // 2])
+    row["repeats_real_tok_s"] = [r["real_tok_s"] for r in ok]
+    return row
 
 
 def _ram_gib() -> float:
@@ -206,7 +224,9 @@ def main(argv=None) -> int:
         rows = sweep(args, base, conversations, work, pythons, peak)
     else:
         files = harness.write_data(harness.bench_subset(conversations, args.steps * args.batch, args.seed), work / "data")
-        rows = run_suite(args, throughput_specs(args, dict(base, **files)), work, pythons, peak)
+        specs = throughput_specs(args, dict(base, **files))
+        rounds = [run_suite(args, specs, work / f"round-{r}", pythons, peak) for r in range(args.repeat)]
+        rows = [median_row([rnd[i] for rnd in rounds]) for i in range(len(specs))]
     header["load_average_after"] = harness.load_average()
     print()
     print(f"model {model.name}, max length {args.max_length if not args.sweep else 'sweep'}, "

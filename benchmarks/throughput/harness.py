@@ -54,7 +54,7 @@ def bench_subset(conversations: list[list[dict]], n: int, seed: int) -> list[lis
 
 
 def synthetic_long(conversations: list[list[dict]], tokenizer, length: int, n: int, seed: int) -> list[list[dict]]:
-    """``n`` conversations of at least ``length`` tokens: a prompt of about ``length/4`` tokens and an answer
+    """``n`` conversations of at least ``length`` tokens: a prompt of about ``length/8`` tokens (plus the template) and an answer
     long enough that truncation at ``length`` cuts the answer (so each example is exactly ``length`` tokens
     and still has trained tokens). Texts are real (concatenated answers of ``conversations``)."""
     rng = random.Random(seed)
@@ -68,7 +68,7 @@ def synthetic_long(conversations: list[list[dict]], tokenizer, length: int, n: i
             count += len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 2
         return "\n\n".join(parts)
 
-    return [[{"role": "user", "content": "Summarise and continue:\n\n" + text_of(length // 4)},
+    return [[{"role": "user", "content": "Summarise and continue:\n\n" + text_of(length // 8)},
              {"role": "assistant", "content": text_of(length)}] for _ in range(n)]
 
 

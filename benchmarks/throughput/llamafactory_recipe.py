@@ -5,7 +5,8 @@ The conversations are registered as a ShareGPT-style dataset (``messages`` with 
 Factory's default). Default: dynamic padding (``batch`` examples padded to the longest); with
 ``options.neat_packing``: examples packed into bins of ``cutoff_len`` with a block-diagonal 4-D mask.
 LLaMA-Factory's ``smollm2`` template adds SmolLM's default system prompt, as the model's own chat template
-does. Runs inside LLaMA-Factory's own venv: ``python llamafactory_recipe.py SPEC.json OUT.json``.
+does. Gradient checkpointing (LLaMA-Factory's default) is disabled like in the other recipes, unless
+``options.lf_defaults``. Runs inside LLaMA-Factory's own venv: ``python llamafactory_recipe.py SPEC.json OUT.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main(spec_path: str, out_path: str) -> None:
         "lora_target": "all", "lora_rank": spec["lora"]["r"], "lora_alpha": spec["lora"]["alpha"],
         "lora_dropout": spec["lora"]["dropout"], "dataset": "bench", "dataset_dir": str(data_dir),
         "template": "smollm2", "cutoff_len": spec["max_length"], "overwrite_cache": True,
-        "flash_attn": "sdpa", "neat_packing": bool(options.get("neat_packing")),
+        "flash_attn": "sdpa", "disable_gradient_checkpointing": not options.get("lf_defaults"),
+        "neat_packing": bool(options.get("neat_packing")),
         "packing": bool(options.get("neat_packing")),
         **{k: ta[k] for k in ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                               "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
@@ -70,11 +72,13 @@ def main(spec_path: str, out_path: str) -> None:
             n_params["n"] = measure.count_params(model)
 
     run_exp(args, callbacks=[probe, CountParams()])
-    label = "llamafactory-neat" if options.get("neat_packing") else "llamafactory"
+    label = ("llamafactory-neat" if options.get("neat_packing") else "llamafactory") + (
+        "-defaults" if options.get("lf_defaults") else "")
     measure.write_result(out_path, label, log, spec["device"], n_params.get("n", 0),
                          measure.versions_of("llamafactory", "torch", "transformers", "peft"),
-                         notes="neat_packing (bins of cutoff_len, 4-D block mask)" if options.get("neat_packing")
-                         else "dynamic padding to the longest of the batch")
+                         notes=("neat_packing (bins of cutoff_len, 4-D block mask)" if options.get("neat_packing")
+                                else "dynamic padding to the longest of the batch")
+                         + f", gradient checkpointing {'on' if options.get('lf_defaults') else 'off'}")
 
 
 if __name__ == "__main__":

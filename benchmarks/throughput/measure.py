@@ -121,8 +121,8 @@ def trainer_probe(log: StepLog):
     """A transformers ``TrainerCallback`` that fills ``log``, and the patch that counts each batch's tokens.
 
     ``Trainer.training_step`` is wrapped (measurement only, nothing changes) to add up the tokens of the
-    micro-batches of a step; ``on_log`` (``logging_steps=1``) gives the step's loss; ``on_step_end``
-    closes the step.
+    micro-batches of a step (the original is put back when training ends); ``on_log`` (``logging_steps=1``)
+    gives the step's loss; ``on_step_end`` closes the step.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -141,6 +141,9 @@ def trainer_probe(log: StepLog):
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             log.start()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            Trainer.training_step = original
 
         def on_step_end(self, args, state, control, **kwargs):
             log.end_step(pending["tokens"], pending["trained"], pending["examples"], None)

@@ -16,7 +16,9 @@ Experiments change one thing without editing tuneforge (monkeypatching in this p
 * ``no_flush_denormal``: denormal floats kept;
 * ``foreach_adamw`` / ``fused_adamw``: AdamW's multi-tensor / fused implementation instead of torch's
   CPU default (a for-loop over the ~420 LoRA tensors);
-* ``foreach_clip``: ``clip_grad_norm_(foreach=True)``.
+* ``foreach_clip``: ``clip_grad_norm_(foreach=True)``;
+* ``no_lora_dropout``: peft's LoRA dropout modules replaced by identities (the ceiling of any cheaper
+  dropout; changes training, so a measurement, not a proposal as such).
 
 ``--compare A B`` runs the experiments in fresh processes, alternating A B A B ..., and prints the median
 of each phase, so a machine shared with other work biases neither side.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpteacher_roleplay.json"
 EXPERIMENTS = ("baseline", "dense_mask", "full_lm_head", "no_flush_denormal", "foreach_adamw", "fused_adamw",
-               "foreach_clip")
+               "foreach_clip", "no_lora_dropout")
 
 
 def run(args) -> dict:
@@ -65,6 +67,11 @@ def run(args) -> dict:
     data = prepare_data(config.data, tokenizer, config.seed)
     model = apply_method(load_base_model(config, dtype=torch.float32, device="cpu"), config, tokenizer)
     set_attention(model, "sdpa" if args.experiment == "dense_mask" else NAME)
+    if args.experiment == "no_lora_dropout":
+        for module in model.modules():
+            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+                for key in module.lora_dropout:
+                    module.lora_dropout[key] = torch.nn.Identity()
     if args.experiment == "full_lm_head":
         def full_head(model, method, input_ids, position_ids, keep_idx):
             out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)

@@ -39,10 +39,11 @@ def _test_conversations() -> tuple[list[list[dict]], list[str]]:
     return [r["messages"] for r in rows], cfg["eval_task"]["labels"]
 
 
-def _score(loaded) -> dict:
+def _score(loaded, limit: int | None = None) -> dict:
     from tuneforge.evaluation.exact_match import evaluate_generation
 
     conversations, labels = _test_conversations()
+    conversations = conversations[:limit]
     started = time.time()
     result = evaluate_generation(loaded, conversations, labels=labels, max_new_tokens=8)
     return {"exact_match": result.exact_match, "valid_format": result.valid_format, "n": result.n,
@@ -60,7 +61,7 @@ def child_tuneforge(spec: dict, out: Path) -> None:
                  "progress=false", f"model={spec['model']}"]
     result = train(load_config(QUICKSTART, overrides))
     loop_s = result.metrics[-1]["elapsed_s"]
-    score = _score(load_run(result.run_dir, device="cpu"))
+    score = _score(load_run(result.run_dir, device="cpu"), spec.get("test_examples"))
     out.write_text(json.dumps({"recipe": "tuneforge", "steps": spec["steps"], "train_loop_s": loop_s,
                                "process_train_s": result.wall_time_s, **score}))
 
@@ -78,7 +79,7 @@ def child_score_adapter(spec: dict, out: Path) -> None:
     loop_s = result["steps"][-1]["end_s"]
     out.write_text(json.dumps({"recipe": "trl", "steps": len(result["steps"]), "train_loop_s": loop_s,
                                "examples_per_step": round(sum(s["examples"] for s in result["steps"]) / len(result["steps"]), 1),
-                               **_score(LoadedModel(model, base.tokenizer))}))
+                               **_score(LoadedModel(model, base.tokenizer), spec.get("test_examples"))}))
 
 
 def _run_child(kind: str, spec: dict, work: Path, timeout: float) -> dict:
@@ -99,6 +100,7 @@ def main(args, base: dict, work: Path) -> int:
     import yaml
 
     cfg = yaml.safe_load(QUICKSTART.read_text())
+    base = dict(base, test_examples=args.ttq_test_examples)
     rows = []
     for steps in args.ttq_steps:
         print(f"[{time.strftime('%H:%M:%S')}] tuneforge quickstart, {steps} steps", flush=True)
