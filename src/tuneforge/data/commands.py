@@ -100,12 +100,19 @@ def _run(fn, args: argparse.Namespace) -> int:
         return 2
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _list_or_require_files(args: argparse.Namespace) -> int | None:
+    """``--list-checks`` answers at once; otherwise at least one FILE is needed. None: go on."""
     if args.list_checks:
         return _list_checks()
     if not args.files:
         print("error: give at least one FILE", file=sys.stderr)
         return 2
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if (early := _list_or_require_files(args)) is not None:
+        return early
 
     def run(args: argparse.Namespace) -> int:
         from tuneforge.data.clean import check_files
@@ -122,11 +129,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    if args.list_checks:
-        return _list_checks()
-    if not args.files:
-        print("error: give at least one FILE", file=sys.stderr)
-        return 2
+    if (early := _list_or_require_files(args)) is not None:
+        return early
 
     def run(args: argparse.Namespace) -> int:
         from tuneforge.data.clean import clean_files
