@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tuneforge.config import load_config
 from tuneforge.data.synthetic_tickets import write_splits
-from tuneforge.evaluation.compare import compare_base_and_run, format_table, score, test_conversations
+from tuneforge.evaluation.compare import compare_base_and_run, format_table, heldout_conversations, score
 from tuneforge.serving.inference import load_base
 from tuneforge.training.trainer import train
 
@@ -29,7 +29,7 @@ def run_quickstart(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str
         log.info("generating the ticket-routing data into %s", data_dir)
         write_splits(data_dir)
     config = load_config(config_path, overrides)
-    conversations = test_conversations(config, config.eval_task.file)
+    conversations = heldout_conversations(config, config.eval_task.file)
     print(f"[1/3] scoring the base model on {len(conversations)} held-out tickets")
     base = score("base", load_base(config.model, config.dtype, config.device), config, conversations)
     print(f"[2/3] training {config.method} on {config.data.train}")

@@ -100,7 +100,8 @@ class PreparedData:
                    dict(payload["formats"]), payload["truncated"])
 
 
-def _tokenize_all(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedExample], int]:
+def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedExample], int]:
+    """Tokenize ``loaded.examples``; unusable or over-long ones go to ``rejects``. Returns (examples, truncated count)."""
     out, truncated = [], 0
     for example in loaded.examples:
         source, _, line = example.meta["where"].rpartition(":")
@@ -169,8 +170,8 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, tas
         val_examples = LoadedFile([e for i, e in enumerate(train_file.examples) if i in val_idx])
     else:
         train_examples, val_examples = train_file, LoadedFile()
-    train, truncated = _tokenize_all(train_examples, tokenizer, cfg, rejects)
-    validation, truncated_val = _tokenize_all(val_examples, tokenizer, cfg, rejects)
+    train, truncated = tokenize_examples(train_examples, tokenizer, cfg, rejects)
+    validation, truncated_val = tokenize_examples(val_examples, tokenizer, cfg, rejects)
     if not train:
         raise DataError(f"{cfg.train}: every record was rejected after tokenization (see rejects.jsonl)")
     if rejects:

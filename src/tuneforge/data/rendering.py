@@ -3,8 +3,9 @@
 The loss mask comes from **character offsets**, not from searching for the response text: for each
 assistant turn ``i`` the template is rendered for ``messages[:i]`` (with the generation prompt) and for
 ``messages[:i+1]``; the characters between the two renders are that turn's answer, including the
-template's end-of-turn token (``<|im_end|>`` for ChatML). Tokens whose offsets start inside such a span
-are trained. Every assistant turn of a multi-turn conversation is trained. If the template closes the
+template's end-of-turn token (``<|im_end|>`` for ChatML). Tokens whose offsets overlap such a span
+are trained (a token like `` hello`` that starts with the template's separator space counts).
+Every assistant turn of a multi-turn conversation is trained. If the template closes the
 last turn without an EOS/end-of-turn token, the tokenizer's EOS is appended and trained, so the tuned
 model learns to stop. Nothing is ever masked by token id, so pad == eos (as SmolLM2 ships) is harmless.
 """

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tuneforge.config import RunConfig
-from tuneforge.data.dataset import load_examples, _tokenize_all, LoadedFile
+from tuneforge.data.dataset import LoadedFile, load_examples, tokenize_examples
 from tuneforge.data.packing import micro_batches
 from tuneforge.evaluation.exact_match import GenerationEval, evaluate_generation
 from tuneforge.serving.inference import LoadedModel, load_base, load_run
@@ -25,7 +25,7 @@ class ModelScore:
     validation_loss: float | None
 
 
-def test_conversations(config: RunConfig, file: str) -> list[list[dict]]:
+def heldout_conversations(config: RunConfig, file: str) -> list[list[dict]]:
     loaded = load_examples(file, config.data, config.task)
     if loaded.rejects:
         r = loaded.rejects[0]
@@ -37,7 +37,7 @@ def validation_loss(loaded: LoadedModel, config: RunConfig) -> float | None:
     if not config.data.validation:
         return None
     file = load_examples(config.data.validation, config.data, config.task)
-    examples, _ = _tokenize_all(LoadedFile(file.examples), loaded.tokenizer, config.data, [])
+    examples, _ = tokenize_examples(LoadedFile(file.examples), loaded.tokenizer, config.data, [])
     batches = list(micro_batches(examples, config.batch_size, config.seed, 0, shuffle=False))
     return evaluate_loss(loaded.model, batches, loaded.device, config.method if loaded.config else "base")
 
@@ -55,7 +55,7 @@ def compare_base_and_run(config: RunConfig, run_dir: str | Path, base_score: tup
     test_file = test_file or (config.eval_task.file if config.eval_task else None)
     if not test_file:
         raise ValueError("no held-out test file: set eval_task.file in the config or pass one")
-    conversations = test_conversations(config, test_file)
+    conversations = heldout_conversations(config, test_file)
     if base_score is None:
         base_score = score("base", load_base(config.model, config.dtype, config.device), config, conversations)
     tuned_score = score("tuned", load_run(run_dir), config, conversations)

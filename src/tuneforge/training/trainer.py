@@ -9,6 +9,7 @@ goes into ``config.output_dir`` (see :class:`RunResult`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -226,7 +227,5 @@ def train(config: RunConfig) -> RunResult:
         "wall_time_s": round(wall, 2),
         "versions": library_versions(),
     }
-    import json
-
     (run_dir / "run.json").write_text(json.dumps(record, indent=2))
     return RunResult(run_dir, step, last_loss, record["best_eval_loss"], best_step, trainable, total, wall, metrics.rows)
