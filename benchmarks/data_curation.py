@@ -1,4 +1,4 @@
-"""Throughput and memory of `tuneforge data clean` (check + clean + dedupe).
+"""Throughput and memory of `tuneforge data check` (check + exact dedupe) and `data clean` (+ writing, near-dup).
 
     python benchmarks/data_curation.py                 # 100k records from gpteacher, both modes
     python benchmarks/data_curation.py --records 20000 # smaller
@@ -66,11 +66,13 @@ def make_synthetic(n: int, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def run_mode(data: Path, out: Path, near: bool, workers: int = 1) -> dict:
-    """Run one clean in a subprocess: wall time, CPU time (itself + its workers) and peak RSS."""
+def run_mode(data: Path, out: Path | None, near: bool, workers: int = 1) -> dict:
+    """Run one check (``out`` None) or clean in a subprocess: wall time, CPU time (itself + its workers), peak RSS."""
+    call = (f"check_files({str(data)!r}, cfg, workers={workers})" if out is None
+            else f"clean_files({str(data)!r}, {str(out)!r}, cfg, workers={workers})")
     code = (
         "import json, resource, sys, time\n"
-        "from tuneforge.data.clean import clean_files\n"
+        "from tuneforge.data.clean import check_files, clean_files\n"
         "from tuneforge.data.curation_config import CurationConfig\n"
         "def cpu():\n"
         "    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
@@ -78,7 +80,7 @@ def run_mode(data: Path, out: Path, near: bool, workers: int = 1) -> dict:
         "if __name__ == '__main__':\n"
         f"    cfg = CurationConfig(near_dup={near}, min_examples=0)\n"
         "    t, c = time.perf_counter(), cpu()\n"
-        f"    r = clean_files({str(data)!r}, {str(out)!r}, cfg, workers={workers})\n"
+        f"    r = {call}\n"
         "    dt, dc = time.perf_counter() - t, cpu() - c\n"
         "    print(json.dumps({'records': r.records, 'clean': r.clean, 'rejected': r.rejected, 'seconds': dt,"
         " 'cpu_seconds': dc, 'rejected_by': r.rejected_by,"
@@ -92,7 +94,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=100_000)
     p.add_argument("--memory", type=int, default=0, metavar="N", help="measure peak RSS on N generated records")
-    p.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes to try (e.g. 1 2)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker processes to try")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     args = p.parse_args()
     load0 = "%.1f %.1f %.1f" % os.getloadavg()
@@ -108,9 +110,10 @@ def main() -> int:
         else:
             data = make_replicated(args.records, tmp / "replicated.jsonl")
             for workers in args.workers:
-                for near in (False, True):
-                    r = run_mode(data, tmp / "out", near, workers)
-                    mode = "check+clean+exact" + (" + near-dup" if near else "") + (f", {workers} workers" if workers > 1 else "")
+                for command, near in (("check", False), ("clean", False), ("clean", True)):
+                    r = run_mode(data, None if command == "check" else tmp / "out", near, workers)
+                    mode = (("check+exact" if command == "check" else "check+clean+exact") + (" + near-dup" if near else "")
+                            + (f", {workers} workers" if workers > 1 else ""))
                     rows.append((f"{args.records:,} gpteacher x mutations", mode, r))
     finally:
         if not args.keep:

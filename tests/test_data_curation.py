@@ -218,11 +218,19 @@ def test_workers_give_the_same_output(tmp_path):
     rows.append({"instruction": "Write a long story.", "output": LOREM * 2})
     rows.append({"instruction": "Write a long story.", "output": (LOREM * 2).replace("farmer", "old farmer")})
     path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with open(path, "a", encoding="utf-8", errors="surrogateescape", newline="") as f:   # lines the two parsers
+        f.write('{"instruction": "n", "output": NaN}\n')                                     # (json, orjson) treat
+        f.write('{"instruction": "big", "output": "x", "id": 123456789012345678901234567890}\n')   # differently
+        f.write('{"instruction": "lone \\ud800 surrogate", "output": "yes it is"}\n')
+        f.write('{"instruction": "bytes", "output": "\udcff\udcfe"}\n')
+        f.write('{"instruction": "Label?", "output": "  positive  "}\r\n')
     one = clean_files(path, tmp_path / "a", chunk_size=64)
     two = clean_files(path, tmp_path / "b", chunk_size=64, workers=2)
     for name in ("clean.jsonl", "rejects.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert one.rejected_by == two.rejected_by and one.rejected_by["near_duplicate"] == 1
+    assert one.rejected_by["invalid_utf8"] == 2 and one.formats == two.formats and one.labels == two.labels
+    assert one.records == two.records == len(rows) + 5
     # truncation and PII masking rebuild the record in the parent
     cfg = CurationConfig(max_length=60, too_long="truncate", mask_pii=True)
     rows = [{"instruction": "Story?", "output": LOREM * 3}, {"instruction": "Mail?", "output": "to a@b.example.com"}]
@@ -365,3 +373,35 @@ def test_gz_input(tmp_path):
         for i in range(3):
             f.write(json.dumps(alpaca(i)) + "\n")
     assert check_files(path, CurationConfig(min_examples=0)).clean == 3
+
+
+def test_jsonio_matches_the_standard_library():
+    from tuneforge.data import jsonio
+
+    for text in ('{"a": [1, 2.5, null, true], "b": "é ✓"}', '{"n": NaN, "i": -Infinity}',
+                 '{"big": 123456789012345678901234567890}', '{"a": 1, "a": 2}', '"\\ud800"'):
+        a, b = jsonio.loads(text), json.loads(text)
+        assert repr(a) == repr(b)
+    for bad in ('{"a": }', '{"a": 1} x', ""):
+        with pytest.raises(json.JSONDecodeError) as ours:
+            jsonio.loads(bad)
+        with pytest.raises(json.JSONDecodeError) as theirs:
+            json.loads(bad)
+        assert (ours.value.msg, ours.value.colno) == (theirs.value.msg, theirs.value.colno)
+    obj = {"messages": [{"role": "user", "content": "é ✓ \n \"q\""}], "n": 2**70}
+    assert json.loads(jsonio.dumps(obj)) == obj
+    with pytest.raises(UnicodeEncodeError):
+        jsonio.dumps({"s": "\ud800"})
+
+
+def test_auto_workers_only_for_big_inputs(tmp_path, monkeypatch):
+    from tuneforge.data import clean
+
+    small = write_jsonl(tmp_path / "s.jsonl", [alpaca(i) for i in range(3)])
+    assert clean.resolve_workers("auto", [small]) == 1 and clean.resolve_workers(3, [small]) == 3
+    monkeypatch.setattr(clean, "AUTO_WORKERS_MIN_BYTES", 10)
+    monkeypatch.setattr(clean.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert clean.resolve_workers("auto", [small]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        data_main(["check", str(small), "--workers", "0"])
+    assert exit_.value.code == 2

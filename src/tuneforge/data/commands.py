@@ -39,11 +39,25 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", nargs="+", default=[], metavar="FILE",
                    help="validation/test files: training records duplicating theirs are 'leakage'")
     p.add_argument("--min-examples", type=int, default=None)
-    p.add_argument("--workers", type=int, default=1, help="processes that check and hash records (default 1)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="processes that parse, check and hash records (default auto: one per core, at most 8, "
+                        "for inputs over 16 MB; 1 otherwise)")
     for action in ("reject", "warn", "off"):
         p.add_argument(f"--{action}", action="append", default=[], metavar="CHECK[,CHECK]",
                        help=f"set these checks to {action} (see --list-checks)")
     p.add_argument("--list-checks", action="store_true", help="list the checks and their default actions, then exit")
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1 or 'auto', got {value!r}")
+    return n
 
 
 def _columns(pairs: list[str]) -> dict[str, str]:
@@ -115,9 +129,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         return early
 
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.clean import check_files
+        from tuneforge.data.clean import check_files, resolve_workers
 
-        report = check_files(args.files, config_from_args(args), against=args.against, workers=args.workers)
+        report = check_files(args.files, config_from_args(args), against=args.against,
+                              workers=resolve_workers(args.workers, args.files + args.against))
         if args.json:
             print(json.dumps(report.to_dict(), indent=2, default=str))
         else:
@@ -133,9 +148,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
         return early
 
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.clean import clean_files
+        from tuneforge.data.clean import clean_files, resolve_workers
 
-        report = clean_files(args.files, args.out, config_from_args(args), against=args.against, workers=args.workers)
+        report = clean_files(args.files, args.out, config_from_args(args), against=args.against,
+                              workers=resolve_workers(args.workers, args.files + args.against))
         print(report.summary(max_examples=args.show))
         return 0
     return _run(run, args)

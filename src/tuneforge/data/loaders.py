@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tuneforge.data import jsonio
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -78,25 +80,33 @@ def _has_bad_utf8(text: str) -> bool:
         return True
 
 
-def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
-    with _open_text(path) as f:
+def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of a ``.jsonl`` file, unparsed (see :func:`parse_jsonl_line`)."""
+    with _open_text(Path(path)) as f:
         for number, line in enumerate(f, start=1):
             text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            if _has_bad_utf8(text):
-                yield RawRecord(str(path), number, None, raw=text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                                error="invalid UTF-8")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield RawRecord(str(path), number, None, raw=text, error=f"not JSON: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield RawRecord(str(path), number, None, raw=text, error=f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield RawRecord(str(path), number, obj)
+            if text.strip():
+                yield number, text
+
+
+def parse_jsonl_line(source: str, number: int, text: str) -> RawRecord:
+    """One non-blank ``.jsonl`` line as a :class:`RawRecord` (``error`` set when it is not a JSON object)."""
+    if _has_bad_utf8(text):
+        return RawRecord(source, number, None, raw=text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                         error="invalid UTF-8")
+    try:
+        obj = jsonio.loads(text)
+    except json.JSONDecodeError as e:
+        return RawRecord(source, number, None, raw=text, error=f"not JSON: {e.msg} at column {e.colno}")
+    if not isinstance(obj, dict):
+        return RawRecord(source, number, None, raw=text, error=f"expected a JSON object, got {type(obj).__name__}")
+    return RawRecord(source, number, obj)
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+    source = str(path)
+    for number, text in iter_jsonl_lines(path):
+        yield parse_jsonl_line(source, number, text)
 
 
 def _iter_json(path: Path) -> Iterator[RawRecord]:

@@ -57,21 +57,27 @@ def normalise_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def is_refusal(answer: str) -> bool:
-    """True when the answer contains boilerplate refusal / 'As an AI language model' text."""
-    low = answer.lower()
+def is_refusal(answer: str, low: str | None = None) -> bool:
+    """True when the answer contains boilerplate refusal / 'As an AI language model' text.
+
+    ``low``: ``answer.lower()`` when the caller has it already.
+    """
+    low = answer.lower() if low is None else low
     if not any(k in low for k in REFUSAL_KEYWORDS):
         return False
     return _REFUSAL.search(low.replace("’", "'")) is not None
 
 
-def find_placeholder(text: str) -> str | None:
-    """The first placeholder-looking span (lorem ipsum, TODO, <placeholder>, [insert ...]) or None."""
+def find_placeholder(text: str, low: str | None = None) -> str | None:
+    """The first placeholder-looking span (lorem ipsum, TODO, <placeholder>, [insert ...]) or None.
+
+    ``low``: ``text.lower()`` when the caller has it already.
+    """
     if "TODO" in text or "FIXME" in text:
         m = _TODO.search(text)
         if m:
             return m.group(0)
-    low = text.lower()
+    low = text.lower() if low is None else low
     if not any(k in low for k in PLACEHOLDER_KEYWORDS):
         return None
     m = _PLACEHOLDER.search(low)

@@ -252,14 +252,21 @@ def _quality(out: Checked, config: CurationConfig) -> None:
 
     action = config.action
     everything = f"{prompts}\n{answers}" if prompts else answers
+    low_everything = everything.lower()
+    if not prompts:
+        low_answers = low_everything
+    elif len(low_everything) == len(everything):              # lower() kept every length: slice it
+        low_answers = low_everything[len(everything) - len(answers):]
+    else:                                                     # e.g. "İ".lower() is two characters
+        low_answers = answers.lower()
     if action("short_answer") != "off" and len(answer.strip()) < config.min_answer_chars:
         out.add("short_answer", f"answer is {len(answer.strip())} characters (min_answer_chars={config.min_answer_chars})")
     if action("repeats_prompt") != "off" and last_prompt and quality.repeats_prompt(last_prompt, answer):
         out.add("repeats_prompt", "the answer repeats the prompt")
-    if action("refusal") != "off" and quality.is_refusal(answers):
+    if action("refusal") != "off" and quality.is_refusal(answers, low_answers):
         out.add("refusal", "boilerplate refusal / 'as an AI language model' text in the answer")
     if action("placeholder") != "off":
-        found = quality.find_placeholder(everything)
+        found = quality.find_placeholder(everything, low_everything)
         if found:
             out.add("placeholder", f"placeholder text {found[:40]!r}")
     if action("control_chars") != "off":
