@@ -119,9 +119,12 @@ def test_second_run_on_unchanged_data_does_not_tokenize_again(tiny_model_dir, da
     assert len(calls) == 3
 
 
-def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, data, tmp_path):
-    plain = _trained_lora(tiny_model_dir, data, tmp_path, "plain")
-    ckpt = _trained_lora(tiny_model_dir, data, tmp_path, "ckpt", gradient_checkpointing=True)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, data, tmp_path, dropout):
+    """With dropout too: the recomputed forward must draw the same (fused) LoRA dropout masks."""
+    lora = {"r": 4, "alpha": 8, "dropout": dropout}
+    plain = _trained_lora(tiny_model_dir, data, tmp_path, "plain", lora=lora)
+    ckpt = _trained_lora(tiny_model_dir, data, tmp_path, "ckpt", gradient_checkpointing=True, lora=lora)
     for k in plain:
         assert torch.allclose(plain[k], ckpt[k], atol=1e-6), k
 

@@ -17,8 +17,10 @@ Experiments change one thing without editing tuneforge (monkeypatching in this p
 * ``foreach_adamw`` / ``fused_adamw``: AdamW's multi-tensor / fused implementation instead of torch's
   CPU default (a for-loop over the ~420 LoRA tensors);
 * ``foreach_clip``: ``clip_grad_norm_(foreach=True)``;
-* ``no_lora_dropout``: peft's LoRA dropout modules replaced by identities (the ceiling of any cheaper
-  dropout; changes training, so a measurement, not a proposal as such).
+* ``peft_dropout``: peft's own ``nn.Dropout`` before LoRA A instead of tuneforge's fused dropout
+  (``lora.fused_dropout: false``);
+* ``no_lora_dropout``: LoRA dropout 0 (the ceiling of any cheaper dropout; changes training, so a
+  measurement, not a proposal as such).
 
 ``--compare A B`` runs the experiments in fresh processes, alternating A B A B ..., and prints the median
 of each phase, so a machine shared with other work biases neither side.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpteacher_roleplay.json"
 EXPERIMENTS = ("baseline", "dense_mask", "full_lm_head", "no_flush_denormal", "foreach_adamw", "fused_adamw",
-               "foreach_clip", "no_lora_dropout")
+               "foreach_clip", "no_lora_dropout", "peft_dropout")
 
 
 def run(args) -> dict:
@@ -61,17 +63,14 @@ def run(args) -> dict:
     files = harness.write_data(harness.bench_subset(harness.load_conversations(args.data), n, args.seed), work)
     config = RunConfig.model_validate({
         "model": args.model, "method": "lora", "batch_size": args.batch, "output_dir": str(work / "run"),
+        "lora": {"dropout": 0.0 if args.experiment == "no_lora_dropout" else 0.05,
+                 "fused_dropout": args.experiment != "peft_dropout"},
         "data": {"train": files["messages_file"], "format": "messages", "val_fraction": 0.0, "train_on": "assistant",
                  "max_length": args.max_length, "too_long": "truncate"}})
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, config.seed)
     model = apply_method(load_base_model(config, dtype=torch.float32, device="cpu"), config, tokenizer)
     set_attention(model, "sdpa" if args.experiment == "dense_mask" else NAME)
-    if args.experiment == "no_lora_dropout":
-        for module in model.modules():
-            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
-                for key in module.lora_dropout:
-                    module.lora_dropout[key] = torch.nn.Identity()
     if args.experiment == "full_lm_head":
         def full_head(model, method, input_ids, position_ids, keep_idx):
             out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
@@ -114,6 +113,9 @@ def run(args) -> dict:
         print(table)
     out = {"experiment": args.experiment, **{k: [round(x, 4) for x in v] for k, v in phases.items()}}
     out["tok_s"] = round(sum(phases["tokens"]) / sum(phases["step_s"]), 1)
+    import resource
+
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
 
 
@@ -127,13 +129,13 @@ def compare(args) -> None:
             line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[exp].append(json.loads(line))
             print(f"round {r} {exp}: {results[exp][-1]['tok_s']} tok/s", flush=True)
-    print("| experiment | tok/s (median of runs) | forward s | backward s | optimizer s | step s |")
-    print("|---|---|---|---|---|---|")
+    print("| experiment | tok/s (median of runs) | forward s | backward s | optimizer s | step s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for exp, runs in results.items():
         med = {k: statistics.median(x for r in runs for x in r[k]) for k in ("forward_s", "backward_s", "optimizer_s", "step_s")}
         tok = statistics.median(r["tok_s"] for r in runs)
         print(f"| {exp} | {tok:.0f} | {med['forward_s']:.3f} | {med['backward_s']:.3f} | {med['optimizer_s']:.3f} | "
-              f"{med['step_s']:.3f} |")
+              f"{med['step_s']:.3f} | {statistics.median(r['peak_rss_mib'] for r in runs):.0f} |")
 
 
 def main() -> None:

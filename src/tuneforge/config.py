@@ -32,6 +32,7 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    fused_dropout: bool = True      # dropout fused into LoRA A (methods/lora_dropout.py); false: peft's own
 
 
 class QuantConfig(_Strict):

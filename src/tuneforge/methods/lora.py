@@ -4,6 +4,8 @@ LoRA replaces a frozen linear layer ``W0`` by ``x -> W0 x + (alpha / r) * B A x`
 (Kaiming-uniform init) and ``B: (d_out, r)`` (zeros), so training starts exactly at the base model.
 rsLoRA scales by ``alpha / sqrt(r)`` instead; DoRA additionally learns a per-output-row magnitude.
 Trainable parameters per target linear: ``r * (d_in + d_out)`` (+ ``d_out`` for DoRA).
+LoRA dropout runs fused into ``A`` (:mod:`tuneforge.methods.lora_dropout`: same distribution, cheaper,
+less memory); ``lora.fused_dropout: false`` keeps peft's ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from tuneforge.config import LoraConfig
+from tuneforge.methods.lora_dropout import fuse_lora_dropout
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
@@ -29,4 +32,8 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    return get_peft_model(model, peft_lora_config(cfg))
+    """peft's LoRA on ``model``; its dropout fused into ``A`` unless ``cfg.fused_dropout`` is off."""
+    model = get_peft_model(model, peft_lora_config(cfg))
+    if cfg.fused_dropout:
+        fuse_lora_dropout(model)
+    return model

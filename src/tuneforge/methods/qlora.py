@@ -152,7 +152,12 @@ def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
         compute_dtype = resolve_compute_dtype(quant_cfg, next(model.parameters()).dtype)
         quantize_model_(model, quant_cfg, compute_dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, peft_lora_config(lora_cfg))
+    model = get_peft_model(model, peft_lora_config(lora_cfg))
+    if lora_cfg.fused_dropout:
+        from tuneforge.methods.lora_dropout import fuse_lora_dropout
+
+        fuse_lora_dropout(model)
+    return model
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
