@@ -21,10 +21,10 @@ bytes (what ``torch.cuda.max_memory_allocated`` reports on a GPU), so by default
 ``MALLOC_MMAP_THRESHOLD_=65536``: every tensor of 64 KiB or more gets its own mapping, returned to the
 system when freed, and RSS follows live memory. ``--mmap-threshold 0`` measures glibc's default.
 
-QLoRA reads 300-460 MiB above the prediction: loading quantized keeps the fp32 ``model.safetensors``
-mapped, and the pages of the linears read while quantizing stay resident (RssFile grows by 416 MiB
-during the load, RssAnon by 58 MiB). Those are clean file pages the kernel can drop, and host memory on
-a GPU machine, so the estimator leaves them out; the table reports them as measured. Predicted = :func:`tuneforge.estimate.estimate_memory` for the same run
+QLoRA used to read 300-460 MiB above the prediction: loading quantized kept the fp32 ``model.safetensors``
+mapped (the unquantized embeddings were views of it), and the pages of the linears read while quantizing
+stayed resident. ``load_quantized_model`` now copies the unquantized tensors on CPU so the mapping
+closes (:func:`tuneforge.methods.qlora.release_checkpoint_mapping_`). Predicted = :func:`tuneforge.estimate.estimate_memory` for the same run
 (fp32, device cpu, ``trained_fraction = (seq-1)/seq``: the last token of an example has no target).
 """
 
@@ -65,6 +65,8 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
     from tuneforge.methods.qlora import make_optimizer
     from tuneforge.models.registry import resolve_model
     from tuneforge.training.loss import packed_loss_sum
+    from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
+    from tuneforge.training.packed_attention import set_attention
 
     resolve_model(MODEL)  # converts once, cached; not part of the measurement
     config = RunConfig.model_validate({"model": MODEL, "method": method, "task": "pretrain", "dtype": "fp32",
@@ -77,6 +79,7 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
 
     model = load_base_model(config, dtype=torch.float32, device="cpu")
     model = apply_method(model, config)
+    set_attention(model, PACKED_ATTENTION)      # as the trainer does (config.attention: packed_sdpa)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -51,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build LLaMA-Factory's venv and run it (default on; its row says why when it cannot)")
     p.add_argument("--trl-defaults", action="store_true", help="also run TRL with its own defaults (bf16, checkpointing)")
     p.add_argument("--llamafactory-defaults", action="store_true",
-                   help="also run LLaMA-Factory with its default gradient checkpointing on")
-    p.add_argument("--trl-padding-free", action="store_true",
-                   help="also run TRL padding-free without packing (batch examples per row, like tuneforge)")
+                   help="also run LLaMA-Factory with its default gradient checkpointing on (and tuneforge with it)")
+    p.add_argument("--trl-mode", choices=["packing", "padding-free", "both"], default="packing",
+                   help="TRL with its default BFD packing, padding-free without packing (batch examples per row, "
+                        "like tuneforge: the pair for comparing loss curves), or both")
     p.add_argument("--rebuild-venvs", action="store_true")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole suite N times (recipes alternate) and keep each recipe's median run: "
@@ -136,13 +137,16 @@ def run_suite(args, specs: list[tuple[str, dict]], work: Path, pythons: dict, pe
 def throughput_specs(args, base: dict) -> list[tuple[str, dict]]:
     specs = []
     for recipe in args.recipes:
-        specs.append((recipe, dict(base, recipe=recipe)))
-        if recipe == "trl" and args.trl_padding_free:
+        if recipe != "trl" or args.trl_mode != "padding-free":
+            specs.append((recipe, dict(base, recipe=recipe)))
+        if recipe == "trl" and args.trl_mode != "packing":
             specs.append(("trl-padding-free", dict(base, recipe="trl", options={"packing": "padding_free"})))
         if recipe == "llamafactory":
             specs.append(("llamafactory-neat", dict(base, recipe="llamafactory", options={"neat_packing": True})))
             if args.llamafactory_defaults:
                 specs.append(("llamafactory-defaults", dict(base, recipe="llamafactory", options={"lf_defaults": True})))
+        if recipe == "tuneforge" and args.llamafactory_defaults:    # the same memory saving, for a fair pair
+            specs.append(("tuneforge-ckpt", dict(base, recipe="tuneforge", options={"gradient_checkpointing": True})))
         if recipe == "trl" and args.trl_defaults:
             specs.append(("trl-defaults", dict(base, recipe="trl", options={"trl_defaults": True})))
     return specs
@@ -162,18 +166,25 @@ def sweep(args, base: dict, conversations, work: Path, pythons, peak_gflops) -> 
         long = harness.synthetic_long(conversations, tokenizer, length, args.sweep_steps * args.batch, args.seed)
         files = harness.write_data(long, work / f"sweep-{length}" / "data")
         spec = dict(base, **files, max_length=length, steps=args.sweep_steps)
-        # an upper bound for both recipes: every token trained, LM head on all of them
-        predicted = estimate_memory(shape, "lora", length, args.batch, dtype=spec["dtype"], trained_fraction=1.0,
-                                    device="cuda" if spec["device"].startswith("cuda") else "cpu").peak / 2 ** 30
-        specs = [(f"{r}@{length}", dict(spec, recipe=r)) for r in args.sweep_recipes]
-        if predicted > limit:
-            rows += [{"recipe": label, "max_length": length,
-                      "error": f"skipped: estimator predicts {predicted:.1f} GiB > limit {limit:.1f} GiB"}
-                     for label, _ in specs]
-            continue
-        for row in run_suite(args, specs, work / f"sweep-{length}", pythons, peak_gflops):
+        device = "cuda" if spec["device"].startswith("cuda") else "cpu"
+        run, predicted = [], {}
+        for recipe in args.sweep_recipes:
+            # upper bounds: every token trained, LM head on all of them. tuneforge packs the examples into
+            # one row; the others run one row per example with peft's dropout (and TRL/LLaMA-Factory may
+            # pack, which only adds the mask: not modelled, so their bound is looser)
+            packed = recipe == "tuneforge"
+            est = estimate_memory(shape, "lora", length if packed else length * args.batch, args.batch if packed else 1,
+                                  dtype=spec["dtype"], trained_fraction=1.0, fused_dropout=packed, device=device)
+            predicted[recipe] = est.peak / 2 ** 30
+            label = f"{recipe}@{length}"
+            if predicted[recipe] > limit:
+                rows.append({"recipe": label, "max_length": length, "error":
+                             f"skipped: estimator predicts {predicted[recipe]:.1f} GiB > limit {limit:.1f} GiB"})
+            else:
+                run.append((label, dict(spec, recipe=recipe)))
+        for row in run_suite(args, run, work / f"sweep-{length}", pythons, peak_gflops):
             row["max_length"] = length
-            row["predicted_peak_gib"] = round(predicted, 2)
+            row["predicted_peak_gib"] = round(predicted[row["recipe"].split("@")[0]], 2)
             rows.append(row)
     return rows
 
@@ -240,6 +251,10 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": header, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
+        if not args.sweep:
+            plot = Path(args.json).with_suffix(".loss.png")
+            harness.plot_loss_curves(rows, plot, f"{model.name}, {args.batch} examples/step, max length {args.max_length}")
+            print(f"wrote {plot}")
     return 0 if all("error" not in r or r["error"].startswith(("skipped", "disabled")) for r in rows) else 1
 
 

@@ -15,7 +15,7 @@ from tuneforge.estimate.memory import activation_bytes_per_token_layer
 from tuneforge.estimate.shapes import shape_from_config
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-TINY = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=160, num_attention_heads=8, num_key_value_heads=2)
 
 
 @pytest.mark.parametrize("name, params", [
@@ -129,25 +129,33 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) 
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method, dtype, batch", [
-    ("full", torch.float32, 1), ("full", torch.float32, 3), ("full", torch.bfloat16, 1),
-    ("lora", torch.float32, 1), ("lora", torch.float32, 3), ("lora", torch.bfloat16, 1),
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+@pytest.mark.parametrize("method, dtype, batch, lora", [
+    ("full", torch.float32, 1, {}), ("full", torch.float32, 3, {}), ("full", torch.bfloat16, 3, {}),
+    ("lora", torch.float32, 1, {"dropout": 0.05}), ("lora", torch.float32, 3, {"dropout": 0.05}),
+    ("lora", torch.bfloat16, 1, {"dropout": 0.05}), ("lora", torch.bfloat16, 3, {"dropout": 0.05}),
+    ("lora", torch.float32, 3, {"dropout": 0.05, "fused_dropout": False}),
+    ("lora", torch.bfloat16, 3, {"dropout": 0.05, "fused_dropout": False}),
+    ("lora", torch.float32, 3, {"dropout": 0.0}), ("lora", torch.bfloat16, 3, {"dropout": 0.0}),
 ])
-def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, batch):
+def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, batch, lora, attention):
     from tuneforge.methods import apply_method
+    from tuneforge.training.packed_attention import NAME, set_attention
 
     seq = 16
     model = _tiny(dtype)
     shape = shape_from_config(model.config, "tiny")
     model = apply_method(model, RunConfig.model_validate({"method": method, "data": {"train": "x"},
-                                                          "lora": {"r": 4, "dropout": 0.05}}))
+                                                          "lora": {"r": 4, **lora}}))
+    set_attention(model, NAME if attention == "packed_sdpa" else "sdpa")
     model.train()
     measured = _saved_bytes_of_layer(model, method, layer=1, batch=batch, seq=seq)
     a = 2 if dtype == torch.bfloat16 else 4
     T = batch * seq
-    packed = batch > 1
-    predicted = T * activation_bytes_per_token_layer(shape, method, a, packed, lora_r=4, lora_dropout=0.05,
-                                                     device="cpu") + (a * T * T if packed else 0)
+    dense = batch > 1 and attention == "sdpa"
+    predicted = T * activation_bytes_per_token_layer(
+        shape, method, a, batch > 1, lora_r=4, lora_dropout=lora.get("dropout", 0.05), device="cpu",
+        attention=attention, fused_dropout=lora.get("fused_dropout", True)) + (a * T * T if dense else 0)
     assert measured == predicted
 
 

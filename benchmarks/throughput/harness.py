@@ -179,3 +179,31 @@ def ratios(rows: list[dict], ours: str = "tuneforge") -> list[str]:
                    f"peak memory x{base['peak_mem_mib'] / row['peak_mem_mib']:.2f}, "
                    f"s/step x{base['s_per_step'] / row['s_per_step']:.2f}")
     return out
+
+
+def plot_loss_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Training loss per step of every recipe (raw, and a 5-step moving average), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        curve = row.get("loss_curve") or []
+        if not curve:
+            continue
+        steps = list(range(1, len(curve) + 1))
+        line, = ax.plot(steps, curve, alpha=0.3, linewidth=1)
+        window = min(5, len(curve))
+        smooth = [sum(curve[max(0, i - window + 1):i + 1]) / len(curve[max(0, i - window + 1):i + 1])
+                  for i in range(len(curve))]
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=2, label=row["recipe"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (thin: per step, thick: 5-step mean)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

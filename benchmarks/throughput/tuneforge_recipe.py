@@ -30,6 +30,7 @@ def run_config(spec: dict) -> dict:
                  "target_modules": "all-linear"},
         "dtype": spec["dtype"], "device": spec["device"], "threads": spec["threads"], "progress": False,
         "attention": options.get("attention", "packed_sdpa"), "log_every": 1,
+        "gradient_checkpointing": bool(options.get("gradient_checkpointing", False)),
     }
 
 

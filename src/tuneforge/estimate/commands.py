@@ -15,7 +15,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     methods = ["full", "lora", "qlora"] if args.method == "all" else [args.method]
     estimates = [estimate_memory(args.model, method, args.seq, args.batch,
                                  gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                                 lora_dropout=args.lora_dropout, dtype=args.dtype, trained_fraction=args.trained_fraction,
+                                 lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype, trained_fraction=args.trained_fraction,
                                  master_weights=args.master_weights, optimizer=args.optimizer,
                                  optimizer_impl=args.optimizer_impl, device=args.device)
                  for method in methods]
@@ -42,6 +42,8 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--gradient-checkpointing", action="store_true")
     e.add_argument("--lora-r", type=int, default=16)
     e.add_argument("--lora-dropout", type=float, default=0.05)
+    e.add_argument("--attention", default="packed_sdpa", choices=["packed_sdpa", "sdpa"],
+                   help="packed rows: per-example attention (tuneforge's default) or the dense block mask")
     e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="weights and activations (default: %(default)s; tuneforge trains in fp32 on CPUs without bf16)")
     e.add_argument("--trained-fraction", type=float, default=1.0,

@@ -28,27 +28,36 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
     attention (q, k, v projections, RoPE, SDPA, o projection):
         RoPE saves only cos/sin (shared by all layers); SDPA (flash / memory-efficient kernels) saves its
         inputs q, k, v and its output (a*(2q + 2kv)) plus the fp32 log-sum-exp (4H). The output is the
-        o projection's input. A packed row of several examples needs a block-causal mask: transformers
-        then repeats k and v to H heads (kv -> q) and SDPA saves a float copy of the T x T mask
-        (a*T per token).
+        o projection's input. A packed row of several examples:
+        - ``attention="packed_sdpa"`` (tuneforge's default, :mod:`tuneforge.training.packed_attention`):
+          one causal SDPA per example, no mask, k/v not repeated; the per-example outputs are
+          concatenated, so the o projection's input is a separate copy (a*q) when something saves it
+          uncast (full tuning; LoRA in the adapters' dtype without a dropped copy);
+        - ``attention="sdpa"`` (transformers' dense path): a block-causal mask; transformers repeats k
+          and v to H heads (kv -> q) and SDPA saves a float copy of the T x T mask (a*T per token).
     SwiGLU MLP  down(silu(gate(x)) * up(x)):
         silu saves gate(x); the product saves silu(.) and up(.); down saves the product: 4*a*I.
 
-    full : 2*(4d + 4 + 2a*d) + a*(2q + 2kv) + 4H + 4a*I                 [+ a*T if packed]
-    lora : 2*(4d + 4) + a*(2q + 2kv) + 4H + 3a*I                          [+ a*T if packed]
-           + per target linear (input width w): dropout mask (m*w) + dropped input (b*w) + A x (b*r)
-             = (m + b)*(5d + q + I) + 7*b*r        (m = b on CPU, where dropout keeps a float mask;
-                                                    m = 1 on CUDA, a bool mask; no dropout: b*(2d + I))
+    full : 2*(4d + 4 + 2a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
+    lora : 2*(4d + 4) + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
+           + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all):
+             fused dropout (tuneforge's default, :mod:`tuneforge.methods.lora_dropout`): a bool mask
+               each (5d + q + I) + the distinct inputs x: b*(2d + I) when a = b (q/k/v share one x,
+               gate/up one; the o input is counted above), b*(5d + q + I) when peft casts x to fp32
+               per projection (a != b);
+             peft's dropout: mask (m*w) + dropped copy (b*w) per projection = (m + b)*(5d + q + I)
+               (m = b on CPU, a float mask; m = 1 on CUDA, a bool mask);
+             no dropout: b*(2d + I) when a = b, else b*(5d + q + I).
 
 A frozen weight needs no saved input (autograd saves an input only for the gradient that needs it), so
-LoRA drops the norms' normalized outputs, the projection inputs and the product before ``down``, but its
-dropout copies cost more than they save: with dropout 0.05, LoRA on SmolLM2-135M stores 56% more per token
-than full tuning in fp32 on CPU (69,612 vs 44,588 B per layer) and 72% more in bf16 on CUDA. QLoRA is
-LoRA with ``a = 4``: the fp32 embeddings make the residual stream fp32, and bitsandbytes' 4-bit matmul
-saves no input.
+LoRA drops the norms' normalized outputs, the projection inputs and the product before ``down``; peft's
+dropout copies cost more than that saves (with dropout 0.05 LoRA on SmolLM2-135M would store 56% more per
+token than full tuning in fp32 on CPU, 69,612 vs 44,588 B per layer); the fused dropout stores 1 byte per
+input element instead (45,420 B). QLoRA is LoRA with ``a = 4``: the fp32 embeddings make the residual
+stream fp32, and bitsandbytes' 4-bit matmul saves no input.
 
 For SmolLM2-135M in fp32 on CPU (``d = q = 576, kv = 192, I = 1536``, one example per row): full 44,588 B,
-lora 69,612 B per token per layer, i.e. 1.34 MB / 2.09 MB per token for the 30 layers.
+lora (fused dropout 0.05) 45,420 B per token per layer, i.e. 1.34 MB / 1.36 MB per token for the 30 layers.
 
 Gradient checkpointing (transformers, non-reentrant, per decoder layer) keeps only each layer's input
 (``a*d`` per token per layer) and recomputes one layer at a time in backward, so activations are
@@ -78,6 +87,7 @@ from tuneforge.estimate.shapes import ModelShape, resolve_shape
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
+ATTENTIONS = ("packed_sdpa", "sdpa")
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
 # validation subtracts the process's memory before the model loads, so the term is 0 there.
 DEFAULT_OVERHEAD = {"cpu": 0, "cuda": int(0.75 * GIB)}
@@ -139,26 +149,37 @@ def _gib(n: int) -> str:
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: int, packed: bool,
-                                     lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu") -> int:
-    """Bytes one decoder layer saves for backward per token (without the ``a*T`` packed-mask term)."""
+                                     lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
+                                     attention: str = "packed_sdpa", fused_dropout: bool = True) -> int:
+    """Bytes one decoder layer saves for backward per token (without the ``a*T`` mask term of dense ``sdpa``)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
     d, i, q, h = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.num_heads
-    kv = q if (packed and shape.num_kv_heads != shape.num_heads) else shape.kv_width  # repeat_kv under a mask
+    dense = packed and attention == "sdpa"
+    kv = q if (dense and shape.num_kv_heads != shape.num_heads) else shape.kv_width  # repeat_kv under a mask
     a = act_bytes
-    attention = a * (2 * q + 2 * kv) + 4 * h
-    if method == "full":
-        return 2 * (4 * d + 4 + 2 * a * d) + attention + 4 * a * i
     b = 4  # adapters in fp32
-    if lora_dropout > 0:
+    attention_bytes = a * (2 * q + 2 * kv) + 4 * h
+    if method == "full":
+        o_copy = a * q if (packed and not dense) else 0
+        return 2 * (4 * d + 4 + 2 * a * d) + attention_bytes + 4 * a * i + o_copy
+    widths = 5 * d + q + i
+    inputs = b * (2 * d + i) if a == b else b * widths
+    if lora_dropout > 0 and fused_dropout:
+        adapters = widths + inputs
+    elif lora_dropout > 0:
         m = b if device == "cpu" else 1
-        adapters = (m + b) * (5 * d + q + i)
+        adapters = (m + b) * widths
     else:
-        adapters = b * (2 * d + i) if a == b else b * (5 * d + q + i)
-    return 2 * (4 * d + 4) + attention + 3 * a * i + adapters + 7 * b * lora_r
+        adapters = inputs
+    saves_o_input = a == b and (lora_dropout == 0 or fused_dropout)
+    o_copy = a * q if (packed and not dense and saves_o_input) else 0
+    return 2 * (4 * d + 4) + attention_bytes + 3 * a * i + adapters + 7 * b * lora_r + o_copy
 
 
 def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int = 1, *,
                     gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
-                    dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
+                    fused_dropout: bool = True, attention: str = "packed_sdpa", dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
                     optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool = True,
                     device: str = "cuda", overhead: int | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step of ``method`` on ``shape`` (see the module docstring).
@@ -169,6 +190,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     CPUs without native bf16). ``master_weights``: full tuning keeps an fp32 copy that AdamW updates
     (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
     ``foreach`` or ``fused`` (default: torch's default for ``device``, for-loop on cpu, foreach on cuda).
+    ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
+    ``fused_dropout``: tuneforge's LoRA dropout (``lora.fused_dropout``) or peft's.
     """
     shape = resolve_shape(shape)
     if method not in METHODS:
@@ -237,9 +260,11 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         step_temporaries = max(step_temporaries, V * d * grad_bytes)
 
     # --- activations
-    per_layer = activation_bytes_per_token_layer(shape, method, a, packed, lora_r, lora_dropout, device)
-    mask_per_layer = a * T * T if packed else 0
-    shared = T * T if packed else 0  # the bool block-causal mask transformers builds once
+    per_layer = activation_bytes_per_token_layer(shape, method, a, packed, lora_r, lora_dropout, device, attention,
+                                                 fused_dropout)
+    dense = packed and attention == "sdpa"
+    mask_per_layer = a * T * T if dense else 0
+    shared = T * T if dense else 0  # the bool block-causal mask transformers builds once
     shared += 2 * T * shape.hd * a + 8 * T  # RoPE cos/sin, token ids
     head = T * (4 * d + (a * d if method == "full" else 0)) + (K * d * a if method == "full" else 0)
     working = T * a * (3 * shape.intermediate_size + 2 * d)
@@ -248,7 +273,9 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         notes.append("gradient checkpointing: layer inputs kept, one layer recomputed at a time")
     else:
         activations = T * L * per_layer + L * mask_per_layer + shared + head
-    notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({'packed rows: T x T mask per layer, k/v repeated' if packed else 'one example per row: no mask'})")
+    layout = ("packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
+              "packed row, per-example sdpa: no mask" if packed else "one example per row: no mask")
+    notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({layout})")
     logits = 12 * K * V
     if method == "full":
         logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
