@@ -177,11 +177,18 @@ def sweep(args, base: dict, conversations, work: Path, pythons, peak_gflops) -> 
                                   dtype=spec["dtype"], trained_fraction=1.0, fused_dropout=packed, device=device)
             predicted[recipe] = est.peak / 2 ** 30
             label = f"{recipe}@{length}"
-            if predicted[recipe] > limit:
-                rows.append({"recipe": label, "max_length": length, "error":
-                             f"skipped: estimator predicts {predicted[recipe]:.1f} GiB > limit {limit:.1f} GiB"})
-            else:
+            if predicted[recipe] <= limit:
                 run.append((label, dict(spec, recipe=recipe)))
+                continue
+            rows.append({"recipe": label, "max_length": length, "error":
+                         f"skipped: estimator predicts {predicted[recipe]:.1f} GiB > limit {limit:.1f} GiB"})
+            if packed:   # what tuneforge does about it: gradient checkpointing
+                ckpt = estimate_memory(shape, "lora", length, args.batch, dtype=spec["dtype"], trained_fraction=1.0,
+                                       gradient_checkpointing=True, device=device).peak / 2 ** 30
+                if ckpt <= limit:
+                    predicted["tuneforge-ckpt"] = ckpt
+                    run.append((f"tuneforge-ckpt@{length}",
+                                dict(spec, recipe=recipe, options={"gradient_checkpointing": True})))
         for row in run_suite(args, run, work / f"sweep-{length}", pythons, peak_gflops):
             row["max_length"] = length
             row["predicted_peak_gib"] = round(predicted[row["recipe"].split("@")[0]], 2)

@@ -141,6 +141,9 @@ class RunConfig(_Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
         "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
+    chunked_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="cross-entropy in chunks of positions, never holding the (K, V) logits; "
+                            "auto: when they would exceed 256 MiB")
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     progress: bool = True

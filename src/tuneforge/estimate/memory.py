@@ -65,7 +65,9 @@ Gradient checkpointing (transformers, non-reentrant, per decoder layer) keeps on
 
 Logits: with ``logits_to_keep`` the LM head runs on the ``K`` target positions only. The loss upcasts
 to fp32 and ``cross_entropy`` (log_softmax + nll) keeps the fp32 log-probabilities; at the start of
-backward the nll gradient and the log_softmax gradient join them: ``12*K*V`` bytes.
+backward the nll gradient and the log_softmax gradient join them: ``12*K*V`` bytes. When that would pass
+256 MiB the trainer's chunked loss (:mod:`tuneforge.training.chunked_loss`) holds one chunk of 1024
+positions at a time instead: ``12*1024*V + 4*K``.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::
@@ -88,6 +90,7 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 ATTENTIONS = ("packed_sdpa", "sdpa")
+CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.training.chunked_loss
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
 # validation subtracts the process's memory before the model loads, so the term is 0 there.
 DEFAULT_OVERHEAD = {"cpu": 0, "cuda": int(0.75 * GIB)}
@@ -179,7 +182,8 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
 
 def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int = 1, *,
                     gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
-                    fused_dropout: bool = True, attention: str = "packed_sdpa", dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
+                    fused_dropout: bool = True, attention: str = "packed_sdpa", chunked_loss: str = "auto",
+                    dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
                     optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool = True,
                     device: str = "cuda", overhead: int | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step of ``method`` on ``shape`` (see the module docstring).
@@ -191,7 +195,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
     ``foreach`` or ``fused`` (default: torch's default for ``device``, for-loop on cpu, foreach on cuda).
     ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
-    ``fused_dropout``: tuneforge's LoRA dropout (``lora.fused_dropout``) or peft's.
+    ``fused_dropout``: tuneforge's LoRA dropout (``lora.fused_dropout``) or peft's. ``chunked_loss``: as
+    the run config's key (``auto``: chunked when the fp32 logits would exceed 256 MiB).
     """
     shape = resolve_shape(shape)
     if method not in METHODS:
@@ -276,10 +281,17 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     layout = ("packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
               "packed row, per-example sdpa: no mask" if packed else "one example per row: no mask")
     notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({layout})")
-    logits = 12 * K * V
-    if method == "full":
-        logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
-    notes.append(f"logits at {K:,} target positions (trained_fraction {trained_fraction}): 12 B x K x V")
+    if chunked_loss == "on" or (chunked_loss == "auto" and 4 * K * V > CHUNKED_LOSS_BUDGET):
+        chunk = min(K, CHUNKED_LOSS_CHUNK)
+        logits = 12 * chunk * V + 4 * K  # one chunk's logits, probabilities and gradient; one lse a position
+        if method == "full":
+            logits += 4 * V * d           # the fp32 lm_head gradient accumulated over the chunks
+        notes.append(f"chunked loss: logits of {chunk:,} positions at a time (K = {K:,} target positions)")
+    else:
+        logits = 12 * K * V
+        if method == "full":
+            logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
+        notes.append(f"logits at {K:,} target positions (trained_fraction {trained_fraction}): 12 B x K x V")
 
     overhead = DEFAULT_OVERHEAD[device] if overhead is None else overhead
     if overhead:

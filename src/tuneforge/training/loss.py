@@ -2,7 +2,9 @@
 
 With ``logits_to_keep=positions`` transformers projects just the ``L`` hidden states that carry a loss
 through the (vocab-sized) LM head, instead of all ``T`` positions. For assistant-only SFT, ``L`` is a
-small fraction of ``T``; logits are ``(L, V)`` instead of ``(T, V)``.
+small fraction of ``T``; logits are ``(L, V)`` instead of ``(T, V)``. When even those would be large
+(long rows, every token trained) the loss is computed in chunks of positions without ever holding the
+``(L, V)`` logits (:mod:`tuneforge.training.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,29 @@ import torch.nn.functional as F
 
 from tuneforge.data.packing import PackedBatch
 from tuneforge.methods import method_forward
+from tuneforge.training.chunked_loss import chunked_cross_entropy_sum, lm_head_bypassed, use_chunked_loss
 
 
-def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "lora") -> torch.Tensor:
+def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "lora",
+                    chunked: str = "auto") -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over the row's targets, in fp32.
 
     The logits come from :func:`tuneforge.methods.method_forward`, which keeps examples of the row from
     attending to each other for every method (prefix and prompt tuning need their own forward for that).
+    ``chunked``: ``auto`` (chunk when the logits would exceed 256 MiB), ``on`` or ``off``.
     """
-    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
     targets = batch.targets[0, batch.loss_positions]
+    if use_chunked_loss(model, targets.numel(), chunked):
+        with lm_head_bypassed(model) as head:
+            hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
+        return chunked_cross_entropy_sum(hidden, head, targets)
+    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[PackedBatch], device: torch.device, method: str = "lora") -> float:
+def evaluate_loss(model: torch.nn.Module, batches: list[PackedBatch], device: torch.device, method: str = "lora",
+                  chunked: str = "auto") -> float:
     """Token-weighted mean loss over ``batches`` (the validation loss)."""
     was_training = model.training
     model.eval()
@@ -35,7 +45,7 @@ def evaluate_loss(model: torch.nn.Module, batches: list[PackedBatch], device: to
         batch = batch.to(device)
         if batch.num_loss_tokens == 0:
             continue
-        total += packed_loss_sum(model, batch, method).item()
+        total += packed_loss_sum(model, batch, method, chunked).item()
         count += batch.num_loss_tokens
     model.train(was_training)
     return total / max(count, 1)

@@ -153,7 +153,7 @@ def train(config: RunConfig) -> RunResult:
         for batch in batches:
             if batch.num_loss_tokens == 0:
                 continue
-            loss_sum = packed_loss_sum(model, batch.to(device), config.method)
+            loss_sum = packed_loss_sum(model, batch.to(device), config.method, config.chunked_loss)
             (loss_sum / num_targets).backward()
             step_loss += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
@@ -173,7 +173,7 @@ def train(config: RunConfig) -> RunResult:
             row["grad_norm"] = round(float(grad_norm), 4)
 
         if val_batches and (step % eval_every == 0 or step == steps):
-            eval_loss = evaluate_loss(model, val_batches, device, config.method)
+            eval_loss = evaluate_loss(model, val_batches, device, config.method, config.chunked_loss)
             row["eval_loss"] = round(eval_loss, 6)
             if eval_loss < best_loss - 1e-6:
                 best_loss, best_step, bad_evals = eval_loss, step, 0

@@ -1,0 +1,120 @@
+"""Cross-entropy over the LM head in chunks of positions: the ``(K, V)`` logits never exist at once.
+
+The plain loss keeps, for ``K`` trained positions and a vocabulary of ``V``, the fp32 logits, their
+log-softmax and, in backward, their gradient: about ``12 * K * V`` bytes (1.2 GiB for SmolLM2's 49k
+vocabulary at K = 2048; 9.7 GiB at K = 16k). :class:`ChunkedLMHeadLoss` computes
+``sum_k (logsumexp(h_k W^T) - h_k . w_{t_k})`` chunk by chunk, saves only the hidden states and one
+log-sum-exp per position, and recomputes each chunk's logits in backward (the idea of Liger-Kernel's
+fused linear cross-entropy, in plain torch). Memory: ``~8 * chunk * V`` bytes; cost: one more LM-head
+matmul over the K positions (about 6% of a SmolLM2 step when every token is trained).
+
+:func:`use_chunked_loss` decides per step: only when the logits would exceed ``budget`` bytes (so short
+rows keep the faster plain path) and only for model types whose forward applies nothing to the logits
+after the LM head (no soft-capping or scaling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# model types whose causal-LM forward is ``logits = lm_head(hidden)`` with nothing applied afterwards
+PLAIN_LM_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+DEFAULT_BUDGET_BYTES = 256 * 2 ** 20
+DEFAULT_CHUNK = 1024
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """``sum`` of cross-entropies of ``hidden [K, d] @ weight[V, d]^T (+ bias)`` against ``targets [K]``, in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _logits(hidden[s:s + chunk], weight, bias)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            total += (lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            probs = (_logits(h, weight, bias) - lse[s:s + ctx.chunk, None]).exp_()     # softmax
+            rows = torch.arange(h.shape[0], device=h.device)
+            probs[rows, targets[s:s + ctx.chunk]] -= 1.0                                # d loss / d logits
+            probs *= grad_total
+            if need_h:
+                grad_h[s:s + ctx.chunk] = (probs @ weight.float()).to(hidden.dtype)
+            if need_w:
+                grad_w += probs.t() @ h.float()
+            if need_b:
+                grad_b += probs.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = hidden @ weight.t()
+    if bias is not None:
+        out = out + bias
+    return out.float()
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                              chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``lm_head(hidden)`` against ``targets``, without the full logits."""
+    return ChunkedLMHeadLoss.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk)
+
+
+def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """``(module holding the LM head, attribute name)`` when the chunked loss applies to ``model``, else None."""
+    from transformers import PreTrainedModel
+
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "lm_head")), None)
+    if base is None or getattr(base.config, "model_type", None) not in PLAIN_LM_HEAD_TYPES:
+        return None
+    head = base.lm_head
+    if type(head) is not torch.nn.Linear:      # an adapter or quantized layer on the head: keep the plain path
+        return None
+    return base, "lm_head"
+
+
+def use_chunked_loss(model: torch.nn.Module, num_targets: int, mode: str = "auto",
+                     budget: int = DEFAULT_BUDGET_BYTES) -> bool:
+    """Whether this step's loss should be chunked: ``mode`` on/off, or auto (logits over ``budget`` bytes)."""
+    if mode == "off" or output_head(model) is None:
+        return False
+    if mode == "on":
+        return True
+    vocab = output_head(model)[0].lm_head.out_features
+    return 4 * num_targets * vocab > budget
+
+
+class _HiddenStates(torch.nn.Module):
+    """Stands in for the LM head during a forward, so the model returns hidden states as its "logits"."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextlib.contextmanager
+def lm_head_bypassed(model: torch.nn.Module):
+    """Within the block, ``model``'s forward returns the final hidden states in place of logits; yields the head."""
+    owner, name = output_head(model)
+    head = getattr(owner, name)
+    setattr(owner, name, _HiddenStates())
+    try:
+        yield head
+    finally:
+        setattr(owner, name, head)
