@@ -54,12 +54,13 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             rows = torch.arange(h.shape[0], device=h.device)
             probs[rows, targets[s:s + ctx.chunk]] -= 1.0                                # d loss / d logits
             probs *= grad_total
+            g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
             if need_h:
-                grad_h[s:s + ctx.chunk] = (probs @ weight.float()).to(hidden.dtype)
+                grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
             if need_w:
-                grad_w += probs.t() @ h.float()
+                grad_w += (g.t() @ h.to(weight.dtype)).float()
             if need_b:
-                grad_b += probs.sum(0)
+                grad_b += g.sum(0, dtype=torch.float32)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
