@@ -33,7 +33,9 @@ def main(spec_path: str, out_path: str) -> None:
     else:
         kwargs.update(gradient_checkpointing=False)
     packing = options.get("packing", "bfd")  # "bfd" (packing=True) or "padding_free" (no packing)
-    args = SFTConfig(**kwargs, max_length=spec["max_length"], packing=packing == "bfd",
+    # TRL refuses max_length with padding_free and no packing (it would not truncate): the GPTeacher bench
+    # examples are shorter than max_length anyway; tuneforge truncates the rare longer one
+    args = SFTConfig(**kwargs, max_length=spec["max_length"] if packing == "bfd" else None, packing=packing == "bfd",
                      padding_free=True, completion_only_loss=True)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dtype = common.torch_dtype(spec)
