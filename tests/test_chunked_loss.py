@@ -71,3 +71,9 @@ def test_auto_chunks_only_large_logits(tiny_model, monkeypatch):
     assert use_chunked_loss(tiny_model, 1, "on") and not use_chunked_loss(tiny_model, 10 ** 9, "off")
     monkeypatch.setattr(tiny_model.config, "model_type", "gemma2")       # soft-capped logits: never chunked
     assert not use_chunked_loss(tiny_model, 10 ** 9, "on")
+
+
+def test_the_estimator_models_the_same_chunking():
+    from tuneforge.estimate.memory import CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK   # torch-free copies
+
+    assert (CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK) == (chunked_loss.DEFAULT_BUDGET_BYTES, chunked_loss.DEFAULT_CHUNK)

@@ -94,12 +94,11 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
 def use_chunked_loss(model: torch.nn.Module, num_targets: int, mode: str = "auto",
                      budget: int = DEFAULT_BUDGET_BYTES) -> bool:
     """Whether this step's loss should be chunked: ``mode`` on/off, or auto (logits over ``budget`` bytes)."""
-    if mode == "off" or output_head(model) is None:
+    head = None if mode == "off" else output_head(model)
+    if head is None:
         return False
-    if mode == "on":
-        return True
-    vocab = output_head(model)[0].lm_head.out_features
-    return 4 * num_targets * vocab > budget
+    owner, name = head
+    return mode == "on" or 4 * num_targets * getattr(owner, name).out_features > budget
 
 
 class _HiddenStates(torch.nn.Module):
