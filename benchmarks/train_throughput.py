@@ -174,7 +174,7 @@ def sweep(args, base: dict, conversations, work: Path, pythons, peak_gflops) -> 
             # pack, which only adds the mask: not modelled, so their bound is looser)
             packed = recipe == "tuneforge"
             est = estimate_memory(shape, "lora", length if packed else length * args.batch, args.batch if packed else 1,
-                                  dtype=spec["dtype"], trained_fraction=1.0, fused_dropout=packed, device=device)
+                                  dtype=spec["dtype"], trained_fraction=1.0, fused_forward=packed, device=device)
             predicted[recipe] = est.peak / 2 ** 30
             label = f"{recipe}@{length}"
             if predicted[recipe] <= limit:

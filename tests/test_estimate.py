@@ -134,8 +134,11 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) 
     ("full", torch.float32, 1, {}), ("full", torch.float32, 3, {}), ("full", torch.bfloat16, 3, {}),
     ("lora", torch.float32, 1, {"dropout": 0.05}), ("lora", torch.float32, 3, {"dropout": 0.05}),
     ("lora", torch.bfloat16, 1, {"dropout": 0.05}), ("lora", torch.bfloat16, 3, {"dropout": 0.05}),
-    ("lora", torch.float32, 3, {"dropout": 0.05, "fused_dropout": False}),
-    ("lora", torch.bfloat16, 3, {"dropout": 0.05, "fused_dropout": False}),
+    ("lora", torch.float32, 3, {"dropout": 0.05, "fused_forward": False}),
+    ("lora", torch.bfloat16, 3, {"dropout": 0.05, "fused_forward": False}),
+    ("lora", torch.float32, 3, {"dropout": 0.05, "shared_dropout_mask": False}),
+    ("lora", torch.bfloat16, 3, {"dropout": 0.05, "shared_dropout_mask": False}),
+    ("lora", torch.bfloat16, 3, {"dropout": 0.0, "fused_forward": False}),
     ("lora", torch.float32, 3, {"dropout": 0.0}), ("lora", torch.bfloat16, 3, {"dropout": 0.0}),
 ])
 def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, batch, lora, attention):
@@ -155,7 +158,8 @@ def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, ba
     dense = batch > 1 and attention == "sdpa"
     predicted = T * activation_bytes_per_token_layer(
         shape, method, a, batch > 1, lora_r=4, lora_dropout=lora.get("dropout", 0.05), device="cpu",
-        attention=attention, fused_dropout=lora.get("fused_dropout", True)) + (a * T * T if dense else 0)
+        attention=attention, fused_forward=lora.get("fused_forward", True),
+        shared_dropout_mask=lora.get("shared_dropout_mask", True)) + (a * T * T if dense else 0)
     assert measured == predicted
 
 

@@ -17,8 +17,10 @@ Experiments change one thing without editing tuneforge (monkeypatching in this p
 * ``foreach_adamw`` / ``fused_adamw``: AdamW's multi-tensor / fused implementation instead of torch's
   CPU default (a for-loop over the ~420 LoRA tensors);
 * ``foreach_clip``: ``clip_grad_norm_(foreach=True)``;
-* ``peft_dropout``: peft's own ``nn.Dropout`` before LoRA A instead of tuneforge's fused dropout
-  (``lora.fused_dropout: false``);
+* ``peft_forward``: peft's own LoRA forward (``nn.Dropout``, then ``A``, ``B``, scaling, add) instead of
+  tuneforge's fused one (``lora.fused_forward: false``);
+* ``unshared_masks``: the fused forward with one dropout mask and one ``A`` matmul per projection
+  (``lora.shared_dropout_mask: false``);
 * ``no_lora_dropout``: LoRA dropout 0 (the ceiling of any cheaper dropout; changes training, so a
   measurement, not a proposal as such).
 
@@ -38,7 +40,7 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpteacher_roleplay.json"
 EXPERIMENTS = ("baseline", "dense_mask", "full_lm_head", "no_flush_denormal", "foreach_adamw", "fused_adamw",
-               "foreach_clip", "no_lora_dropout", "peft_dropout")
+               "foreach_clip", "no_lora_dropout", "peft_forward", "unshared_masks")
 
 
 def run(args) -> dict:
@@ -64,7 +66,8 @@ def run(args) -> dict:
     config = RunConfig.model_validate({
         "model": args.model, "method": "lora", "batch_size": args.batch, "output_dir": str(work / "run"),
         "lora": {"dropout": 0.0 if args.experiment == "no_lora_dropout" else 0.05,
-                 "fused_dropout": args.experiment != "peft_dropout"},
+                 "fused_forward": args.experiment != "peft_forward",
+                 "shared_dropout_mask": args.experiment != "unshared_masks"},
         "data": {"train": files["messages_file"], "format": "messages", "val_fraction": 0.0, "train_on": "assistant",
                  "max_length": args.max_length, "too_long": "truncate"}})
     tokenizer = load_tokenizer(config.model)
@@ -100,7 +103,7 @@ def run(args) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape)
         profiler.__enter__()
     for batch in batches[1:args.steps + 1]:
         f, b, o, s = step(batch)
@@ -108,7 +111,8 @@ def run(args) -> dict:
             phases[key].append(value)
     if profiler is not None:
         profiler.__exit__(None, None, None)
-        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+        table = profiler.key_averages(group_by_input_shape=args.by_shape).table(
+            sort_by="self_cpu_time_total", row_limit=args.profile_rows)
         (work / "profile.txt").write_text(table)
         print(table)
     out = {"experiment": args.experiment, **{k: [round(x, 4) for x in v] for k, v in phases.items()}}
@@ -152,6 +156,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--by-shape", action="store_true", help="--profile: one row per op and input shapes")
     p.add_argument("--work-dir", default="/tmp/tuneforge-profile")
     p.add_argument("--json-only", action="store_true")
     args = p.parse_args()

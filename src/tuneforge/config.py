@@ -32,7 +32,8 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
-    fused_dropout: bool = True      # dropout fused into LoRA A (methods/lora_dropout.py); false: peft's own
+    fused_forward: bool = True      # tuneforge's LoRA training forward (methods/lora_fused.py); false: peft's own
+    shared_dropout_mask: bool = True  # q/k/v (gate/up) share one dropout mask and one A matmul, as fused-qkv models do
 
 
 class QuantConfig(_Strict):

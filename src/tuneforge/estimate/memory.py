@@ -40,24 +40,25 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
 
     full : 2*(4d + 4 + 2a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
     lora : 2*(4d + 4) + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
-           + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all):
-             fused dropout (tuneforge's default, :mod:`tuneforge.methods.lora_dropout`): a bool mask
-               each (5d + q + I) + the distinct inputs x: b*(2d + I) when a = b (q/k/v share one x,
-               gate/up one; the o input is counted above), b*(5d + q + I) when peft casts x to fp32
-               per projection (a != b);
-             peft's dropout: mask (m*w) + dropped copy (b*w) per projection = (m + b)*(5d + q + I)
-               (m = b on CPU, a float mask; m = 1 on CUDA, a bool mask);
-             no dropout: b*(2d + I) when a = b, else b*(5d + q + I).
+           + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all; 2d + q + I
+             over the 4 groups that read one input: q/k/v, o, gate/up, down):
+             tuneforge's fused forward (the default, :mod:`tuneforge.methods.lora_fused`): one bool
+               dropout mask per group (2d + q + I; 5d + q + I without ``shared_dropout_mask``) + the
+               distinct inputs x: b*(2d + I) when a = b (the o input is counted above), else one fp32
+               cast per group, b*(2d + q + I) (b*(5d + q + I) unshared);
+             peft's forward with dropout: mask (m*w) + dropped copy (b*w) per projection =
+               (m + b)*(5d + q + I) (m = b on CPU, a float mask; m = 1 on CUDA, a bool mask);
+             peft's forward without dropout: b*(2d + I) when a = b, else b*(5d + q + I).
 
 A frozen weight needs no saved input (autograd saves an input only for the gradient that needs it), so
 LoRA drops the norms' normalized outputs, the projection inputs and the product before ``down``; peft's
 dropout copies cost more than that saves (with dropout 0.05 LoRA on SmolLM2-135M would store 56% more per
-token than full tuning in fp32 on CPU, 69,612 vs 44,588 B per layer); the fused dropout stores 1 byte per
-input element instead (45,420 B). QLoRA is LoRA with ``a = 4``: the fp32 embeddings make the residual
+token than full tuning in fp32 on CPU, 69,612 vs 44,588 B per layer); the fused forward stores 1 byte per
+input element of each group instead (43,692 B). QLoRA is LoRA with ``a = 4``: the fp32 embeddings make the residual
 stream fp32, and bitsandbytes' 4-bit matmul saves no input.
 
 For SmolLM2-135M in fp32 on CPU (``d = q = 576, kv = 192, I = 1536``, one example per row): full 44,588 B,
-lora (fused dropout 0.05) 45,420 B per token per layer, i.e. 1.34 MB / 1.36 MB per token for the 30 layers.
+lora (fused forward, dropout 0.05) 43,692 B per token per layer, i.e. 1.34 MB / 1.31 MB per token for the 30 layers.
 
 Gradient checkpointing (transformers, non-reentrant, per decoder layer) keeps only each layer's input
 (``a*d`` per token per layer) and recomputes one layer at a time in backward, so activations are
@@ -153,7 +154,8 @@ def _gib(n: int) -> str:
 
 def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: int, packed: bool,
                                      lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
-                                     attention: str = "packed_sdpa", fused_dropout: bool = True) -> int:
+                                     attention: str = "packed_sdpa", fused_forward: bool = True,
+                                     shared_dropout_mask: bool = True) -> int:
     """Bytes one decoder layer saves for backward per token (without the ``a*T`` mask term of dense ``sdpa``)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
@@ -167,22 +169,24 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
         o_copy = a * q if (packed and not dense) else 0
         return 2 * (4 * d + 4 + 2 * a * d) + attention_bytes + 4 * a * i + o_copy
     widths = 5 * d + q + i
-    inputs = b * (2 * d + i) if a == b else b * widths
-    if lora_dropout > 0 and fused_dropout:
-        adapters = widths + inputs
+    group_widths = 2 * d + q + i if shared_dropout_mask else widths   # one mask / fp32 copy per group
+    if fused_forward:
+        masks = group_widths if lora_dropout > 0 else 0
+        adapters = masks + (b * (2 * d + i) if a == b else b * group_widths)
     elif lora_dropout > 0:
         m = b if device == "cpu" else 1
         adapters = (m + b) * widths
     else:
-        adapters = inputs
-    saves_o_input = a == b and (lora_dropout == 0 or fused_dropout)
+        adapters = b * (2 * d + i) if a == b else b * widths
+    saves_o_input = a == b and (lora_dropout == 0 or fused_forward)
     o_copy = a * q if (packed and not dense and saves_o_input) else 0
     return 2 * (4 * d + 4) + attention_bytes + 3 * a * i + adapters + 7 * b * lora_r + o_copy
 
 
 def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int = 1, *,
                     gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
-                    fused_dropout: bool = True, attention: str = "packed_sdpa", chunked_loss: str = "auto",
+                    fused_forward: bool = True, shared_dropout_mask: bool = True, attention: str = "packed_sdpa",
+                    chunked_loss: str = "auto",
                     dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
                     optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool = True,
                     device: str = "cuda", overhead: int | None = None) -> MemoryEstimate:
@@ -195,7 +199,7 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
     ``foreach`` or ``fused`` (default: torch's default for ``device``, for-loop on cpu, foreach on cuda).
     ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
-    ``fused_dropout``: tuneforge's LoRA dropout (``lora.fused_dropout``) or peft's. ``chunked_loss``: as
+    ``fused_forward``, ``shared_dropout_mask``: as the ``lora`` config keys (tuneforge's or peft's forward). ``chunked_loss``: as
     the run config's key (``auto``: chunked when the fp32 logits would exceed 256 MiB).
     """
     shape = resolve_shape(shape)
@@ -266,7 +270,7 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
 
     # --- activations
     per_layer = activation_bytes_per_token_layer(shape, method, a, packed, lora_r, lora_dropout, device, attention,
-                                                 fused_dropout)
+                                                 fused_forward, shared_dropout_mask)
     dense = packed and attention == "sdpa"
     mask_per_layer = a * T * T if dense else 0
     shared = T * T if dense else 0  # the bool block-causal mask transformers builds once

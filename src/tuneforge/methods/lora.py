@@ -4,8 +4,9 @@ LoRA replaces a frozen linear layer ``W0`` by ``x -> W0 x + (alpha / r) * B A x`
 (Kaiming-uniform init) and ``B: (d_out, r)`` (zeros), so training starts exactly at the base model.
 rsLoRA scales by ``alpha / sqrt(r)`` instead; DoRA additionally learns a per-output-row magnitude.
 Trainable parameters per target linear: ``r * (d_in + d_out)`` (+ ``d_out`` for DoRA).
-LoRA dropout runs fused into ``A`` (:mod:`tuneforge.methods.lora_dropout`: same distribution, cheaper,
-less memory); ``lora.fused_dropout: false`` keeps peft's ``nn.Dropout``.
+In training, the LoRA layers run tuneforge's fused forward (:mod:`tuneforge.methods.lora_fused`: dropout
+fused into ``A``, one mask and one matmul for q/k/v's and gate/up's ``A``, ``B`` fused into the residual
+add; the same training in fewer passes and less memory); ``lora.fused_forward: false`` keeps peft's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from tuneforge.config import LoraConfig
-from tuneforge.methods.lora_dropout import fuse_lora_dropout
+from tuneforge.methods.lora_fused import fuse_lora_forward
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
@@ -32,8 +33,8 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """peft's LoRA on ``model``; its dropout fused into ``A`` unless ``cfg.fused_dropout`` is off."""
+    """peft's LoRA on ``model``, with tuneforge's fused training forward unless ``cfg.fused_forward`` is off."""
     model = get_peft_model(model, peft_lora_config(cfg))
-    if cfg.fused_dropout:
-        fuse_lora_dropout(model)
+    if cfg.fused_forward:
+        fuse_lora_forward(model, shared_dropout_mask=cfg.shared_dropout_mask)
     return model

@@ -182,10 +182,10 @@ def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
         quantize_model_(model, quant_cfg, compute_dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(model, peft_lora_config(lora_cfg))
-    if lora_cfg.fused_dropout:
-        from tuneforge.methods.lora_dropout import fuse_lora_dropout
+    if lora_cfg.fused_forward:
+        from tuneforge.methods.lora_fused import fuse_lora_forward
 
-        fuse_lora_dropout(model)
+        fuse_lora_forward(model, shared_dropout_mask=lora_cfg.shared_dropout_mask)
     return model
 
 
