@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tuneforge training lengths (optimizer steps) whose wall time and accuracy are measured")
     p.add_argument("--ttq-trl-steps", type=int, nargs="+", default=[3, 8, 24],
                    help="TRL training lengths (its steps hold ~4x the tickets: 4 bins of 256 tokens)")
+    p.add_argument("--ttq-lf-steps", type=int, nargs="+", default=[10, 30, 90],
+                   help="LLaMA-Factory training lengths (4 tickets a step, like tuneforge)")
     p.add_argument("--ttq-test-examples", type=int, default=None, help="score only the first N test tickets")
     p.add_argument("--ttq-budgets", type=float, nargs="+", default=[60, 120, 300, 600, 1200],
                    help="training-time budgets (s) of the accuracy-at-budget table")

@@ -166,3 +166,22 @@ def test_dora_and_peft_forward_keep_peft_layers(tiny_model):
     assert torch.isfinite(dora(input_ids=ids, labels=ids).loss)       # DoRA is a variant: peft's forward
     plain = apply_method(pristine, run_config("lora", {"lora": {"r": 4, "fused_forward": False}}))
     assert not any(isinstance(m, FusedLoraForward) for m in plain.modules())
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes")
+def test_fused_qlora_matches_peft_qlora(tiny_model):
+    reference = apply_method(tiny_model, run_config("qlora", {"lora": {"r": 4, "dropout": 0.0, "fused_forward": False}}))
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_forward(fused) == 7 * tiny_model.config.num_hidden_layers
+    assert all(type(m).__name__ == "FusedLoraLinear4bit" for m in fused.modules() if isinstance(m, FusedLoraForward))
+    with torch.no_grad():
+        for model in (reference, fused):
+            torch.manual_seed(3)
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+    ids = torch.randint(0, 1000, (2, 9))
+    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(reference, ids), _loss_and_grads(fused, ids)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,14 +1,18 @@
-"""Time to quality: held-out exact-match accuracy against training wall time, tuneforge vs TRL.
+"""Time to quality: held-out exact-match accuracy against training wall time, tuneforge vs TRL and LLaMA-Factory.
 
 The task is the quickstart (``examples/quickstart.yaml``: route support tickets to one of six queues).
 tuneforge trains with the quickstart's own settings (its defaults: packed rows of 4 tickets, LR 1e-3
 cosine, validation every 30 steps with the best checkpoint kept) for each step count in ``--ttq-steps``;
 TRL trains its recipe (``SFTTrainer``, BFD packing into bins of ``max_length`` = 256 tokens, 4 bins per
-step, completion-only loss, same LR, schedule, LoRA) for each count in ``--ttq-trl-steps``. Each run's
+step, completion-only loss, same LR, schedule, LoRA) for each count in ``--ttq-trl-steps``; LLaMA-Factory
+its default recipe (dynamic padding, 4 tickets a step like tuneforge, loss on the answers, same LR,
+schedule, LoRA, gradient checkpointing off as in the throughput table) for each count in
+``--ttq-lf-steps``. Each run's
 schedule is sized to its own length. Training wall time is the training loop (first step start to last
 step end; tuneforge's includes its validation passes). Accuracy: :func:`tuneforge.evaluation.exact_match.
 evaluate_generation` on ``examples/data/tickets_test.jsonl`` (greedy, 8 new tokens); tuneforge's run is
-loaded with :func:`tuneforge.serving.inference.load_run`, TRL's saved adapter with peft on the same base.
+loaded with :func:`tuneforge.serving.inference.load_run`, TRL's and LLaMA-Factory's saved adapters with
+peft on the same base.
 
 The budget table then answers: given B seconds of training, what accuracy does each tool reach (the best
 of its runs that finished within B)?
@@ -67,7 +71,7 @@ def child_tuneforge(spec: dict, out: Path) -> None:
 
 
 def child_score_adapter(spec: dict, out: Path) -> None:
-    """Score a peft adapter (saved by the TRL run) on the base model, in tuneforge's environment."""
+    """Score a peft adapter (saved by a TRL or LLaMA-Factory run) on the base model, in tuneforge's environment."""
     measure.set_threads(spec["threads"])
     from peft import PeftModel
 
@@ -75,9 +79,9 @@ def child_score_adapter(spec: dict, out: Path) -> None:
 
     base = load_base(spec["model"], dtype="fp32", device="cpu")
     model = PeftModel.from_pretrained(base.model, spec["adapter"])
-    result = json.loads(Path(spec["trl_result"]).read_text())
+    result = json.loads(Path(spec["recipe_result"]).read_text())
     loop_s = result["steps"][-1]["end_s"]
-    out.write_text(json.dumps({"recipe": "trl", "steps": len(result["steps"]), "train_loop_s": loop_s,
+    out.write_text(json.dumps({"recipe": spec["recipe"], "steps": len(result["steps"]), "train_loop_s": loop_s,
                                "examples_per_step": round(sum(s["examples"] for s in result["steps"]) / len(result["steps"]), 1),
                                **_score(LoadedModel(model, base.tokenizer), spec.get("test_examples"))}))
 
@@ -106,31 +110,36 @@ def main(args, base: dict, work: Path) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] tuneforge quickstart, {steps} steps", flush=True)
         rows.append(_run_child("tuneforge", dict(base, steps=steps), work / f"ttq-tuneforge-{steps}", args.timeout))
         print(f"  {rows[-1]}", flush=True)
-    trl_python, info = venvs.ensure_venv(venvs.TRL, force=args.rebuild_venvs)
     train_conv = [json.loads(x)["messages"] for x in (TICKETS / "tickets_train.jsonl").read_text().splitlines() if x.strip()]
     files = harness.write_data(train_conv, work / "ttq-data")
-    for steps in args.ttq_trl_steps:
-        if trl_python is None:
-            rows.append({"recipe": "trl", "steps": steps, "error": info})
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] trl quickstart, {steps} steps", flush=True)
-        run_dir = work / f"ttq-trl-{steps}"
-        spec = dict(base, **files, steps=steps, batch=cfg["batch_size"], lr=cfg["learning_rate"],
-                    max_length=cfg["data"]["max_length"], warmup_steps=round(cfg["warmup_ratio"] * steps),
-                    lora={"r": cfg["lora"]["r"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]},
-                    options={"save_adapter": str(run_dir / "adapter")})
-        result = harness.run_recipe("trl", trl_python, spec, run_dir, args.timeout)
-        if "error" in result:
-            rows.append({"recipe": "trl", "steps": steps, "error": result["error"]})
-            continue
-        rows.append(_run_child("score-adapter", dict(base, adapter=str(run_dir / "adapter"),
-                                                     trl_result=str(run_dir / "result.json")),
-                               run_dir / "score", args.timeout))
-        print(f"  {rows[-1]}", flush=True)
+    recipe_spec = dict(base, **files, batch=cfg["batch_size"], lr=cfg["learning_rate"],
+                       max_length=cfg["data"]["max_length"],
+                       lora={"r": cfg["lora"]["r"], "alpha": cfg["lora"]["alpha"], "dropout": cfg["lora"]["dropout"]})
+    versions = {}
+    for recipe, venv, step_counts in (("trl", venvs.TRL, args.ttq_trl_steps),
+                                      ("llamafactory", venvs.LLAMAFACTORY, args.ttq_lf_steps)):
+        python, versions[recipe] = venvs.ensure_venv(venv, force=args.rebuild_venvs)
+        for steps in step_counts:
+            if python is None:
+                rows.append({"recipe": recipe, "steps": steps, "error": versions[recipe]})
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {recipe} quickstart, {steps} steps", flush=True)
+            run_dir = work / f"ttq-{recipe}-{steps}"
+            adapter = run_dir / ("adapter" if recipe == "trl" else "out")   # LLaMA-Factory saves into output_dir
+            spec = dict(recipe_spec, steps=steps, warmup_steps=round(cfg["warmup_ratio"] * steps),
+                        options={"save_adapter": str(adapter)} if recipe == "trl" else {})
+            result = harness.run_recipe(recipe, python, spec, run_dir, args.timeout)
+            if "error" in result:
+                rows.append({"recipe": recipe, "steps": steps, "error": result["error"]})
+                continue
+            rows.append(_run_child("score-adapter", dict(base, recipe=recipe, adapter=str(adapter),
+                                                         recipe_result=str(run_dir / "result.json")),
+                                   run_dir / "score", args.timeout))
+            print(f"  {rows[-1]}", flush=True)
     print(report(rows, args.ttq_budgets))
     if args.json:
         Path(args.json).write_text(json.dumps({"mode": "time-to-quality", "load_average": harness.load_average(),
-                                               "trl_versions": info, "rows": rows}, indent=1))
+                                               "versions": versions, "rows": rows}, indent=1))
     return 0
 
 
