@@ -24,7 +24,7 @@ bitsandbytes 4/8-bit ones) to a subclass whose training forward is:
   (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj`` under one parent) and checked on every
   call: the group is used only when its members are called in order with the very same input tensor,
   otherwise each member computes its own ``A`` (and the group stops trying).
-* **B, the scaling and the residual add in one** ``addmm(base_out, h, B.T, alpha=scaling)``.
+* **B, the scaling and the residual add in one** ``baddbmm(base_out, h, B.T, alpha=scaling)``.
 
 Everything else (eval mode, merged or disabled adapters, several active adapters, DoRA and other
 variants, LoRA bias, extra forward arguments) runs peft's own forward. Weights, state-dict keys,
@@ -167,6 +167,8 @@ class FusedLoraForward:
         b, scaling = self.lora_B[name].weight, self.scaling[name]
         if result.dtype != h.dtype or b.dtype != h.dtype:       # peft's order of casts
             return (result + F.linear(h, b) * scaling).to(result.dtype)
+        if result.dim() == 3:     # baddbmm: its backward copies less than addmm's on flattened views
+            return torch.baddbmm(result, h, b.t().expand(result.shape[0], -1, -1), alpha=scaling)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
         return out.view(result.shape)
 

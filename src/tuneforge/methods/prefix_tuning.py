@@ -65,4 +65,4 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
     out = base(input_ids=input_ids, position_ids=position_ids + P, past_key_values=past,
                attention_mask=packed_prefix_mask(position_ids, P, dtype), use_cache=False, logits_to_keep=keep_idx)
-    return out.logits[0]
+    return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward

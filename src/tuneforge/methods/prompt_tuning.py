@@ -73,4 +73,4 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
         shift[start:end] = (i + 1) * P
     keep = keep_idx.to(input_ids.device)
     out = base(inputs_embeds=row, position_ids=new_pos, use_cache=False, logits_to_keep=keep + shift[keep])
-    return out.logits[0]
+    return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward

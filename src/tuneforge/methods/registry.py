@@ -103,7 +103,7 @@ def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: t
 
         return forward_for_loss(model, input_ids, position_ids, keep_idx)
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep_idx)
-    return out.logits[0]
+    return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
