@@ -62,7 +62,7 @@ def child_tuneforge(spec: dict, out: Path) -> None:
     from tuneforge.training.trainer import train
 
     overrides = [f"max_steps={spec['steps']}", f"output_dir={spec['work_dir']}/run", f"threads={spec['threads']}",
-                 "progress=false", f"model={spec['model']}"]
+                 "progress=false", f"model={spec['model']}", f"seed={spec['seed']}"]   # the bench's --seed, 0 = quickstart's
     result = train(load_config(QUICKSTART, overrides))
     loop_s = result.metrics[-1]["elapsed_s"]
     score = _score(load_run(result.run_dir, device="cpu"), spec.get("test_examples"))
