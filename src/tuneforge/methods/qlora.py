@@ -173,20 +173,15 @@ def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
     embeddings to fp32 for stable training and, with gradient checkpointing, makes the input embeddings
     require grad so checkpointed segments have a graph to backpropagate through.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
-    from tuneforge.methods.lora import peft_lora_config
+    from tuneforge.methods.lora import apply_lora
 
     if not is_quantized(model):
         compute_dtype = resolve_compute_dtype(quant_cfg, next(model.parameters()).dtype)
         quantize_model_(model, quant_cfg, compute_dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(model, peft_lora_config(lora_cfg))
-    if lora_cfg.fused_forward:
-        from tuneforge.methods.lora_fused import fuse_lora_forward
-
-        fuse_lora_forward(model, shared_dropout_mask=lora_cfg.shared_dropout_mask)
-    return model
+    return apply_lora(model, lora_cfg)         # peft's LoRA + tuneforge's fused forward, as for plain LoRA
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
