@@ -62,15 +62,14 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
     from tuneforge.data.packing import pack
     from tuneforge.data.rendering import TokenizedExample
     from tuneforge.methods import apply_method, count_parameters, load_base_model
-    from tuneforge.methods.qlora import make_optimizer
     from tuneforge.models.registry import resolve_model
     from tuneforge.training.loss import packed_loss_sum
-    from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
-    from tuneforge.training.packed_attention import set_attention
+    from tuneforge.training.trainer import make_optimizer, prepare_for_training
 
     resolve_model(MODEL)  # converts once, cached; not part of the measurement
     config = RunConfig.model_validate({"model": MODEL, "method": method, "task": "pretrain", "dtype": "fp32",
-                                       "gradient_checkpointing": ckpt, "data": {"train": "unused.jsonl"}})
+                                       "gradient_checkpointing": ckpt, "learning_rate": 1e-5,
+                                       "data": {"train": "unused.jsonl"}})
     g = torch.Generator().manual_seed(0)
     examples = [TokenizedExample(torch.randint(0, 49152, (seq,), generator=g).tolist(), [True] * seq)
                 for _ in range(batch)]
@@ -79,16 +78,10 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
 
     model = load_base_model(config, dtype=torch.float32, device="cpu")
     model = apply_method(model, config)
-    set_attention(model, PACKED_ATTENTION)      # as the trainer does (config.attention: packed_sdpa)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    model.train()
+    prepare_for_training(model, config)         # as the trainer does: packed attention, fused norms, checkpointing
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (make_optimizer(params, "adamw", 1e-5) if method == "qlora"
-                 else torch.optim.AdamW(params, lr=1e-5))
+    optimizer = make_optimizer(config, params)  # fused AdamW
     after_load = _status_kib("VmRSS")
     load_hwm = _status_kib("VmHWM")
     times = []

@@ -140,17 +140,24 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) 
     ("lora", torch.bfloat16, 3, {"dropout": 0.05, "shared_dropout_mask": False}),
     ("lora", torch.bfloat16, 3, {"dropout": 0.0, "fused_forward": False}),
     ("lora", torch.float32, 3, {"dropout": 0.0}), ("lora", torch.bfloat16, 3, {"dropout": 0.0}),
+    ("full", torch.float32, 3, {"hf_rms_norm": True}), ("full", torch.bfloat16, 3, {"hf_rms_norm": True}),
+    ("lora", torch.bfloat16, 3, {"dropout": 0.05, "hf_rms_norm": True}),
 ])
 def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, batch, lora, attention):
     from tuneforge.methods import apply_method
     from tuneforge.training.packed_attention import NAME, set_attention
+    from tuneforge.training.rms_norm import fuse_rms_norm
 
     seq = 16
+    lora = dict(lora)
+    fused_norm = not lora.pop("hf_rms_norm", False)
     model = _tiny(dtype)
     shape = shape_from_config(model.config, "tiny")
     model = apply_method(model, RunConfig.model_validate({"method": method, "data": {"train": "x"},
                                                           "lora": {"r": 4, **lora}}))
     set_attention(model, NAME if attention == "packed_sdpa" else "sdpa")
+    if fused_norm:
+        assert fuse_rms_norm(model) == 2 * model.config.num_hidden_layers + 1
     model.train()
     measured = _saved_bytes_of_layer(model, method, layer=1, batch=batch, seq=seq)
     a = 2 if dtype == torch.bfloat16 else 4
@@ -159,7 +166,7 @@ def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, ba
     predicted = T * activation_bytes_per_token_layer(
         shape, method, a, batch > 1, lora_r=4, lora_dropout=lora.get("dropout", 0.05), device="cpu",
         attention=attention, fused_forward=lora.get("fused_forward", True),
-        shared_dropout_mask=lora.get("shared_dropout_mask", True)) + (a * T * T if dense else 0)
+        shared_dropout_mask=lora.get("shared_dropout_mask", True), fused_rms_norm=fused_norm) + (a * T * T if dense else 0)
     assert measured == predicted
 
 

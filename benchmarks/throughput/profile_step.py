@@ -2,8 +2,8 @@
 
     python benchmarks/throughput/profile_step.py                       # phase times of the bench config
     python benchmarks/throughput/profile_step.py --profile             # + torch.profiler op table
-    python benchmarks/throughput/profile_step.py --experiment fused_adamw
-    python benchmarks/throughput/profile_step.py --compare baseline fused_adamw --rounds 3   # alternating A/B
+    python benchmarks/throughput/profile_step.py --experiment loop_adamw
+    python benchmarks/throughput/profile_step.py --compare baseline loop_adamw --rounds 3   # alternating A/B
 
 It rebuilds the step of :func:`tuneforge.training.trainer.train` from the same parts (``prepare_data``,
 ``load_base_model``, ``apply_method``, packed attention, ``micro_batches``, ``packed_loss_sum``, AdamW, clipping)
@@ -14,13 +14,14 @@ Experiments change one thing without editing tuneforge (monkeypatching in this p
 * ``dense_mask``: transformers' SDPA with its block-causal ``T x T`` mask instead of per-example SDPA;
 * ``full_lm_head``: LM head on every position, then the target positions picked (no ``logits_to_keep``);
 * ``no_flush_denormal``: denormal floats kept;
-* ``foreach_adamw`` / ``fused_adamw``: AdamW's multi-tensor / fused implementation instead of torch's
-  CPU default (a for-loop over the ~420 LoRA tensors);
+* ``foreach_adamw`` / ``loop_adamw``: AdamW's multi-tensor implementation / torch's CPU default (a for-loop
+  over the ~420 LoRA tensors) instead of the fused one tuneforge uses;
 * ``foreach_clip``: ``clip_grad_norm_(foreach=True)``;
 * ``peft_forward``: peft's own LoRA forward (``nn.Dropout``, then ``A``, ``B``, scaling, add) instead of
   tuneforge's fused one (``lora.fused_forward: false``);
 * ``unshared_masks``: the fused forward with one dropout mask and one ``A`` matmul per projection
   (``lora.shared_dropout_mask: false``);
+* ``hf_rms_norm``: transformers' RMSNorm modules instead of tuneforge's one-function RMSNorm;
 * ``no_lora_dropout``: LoRA dropout 0 (the ceiling of any cheaper dropout; changes training, so a
   measurement, not a proposal as such).
 
@@ -39,8 +40,8 @@ import time
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpteacher_roleplay.json"
-EXPERIMENTS = ("baseline", "dense_mask", "full_lm_head", "no_flush_denormal", "foreach_adamw", "fused_adamw",
-               "foreach_clip", "no_lora_dropout", "peft_forward", "unshared_masks")
+EXPERIMENTS = ("baseline", "dense_mask", "full_lm_head", "no_flush_denormal", "foreach_adamw", "loop_adamw",
+               "foreach_clip", "no_lora_dropout", "peft_forward", "unshared_masks", "hf_rms_norm")
 
 
 def run(args) -> dict:
@@ -58,13 +59,15 @@ def run(args) -> dict:
     from tuneforge.methods import apply_method, load_base_model
     from tuneforge.models.loading import load_tokenizer
     from tuneforge.training import loss as loss_mod
-    from tuneforge.training.packed_attention import NAME, set_attention
+    from tuneforge.training.trainer import make_optimizer, prepare_for_training
 
     work = Path(args.work_dir)
     n = args.batch * (args.steps + 1)
     files = harness.write_data(harness.bench_subset(harness.load_conversations(args.data), n, args.seed), work)
     config = RunConfig.model_validate({
         "model": args.model, "method": "lora", "batch_size": args.batch, "output_dir": str(work / "run"),
+        "learning_rate": 2e-4, "attention": "sdpa" if args.experiment == "dense_mask" else "packed_sdpa",
+        "fused_rms_norm": args.experiment != "hf_rms_norm",
         "lora": {"dropout": 0.0 if args.experiment == "no_lora_dropout" else 0.05,
                  "fused_forward": args.experiment != "peft_forward",
                  "shared_dropout_mask": args.experiment != "unshared_masks"},
@@ -73,16 +76,17 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, config.seed)
     model = apply_method(load_base_model(config, dtype=torch.float32, device="cpu"), config, tokenizer)
-    set_attention(model, "sdpa" if args.experiment == "dense_mask" else NAME)
+    prepare_for_training(model, config)
     if args.experiment == "full_lm_head":
         def full_head(model, method, input_ids, position_ids, keep_idx):
             out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             return out.logits[0, keep_idx]
         loss_mod.method_forward = full_head
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_kwargs = {"foreach_adamw": {"foreach": True}, "fused_adamw": {"fused": True}}.get(args.experiment, {})
-    optimizer = torch.optim.AdamW(params, lr=2e-4, **opt_kwargs)
+    if args.experiment in ("foreach_adamw", "loop_adamw"):
+        optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=args.experiment == "foreach_adamw")
+    else:
+        optimizer = make_optimizer(config, params)
     batches = list(micro_batches(data.train, args.batch, config.seed, 0))
     phases = {"forward_s": [], "backward_s": [], "optimizer_s": [], "step_s": [], "tokens": []}
 

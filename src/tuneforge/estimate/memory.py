@@ -23,8 +23,10 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
 ``torch.autograd.graph.saved_tensors_hooks`` in ``tests/test_estimate.py``)::
 
     RMSNorm  y = w * (x * rsqrt(mean(x^2) + eps)), computed in fp32:
-        saves x in fp32 (4d) and rsqrt(.) (4), and when w trains the normalized x (a*d); its output y (a*d)
-        is saved by the projections that read it when their weights train.
+        tuneforge's one-function RMSNorm (the default, :mod:`tuneforge.training.rms_norm`) saves x (a*d)
+        and rsqrt(.) (4): ``n = a*d + 4``; transformers' module saves x in fp32 (4d) and rsqrt(.) (4), and
+        when w trains the normalized x (a*d): ``n = 4d + 4 (+ a*d full)``. Its output y (a*d) is saved by
+        the projections that read it when their weights train.
     attention (q, k, v projections, RoPE, SDPA, o projection):
         RoPE saves only cos/sin (shared by all layers); SDPA (flash / memory-efficient kernels) saves its
         inputs q, k, v and its output (a*(2q + 2kv)) plus the fp32 log-sum-exp (4H). The output is the
@@ -38,8 +40,8 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
     SwiGLU MLP  down(silu(gate(x)) * up(x)):
         silu saves gate(x); the product saves silu(.) and up(.); down saves the product: 4*a*I.
 
-    full : 2*(4d + 4 + 2a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
-    lora : 2*(4d + 4) + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
+    full : 2*(n + a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
+    lora : 2*n + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
            + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all; 2d + q + I
              over the 4 groups that read one input: q/k/v, o, gate/up, down):
              tuneforge's fused forward (the default, :mod:`tuneforge.methods.lora_fused`): one bool
@@ -51,33 +53,38 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
              peft's forward without dropout: b*(2d + I) when a = b, else b*(5d + q + I).
 
 A frozen weight needs no saved input (autograd saves an input only for the gradient that needs it), so
-LoRA drops the norms' normalized outputs, the projection inputs and the product before ``down``; peft's
-dropout copies cost more than that saves (with dropout 0.05 LoRA on SmolLM2-135M would store 56% more per
-token than full tuning in fp32 on CPU, 69,612 vs 44,588 B per layer); the fused forward stores 1 byte per
-input element of each group instead (43,692 B). QLoRA is LoRA with ``a = 4``: the fp32 embeddings make the residual
-stream fp32, and bitsandbytes' 4-bit matmul saves no input.
+LoRA drops the projection inputs and the product before ``down`` (and, with transformers' norms, their
+normalized outputs); peft's dropout copies cost more than that saves (with dropout 0.05 LoRA on
+SmolLM2-135M would store 74% more per token than full tuning in fp32 on CPU, 69,612 vs 39,980 B per
+layer); the fused forward stores 1 byte per input element of each group instead (43,692 B). QLoRA is LoRA
+with ``a = 4``: the fp32 embeddings make the residual stream fp32, and bitsandbytes' 4-bit matmul saves no
+input.
 
-For SmolLM2-135M in fp32 on CPU (``d = q = 576, kv = 192, I = 1536``, one example per row): full 44,588 B,
-lora (fused forward, dropout 0.05) 43,692 B per token per layer, i.e. 1.34 MB / 1.31 MB per token for the 30 layers.
+For SmolLM2-135M in fp32 on CPU (``d = q = 576, kv = 192, I = 1536``, one example per row): full 39,980 B
+(44,588 with transformers' norms), lora (fused forward, dropout 0.05) 43,692 B per token per layer, i.e.
+1.20 MB / 1.31 MB per token for the 30 layers.
 
 Gradient checkpointing (transformers, non-reentrant, per decoder layer) keeps only each layer's input
 (``a*d`` per token per layer) and recomputes one layer at a time in backward, so activations are
 ``T*(L*a*d + one layer of the above) + the layer's backward working set`` (about ``a*(3I + 2d)``).
 
-Logits: with ``logits_to_keep`` the LM head runs on the ``K`` target positions only. The loss upcasts
-to fp32 and ``cross_entropy`` (log_softmax + nll) keeps the fp32 log-probabilities; at the start of
-backward the nll gradient and the log_softmax gradient join them: ``12*K*V`` bytes. When that would pass
-256 MiB the trainer's chunked loss (:mod:`tuneforge.training.chunked_loss`) holds one chunk of 1024
-positions at a time instead: ``12*1024*V + 4*K``.
+Logits: with ``logits_to_keep`` the LM head runs on the ``K`` target positions only. The loss
+(:mod:`tuneforge.training.cross_entropy`) upcasts them to fp32 and keeps their fp32 log-probabilities,
+which backward turns into the gradient in place; the most is held at the end of the forward, the logits
+and their log-probabilities: ``8*K*V`` bytes in fp32, ``(a + 8)*K*V`` with ``a``-byte logits (their fp32
+copy too). When the fp32 logits would pass 256 MiB the trainer's chunked loss
+(:mod:`tuneforge.training.chunked_loss`) holds one chunk of 1024 positions at a time instead:
+``12*1024*V + 4*K``.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::
 
     peak = weights + optimizer + overhead + max(activations + logits,  gradients + step temporaries)
 
-Step temporaries: torch's for-loop AdamW (its default on CPU) holds two copies of the largest tensor
-(``sqrt(v)`` and its quotient); the foreach AdamW (its default on CUDA) holds a list as large as all
-optimizer-updated parameters (documented in ``torch.optim``); fused AdamW none.
+Step temporaries: tuneforge trains with torch's fused AdamW (:mod:`tuneforge.training.optimizer`), which
+holds none; torch's for-loop AdamW (its default on CPU) holds two copies of the largest tensor (``sqrt(v)``
+and its quotient); the foreach AdamW (its default on CUDA) holds a list as large as all
+optimizer-updated parameters (documented in ``torch.optim``).
 """
 
 from __future__ import annotations
@@ -155,7 +162,7 @@ def _gib(n: int) -> str:
 def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: int, packed: bool,
                                      lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
                                      attention: str = "packed_sdpa", fused_forward: bool = True,
-                                     shared_dropout_mask: bool = True) -> int:
+                                     shared_dropout_mask: bool = True, fused_rms_norm: bool = True) -> int:
     """Bytes one decoder layer saves for backward per token (without the ``a*T`` mask term of dense ``sdpa``)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
@@ -165,9 +172,10 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
     a = act_bytes
     b = 4  # adapters in fp32
     attention_bytes = a * (2 * q + 2 * kv) + 4 * h
+    norm = a * d + 4 if fused_rms_norm else 4 * d + 4 + (a * d if method == "full" else 0)
     if method == "full":
         o_copy = a * q if (packed and not dense) else 0
-        return 2 * (4 * d + 4 + 2 * a * d) + attention_bytes + 4 * a * i + o_copy
+        return 2 * (norm + a * d) + attention_bytes + 4 * a * i + o_copy
     widths = 5 * d + q + i
     group_widths = 2 * d + q + i if shared_dropout_mask else widths   # one mask / fp32 copy per group
     if fused_forward:
@@ -180,13 +188,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
         adapters = b * (2 * d + i) if a == b else b * widths
     saves_o_input = a == b and (lora_dropout == 0 or fused_forward)
     o_copy = a * q if (packed and not dense and saves_o_input) else 0
-    return 2 * (4 * d + 4) + attention_bytes + 3 * a * i + adapters + 7 * b * lora_r + o_copy
+    return 2 * norm + attention_bytes + 3 * a * i + adapters + 7 * b * lora_r + o_copy
 
 
 def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int = 1, *,
                     gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
                     fused_forward: bool = True, shared_dropout_mask: bool = True, attention: str = "packed_sdpa",
-                    chunked_loss: str = "auto",
+                    fused_rms_norm: bool = True, chunked_loss: str = "auto",
                     dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
                     optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool = True,
                     device: str = "cuda", overhead: int | None = None) -> MemoryEstimate:
@@ -197,10 +205,11 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     the assistant turns). ``dtype``: weights and activations (``bf16`` on GPUs; tuneforge trains in fp32 on
     CPUs without native bf16). ``master_weights``: full tuning keeps an fp32 copy that AdamW updates
     (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
-    ``foreach`` or ``fused`` (default: torch's default for ``device``, for-loop on cpu, foreach on cuda).
+    ``foreach`` or ``fused`` (default: ``fused``, as ``tuneforge train``).
     ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
-    ``fused_forward``, ``shared_dropout_mask``: as the ``lora`` config keys (tuneforge's or peft's forward). ``chunked_loss``: as
-    the run config's key (``auto``: chunked when the fp32 logits would exceed 256 MiB).
+    ``fused_forward``, ``shared_dropout_mask``: as the ``lora`` config keys (tuneforge's or peft's forward);
+    ``fused_rms_norm``, ``chunked_loss``: as the run config's keys (``auto``: chunked when the fp32 logits
+    would exceed 256 MiB).
     """
     shape = resolve_shape(shape)
     if method not in METHODS:
@@ -213,7 +222,7 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         raise ValueError("trained_fraction must be in (0, 1]")
     if seq < 1 or batch < 1:
         raise ValueError("seq and batch must be >= 1")
-    optimizer_impl = optimizer_impl or ("for-loop" if device == "cpu" else "foreach")
+    optimizer_impl = optimizer_impl or "fused"
     w = DTYPE_BYTES[dtype]
     a = 4 if method == "qlora" else w  # qlora: fp32 embeddings make the residual stream fp32
     d, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
@@ -270,7 +279,7 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
 
     # --- activations
     per_layer = activation_bytes_per_token_layer(shape, method, a, packed, lora_r, lora_dropout, device, attention,
-                                                 fused_forward, shared_dropout_mask)
+                                                 fused_forward, shared_dropout_mask, fused_rms_norm)
     dense = packed and attention == "sdpa"
     mask_per_layer = a * T * T if dense else 0
     shared = T * T if dense else 0  # the bool block-causal mask transformers builds once
@@ -292,10 +301,11 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
             logits += 4 * V * d           # the fp32 lm_head gradient accumulated over the chunks
         notes.append(f"chunked loss: logits of {chunk:,} positions at a time (K = {K:,} target positions)")
     else:
-        logits = 12 * K * V
+        per_logit = 8 if a == 4 else 8 + a      # logits (+ their fp32 copy) and fp32 log-probabilities
+        logits = per_logit * K * V
         if method == "full":
             logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
-        notes.append(f"logits at {K:,} target positions (trained_fraction {trained_fraction}): 12 B x K x V")
+        notes.append(f"logits at {K:,} target positions (trained_fraction {trained_fraction}): {per_logit} B x K x V")
 
     overhead = DEFAULT_OVERHEAD[device] if overhead is None else overhead
     if overhead:

@@ -193,7 +193,9 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_
     """
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        from tuneforge.training.optimizer import adamw
+
+        return adamw(params, lr=lr, weight_decay=weight_decay)
     bnb = require_bitsandbytes()
     if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)

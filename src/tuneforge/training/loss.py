@@ -10,11 +10,11 @@ small fraction of ``T``; logits are ``(L, V)`` instead of ``(T, V)``. When even 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tuneforge.data.packing import PackedBatch
 from tuneforge.methods import method_forward
 from tuneforge.training.chunked_loss import chunked_cross_entropy_sum, lm_head_bypassed, use_chunked_loss
+from tuneforge.training.cross_entropy import cross_entropy_sum
 
 
 def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "lora",
@@ -31,7 +31,7 @@ def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "l
             hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
         return chunked_cross_entropy_sum(hidden, head, targets)
     logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return cross_entropy_sum(logits, targets)
 
 
 @torch.no_grad()

@@ -32,8 +32,10 @@ from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import atomic_save_dir, copy_files
 from tuneforge.training.loss import evaluate_loss, packed_loss_sum
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
+from tuneforge.training.optimizer import adamw
 from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
 from tuneforge.training.packed_attention import set_attention
+from tuneforge.training.rms_norm import fuse_rms_norm
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,28 @@ def _save_model(model, tokenizer, config: RunConfig, target: Path) -> None:
     atomic_save_dir(target, write)
 
 
+
+def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
+    """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
+    one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode."""
+    set_attention(model, PACKED_ATTENTION if config.attention == "packed_sdpa" else config.attention)
+    if config.fused_rms_norm:
+        fuse_rms_norm(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+
+
+def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer :func:`train` steps: AdamW (fused where torch can), or ``qlora.optimizer`` for QLoRA."""
+    if config.method == "qlora":
+        from tuneforge.methods.qlora import make_optimizer as make_qlora_optimizer
+
+        return make_qlora_optimizer(params, config.qlora.optimizer, config.learning_rate, config.weight_decay)
+    return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
 def train(config: RunConfig) -> RunResult:
     """Train ``config.method`` on ``config.data`` and write the run directory; return a summary."""
     started = time.time()
@@ -113,24 +137,14 @@ def train(config: RunConfig) -> RunResult:
     # --- model and method
     model = load_base_model(config, dtype=dtype, device=device)
     model = apply_method(model, config, tokenizer)
-    set_attention(model, PACKED_ATTENTION if config.attention == "packed_sdpa" else config.attention)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    model.train()
+    prepare_for_training(model, config)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # --- optimizer and schedule
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.method == "qlora":
-        from tuneforge.methods.qlora import make_optimizer
-
-        optimizer = make_optimizer(params, config.qlora.optimizer, config.learning_rate, config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, params)
     steps = total_steps(config, len(data.train))
     warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * steps)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)

@@ -1,0 +1,77 @@
+"""RMSNorm as one autograd function: the same values as transformers' module, a third of the time.
+
+transformers' Llama-family RMSNorm is ``weight * (x * rsqrt(mean(x^2) + eps))`` written as five tensor ops,
+so autograd runs a backward for each: about eight passes over the ``(tokens, hidden)`` input and several
+temporaries per norm, 61 norms a SmolLM2 step. :class:`RMSNormFunction` computes the forward in two
+passes and the input gradient in four, ``rstd * (g w - x rstd^2 mean(g w x))``, saving the input and
+one ``rstd`` per token: 1.8-2.4 ms -> 0.56 ms forward + backward for 743 x 576 (2 CPU threads). Like
+transformers it normalizes in fp32 and casts back before the weight, so bf16 runs keep their rounding.
+
+:func:`fuse_rms_norm` changes the class of the model's RMSNorm modules (only those whose forward is
+exactly that formula: Llama, Mistral, Qwen2/3; Gemma's ``1 + weight`` is not) to a subclass with this
+forward. State-dict keys, saving and loading are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# transformers classes whose forward is ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``
+PLAIN_RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``weight * rms_normalize(x)`` over the last dimension, normalized in fp32 (fp64 for fp64 input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))     # fp32 (fp64 stays fp64)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        normed = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return normed.mul_(weight) if weight.dtype == normed.dtype else weight * normed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xf, gf = x.to(rstd.dtype), grad.to(rstd.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gw = gf * weight.to(rstd.dtype)
+            # d/dx of x * rstd(x): rstd * gw - x * rstd^3 * mean(gw * x)
+            coef = torch.linalg.vecdot(gw, xf, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            grad_x = gw.mul_(rstd).addcmul_(xf, coef, value=-1.0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            normed = (xf * rstd).to(x.dtype).to(rstd.dtype)
+            grad_w = (gf * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class FusedRMSNorm:
+    """Mixin over a transformers RMSNorm class: the forward of :class:`RMSNormFunction`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+@functools.cache
+def _fused_class(cls: type) -> type:
+    return type(f"Fused{cls.__name__}", (FusedRMSNorm, cls), {"__doc__": f"{cls.__name__} with one autograd function."})
+
+
+def fuse_rms_norm(model: torch.nn.Module) -> int:
+    """Give every plain RMSNorm of ``model`` the fused forward; return how many were changed."""
+    changed = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in PLAIN_RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
+            module.__class__ = _fused_class(cls)
+            changed += 1
+    return changed
