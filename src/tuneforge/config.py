@@ -143,7 +143,8 @@ class RunConfig(_Strict):
     attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
         "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
     fused_rms_norm: bool = Field(
-        True, description="RMSNorm forward and backward as one autograd function (same values, ~3x faster)")
+        True, description="RMSNorm forward and backward as one autograd function "
+                          "(same values, fewer passes, less saved)")
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto", description="cross-entropy in chunks of positions, never holding the (K, V) logits; "
                             "auto: when they would exceed 256 MiB")

@@ -13,10 +13,10 @@ bitsandbytes 4/8-bit ones) to a subclass whose training forward is:
   16-bit slices of 64-bit random words (:func:`random_words`, seeded from torch's global generator, so
   seeds reproduce runs and activation checkpointing replays the same masks): each element dropped
   independently with probability ``round(p * 65536) / 65536`` (0.0500031 for 0.05), 0.4 ms instead of
-  3.4 ms for the input above. The mask is kept as ``uint8`` 0/1 (1 byte an element) and applied by multiplication, ~4x
-  faster on CPU than ``where``/``masked_fill`` with a ``bool`` mask. Backward keeps ``x`` itself (shared
-  with the base layer) and the mask, and recomputes the dropped input for the gradient of ``A``; the
-  ``1 / (1 - p)`` goes on the rank-``r`` side.
+  3.4 ms for the input above. The mask is kept as ``uint8`` 0/1 (1 byte an element) and applied by
+  multiplication, ~4x faster on CPU than ``where``/``masked_fill`` with a ``bool`` mask. Backward keeps
+  ``x`` itself (shared with the base layer) and the mask, and recomputes the dropped input for the
+  gradient of ``A``; the ``1 / (1 - p)`` goes on the rank-``r`` side.
 * **one mask and one matmul for projections that read the same input** (``lora.shared_dropout_mask``,
   on by default): q/k/v's ``A`` (and gate/up's) are applied as one ``(r_q + r_k + r_v, d)`` matrix to one
   dropped copy of ``x``. Each projection's input is still dropped with probability ``p``, element by
@@ -186,7 +186,7 @@ class FusedLoraForward:
         # in place: the base layer's backward does not need its output (plain, 4-bit and 8-bit linears)
         if result.dim() == 3:     # baddbmm: its backward copies less than addmm's on flattened views
             return result.baddbmm_(h, b.t().expand(result.shape[0], -1, -1), alpha=scaling)
-        flat = result.view(-1, result.shape[-1])
+        flat = result.reshape(-1, result.shape[-1])
         return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling).view(result.shape)
 
 

@@ -88,7 +88,6 @@ def _save_model(model, tokenizer, config: RunConfig, target: Path) -> None:
     atomic_save_dir(target, write)
 
 
-
 def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
     """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
     one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode."""
@@ -109,6 +108,7 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
 
         return make_qlora_optimizer(params, config.qlora.optimizer, config.learning_rate, config.weight_decay)
     return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
 
 def train(config: RunConfig) -> RunResult:
     """Train ``config.method`` on ``config.data`` and write the run directory; return a summary."""
