@@ -6,7 +6,7 @@ on the method: it calls :func:`method_forward` for the logits of a packed row.
 """
 
 from tuneforge.methods.registry import (MERGEABLE, NOT_MERGEABLE, NotMergeableError, apply_method, count_parameters, load_base_model,
-                                        load_trained, method_forward, save_trained, saved_method)
+                                        load_trained, method_forward, method_generate, save_trained, saved_method)
 
 __all__ = ["MERGEABLE", "NOT_MERGEABLE", "NotMergeableError", "apply_method", "count_parameters", "load_base_model", "load_trained",
-           "method_forward", "save_trained", "saved_method"]
+           "method_forward", "method_generate", "save_trained", "saved_method"]

@@ -12,6 +12,9 @@ Packed rows: the plain call would pass ``past_key_values``, which switches off t
 packed rows from ``position_ids`` and lets examples attend to each other. :func:`forward_for_loss`
 builds the block-causal mask explicitly: each token sees the whole prefix plus the earlier tokens of its
 own example, with positions ``P + position_ids``, exactly as if each example ran alone.
+
+Generation: :func:`generate` hands the prefix to transformers' ``generate`` as a pre-filled KV cache
+(see its docstring for why peft's own ``generate`` is not used).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 from tuneforge.config import PrefixConfig
 from tuneforge.methods.packed_rows import segment_bounds, segment_ids
+from tuneforge.models.transformers_compat import cache_argument
 
 
 def peft_prefix_config(cfg: PrefixConfig) -> PrefixTuningConfig:
@@ -63,6 +67,42 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     base = model.get_base_model()
     past = model.get_prompt(batch_size=1, max_cache_len=input_ids.shape[1] + P)
     dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
-    out = base(input_ids=input_ids, position_ids=position_ids + P, past_key_values=past,
+    out = base(input_ids=input_ids, position_ids=position_ids + P, **{cache_argument(base): past},
                attention_mask=packed_prefix_mask(position_ids, P, dtype), use_cache=False, logits_to_keep=keep_idx)
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
+
+
+PLACEHOLDER_ID = 0   # stands for a virtual token in generate's input_ids; never embedded (the cache holds it)
+
+
+@torch.no_grad()
+def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' ``generate`` on the base model with the trained prefix as a pre-filled KV cache.
+
+    ``input_ids [B, T]`` (left-padded, with ``attention_mask [B, T]``) -> what ``generate`` returns, its
+    sequences ``[B, T + new]`` as for any model. The cache holds the ``P`` prefix key/values of every layer;
+    ``input_ids`` get ``P`` placeholder columns in front (attention mask 1) so that transformers treats the
+    cache as covering them, processes only the real tokens, and gives them positions ``P, P+1, ...``: the
+    positions :func:`forward_for_loss` trains with. The placeholders are removed from the result.
+
+    Why not peft's ``PeftModelForCausalLM.generate``: peft 0.21.2 injects the prefix in
+    ``prepare_inputs_for_generation`` under the key ``past_key_values``; transformers 5.24 renamed the
+    cache argument to ``cache``, so it passes its own empty cache under the new name and ignores peft's
+    (a FutureWarning says so), and the model generates as if it had no prefix. This path uses only
+    public transformers API and works on 5.23 and 5.24.
+    """
+    P = model.active_peft_config.num_virtual_tokens
+    base = model.get_base_model()
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kwargs.pop("use_cache", None)        # the prefix lives in the cache: generation must use one
+    placeholders = torch.full((B, P), PLACEHOLDER_ID, dtype=input_ids.dtype, device=input_ids.device)
+    ids = torch.cat([placeholders, input_ids], dim=1)
+    mask = torch.cat([torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1)
+    cache = model.get_prompt(batch_size=B)
+    out = base.generate(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument(base): cache}, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out[:, P:]
+    out.sequences = out.sequences[:, P:]
+    return out

@@ -10,6 +10,9 @@ Packed rows: peft prepends ``S`` once per row and drops ``position_ids``, so exa
 prompt and attend to each other. :func:`forward_for_loss` re-packs the row as ``[S; x_1][S; x_2]...``
 with positions restarting at 0 for each ``[S; x_i]``; transformers then builds the block-causal mask
 from those positions, and each example computes exactly what it would alone.
+
+Generation: :func:`generate` feeds ``[S; E(x)]`` to transformers' ``generate`` as ``inputs_embeds``
+(see its docstring for why peft's own ``generate`` is not used).
 """
 
 from __future__ import annotations
@@ -74,3 +77,33 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     keep = keep_idx.to(input_ids.device)
     out = base(inputs_embeds=row, position_ids=new_pos, use_cache=False, logits_to_keep=keep + shift[keep])
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
+
+
+@torch.no_grad()
+def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' ``generate`` on the base model from the embeddings ``[S; E(x)]``.
+
+    ``input_ids [B, T]`` (left-padded, with ``attention_mask [B, T]``) -> what ``generate`` returns, its
+    sequences ``[B, T + new]`` as for any model. The soft prompt ``S`` goes in front of each row with
+    attention mask 1, so (positions are the mask's running count) ``S`` sits at positions ``0..P-1`` and
+    the real tokens at ``P, P+1, ...`` even in left-padded rows: what :func:`forward_for_loss` trains.
+
+    Why not peft's ``PeftModelForCausalLM.generate``: peft 0.21.2 decides whether to prepend the prompt
+    by looking for the KV cache under ``past_key_values``; transformers 5.24 passes it as ``cache``, so
+    peft never sees it, and its generation no longer matches the training forward. This path uses only
+    public transformers API and works on 5.23 and 5.24.
+    """
+    base = model.get_base_model()
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    embeds = model.word_embeddings(input_ids)                                   # [B, T, H]
+    soft = model.get_prompt(batch_size=B).to(embeds.dtype)                      # [B, P, H]
+    P = soft.shape[1]
+    mask = torch.cat([torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1)
+    out = base.generate(inputs_embeds=torch.cat([soft, embeds], dim=1), attention_mask=mask, **kwargs)
+    # from embeddings alone, transformers returns only the new tokens: put the prompt's ids back in front
+    if isinstance(out, torch.Tensor):
+        return torch.cat([input_ids, out], dim=1)
+    out.sequences = torch.cat([input_ids, out.sequences], dim=1)
+    return out

@@ -106,6 +106,24 @@ def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: t
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 
 
+def method_generate(model: torch.nn.Module, config: RunConfig | str | None, **kwargs):
+    """``model.generate(**kwargs)`` as ``config.method`` needs it (``None``: a plain model).
+
+    Prefix and prompt tuning generate through their own path (see :func:`tuneforge.methods.prefix_tuning.generate`);
+    every other method (and the base model) through transformers' / peft's ``generate``.
+    """
+    method = config if isinstance(config, str) or config is None else config.method
+    if method == "prefix":
+        from tuneforge.methods.prefix_tuning import generate
+
+        return generate(model, **kwargs)
+    if method == "prompt":
+        from tuneforge.methods.prompt_tuning import generate
+
+        return generate(model, **kwargs)
+    return model.generate(**kwargs)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once.
 

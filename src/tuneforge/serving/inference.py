@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.config import RunConfig, load_config
 from tuneforge.data.rendering import prompt_ids
-from tuneforge.methods import load_base_model, load_trained
+from tuneforge.methods import load_base_model, load_trained, method_generate
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import load_model, load_tokenizer
 
@@ -42,7 +42,7 @@ class LoadedModel:
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=self.device)
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=self.device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+            out = method_generate(self.model, self.config, input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                       eos_token_id=tok.eos_token_id, pad_token_id=pad, **sampling)
             for row in out[:, width:]:
                 outputs.append(tok.decode(row, skip_special_tokens=True).strip())
