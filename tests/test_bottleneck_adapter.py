@@ -13,12 +13,12 @@ def test_layer_computes_the_stated_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 8)
     layer = BottleneckAdapterLayer(base, hidden_size=8, bottleneck=3, nonlinearity="tanh", scaling=0.5)
-    assert torch.count_nonzero(layer.adapter_up.weight) == 0 and torch.count_nonzero(layer.adapter_up.bias) == 0
-    torch.nn.init.normal_(layer.adapter_up.weight)
+    assert torch.count_nonzero(layer.adapter_up['default'].weight) == 0 and torch.count_nonzero(layer.adapter_up['default'].bias) == 0
+    torch.nn.init.normal_(layer.adapter_up['default'].weight)
     x = torch.randn(2, 5, 8)
     y = base(x)
-    expected = y + 0.5 * (torch.tanh(y @ layer.adapter_down.weight.T + layer.adapter_down.bias)
-                          @ layer.adapter_up.weight.T + layer.adapter_up.bias)
+    expected = y + 0.5 * (torch.tanh(y @ layer.adapter_down['default'].weight.T + layer.adapter_down['default'].bias)
+                          @ layer.adapter_up['default'].weight.T + layer.adapter_up['default'].bias)
     torch.testing.assert_close(layer(x), expected)
 
 
@@ -28,7 +28,7 @@ def test_tuple_outputs_adapt_only_the_hidden_states():
             return x, "weights"
 
     layer = BottleneckAdapterLayer(Attn(), hidden_size=4, bottleneck=2)
-    torch.nn.init.ones_(layer.adapter_up.weight)
+    torch.nn.init.ones_(layer.adapter_up['default'].weight)
     x = torch.randn(1, 3, 4)
     out, extra = layer(x)
     assert extra == "weights" and not torch.equal(out, x)
@@ -44,7 +44,7 @@ def test_wraps_every_decoder_layer_and_disables_exactly(tiny_model):
     assert all(isinstance(l.mlp, BottleneckAdapterLayer) and not isinstance(l.self_attn, BottleneckAdapterLayer)
                for l in tiny_model.model.layers)
     for layer in layers:
-        torch.nn.init.normal_(layer.adapter_up.weight)
+        torch.nn.init.normal_(layer.adapter_up['default'].weight)
     with torch.no_grad():
         assert (model(input_ids=ids).logits - base).abs().max() > 1e-3
         with model.disable_adapter():

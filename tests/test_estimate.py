@@ -78,7 +78,7 @@ def _nbytes(tensors) -> int:
 @pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.skipif(not HAS_BNB, reason="no bitsandbytes"))])
 def test_weights_gradients_and_optimizer_states_match_tensor_bytes_after_a_step(method):
     from tuneforge.methods import apply_method
-    from tuneforge.methods.qlora import base_memory_bytes
+    from tuneforge.methods.qlora.model import base_memory_bytes
 
     model = _tiny()
     shape = shape_from_config(model.config, "tiny")

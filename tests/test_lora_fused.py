@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from _method_helpers import HAS_BNB, run_config
 from tuneforge.methods import apply_method
-from tuneforge.methods.lora_fused import FusedLoraForward, _LoraAFunction, drop_mask, fuse_lora_forward
+from tuneforge.methods.lora.layer import FusedLoraForward, _LoraAFunction, drop_mask, fuse_lora_forward
 
 
 def test_drop_mask_drops_each_element_with_probability_p():

@@ -100,7 +100,7 @@ LOAD_SCRIPT = textwrap.dedent("""
         config = RunConfig.model_validate(case["config"])
         base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
         if config.method == "qlora":  # the base trained quantized: quantize it the same way
-            from tuneforge.methods.qlora import quantize_model_
+            from tuneforge.methods.qlora.model import quantize_model_
             quantize_model_(base, config.qlora, torch.float32)
         model = load_trained(base, case["dir"], config).eval()
         with torch.no_grad():

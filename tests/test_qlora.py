@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _method_helpers import HAS_BNB, run_config
-from tuneforge.config import QuantConfig
+from tuneforge.methods.qlora.config import QuantConfig
 
 pytestmark = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed"
 def test_quantize_in_place_replaces_decoder_linears_only(quant, tiny_model):
     import bitsandbytes as bnb
 
-    from tuneforge.methods.qlora import base_memory_bytes, quantize_model_
+    from tuneforge.methods.qlora.model import base_memory_bytes, quantize_model_
 
     ids = torch.randint(0, 49152, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_quantize_in_place_replaces_decoder_linears_only(quant, tiny_model):
 def test_load_quantized_from_a_folder(tmp_path, tiny_model):
     import bitsandbytes as bnb
 
-    from tuneforge.methods.qlora import load_quantized_model
+    from tuneforge.methods.qlora.model import load_quantized_model
 
     tiny_model.save_pretrained(tmp_path)
     model = load_quantized_model(str(tmp_path), QuantConfig(), torch.float32)
@@ -61,7 +61,7 @@ def test_peft_uses_its_quantized_lora_layers(tiny_model):
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
 def test_optimizers_step_on_cpu(name):
-    from tuneforge.methods.qlora import make_optimizer
+    from tuneforge.methods.qlora.model import make_optimizer
 
     p = torch.nn.Parameter(torch.ones(64, 128))
     opt = make_optimizer([p], name, lr=1e-2)

@@ -18,7 +18,7 @@ def test_readme_quickstart_command_runs_the_quickstart():
 
 
 def test_support_matrix_merge_column_matches_the_code():
-    from tuneforge.methods import MERGEABLE, NOT_MERGEABLE
+    from tuneforge.methods import mergeable_methods, not_mergeable_methods
 
     readme = ROOT.joinpath("README.md").read_text()
     rows = [line for line in readme.splitlines() if line.startswith("| `") and "generate" not in line]
@@ -28,7 +28,7 @@ def test_support_matrix_merge_column_matches_the_code():
         if len(cells) == 7:
             merge[cells[0].split("`")[1]] = cells[4]
     assert set(merge) == {"full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3"}
-    for method in MERGEABLE:
+    for method in mergeable_methods():
         assert merge[method].startswith("✔"), method
-    for method in NOT_MERGEABLE:
+    for method in not_mergeable_methods():
         assert merge[method].startswith("✘"), method

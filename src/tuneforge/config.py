@@ -9,72 +9,22 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-METHODS = ("full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3")
+from tuneforge.schema import Settings
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and what to do."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False
-    fused_forward: bool = True      # tuneforge's LoRA training forward (methods/lora_fused.py); false: peft's own
-    shared_dropout_mask: bool = True  # q/k/v (gate/up) share one dropout mask and one A matmul, as fused-qkv models do
-
-
-class QuantConfig(_Strict):
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    optimizer: Literal["adamw", "paged_adamw_8bit", "adamw_8bit"] = "adamw"
-
-
-class AdapterConfig(_Strict):
-    """Bottleneck adapters (Houlsby/Pfeiffer style): x + up(act(down(x))) after attention and/or MLP."""
-    bottleneck: int = Field(64, ge=1)
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "gelu"
-    placement: list[Literal["attention", "mlp"]] = ["attention", "mlp"]
-    dropout: float = Field(0.0, ge=0, lt=1)
-    scaling: float = 1.0
-
-
-class PrefixConfig(_Strict):
-    num_virtual_tokens: int = Field(20, ge=1)
-    reparameterize: bool = False
-    encoder_hidden_size: int = Field(512, ge=1)
-
-
-class PromptConfig(_Strict):
-    num_virtual_tokens: int = Field(20, ge=1)
-    init_text: str | None = None
-
-
-class IA3Config(_Strict):
-    target_modules: list[str] | None = None       # default: k_proj, v_proj, down_proj
-    feedforward_modules: list[str] | None = None  # default: down_proj
-
-
-class FullConfig(_Strict):
-    freeze_embeddings: bool = False
-    freeze_layers: list[int] = []
-
-
-class DataConfig(_Strict):
+class DataConfig(Settings):
     train: str
     validation: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -93,7 +43,7 @@ class DataConfig(_Strict):
         return check_columns(v, "data.columns")
 
 
-class EvalTask(_Strict):
+class EvalTask(Settings):
     """Held-out generation check: exact match of the generated answer against the reference."""
     file: str | None = None
     max_examples: int = Field(200, ge=1)
@@ -101,21 +51,21 @@ class EvalTask(_Strict):
     labels: list[str] | None = None  # when set, an answer outside these counts as invalid format
 
 
-class RunConfig(_Strict):
-    model: str = "smollm2-135m-instruct"
-    method: Literal["full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3"] = "lora"
+class RunConfig(Settings):
+    """The run config. Besides the keys below, each registered method owns a section of its settings
+    (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
+    :mod:`tuneforge.methods.registry`): every section is validated by its method's model and present with
+    its defaults when not written (``config.lora.r``)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    model: str = DEFAULT_MODEL
+    method: str = "lora"
     task: Literal["sft", "pretrain"] = "sft"
     output_dir: str = "runs/run"
     seed: int = 42
 
     data: DataConfig
-    lora: LoraConfig = LoraConfig()
-    qlora: QuantConfig = QuantConfig()
-    adapter: AdapterConfig = AdapterConfig()
-    prefix: PrefixConfig = PrefixConfig()
-    prompt: PromptConfig = PromptConfig()
-    ia3: IA3Config = IA3Config()
-    full: FullConfig = FullConfig()
 
     # optimisation
     learning_rate: float = Field(2e-4, gt=0)
@@ -152,6 +102,43 @@ class RunConfig(_Strict):
     log_every: int = Field(1, ge=1)
     progress: bool = True
 
+    if TYPE_CHECKING:  # method sections (config.lora, config.qlora, ...) come from the registry
+        def __getattr__(self, name: str) -> Any: ...
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data: Any) -> Any:
+        """Validate each method's section with its registered model; fill the missing ones with defaults."""
+        if not isinstance(data, dict):
+            return data
+        from tuneforge.methods.registry import settings_sections
+
+        data = dict(data)
+        errors: list[InitErrorDetails] = []
+        for key, model in settings_sections().items():
+            raw = data.get(key)
+            if isinstance(raw, model):
+                continue
+            try:
+                data[key] = model.model_validate(raw if raw is not None else {})
+            except ValidationError as e:
+                errors += [InitErrorDetails(type=PydanticCustomError(err["type"], err["msg"].removeprefix("Value error, ")),
+                                            loc=(key, *err["loc"]), input=err.get("input"))
+                           for err in e.errors()]
+        unknown = [k for k in data if k not in cls.model_fields and k not in settings_sections()]
+        errors += [InitErrorDetails(type="extra_forbidden", loc=(k,), input=data[k]) for k in unknown]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, v: str) -> str:
+        from tuneforge.methods.registry import get_method
+
+        get_method(v)   # raises "unknown method 'lorra' (did you mean 'lora'?); methods: ..."
+        return v
+
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
         if self.task == "pretrain" and self.data.train_on == "assistant" and self.data.format not in ("auto", "text"):
@@ -161,6 +148,13 @@ class RunConfig(_Strict):
         if self.early_stopping_patience and not (self.data.validation or self.data.val_fraction > 0):
             raise ValueError("early_stopping_patience needs validation data: set data.validation or data.val_fraction")
         return self
+
+    def section(self, key: str) -> BaseModel:
+        """The method settings section ``key`` (``config.section("lora")`` is ``config.lora``)."""
+        value = (self.model_extra or {}).get(key)
+        if not isinstance(value, BaseModel):
+            raise KeyError(f"no method settings section {key!r}")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -173,8 +167,13 @@ def _did_you_mean(key: str, options) -> str:
 
 def _model_for_path(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the key at ``loc`` (for unknown-key suggestions)."""
+    from tuneforge.methods.registry import settings_sections
+
     model: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
+    for i, part in enumerate(loc[:-1]):
+        if i == 0 and isinstance(part, str) and part in settings_sections():
+            model = settings_sections()[part]
+            continue
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
@@ -190,7 +189,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _model_for_path(loc)
-            hint = _did_you_mean(str(loc[-1]), owner.model_fields) if owner else ""
+            options = list(owner.model_fields) if owner else []
+            if owner is RunConfig:
+                from tuneforge.methods.registry import settings_sections
+
+                options += list(settings_sections())
+            hint = _did_you_mean(str(loc[-1]), options) if owner else ""
             lines.append(f"{source}: unknown key '{key}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
@@ -198,7 +202,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: '{key}': {msg} (got {shown})" if loc else f"{source}: {msg}")
+            if "(got " in msg:
+                lines.append(f"{source}: '{key}': {msg}" if loc else f"{source}: {msg}")
+            else:
+                lines.append(f"{source}: '{key}': {msg} (got {shown})" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 

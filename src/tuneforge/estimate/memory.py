@@ -44,7 +44,7 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
     lora : 2*n + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
            + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all; 2d + q + I
              over the 4 groups that read one input: q/k/v, o, gate/up, down):
-             tuneforge's fused forward (the default, :mod:`tuneforge.methods.lora_fused`): one bool
+             tuneforge's fused forward (the default, :mod:`tuneforge.methods.lora.layer`): one bool
                dropout mask per group (2d + q + I; 5d + q + I without ``shared_dropout_mask``) + the
                distinct inputs x: b*(2d + I) when a = b (the o input is counted above), else one fp32
                cast per group, b*(2d + q + I) (b*(5d + q + I) unshared);

@@ -23,7 +23,7 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def run_merge_command(args: argparse.Namespace) -> int:
     """0 on a checked merge; 1 when the check fails; 2 when the run cannot be merged."""
     from tuneforge.export.merge import MergeCheckError, merge_run
-    from tuneforge.methods.registry import NotMergeableError
+    from tuneforge.methods.errors import NotMergeableError
 
     try:
         merge_run(args.run, args.out, dtype=args.dtype, check_prompts=args.prompt)

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.methods.registry import MERGEABLE, NOT_MERGEABLE, NotMergeableError, saved_method
+from tuneforge.methods.dispatch import mergeable_methods, saved_method
+from tuneforge.methods.errors import NotMergeableError
+from tuneforge.methods.registry import get_method
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +112,20 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _refuse(method: str) -> None:
-    if method in NOT_MERGEABLE:
-        why = {"adapter": "a bottleneck adapter has a nonlinearity between its projections",
-               "prefix": "prefix tuning adds key/value vectors, not a change of weights",
-               "prompt": "prompt tuning adds input embeddings, not a change of weights"}[method]
-        raise NotMergeableError(f"method '{method}' cannot be merged into the base weights: {why}. Serve the base "
-                                "model with the adapter instead (tuneforge.methods.load_trained).")
-    if method == "full":
-        raise NotMergeableError("method 'full' saved complete weights: there is no adapter to merge; use the run's "
-                                "model folder directly")
-    if method not in MERGEABLE:
-        raise NotMergeableError(f"method {method!r} is not one tuneforge can merge ({', '.join(MERGEABLE)})")
+def _refuse(method_name: str) -> None:
+    """Raise :class:`NotMergeableError` with the method's own reason unless its registry record says mergeable."""
+    try:
+        method = get_method(method_name)
+    except ValueError:
+        raise NotMergeableError(f"method {method_name!r} is not one tuneforge can merge "
+                                f"({', '.join(mergeable_methods())})") from None
+    if method.mergeable:
+        return
+    if method.is_full_model:
+        raise NotMergeableError(f"method '{method.name}': {method.not_mergeable_reason}")
+    raise NotMergeableError(f"method '{method.name}' cannot be merged into the base weights: "
+                            f"{method.not_mergeable_reason}. Serve the base model with the adapter instead "
+                            "(tuneforge.methods.load_trained).")
 
 
 def _load_tokenizer(model_spec: str, tokenizer_dir: str | Path | None):

@@ -1,190 +1,135 @@
-"""Dispatch from ``method:`` to the module that implements it, plus save/load of what was trained.
+"""The method registry: every fine-tuning method is one :class:`Method` record, registered once.
 
-| method  | module                         | trains                                   | merge into base |
-|---------|--------------------------------|------------------------------------------|-----------------|
-| full    | ``methods/full.py``            | all weights (minus frozen ones)          | n/a (is a model)|
-| lora    | ``methods/lora.py``            | ``B A`` per target linear (+DoRA norm)   | yes             |
-| qlora   | ``methods/qlora.py``           | LoRA over a 4/8-bit frozen base          | yes, into the unquantized base |
-| adapter | ``methods/bottleneck_adapter/``| bottleneck MLPs after attention/MLP      | no (nonlinear)  |
-| prefix  | ``methods/prefix_tuning.py``   | per-layer key/value prefixes             | no              |
-| prompt  | ``methods/prompt_tuning.py``   | a soft prompt of input embeddings        | no              |
-| ia3     | ``methods/ia3.py``             | rescaling vectors on k, v, down_proj     | yes             |
-
-The training loop never branches on the method: it calls :func:`apply_method` once, then
-:func:`method_forward` for every packed row, then :func:`save_trained`.
+Each built-in method lives in its own folder, ``methods/<method>/``, with the same shape (peft's
+``tuners/<method>/`` is the model): ``config.py`` (its settings: a section of the run config),
+``model.py`` (apply it to a base model, load it back), ``layer.py`` where it has layers of its own, and
+``__init__.py`` whose one :func:`register_method` call is all the rest of tuneforge knows about it. The
+run config's method sections, ``tuneforge.methods.apply_method`` / ``method_forward`` / ``load_trained``,
+merge and its refusals, and the trainer's optimizer all read these records; nothing branches on a
+method's name. Adding a method: one folder and one registration (``docs/ARCHITECTURE.md``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel
 
-from tuneforge.config import RunConfig
+if TYPE_CHECKING:
+    from tuneforge.config import RunConfig
 
-MERGEABLE = ("lora", "qlora", "ia3")
-NOT_MERGEABLE = ("adapter", "prefix", "prompt")
+Apply = Callable[[torch.nn.Module, "RunConfig", Any], torch.nn.Module]
+LoadTrained = Callable[..., torch.nn.Module]          # (base, folder, is_trainable=False) -> model
+LoadBase = Callable[["RunConfig", torch.dtype, "str | torch.device"], torch.nn.Module]
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Disable = Callable[[torch.nn.Module], contextlib.AbstractContextManager]
 
 
-class NotMergeableError(ValueError):
-    """The method cannot be folded into the base weights; serve the base model plus the adapter instead."""
+@dataclass(frozen=True)
+class Method:
+    """What tuneforge needs to know about a fine-tuning method.
 
-
-def apply_method(model: torch.nn.Module, config: RunConfig, tokenizer=None) -> torch.nn.Module:
-    """Return the trainable model for ``config.method`` (base weights frozen unless ``full``).
-
-    ``tokenizer`` is needed only by ``prompt`` with ``prompt.init_text``. For ``qlora`` the model may
-    come from :func:`load_base_model` (already quantized) or be a full-precision model (quantized here).
+    Attributes:
+        name: the value of ``method:`` in the run config.
+        summary: one line for listings and errors.
+        settings: run-config sections this method owns, ``{key: pydantic model}`` (``{"lora": LoraConfig}``);
+            a method may also read another method's section (``qlora`` reads ``lora``).
+        apply: ``(base model, run config, tokenizer) -> trainable model`` (base weights frozen unless full).
+        load_trained: ``(base, folder, is_trainable=False) -> model``: what :attr:`save` wrote, onto a fresh base.
+        saved_types: values of ``peft_type`` / ``adapter_type`` in ``adapter_config.json`` that mean this
+            method (``("LORA",)``); ``("full",)`` for a full model folder.
+        load_base: ``(config, dtype, device) -> base model`` when the method needs a special one (QLoRA
+            quantizes while loading); default: the plain model.
+        forward: ``(model, input_ids [1, T], position_ids [1, T], keep_idx [K]) -> logits [K, V]`` for a
+            packed row when the plain call would let examples see each other (prefix and prompt tuning).
+        generate: ``(model, **generate_kwargs)`` when transformers'/peft's ``model.generate`` is not right.
+        make_optimizer: ``(config, params) -> optimizer`` when the method brings its own (QLoRA's 8-bit).
+        mergeable: folds into the base weights (``tuneforge merge``).
+        not_mergeable_reason: why not, for the refusal (unused when mergeable).
+        disable: ``model -> context manager`` within which the model computes exactly its base model (a
+            reference model for preference training, the base for serving); None: cannot be disabled.
+        mixed_batches: one batch at inference may use different adapters of this method per row.
+        is_full_model: saves a complete model (no adapter).
     """
-    method = config.method
-    if method == "full":
-        from tuneforge.methods.full import apply_full
 
-        return apply_full(model, config.full)
-    if method == "lora":
-        from tuneforge.methods.lora import apply_lora
-
-        return apply_lora(model, config.lora)
-    if method == "qlora":
-        from tuneforge.methods.qlora import apply_qlora
-
-        return apply_qlora(model, config.lora, config.qlora, gradient_checkpointing=config.gradient_checkpointing)
-    if method == "adapter":
-        from tuneforge.methods.bottleneck_adapter.config import BottleneckAdapterConfig
-        from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel
-
-        cfg = config.adapter
-        return BottleneckAdapterModel(model, BottleneckAdapterConfig(
-            bottleneck=cfg.bottleneck, nonlinearity=cfg.nonlinearity, placement=list(cfg.placement),
-            dropout=cfg.dropout, scaling=cfg.scaling, base_model_name_or_path=config.model))
-    if method == "prefix":
-        from tuneforge.methods.prefix_tuning import apply_prefix
-
-        return apply_prefix(model, config.prefix)
-    if method == "prompt":
-        from tuneforge.methods.prompt_tuning import apply_prompt
-
-        return apply_prompt(model, config.prompt, tokenizer)
-    if method == "ia3":
-        from tuneforge.methods.ia3 import apply_ia3
-
-        return apply_ia3(model, config.ia3)
-    raise ValueError(f"method: unknown method {method!r}")
+    name: str
+    summary: str
+    settings: dict[str, type[BaseModel]]
+    apply: Apply
+    load_trained: LoadTrained
+    saved_types: tuple[str, ...]
+    load_base: LoadBase | None = None
+    forward: Forward | None = None
+    generate: Callable[..., Any] | None = None
+    make_optimizer: Callable[["RunConfig", list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
+    mergeable: bool = False
+    not_mergeable_reason: str = ""
+    disable: Disable | None = None
+    mixed_batches: bool = False
+    is_full_model: bool = False
 
 
-def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    ) -> torch.nn.Module:
-    """The base model as ``config.method`` wants it: quantized while loading for ``qlora``, else plain."""
-    if config.method == "qlora":
-        from tuneforge.methods.qlora import load_quantized_model, resolve_compute_dtype
-
-        return load_quantized_model(config.model, config.qlora, resolve_compute_dtype(config.qlora, dtype), device)
-    from tuneforge.models.loading import load_model
-
-    return load_model(config.model, dtype=dtype, device=device)
+_METHODS: dict[str, Method] = {}
+_SETTINGS: dict[str, type[BaseModel]] = {}
 
 
-def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: torch.Tensor,
-                   position_ids: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-    """Logits ``[K, V]`` at row positions ``keep_idx [K]`` of one packed row ``input_ids [1, T]``.
-
-    ``position_ids [1, T]`` restart at 0 for each example; no attention mask is passed, so transformers
-    builds the block-causal mask from them. Prefix and prompt tuning need their own forward for that
-    (see their modules); every other method uses the plain call.
-    """
-    method = config if isinstance(config, str) else config.method
-    if method == "prefix":
-        from tuneforge.methods.prefix_tuning import forward_for_loss
-
-        return forward_for_loss(model, input_ids, position_ids, keep_idx)
-    if method == "prompt":
-        from tuneforge.methods.prompt_tuning import forward_for_loss
-
-        return forward_for_loss(model, input_ids, position_ids, keep_idx)
-    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep_idx)
-    return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (a name or settings key registered twice is an error)."""
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    for key, model in method.settings.items():
+        if key in _SETTINGS and _SETTINGS[key] is not model:
+            raise ValueError(f"method {method.name!r}: settings section {key!r} is already owned by another method")
+    _METHODS[method.name] = method
+    _SETTINGS.update(method.settings)
+    return method
 
 
-def method_generate(model: torch.nn.Module, config: RunConfig | str | None, **kwargs):
-    """``model.generate(**kwargs)`` as ``config.method`` needs it (``None``: a plain model).
-
-    Prefix and prompt tuning generate through their own path (see :func:`tuneforge.methods.prefix_tuning.generate`);
-    every other method (and the base model) through transformers' / peft's ``generate``.
-    """
-    method = config if isinstance(config, str) or config is None else config.method
-    if method == "prefix":
-        from tuneforge.methods.prefix_tuning import generate
-
-        return generate(model, **kwargs)
-    if method == "prompt":
-        from tuneforge.methods.prompt_tuning import generate
-
-        return generate(model, **kwargs)
-    return model.generate(**kwargs)
+def unregister_method(name: str) -> None:
+    """Remove a method (and the settings sections only it owned); for tests that register toy methods."""
+    method = _METHODS.pop(name)
+    owned = {k for m in _METHODS.values() for k in m.settings}
+    for key in method.settings:
+        if key not in owned:
+            _SETTINGS.pop(key, None)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights counted once.
-
-    Quantized 4-bit weights are counted by their number of elements as stored (two values per byte), so
-    ``total`` under ``qlora`` undercounts the base; ``trainable`` is exact.
-    """
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
+def _builtins() -> None:
+    import tuneforge.methods  # noqa: F401  (registers the built-in methods)
 
 
-def save_trained(model: torch.nn.Module, out_dir: str | Path, config: RunConfig) -> None:
-    """Save what the method trained into ``out_dir``.
+def get_method(name: str) -> Method:
+    """The record of ``name``; an unknown name gets the closest registered one in the message."""
+    _builtins()
+    if name not in _METHODS:
+        import difflib
 
-    ``full``: a complete transformers model folder (``config.json`` + ``model.safetensors``). Every other
-    method: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format; the bottleneck adapter
-    writes the same two files with ``"adapter_type": "tuneforge.bottleneck_adapter"``).
-    """
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-
-
-def saved_method(adapter_dir: str | Path) -> str:
-    """Best guess of the method that saved ``adapter_dir``, from its files (``full``, ``adapter`` or peft type)."""
-    folder = Path(adapter_dir)
-    cfg_file = folder / "adapter_config.json"
-    if cfg_file.is_file():
-        data = json.loads(cfg_file.read_text())
-        if "adapter_type" in data:
-            return "adapter"
-        return {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}.get(
-            data.get("peft_type"), str(data.get("peft_type")))
-    if (folder / "config.json").is_file():
-        return "full"
-    raise FileNotFoundError(f"{folder} holds neither adapter_config.json nor config.json: not a saved run")
+        close = difflib.get_close_matches(name, list(_METHODS), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; methods: {', '.join(_METHODS)}")
+    return _METHODS[name]
 
 
-def load_trained(base: torch.nn.Module, adapter_dir: str | Path, config: RunConfig | None = None,
-                 is_trainable: bool = False) -> torch.nn.Module:
-    """Load what :func:`save_trained` wrote onto a freshly loaded ``base`` (for inference by default).
+def methods() -> Iterator[Method]:
+    _builtins()
+    return iter(list(_METHODS.values()))
 
-    ``full`` returns the saved model itself, in ``base``'s dtype (``base`` only supplies the dtype).
-    ``qlora`` adapters load onto whatever ``base`` is given: a quantized one (as trained) or a
-    full-precision one (as merged).
-    """
-    method = config.method if config is not None else saved_method(adapter_dir)
-    if method == "full":
-        from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=next(base.parameters()).dtype)
-    if method == "adapter":
-        from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel
+def method_names() -> list[str]:
+    _builtins()
+    return list(_METHODS)
 
-        return BottleneckAdapterModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
-    from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+def settings_sections() -> dict[str, type[BaseModel]]:
+    """Every run-config section a registered method owns: ``{key: pydantic model}``."""
+    _builtins()
+    return dict(_SETTINGS)
+
+
+def method_for_saved_type(saved_type: str) -> Method | None:
+    _builtins()
+    return next((m for m in _METHODS.values() if saved_type in m.saved_types), None)

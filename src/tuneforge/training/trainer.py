@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejects
 from tuneforge.data.packing import PackedBatch, micro_batches
-from tuneforge.methods import apply_method, count_parameters, load_base_model, save_trained
+from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
@@ -102,11 +102,11 @@ def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
 
 
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer :func:`train` steps: AdamW (fused where torch can), or ``qlora.optimizer`` for QLoRA."""
-    if config.method == "qlora":
-        from tuneforge.methods.qlora import make_optimizer as make_qlora_optimizer
-
-        return make_qlora_optimizer(params, config.qlora.optimizer, config.learning_rate, config.weight_decay)
+    """The optimizer :func:`train` steps: the method's own (QLoRA's ``qlora.optimizer``), else AdamW (fused where
+    torch can)."""
+    method = get_method(config.method)
+    if method.make_optimizer is not None:
+        return method.make_optimizer(config, params)
     return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 

@@ -1,13 +1,32 @@
 """Bottleneck adapters (Houlsby et al. 2019): our own method, in peft's three-file shape.
 
-* ``config.py``: :class:`BottleneckAdapterConfig`, what is saved as ``adapter_config.json``.
-* ``layer.py``: :class:`BottleneckAdapterLayer`, one adapter wrapped around one sub-layer.
-* ``model.py``: :class:`BottleneckAdapterModel`, injects the layers, saves and loads them.
+* ``config.py``: :class:`BottleneckAdapterConfig`, the ``adapter:`` section, saved as ``adapter_config.json``.
+* ``layer.py``: :class:`BottleneckAdapterLayer`, named adapters wrapped around one sub-layer.
+* ``model.py``: :class:`BottleneckAdapterModel`, injects the layers, saves, loads and switches adapters.
+
+Registered here as ``method: adapter``.
 """
 
 from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE, BottleneckAdapterConfig
 from tuneforge.methods.bottleneck_adapter.layer import BottleneckAdapterLayer
-from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel, NotMergeableError
+from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel
+from tuneforge.methods.errors import NotMergeableError
+from tuneforge.methods.registry import Method, register_method
 
 __all__ = ["ADAPTER_TYPE", "BottleneckAdapterConfig", "BottleneckAdapterLayer", "BottleneckAdapterModel",
            "NotMergeableError"]
+
+
+def _apply(model, config, tokenizer=None):
+    return BottleneckAdapterModel(model, config.adapter)
+
+
+register_method(Method(
+    name="adapter", summary="bottleneck MLPs after attention and/or MLP (ours)",
+    settings={"adapter": BottleneckAdapterConfig}, apply=_apply,
+    load_trained=lambda base, folder, is_trainable=False: BottleneckAdapterModel.from_pretrained(
+        base, folder, is_trainable=is_trainable),
+    saved_types=(ADAPTER_TYPE,),
+    not_mergeable_reason="a bottleneck adapter has a nonlinearity between its projections",
+    disable=lambda model: model.disable_adapter(),
+))

@@ -1,10 +1,17 @@
-"""Configuration of the bottleneck adapter, saved as ``adapter_config.json`` next to the weights."""
+"""Settings of the bottleneck adapter: the run config's ``adapter:`` section, saved as ``adapter_config.json``.
+
+One class for both: what the run config validates is what the adapter folder records (plus the
+``adapter_type`` marker, a format version and the base model's name, written by :meth:`save`).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from tuneforge.schema import Settings
 
 ADAPTER_TYPE = "tuneforge.bottleneck_adapter"
 """Value of the ``adapter_type`` field that identifies our method in ``adapter_config.json``.
@@ -18,9 +25,8 @@ NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
 FORMAT_VERSION = 1
 
 
-@dataclass
-class BottleneckAdapterConfig:
-    """Shape of the adapters and where they go.
+class BottleneckAdapterConfig(Settings):
+    """Shape of the adapters and where they go (Houlsby/Pfeiffer style: ``y + s * up(act(down(y)))``).
 
     Args:
         bottleneck: inner size ``b`` of every adapter (``d -> b -> d``).
@@ -28,30 +34,34 @@ class BottleneckAdapterConfig:
         placement: sub-layers whose output is adapted, a subset of ``("attention", "mlp")``.
         dropout: dropout on the bottleneck activations (training only).
         scaling: ``s`` in ``y + s * up(act(down(y)))``.
-        base_model_name_or_path: informational, recorded for whoever loads the adapter later.
     """
 
-    bottleneck: int = 64
+    bottleneck: int = Field(64, ge=1)
     nonlinearity: str = "gelu"
-    placement: list[str] = field(default_factory=lambda: list(PLACEMENTS))
-    dropout: float = 0.0
+    placement: list[str] = list(PLACEMENTS)
+    dropout: float = Field(0.0, ge=0, lt=1)
     scaling: float = 1.0
-    base_model_name_or_path: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.bottleneck < 1:
-            raise ValueError(f"adapter.bottleneck must be >= 1 (got {self.bottleneck})")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"adapter.nonlinearity must be one of {', '.join(NONLINEARITIES)} (got {self.nonlinearity!r})")
-        bad = [p for p in self.placement if p not in PLACEMENTS]
-        if bad or not self.placement:
-            raise ValueError(f"adapter.placement must be a non-empty subset of {list(PLACEMENTS)} (got {self.placement})")
+    @field_validator("nonlinearity")
+    @classmethod
+    def _known_nonlinearity(cls, v: str) -> str:
+        if v not in NONLINEARITIES:
+            raise ValueError(f"adapter.nonlinearity must be one of {', '.join(NONLINEARITIES)} (got {v!r})")
+        return v
 
-    def to_dict(self) -> dict:
-        return {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **asdict(self)}
+    @field_validator("placement")
+    @classmethod
+    def _known_placement(cls, v: list[str]) -> list[str]:
+        if not v or any(p not in PLACEMENTS for p in v):
+            raise ValueError(f"adapter.placement must be a non-empty subset of {list(PLACEMENTS)} (got {v})")
+        return v
 
-    def save(self, folder: str | Path) -> None:
-        Path(folder, "adapter_config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def to_dict(self, base_model_name_or_path: str | None = None) -> dict:
+        return {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **self.model_dump(),
+                "base_model_name_or_path": base_model_name_or_path}
+
+    def save(self, folder: str | Path, base_model_name_or_path: str | None = None) -> None:
+        Path(folder, "adapter_config.json").write_text(json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "BottleneckAdapterConfig":
@@ -64,5 +74,4 @@ class BottleneckAdapterConfig:
                              f"peft_type={data.get('peft_type')!r}); load it with the method it was trained with")
         if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer tuneforge (format {data['format_version']}); upgrade tuneforge")
-        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
+        return cls(**{k: v for k, v in data.items() if k in cls.model_fields})

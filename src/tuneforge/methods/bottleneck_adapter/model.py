@@ -1,13 +1,16 @@
-"""Inject bottleneck adapters into a causal LM, and save/load them like a peft adapter.
+"""Inject bottleneck adapters into a causal LM, and save/load/switch them like peft's named adapters.
 
 :class:`BottleneckAdapterModel` wraps the base model (as peft's ``PeftModel`` does): the base weights
 are frozen, every decoder layer's ``self_attn`` and/or ``mlp`` is replaced by a
 :class:`~tuneforge.methods.bottleneck_adapter.layer.BottleneckAdapterLayer` around it, and calling the
-wrapper calls the base model. ``save_pretrained`` writes only the adapters, in the same layout as peft:
+wrapper calls the base model. Several adapters can live in one model under names (``load_adapter``,
+``set_adapter``, ``delete_adapter``, ``disable_adapter``), so one base serves many tasks and a trained
+adapter, disabled, is its own reference model. ``save_pretrained`` writes one adapter, in the same
+layout as peft:
 
 * ``adapter_config.json``: :class:`BottleneckAdapterConfig` plus ``"adapter_type": "tuneforge.bottleneck_adapter"``;
-* ``adapter_model.safetensors``: the adapter tensors, keyed by their name inside the base model
-  (e.g. ``model.layers.0.self_attn.adapter_down.weight``).
+* ``adapter_model.safetensors``: the adapter tensors, keyed by their name inside the base model without
+  the adapter name (e.g. ``model.layers.0.self_attn.adapter_down.weight``), as peft does.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneforge.methods.bottleneck_adapter.config import BottleneckAdapterConfig
-from tuneforge.methods.bottleneck_adapter.layer import BottleneckAdapterLayer
-from tuneforge.methods.registry import NotMergeableError
+from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE, BottleneckAdapterConfig
+from tuneforge.methods.bottleneck_adapter.layer import DEFAULT_ADAPTER, BottleneckAdapterLayer
+from tuneforge.methods.errors import NotMergeableError
 
 SUBLAYER_NAMES = {"attention": "self_attn", "mlp": "mlp"}
 WEIGHTS_NAME = "adapter_model.safetensors"
+_TABLES = ("adapter_down", "adapter_up")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -39,6 +43,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _saved_key(name: str, adapter_name: str) -> str | None:
+    """``...adapter_down.<adapter_name>.weight`` -> ``...adapter_down.weight`` (None for another adapter's tensor)."""
+    for table in _TABLES:
+        marker = f".{table}.{adapter_name}."
+        if marker in name:
+            return name.replace(marker, f".{table}.")
+    return None
+
+
 class BottleneckAdapterModel(nn.Module):
     """A frozen causal LM with trainable bottleneck adapters after attention and/or MLP.
 
@@ -48,24 +61,80 @@ class BottleneckAdapterModel(nn.Module):
     Args:
         model: the base model (frozen in place; its sub-layers are wrapped in place).
         config: adapter shape and placement.
+        adapter_name: name of this first adapter (it is active and trainable).
     """
 
-    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig) -> None:
+    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_model = model
-        self.adapter_config = config
+        self.configs: dict[str, BottleneckAdapterConfig] = {}
         for p in model.parameters():
             p.requires_grad_(False)
-        hidden_size = model.config.hidden_size
-        for layer in decoder_layers(model):
+        self.add_adapter(adapter_name, config)
+
+    # ------------------------------------------------------------------------------ named adapters
+
+    def add_adapter(self, adapter_name: str, config: BottleneckAdapterConfig) -> None:
+        """Insert a new zero-initialised adapter ``adapter_name`` into every placement of ``config``."""
+        if adapter_name in self.configs:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        hidden_size = self.base_model.config.hidden_size
+        for layer in decoder_layers(self.base_model):
             for placement in config.placement:
                 name = SUBLAYER_NAMES[placement]
                 sub = getattr(layer, name)
                 if isinstance(sub, BottleneckAdapterLayer):
-                    raise ValueError(f"{type(layer).__name__}.{name} already has a bottleneck adapter")
-                wrapped = BottleneckAdapterLayer(sub, hidden_size, config.bottleneck, config.nonlinearity,
-                                                 config.dropout, config.scaling)
-                setattr(layer, name, wrapped)
+                    sub.add_adapter(adapter_name, config.bottleneck, config.nonlinearity, config.dropout, config.scaling)
+                else:
+                    setattr(layer, name, BottleneckAdapterLayer(sub, hidden_size, config.bottleneck, config.nonlinearity,
+                                                                config.dropout, config.scaling, adapter_name))
+        self.configs[adapter_name] = config
+        if len(self.configs) == 1:
+            self.set_adapter(adapter_name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return next((layer.active_adapter for layer in self.adapter_layers()), None)
+
+    @property
+    def adapter_config(self) -> BottleneckAdapterConfig:
+        """The active adapter's config."""
+        return self.configs[self.active_adapter or next(iter(self.configs))]
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one every wrapped layer applies (a layer without it applies none)."""
+        if adapter_name not in self.configs:
+            raise KeyError(f"no adapter named {adapter_name!r} (have: {', '.join(self.configs)})")
+        for layer in self.adapter_layers():
+            layer.active_adapter = adapter_name if adapter_name in layer.adapter_down else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for layer in self.adapter_layers():
+            if adapter_name in layer.adapter_down:
+                layer.delete_adapter(adapter_name)
+        del self.configs[adapter_name]
+
+    def load_adapter(self, folder: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``folder`` under ``adapter_name`` (not made active: call :meth:`set_adapter`)."""
+        folder = Path(folder)
+        self.add_adapter(adapter_name, BottleneckAdapterConfig.load(folder))
+        saved = load_file(str(folder / WEIGHTS_NAME))
+        params = {_saved_key(n, adapter_name): p for n, p in self.base_model.named_parameters()}
+        params.pop(None, None)
+        missing = sorted(set(params) - set(saved))
+        unexpected = sorted(set(saved) - set(params))
+        if missing or unexpected:
+            self.delete_adapter(adapter_name)
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this base model: missing={missing[:4]} "
+                             f"unexpected={unexpected[:4]} (was it trained on a different model?)")
+        with torch.no_grad():
+            for key, tensor in saved.items():
+                param = params[key]
+                if param.shape != tensor.shape:
+                    self.delete_adapter(adapter_name)
+                    raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+                param.copy_(tensor)
+                param.requires_grad_(is_trainable)
 
     # ----------------------------------------------------------------------------------- inference
 
@@ -103,41 +172,38 @@ class BottleneckAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------------------ save and load
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors keyed by their name inside the base model."""
-        return {name: p.detach() for name, p in self.base_model.named_parameters() if ".adapter_" in name}
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of adapter ``adapter_name`` (default: the active one) keyed as saved (without the name)."""
+        adapter_name = adapter_name or self.active_adapter or DEFAULT_ADAPTER
+        out = {}
+        for name, p in self.base_model.named_parameters():
+            key = _saved_key(name, adapter_name)
+            if key is not None:
+                out[key] = p.detach()
+        return out
 
-    def save_pretrained(self, folder: str | Path, **_: Any) -> None:
+    def save_pretrained(self, folder: str | Path, adapter_name: str | None = None, **_: Any) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self.adapter_config
-        config.base_model_name_or_path = config.base_model_name_or_path or getattr(
-            self.base_model, "name_or_path", None) or None
-        config.save(folder)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "adapter_type": "tuneforge.bottleneck_adapter"})
+        adapter_name = adapter_name or self.active_adapter or DEFAULT_ADAPTER
+        base_name = getattr(self.base_model, "name_or_path", None) or None
+        self.configs[adapter_name].save(folder, base_name)
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(adapter_name).items()}
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "adapter_type": ADAPTER_TYPE})
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, folder: str | Path, is_trainable: bool = False) -> "BottleneckAdapterModel":
-        """Wrap ``model`` and load the adapters saved in ``folder``; every adapter tensor must match."""
+    def from_pretrained(cls, model: nn.Module, folder: str | Path, is_trainable: bool = False,
+                        adapter_name: str = DEFAULT_ADAPTER) -> "BottleneckAdapterModel":
+        """Wrap ``model`` and load the adapter saved in ``folder`` as ``adapter_name``; every tensor must match."""
         folder = Path(folder)
-        config = BottleneckAdapterConfig.load(folder)
-        wrapped = cls(model, config)
-        saved = load_file(str(folder / WEIGHTS_NAME))
-        expected = wrapped.adapter_state_dict()
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this base model: missing={missing[:4]} "
-                             f"unexpected={unexpected[:4]} (was it trained on a different model?)")
-        params = dict(wrapped.base_model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if params[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-        for name, p in wrapped.base_model.named_parameters():
-            p.requires_grad_(is_trainable and ".adapter_" in name)
+        wrapped = cls.__new__(cls)
+        nn.Module.__init__(wrapped)
+        wrapped.base_model = model
+        wrapped.configs = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrapped.load_adapter(folder, adapter_name, is_trainable=is_trainable)
+        wrapped.set_adapter(adapter_name)
         return wrapped
 
     def __getattr__(self, name: str) -> Any:
@@ -145,3 +211,5 @@ class BottleneckAdapterModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base_model"), name)
+
+

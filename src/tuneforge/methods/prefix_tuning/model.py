@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from tuneforge.config import PrefixConfig
+from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.methods.packed_rows import segment_bounds, segment_ids
+from tuneforge.methods.prefix_tuning.config import PrefixConfig
 from tuneforge.models.transformers_compat import cache_argument
 
 
@@ -65,6 +66,9 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     segment_bounds(position_ids)  # validates the row
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
+    if virtual_tokens_are_disabled(model):
+        return base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=keep_idx).logits.squeeze(0)
     past = model.get_prompt(batch_size=1, max_cache_len=input_ids.shape[1] + P)
     dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
     out = base(input_ids=input_ids, position_ids=position_ids + P, **{cache_argument(base): past},
@@ -96,6 +100,8 @@ def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Te
     B = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if virtual_tokens_are_disabled(model):
+        return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     kwargs.pop("use_cache", None)        # the prefix lives in the cache: generation must use one
     placeholders = torch.full((B, P), PLACEHOLDER_ID, dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([placeholders, input_ids], dim=1)

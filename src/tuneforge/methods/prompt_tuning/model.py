@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 
-from tuneforge.config import PromptConfig
 from tuneforge.methods.packed_rows import segment_bounds
+from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
+from tuneforge.methods.prompt_tuning.config import PromptConfig
 
 
 def peft_prompt_config(cfg: PromptConfig) -> PromptTuningConfig:
@@ -62,6 +63,9 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     bounds = segment_bounds(position_ids)
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
+    if virtual_tokens_are_disabled(model):
+        return base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=keep_idx).logits.squeeze(0)
     embeds = model.word_embeddings(input_ids)[0]                        # [T, H]
     soft = model.get_prompt(batch_size=1)[0].to(embeds.dtype)           # [P, H]
     pieces, positions = [], []
@@ -97,6 +101,8 @@ def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Te
     B = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if virtual_tokens_are_disabled(model):
+        return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     embeds = model.word_embeddings(input_ids)                                   # [B, T, H]
     soft = model.get_prompt(batch_size=B).to(embeds.dtype)                      # [B, P, H]
     P = soft.shape[1]

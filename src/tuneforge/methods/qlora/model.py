@@ -29,7 +29,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tuneforge.config import LoraConfig, QuantConfig
+from tuneforge.methods.lora.config import LoraConfig
+from tuneforge.methods.qlora.config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     if device.type == "cpu":
         release_checkpoint_mapping_(loaded)
     return loaded
+
+
+def load_base(config, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """The registry's ``load_base``: ``config.model`` quantized while loading, computing in ``qlora.compute_dtype``."""
+    return load_quantized_model(config.model, config.qlora, resolve_compute_dtype(config.qlora, dtype), device)
 
 
 def release_checkpoint_mapping_(model: nn.Module) -> None:
@@ -175,7 +181,7 @@ def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
     """
     from peft import prepare_model_for_kbit_training
 
-    from tuneforge.methods.lora import apply_lora
+    from tuneforge.methods.lora.model import apply_lora
 
     if not is_quantized(model):
         compute_dtype = resolve_compute_dtype(quant_cfg, next(model.parameters()).dtype)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.config import FullConfig
+from pathlib import Path
+
+from tuneforge.methods.full.config import FullConfig
 
 
 def apply_full(model: torch.nn.Module, cfg: FullConfig) -> torch.nn.Module:
@@ -23,4 +25,13 @@ def apply_full(model: torch.nn.Module, cfg: FullConfig) -> torch.nn.Module:
             raise ValueError(f"full.freeze_layers: layer {index} does not exist (the model has {len(layers)})")
         for p in layers[index].parameters():
             p.requires_grad_(False)
+    return model
+
+
+def load_full(base: torch.nn.Module, folder: str | Path, is_trainable: bool = False) -> torch.nn.Module:
+    """The saved full model, in ``base``'s dtype (``base`` only supplies the dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(base.parameters()).dtype)
+    model.requires_grad_(is_trainable)
     return model

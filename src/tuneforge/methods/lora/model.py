@@ -4,7 +4,7 @@ LoRA replaces a frozen linear layer ``W0`` by ``x -> W0 x + (alpha / r) * B A x`
 (Kaiming-uniform init) and ``B: (d_out, r)`` (zeros), so training starts exactly at the base model.
 rsLoRA scales by ``alpha / sqrt(r)`` instead; DoRA additionally learns a per-output-row magnitude.
 Trainable parameters per target linear: ``r * (d_in + d_out)`` (+ ``d_out`` for DoRA).
-In training, the LoRA layers run tuneforge's fused forward (:mod:`tuneforge.methods.lora_fused`: dropout
+In training, the LoRA layers run tuneforge's fused forward (:mod:`tuneforge.methods.lora.layer`: dropout
 fused into ``A``, one mask and one matmul for q/k/v's and gate/up's ``A``, ``B`` fused into the residual
 add; the same training in fewer passes and less memory); ``lora.fused_forward: false`` keeps peft's.
 """
@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from tuneforge.config import LoraConfig
-from tuneforge.methods.lora_fused import fuse_lora_forward
+from tuneforge.methods.lora.config import LoraConfig
+from tuneforge.methods.lora.layer import fuse_lora_forward
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:

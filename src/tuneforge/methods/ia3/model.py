@@ -13,7 +13,7 @@ import torch
 from peft import IA3Config as PeftIA3Config
 from peft import get_peft_model
 
-from tuneforge.config import IA3Config
+from tuneforge.methods.ia3.config import IA3Config
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
 DEFAULT_FEEDFORWARD = ["down_proj"]
