@@ -71,10 +71,15 @@ def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
 
 
 def micro_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> Iterator[PackedBatch]:
-    """One epoch of packed micro-batches of ``batch_size`` examples, shuffled by ``(seed, epoch)``."""
+                  shuffle: bool = True, start: int = 0) -> Iterator[PackedBatch]:
+    """One epoch of packed micro-batches of ``batch_size`` examples, shuffled by ``(seed, epoch)``,
+    from micro-batch number ``start`` on (the earlier ones are skipped without being packed)."""
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield pack([examples[i] for i in order[start:start + batch_size]])
+    for first in range(start * batch_size, len(order), batch_size):
+        yield pack([examples[i] for i in order[first:first + batch_size]])
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, -(-num_examples // batch_size))

@@ -6,7 +6,8 @@ import importlib.metadata
 import platform
 import sys
 
-from tuneforge.models.registry import file_sha256, model_fingerprint
+from tuneforge.fileutil import file_sha256
+from tuneforge.models.registry import model_fingerprint
 
 
 def library_versions() -> dict[str, str]:

@@ -1,10 +1,14 @@
-"""The training recipe: one function you can read top to bottom.
+"""The training recipe: ``setup -> fit -> finish``, a plain loop you can read top to bottom.
 
-``train(config)`` sets up the device and dtype, the tokenizer, the data, the model and its method, the
-optimizer and schedule, then runs a plain loop: gradient accumulation over packed micro-batches, loss
-normalised by the number of target tokens in the whole step, clipping, evaluation every ``eval_every``
-steps with the best checkpoint kept, optional early stopping, atomic checkpoints. Everything it produces
-goes into ``config.output_dir`` (see :class:`RunResult`).
+:class:`TrainingRecipe` sets up the device and dtype, the tokenizer, the data (through the objective),
+the model and its method, the optimizer and schedule; ``fit`` runs the loop: gradient accumulation over
+packed micro-batches, the objective's loss sum divided by the normaliser of the whole step (target tokens
+for SFT), clipping, evaluation every ``eval_every`` steps with the best checkpoint kept by the objective's
+metric, optional early stopping, checkpoints that always exist (``training/checkpoint.py``); ``finish``
+writes the run directory (see :class:`RunResult`). The loop never branches on the method or the
+objective: the method registry (``methods/``) and the objective (``training/objectives/``) do.
+All mutable training state lives in one :class:`~tuneforge.training.state.TrainState`.
+``train(config)`` is the three calls in a row.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,20 +28,21 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tuneforge.config import RunConfig, dump_config
-from tuneforge.data.dataset import PreparedData, prepare_data, write_rejects
-from tuneforge.data.packing import PackedBatch, micro_batches
+from tuneforge.data.dataset import write_rejects
+from tuneforge.data.packing import PackedBatch, batches_per_epoch, micro_batches
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
-from tuneforge.training.checkpoint import atomic_save_dir, copy_files
-from tuneforge.training.loss import evaluate_loss, packed_loss_sum
+from tuneforge.training.checkpoint import CheckpointDir, copy_files
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
+from tuneforge.training.objectives import get_objective
 from tuneforge.training.optimizer import adamw
 from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
 from tuneforge.training.packed_attention import set_attention
 from tuneforge.training.rms_norm import fuse_rms_norm
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
+from tuneforge.training.state import STATE_FILE, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +78,6 @@ def total_steps(config: RunConfig, num_train: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
-def _batch_stream(data: PreparedData, config: RunConfig):
-    """Endless stream of packed micro-batches, reshuffled every epoch."""
-    epoch = 0
-    while True:
-        yield from micro_batches(data.train, config.batch_size, config.seed, epoch)
-        epoch += 1
-
-
-def _save_model(model, tokenizer, config: RunConfig, target: Path) -> None:
-    def write(tmp: Path) -> None:
-        save_trained(model, tmp, config)
-        tokenizer.save_pretrained(tmp)
-
-    atomic_save_dir(target, write)
-
-
 def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
     """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
     one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode."""
@@ -110,136 +100,208 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
     return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def train(config: RunConfig) -> RunResult:
-    """Train ``config.method`` on ``config.data`` and write the run directory; return a summary."""
-    started = time.time()
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
-    seed_everything(config.seed)
-    _configure_cpu(config.threads)
+class TrainingRecipe:
+    """One training run: ``setup()``, ``fit()``, ``finish()`` (or :func:`train` for all three)."""
 
-    # --- device, dtype
-    device = pick_device(config.device)
-    dtype, why = pick_dtype(config.dtype, device)
-    log.info("device %s, dtype %s (%s)", device, str(dtype).removeprefix("torch."), why)
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.objective = get_objective(config.task)
+        self.run_dir = Path(config.output_dir)
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints")
 
-    # --- tokenizer and data
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, config.seed, config.task)
-    if data.rejects:
-        write_rejects(data.rejects, run_dir / "rejects.jsonl")
-    val_batches = list(micro_batches(data.validation, config.batch_size, config.seed, 0, shuffle=False))
-    log.info("data: %d train / %d validation examples (%s), %d train tokens, %d rejected",
-             len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
-             data.train_tokens, len(data.rejects))
+    # ------------------------------------------------------------------------------------ setup
 
-    # --- model and method
-    model = load_base_model(config, dtype=dtype, device=device)
-    model = apply_method(model, config, tokenizer)
-    prepare_for_training(model, config)
-    trainable, total = count_parameters(model)
-    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    def setup(self) -> None:
+        config = self.config
+        self.started = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(config))
+        for stale in self.checkpoints.clean_stale():
+            log.info("removed %s, left by an interrupted save", stale)
+        seed_everything(config.seed)
+        _configure_cpu(config.threads)
 
-    # --- optimizer and schedule
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, params)
-    steps = total_steps(config, len(data.train))
-    warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * steps)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    eval_every = config.eval_every or max(1, steps // 5)
+        self.device = pick_device(config.device)
+        self.dtype, self.dtype_reason = pick_dtype(config.dtype, self.device)
+        log.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason)
 
-    # --- the loop
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    stream = _batch_stream(data, config)
-    best_loss, best_step, bad_evals, last_loss = math.inf, None, 0, None
-    best_dir = run_dir / "checkpoints" / "best"
-    seen_tokens = 0
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not config.progress, dynamic_ncols=True)
-    loop_start = time.time()
-    step = 0
-    for step in range(1, steps + 1):
+        self.tokenizer = load_tokenizer(config.model)
+        self.data = data = self.objective.prepare_data(config, self.tokenizer)
+        if data.rejects:
+            write_rejects(data.rejects, self.run_dir / "rejects.jsonl")
+        self.val_batches = list(micro_batches(data.validation, config.batch_size, config.seed, 0, shuffle=False))
+        log.info("data: %d train / %d validation examples (%s), %d train tokens, %d rejected",
+                 len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
+                 data.train_tokens, len(data.rejects))
+
+        model = load_base_model(config, dtype=self.dtype, device=self.device)
+        self.model = model = apply_method(model, config, self.tokenizer)
+        prepare_for_training(model, config)
+        self.trainable, self.total = count_parameters(model)
+        log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
+                 100 * self.trainable / self.total)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(config, self.params)
+        self.steps = total_steps(config, len(data.train))
+        warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
+        scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=self.steps)
+        self.eval_every = config.eval_every or max(1, self.steps // 5)
+        self.state = TrainState(optimizer=optimizer, scheduler=scheduler)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+    # -------------------------------------------------------------------------------------- fit
+
+    def _next_micro_batches(self, n: int) -> list[PackedBatch]:
+        """The next ``n`` micro-batches at the state's data cursor (epochs reshuffled), advancing the cursor."""
+        state, config = self.state, self.config
+        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size)
+        out: list[PackedBatch] = []
+        while len(out) < n:
+            if state.micro_batch >= per_epoch:
+                state.epoch, state.micro_batch = state.epoch + 1, 0
+            stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch, start=state.micro_batch)
+            for batch in stream:
+                out.append(batch)
+                state.micro_batch += 1
+                if len(out) == n:
+                    break
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics row."""
+        config, state, objective = self.config, self.state, self.objective
         step_start = time.time()
-        batches: list[PackedBatch] = [next(stream) for _ in range(config.gradient_accumulation_steps)]
-        num_targets = sum(b.num_loss_tokens for b in batches)
-        step_loss = 0.0
+        batches = self._next_micro_batches(config.gradient_accumulation_steps)
+        normaliser = sum(objective.normaliser(b) for b in batches)
+        step_loss, sums = 0.0, {}
         for batch in batches:
-            if batch.num_loss_tokens == 0:
+            if objective.normaliser(batch) == 0:
                 continue
-            loss_sum = packed_loss_sum(model, batch.to(device), config.method, config.chunked_loss)
-            (loss_sum / num_targets).backward()
-            step_loss += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            out = objective.loss(self.model, batch.to(self.device), config)
+            (out.loss_sum / normaliser).backward()
+            step_loss += out.loss_sum.item()
+            for key, value in out.metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+                     if config.max_grad_norm else None)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
 
+        state.step += 1
         step_tokens = sum(b.num_tokens for b in batches)
-        seen_tokens += step_tokens
-        elapsed = time.time() - loop_start
-        last_loss = step_loss / max(num_targets, 1)
-        row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0],
-               "tokens": step_tokens, "trained_tokens": num_targets,
-               "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
-               "avg_tokens_per_s": round(seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
+        state.seen_tokens += step_tokens
+        elapsed = time.time() - self.loop_start
+        state.last_loss = step_loss / max(normaliser, 1)
+        row: dict[str, Any] = {
+            "step": state.step, "loss": round(state.last_loss, 6), "lr": state.scheduler.get_last_lr()[0],
+            "tokens": step_tokens, "trained_tokens": normaliser,
+            "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
+            "avg_tokens_per_s": round(state.seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
+        row.update({k: round(v / max(normaliser, 1), 6) for k, v in sums.items()})
         if grad_norm is not None:
             row["grad_norm"] = round(float(grad_norm), 4)
+        return row
 
-        if val_batches and (step % eval_every == 0 or step == steps):
-            eval_loss = evaluate_loss(model, val_batches, device, config.method, config.chunked_loss)
-            row["eval_loss"] = round(eval_loss, 6)
-            if eval_loss < best_loss - 1e-6:
-                best_loss, best_step, bad_evals = eval_loss, step, 0
-                if config.keep_best:
-                    _save_model(model, tokenizer, config, best_dir)
-            else:
-                bad_evals += 1
-            log.info("step %d: eval loss %.4f (best %.4f at step %s)", step, eval_loss, best_loss, best_step)
-        if config.save_every and step % config.save_every == 0:
-            _save_model(model, tokenizer, config, run_dir / "checkpoints" / "last")
-        if step % config.log_every == 0 or "eval_loss" in row or step == steps:
-            metrics.log(**row)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
-                        **({"eval": f"{row['eval_loss']:.4f}"} if "eval_loss" in row else {}))
-        bar.update(1)
-        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-            log.info("early stopping at step %d: no eval improvement in %d evaluations", step, bad_evals)
-            break
-    bar.close()
-    metrics.close()
+    def evaluate(self) -> dict[str, float]:
+        """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
+        config, state, objective = self.config, self.state, self.objective
+        results = objective.evaluate(self.model, self.val_batches, self.device, config)
+        score = results[objective.eval_metric]
+        if objective.improved(score, state.best_score):
+            state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+            if config.keep_best:
+                self.save_checkpoint("best", with_state=False)
+        else:
+            state.bad_evals += 1
+        log.info("step %d: %s %.4f (best %.4f at step %s)", state.step, objective.eval_metric, score,
+                 state.best_score, state.best_step)
+        return {k: round(v, 6) for k, v in results.items()}
 
-    # --- final artefacts: the best checkpoint (or the last weights) at the top of the run directory
-    if config.keep_best and best_step is not None:
-        copy_files(best_dir, run_dir)
-    else:
-        _save_model(model, tokenizer, config, run_dir / "checkpoints" / "final")
-        copy_files(run_dir / "checkpoints" / "final", run_dir)
-    plot_loss_curve(metrics.rows, run_dir / "loss_curve.png", title=f"{config.method} on {Path(config.data.train).name}")
+    def save_checkpoint(self, kind: str, with_state: bool = True) -> Path:
+        """The trained weights and tokenizer (and, with ``with_state``, the :class:`TrainState`) as the
+        current ``kind`` checkpoint."""
+        def write(folder: Path) -> None:
+            save_trained(self.model, folder, self.config)
+            self.tokenizer.save_pretrained(folder)
+            if with_state:
+                self.state.save(folder)
 
-    wall = time.time() - started
-    record = {
-        "tuneforge_run": 1,
-        "base_model": base_model_record(config.model, resolve_model(config.model)),
-        "method": config.method,
-        "task": config.task,
-        "data": data_fingerprints([config.data.train, config.data.validation]),
-        "examples": {"train": len(data.train), "validation": len(data.validation), "rejected": len(data.rejects),
-                     "truncated": data.truncated, "formats": data.formats},
-        "seed": config.seed,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "dtype_reason": why,
-        "steps": step,
-        "trainable_params": trainable,
-        "total_params": total,
-        "final_train_loss": last_loss,
-        "best_eval_loss": None if best_step is None else best_loss,
-        "best_step": best_step,
-        "weights_from_step": best_step if (config.keep_best and best_step is not None) else step,
-        "train_tokens_seen": seen_tokens,
-        "wall_time_s": round(wall, 2),
-        "versions": library_versions(),
-    }
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
-    return RunResult(run_dir, step, last_loss, record["best_eval_loss"], best_step, trainable, total, wall, metrics.rows)
+        return self.checkpoints.save(kind, self.state.step, write)
+
+    def fit(self) -> None:
+        config, state = self.config, self.state
+        bar = tqdm(total=self.steps, initial=state.step, desc="training", unit="step", disable=not config.progress,
+                   dynamic_ncols=True)
+        self.loop_start = time.time()
+        while state.step < self.steps:
+            row = self.train_step()
+            if self.val_batches and (state.step % self.eval_every == 0 or state.step == self.steps):
+                row.update(self.evaluate())
+            if config.save_every and state.step % config.save_every == 0:
+                self.save_checkpoint("last")
+            if state.step % config.log_every == 0 or self.objective.eval_metric in row or state.step == self.steps:
+                self.metrics.log(**row)
+                state.metrics_rows += 1
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
+                            **({"eval": f"{row[self.objective.eval_metric]:.4f}"}
+                               if self.objective.eval_metric in row else {}))
+            bar.update(1)
+            if config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience:
+                log.info("early stopping at step %d: no eval improvement in %d evaluations", state.step,
+                         state.bad_evals)
+                break
+        bar.close()
+        self.metrics.close()
+
+    # ----------------------------------------------------------------------------------- finish
+
+    def finish(self) -> RunResult:
+        """The best checkpoint (or the last weights) at the top of the run directory, the loss curve, run.json."""
+        config, state = self.config, self.state
+        best = self.checkpoints.current("best") if config.keep_best and state.best_step is not None else None
+        if best is None:
+            best = self.save_checkpoint("final", with_state=False)
+        copy_files(best, self.run_dir, skip=(STATE_FILE,))
+        plot_loss_curve(self.metrics.rows, self.run_dir / "loss_curve.png",
+                        title=f"{config.method} on {Path(config.data.train).name}")
+        wall = time.time() - self.started
+        data = self.data
+        best_score = None if state.best_step is None else state.best_score
+        record = {
+            "tuneforge_run": 1,
+            "base_model": base_model_record(config.model, resolve_model(config.model)),
+            "method": config.method,
+            "task": config.task,
+            "data": data_fingerprints([config.data.train, config.data.validation]),
+            "examples": {"train": len(data.train), "validation": len(data.validation), "rejected": len(data.rejects),
+                         "truncated": data.truncated, "formats": data.formats},
+            "seed": config.seed,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
+            "steps": state.step,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "final_train_loss": state.last_loss,
+            "eval_metric": self.objective.eval_metric,
+            "best_eval_loss": best_score,
+            "best_step": state.best_step,
+            "weights_from_step": state.best_step if (config.keep_best and state.best_step is not None) else state.step,
+            "train_tokens_seen": state.seen_tokens,
+            "wall_time_s": round(wall, 2),
+            "versions": library_versions(),
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(record, indent=2))
+        return RunResult(self.run_dir, state.step, state.last_loss, best_score, state.best_step, self.trainable,
+                         self.total, wall, self.metrics.rows)
+
+
+def train(config: RunConfig) -> RunResult:
+    """Train ``config.method`` on ``config.data`` with ``config.task``'s objective; write the run directory."""
+    recipe = TrainingRecipe(config)
+    recipe.setup()
+    recipe.fit()
+    return recipe.finish()

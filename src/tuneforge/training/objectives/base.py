@@ -1,0 +1,67 @@
+"""The objective seam: the interface every training objective implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from tuneforge.config import RunConfig
+    from tuneforge.data.dataset import PreparedData
+    from tuneforge.data.packing import PackedBatch
+
+
+@dataclass
+class ObjectiveOutput:
+    """One micro-batch's contribution.
+
+    ``loss_sum``: fp32 scalar, a *sum* over the micro-batch's units (tokens, pairs, ...); the loop divides
+    it by the normaliser of the whole optimizer step, so gradient accumulation equals one big batch.
+    ``normaliser``: this micro-batch's units (the same number :meth:`Objective.normaliser` gave).
+    ``metrics``: sums to be added over the step's micro-batches and divided by the step's normaliser
+    when logged (e.g. a preference objective's chosen-minus-rejected reward margin).
+    """
+
+    loss_sum: torch.Tensor
+    normaliser: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: an objective named after its ``task:``.
+
+    Attributes:
+        eval_metric: the key of :meth:`evaluate`'s result that picks the best checkpoint.
+        higher_is_better: which way ``eval_metric`` improves.
+    """
+
+    eval_metric: str = "eval_loss"
+    higher_is_better: bool = False
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def prepare_data(self, config: RunConfig, tokenizer: Any) -> PreparedData:
+        """Load, render and tokenize ``config.data`` into train and validation examples (and rejects)."""
+        raise NotImplementedError
+
+    def normaliser(self, batch: PackedBatch) -> float:
+        """Units this micro-batch contributes to the step's normaliser, known before any forward."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: PackedBatch, config: RunConfig) -> ObjectiveOutput:
+        """The loss sum of ``batch`` (on the model's device), with autograd."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, batches: list[PackedBatch], device: torch.device,
+                 config: RunConfig) -> dict[str, float]:
+        """Validation metrics, including :attr:`eval_metric`; the model is in eval mode, no grad."""
+        raise NotImplementedError
+
+    def improved(self, score: float, best: float | None, tolerance: float = 1e-6) -> bool:
+        """Whether ``score`` beats ``best`` in this objective's direction."""
+        if best is None:
+            return True
+        return score > best + tolerance if self.higher_is_better else score < best - tolerance

@@ -1,0 +1,85 @@
+"""All the mutable state of a training run, saved and loaded in one place.
+
+:class:`TrainState` holds what changes while a run trains and is not the model's weights: the counters
+(optimizer step, data cursor as epoch + micro-batch index, tokens seen), the best score and when it was
+reached, the count of evaluations without improvement, how many rows ``metrics.jsonl`` holds, the
+optimizer's and scheduler's state and every random generator (Python, numpy, torch CPU and CUDA). A
+checkpoint is the model's trained weights plus :meth:`TrainState.save`'s ``trainer_state.pt``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator a run draws from."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Counters and scores of a run; ``optimizer`` and ``scheduler`` are the live objects whose state is saved.
+
+    ``epoch`` and ``micro_batch`` are the data cursor: the next micro-batch the loop takes is number
+    ``micro_batch`` (0-based) of epoch ``epoch``'s shuffled order.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    seen_tokens: int = 0
+    last_loss: float | None = None
+    best_score: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    metrics_rows: int = 0
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
+    scheduler: Any = field(default=None, repr=False, compare=False)
+
+    def counters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counters": self.counters(), "rng": rng_state(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
+        for key, value in state["counters"].items():
+            setattr(self, key, value)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            set_rng_state(state["rng"])
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / STATE_FILE
+        torch.save(self.state_dict(), path)
+        return path
+
+    def load(self, folder: str | Path, restore_rng: bool = True) -> None:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        self.load_state_dict(state, restore_rng=restore_rng)
