@@ -72,8 +72,8 @@ def run_mode(data: Path, out: Path | None, near: bool, workers: int = 1) -> dict
             else f"clean_files({str(data)!r}, {str(out)!r}, cfg, workers={workers})")
     code = (
         "import json, resource, sys, time\n"
-        "from tuneforge.data.clean import check_files, clean_files\n"
-        "from tuneforge.data.curation_config import CurationConfig\n"
+        "from tuneforge.data.curation.clean import check_files, clean_files\n"
+        "from tuneforge.data.curation.config import CurationConfig\n"
         "def cpu():\n"
         "    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
         "    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime\n"

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneforge.data.clean import check_files, clean_files
-from tuneforge.data.commands import main as data_main
-from tuneforge.data.curation_config import CHECKS, CurationConfig, CurationConfigError, load_curation_config
-from tuneforge.data.dedup import DuplicateIndex, MinHasher, lsh_params
+from tuneforge.data.curation.clean import check_files, clean_files
+from tuneforge.data.curation.commands import main as data_main
+from tuneforge.data.curation.config import CHECKS, CurationConfig, CurationConfigError, load_curation_config
+from tuneforge.data.curation.dedup import DuplicateIndex, MinHasher, lsh_params
 from tuneforge.data.formats import to_example
 from tuneforge.data.loaders import RawRecord
-from tuneforge.data.quality import find_pii, is_refusal, luhn_valid, mask_pii, repeats_prompt
-from tuneforge.data.split import split_file
-from tuneforge.data.stats import compute_stats, plot_histogram
-from tuneforge.data.validation import check_record
+from tuneforge.data.curation.quality import find_pii, is_refusal, luhn_valid, mask_pii, repeats_prompt
+from tuneforge.data.curation.split import split_file
+from tuneforge.data.curation.stats import compute_stats, plot_histogram
+from tuneforge.data.curation.validation import check_record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPTEACHER = SHARED / "gpteacher_roleplay.json"
@@ -395,7 +395,7 @@ def test_jsonio_matches_the_standard_library():
 
 
 def test_auto_workers_only_for_big_inputs(tmp_path, monkeypatch):
-    from tuneforge.data import clean
+    from tuneforge.data.curation import clean
 
     small = write_jsonl(tmp_path / "s.jsonl", [alpaca(i) for i in range(3)])
     assert clean.resolve_workers("auto", [small]) == 1 and clean.resolve_workers(3, [small]) == 3

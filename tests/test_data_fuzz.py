@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from tuneforge.data.clean import clean_files
-from tuneforge.data.curation_config import CHECKS, CurationConfig
+from tuneforge.data.curation.clean import clean_files
+from tuneforge.data.curation.config import CHECKS, CurationConfig
 from tuneforge.data.loaders import iter_records
 
 WORDS = "the a model answer question data train token cat dog river blue fast slow why how".split()

@@ -3,9 +3,10 @@ import json
 import pytest
 
 from tuneforge.config import DataConfig
-from tuneforge.data.dataset import load_examples
+from tuneforge.data.dataset import TRAINING_CHECKS, PreparedData, load_examples
 from tuneforge.data.formats import RecordError, detect_format, to_example
 from tuneforge.data.loaders import DataFileError, iter_records
+from tuneforge.data.rejects import write_rejects
 
 
 def test_detects_each_format():
@@ -84,7 +85,28 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     f.write_text('{"prompt": "p", "completion": "c"}\n{"foo": 1}\n{"messages": [{"role": "user", "content": "q"}]}\n')
     loaded = load_examples(str(f), DataConfig(train=str(f)))
     assert len(loaded.examples) == 1
-    assert [(r.line, r.reason.split(":")[0]) for r in loaded.rejects] == [(2, "unknown format"), (3, "messages")]
+    assert [(r.line, [reason.check for reason in r.reasons]) for r in loaded.rejects] == [
+        (2, ["unknown_format"]), (3, ["turn_order"])]
+    assert loaded.rejects[1].reasons[0].message.startswith("messages: ")
+    assert loaded.rejects[0].record == {"foo": 1}
+
+
+def test_training_rejects_have_the_curation_schema(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"prompt": "p", "completion": "c"}\n{"foo": 1}\n{broken\n[1]\n'
+                 '{"prompt": "p", "completion": 3}\n{"chosen": "a", "rejected": "b"}\n')
+    loaded = load_examples(str(f), DataConfig(train=str(f)))
+    write_rejects(loaded.rejects, tmp_path / "rejects.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reasons"][0]["check"]) for r in rows] == [
+        (2, "unknown_format"), (3, "not_json"), (4, "not_object"), (5, "wrong_type"), (6, "preference_pair")]
+    for r in rows:
+        assert r["source"] == str(f) and r.keys() == {"source", "line", "reasons", "record" if "record" in r else "raw"}
+        assert all(reason.keys() == {"check", "message"} and reason["check"] in TRAINING_CHECKS for reason in r["reasons"])
+    assert rows[0]["record"] == {"foo": 1} and rows[1]["raw"] == "{broken"
+    # the token cache stores rejects as plain data and gives them back unchanged
+    prepared = PreparedData([], [], loaded.rejects, {})
+    assert PreparedData.from_payload(prepared.to_payload()).rejects == loaded.rejects
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tuneforge.data import token_cache
-from tuneforge.data.token_cache import cache_path, cached_tokenize, file_sha256, tokenizer_fingerprint
+from tuneforge.data.token_cache import cache_path, cached_tokenize, tokenizer_fingerprint
+from tuneforge.fileutil import file_sha256
 
 
 def test_second_call_does_not_compute(tmp_path, monkeypatch):
@@ -53,8 +54,7 @@ def test_fingerprints(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text("a\n")
     h1 = file_sha256(f)
-    f.write_text("b\n")
-    token_cache._file_hashes.clear()
+    f.write_text("bb\n")          # another size: a new memo key even where mtimes are coarse
     assert file_sha256(f) != h1 and len(h1) == 64
     fp = tokenizer_fingerprint(tokenizer)
     assert fp == tokenizer_fingerprint(tokenizer)
@@ -63,3 +63,31 @@ def test_fingerprints(tmp_path, tokenizer):
         assert tokenizer_fingerprint(tokenizer) != fp
     finally:
         tokenizer.chat_template = tokenizer.chat_template[:-1]
+
+
+def test_file_sha256_reads_a_file_once_per_version(tmp_path, monkeypatch):
+    import hashlib
+
+    from tuneforge import fileutil
+
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"x" * 3_000_000)
+    assert file_sha256(f) == hashlib.sha256(b"x" * 3_000_000).hexdigest()   # streamed in 1 MiB blocks
+    monkeypatch.setattr(fileutil, "open", lambda *a, **k: pytest.fail("hashed twice"), raising=False)
+    assert file_sha256(str(f)) == file_sha256(f)                              # same file: from the memo
+    monkeypatch.undo()
+    f.write_bytes(b"y")                                                       # changed: hashed again
+    assert file_sha256(f) == hashlib.sha256(b"y").hexdigest()
+
+
+def test_cache_dir(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tuneforge.fileutil import cache_dir
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("TUNEFORGE_CACHE", "~/tf-cache")
+    assert cache_dir() == Path.home() / "tf-cache"
+    monkeypatch.delenv("TUNEFORGE_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "tuneforge"

@@ -79,7 +79,8 @@ def model_folder(model: str, random_init_shape: str | None) -> Path:
     """A local HF folder: ``model`` resolved by tuneforge, or a randomly initialised model of a named shape
     (e.g. ``llama-3.2-1b``, from :data:`tuneforge.estimate.shapes.NAMED_SHAPES`) with ``model``'s tokenizer,
     saved once under ``~/.cache/tuneforge/bench-models`` (bf16 safetensors)."""
-    from tuneforge.models.registry import cache_dir, resolve_model
+    from tuneforge.fileutil import cache_dir
+    from tuneforge.models.registry import resolve_model
 
     source = Path(resolve_model(model))
     if not random_init_shape:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.fileutil import cache_dir
+
 TORCH = "torch==2.13.0"
 
 
@@ -41,8 +43,7 @@ LLAMAFACTORY = VenvSpec("llamafactory", ("llamafactory==0.9.5",),
 
 
 def venv_root() -> Path:
-    root = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
-    return Path(root) / "bench-venvs"
+    return cache_dir() / "bench-venvs"
 
 
 def python_of(spec: VenvSpec) -> Path:

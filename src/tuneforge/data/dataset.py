@@ -1,7 +1,8 @@
 """From the ``data:`` section of a run config to tokenized train and validation examples.
 
-Records that cannot be used are never dropped silently: each goes to ``rejects`` with its file, line
-and reason, and the trainer writes them to ``rejects.jsonl`` in the run directory.
+Records that cannot be used are never dropped silently: each goes to ``rejects`` with its file, line,
+reasons (each named by a check of :data:`TRAINING_CHECKS`) and the record as read, and the trainer writes
+them to ``rejects.jsonl`` in the run directory (schema: :mod:`tuneforge.data.rejects`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import DataConfig
-from tuneforge.data.formats import Example, RecordError, detect_format, rename_columns, to_example
-from tuneforge.data.loaders import iter_records
+from tuneforge.data.formats import (FORMAT_FIELDS, SFT_FORMATS, Example, RecordError, detect_format, rename_columns,
+                                    to_example)
+from tuneforge.data.loaders import RawRecord, error_check, iter_records
+from tuneforge.data.rejects import Reason, Reject
+from tuneforge.data.rejects import write_rejects  # noqa: F401  (the trainer imports it from here)
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 
 log = logging.getLogger(__name__)
@@ -26,47 +29,55 @@ class DataError(ValueError):
     pass
 
 
-@dataclass
-class Reject:
-    source: str
-    line: int
-    reason: str
-    record: object
-
-    def to_json(self) -> str:
-        return json.dumps({"file": self.source, "line": self.line, "reasons": [self.reason], "record": self.record},
-                          ensure_ascii=False, default=str)
+TRAINING_CHECKS: dict[str, str] = {     # the ``check`` of each reason a training record is rejected for
+    "not_json": "line is not valid JSON / CSV row is malformed",
+    "invalid_utf8": "bytes that are not valid UTF-8",
+    "not_object": "record is not a JSON object",
+    "unknown_format": "record has the fields of no known format",
+    "missing_field": "a required field of the format is missing",
+    "wrong_type": "a field has the wrong type",
+    "unknown_role": "a message role other than system/user/assistant",
+    "turn_order": "no assistant turn, or the conversation does not end with one",
+    "empty_answer": "an assistant turn / text is empty",
+    "preference_pair": "a preference pair (chosen/rejected) in SFT data",
+    "chat_template": "the chat template does not render the conversation turn by turn",
+    "too_long": "longer than data.max_length tokens with data.too_long: drop",
+    "no_trained_tokens": "no token left to train on (the answer was truncated away)",
+}
+_KNOWN_FIELDS = ", ".join("/".join(FORMAT_FIELDS[f]) for f in SFT_FORMATS)
 
 
 @dataclass
 class LoadedFile:
     examples: list[Example] = field(default_factory=list)
-    where: list[str] = field(default_factory=list)  # file:line of each example
     rejects: list[Reject] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
 
 
 def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
-    """Read ``path`` and normalise every record (format detected per record unless ``cfg.format`` is set)."""
+    """Read ``path`` and normalise every record (format detected per record unless ``cfg.format`` is set).
+
+    Each example's ``meta`` holds ``where`` (``file:line``) and ``raw`` (the :class:`RawRecord`, for its reject).
+    """
     out = LoadedFile()
     for rec in iter_records(path):
         if rec.data is None:
-            out.rejects.append(Reject(rec.source, rec.line, rec.error or "unreadable", rec.raw))
+            error = rec.error or "unreadable"
+            out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
             continue
         data = rename_columns(rec.data, cfg.columns)
         fmt = "text" if task == "pretrain" else (cfg.format if cfg.format != "auto" else detect_format(data))
         if fmt is None:
-            out.rejects.append(Reject(rec.source, rec.line,
-                                      f"unknown format: fields {sorted(rec.data)[:8]} match none of messages, "
-                                      "instruction/output, prompt/completion, text (map columns with data.columns)",
-                                      rec.data))
+            out.rejects.append(Reject.of(rec, [("unknown_format", f"fields {sorted(rec.data)[:8]} match none of "
+                                                f"{_KNOWN_FIELDS} (map columns with data.columns)")]))
             continue
         try:
             example = to_example(data, fmt, cfg.system_prompt)
         except RecordError as e:
-            out.rejects.append(Reject(rec.source, rec.line, f"{fmt}: {e}", rec.data))
+            out.rejects.append(Reject.of(rec, [(e.check, f"{fmt}: {e}")]))
             continue
         example.meta["where"] = rec.where
+        example.meta["raw"] = rec
         out.examples.append(example)
         out.formats[fmt] = out.formats.get(fmt, 0) + 1
     return out
@@ -88,15 +99,16 @@ class PreparedData:
         """Plain lists and dicts (what the token cache stores)."""
         return {"train": [(e.input_ids, e.trained) for e in self.train],
                 "validation": [(e.input_ids, e.trained) for e in self.validation],
-                "rejects": [{"source": r.source, "line": r.line, "reason": r.reason, "record": json.dumps(r.record, default=str)}
-                            for r in self.rejects],
+                "rejects": [{"source": r.source, "line": r.line, "reasons": [list(reason) for reason in r.reasons],
+                             "record": json.dumps(r.record, default=str), "raw": r.raw} for r in self.rejects],
                 "formats": self.formats, "truncated": self.truncated}
 
     @classmethod
     def from_payload(cls, payload: dict) -> "PreparedData":
         return cls([TokenizedExample(list(i), list(t)) for i, t in payload["train"]],
                    [TokenizedExample(list(i), list(t)) for i, t in payload["validation"]],
-                   [Reject(r["source"], r["line"], r["reason"], json.loads(r["record"])) for r in payload["rejects"]],
+                   [Reject(r["source"], r["line"], [Reason(*reason) for reason in r["reasons"]],
+                           json.loads(r["record"]), r["raw"]) for r in payload["rejects"]],
                    dict(payload["formats"]), payload["truncated"])
 
 
@@ -104,31 +116,29 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     """Tokenize ``loaded.examples``; unusable or over-long ones go to ``rejects``. Returns (examples, truncated count)."""
     out, truncated = [], 0
     for example in loaded.examples:
-        source, _, line = example.meta["where"].rpartition(":")
+        raw: RawRecord = example.meta["raw"]
         try:
             tok = tokenize_example(example, tokenizer, cfg.train_on)
         except RecordError as e:
-            rejects.append(Reject(source, int(line), str(e), example.messages or example.text))
+            rejects.append(Reject.of(raw, [(e.check, str(e))]))
             continue
         if len(tok) > cfg.max_length:
             if cfg.too_long == "error":
                 raise DataError(f"{example.meta['where']}: {len(tok)} tokens > data.max_length={cfg.max_length}; "
                                 "raise max_length or set data.too_long to drop/truncate")
             if cfg.too_long == "drop":
-                rejects.append(Reject(source, int(line), f"too long: {len(tok)} tokens > max_length {cfg.max_length}",
-                                      example.messages or example.text))
+                rejects.append(Reject.of(raw, [("too_long", f"{len(tok)} tokens > max_length {cfg.max_length}")]))
                 continue
             tok = TokenizedExample(tok.input_ids[: cfg.max_length], tok.trained[: cfg.max_length])
             truncated += 1
         if tok.num_trained == 0:
-            rejects.append(Reject(source, int(line), "no trained tokens left (answer truncated away?)",
-                                  example.messages or example.text))
+            rejects.append(Reject.of(raw, [("no_trained_tokens", "no trained tokens left (answer truncated away?)")]))
             continue
         out.append(tok)
     return out, truncated
 
 
-RENDER_VERSION = 1  # bump when rendering/tokenization changes, to invalidate cached tokenized data
+RENDER_VERSION = 2  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
@@ -139,7 +149,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     chat template), every ``data:`` setting, the seed (which decides the split) and the task, so a second
     run on unchanged data and tokenizer does not tokenize again, and any change does.
     """
-    from tuneforge.data.token_cache import cached_tokenize, file_sha256, tokenizer_fingerprint
+    from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
+    from tuneforge.fileutil import file_sha256
 
     settings = cfg.model_dump(mode="json", exclude={"train", "validation"})
     key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
@@ -178,9 +189,3 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, tas
         log.warning("%d records rejected (first: %s:%d: %s); all are listed in rejects.jsonl",
                     len(rejects), rejects[0].source, rejects[0].line, rejects[0].reason)
     return PreparedData(train, validation, rejects, formats, truncated + truncated_val)
-
-
-def write_rejects(rejects: list[Reject], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(r.to_json() + "\n")

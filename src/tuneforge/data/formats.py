@@ -12,15 +12,21 @@ format              fields                                       becomes
 ``preference``      ``chosen``, ``rejected`` (``prompt`` optional)  preference pair
 ==================  ===========================================  =====================
 
-A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set.
+A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set. The names of
+the formats are defined here once (:data:`FORMATS` and the ``Literal`` types for configs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference")
+ChatFormat = Literal["messages", "alpaca", "prompt_completion"]   # become user/assistant turns
+SftFormat = Literal[ChatFormat, "text"]                           # what training reads
+Format = Literal[SftFormat, "preference"]                         # what curation reads
+CHAT_FORMATS: tuple[str, ...] = get_args(ChatFormat)
+SFT_FORMATS: tuple[str, ...] = get_args(SftFormat)
+FORMATS: tuple[str, ...] = get_args(Format)
 ROLES = ("system", "user", "assistant")
 FORMAT_FIELDS = {
     "messages": ("messages",),
@@ -46,7 +52,13 @@ def check_columns(columns: dict[str, str], key: str = "columns") -> dict[str, st
 
 
 class RecordError(ValueError):
-    """A record that does not fit its format; the message says what is wrong."""
+    """A record that does not fit its format; the message says what is wrong, ``check`` names the problem
+    (``missing_field``, ``wrong_type``, ``unknown_role``, ``turn_order``, ``empty_answer``, ...: the names
+    curation uses, see :data:`tuneforge.data.curation.config.CHECKS`)."""
+
+    def __init__(self, message: str, check: str = "invalid_record"):
+        super().__init__(message)
+        self.check = check
 
 
 @dataclass
@@ -67,9 +79,13 @@ def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> di
     return out
 
 
+# A preference pair may carry a prompt or instruction too: it is recognised before the chat formats.
+_DETECTION_ORDER = ("messages", "preference", "alpaca", "prompt_completion", "text")
+
+
 def detect_format(record: dict[str, Any]) -> str | None:
     """The format whose required fields ``record`` has, or None."""
-    for fmt in ("messages", "preference", "alpaca", "prompt_completion", "text"):
+    for fmt in _DETECTION_ORDER:
         if all(k in record for k in FORMAT_FIELDS[fmt]):
             return fmt
     return None
@@ -79,25 +95,25 @@ def _text_field(record: dict[str, Any], key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None:
         if required:
-            raise RecordError(f"missing field '{key}'")
+            raise RecordError(f"missing field '{key}'", "missing_field")
         return ""
     if not isinstance(value, str):
-        raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}", "wrong_type")
     return value
 
 
 def normalise_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise RecordError("field 'messages' must be a non-empty list of {role, content} objects")
+        raise RecordError("field 'messages' must be a non-empty list of {role, content} objects", "wrong_type")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RecordError(f"messages[{i}] must be an object with 'role' and 'content'")
+            raise RecordError(f"messages[{i}] must be an object with 'role' and 'content'", "wrong_type")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise RecordError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+            raise RecordError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}", "unknown_role")
         if not isinstance(content, str):
-            raise RecordError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+            raise RecordError(f"messages[{i}].content must be a string, got {type(content).__name__}", "wrong_type")
         out.append({"role": role, "content": content})
     return out
 
@@ -120,19 +136,19 @@ def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = Non
     elif fmt == "text":
         text = _text_field(record, "text")
         if not text.strip():
-            raise RecordError("field 'text' is empty")
+            raise RecordError("field 'text' is empty", "empty_answer")
         return Example(text=text)
     elif fmt == "preference":
-        raise RecordError("preference pairs (chosen/rejected) are for preference training, not SFT")
+        raise RecordError("preference pairs (chosen/rejected) are for preference training, not SFT", "preference_pair")
     else:
-        raise RecordError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise RecordError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", "unknown_format")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("conversation has no assistant turn: nothing to learn from")
+        raise RecordError("conversation has no assistant turn: nothing to learn from", "turn_order")
     if messages[-1]["role"] != "assistant":
-        raise RecordError("conversation must end with an assistant turn")
+        raise RecordError("conversation must end with an assistant turn", "turn_order")
     for m in messages:
         if m["role"] == "assistant" and not m["content"].strip():
-            raise RecordError("an assistant turn is empty")
+            raise RecordError("an assistant turn is empty", "empty_answer")
     return Example(messages=messages)

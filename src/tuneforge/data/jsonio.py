@@ -42,3 +42,18 @@ def dumps(obj: Any) -> str:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     text.encode("utf-8")
     return text
+
+
+def dumps_record(obj: Any) -> str:
+    """JSON text of a record written back out verbatim (to ``rejects.jsonl``, split files, spools).
+
+    UTF-8, not ASCII-escaped, unless a text holds a lone surrogate: then the whole record is written
+    ASCII-escaped, keeping the surrogate, so the line is still valid JSON. Values JSON cannot hold
+    (dates from parquet, ...) are written with ``str``.
+    """
+    try:
+        text = json.dumps(obj, ensure_ascii=False, default=str)
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, default=str)

@@ -38,6 +38,15 @@ class RawRecord:
         return f"{self.source}:{self.line}"
 
 
+def error_check(error: str) -> str:
+    """The check name of a :attr:`RawRecord.error`: ``invalid_utf8``, ``not_object`` or ``not_json``."""
+    if "UTF-8" in error:
+        return "invalid_utf8"
+    if error.startswith("expected a JSON object"):
+        return "not_object"
+    return "not_json"
+
+
 def data_suffix(path: str | Path) -> str:
     name = str(path).lower()
     if name.endswith(".gz"):

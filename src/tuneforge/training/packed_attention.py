@@ -4,7 +4,8 @@ With ``attention_mask=None`` and restarting ``position_ids`` transformers builds
 ``T x T`` mask for a packed row, and SDPA then computes all ``T^2`` query/key scores, masking most of
 them away: a row of ``n`` examples of length ``L`` pays ``n^2 L^2`` instead of ``n L^2``. This
 attention function (registered with transformers' ``AttentionInterface`` as ``tuneforge_packed_sdpa``)
-splits the row at the position restarts and runs causal SDPA per example, so nothing crosses examples
+splits the row into its examples (the packed batch's ``cu_seq_lens_q`` when the caller passes it, else the
+position restarts) and runs causal SDPA per example, so nothing crosses examples
 and nothing is wasted. The mask is never built (an implementation name unknown to the mask registry
 makes transformers skip it). Anything that is not a plain packed training row (an explicit mask, a KV
 cache, prefix tokens, batch > 1) falls through to transformers' SDPA.
@@ -32,10 +33,14 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     T = query.shape[2]
-    starts = (position_ids.reshape(-1)[:T] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    lengths = [e - s for s, e in zip(starts, starts[1:] + [T])]
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None:                        # the packed batch's boundaries, computed once when packing
+        lengths = cu_seqlens.diff().tolist()
+    else:
+        starts = (position_ids.reshape(-1)[:T] == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
+        lengths = [e - s for s, e in zip(starts, starts[1:] + [T])]
     gqa = query.shape[1] != key.shape[1]
     # split, not slices: a slice's backward writes its gradient into a zero-filled full-length tensor,
     # split's backward concatenates once (-16% attention time for 4 examples)
@@ -52,6 +57,12 @@ AttentionInterface.register(NAME, packed_sdpa_attention)
 
 def base_pretrained(model: torch.nn.Module) -> PreTrainedModel | None:
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def uses_packed_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the transformers model inside a wrapper) runs :func:`packed_sdpa_attention`."""
+    base = base_pretrained(model)
+    return base is not None and base.config._attn_implementation == NAME
 
 
 def set_attention(model: torch.nn.Module, implementation: str) -> str:

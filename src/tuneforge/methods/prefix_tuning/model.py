@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
-from tuneforge.methods.packed_rows import segment_bounds, segment_ids
+from tuneforge.data.packing import example_index, example_lengths
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
 from tuneforge.models.transformers_compat import cache_argument
 
@@ -41,13 +41,15 @@ def apply_prefix(model: torch.nn.Module, cfg: PrefixConfig) -> PeftModel:
     return get_peft_model(model, peft_prefix_config(cfg))
 
 
-def packed_prefix_mask(position_ids: torch.Tensor, num_virtual_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``[1, 1, T, P + T]``: 0 where query ``i`` may attend, the dtype's minimum elsewhere.
+def packed_prefix_mask(lengths: list[int], num_virtual_tokens: int, dtype: torch.dtype,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """Additive mask ``[1, 1, T, P + T]`` for a row of examples of ``lengths``: 0 where query ``i`` may
+    attend, the dtype's minimum elsewhere.
 
     Query ``i`` may attend to every prefix slot ``j < P`` and to token ``P + j`` iff ``j <= i`` and
     tokens ``i`` and ``j`` belong to the same example.
     """
-    seg = segment_ids(position_ids)
+    seg = example_index(lengths, device)
     T = seg.shape[0]
     idx = torch.arange(T, device=seg.device)
     own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
@@ -58,12 +60,13 @@ def packed_prefix_mask(position_ids: torch.Tensor, num_virtual_tokens: int, dtyp
 
 
 def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                     keep_idx: torch.Tensor) -> torch.Tensor:
+                     keep_idx: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
     """Logits ``[K, V]`` at positions ``keep_idx [K]`` of the packed row ``input_ids [1, T]``.
 
+    ``lengths``: the examples' lengths (the packed batch's; derived from ``position_ids`` when omitted).
     Equal (up to float rounding) to running each example of the row alone through ``model``.
     """
-    segment_bounds(position_ids)  # validates the row
+    lengths = lengths or example_lengths(position_ids)
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
     if virtual_tokens_are_disabled(model):
@@ -72,7 +75,7 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     past = model.get_prompt(batch_size=1, max_cache_len=input_ids.shape[1] + P)
     dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
     out = base(input_ids=input_ids, position_ids=position_ids + P, **{cache_argument(base): past},
-               attention_mask=packed_prefix_mask(position_ids, P, dtype), use_cache=False, logits_to_keep=keep_idx)
+               attention_mask=packed_prefix_mask(lengths, P, dtype, input_ids.device), use_cache=False, logits_to_keep=keep_idx)
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 
-from tuneforge.methods.packed_rows import segment_bounds
+from tuneforge.data.packing import example_lengths
 from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.methods.prompt_tuning.config import PromptConfig
 
@@ -55,12 +55,15 @@ def apply_prompt(model: torch.nn.Module, cfg: PromptConfig, tokenizer=None) -> P
 
 
 def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                     keep_idx: torch.Tensor) -> torch.Tensor:
+                     keep_idx: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
     """Logits ``[K, V]`` at positions ``keep_idx [K]`` of the packed row ``input_ids [1, T]``.
 
+    ``lengths``: the examples' lengths (the packed batch's; derived from ``position_ids`` when omitted).
     Equal (up to float rounding) to running each example of the row alone through ``model``.
     """
-    bounds = segment_bounds(position_ids)
+    lengths = lengths or example_lengths(position_ids)
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends))
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
     if virtual_tokens_are_disabled(model):

@@ -3,8 +3,8 @@
 :func:`check_record` turns a :class:`~tuneforge.data.loaders.RawRecord` into a :class:`Checked`:
 the detected format, the record normalised to the clean schema (``{"messages": [...]}``,
 ``{"text": ...}`` or ``{"chosen", "rejected", "prompt"?}``) and every :class:`Issue` found, each named
-after a check in :data:`tuneforge.data.curation_config.CHECKS`. Checks that need the whole data set
-(duplicates, token lengths, mixed kinds) run in :mod:`tuneforge.data.clean`.
+after a check in :data:`tuneforge.data.curation.config.CHECKS`. Checks that need the whole data set
+(duplicates, token lengths, mixed kinds) run in :mod:`tuneforge.data.curation.clean`.
 
 A chat that passes these checks also passes :func:`tuneforge.data.formats.to_example`, which builds
 the normalised messages, so what ``clean`` writes is exactly what training reads.
@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneforge.data import quality
-from tuneforge.data.curation_config import CurationConfig
-from tuneforge.data.formats import FORMAT_FIELDS, ROLES, RecordError, detect_format, rename_columns, to_example
-from tuneforge.data.loaders import RawRecord
+from tuneforge.data.curation import quality
+from tuneforge.data.curation.config import CurationConfig
+from tuneforge.data.formats import (CHAT_FORMATS, FORMAT_FIELDS, ROLES, RecordError, detect_format, rename_columns,
+                                    to_example)
+from tuneforge.data.loaders import RawRecord, error_check
 
-KINDS = {"messages": "chat", "alpaca": "chat", "prompt_completion": "chat", "text": "text", "preference": "preference"}
+KINDS = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 
 
 @dataclass
@@ -49,14 +50,6 @@ class Checked:
 
     def add(self, check: str, message: str) -> None:
         self.issues.append(Issue(check, message))
-
-
-def _parse_error_check(error: str) -> str:
-    if "UTF-8" in error:
-        return "invalid_utf8"
-    if error.startswith("expected a JSON object"):
-        return "not_object"
-    return "not_json"
 
 
 def _type_name(v: Any) -> str:
@@ -187,7 +180,7 @@ def check_record(raw: RawRecord, config: CurationConfig) -> Checked:
     """Structure and quality checks of one record (see the module docstring)."""
     out = Checked(raw)
     if raw.error is not None or raw.data is None:
-        out.add(_parse_error_check(raw.error or ""), raw.error or "record could not be read")
+        out.add(error_check(raw.error or ""), raw.error or "record could not be read")
         return out
     rec = rename_columns(raw.data, config.columns)
     fmt = detect_format(rec) if config.format == "auto" else config.format
@@ -286,7 +279,7 @@ def _quality(out: Checked, config: CurationConfig) -> None:
 
 
 def mask_record(clean: dict[str, Any]) -> dict[str, Any]:
-    """``clean`` with PII masked in every text (see :func:`tuneforge.data.quality.mask_pii`)."""
+    """``clean`` with PII masked in every text (see :func:`tuneforge.data.curation.quality.mask_pii`)."""
     def mask(value: Any) -> Any:
         if isinstance(value, str):
             return quality.mask_pii(value)

@@ -39,7 +39,7 @@ _BLOCK = 4096            # shingles per (shingles x permutations) matrix
 
 
 def exact_hash(normalised: str) -> int:
-    """64-bit hash of an already normalised text (see :func:`tuneforge.data.quality.normalise_text`)."""
+    """64-bit hash of an already normalised text (see :func:`tuneforge.data.curation.quality.normalise_text`)."""
     return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tuneforge.data.formats import Format, check_columns
+
 Action = Literal["reject", "warn", "off"]
 
 
@@ -79,7 +81,7 @@ class CurationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference"] = "auto"
+    format: Literal["auto", Format] = "auto"
     columns: dict[str, str] = {}
     model: str | None = Field(None, description="tokenizer for exact token counts; None: estimate from characters")
     chars_per_token: float = Field(4.5, gt=0, description="character estimate of token counts when model is None")
@@ -114,8 +116,6 @@ class CurationConfig(BaseModel):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        from tuneforge.data.formats import check_columns
-
         return check_columns(v)
 
     def action(self, check: str) -> str:
@@ -127,9 +127,6 @@ class CurationConfig(BaseModel):
         if check == "near_duplicate" and not self.near_dup:
             return "off"
         return CHECKS[check].default
-
-    def with_actions(self, **updates: str) -> "CurationConfig":
-        return self.model_copy(update={"actions": {**self.actions, **updates}}) if updates else self
 
 
 def load_curation_config(path: str | Path | None = None, **overrides: Any) -> CurationConfig:

@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuneforge.data.curation_config import CHECKS, DATASET_CHECKS, CurationConfigError, load_curation_config
-
-_FORMATS = ["auto", "messages", "alpaca", "prompt_completion", "text", "preference"]
+from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfigError, load_curation_config
+from tuneforge.data.formats import FORMATS
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default=None, choices=_FORMATS, help="declare the format instead of detecting it")
+    p.add_argument("--format", default=None, choices=("auto",) + FORMATS, help="declare the format instead of detecting it")
     p.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
                    help="map canonical fields to your column names, e.g. instruction=question output=answer")
 
@@ -129,7 +128,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return early
 
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.clean import check_files, resolve_workers
+        from tuneforge.data.curation.clean import check_files, resolve_workers
 
         report = check_files(args.files, config_from_args(args), against=args.against,
                               workers=resolve_workers(args.workers, args.files + args.against))
@@ -148,7 +147,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         return early
 
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.clean import clean_files, resolve_workers
+        from tuneforge.data.curation.clean import clean_files, resolve_workers
 
         report = clean_files(args.files, args.out, config_from_args(args), against=args.against,
                               workers=resolve_workers(args.workers, args.files + args.against))
@@ -159,8 +158,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.curation_config import CurationConfig
-        from tuneforge.data.stats import compute_stats, plot_histogram
+        from tuneforge.data.curation.config import CurationConfig
+        from tuneforge.data.curation.stats import compute_stats, plot_histogram
 
         config = CurationConfig(format=args.format or "auto", columns=_columns(args.columns))
         model = None if args.estimate else args.model
@@ -176,7 +175,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     def run(args: argparse.Namespace) -> int:
-        from tuneforge.data.split import split_file
+        from tuneforge.data.curation.split import split_file
 
         r = split_file(args.file, val=args.val, seed=args.seed, stratify=args.stratify, out_dir=args.out)
         print(f"train: {r.train} ({r.n_train} records)\nval:   {r.val} ({r.n_val} records)")
@@ -231,7 +230,7 @@ def add_curation_commands(data_subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tuneforge.data.commands check ...`` (the same commands without the main CLI)."""
+    """``python -m tuneforge.data.curation.commands check ...`` (the same commands without the main CLI)."""
     parser = argparse.ArgumentParser(prog="tuneforge data")
     add_curation_commands(parser.add_subparsers(dest="data_command", required=True))
     args = parser.parse_args(argv)

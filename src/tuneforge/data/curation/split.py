@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from tuneforge.data.formats import detect_format, to_example, RecordError
-from tuneforge.data.loaders import iter_records
+from tuneforge.data import jsonio
+from tuneforge.data.formats import CHAT_FORMATS, RecordError, detect_format, to_example
+from tuneforge.data.loaders import error_check, iter_records
+from tuneforge.data.rejects import Reject, reject_line
 
 
 @dataclass
@@ -39,22 +41,13 @@ class SplitResult:
 def _label(record: dict[str, Any], field: str) -> str:
     if field == "answer" and "answer" not in record:
         fmt = detect_format(record)
-        if fmt in ("messages", "alpaca", "prompt_completion"):
+        if fmt in CHAT_FORMATS:
             try:
                 return to_example(record, fmt).messages[-1]["content"].strip()
             except RecordError:
                 return "<invalid>"
     value = record.get(field)
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-
-
-def _dump(obj: Any) -> str:
-    try:
-        text = json.dumps(obj, ensure_ascii=False, default=str)
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, default=str)
 
 
 def choose_val(n: int, val: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
@@ -107,12 +100,11 @@ def split_file(path: str | Path, val: float = 0.1, seed: int = 0, stratify: str 
             if r.data is None:
                 if rejects is None:
                     rejects = open(rejects_path, "w", encoding="utf-8")
-                rejects.write(json.dumps({"source": r.source, "line": r.line, "reasons": [{"check": "not_json",
-                              "message": r.error}], "raw": r.raw}, ensure_ascii=True) + "\n")
+                rejects.write(reject_line(Reject.of(r, [(error_check(r.error or ""), r.error or "unreadable")])))
                 counts["rejected"] += 1
                 continue
             target = "val" if is_val[i] else "train"
-            (fv if target == "val" else ft).write(_dump(r.data) + "\n")
+            (fv if target == "val" else ft).write(jsonio.dumps_record(r.data) + "\n")
             counts[target] += 1
     if rejects is not None:
         rejects.close()

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from tuneforge.data.clean import _chunks, _Labels
-from tuneforge.data.curation_config import CurationConfig
+from tuneforge.data.curation.clean import AnswerLabels, chunked
+from tuneforge.data.curation.config import CurationConfig
+from tuneforge.data.curation.validation import check_record
 from tuneforge.data.loaders import iter_records
 from tuneforge.data.token_count import LengthCounter, make_counter
-from tuneforge.data.validation import check_record
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PERCENTILES = (50, 90, 95, 99)
@@ -82,10 +82,10 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
     counter = counter or make_counter(model, config.chars_per_token)
     stats = DatasetStats(path=str(path), unit=counter.unit, max_length=max_length)
     lengths, label_ids = array("I"), array("i")
-    labels = _Labels(max_label_values)
+    labels = AnswerLabels(max_label_values)
     turns: Counter = Counter()
     formats: Counter = Counter()
-    for chunk in _chunks(iter_records(path), chunk_size):
+    for chunk in chunked(iter_records(path), chunk_size):
         checked = [check_record(r, config) for r in chunk]
         stats.records += len(chunk)
         usable = [c for c in checked if c.clean is not None and (stats.kind is None or c.kind == stats.kind)]

@@ -1,7 +1,7 @@
 """Quality heuristics and PII patterns for one training example.
 
 Each function looks at plain strings (the prompt: user/system turns joined; the answer: assistant
-turns joined) and returns short messages; :mod:`tuneforge.data.validation` turns them into named,
+turns joined) and returns short messages; :mod:`tuneforge.data.curation.validation` turns them into named,
 counted issues. Every regex has bounded repetition so a 10 MB field costs linear time, not quadratic.
 
 PII kinds: ``email``, ``phone`` (international ``+..`` or 10-digit numbers written with separators or
@@ -48,7 +48,6 @@ _PHONE = re.compile(
     r")(?!\w)", re.ASCII)
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?!\d)", re.ASCII)
 
-PII_KINDS = ("email", "phone", "card")
 _MASKS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
 
 
