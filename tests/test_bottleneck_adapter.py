@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.methods.bottleneck_adapter import (BottleneckAdapterConfig, BottleneckAdapterLayer,
-                                                  BottleneckAdapterModel, NotMergeableError)
+from tuneforge.methods.bottleneck_adapter import (
+    BottleneckAdapterConfig,
+    BottleneckAdapterLayer,
+    BottleneckAdapterModel,
+    NotMergeableError,
+)
 
 
 def test_layer_computes_the_stated_formula():
@@ -41,8 +45,8 @@ def test_wraps_every_decoder_layer_and_disables_exactly(tiny_model):
     model = BottleneckAdapterModel(tiny_model, BottleneckAdapterConfig(bottleneck=4, placement=["mlp"]))
     layers = list(model.adapter_layers())
     assert len(layers) == tiny_model.config.num_hidden_layers
-    assert all(isinstance(l.mlp, BottleneckAdapterLayer) and not isinstance(l.self_attn, BottleneckAdapterLayer)
-               for l in tiny_model.model.layers)
+    assert all(isinstance(layer.mlp, BottleneckAdapterLayer) and not isinstance(layer.self_attn, BottleneckAdapterLayer)
+               for layer in tiny_model.model.layers)
     for layer in layers:
         torch.nn.init.normal_(layer.adapter_up['default'].weight)
     with torch.no_grad():

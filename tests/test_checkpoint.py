@@ -141,7 +141,7 @@ def test_train_state_round_trips_optimizer_scheduler_rng_and_cursor(tmp_path):
     assert restored.counters() == state.counters()
     assert torch.equal(torch.rand(3), expected_draw)          # the RNG continues where it was saved
     assert sched2.get_last_lr() == sched.get_last_lr()
-    for a, b in zip(opt.state.values(), opt2.state.values()):
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=False):
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 

@@ -30,7 +30,7 @@ def test_chunked_cross_entropy_equals_the_plain_one(chunk, bias):
     (ref * 0.5).backward()
     want = [hidden.grad] + [p.grad for p in head.parameters()]
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -74,6 +74,6 @@ def test_auto_chunks_only_large_logits(tiny_model, monkeypatch):
 
 
 def test_the_estimator_models_the_same_chunking():
-    from tuneforge.estimate.memory import CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK   # torch-free copies
+    from tuneforge.estimate.memory import CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK  # torch-free copies
 
     assert (CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK) == (chunked_loss.DEFAULT_BUDGET_BYTES, chunked_loss.DEFAULT_CHUNK)

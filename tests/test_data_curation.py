@@ -13,12 +13,12 @@ from tuneforge.data.curation.clean import check_files, clean_files
 from tuneforge.data.curation.commands import main as data_main
 from tuneforge.data.curation.config import CHECKS, CurationConfig, CurationConfigError, load_curation_config
 from tuneforge.data.curation.dedup import DuplicateIndex, MinHasher, lsh_params
-from tuneforge.data.formats import to_example
-from tuneforge.data.loaders import RawRecord
 from tuneforge.data.curation.quality import find_pii, is_refusal, luhn_valid, mask_pii, repeats_prompt
 from tuneforge.data.curation.split import split_file
 from tuneforge.data.curation.stats import compute_stats, plot_histogram
 from tuneforge.data.curation.validation import check_record
+from tuneforge.data.formats import to_example
+from tuneforge.data.loaders import RawRecord
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPTEACHER = SHARED / "gpteacher_roleplay.json"

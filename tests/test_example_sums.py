@@ -107,7 +107,7 @@ def test_example_sum_gradients_match_autograd(chunked, tiny_model):
                    logits_to_keep=batch.loss_positions).logits[0].float()
     nll = F.cross_entropy(logits, batch.targets[0, batch.loss_positions], reduction="none")
     (torch.zeros(3).index_add(0, batch.loss_example, nll) * weights).sum().backward()
-    for a, p in zip(ours, params):
+    for a, p in zip(ours, params, strict=False):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 

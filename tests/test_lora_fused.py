@@ -46,7 +46,7 @@ def test_fused_a_matches_dropout_then_linear_with_the_same_mask(p):
     assert (0 < drop.sum() < drop.numel()) == (p > 0)
     ref = torch.cat([F.linear(x * ~drop / (1 - p), w) for w in weights], dim=-1)
     (ref * probe).sum().backward()
-    for a, b in zip(ours, [ref.detach(), x.grad, *(w.grad for w in weights)]):
+    for a, b in zip(ours, [ref.detach(), x.grad, *(w.grad for w in weights)], strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _method_helpers import CASE_IDS, CASES, HAS_BNB, expected_trainable, packed_row, run_config
-from tuneforge.methods import apply_method, count_parameters, load_trained, method_forward, save_trained
+from tuneforge.methods import apply_method, count_parameters, method_forward, save_trained
 
 MODEL = "smollm2-135m-instruct"
 

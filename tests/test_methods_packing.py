@@ -106,5 +106,5 @@ def test_batched_left_padded_generation_equals_each_prompt_alone(method, tiny_mo
     mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
                         for p in prompts])
     batched = method_generate(model, config, input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    for row, expected in zip(batched[:, width:], alone):
+    for row, expected in zip(batched[:, width:], alone, strict=False):
         assert torch.equal(row, expected)

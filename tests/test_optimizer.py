@@ -14,13 +14,13 @@ def test_fused_adamw_updates_like_the_for_loop_one():
     opt_ours = adamw(ours, lr=1e-2, weight_decay=0.1)
     opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
     assert opt_ours.defaults["fused"] is True
-    for step in range(5):
+    for _step in range(5):
         grads = [torch.randn_like(p) for p in ours]
         for params, opt in ((ours, opt_ours), (ref, opt_ref)):
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=False):
                 p.grad = g.clone()
             opt.step()
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=False):
         assert not torch.equal(a, torch.zeros_like(a))
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

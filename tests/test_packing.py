@@ -22,7 +22,7 @@ def _examples(tokenizer):
 def _unpacked_loss(model, ex):
     """Reference: the example alone, no packing, standard shifted cross-entropy."""
     ids = torch.tensor([ex.input_ids])
-    labels = torch.tensor([[t if m else IGNORE for t, m in zip(ex.input_ids, ex.trained)]])
+    labels = torch.tensor([[t if m else IGNORE for t, m in zip(ex.input_ids, ex.trained, strict=False)]])
     logits = model(input_ids=ids, use_cache=False).logits
     return F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE, reduction="sum"), int((labels[0, 1:] != IGNORE).sum())
 
@@ -36,7 +36,7 @@ def test_positions_restart_and_targets_stay_inside_each_example(tokenizer):
         starts.append(starts[-1] + len(e))
     pos = batch.position_ids[0].tolist()
     assert [pos[s] for s in starts] == [0] * len(exs)
-    for s, e in zip(starts, exs):  # the last token of each example predicts nothing
+    for s, e in zip(starts, exs, strict=False):  # the last token of each example predicts nothing
         assert batch.targets[0, s + len(e) - 1] == IGNORE
     assert batch.num_loss_tokens == sum(sum(e.trained[1:]) for e in exs)
 

@@ -1,7 +1,6 @@
 """The training loop on a tiny model: run directory contents, loss going down, accumulation, checkpoints."""
 
 import json
-import os
 
 import pytest
 import torch

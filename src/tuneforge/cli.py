@@ -26,8 +26,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from tuneforge.quickstart import run_quickstart
+    from tuneforge.quickstart import printable_config, run_quickstart
 
+    if args.print_config:
+        print(printable_config(args.config), end="")
+        return 0
     run_quickstart(args.config, args.set)
     return 0
 
@@ -77,9 +80,11 @@ def cmd_data_preview(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuneforge.data.commands import add_curation_commands
+    from tuneforge.data.curation.commands import add_curation_commands
+    from tuneforge.data.formats import SFT_FORMATS
     from tuneforge.estimate.commands import add_estimate_command
     from tuneforge.export.commands import add_merge_command
+    from tuneforge.models.registry import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")
-    q.add_argument("--config", default="examples/quickstart.yaml")
+    q.add_argument("--config", default=None, help="run config (default: the quickstart config shipped with tuneforge)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--print-config", action="store_true",
+                   help="print the config with absolute data paths and exit (> my.yaml, then tuneforge train my.yaml)")
     q.set_defaults(func=cmd_quickstart)
 
     for name, helptext in (("generate", "generate one answer with a trained run"), ("chat", "chat with a trained run")):
@@ -111,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv = dsub.add_parser("preview", help="show rendered examples with the trained tokens marked")
     pv.add_argument("file")
     pv.add_argument("-n", type=int, default=3, help="how many examples")
-    pv.add_argument("--model", default="smollm2-135m-instruct")
-    pv.add_argument("--format", default="auto", choices=["auto", "messages", "alpaca", "prompt_completion", "text"])
+    pv.add_argument("--model", default=DEFAULT_MODEL)
+    pv.add_argument("--format", default="auto", choices=("auto",) + SFT_FORMATS)
     pv.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN")
     pv.add_argument("--train-on", default="assistant", choices=["assistant", "all"])
     pv.add_argument("--system", default=None, help="system prompt to add")

@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tuneforge.data.formats import SftFormat
+from tuneforge.models.registry import DEFAULT_MODEL
 from tuneforge.schema import Settings
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,7 @@ class DataConfig(Settings):
     train: str
     validation: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = "auto"
+    format: Literal["auto"] | SftFormat = "auto"
     columns: dict[str, str] = {}
     system_prompt: str | None = None
     train_on: Literal["assistant", "all"] = "assistant"

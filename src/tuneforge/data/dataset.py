@@ -15,11 +15,21 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import DataConfig
-from tuneforge.data.formats import (FORMAT_FIELDS, SFT_FORMATS, Example, RecordError, detect_format, rename_columns,
-                                    to_example)
+from tuneforge.data.formats import (
+    FORMAT_FIELDS,
+    SFT_FORMATS,
+    Example,
+    RecordError,
+    detect_format,
+    rename_columns,
+    to_example,
+)
 from tuneforge.data.loaders import RawRecord, error_check, iter_records
-from tuneforge.data.rejects import Reason, Reject
-from tuneforge.data.rejects import write_rejects  # noqa: F401  (the trainer imports it from here)
+from tuneforge.data.rejects import (
+    Reason,
+    Reject,
+    write_rejects,  # noqa: F401  (the trainer imports it from here)
+)
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 
 log = logging.getLogger(__name__)

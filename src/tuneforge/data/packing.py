@@ -52,7 +52,9 @@ class PackedBatch:
         return int(self.loss_positions.numel())
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                            self.loss_positions.to(device), self.num_examples, self.lengths, move(self.cu_seqlens),
                            move(self.loss_example))
@@ -71,7 +73,7 @@ def example_lengths(position_ids: torch.Tensor) -> list[int]:
     if not pos or pos[0] != 0:
         raise ValueError("a packed row must start at position 0")
     starts = [i for i, p in enumerate(pos) if p == 0]
-    bounds = list(zip(starts, starts[1:] + [len(pos)]))
+    bounds = list(zip(starts, starts[1:] + [len(pos)], strict=False))
     for start, end in bounds:
         if pos[start:end] != list(range(end - start)):
             raise ValueError(f"position_ids {pos[start:end][:8]}... of the example at [{start}, {end}) are not 0, 1, 2, ...")

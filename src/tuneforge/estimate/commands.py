@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tuneforge.models.registry import DEFAULT_MODEL
+
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from tuneforge.estimate.memory import estimate_memory, seeds_table
@@ -35,7 +37,7 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
                               description="Predict the peak memory of one training step, by component, without loading "
                                           "the model. --model takes a model spec (its config.json is read) or a named "
                                           "shape: 7b, 13b, 70b (Llama-2), llama-3.2-1b, llama-3.1-8b, smollm2-135m.")
-    e.add_argument("--model", default="smollm2-135m-instruct", help="model spec or named shape (default: %(default)s)")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="model spec or named shape (default: %(default)s)")
     e.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "all"])
     e.add_argument("--seq", type=int, default=512, help="tokens per example (default: %(default)s)")
     e.add_argument("--batch", type=int, default=1, help="examples packed into one row per step (default: %(default)s)")

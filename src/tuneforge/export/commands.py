@@ -26,7 +26,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from tuneforge.methods.errors import NotMergeableError
 
     try:
-        merge_run(args.run, args.out, dtype=args.dtype, check_prompts=args.prompt)
+        report = merge_run(args.run, args.out, dtype=args.dtype, check_prompts=args.prompt)
     except NotMergeableError as e:
         print(f"tuneforge merge: {e}", file=sys.stderr)
         return 2
@@ -36,4 +36,5 @@ def run_merge_command(args: argparse.Namespace) -> int:
     except MergeCheckError as e:
         print(f"tuneforge merge: the merge check FAILED\n{e}", file=sys.stderr)
         return 1
+    print(report)
     return 0

@@ -60,7 +60,7 @@ class PromptCheck:
     @property
     def agreeing_tokens(self) -> int:
         n = 0
-        for a, b in zip(self.greedy_unmerged, self.greedy_merged):
+        for a, b in zip(self.greedy_unmerged, self.greedy_merged, strict=False):
             if a != b:
                 break
             n += 1
@@ -179,13 +179,13 @@ def _merge_and_reference(model_spec: str, adapter_dir: str | Path, tokenizer, pr
     greedy = [_greedy(unmerged, i, tokenizer, max_new_tokens) for i in ids]
     merged = unmerged.merge_and_unload()
     merged_fp32 = [merged(input_ids=i, use_cache=False).logits[0].float() for i in ids]
-    merge_error = max((m - r).abs().max().item() for m, r in zip(merged_fp32, ref))
+    merge_error = max((m - r).abs().max().item() for m, r in zip(merged_fp32, ref, strict=False))
     torch_dtype = _torch_dtype(dtype)
     compute = torch_dtype if torch.cuda.is_available() else torch.float32
     for p in merged.parameters():
         p.data = p.data.to(torch_dtype).to(compute)
     noise = max((merged(input_ids=i, use_cache=False).logits[0].float() - m).abs().max().item()
-                for i, m in zip(ids, merged_fp32))
+                for i, m in zip(ids, merged_fp32, strict=False))
     merged = merged.to(torch_dtype)
     return merged, _Reference(list(prompts), ids, ref, greedy, merge_error, noise)
 
@@ -218,7 +218,7 @@ def _check(merged_dir: Path, reference: _Reference, method: str, dtype: str, tok
         report.problems.append(f"the fp32 merge differs from the unmerged model by {reference.merge_error:.3g} "
                                f"(> {RELATIVE_FLOOR * scale:.3g}): peft's merge is wrong for this adapter")
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=compute).eval()
-    for prompt, ids, ref, ref_greedy in zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy):
+    for prompt, ids, ref, ref_greedy in zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy, strict=False):
         logits = merged(input_ids=ids, use_cache=False).logits[0].float()
         diff = (logits - ref).abs().max().item()
         report.max_abs_diff = max(report.max_abs_diff, diff)
@@ -286,7 +286,7 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
 
     report = _check(partial, reference, method, dtype, tokenizer, max_new_tokens, str(out_dir))
     (partial / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    print(report)
+    log.info("%s", report)
     if not report.passed:
         raise MergeCheckError(f"{report}\nthe merged folder was left at {partial} for inspection")
     if out_dir.exists():
@@ -308,7 +308,7 @@ def verify_merge(merged_dir: str | Path, model_spec_or_path: str | Path, adapter
     _, reference = _merge_and_reference(str(model_spec_or_path), adapter_dir, tokenizer,
                                         list(check_prompts or DEFAULT_PROMPTS), dtype, max_new_tokens)
     report = _check(merged_dir, reference, saved_method(adapter_dir), dtype, tokenizer, max_new_tokens, str(merged_dir))
-    print(report)
+    log.info("%s", report)
     if not report.passed:
         raise MergeCheckError(str(report))
     return report

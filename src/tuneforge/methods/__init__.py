@@ -7,9 +7,19 @@ method up in the registry and never branch on its name.
 """
 
 from tuneforge.methods import bottleneck_adapter, full, ia3, lora, prefix_tuning, prompt_tuning, qlora  # noqa: F401
-from tuneforge.methods.dispatch import (apply_method, count_parameters, load_base_model, load_trained,
-                                        mergeable_methods, method_disabled, method_forward, method_generate,
-                                        not_mergeable_methods, save_trained, saved_method)
+from tuneforge.methods.dispatch import (
+                                        apply_method,
+                                        count_parameters,
+                                        load_base_model,
+                                        load_trained,
+                                        mergeable_methods,
+                                        method_disabled,
+                                        method_forward,
+                                        method_generate,
+                                        not_mergeable_methods,
+                                        save_trained,
+                                        saved_method,
+)
 from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import Method, get_method, method_names, register_method, unregister_method
 

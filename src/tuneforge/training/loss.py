@@ -42,14 +42,15 @@ def _packed_cross_entropy(model: torch.nn.Module, batch: PackedBatch, method: st
     segment = batch.loss_example if per_example else None
     if per_example and segment is None:
         raise ValueError("per-example sums need a batch from tuneforge.data.packing.pack (it records loss_example)")
-    forward = dict(lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
     if use_chunked_loss(model, targets.numel(), chunked):
         with lm_head_bypassed(model) as head:
-            hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions, **forward)
+            hidden = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions,
+                                    lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
         if segment is None:
             return chunked_cross_entropy_sum(hidden, head, targets)
         return chunked_cross_entropy_sum(hidden, head, targets, segment=segment, n=batch.num_examples)
-    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions, **forward)
+    logits = method_forward(model, method, batch.input_ids, batch.position_ids, batch.loss_positions,
+                            lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
     if segment is None:
         return cross_entropy_sum(logits, targets)
     return cross_entropy_segment_sums(logits, targets, segment, batch.num_examples)

@@ -20,7 +20,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def data_fingerprints(paths: list[str]) -> list[dict]:
+def data_fingerprints(paths: list[str | None]) -> list[dict]:
     return [{"path": p, "sha256": file_sha256(p)} for p in paths if p]
 
 

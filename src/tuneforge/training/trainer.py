@@ -175,7 +175,8 @@ class TrainingRecipe:
         step_start = time.time()
         batches = self._next_micro_batches(config.gradient_accumulation_steps)
         normaliser = sum(objective.normaliser(b) for b in batches)
-        step_loss, sums = 0.0, {}
+        step_loss = 0.0
+        sums: dict[str, float] = {}
         for batch in batches:
             if objective.normaliser(batch) == 0:
                 continue
@@ -186,6 +187,7 @@ class TrainingRecipe:
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
                      if config.max_grad_norm else None)
+        assert state.optimizer is not None, "train_step needs the optimizer set up by the trainer"
         state.optimizer.step()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)

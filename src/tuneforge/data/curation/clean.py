@@ -40,8 +40,15 @@ from tuneforge.data import jsonio
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfig
 from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex
 from tuneforge.data.curation.validation import KINDS, Checked, Issue, check_record, mask_record
-from tuneforge.data.loaders import (DataFileError, RawRecord, _open_text, data_suffix, iter_jsonl_lines, iter_records,
-                                    parse_jsonl_line)
+from tuneforge.data.loaders import (
+    DataFileError,
+    RawRecord,
+    _open_text,
+    data_suffix,
+    iter_jsonl_lines,
+    iter_records,
+    parse_jsonl_line,
+)
 from tuneforge.data.rejects import Reason, Reject, reject_line
 from tuneforge.data.token_count import CharEstimate, LengthCounter, make_counter
 
@@ -206,7 +213,7 @@ def _check_chunk(chunk: list[RawRecord] | _Lines, config: CurationConfig, index_
             index = _WORKER_INDEX[index_params] = DuplicateIndex(*index_params)
         hashes = (rows, *index.hashes([checked[i].dedup_text for i in rows]))
     if counter is not None and rows:
-        for i, n in zip(rows, counter.count([checked[i].clean for i in rows])):
+        for i, n in zip(rows, counter.count([checked[i].clean for i in rows]), strict=False):
             checked[i].tokens = n
     slim = []
     for c in checked:
@@ -255,11 +262,11 @@ def _rejoin(chunk: list[RawRecord] | _Lines, future: Any) -> tuple[list[Checked]
     if isinstance(chunk, _Lines):           # parse here only what could not be parsed (for its rejects line)
         parsed = [s[-1] for s in slim]                      # the worker could parse it: a JSON object
         raws = [RawRecord(chunk.source, n, _UNPARSED, raw=text) if ok else parse_jsonl_line(chunk.source, n, text)
-                for (n, text), ok in zip(chunk.lines, parsed)]
+                for (n, text), ok in zip(chunk.lines, parsed, strict=False)]
     else:
         raws = chunk
     checked = []
-    for raw, (fmt, kind, issues, line, label, pii, tokens, has_clean, _) in zip(raws, slim):
+    for raw, (fmt, kind, issues, line, label, pii, tokens, has_clean, _) in zip(raws, slim, strict=False):
         checked.append(Checked(raw, fmt, kind, _REMOTE if has_clean else None, [Issue(*i) for i in issues],
                                label=label, pii=pii, tokens=tokens, line=line))
     return checked, hashes
@@ -517,7 +524,7 @@ class _Curation:
         precounted = self.pool is not None and self.remote_counter is not None
         counts = ([c.tokens for c in valid] if precounted
                   else self.counter.count([_local_clean(c, config) for c in valid]))
-        for c, n in zip(valid, counts):
+        for c, n in zip(valid, counts, strict=False):
             c.tokens = n
             if config.max_length is not None and n > config.max_length and self.act("too_long") != "off":
                 self._too_long(c)
@@ -622,7 +629,7 @@ class _Curation:
             result = self.index.find()
             for i, d in sorted(result.duplicates.items()):
                 self._duplicate(i, d)
-            for members, kind in list(zip(result.clusters, result.cluster_kinds))[:200]:
+            for members, kind in list(zip(result.clusters, result.cluster_kinds, strict=False))[:200]:
                 self.report.duplicate_clusters.append({
                     "kind": kind, "size": len(members), "first": self.where(members[0]),
                     "first_is_reference": members[0] >= n_train,

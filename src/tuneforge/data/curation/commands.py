@@ -15,6 +15,7 @@ from typing import Any
 
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfigError, load_curation_config
 from tuneforge.data.formats import FORMATS
+from tuneforge.models.registry import DEFAULT_MODEL
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -211,7 +212,7 @@ def add_curation_commands(data_subparsers: Any) -> None:
     s = data_subparsers.add_parser("stats", help="token lengths, turns, answer distribution, truncation at --max-length")
     s.add_argument("file")
     _add_data_options(s)
-    s.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer for token counts")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer for token counts")
     s.add_argument("--estimate", action="store_true", help="estimate tokens from characters (no tokenizer)")
     s.add_argument("--max-length", type=int, default=None, help="count records longer than this")
     s.add_argument("--out", default=None,

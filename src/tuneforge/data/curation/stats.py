@@ -26,8 +26,8 @@ from tuneforge.data.curation.config import CurationConfig
 from tuneforge.data.curation.validation import check_record
 from tuneforge.data.loaders import iter_records
 from tuneforge.data.token_count import LengthCounter, make_counter
+from tuneforge.models.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -108,7 +108,7 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
     stats.lengths = lens
     if len(lens):
         stats.mean = float(lens.mean())
-        stats.percentiles = {f"p{p}": int(v) for p, v in zip(PERCENTILES, np.percentile(lens, PERCENTILES))}
+        stats.percentiles = {f"p{p}": int(v) for p, v in zip(PERCENTILES, np.percentile(lens, PERCENTILES), strict=False)}
         stats.percentiles["max"] = int(lens.max())
         if max_length is not None:
             stats.over_max_length = int((lens > max_length).sum())

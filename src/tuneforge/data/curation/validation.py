@@ -17,8 +17,15 @@ from typing import Any
 
 from tuneforge.data.curation import quality
 from tuneforge.data.curation.config import CurationConfig
-from tuneforge.data.formats import (CHAT_FORMATS, FORMAT_FIELDS, ROLES, RecordError, detect_format, rename_columns,
-                                    to_example)
+from tuneforge.data.formats import (
+    CHAT_FORMATS,
+    FORMAT_FIELDS,
+    ROLES,
+    RecordError,
+    detect_format,
+    rename_columns,
+    to_example,
+)
 from tuneforge.data.loaders import RawRecord, error_check
 
 KINDS = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}

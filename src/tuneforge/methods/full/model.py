@@ -7,9 +7,9 @@ Trainable parameters: all parameters (tied ``lm_head`` counted once with the emb
 
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
+
+import torch
 
 from tuneforge.methods.full.config import FullConfig
 

@@ -145,7 +145,7 @@ class SharedInputGroup:
         if layer is self.layers[0] and self.active and all(
                 member._fused_adapter(x, (), {}) == name for member in self.layers):
             hs = lora_hidden(self.layers, name, x)
-            self._x, self._name, self._pending = x, name, dict(zip(self.layers[1:], hs[1:]))
+            self._x, self._name, self._pending = x, name, dict(zip(self.layers[1:], hs[1:], strict=False))
             return hs[0]
         if self._pending:            # a member called with another input, or out of order: stop sharing
             self.active = False

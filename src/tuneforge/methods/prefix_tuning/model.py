@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
-from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.data.packing import example_index, example_lengths
+from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
 from tuneforge.models.transformers_compat import cache_argument
 

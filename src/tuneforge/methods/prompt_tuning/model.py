@@ -63,7 +63,7 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     """
     lengths = lengths or example_lengths(position_ids)
     ends = torch.tensor(lengths).cumsum(0).tolist()
-    bounds = list(zip([0, *ends[:-1]], ends))
+    bounds = list(zip([0, *ends[:-1]], ends, strict=False))
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
     if virtual_tokens_are_disabled(model):

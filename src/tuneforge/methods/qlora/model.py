@@ -116,7 +116,7 @@ def release_checkpoint_mapping_(model: nn.Module) -> None:
     quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
     done: set[int] = set()
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for _name, param in module.named_parameters(recurse=False):
             if id(param) in done or isinstance(param, quantized):
                 continue
             done.add(id(param))
