@@ -261,7 +261,8 @@ def test_too_long_drop_truncate_keep(tmp_path):
     r = clean_files(path, tmp_path / "t", CurationConfig(max_length=100, too_long="truncate"))
     assert r.clean == 2 and r.rejected == 1            # the long prompt cannot be truncated without losing the answer
     clean = lines(tmp_path / "t" / "clean.jsonl")
-    assert LOREM[:50] in clean[1]["messages"][1]["content"] and len(clean[1]["messages"][1]["content"]) < len(LOREM * 20)
+    answer = clean[1]["messages"][1]["content"]
+    assert LOREM[:50] in answer and len(answer) < len(LOREM * 20)
     assert "truncating would remove the answer" in lines(tmp_path / "t" / "rejects.jsonl")[0]["reasons"][0]["message"]
     r = check_files(path, CurationConfig(max_length=100, too_long="keep"))
     assert r.rejected == 0 and r.checks["too_long"]["found"] == 2
@@ -281,7 +282,8 @@ def test_exact_token_counts_with_tokenizer(tmp_path, tokenizer):
 
 
 def test_mask_pii_in_clean_output(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Who to contact?", "output": "Write to bob@corp.example.org."}])
+    path = write_jsonl(tmp_path / "d.jsonl",
+                       [{"instruction": "Who to contact?", "output": "Write to bob@corp.example.org."}])
     clean_files(path, tmp_path / "o", CurationConfig(mask_pii=True))
     assert lines(tmp_path / "o" / "clean.jsonl")[0]["messages"][1]["content"] == "Write to [EMAIL]."
 
@@ -290,7 +292,8 @@ def test_preference_and_text_normalisation(tmp_path):
     pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "Good answer.", "rejected": "Bad answer."},
                                               {"chosen": "same", "rejected": "same"}])
     clean_files(pref, tmp_path / "p")
-    assert lines(tmp_path / "p" / "clean.jsonl") == [{"chosen": "Good answer.", "rejected": "Bad answer.", "prompt": "Q?"}]
+    assert lines(tmp_path / "p" / "clean.jsonl") == [
+        {"chosen": "Good answer.", "rejected": "Bad answer.", "prompt": "Q?"}]
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Plain text to learn.", "meta": 1}])
     clean_files(text, tmp_path / "t")
     assert lines(tmp_path / "t" / "clean.jsonl") == [{"text": "Plain text to learn."}]
@@ -321,7 +324,8 @@ def test_config_yaml_and_errors(tmp_path):
 # ---------------------------------------------------------------- stats and split
 
 def test_stats_estimate_and_histogram(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi " * i}, {"role": "assistant", "content": "yes"}] * (1 + i % 2)}
+    rows = [{"messages": [{"role": "user", "content": "hi " * i},
+                          {"role": "assistant", "content": "yes"}] * (1 + i % 2)}
             for i in range(1, 41)]
     rows = [r for r in rows]
     s = compute_stats(write_jsonl(tmp_path / "d.jsonl", rows + ["{bad"]), model=None, max_length=20)
@@ -359,7 +363,8 @@ def test_real_data_gpteacher_and_hh(tmp_path):
 
 @needs_shared
 def test_cli_clean_and_split_on_real_data(tmp_path, capsys):
-    assert data_main(["clean", str(GPTEACHER), "--out", str(tmp_path / "c"), "--no-near-dup", "--reject", "refusal"]) == 0
+    assert data_main(["clean", str(GPTEACHER), "--out", str(tmp_path / "c"), "--no-near-dup",
+                      "--reject", "refusal"]) == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["rejected_by"] == {"refusal": 3} and report["clean"] == 3143
     assert data_main(["split", str(tmp_path / "c" / "clean.jsonl"), "--val", "0.1", "--seed", "0",

@@ -44,7 +44,8 @@ def _mutate(rng: random.Random, rec: dict) -> dict:
     elif choice == 4:
         rec[key] = ""
     elif choice == 5 and "messages" in rec:
-        rec["messages"].append({"role": rng.choice(["assistant", "user", "tool", None, 7]), "content": rng.choice(["x", "", 1, None])})
+        rec["messages"].append({"role": rng.choice(["assistant", "user", "tool", None, 7]),
+                                "content": rng.choice(["x", "", 1, None])})
     elif choice == 6 and "messages" in rec:
         rec["messages"] = rec["messages"][::-1]
     elif choice == 7:
@@ -81,7 +82,8 @@ def test_fuzz_clean_loses_nothing_and_explains_every_reject(tmp_path: Path):
                 f.write(_line(rng) + b"\n")
         files.append(path)
     arr = tmp_path / "fuzz.json"
-    arr.write_text(json.dumps([_valid(rng) if rng.random() < 0.6 else rng.choice([1, "s", None, [1]]) for _ in range(300)]))
+    arr.write_text(json.dumps([_valid(rng) if rng.random() < 0.6 else rng.choice([1, "s", None, [1]])
+                               for _ in range(300)]))
     files.append(arr)
 
     n_input = sum(1 for f in files for _ in iter_records(f))
@@ -100,6 +102,7 @@ def test_fuzz_clean_loses_nothing_and_explains_every_reject(tmp_path: Path):
     kind = report.kind
     for line in clean:
         rec = json.loads(line)
-        assert set(rec) == ({"messages"} if kind == "chat" else {"text"} if kind == "text" else set(rec) & {"chosen", "rejected", "prompt"})
+        assert set(rec) == ({"messages"} if kind == "chat" else {"text"} if kind == "text"
+                            else set(rec) & {"chosen", "rejected", "prompt"})
     assert report.clean > 500 and report.rejected > 1000
     assert len(report.checks) == len(CHECKS)

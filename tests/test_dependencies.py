@@ -40,7 +40,8 @@ def test_every_dependency_is_pinned_inside_its_range():
     for req in _requirements():
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is a dependency but constraints.txt does not pin it"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{req.name}=={pins[name]} is outside {req.specifier}")
 
 
 def test_upper_bounds_are_the_tested_versions():
@@ -49,7 +50,8 @@ def test_upper_bounds_are_the_tested_versions():
         for spec in req.specifier:
             if spec.operator == "<=":
                 assert Version(spec.version) == pins[canonicalize_name(req.name)], (
-                    f"{req.name}: upper bound {spec.version} but constraints.txt tests {pins[canonicalize_name(req.name)]}")
+                    f"{req.name}: upper bound {spec.version} but constraints.txt tests "
+                    f"{pins[canonicalize_name(req.name)]}")
 
 
 def test_readme_names_the_tested_versions():

@@ -75,7 +75,8 @@ def _nbytes(tensors) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.skipif(not HAS_BNB, reason="no bitsandbytes"))])
+@pytest.mark.parametrize("method", ["full", "lora", pytest.param(
+    "qlora", marks=pytest.mark.skipif(not HAS_BNB, reason="no bitsandbytes"))])
 def test_weights_gradients_and_optimizer_states_match_tensor_bytes_after_a_step(method):
     from tuneforge.methods import apply_method
     from tuneforge.methods.qlora.model import base_memory_bytes
@@ -166,7 +167,8 @@ def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, ba
     predicted = T * activation_bytes_per_token_layer(
         shape, method, a, batch > 1, lora_r=4, lora_dropout=lora.get("dropout", 0.05), device="cpu",
         attention=attention, fused_forward=lora.get("fused_forward", True),
-        shared_dropout_mask=lora.get("shared_dropout_mask", True), fused_rms_norm=fused_norm) + (a * T * T if dense else 0)
+        shared_dropout_mask=lora.get("shared_dropout_mask", True), fused_rms_norm=fused_norm,
+    ) + (a * T * T if dense else 0)
     assert measured == predicted
 
 
@@ -176,7 +178,8 @@ def test_checkpointing_and_shorter_rows_need_less():
     short = estimate_memory("7b", "lora", 512, 1)
     assert ckpt.activations < plain.activations / 5
     assert short.peak < plain.peak
-    assert estimate_memory("7b", "lora", 2048, trained_fraction=0.25).logits == pytest.approx(plain.logits / 4, rel=1e-3)
+    quarter = estimate_memory("7b", "lora", 2048, trained_fraction=0.25)
+    assert quarter.logits == pytest.approx(plain.logits / 4, rel=1e-3)
 
 
 def test_seeds_table_orders_methods_and_states_assumptions():
@@ -195,7 +198,8 @@ def test_cli_parser_registers_estimate(capsys):
 
     parser = argparse.ArgumentParser()
     add_estimate_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["estimate", "--model", "7b", "--method", "qlora", "--seq", "1024", "--gradient-checkpointing"])
+    args = parser.parse_args(["estimate", "--model", "7b", "--method", "qlora", "--seq", "1024",
+                              "--gradient-checkpointing"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "llama-2-7b" in out and "peak" in out

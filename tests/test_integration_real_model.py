@@ -15,7 +15,8 @@ METHODS = {"lora": 1e-3, "full": 5e-5, "adapter": 1e-3, "ia3": 2e-2, "prefix": 3
 
 
 def _cli(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -35,7 +36,8 @@ def test_method_trains_on_the_real_model_and_generates_in_a_new_process(method, 
     run = tmp_path / method
     _cli("train", "examples/quickstart.yaml", "--set", f"method={method}", "--set", "max_steps=6",
          "--set", "batch_size=8", "--set", f"learning_rate={METHODS[method]}", "--set", "eval_every=3",
-         "--set", f"data.train={small_tickets / 'train.jsonl'}", "--set", f"data.validation={small_tickets / 'val.jsonl'}",
+         "--set", f"data.train={small_tickets / 'train.jsonl'}",
+         "--set", f"data.validation={small_tickets / 'val.jsonl'}",
          "--set", f"output_dir={run}", "--set", "progress=false", "--set", "warmup_ratio=0")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first_loss = rows[0]["loss"]

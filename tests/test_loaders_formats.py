@@ -19,7 +19,8 @@ def test_detects_each_format():
 
 
 def test_alpaca_with_input_becomes_user_assistant():
-    ex = to_example({"instruction": "Translate.", "input": "hola", "output": "hello"}, "alpaca", system_prompt="Be nice.")
+    ex = to_example({"instruction": "Translate.", "input": "hola", "output": "hello"}, "alpaca",
+                    system_prompt="Be nice.")
     assert ex.messages == [{"role": "system", "content": "Be nice."},
                            {"role": "user", "content": "Translate.\n\nhola"},
                            {"role": "assistant", "content": "hello"}]
@@ -27,7 +28,8 @@ def test_alpaca_with_input_becomes_user_assistant():
 
 @pytest.mark.parametrize("messages,match", [
     ([{"role": "user", "content": "hi"}], "no assistant turn"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "must end with an assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     "must end with an assistant turn"),
     ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "messages\\[0\\].role is 'robot'"),
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "content must be a string"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "assistant turn is empty"),
@@ -102,7 +104,8 @@ def test_training_rejects_have_the_curation_schema(tmp_path):
         (2, "unknown_format"), (3, "not_json"), (4, "not_object"), (5, "wrong_type"), (6, "preference_pair")]
     for r in rows:
         assert r["source"] == str(f) and r.keys() == {"source", "line", "reasons", "record" if "record" in r else "raw"}
-        assert all(reason.keys() == {"check", "message"} and reason["check"] in TRAINING_CHECKS for reason in r["reasons"])
+        assert all(reason.keys() == {"check", "message"} and reason["check"] in TRAINING_CHECKS
+                   for reason in r["reasons"])
     assert rows[0]["record"] == {"foo": 1} and rows[1]["raw"] == "{broken"
     # the token cache stores rejects as plain data and gives them back unchanged
     prepared = PreparedData([], [], loaded.rejects, {})

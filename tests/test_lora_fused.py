@@ -170,7 +170,8 @@ def test_dora_and_peft_forward_keep_peft_layers(tiny_model):
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes")
 def test_fused_qlora_matches_peft_qlora(tiny_model):
-    reference = apply_method(tiny_model, run_config("qlora", {"lora": {"r": 4, "dropout": 0.0, "fused_forward": False}}))
+    reference = apply_method(tiny_model,
+                             run_config("qlora", {"lora": {"r": 4, "dropout": 0.0, "fused_forward": False}}))
     fused = copy.deepcopy(reference)
     assert fuse_lora_forward(fused) == 7 * tiny_model.config.num_hidden_layers
     assert all(type(m).__name__ == "FusedLoraLinear4bit" for m in fused.modules() if isinstance(m, FusedLoraForward))

@@ -14,17 +14,18 @@ def _examples(tokenizer):
              ("App crashes on start", "bug"), ("Please add dark mode to the dashboard, it would be great.", "feature")]
     out = [tokenize_example(Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]),
                             tokenizer) for q, a in convs]
-    out.append(tokenize_example(Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
-                                tokenizer, train_on="all"))
+    hello = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    out.append(tokenize_example(hello, tokenizer, train_on="all"))
     return out
 
 
 def _unpacked_loss(model, ex):
     """Reference: the example alone, no packing, standard shifted cross-entropy."""
     ids = torch.tensor([ex.input_ids])
-    labels = torch.tensor([[t if m else IGNORE for t, m in zip(ex.input_ids, ex.trained, strict=False)]])
+    labels = torch.tensor([[t if m else IGNORE for t, m in zip(ex.input_ids, ex.trained, strict=True)]])
     logits = model(input_ids=ids, use_cache=False).logits
-    return F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE, reduction="sum"), int((labels[0, 1:] != IGNORE).sum())
+    loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels[0, 1:] != IGNORE).sum())
 
 
 def test_positions_restart_and_targets_stay_inside_each_example(tokenizer):

@@ -11,7 +11,8 @@ from tuneforge.methods.qlora.config import QuantConfig
 pytestmark = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
 
 
-@pytest.mark.parametrize("quant", [{"bits": 4, "quant_type": "nf4"}, {"bits": 4, "quant_type": "fp4", "double_quant": False},
+@pytest.mark.parametrize("quant", [{"bits": 4, "quant_type": "nf4"},
+                                   {"bits": 4, "quant_type": "fp4", "double_quant": False},
                                    {"bits": 8}])
 def test_quantize_in_place_replaces_decoder_linears_only(quant, tiny_model):
     import bitsandbytes as bnb
@@ -73,9 +74,10 @@ def test_optimizers_step_on_cpu(name):
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tiny_model):
     import importlib.util
 
-    from tuneforge.methods import qlora
+    from tuneforge.methods.qlora import model as qlora
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(qlora.QuantizationUnavailableError, match="pip install 'bitsandbytes"):
         qlora.quantize_model_(tiny_model, QuantConfig())

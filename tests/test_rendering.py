@@ -5,7 +5,7 @@ from tuneforge.data.rendering import prompt_ids, tokenize_example
 
 
 def trained_text(tok, tokenizer):
-    return [tokenizer.decode([i]) for i, t in zip(tok.input_ids, tok.trained, strict=False) if t]
+    return [tokenizer.decode([i]) for i, t in zip(tok.input_ids, tok.trained, strict=True) if t]
 
 
 def test_only_assistant_answer_and_eos_are_trained(tokenizer):

@@ -122,9 +122,9 @@ class RunConfig(Settings):
             try:
                 data[key] = model.model_validate(raw if raw is not None else {})
             except ValidationError as e:
-                errors += [InitErrorDetails(type=PydanticCustomError(err["type"], err["msg"].removeprefix("Value error, ")),
-                                            loc=(key, *err["loc"]), input=err.get("input"))
-                           for err in e.errors()]
+                errors += [InitErrorDetails(
+                    type=PydanticCustomError(err["type"], err["msg"].removeprefix("Value error, ")),
+                    loc=(key, *err["loc"]), input=err.get("input")) for err in e.errors()]
         unknown = [k for k in data if k not in cls.model_fields and k not in settings_sections()]
         errors += [InitErrorDetails(type="extra_forbidden", loc=(k,), input=data[k]) for k in unknown]
         if errors:

@@ -122,8 +122,11 @@ class PreparedData:
                    dict(payload["formats"]), payload["truncated"])
 
 
-def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedExample], int]:
-    """Tokenize ``loaded.examples``; unusable or over-long ones go to ``rejects``. Returns (examples, truncated count)."""
+def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: list[Reject],
+                      ) -> tuple[list[TokenizedExample], int]:
+    """Tokenize ``loaded.examples``; unusable or over-long ones go to ``rejects``.
+
+    Returns (examples, truncated count)."""
     out, truncated = [], 0
     for example in loaded.examples:
         raw: RawRecord = example.meta["raw"]

@@ -73,10 +73,11 @@ def example_lengths(position_ids: torch.Tensor) -> list[int]:
     if not pos or pos[0] != 0:
         raise ValueError("a packed row must start at position 0")
     starts = [i for i, p in enumerate(pos) if p == 0]
-    bounds = list(zip(starts, starts[1:] + [len(pos)], strict=False))
+    bounds = list(zip(starts, starts[1:] + [len(pos)], strict=True))
     for start, end in bounds:
         if pos[start:end] != list(range(end - start)):
-            raise ValueError(f"position_ids {pos[start:end][:8]}... of the example at [{start}, {end}) are not 0, 1, 2, ...")
+            raise ValueError(f"position_ids {pos[start:end][:8]}... of the example at [{start}, {end}) "
+                             "are not 0, 1, 2, ...")
     return [end - start for start, end in bounds]
 
 

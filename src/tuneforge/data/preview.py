@@ -21,7 +21,7 @@ def mark_trained(tok: TokenizedExample, tokenizer: PreTrainedTokenizerBase, colo
             out.append(open_ + tokenizer.decode(run) + close)
             run.clear()
 
-    for token_id, trained in zip(tok.input_ids, tok.trained, strict=False):
+    for token_id, trained in zip(tok.input_ids, tok.trained, strict=True):
         if trained:
             run.append(token_id)
         else:

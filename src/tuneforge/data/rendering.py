@@ -66,7 +66,8 @@ def _end_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return tuple(markers)
 
 
-def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, train_on: str = "assistant") -> TokenizedExample:
+def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase,
+                     train_on: str = "assistant") -> TokenizedExample:
     """Tokenize one example; see the module docstring for which tokens are trained."""
     eos = tokenizer.eos_token or ""
     if example.text is not None:

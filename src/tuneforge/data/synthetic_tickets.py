@@ -26,8 +26,8 @@ APPS = ["the mobile app", "the web dashboard", "the desktop client", "the iPad a
         "the Android app", "your website"]
 OPENERS = ["Hi,", "Hello,", "Hey there,", "Good morning,", "To whom it may concern,", "Hi team,", "", "", "Urgent:",
            "Quick question.", "Hello support,"]
-CLOSERS = ["Thanks.", "Thank you!", "Please help.", "Regards, {name}", "Cheers, {name}", "", "", "Any update appreciated.",
-           "This is really frustrating.", "Thanks in advance, {name}"]
+CLOSERS = ["Thanks.", "Thank you!", "Please help.", "Regards, {name}", "Cheers, {name}", "", "",
+           "Any update appreciated.", "This is really frustrating.", "Thanks in advance, {name}"]
 NAMES = ["Ana", "Ben", "Chen", "Dana", "Emeka", "Fatima", "Greg", "Hiro", "Ines", "Jonas", "Kemi", "Luca", "Maya",
          "Nils", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
 
@@ -130,7 +130,8 @@ def make_record(rng: random.Random) -> dict:
                          {"role": "assistant", "content": label}]}
 
 
-def generate_splits(n_train: int = 800, n_validation: int = 80, n_test: int = 150, seed: int = 0) -> dict[str, list[dict]]:
+def generate_splits(n_train: int = 800, n_validation: int = 80, n_test: int = 150,
+                    seed: int = 0) -> dict[str, list[dict]]:
     """Train/validation/test records with no ticket text shared between splits."""
     rng = random.Random(seed)
     seen: set[str] = set()

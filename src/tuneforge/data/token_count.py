@@ -96,7 +96,7 @@ class TokenizerCounter:
             return []
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = [0] * len(records)
-        for i, _text, toks in zip(owners, texts, ids, strict=False):
+        for i, _text, toks in zip(owners, texts, ids, strict=True):
             n = len(toks) + (1 if "text" in records[i] else 0)
             out[i] = max(out[i], n)
         return out

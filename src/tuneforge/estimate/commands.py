@@ -17,7 +17,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     methods = ["full", "lora", "qlora"] if args.method == "all" else [args.method]
     estimates = [estimate_memory(args.model, method, args.seq, args.batch,
                                  gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                                 lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype, trained_fraction=args.trained_fraction,
+                                 lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype,
+                                 trained_fraction=args.trained_fraction,
                                  master_weights=args.master_weights, optimizer=args.optimizer,
                                  optimizer_impl=args.optimizer_impl, device=args.device)
                  for method in methods]
@@ -33,7 +34,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     """Register ``estimate`` on the top-level ``tuneforge`` subparsers; return its parser."""
-    e = subparsers.add_parser("estimate", help="predict peak training memory (weights, gradients, optimizer, activations, logits)",
+    e = subparsers.add_parser("estimate",
+                              help="predict peak training memory (weights, gradients, optimizer, activations, logits)",
                               description="Predict the peak memory of one training step, by component, without loading "
                                           "the model. --model takes a model spec (its config.json is read) or a named "
                                           "shape: 7b, 13b, 70b (Llama-2), llama-3.2-1b, llama-3.1-8b, smollm2-135m.")
@@ -53,7 +55,8 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="sets the runtime overhead, dropout mask size and optimizer default (default: %(default)s)")
     e.add_argument("--master-weights", action="store_true",
-                   help="full: AdamW updates an fp32 master copy (classic mixed precision; not what `tuneforge train` does)")
+                   help="full: AdamW updates an fp32 master copy (classic mixed precision; "
+                        "not what `tuneforge train` does)")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     e.add_argument("--optimizer-impl", default=None, choices=["for-loop", "foreach", "fused"],
                    help="default: torch's default for the device (for-loop on cpu, foreach on cuda)")

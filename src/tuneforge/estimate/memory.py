@@ -150,7 +150,8 @@ class MemoryEstimate:
         lines = [head, "-" * len(head)]
         lines += [f"  {name:<28}{_gib(value):>10}" for name, value in self.rows()]
         lines.append(f"  {'peak (' + self.peak_phase + ')':<28}{_gib(self.peak):>10}")
-        lines.append("  peak = weights + optimizer + overhead + max(activations + logits, gradients + step temporaries)")
+        lines.append("  peak = weights + optimizer + overhead "
+                     "+ max(activations + logits, gradients + step temporaries)")
         lines += [f"  - {a}" for a in self.assumptions]
         return "\n".join(lines)
 
@@ -240,8 +241,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         state_bytes = 4 if master_weights else w
         largest = shape.vocab_size * d
         optimizer_params = trainable
-        notes.append(f"all {total:,} parameters train; weights and gradients in {dtype}"
-                     + (", AdamW updates an fp32 master copy" if master_weights else ", AdamW states in the parameter dtype"))
+        states = ", AdamW updates an fp32 master copy" if master_weights else ", AdamW states in the parameter dtype"
+        notes.append(f"all {total:,} parameters train; weights and gradients in {dtype}" + states)
     else:
         trainable = shape.lora_parameters(lora_r)
         grad_bytes = state_bytes = 4
@@ -249,7 +250,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         optimizer_params = trainable
         if method == "lora":
             weights = total * w + trainable * 4
-            notes.append(f"LoRA r={lora_r} on all 7 decoder linears (fp32 adapters, dropout {lora_dropout}) over a frozen {dtype} base")
+            notes.append(f"LoRA r={lora_r} on all 7 decoder linears (fp32 adapters, dropout {lora_dropout}) "
+                         f"over a frozen {dtype} base")
         else:
             linear = L * shape.linear_params_per_layer()
             blocks = math.ceil(linear / 64)
@@ -322,7 +324,8 @@ SEED_MODELS = ("7b", "13b", "70b")
 
 def seeds_table(seq: int = 512, batch: int = 1, lora_r: int = 16) -> str:
     """The table people quote: Llama-2 7B/13B/70B x full/LoRA/QLoRA on a GPU, with its assumptions."""
-    header = f"{'model':<12}{'method':<7}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}{'other':>9}{'peak':>10}"
+    header = (f"{'model':<12}{'method':<7}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}"
+              f"{'other':>9}{'peak':>10}")
     lines = [header, "-" * len(header)]
     for model in SEED_MODELS:
         for method in METHODS:
@@ -330,12 +333,13 @@ def seeds_table(seq: int = 512, batch: int = 1, lora_r: int = 16) -> str:
                                 master_weights=True, optimizer_impl="fused", device="cuda")
             other = e.overhead + (e.step_temporaries if e.peak_phase == "optimizer step" else 0)
             vals = [e.weights, e.gradients, e.optimizer_states, e.activations, e.logits, other]
-            lines.append(f"{e.model:<12}{method:<7}{vals[0] / GIB:>10.1f}" + "".join(f"{v / GIB:>9.1f}" for v in vals[1:])
-                         + f"{e.peak / GIB:>10.1f}")
+            lines.append(f"{e.model:<12}{method:<7}{vals[0] / GIB:>10.1f}"
+                         + "".join(f"{v / GIB:>9.1f}" for v in vals[1:]) + f"{e.peak / GIB:>10.1f}")
     lines.append("")
-    lines.append("GiB. Assumptions: one GPU; bf16 weights (full, LoRA base); full tuning keeps bf16 gradients and an fp32 "
-                 "master copy + AdamW m, v in fp32 (16 B/param); LoRA r=16 on all 7 linears per layer, fp32 adapters, "
-                 "dropout 0.05; QLoRA NF4 + double quant, embeddings fp32, fp32 activations; AdamW fused (no step "
-                 f"temporaries); seq {seq}, batch {batch}, every token trained, gradient checkpointing on; 0.75 GiB "
-                 "CUDA context. peak = weights + optimizer + other + max(activations + logits, gradients).")
+    lines.append("GiB. Assumptions: one GPU; bf16 weights (full, LoRA base); full tuning keeps bf16 gradients "
+                 "and an fp32 master copy + AdamW m, v in fp32 (16 B/param); LoRA r=16 on all 7 linears per "
+                 "layer, fp32 adapters, dropout 0.05; QLoRA NF4 + double quant, embeddings fp32, fp32 activations; "
+                 f"AdamW fused (no step temporaries); seq {seq}, batch {batch}, every token trained, gradient "
+                 "checkpointing on; 0.75 GiB CUDA context. peak = weights + optimizer + other + max(activations "
+                 "+ logits, gradients).")
     return "\n".join(lines)

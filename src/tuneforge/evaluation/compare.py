@@ -42,14 +42,16 @@ def validation_loss(loaded: LoadedModel, config: RunConfig) -> float | None:
     return evaluate_loss(loaded.model, batches, loaded.device, config.method if loaded.config else "base")
 
 
-def score(name: str, loaded: LoadedModel, config: RunConfig, conversations: list[list[dict]]) -> tuple[ModelScore, GenerationEval]:
+def score(name: str, loaded: LoadedModel, config: RunConfig,
+          conversations: list[list[dict]]) -> tuple[ModelScore, GenerationEval]:
     task = config.eval_task
     gen = evaluate_generation(loaded, conversations, labels=task.labels if task else None,
                               max_new_tokens=task.max_new_tokens if task else 32)
     return ModelScore(name, gen.exact_match, gen.valid_format, validation_loss(loaded, config)), gen
 
 
-def compare_base_and_run(config: RunConfig, run_dir: str | Path, base_score: tuple[ModelScore, GenerationEval] | None = None,
+def compare_base_and_run(config: RunConfig, run_dir: str | Path,
+                         base_score: tuple[ModelScore, GenerationEval] | None = None,
                          test_file: str | None = None) -> list[ModelScore]:
     """Score the base model and the tuned run on the held-out test file; write ``eval.json`` in the run."""
     test_file = test_file or (config.eval_task.file if config.eval_task else None)
@@ -77,5 +79,6 @@ def format_table(scores: list[ModelScore], n: int) -> str:
              f"| {'model':<7} | exact match | valid format | validation loss |",
              f"|{'-' * 9}|{'-' * 13}|{'-' * 14}|{'-' * 17}|"]
     for s in scores:
-        lines.append(f"| {s.name:<7} | {pct(s.exact_match):>11} | {pct(s.valid_format):>12} | {num(s.validation_loss):>15} |")
+        lines.append(f"| {s.name:<7} | {pct(s.exact_match):>11} | {pct(s.valid_format):>12} "
+                     f"| {num(s.validation_loss):>15} |")
     return "\n".join(lines)

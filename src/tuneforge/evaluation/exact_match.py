@@ -43,7 +43,7 @@ def evaluate_generation(loaded: LoadedModel, conversations: list[list[dict]], la
     correct, valid, rows = 0, 0, []
     label_set = {normalise_answer(label) for label in labels} if labels else None
     json_refs = labels is None and all(_is_json(r) for r in references)
-    for answer, reference in zip(answers, references, strict=False):
+    for answer, reference in zip(answers, references, strict=True):
         hit = normalise_answer(answer) == normalise_answer(reference)
         correct += hit
         if label_set is not None:

@@ -179,13 +179,13 @@ def _merge_and_reference(model_spec: str, adapter_dir: str | Path, tokenizer, pr
     greedy = [_greedy(unmerged, i, tokenizer, max_new_tokens) for i in ids]
     merged = unmerged.merge_and_unload()
     merged_fp32 = [merged(input_ids=i, use_cache=False).logits[0].float() for i in ids]
-    merge_error = max((m - r).abs().max().item() for m, r in zip(merged_fp32, ref, strict=False))
+    merge_error = max((m - r).abs().max().item() for m, r in zip(merged_fp32, ref, strict=True))
     torch_dtype = _torch_dtype(dtype)
     compute = torch_dtype if torch.cuda.is_available() else torch.float32
     for p in merged.parameters():
         p.data = p.data.to(torch_dtype).to(compute)
     noise = max((merged(input_ids=i, use_cache=False).logits[0].float() - m).abs().max().item()
-                for i, m in zip(ids, merged_fp32, strict=False))
+                for i, m in zip(ids, merged_fp32, strict=True))
     merged = merged.to(torch_dtype)
     return merged, _Reference(list(prompts), ids, ref, greedy, merge_error, noise)
 
@@ -218,7 +218,8 @@ def _check(merged_dir: Path, reference: _Reference, method: str, dtype: str, tok
         report.problems.append(f"the fp32 merge differs from the unmerged model by {reference.merge_error:.3g} "
                                f"(> {RELATIVE_FLOOR * scale:.3g}): peft's merge is wrong for this adapter")
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=compute).eval()
-    for prompt, ids, ref, ref_greedy in zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy, strict=False):
+    for prompt, ids, ref, ref_greedy in zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy,
+                                            strict=True):
         logits = merged(input_ids=ids, use_cache=False).logits[0].float()
         diff = (logits - ref).abs().max().item()
         report.max_abs_diff = max(report.max_abs_diff, diff)

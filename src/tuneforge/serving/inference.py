@@ -41,16 +41,19 @@ class LoadedModel:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=self.device)
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=self.device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-            out = method_generate(self.model, self.config, input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=pad, **sampling)
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+                        else {"do_sample": False})
+            out = method_generate(self.model, self.config, input_ids=input_ids, attention_mask=attention,
+                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                                  **sampling)
             for row in out[:, width:]:
                 outputs.append(tok.decode(row, skip_special_tokens=True).strip())
         return outputs
 
     def generate(self, prompt: str | list[dict], system: str | None = None, **kwargs) -> str:
         if isinstance(prompt, str):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = (([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": prompt}])
         else:
             messages = prompt
         return self.generate_batch([messages], **kwargs)[0]
@@ -67,7 +70,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedModel:
     """Load the base model of ``run_dir`` with its trained adapter (or full weights) applied."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a tuneforge run directory (no config.yaml); train one with `tuneforge train`")
+        raise FileNotFoundError(f"{run_dir} is not a tuneforge run directory (no config.yaml); "
+                                "train one with `tuneforge train`")
     config = load_config(run_dir / "config.yaml", check_files=False)
     dev = pick_device(device if device != "auto" else config.device)
     torch_dtype, _ = pick_dtype(config.dtype, dev)

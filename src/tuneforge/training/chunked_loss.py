@@ -60,7 +60,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             probs[rows, targets[s:s + ctx.chunk]] -= 1.0                                # d loss / d logits
             probs *= grad_total if segment is None else grad_total[segment[s:s + ctx.chunk]][:, None]
             g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
-            if need_h:
+            if grad_h is not None:
                 grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += (g.t() @ h.to(weight.dtype)).float()
@@ -118,7 +118,10 @@ class _HiddenStates(torch.nn.Module):
 @contextlib.contextmanager
 def lm_head_bypassed(model: torch.nn.Module):
     """Within the block, ``model``'s forward returns the final hidden states in place of logits; yields the head."""
-    owner, name = output_head(model)
+    found = output_head(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no plain linear LM head to bypass (see output_head)")
+    owner, name = found
     head = getattr(owner, name)
     setattr(owner, name, _HiddenStates())
     try:

@@ -32,9 +32,9 @@ def plot_loss_curve(rows: list[dict], out: Path, title: str = "") -> None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train, strict=False), label="train loss", color="tab:blue", alpha=0.8)
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
     if evals:
-        ax.plot(*zip(*evals, strict=False), "o-", label="validation loss", color="tab:orange")
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "loss")

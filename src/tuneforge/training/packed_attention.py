@@ -37,16 +37,17 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if cu_seqlens is not None:                        # the packed batch's boundaries, computed once when packing
         lengths = cu_seqlens.diff().tolist()
     else:
+        assert position_ids is not None       # part of plain_row
         starts = (position_ids.reshape(-1)[:T] == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
             starts = [0] + starts
-        lengths = [e - s for s, e in zip(starts, starts[1:] + [T], strict=False)]
+        lengths = [e - s for s, e in zip(starts, starts[1:] + [T], strict=True)]
     gqa = query.shape[1] != key.shape[1]
     # split, not slices: a slice's backward writes its gradient into a zero-filled full-length tensor,
     # split's backward concatenates once (-16% attention time for 4 examples)
     outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                            dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=False)]
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)]
     if len(outs) == 1:
         return outs[0].transpose(1, 2).contiguous(), None
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None   # one copy, already [1, T, H, D]

@@ -57,6 +57,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class FusedRMSNorm:
     """Mixin over a transformers RMSNorm class: the forward of :class:`RMSNormFunction`."""
 
+    weight: torch.nn.Parameter      # the RMSNorm class's own attributes
+    variance_epsilon: float
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -70,7 +73,7 @@ def fuse_rms_norm(model: torch.nn.Module) -> int:
     """Give every plain RMSNorm of ``model`` the fused forward; return how many were changed."""
     changed = 0
     for module in model.modules():
-        cls = type(module)
+        cls: type = type(module)
         if cls.__name__ in PLAIN_RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
             module.__class__ = _fused_class(cls)
             changed += 1

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -78,6 +78,15 @@ def total_steps(config: RunConfig, num_train: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
+class _GradientCheckpointing(Protocol):
+    """transformers' switches, on its models and passed on to them by the wrappers (peft's, the bottleneck
+    adapter's) that every method's ``apply`` returns."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None: ...
+
+    def enable_input_require_grads(self) -> None: ...
+
+
 def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
     """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
     one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode."""
@@ -85,9 +94,10 @@ def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
     if config.fused_rms_norm:
         fuse_rms_norm(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model = cast(_GradientCheckpointing, model)
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+            hf_model.enable_input_require_grads()
     model.train()
 
 
@@ -134,8 +144,8 @@ class TrainingRecipe:
                  len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
                  data.train_tokens, len(data.rejects))
 
-        model = load_base_model(config, dtype=self.dtype, device=self.device)
-        self.model = model = apply_method(model, config, self.tokenizer)
+        base = load_base_model(config, dtype=self.dtype, device=self.device)
+        self.model = model = apply_method(base, config, self.tokenizer)
         prepare_for_training(model, config)
         self.trainable, self.total = count_parameters(model)
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
@@ -161,7 +171,8 @@ class TrainingRecipe:
         while len(out) < n:
             if state.micro_batch >= per_epoch:
                 state.epoch, state.micro_batch = state.epoch + 1, 0
-            stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch, start=state.micro_batch)
+            stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch,
+                                   start=state.micro_batch)
             for batch in stream:
                 out.append(batch)
                 state.micro_batch += 1

@@ -90,7 +90,8 @@ class CurationReport:
         lines = [f"{self.records} records in {len(self.files)} file(s): {self.clean} clean, {self.rejected} rejected"
                  + (f" (kind: {self.kind})" if self.kind else "")]
         if self.formats:
-            lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items(), key=lambda kv: -kv[1])))
+            by_count = sorted(self.formats.items(), key=lambda kv: -kv[1])
+            lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in by_count))
         fired = [(n, c) for n, c in self.checks.items() if c["found"]]
         if fired:
             lines.append("checks:")
@@ -746,8 +747,9 @@ def _dataset_level(report: CurationReport, config: CurationConfig, counter: Leng
         present = counts[counts > 0]
         if len(present) >= 2 and present.max() >= config.imbalance_ratio * present.min():
             top = max(report.labels, key=report.labels.get)
-            warn.append({"check": "label_imbalance", "message": f"answer {top!r} is {present.max() / present.min():.0f}x "
-                         f"as common as the rarest answer; consider resampling or --stratify when splitting"})
+            warn.append({"check": "label_imbalance",
+                         "message": f"answer {top!r} is {present.max() / present.min():.0f}x as common as the rarest "
+                                    "answer; consider resampling or --stratify when splitting"})
     for w in warn:
         w.setdefault("description", DATASET_CHECKS[w["check"]])
 

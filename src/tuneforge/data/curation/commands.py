@@ -19,7 +19,8 @@ from tuneforge.models.registry import DEFAULT_MODEL
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default=None, choices=("auto",) + FORMATS, help="declare the format instead of detecting it")
+    p.add_argument("--format", default=None, choices=("auto",) + FORMATS,
+                   help="declare the format instead of detecting it")
     p.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
                    help="map canonical fields to your column names, e.g. instruction=question output=answer")
 
@@ -183,7 +184,8 @@ def cmd_split(args: argparse.Namespace) -> int:
         if r.n_rejected:
             print(f"rejects: {r.rejects} ({r.n_rejected} unparsable records)")
         if r.val_labels:
-            print("val by " + args.stratify + ": " + ", ".join(f"{k!r} {v}" for k, v in list(r.val_labels.items())[:20]))
+            counts = ", ".join(f"{k!r} {v}" for k, v in list(r.val_labels.items())[:20])
+            print("val by " + args.stratify + ": " + counts)
         return 0
     return _run(run, args)
 
@@ -209,7 +211,8 @@ def add_curation_commands(data_subparsers: Any) -> None:
     k.add_argument("--show", type=int, default=3, help="example records listed per check")
     k.set_defaults(func=cmd_clean)
 
-    s = data_subparsers.add_parser("stats", help="token lengths, turns, answer distribution, truncation at --max-length")
+    s = data_subparsers.add_parser("stats",
+                                   help="token lengths, turns, answer distribution, truncation at --max-length")
     s.add_argument("file")
     _add_data_options(s)
     s.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer for token counts")

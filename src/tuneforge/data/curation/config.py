@@ -53,16 +53,20 @@ CHECKS: dict[str, CheckInfo] = {c.name: c for c in [
     CheckInfo("identical_pair", "structure", "reject", False, "preference pair with chosen == rejected"),
     CheckInfo("short_answer", "length", "warn", False, "answer shorter than min_answer_chars"),
     CheckInfo("too_long", "length", "reject", False, "longer than max_length tokens (see too_long)"),
-    CheckInfo("exact_duplicate", "duplicates", "reject", False, "same text as an earlier record (case/space-insensitive)"),
-    CheckInfo("near_duplicate", "duplicates", "reject", False, "MinHash similarity >= near_dup_threshold to an earlier record"),
+    CheckInfo("exact_duplicate", "duplicates", "reject", False,
+              "same text as an earlier record (case/space-insensitive)"),
+    CheckInfo("near_duplicate", "duplicates", "reject", False,
+              "MinHash similarity >= near_dup_threshold to an earlier record"),
     CheckInfo("leakage", "duplicates", "reject", False, "exact or near duplicate of a record in an --against file"),
     CheckInfo("repeats_prompt", "quality", "warn", False, "the answer repeats or copies the prompt"),
     CheckInfo("refusal", "quality", "warn", False, "boilerplate refusal ('As an AI language model ...')"),
-    CheckInfo("placeholder", "quality", "warn", False, "placeholder text (lorem ipsum, TODO, <placeholder>, [insert ...])"),
+    CheckInfo("placeholder", "quality", "warn", False,
+              "placeholder text (lorem ipsum, TODO, <placeholder>, [insert ...])"),
     CheckInfo("control_chars", "quality", "reject", False,
               "control characters or U+FFFD (binary garbage, text decoded with the wrong encoding)"),
     CheckInfo("non_text", "quality", "warn", False, "an answer of mostly non-letter content"),
-    CheckInfo("pii", "quality", "warn", False, "emails, phone numbers, Luhn-valid card numbers (--mask-pii masks them)"),
+    CheckInfo("pii", "quality", "warn", False,
+              "emails, phone numbers, Luhn-valid card numbers (--mask-pii masks them)"),
 ]}
 
 DATASET_CHECKS: dict[str, str] = {
@@ -138,7 +142,8 @@ def load_curation_config(path: str | Path | None = None, **overrides: Any) -> Cu
         except (OSError, yaml.YAMLError) as e:
             raise CurationConfigError(f"{path}: cannot read curation config: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
-            raise CurationConfigError(f"{path}: a curation config is a mapping of settings, got {type(loaded).__name__}")
+            raise CurationConfigError(f"{path}: a curation config is a mapping of settings, "
+                                      f"got {type(loaded).__name__}")
         data.update(loaded or {})
     actions = dict(data.get("actions") or {})
     actions.update(overrides.pop("actions", None) or {})

@@ -6,7 +6,8 @@ Near duplicates: MinHash over word ``shingle``-grams, then LSH banding.
 
 * Each word is hashed with CRC32; a shingle hash mixes ``shingle`` consecutive word hashes (uint64).
 * ``num_perm`` hash functions h_i(x) = (a_i * x + b_i) mod 2^32 (a_i odd, so each is a permutation
-  of the 32-bit shingle hashes; 32-bit arithmetic is 4x faster than 64-bit here); the signature is the per-function minimum over the shingles: shape ``(num_perm,)`` uint32.
+  of the 32-bit shingle hashes; 32-bit arithmetic is 4x faster than 64-bit here); the signature is the
+  per-function minimum over the shingles: shape ``(num_perm,)`` uint32.
   P[sig_A[i] == sig_B[i]] = Jaccard(shingles_A, shingles_B).
 * LSH: the signature is cut in ``bands`` bands of ``rows`` values; each band is hashed to uint32.
   Two texts share at least one band hash with probability 1 - (1 - J^rows)^bands, an S-curve whose
@@ -40,7 +41,8 @@ _BLOCK = 4096            # shingles per (shingles x permutations) matrix
 
 def exact_hash(normalised: str) -> int:
     """64-bit hash of an already normalised text (see :func:`tuneforge.data.curation.quality.normalise_text`)."""
-    return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    digest = hashlib.blake2b(normalised.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @lru_cache(maxsize=None)

@@ -39,7 +39,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 _NOT_LETTER = re.compile(r"[\W\d_]+")
 _ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}"                               # local part
+    r"@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"  # domain
+)
 _PHONE = re.compile(
     r"(?<![\w+])(?:"
     r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}"       # +44 20 7946 0958, +1-555-010-9999
@@ -200,7 +203,8 @@ def find_pii(text: str) -> dict[str, int]:
 
 
 def mask_pii(text: str) -> str:
-    """``text`` with emails, phone numbers and Luhn-valid card numbers replaced by ``[EMAIL]``/``[PHONE]``/``[CARD]``."""
+    """``text`` with emails, phone numbers and Luhn-valid card numbers replaced by
+    ``[EMAIL]``/``[PHONE]``/``[CARD]``."""
     if "@" in text:
         text = _EMAIL.sub(_MASKS["email"], text)
     phone, card = _digit_shape(text)

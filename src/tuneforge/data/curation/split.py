@@ -112,6 +112,6 @@ def split_file(path: str | Path, val: float = 0.1, seed: int = 0, stratify: str 
     if labels is not None:
         names = {i: k for k, i in label_names.items()}
         ids, c = np.unique(labels[is_val & (labels >= 0)], return_counts=True)
-        val_labels = {names[int(i)]: int(k) for i, k in zip(ids, c, strict=False)}
+        val_labels = {names[int(i)]: int(k) for i, k in zip(ids, c, strict=True)}
     return SplitResult(str(out / "train.jsonl"), str(out / "val.jsonl"), str(rejects_path) if rejects else None,
                        counts["train"], counts["val"], counts["rejected"], val_labels)

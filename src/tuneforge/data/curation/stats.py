@@ -67,7 +67,8 @@ class DatasetStats:
             lines.append("messages per conversation: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.turns.items())))
         if self.labels:
             total = sum(self.labels.values())
-            lines.append("answers: " + ", ".join(f"{k!r} {v} ({v / total:.0%})" for k, v in list(self.labels.items())[:20]))
+            top = list(self.labels.items())[:20]
+            lines.append("answers: " + ", ".join(f"{k!r} {v} ({v / total:.0%})" for k, v in top))
         if self.histogram:
             lines.append(f"histogram: {self.histogram}")
         return "\n".join(lines)
@@ -108,7 +109,8 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
     stats.lengths = lens
     if len(lens):
         stats.mean = float(lens.mean())
-        stats.percentiles = {f"p{p}": int(v) for p, v in zip(PERCENTILES, np.percentile(lens, PERCENTILES), strict=False)}
+        values = np.percentile(lens, PERCENTILES)
+        stats.percentiles = {f"p{p}": int(v) for p, v in zip(PERCENTILES, values, strict=True)}
         stats.percentiles["max"] = int(lens.max())
         if max_length is not None:
             stats.over_max_length = int((lens > max_length).sum())

@@ -162,7 +162,8 @@ def _check_preference(rec: dict[str, Any], out: Checked) -> None:
         prompt = _check_messages(prompt, out, "prompt", need_final_answer=False)
         if prompt is None:
             return
-    if len(sides) < 2 or any(i.check in ("wrong_type", "missing_field", "unknown_role", "turn_order") for i in out.issues):
+    structural = ("wrong_type", "missing_field", "unknown_role", "turn_order")
+    if len(sides) < 2 or any(i.check in structural for i in out.issues):
         return
     chosen, rejected = sides["chosen"], sides["rejected"]
     if type(chosen) is not type(rejected):
@@ -260,7 +261,8 @@ def _quality(out: Checked, config: CurationConfig) -> None:
     else:                                                     # e.g. "İ".lower() is two characters
         low_answers = answers.lower()
     if action("short_answer") != "off" and len(answer.strip()) < config.min_answer_chars:
-        out.add("short_answer", f"answer is {len(answer.strip())} characters (min_answer_chars={config.min_answer_chars})")
+        out.add("short_answer",
+                f"answer is {len(answer.strip())} characters (min_answer_chars={config.min_answer_chars})")
     if action("repeats_prompt") != "off" and last_prompt and quality.repeats_prompt(last_prompt, answer):
         out.add("repeats_prompt", "the answer repeats the prompt")
     if action("refusal") != "off" and quality.is_refusal(answers, low_answers):

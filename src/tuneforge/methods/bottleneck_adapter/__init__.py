@@ -7,26 +7,44 @@
 Registered here as ``method: adapter``.
 """
 
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE, BottleneckAdapterConfig
 from tuneforge.methods.bottleneck_adapter.layer import BottleneckAdapterLayer
 from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel
 from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import Method, register_method
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from tuneforge.config import RunConfig
+
 __all__ = ["ADAPTER_TYPE", "BottleneckAdapterConfig", "BottleneckAdapterLayer", "BottleneckAdapterModel",
            "NotMergeableError"]
 
 
-def _apply(model, config, tokenizer=None):
+def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> BottleneckAdapterModel:
     return BottleneckAdapterModel(model, config.adapter)
+
+
+def _load_trained(base: PreTrainedModel, folder: str | Path, is_trainable: bool = False) -> BottleneckAdapterModel:
+    return BottleneckAdapterModel.from_pretrained(base, folder, is_trainable=is_trainable)
+
+
+def _disable(model: BottleneckAdapterModel) -> contextlib.AbstractContextManager:
+    return model.disable_adapter()
 
 
 register_method(Method(
     name="adapter", summary="bottleneck MLPs after attention and/or MLP (ours)",
     settings={"adapter": BottleneckAdapterConfig}, apply=_apply,
-    load_trained=lambda base, folder, is_trainable=False: BottleneckAdapterModel.from_pretrained(
-        base, folder, is_trainable=is_trainable),
+    load_trained=_load_trained,
     saved_types=(ADAPTER_TYPE,),
     not_mergeable_reason="a bottleneck adapter has a nonlinearity between its projections",
-    disable=lambda model: model.disable_adapter(),
+    disable=_disable,
 ))

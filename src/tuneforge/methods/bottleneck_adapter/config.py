@@ -61,7 +61,8 @@ class BottleneckAdapterConfig(Settings):
                 "base_model_name_or_path": base_model_name_or_path}
 
     def save(self, folder: str | Path, base_model_name_or_path: str | None = None) -> None:
-        Path(folder, "adapter_config.json").write_text(json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n")
+        text = json.dumps(self.to_dict(base_model_name_or_path), indent=2) + "\n"
+        Path(folder, "adapter_config.json").write_text(text)
 
     @classmethod
     def load(cls, folder: str | Path) -> "BottleneckAdapterConfig":
@@ -70,8 +71,10 @@ class BottleneckAdapterConfig(Settings):
             raise FileNotFoundError(f"{path} not found: is {folder} a saved bottleneck adapter?")
         data = json.loads(path.read_text())
         if data.get("adapter_type") != ADAPTER_TYPE:
-            raise ValueError(f"{path} is not a tuneforge bottleneck adapter (adapter_type={data.get('adapter_type')!r}, "
-                             f"peft_type={data.get('peft_type')!r}); load it with the method it was trained with")
+            raise ValueError(f"{path} is not a tuneforge bottleneck adapter "
+                             f"(adapter_type={data.get('adapter_type')!r}, peft_type={data.get('peft_type')!r}); "
+                             "load it with the method it was trained with")
         if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer tuneforge (format {data['format_version']}); upgrade tuneforge")
+            raise ValueError(f"{path} was written by a newer tuneforge (format {data['format_version']}); "
+                             "upgrade tuneforge")
         return cls(**{k: v for k, v in data.items() if k in cls.model_fields})

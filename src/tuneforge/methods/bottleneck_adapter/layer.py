@@ -19,7 +19,7 @@ activation, dropout and scaling of each name). One is active at a time (``active
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class BottleneckAdapterLayer(nn.Module):
         name = name or self.active_adapter
         if name is None:
             return y
-        down = self.adapter_down[name]
+        down = cast(nn.Linear, self.adapter_down[name])
         z = down(y.to(down.weight.dtype))
         z = self.adapter_up[name](self.adapter_dropout[name](self.adapter_act[name](z)))
         return y + (self.scaling[name] * z).to(y.dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,13 +27,17 @@ from torch import nn
 from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE, BottleneckAdapterConfig
 from tuneforge.methods.bottleneck_adapter.layer import DEFAULT_ADAPTER, BottleneckAdapterLayer
 from tuneforge.methods.errors import NotMergeableError
+from tuneforge.methods.registry import Generates
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SUBLAYER_NAMES = {"attention": "self_attn", "mlp": "mlp"}
 WEIGHTS_NAME = "adapter_model.safetensors"
 _TABLES = ("adapter_down", "adapter_up")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The list of decoder layers of a transformers causal LM (``model.model.layers`` for Llama)."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
@@ -64,10 +68,12 @@ class BottleneckAdapterModel(nn.Module):
         adapter_name: name of this first adapter (it is active and trainable).
     """
 
-    def __init__(self, model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    def __init__(self, model: PreTrainedModel, config: BottleneckAdapterConfig,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_model = model
         self.configs: dict[str, BottleneckAdapterConfig] = {}
+        self._active: str | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -84,17 +90,19 @@ class BottleneckAdapterModel(nn.Module):
                 name = SUBLAYER_NAMES[placement]
                 sub = getattr(layer, name)
                 if isinstance(sub, BottleneckAdapterLayer):
-                    sub.add_adapter(adapter_name, config.bottleneck, config.nonlinearity, config.dropout, config.scaling)
+                    sub.add_adapter(adapter_name, config.bottleneck, config.nonlinearity, config.dropout,
+                                    config.scaling)
                 else:
-                    setattr(layer, name, BottleneckAdapterLayer(sub, hidden_size, config.bottleneck, config.nonlinearity,
-                                                                config.dropout, config.scaling, adapter_name))
+                    wrapped = BottleneckAdapterLayer(sub, hidden_size, config.bottleneck, config.nonlinearity,
+                                                     config.dropout, config.scaling, adapter_name)
+                    setattr(layer, name, wrapped)
         self.configs[adapter_name] = config
-        if len(self.configs) == 1:
-            self.set_adapter(adapter_name)
+        # the first adapter becomes active; a later one does not, and layers it created must not apply it
+        self.set_adapter(self._active or adapter_name)
 
     @property
     def active_adapter(self) -> str | None:
-        return next((layer.active_adapter for layer in self.adapter_layers()), None)
+        return self._active
 
     @property
     def adapter_config(self) -> BottleneckAdapterConfig:
@@ -105,6 +113,7 @@ class BottleneckAdapterModel(nn.Module):
         """Make ``adapter_name`` the one every wrapped layer applies (a layer without it applies none)."""
         if adapter_name not in self.configs:
             raise KeyError(f"no adapter named {adapter_name!r} (have: {', '.join(self.configs)})")
+        self._active = adapter_name
         for layer in self.adapter_layers():
             layer.active_adapter = adapter_name if adapter_name in layer.adapter_down else None
 
@@ -113,14 +122,16 @@ class BottleneckAdapterModel(nn.Module):
             if adapter_name in layer.adapter_down:
                 layer.delete_adapter(adapter_name)
         del self.configs[adapter_name]
+        if self._active == adapter_name:
+            self._active = None
 
     def load_adapter(self, folder: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in ``folder`` under ``adapter_name`` (not made active: call :meth:`set_adapter`)."""
         folder = Path(folder)
         self.add_adapter(adapter_name, BottleneckAdapterConfig.load(folder))
         saved = load_file(str(folder / WEIGHTS_NAME))
-        params = {_saved_key(n, adapter_name): p for n, p in self.base_model.named_parameters()}
-        params.pop(None, None)
+        params = {key: p for n, p in self.base_model.named_parameters()
+                  if (key := _saved_key(n, adapter_name)) is not None}
         missing = sorted(set(params) - set(saved))
         unexpected = sorted(set(saved) - set(params))
         if missing or unexpected:
@@ -142,9 +153,9 @@ class BottleneckAdapterModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return cast(Generates, self.base_model).generate(*args, **kwargs)
 
-    def get_base_model(self) -> nn.Module:
+    def get_base_model(self) -> PreTrainedModel:
         """The base model, still with the adapter layers in it (use :meth:`disable_adapter` to bypass them)."""
         return self.base_model
 
@@ -192,7 +203,7 @@ class BottleneckAdapterModel(nn.Module):
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "adapter_type": ADAPTER_TYPE})
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, folder: str | Path, is_trainable: bool = False,
+    def from_pretrained(cls, model: PreTrainedModel, folder: str | Path, is_trainable: bool = False,
                         adapter_name: str = DEFAULT_ADAPTER) -> "BottleneckAdapterModel":
         """Wrap ``model`` and load the adapter saved in ``folder`` as ``adapter_name``; every tensor must match."""
         folder = Path(folder)
@@ -200,6 +211,7 @@ class BottleneckAdapterModel(nn.Module):
         nn.Module.__init__(wrapped)
         wrapped.base_model = model
         wrapped.configs = {}
+        wrapped._active = None
         for p in model.parameters():
             p.requires_grad_(False)
         wrapped.load_adapter(folder, adapter_name, is_trainable=is_trainable)

@@ -8,18 +8,22 @@ Trainable parameters: all parameters (tied ``lm_head`` counted once with the emb
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tuneforge.methods.full.config import FullConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def apply_full(model: torch.nn.Module, cfg: FullConfig) -> torch.nn.Module:
+
+def apply_full(model: PreTrainedModel, cfg: FullConfig) -> PreTrainedModel:
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    layers = model.model.layers
+    layers = list(model.get_submodule("model.layers").children())
     for index in cfg.freeze_layers:
         if not -len(layers) <= index < len(layers):
             raise ValueError(f"full.freeze_layers: layer {index} does not exist (the model has {len(layers)})")
@@ -28,7 +32,7 @@ def apply_full(model: torch.nn.Module, cfg: FullConfig) -> torch.nn.Module:
     return model
 
 
-def load_full(base: torch.nn.Module, folder: str | Path, is_trainable: bool = False) -> torch.nn.Module:
+def load_full(base: torch.nn.Module, folder: str | Path, is_trainable: bool = False) -> PreTrainedModel:
     """The saved full model, in ``base``'s dtype (``base`` only supplies the dtype)."""
     from transformers import AutoModelForCausalLM
 

@@ -9,11 +9,16 @@ into ``W`` by scaling its rows (attention) or columns (feed-forward).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from peft import IA3Config as PeftIA3Config
 from peft import get_peft_model
 
 from tuneforge.methods.ia3.config import IA3Config
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
 DEFAULT_FEEDFORWARD = ["down_proj"]
@@ -29,5 +34,5 @@ def peft_ia3_config(cfg: IA3Config) -> PeftIA3Config:
     return PeftIA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
 
 
-def apply_ia3(model: torch.nn.Module, cfg: IA3Config) -> torch.nn.Module:
+def apply_ia3(model: PreTrainedModel, cfg: IA3Config) -> PeftModel:
     return get_peft_model(model, peft_ia3_config(cfg))

@@ -1,16 +1,32 @@
 """LoRA (and DoRA, rsLoRA) through peft: ``config.py`` (the ``lora:`` section), ``layer.py`` (tuneforge's
 fused training forward for peft's LoRA layers), ``model.py`` (apply). Registered as ``method: lora``."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
 from tuneforge.methods.lora.config import LoraConfig
 from tuneforge.methods.lora.model import apply_lora
 from tuneforge.methods.peft_adapters import load_peft_adapter, peft_disabled
 from tuneforge.methods.registry import Method, register_method
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from tuneforge.config import RunConfig
+
 __all__ = ["LoraConfig", "apply_lora"]
+
+
+def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> nn.Module:
+    return apply_lora(model, config.lora)
+
 
 register_method(Method(
     name="lora", summary="B A per target linear (+ DoRA magnitude, rsLoRA scaling)",
-    settings={"lora": LoraConfig}, apply=lambda model, config, tokenizer=None: apply_lora(model, config.lora),
+    settings={"lora": LoraConfig}, apply=_apply,
     load_trained=load_peft_adapter, saved_types=("LORA",), mergeable=True, disable=peft_disabled,
     mixed_batches=True,
 ))

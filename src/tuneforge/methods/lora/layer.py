@@ -36,6 +36,7 @@ saving, loading and merging are peft's; the class change is invisible to them.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ class SharedInputGroup:
         if layer is self.layers[0] and self.active and all(
                 member._fused_adapter(x, (), {}) == name for member in self.layers):
             hs = lora_hidden(self.layers, name, x)
-            self._x, self._name, self._pending = x, name, dict(zip(self.layers[1:], hs[1:], strict=False))
+            self._x, self._name, self._pending = x, name, dict(zip(self.layers[1:], hs[1:], strict=True))
             return hs[0]
         if self._pending:            # a member called with another input, or out of order: stop sharing
             self.active = False
@@ -153,7 +154,13 @@ class SharedInputGroup:
         return lora_hidden([layer], name, x)[0]
 
 
-class FusedLoraForward:
+if TYPE_CHECKING:      # what the mixin is mixed into: a peft LoRA layer (lora.Linear or a bitsandbytes one)
+    _LoraLayer = peft_lora.Linear
+else:
+    _LoraLayer = object
+
+
+class FusedLoraForward(_LoraLayer):
     """Mixin over a peft LoRA layer class: the fused training forward (see the module docstring)."""
 
     _shared_input: SharedInputGroup | None = None
@@ -180,7 +187,7 @@ class FusedLoraForward:
         result = self.base_layer(x)
         group = self._shared_input
         h = group.hidden(self, name, x) if group is not None else lora_hidden([self], name, x)[0]
-        b, scaling = self.lora_B[name].weight, self.scaling[name]
+        b, scaling = cast(torch.nn.Linear, self.lora_B[name]).weight, self.scaling[name]
         if result.dtype != h.dtype or b.dtype != h.dtype:       # peft's order of casts
             return (result + F.linear(h, b) * scaling).to(result.dtype)
         # in place: the base layer's backward does not need its output (plain, 4-bit and 8-bit linears)
@@ -230,8 +237,8 @@ def fuse_lora_forward(model: torch.nn.Module, shared_dropout_mask: bool = True) 
     if shared_dropout_mask:
         for parent in model.modules():
             for names in SHARED_INPUT_PROJECTIONS:
-                layers = [getattr(parent, n, None) for n in names]
-                layers = [layer for layer in layers if isinstance(layer, FusedLoraForward)]
+                members = [getattr(parent, n, None) for n in names]
+                layers = [layer for layer in members if isinstance(layer, FusedLoraForward)]
                 if len(layers) > 1 and _same_adapters(layers):
                     group = SharedInputGroup(layers)
                     for layer in layers:

@@ -11,18 +11,23 @@ add; the same training in fewer passes and less memory); ``lora.fused_forward: f
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from tuneforge.methods.lora.config import LoraConfig
 from tuneforge.methods.lora.layer import fuse_lora_forward
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         use_dora=cfg.use_dora,
@@ -32,9 +37,9 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
     )
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     """peft's LoRA on ``model``, with tuneforge's fused training forward unless ``cfg.fused_forward`` is off."""
-    model = get_peft_model(model, peft_lora_config(cfg))
+    peft_model = get_peft_model(model, peft_lora_config(cfg))
     if cfg.fused_forward:
-        fuse_lora_forward(model, shared_dropout_mask=cfg.shared_dropout_mask)
-    return model
+        fuse_lora_forward(peft_model, shared_dropout_mask=cfg.shared_dropout_mask)
+    return peft_model

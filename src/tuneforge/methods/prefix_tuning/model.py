@@ -19,13 +19,19 @@ Generation: :func:`generate` hands the prefix to transformers' ``generate`` as a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 from tuneforge.data.packing import example_index, example_lengths
 from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
+from tuneforge.methods.registry import Generates
 from tuneforge.models.transformers_compat import cache_argument
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def peft_prefix_config(cfg: PrefixConfig) -> PrefixTuningConfig:
@@ -33,7 +39,7 @@ def peft_prefix_config(cfg: PrefixConfig) -> PrefixTuningConfig:
                               prefix_projection=cfg.reparameterize, encoder_hidden_size=cfg.encoder_hidden_size)
 
 
-def apply_prefix(model: torch.nn.Module, cfg: PrefixConfig) -> PeftModel:
+def apply_prefix(model: PreTrainedModel, cfg: PrefixConfig) -> PeftModel:
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"method 'prefix' needs attn_implementation 'sdpa' or 'eager' (got {attn!r}): packed rows "
@@ -75,7 +81,8 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     past = model.get_prompt(batch_size=1, max_cache_len=input_ids.shape[1] + P)
     dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
     out = base(input_ids=input_ids, position_ids=position_ids + P, **{cache_argument(base): past},
-               attention_mask=packed_prefix_mask(lengths, P, dtype, input_ids.device), use_cache=False, logits_to_keep=keep_idx)
+               attention_mask=packed_prefix_mask(lengths, P, dtype, input_ids.device), use_cache=False,
+               logits_to_keep=keep_idx)
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
 
 
@@ -104,13 +111,15 @@ def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if virtual_tokens_are_disabled(model):
-        return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return cast(Generates, base).generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     kwargs.pop("use_cache", None)        # the prefix lives in the cache: generation must use one
     placeholders = torch.full((B, P), PLACEHOLDER_ID, dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([placeholders, input_ids], dim=1)
-    mask = torch.cat([torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1)
+    ones = torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([ones, attention_mask], dim=1)
     cache = model.get_prompt(batch_size=B)
-    out = base.generate(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument(base): cache}, **kwargs)
+    out = cast(Generates, base).generate(input_ids=ids, attention_mask=mask, use_cache=True,
+                                         **{cache_argument(base): cache}, **kwargs)
     if isinstance(out, torch.Tensor):
         return out[:, P:]
     out.sequences = out.sequences[:, P:]

@@ -17,12 +17,18 @@ Generation: :func:`generate` feeds ``[S; E(x)]`` to transformers' ``generate`` a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 
 from tuneforge.data.packing import example_lengths
 from tuneforge.methods.peft_adapters import virtual_tokens_are_disabled
 from tuneforge.methods.prompt_tuning.config import PromptConfig
+from tuneforge.methods.registry import Generates
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def peft_prompt_config(cfg: PromptConfig) -> PromptTuningConfig:
@@ -44,14 +50,19 @@ def init_token_ids(cfg: PromptConfig, tokenizer, vocab_size: int) -> torch.Tenso
     return torch.tensor(ids)
 
 
-def apply_prompt(model: torch.nn.Module, cfg: PromptConfig, tokenizer=None) -> PeftModel:
-    embeddings = model.get_input_embeddings()
-    ids = init_token_ids(cfg, tokenizer, embeddings.weight.shape[0])
+def apply_prompt(model: PreTrainedModel, cfg: PromptConfig, tokenizer=None) -> PeftModel:
+    embeddings = model.get_input_embeddings().get_parameter("weight")
+    ids = init_token_ids(cfg, tokenizer, embeddings.shape[0])
     peft_model = get_peft_model(model, peft_prompt_config(cfg))
-    soft = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    soft = peft_model.prompt_encoder[peft_model.active_adapter].get_parameter("embedding.weight")
     with torch.no_grad():
-        soft.weight.copy_(embeddings.weight[ids.to(embeddings.weight.device)].to(soft.weight.dtype))
+        soft.copy_(embeddings[ids.to(embeddings.device)].to(soft.dtype))
     return peft_model
+
+
+def word_embeddings(model: PeftModel) -> torch.nn.Module:
+    """The base model's token embedding that peft found (peft's attribute is typed as None)."""
+    return cast(torch.nn.Module, model.word_embeddings)
 
 
 def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -63,13 +74,13 @@ def forward_for_loss(model: PeftModel, input_ids: torch.Tensor, position_ids: to
     """
     lengths = lengths or example_lengths(position_ids)
     ends = torch.tensor(lengths).cumsum(0).tolist()
-    bounds = list(zip([0, *ends[:-1]], ends, strict=False))
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     P = model.active_peft_config.num_virtual_tokens
     base = model.get_base_model()
     if virtual_tokens_are_disabled(model):
         return base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                     logits_to_keep=keep_idx).logits.squeeze(0)
-    embeds = model.word_embeddings(input_ids)[0]                        # [T, H]
+    embeds = word_embeddings(model)(input_ids)[0]                       # [T, H]
     soft = model.get_prompt(batch_size=1)[0].to(embeds.dtype)           # [P, H]
     pieces, positions = [], []
     for start, end in bounds:
@@ -105,12 +116,13 @@ def generate(model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if virtual_tokens_are_disabled(model):
-        return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    embeds = model.word_embeddings(input_ids)                                   # [B, T, H]
+        return cast(Generates, base).generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    embeds = word_embeddings(model)(input_ids)                                  # [B, T, H]
     soft = model.get_prompt(batch_size=B).to(embeds.dtype)                      # [B, P, H]
     P = soft.shape[1]
-    mask = torch.cat([torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1)
-    out = base.generate(inputs_embeds=torch.cat([soft, embeds], dim=1), attention_mask=mask, **kwargs)
+    ones = torch.ones((B, P), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([ones, attention_mask], dim=1)
+    out = cast(Generates, base).generate(inputs_embeds=torch.cat([soft, embeds], dim=1), attention_mask=mask, **kwargs)
     # from embeddings alone, transformers returns only the new tokens: put the prompt's ids back in front
     if isinstance(out, torch.Tensor):
         return torch.cat([input_ids, out], dim=1)

@@ -25,12 +25,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tuneforge.methods.lora.config import LoraConfig
 from tuneforge.methods.qlora.config import QuantConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from tuneforge.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +82,7 @@ def bnb_quantization_config(cfg: QuantConfig, compute_dtype: torch.dtype):
 
 
 def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu") -> nn.Module:
+                         device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load ``model`` (a spec of :func:`tuneforge.models.registry.resolve_model`) with quantized linears.
 
     transformers quantizes layer by layer while loading, so the full-precision model never sits in
@@ -97,7 +104,7 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     return loaded
 
 
-def load_base(config, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+def load_base(config: RunConfig, dtype: torch.dtype, device: str | torch.device) -> PreTrainedModel:
     """The registry's ``load_base``: ``config.model`` quantized while loading, computing in ``qlora.compute_dtype``."""
     return load_quantized_model(config.model, config.qlora, resolve_compute_dtype(config.qlora, dtype), device)
 
@@ -132,7 +139,8 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def quantize_model_(model: nn.Module, cfg: QuantConfig, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def quantize_model_(model: PreTrainedModel, cfg: QuantConfig, compute_dtype: torch.dtype | None = None,
+                    ) -> PreTrainedModel:
     """Replace, in place, every ``nn.Linear`` of ``model`` except ``lm_head`` by its bitsandbytes version.
 
     For a model already loaded in full precision (the weights are quantized from memory; the
@@ -164,15 +172,13 @@ def quantize_model_(model: nn.Module, cfg: QuantConfig, compute_dtype: torch.dty
         if has_bias:
             q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
         setattr(parent, child, q.to(device))  # .to(device) performs the quantization
-    if cfg.bits == 4:
-        model.is_loaded_in_4bit = True
-    else:
-        model.is_loaded_in_8bit = True
+    # the flags transformers sets when it quantizes while loading (peft's kbit preparation reads them)
+    setattr(model, "is_loaded_in_4bit" if cfg.bits == 4 else "is_loaded_in_8bit", True)
     return model
 
 
-def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
-                gradient_checkpointing: bool = False) -> nn.Module:
+def apply_qlora(model: PreTrainedModel, lora_cfg: LoraConfig, quant_cfg: QuantConfig,
+                gradient_checkpointing: bool = False) -> PeftModel:
     """Quantize ``model`` (unless it was loaded quantized), prepare it for k-bit training, add LoRA.
 
     peft's ``prepare_model_for_kbit_training`` freezes the base, upcasts fp16/bf16 norms and
