@@ -16,10 +16,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.training.trainer import train
+    from tuneforge.training.trainer import TrainingInterrupted, train
 
     config = load_config(args.config, args.set)
-    result = train(config)
+    try:
+        result = train(config, resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"tuneforge train: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"run directory: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}"
           + (f"  best eval loss: {result.best_eval_loss:.4f} (step {result.best_step})" if result.best_step else ""))
     return 0
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="run config (YAML), e.g. examples/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; dotted keys reach nested ones (data.train=FILE)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its last checkpoint (same config and data)")
     t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")

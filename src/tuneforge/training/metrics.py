@@ -7,10 +7,20 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    """Appends one JSON row per logged step to ``path``.
+
+    ``keep_rows``: resume an existing log, keeping its first ``keep_rows`` rows (those written up to the
+    checkpoint the run resumes from; later ones are dropped, so no step appears twice); None starts anew.
+    """
+
+    def __init__(self, path: Path, keep_rows: int | None = None):
         self.path = path
         self.rows: list[dict] = []
-        self._file = open(path, "w", encoding="utf-8")
+        if keep_rows is not None and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()[:keep_rows]
+            self.rows = [json.loads(line) for line in lines]
+            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        self._file = open(path, "a" if keep_rows is not None else "w", encoding="utf-8")
 
     def log(self, **row) -> None:
         self.rows.append(row)

@@ -54,6 +54,7 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     metrics_rows: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)   # what a resumed run must match (config, data)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)
 
@@ -81,5 +82,21 @@ class TrainState:
         return path
 
     def load(self, folder: str | Path, restore_rng: bool = True) -> None:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        self.load_state_dict(state, restore_rng=restore_rng)
+        self.load_state_dict(read_state(folder), restore_rng=restore_rng)
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """What :meth:`TrainState.save` wrote into ``folder`` (without applying it)."""
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints (nested dicts compared key by key)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out

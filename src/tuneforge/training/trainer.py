@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,15 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tuneforge.config import RunConfig, dump_config
+from tuneforge.config import ConfigError, RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch, micro_batches
+from tuneforge.fileutil import file_sha256
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
@@ -42,7 +47,7 @@ from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
 from tuneforge.training.packed_attention import set_attention
 from tuneforge.training.rms_norm import fuse_rms_norm
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
-from tuneforge.training.state import STATE_FILE, TrainState
+from tuneforge.training.state import STATE_FILE, TrainState, fingerprint_differences, read_state
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +115,36 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
     return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-class TrainingRecipe:
-    """One training run: ``setup()``, ``fit()``, ``finish()`` (or :func:`train` for all three)."""
+TRAINABLE_FILE = "trainable.safetensors"
+# config keys that may differ when a run is resumed (they change how it reports, not what it computes)
+RESUMABLE_CHANGES = ("progress", "threads")
 
-    def __init__(self, config: RunConfig) -> None:
+
+class ResumeError(ConfigError):
+    """``--resume`` cannot continue this run; the message names what is missing or what changed."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after a step; the last checkpoint holds it (``--resume`` continues)."""
+
+    def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; saved {checkpoint}. "
+                         "Continue with `tuneforge train CONFIG --resume`.")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class TrainingRecipe:
+    """One training run: ``setup()``, ``fit()``, ``finish()`` (or :func:`train` for all three).
+
+    ``resume``: continue from the run directory's last checkpoint (``save_every``, or the one written on
+    SIGTERM/SIGINT): trained weights, :class:`TrainState` (optimizer, scheduler, RNG, data cursor, scores)
+    and ``metrics.jsonl`` up to that step; refused when the config or the data differ from the saved run's.
+    """
+
+    def __init__(self, config: RunConfig, resume: bool = False) -> None:
         self.config = config
+        self.resume = resume
+        self._signal: int | None = None
         self.objective = get_objective(config.task)
         self.run_dir = Path(config.output_dir)
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints")
@@ -158,8 +188,46 @@ class TrainingRecipe:
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
         self.eval_every = config.eval_every or max(1, self.steps // 5)
-        self.state = TrainState(optimizer=optimizer, scheduler=scheduler)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint())
+        if self.resume:
+            self._resume()             # last: it restores the RNG streams that set-up has drawn from
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                  keep_rows=self.state.metrics_rows if self.resume else None)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues: the config (but for
+        :data:`RESUMABLE_CHANGES`) and the content of the data files."""
+        config = self.config.model_dump(mode="json")
+        for key in RESUMABLE_CHANGES:
+            config.pop(key, None)
+        data = {"train": file_sha256(self.config.data.train),
+                "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
+        return {"config": config, "data": data}
+
+    def _resume(self) -> None:
+        folder = self.checkpoints.current("last")
+        if folder is None:
+            raise ResumeError(f"--resume: {self.checkpoints.root} holds no checkpoint to resume from (train with "
+                              "save_every, or stop a run with SIGTERM/Ctrl-C to have one written)")
+        saved = read_state(folder)
+        changed = fingerprint_differences(saved["counters"]["fingerprint"], self.state.fingerprint)
+        if changed:
+            raise ResumeError(f"--resume: the run in {self.run_dir} was trained with different "
+                              f"{', '.join(changed)}; resume with the same config and data, or train into a new "
+                              "output_dir")
+        with safe_open(str(folder / TRAINABLE_FILE), framework="pt") as f:
+            names = set(f.keys())
+            params = dict(self.model.named_parameters())
+            expected = {n for n, p in params.items() if p.requires_grad}
+            if names != expected:
+                raise ResumeError(f"--resume: {folder / TRAINABLE_FILE} holds other trained parameters than this "
+                                  f"model ({len(names ^ expected)} differ); was the method changed?")
+            with torch.no_grad():
+                for name in names:
+                    params[name].copy_(f.get_tensor(name))
+        self.state.load_state_dict(saved)
+        log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
+                 self.state.micro_batch)
 
     # -------------------------------------------------------------------------------------- fit
 
@@ -241,10 +309,33 @@ class TrainingRecipe:
             self.tokenizer.save_pretrained(folder)
             if with_state:
                 self.state.save(folder)
+                trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                           if p.requires_grad}
+                save_file(trained, str(folder / TRAINABLE_FILE))
 
         return self.checkpoints.save(kind, self.state.step, write)
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:          # a second Ctrl-C: stop now, the last checkpoint stays as it is
+            raise KeyboardInterrupt
+        self._signal = signum
+        log.warning("%s: finishing step %d, then saving a checkpoint", signal.Signals(signum).name,
+                    self.state.step + 1)
+
     def fit(self) -> None:
+        """The loop. SIGTERM/SIGINT end it after the current step with a ``last`` checkpoint
+        (:class:`TrainingInterrupted`)."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.metrics.close()
+
+    def _loop(self) -> None:
         config, state = self.config, self.state
         bar = tqdm(total=self.steps, initial=state.step, desc="training", unit="step", disable=not config.progress,
                    dynamic_ncols=True)
@@ -253,11 +344,14 @@ class TrainingRecipe:
             row = self.train_step()
             if self.val_batches and (state.step % self.eval_every == 0 or state.step == self.steps):
                 row.update(self.evaluate())
-            if config.save_every and state.step % config.save_every == 0:
-                self.save_checkpoint("last")
             if state.step % config.log_every == 0 or self.objective.eval_metric in row or state.step == self.steps:
                 self.metrics.log(**row)
                 state.metrics_rows += 1
+            if (config.save_every and state.step % config.save_every == 0) or self._signal is not None:
+                checkpoint = self.save_checkpoint("last")    # after the row: a resumed run logs from the next step
+                if self._signal is not None:
+                    bar.close()
+                    raise TrainingInterrupted(state.step, checkpoint, self._signal)
             bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
                             **({"eval": f"{row[self.objective.eval_metric]:.4f}"}
                                if self.objective.eval_metric in row else {}))
@@ -267,7 +361,6 @@ class TrainingRecipe:
                          state.bad_evals)
                 break
         bar.close()
-        self.metrics.close()
 
     # ----------------------------------------------------------------------------------- finish
 
@@ -277,7 +370,7 @@ class TrainingRecipe:
         best = self.checkpoints.current("best") if config.keep_best and state.best_step is not None else None
         if best is None:
             best = self.save_checkpoint("final", with_state=False)
-        copy_files(best, self.run_dir, skip=(STATE_FILE,))
+        copy_files(best, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
         plot_loss_curve(self.metrics.rows, self.run_dir / "loss_curve.png",
                         title=f"{config.method} on {Path(config.data.train).name}")
         wall = time.time() - self.started
@@ -312,9 +405,12 @@ class TrainingRecipe:
                          self.total, wall, self.metrics.rows)
 
 
-def train(config: RunConfig) -> RunResult:
-    """Train ``config.method`` on ``config.data`` with ``config.task``'s objective; write the run directory."""
-    recipe = TrainingRecipe(config)
+def train(config: RunConfig, resume: bool = False) -> RunResult:
+    """Train ``config.method`` on ``config.data`` with ``config.task``'s objective; write the run directory.
+
+    ``resume``: continue the run in ``config.output_dir`` from its last checkpoint (see :class:`TrainingRecipe`).
+    """
+    recipe = TrainingRecipe(config, resume=resume)
     recipe.setup()
     recipe.fit()
     return recipe.finish()

@@ -1,0 +1,164 @@
+"""Exact resume: a run stopped after step k (crash, SIGTERM, SIGKILL at a random moment) and resumed with
+``--resume`` logs every step once and ends with bitwise the weights of the run that was never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from tuneforge.config import load_config
+from tuneforge.training.checkpoint import CheckpointDir
+from tuneforge.training.trainer import ResumeError, TrainingRecipe, train
+
+STEPS = 6
+
+
+@pytest.fixture()
+def data(tmp_path):
+    rows = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
+             "completion": ["billing", "shipping", "login"][i % 3]} for i in range(24)]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def _settings(tiny_model_dir, data, out):
+    # 18 train examples, micro-batches of 4 (5 an epoch), 2 a step: the 6 steps cross two epoch boundaries;
+    # dropout 0.1 so that the resumed run must continue the RNG streams exactly
+    return {"model": str(tiny_model_dir), "data": {"train": str(data), "val_fraction": 0.25}, "output_dir": str(out),
+            "max_steps": STEPS, "batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
+            "eval_every": 2, "save_every": 1, "keep_best": False, "progress": False, "seed": 7,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    return load_file(out / "adapter_model.safetensors")
+
+
+def _assert_same_run(a, b):
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert [r["step"] for r in rows_b] == list(range(1, STEPS + 1))          # no step twice, none missing
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert (ra["loss"], ra.get("eval_loss"), ra["lr"], ra["tokens"]) == (rb["loss"], rb.get("eval_loss"), rb["lr"],
+                                                                             rb["tokens"]), (ra, rb)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture()
+def uninterrupted(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "uninterrupted"
+    train(load_config(data=_settings(tiny_model_dir, data, out)))
+    return out
+
+
+class Killed(Exception):
+    pass
+
+
+def test_crash_after_a_checkpoint_then_resume_is_bitwise_the_uninterrupted_run(
+        tiny_model_dir, data, tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "crashed"
+    config = load_config(data=_settings(tiny_model_dir, data, out))
+    original = TrainingRecipe.save_checkpoint
+
+    def crash_after_step_3(self, kind, with_state=True):
+        path = original(self, kind, with_state)
+        if kind == "last" and self.state.step == 3:
+            raise Killed
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainingRecipe, "save_checkpoint", crash_after_step_3)
+        with pytest.raises(Killed):
+            train(config)
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    result = train(config, resume=True)
+    assert result.steps == STEPS
+    _assert_same_run(uninterrupted, out)
+
+
+def test_resume_refuses_a_changed_config_or_data_naming_what_changed(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    settings = _settings(tiny_model_dir, data, out)
+    settings["max_steps"] = 2
+    train(load_config(data=settings))
+    with pytest.raises(ResumeError, match=r"different config\.learning_rate;"):
+        train(load_config(data={**settings, "learning_rate": 1e-3}), resume=True)
+    with pytest.raises(ResumeError, match=r"different config\.lora\.r;"):
+        train(load_config(data={**settings, "lora": {"r": 8, "alpha": 8, "dropout": 0.1}}), resume=True)
+    data.write_text(data.read_text().replace("Ticket 1:", "Ticket one:"))
+    with pytest.raises(ResumeError, match=r"different data\.train;"):
+        train(load_config(data=settings), resume=True)
+    with pytest.raises(ResumeError, match="holds no checkpoint"):
+        train(load_config(data={**settings, "output_dir": str(tmp_path / "empty")}), resume=True)
+
+
+def _cli_train(config_file, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(config_file), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_rows(out, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return
+        path = out / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no {n} metrics rows after {timeout} s")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, data, tmp_path, uninterrupted):
+    out = tmp_path / "sigterm"
+    settings = {**_settings(tiny_model_dir, data, out), "save_every": 1000}     # only the signal saves
+    config_file = tmp_path / "sigterm.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    proc = _cli_train(config_file)
+    _wait_for_rows(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM after step" in err and "--resume" in err
+    step = CheckpointDir(out / "checkpoints").current_step("last")
+    assert step is not None and 2 <= step < STEPS
+    train(load_config(config_file), resume=True)
+    _assert_same_run(uninterrupted, out)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tiny_model_dir, data, tmp_path, uninterrupted):
+    """5 rounds: kill -9 the training process at a random point after a random number of steps (inside a
+    step, an evaluation or a save), then resume until done: the same run every time."""
+    rng = random.Random(0)
+    for round_ in range(5):
+        out = tmp_path / f"kill{round_}"
+        config_file = tmp_path / f"kill{round_}.yaml"
+        config_file.write_text(yaml.safe_dump(_settings(tiny_model_dir, data, out)))
+        proc = _cli_train(config_file)
+        _wait_for_rows(out, rng.randint(1, STEPS - 1), proc)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        ckpt = CheckpointDir(out / "checkpoints")
+        folder = ckpt.current("last")
+        assert folder is not None and (folder / "trainer_state.pt").is_file() and (
+            folder / "trainable.safetensors").is_file(), round_
+        train(load_config(config_file), resume=True)
+        _assert_same_run(uninterrupted, out)
