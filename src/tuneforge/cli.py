@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import ConfigError
+    from tuneforge.data.dataset import DataError
+    from tuneforge.models.registry import ModelNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError) as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

