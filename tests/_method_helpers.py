@@ -88,3 +88,27 @@ def packed_row(lengths=(5, 3, 6), vocab: int = 49152, seed: int = 0):
     ids = torch.randint(0, vocab, (1, sum(lengths)), generator=g)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     return ids, pos, lengths
+
+
+# one small config per method, for the tests that run every method through the same check
+METHOD_SECTIONS = {
+    "lora": {"lora": {"r": 4, "dropout": 0.0}},
+    "qlora": {"lora": {"r": 4, "dropout": 0.0}},
+    "adapter": {"adapter": {"bottleneck": 8}},
+    "prefix": {"prefix": {"num_virtual_tokens": 4}},
+    "prompt": {"prompt": {"num_virtual_tokens": 4}},
+    "ia3": {},
+    "full": {},
+}
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 3, max_numel: int | None = 100_000):
+    """Move the trainable parameters off their identity init (all adapters; for full tuning, with the default
+    ``max_numel``, all but the embeddings), so that a method that is silently dropped shows; eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and (max_numel is None or p.numel() < max_numel):
+                p.add_(scale * torch.randn_like(p))
+    return model.eval()
+

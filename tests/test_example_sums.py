@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _method_helpers import HAS_BNB, run_config
+from _method_helpers import HAS_BNB, METHOD_SECTIONS, run_config
 from tuneforge.data.packing import example_index, example_lengths, pack
 from tuneforge.data.rendering import TokenizedExample
 from tuneforge.methods import apply_method
@@ -16,15 +16,7 @@ from tuneforge.training.cross_entropy import cross_entropy_segment_sums
 from tuneforge.training.loss import packed_example_loss_sums, packed_loss_sum
 from tuneforge.training.packed_attention import NAME, set_attention
 
-SECTIONS = {
-    "lora": {"lora": {"r": 4, "dropout": 0.0}},
-    "qlora": {"lora": {"r": 4, "dropout": 0.0}},
-    "adapter": {"adapter": {"bottleneck": 8}},
-    "prefix": {"prefix": {"num_virtual_tokens": 4}},
-    "prompt": {"prompt": {"num_virtual_tokens": 4}},
-    "ia3": {},
-    "full": {},
-}
+SECTIONS = METHOD_SECTIONS
 
 
 def _examples(lengths=(7, 4, 9), seed=0):

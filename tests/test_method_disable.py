@@ -6,26 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _method_helpers import HAS_BNB, run_config
+from _method_helpers import HAS_BNB, METHOD_SECTIONS, perturbed, run_config
 from tuneforge.methods import apply_method, get_method, method_disabled, method_forward, method_generate
 
-SECTIONS = {
-    "lora": {"lora": {"r": 4, "dropout": 0.0}},
-    "qlora": {"lora": {"r": 4, "dropout": 0.0}},
-    "adapter": {"adapter": {"bottleneck": 8}},
-    "prefix": {"prefix": {"num_virtual_tokens": 4}},
-    "prompt": {"prompt": {"num_virtual_tokens": 4}},
-    "ia3": {},
-}
+SECTIONS = {k: v for k, v in METHOD_SECTIONS.items() if k != "full"}
 
 
 def _perturbed(model):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return perturbed(model, scale=0.1, max_numel=None)
 
 
 @pytest.mark.parametrize("method", list(SECTIONS))

@@ -12,27 +12,11 @@ import contextlib
 import pytest
 import torch
 
-from _method_helpers import HAS_BNB, packed_row, run_config
+from _method_helpers import HAS_BNB, METHOD_SECTIONS, packed_row, perturbed, run_config
 from tuneforge.methods import apply_method, method_forward, method_generate
 
-SECTIONS = {
-    "lora": {"lora": {"r": 4, "dropout": 0.0}},
-    "qlora": {"lora": {"r": 4, "dropout": 0.0}},
-    "adapter": {"adapter": {"bottleneck": 8}},
-    "prefix": {"prefix": {"num_virtual_tokens": 4}},
-    "prompt": {"prompt": {"num_virtual_tokens": 4}},
-    "ia3": {},
-    "full": {},
-}
-
-
-def _perturbed(model):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.numel() < 100_000:  # all adapters; for full, all but the embeddings
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+SECTIONS = METHOD_SECTIONS
+_perturbed = perturbed
 
 
 @pytest.mark.parametrize("method", list(SECTIONS))
