@@ -17,7 +17,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.training.trainer import TrainingInterrupted, train
+    from tuneforge.training.trainer import TrainingFailed, TrainingInterrupted, train
 
     config = load_config(args.config, args.set)
     try:
@@ -25,6 +25,9 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         print(f"tuneforge train: {e}", file=sys.stderr)
         return 128 + e.signum
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}"
           + (f"  best eval loss: {result.best_eval_loss:.4f} (step {result.best_step})" if result.best_step else ""))
     return 0

@@ -85,6 +85,13 @@ class RunConfig(Settings):
     save_every: int | None = Field(None, ge=1)
     keep_best: bool = True
     early_stopping_patience: int | None = Field(None, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step")
+    max_skipped_steps: int = Field(3, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps")
+    on_divergence: Literal["warn", "stop", "off"] = Field(
+        "warn", description="the loss stays above divergence_factor x its first value for divergence_steps steps")
+    divergence_factor: float = Field(1.5, gt=1)
+    divergence_steps: int = Field(3, ge=1)
     eval_task: EvalTask | None = None
 
     # hardware

@@ -42,6 +42,7 @@ class PackedBatch:
     lengths: list[int] = field(default_factory=list)            # tokens of each example, summing to T
     cu_seqlens: torch.Tensor | None = None                      # (n + 1,) long: start offsets, then T
     loss_example: torch.Tensor | None = None                    # (L,) long: example index of each loss position
+    example_ids: list[int] = field(default_factory=list)        # where each example sits in the data set
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +58,7 @@ class PackedBatch:
 
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                            self.loss_positions.to(device), self.num_examples, self.lengths, move(self.cu_seqlens),
-                           move(self.loss_example))
+                           move(self.loss_example), self.example_ids)
 
 
 def example_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -122,7 +123,10 @@ def micro_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: i
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     for first in range(start * batch_size, len(order), batch_size):
-        yield pack([examples[i] for i in order[first:first + batch_size]])
+        ids = order[first:first + batch_size]
+        batch = pack([examples[i] for i in ids])
+        batch.example_ids = ids
+        yield batch
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:

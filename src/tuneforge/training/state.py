@@ -54,6 +54,9 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     metrics_rows: int = 0
+    skipped_steps: int = 0                    # steps whose loss or gradients were not finite
+    first_loss: float | None = None           # the divergence check's yardstick
+    diverging_steps: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)   # what a resumed run must match (config, data)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)

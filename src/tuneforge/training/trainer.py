@@ -124,6 +124,18 @@ class ResumeError(ConfigError):
     """``--resume`` cannot continue this run; the message names what is missing or what changed."""
 
 
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (the message says why and what to change); the checkpoints are left as they were."""
+
+
+class NonFiniteLossError(TrainingFailed):
+    """A step's loss or gradient norm was NaN or infinite (``on_nonfinite: stop``, or too many skipped)."""
+
+
+class DivergenceError(TrainingFailed):
+    """The loss stayed far above its first value (``on_divergence: stop``)."""
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGTERM or SIGINT stopped training after a step; the last checkpoint holds it (``--resume`` continues)."""
 
@@ -264,10 +276,14 @@ class TrainingRecipe:
             step_loss += out.loss_sum.item()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-                     if config.max_grad_norm else None)
+        # max_norm inf: the norm is measured (for the finiteness check) and nothing is scaled
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
+        finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
         assert state.optimizer is not None, "train_step needs the optimizer set up by the trainer"
-        state.optimizer.step()
+        if finite:
+            state.optimizer.step()
+        else:
+            self._non_finite(batches, step_loss, float(grad_norm))
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
 
@@ -275,16 +291,72 @@ class TrainingRecipe:
         step_tokens = sum(b.num_tokens for b in batches)
         state.seen_tokens += step_tokens
         elapsed = time.time() - self.loop_start
-        state.last_loss = step_loss / max(normaliser, 1)
+        loss = step_loss / max(normaliser, 1)
+        if finite:
+            state.last_loss = loss
         row: dict[str, Any] = {
-            "step": state.step, "loss": round(state.last_loss, 6), "lr": state.scheduler.get_last_lr()[0],
+            "step": state.step, "loss": round(loss, 6) if finite else None, "lr": state.scheduler.get_last_lr()[0],
             "tokens": step_tokens, "trained_tokens": normaliser,
             "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
             "avg_tokens_per_s": round(state.seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
         row.update({k: round(v / max(normaliser, 1), 6) for k, v in sums.items()})
-        if grad_norm is not None:
+        if finite:
             row["grad_norm"] = round(float(grad_norm), 4)
+            self._check_divergence(row)
+        else:
+            row["skipped"] = True
         return row
+
+    def _examples_of(self, batches: list[PackedBatch]) -> str:
+        ids = [i for b in batches for i in b.example_ids]
+        shown = []
+        for i in ids[:4]:
+            example = self.data.train[i]
+            # the end of the prompt and the start of the answer: what tells one record from another
+            first = next((j for j, t in enumerate(example.trained) if t), 0)
+            window = example.input_ids[max(0, first - 24):first + 16]
+            text = str(self.tokenizer.decode(window, skip_special_tokens=True))
+            shown.append(f"#{i} {' '.join(text.split())[:60]!r}")
+        more = f" and {len(ids) - 4} more" if len(ids) > 4 else ""
+        return ", ".join(shown) + more
+
+    def _non_finite(self, batches: list[PackedBatch], loss: float, grad_norm: float) -> None:
+        """Stop (or count a skipped step) after a NaN/inf loss or gradient, naming the step's examples."""
+        config, state = self.config, self.state
+        state.skipped_steps += 1
+        last = self.checkpoints.current("last")
+        dtype = str(self.dtype).removeprefix("torch.")
+        what = (f"step {state.step + 1}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (not finite) on train "
+                f"examples {self._examples_of(batches)}. Likely causes: a learning rate too high "
+                f"(learning_rate={config.learning_rate:g}), fp16 overflow (dtype {dtype}: use bf16 or fp32), "
+                "or a bad record among these examples")
+        if config.on_nonfinite == "skip" and state.skipped_steps <= config.max_skipped_steps:
+            log.warning("%s; skipped (%d of at most %d)", what, state.skipped_steps, config.max_skipped_steps)
+            return
+        limit = (f"; {state.skipped_steps} steps skipped, more than max_skipped_steps={config.max_skipped_steps}"
+                 if config.on_nonfinite == "skip" else "; set on_nonfinite: skip to skip such steps")
+        kept = f"the last checkpoint is kept: {last}" if last else "no checkpoint was saved yet (set save_every)"
+        raise NonFiniteLossError(f"{what}{limit}. Training stopped; {kept}.")
+
+    def _check_divergence(self, row: dict[str, Any]) -> None:
+        """Warn about (or stop) a loss that stays above ``divergence_factor`` x its first value."""
+        config, state = self.config, self.state
+        loss = row["loss"]
+        if state.first_loss is None:
+            state.first_loss = loss
+            return
+        if config.on_divergence == "off":
+            return
+        state.diverging_steps = state.diverging_steps + 1 if loss > config.divergence_factor * state.first_loss else 0
+        if state.diverging_steps != config.divergence_steps:
+            return
+        message = (f"step {state.step}: the loss ({loss:.4g}) has stayed above {config.divergence_factor:g} x its "
+                   f"first value ({state.first_loss:.4g}) for {config.divergence_steps} steps: training is diverging. "
+                   f"Lower learning_rate (now {config.learning_rate:g}) or raise warmup")
+        if config.on_divergence == "stop":
+            raise DivergenceError(message + ". Training stopped; the checkpoints are kept.")
+        log.warning("%s (on_divergence: stop ends such runs)", message)
+        row["warning"] = "diverging"
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
@@ -352,7 +424,8 @@ class TrainingRecipe:
                 if self._signal is not None:
                     bar.close()
                     raise TrainingInterrupted(state.step, checkpoint, self._signal)
-            bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
+            shown_loss = state.last_loss if state.last_loss is not None else math.nan
+            bar.set_postfix(loss=f"{shown_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
                             **({"eval": f"{row[self.objective.eval_metric]:.4f}"}
                                if self.objective.eval_metric in row else {}))
             bar.update(1)
