@@ -117,3 +117,20 @@ def test_a_normal_run_gets_no_divergence_warning(trained_model_dir, data, tmp_pa
         result = train(_config(trained_model_dir, data, tmp_path / "ok", max_steps=6, learning_rate=3e-3))
     assert not any("diverging" in r.message for r in caplog.records)
     assert all(r.get("warning") is None for r in result.metrics)
+
+
+def test_an_unwritable_or_full_output_dir_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from tuneforge.config import ConfigError
+    from tuneforge.training.trainer import check_output_dir
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write there.*--set output_dir="):
+        check_output_dir(blocker / "run")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 10 * 2**20, 10 * 2**20))
+    with pytest.raises(ConfigError, match="only 10 MiB free"):
+        check_output_dir(tmp_path / "run")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -145,6 +146,25 @@ class TrainingInterrupted(RuntimeError):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
 
+MIN_FREE_BYTES = 256 * 2**20
+
+
+def check_output_dir(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """Fail before any model loads when ``run_dir`` cannot be created or written, or its disk is nearly full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".tuneforge-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {run_dir}: cannot write there ({e.strerror or e}); choose a writable "
+                          "folder with --set output_dir=...") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free:
+        raise ConfigError(f"output_dir {run_dir}: only {free / 2**20:.0f} MiB free on its disk; checkpoints need "
+                          f"at least {min_free / 2**20:.0f} MiB: free space or choose another output_dir")
+
+
 class TrainingRecipe:
     """One training run: ``setup()``, ``fit()``, ``finish()`` (or :func:`train` for all three).
 
@@ -166,7 +186,7 @@ class TrainingRecipe:
     def setup(self) -> None:
         config = self.config
         self.started = time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(self.run_dir)
         (self.run_dir / "config.yaml").write_text(dump_config(config))
         for stale in self.checkpoints.clean_stale():
             log.info("removed %s, left by an interrupted save", stale)
