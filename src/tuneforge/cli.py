@@ -87,6 +87,21 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.estimate.plan import parse_memory, plan_for_config
+
+    config = load_config(args.config, args.set)
+    try:
+        budget = parse_memory(args.memory) if args.memory else None
+    except ValueError as e:
+        print(f"error: --memory: {e}", file=sys.stderr)
+        return 2
+    plan = plan_for_config(config, budget)
+    print(plan.table())
+    return 0 if plan.chosen else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.curation.commands import add_curation_commands
     from tuneforge.data.formats import SFT_FORMATS
@@ -140,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_merge_command(sub)
     add_estimate_command(sub)
+    pl = sub.add_parser("plan", help="fit a run config to a memory budget (micro-batch, accumulation, "
+                                     "checkpointing, QLoRA) with the estimator")
+    pl.add_argument("config", help="run config (YAML)")
+    pl.add_argument("--memory", help="budget, e.g. 8GB (default: memory_budget, else the GPU's memory or half the RAM)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 

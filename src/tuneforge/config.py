@@ -79,6 +79,10 @@ class RunConfig(Settings):
     max_steps: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    auto_fit: bool = Field(False, description="fit micro-batch, accumulation, checkpointing (and qlora over lora) "
+                                              "to memory_budget before training: see `tuneforge plan`")
+    memory_budget: str | None = Field(None, description="e.g. 8GB; default with auto_fit: the GPU's memory, "
+                                                        "or half the RAM on CPU")
 
     # evaluation and checkpoints
     eval_every: int | None = Field(None, ge=1, description="steps between validation passes; default: 5 a run")

@@ -187,6 +187,8 @@ class TrainingRecipe:
         config = self.config
         self.started = time.time()
         check_output_dir(self.run_dir)
+        if config.auto_fit:
+            self._fit_to_memory()
         (self.run_dir / "config.yaml").write_text(dump_config(config))
         for stale in self.checkpoints.clean_stale():
             log.info("removed %s, left by an interrupted save", stale)
@@ -225,6 +227,22 @@ class TrainingRecipe:
             self._resume()             # last: it restores the RNG streams that set-up has drawn from
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
                                   keep_rows=self.state.metrics_rows if self.resume else None)
+
+    def _fit_to_memory(self) -> None:
+        """``auto_fit``: apply :func:`tuneforge.estimate.plan.plan_for_config`'s choice to the config."""
+        from tuneforge.estimate.plan import plan_for_config
+
+        plan = plan_for_config(self.config)
+        log.info("auto_fit:\n%s", plan.table())
+        if plan.chosen is None:
+            raise ConfigError(f"auto_fit: nothing fits in {plan.budget / 2**30:.2f} GiB (smallest predicted peak "
+                              f"{min(c.peak for c in plan.tried) / 2**30:.2f} GiB); shorten data.max_length, lower "
+                              "lora.r, or raise memory_budget")
+        chosen = plan.chosen
+        self.config.method = chosen.method
+        self.config.batch_size = chosen.batch_size
+        self.config.gradient_accumulation_steps = chosen.gradient_accumulation_steps
+        self.config.gradient_checkpointing = chosen.gradient_checkpointing
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues: the config (but for
