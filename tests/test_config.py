@@ -68,3 +68,20 @@ def test_relative_paths_resolve_from_the_config_folder(tmp_path, monkeypatch):
 def test_quickstart_config_is_valid():
     config = load_config("examples/quickstart.yaml")
     assert config.method == "lora" and config.eval_task.labels
+
+
+def test_overriding_only_the_training_file_warns_that_validation_still_comes_from_the_config(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tuneforge.config"):
+        load_config("examples/quickstart.yaml", overrides=["data.train=examples/data/tickets_test.jsonl"])
+    warnings = [r.message for r in caplog.records if "data.validation is still" in r.message]
+    assert len(warnings) == 1
+    assert "tickets_test.jsonl" in warnings[0] and "tickets_validation.jsonl" in warnings[0]
+    assert "--set data.validation=null" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tuneforge.config"):
+        load_config("examples/quickstart.yaml", overrides=["data.train=examples/data/tickets_test.jsonl",
+                                                          "data.validation=null"])
+        load_config("examples/quickstart.yaml", overrides=["max_steps=3"])
+    assert not [r for r in caplog.records if "data.validation is still" in r.message]

@@ -32,3 +32,12 @@ def test_support_matrix_merge_column_matches_the_code():
         assert merge[method].startswith("✔"), method
     for method in not_mergeable_methods():
         assert merge[method].startswith("✘"), method
+
+
+def test_the_readme_own_data_commands_never_validate_on_the_quickstart_tickets():
+    """Every README command that trains on the user's file also replaces the config's validation file."""
+    readme = ROOT.joinpath("README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("tuneforge train") and "data.train=" in line]
+    assert commands
+    for line in commands:
+        assert "data.validation=" in line, line

@@ -8,6 +8,7 @@ a missing data file or an impossible combination fails with one line that says w
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from tuneforge.data.formats import SftFormat
 from tuneforge.models.registry import DEFAULT_MODEL
 from tuneforge.schema import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -265,10 +268,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the config must be a mapping of keys to values")
+    file_validation = (tree.get("data") or {}).get("validation") if isinstance(tree.get("data"), dict) else None
     if data:
         tree.update(data)
+    changed = [key for key, _ in parse_overrides(overrides)]
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
+    if path is not None and file_validation and "data.train" in changed and "data.validation" not in changed:
+        log.warning("%s: data.train is now %s but data.validation is still %s from the config file: validation "
+                    "loss (and keep_best) will measure that file. Add --set data.validation=YOUR_FILE, or "
+                    "--set data.validation=null to split validation off your training data", source,
+                    (tree.get("data") or {}).get("train"), file_validation)
     try:
         config = RunConfig.model_validate(tree)
     except ValidationError as e:
