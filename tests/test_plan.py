@@ -74,3 +74,10 @@ def test_auto_fit_applies_the_plan_before_training(tiny_model_dir, tmp_path):
     assert (recipe.config.batch_size, recipe.config.gradient_accumulation_steps) == (2, 2)
     recipe.fit()
     assert recipe.finish().steps == 2
+
+
+def test_plan_bad_input_is_one_line_and_exit_2(capsys):
+    assert main(["plan", "examples/quickstart.yaml", "--memory", "lots"]) == 2
+    assert main(["plan", "examples/quickstart.yaml", "--memory", "1GB", "--set", "method=prefix"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error:") for line in err) and "models full, lora, qlora" in err[1]

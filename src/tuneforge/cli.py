@@ -97,7 +97,11 @@ def cmd_plan(args) -> int:
     except ValueError as e:
         print(f"error: --memory: {e}", file=sys.stderr)
         return 2
-    plan = plan_for_config(config, budget)
+    try:
+        plan = plan_for_config(config, budget)
+    except ValueError as e:        # a method the estimator does not model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(plan.table())
     return 0 if plan.chosen else 1
 

@@ -13,6 +13,13 @@ from __future__ import annotations
 import torch
 
 
+def _softmax_minus_one_hot_(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(-log p_target)/d logits = softmax - one_hot, computed in the saved log-softmax buffer ``logp [K, V]``."""
+    grad = logp.exp_()
+    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+    return grad
+
+
 class CrossEntropySum(torch.autograd.Function):
     """``sum_k -log_softmax(logits)[k, targets[k]]`` for fp32 ``logits [K, V]``; backward in place."""
 
@@ -32,9 +39,7 @@ class CrossEntropySum(torch.autograd.Function):
                                "(retain_graph=True): use F.cross_entropy for that")
         ctx.used = True
         logp, targets = ctx.saved_tensors
-        grad = logp.exp_()                                                  # softmax, in the saved buffer
-        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
-        return grad.mul_(grad_loss), None
+        return _softmax_minus_one_hot_(logp, targets).mul_(grad_loss), None
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,9 +71,7 @@ class CrossEntropySegmentSum(torch.autograd.Function):
                                "backward twice")
         ctx.used = True
         logp, targets, segment = ctx.saved_tensors
-        grad = logp.exp_()
-        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
-        return grad.mul_(grad_out[segment][:, None]), None, None, None
+        return _softmax_minus_one_hot_(logp, targets).mul_(grad_out[segment][:, None]), None, None, None
 
 
 def cross_entropy_segment_sums(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor,

@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -177,6 +178,8 @@ class TrainingRecipe:
         self.config = config
         self.resume = resume
         self._signal: int | None = None
+        self._stream: Iterator[PackedBatch] | None = None
+        self._stream_at: tuple[int, int] = (-1, -1)
         self.objective = get_objective(config.task)
         self.run_dir = Path(config.output_dir)
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints")
@@ -289,13 +292,13 @@ class TrainingRecipe:
         while len(out) < n:
             if state.micro_batch >= per_epoch:
                 state.epoch, state.micro_batch = state.epoch + 1, 0
-            stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch,
-                                   start=state.micro_batch)
-            for batch in stream:
-                out.append(batch)
-                state.micro_batch += 1
-                if len(out) == n:
-                    break
+            # one shuffled stream per epoch, opened at the cursor (on resume: mid-epoch), kept across steps
+            if self._stream is None or self._stream_at != (state.epoch, state.micro_batch):
+                self._stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch,
+                                             start=state.micro_batch)
+            out.append(next(self._stream))
+            state.micro_batch += 1
+            self._stream_at = (state.epoch, state.micro_batch)
         return out
 
     def train_step(self) -> dict[str, Any]:
