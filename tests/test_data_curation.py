@@ -410,3 +410,61 @@ def test_auto_workers_only_for_big_inputs(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         data_main(["check", str(small), "--workers", "0"])
     assert exit_.value.code == 2
+
+
+# ---------------------------------------------------------------- near duplicates: content, not template; no chains
+
+TOOLS_PREAMBLE = (
+    "You are an assistant with access to these tools. calculator: evaluates arithmetic expressions such as "
+    "square roots, powers and percentages and returns the numeric result. search: looks up facts about people, "
+    "places, history and science in an encyclopedia and returns a short summary. weather: returns the forecast "
+    "for a city and a date. Answer with the name of the tool to call and its argument. Question: ")
+QUESTIONS = [
+    "Find the square root of 256", "Calculate the square of 9", "Provide information about Albert Einstein",
+    "Tell me about the history of the Eiffel Tower", "What will the weather be in Paris tomorrow",
+    "How much is 15 percent of 80", "Who painted the Mona Lisa", "Is it going to rain in Oslo on Friday",
+    "What is 2 to the power of 10", "When was the Great Wall of China built", "Forecast for Tokyo next Monday",
+    "Compute 7 times 13", "Explain how photosynthesis works", "Give me the biography of Marie Curie",
+    "Will it snow in Denver this weekend", "Divide 144 by 12", "What is the tallest mountain in Africa",
+    "Tell me the temperature in Cairo on Sunday", "Find the cube root of 27", "Who discovered penicillin",
+    "Describe the causes of the French Revolution", "What is the weather like in Lima today",
+    "Calculate 3 percent of 2500", "Where is the Taj Mahal located",
+]
+
+
+def _tool_record(question: str) -> dict:
+    tool = "calculator" if any(w in question.lower() for w in ("root", "square", "percent", "power", "times",
+                                                                "divide", "compute", "calculate")) else "search"
+    return {"instruction": TOOLS_PREAMBLE + question, "output": f'{{"tool": "{tool}"}}'}
+
+
+def test_a_shared_preamble_does_not_make_distinct_questions_near_duplicates(tmp_path):
+    rows = [_tool_record(q) for q in QUESTIONS]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    report = clean_files(path, tmp_path / "out", CurationConfig(min_examples=0))
+    assert report.rejected_by.get("near_duplicate", 0) == 0, lines(tmp_path / "out" / "rejects.jsonl")
+    # without the template discount the preamble makes these records near duplicates of each other
+    before = clean_files(path, tmp_path / "off", CurationConfig(min_examples=0, template_share=0))
+    assert before.rejected_by["near_duplicate"] >= 3
+
+
+def test_the_same_question_behind_the_same_preamble_still_is_a_near_duplicate(tmp_path):
+    long_q = ("Please tell me about the history of the Eiffel Tower in Paris, who designed it, who built it, how long "
+              "the construction took and why so many people wanted it taken down after the exhibition")
+    rows = [_tool_record(q) for q in QUESTIONS] + [_tool_record(long_q), _tool_record("Hi, " + long_q)]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    clean_files(path, tmp_path / "out", CurationConfig(min_examples=0))
+    rejects = lines(tmp_path / "out" / "rejects.jsonl")
+    assert [(r["line"], r["reasons"][0]["check"]) for r in rejects] == [(len(rows), "near_duplicate")]
+
+
+def test_near_duplicates_do_not_chain():
+    a, b, c = (" ".join(f"w{k}" for k in range(lo, lo + 100)) for lo in (0, 10, 20))
+    # word sets: J(A, B) = J(B, C) = 90/110 = 0.82, J(A, C) = 80/120 = 0.67
+    sig, _ = MinHasher(num_perm=256, shingle=1).signatures([a, b, c])
+    assert (sig[0] == sig[2]).mean() < 0.75 < min((sig[0] == sig[1]).mean(), (sig[1] == sig[2]).mean())
+    idx = DuplicateIndex(threshold=0.75, num_perm=256, shingle=1)
+    idx.add([a, b, c])
+    res = idx.find()
+    assert set(res.duplicates) == {1} and res.duplicates[1].of == 0      # B goes for A; C stays
+    assert res.clusters == [[0, 1]]

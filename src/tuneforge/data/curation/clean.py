@@ -38,7 +38,7 @@ import numpy as np
 
 from tuneforge.data import jsonio
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfig
-from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex
+from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex, template_shingles
 from tuneforge.data.curation.validation import KINDS, Checked, Issue, check_record, mask_record
 from tuneforge.data.loaders import (
     DataFileError,
@@ -380,6 +380,24 @@ def _index_params(config: CurationConfig, has_against: bool) -> tuple | None:
     return near, config.near_dup_threshold, config.num_perm, config.shingle_words
 
 
+def _template_stop(files: list[str], config: CurationConfig) -> bytes:
+    """The template shingles (see :func:`tuneforge.data.curation.dedup.template_shingles`) of the first
+    ``config.template_sample`` usable records of ``files``, as bytes (part of the index parameters)."""
+    if not config.template_share:
+        return b""
+    texts: list[str] = []
+    for file in files:
+        for raw in iter_records(file):
+            c = check_record(raw, config)
+            if c.clean is not None and c.dedup_text:
+                texts.append(c.dedup_text)
+            if len(texts) >= config.template_sample:
+                break
+        if len(texts) >= config.template_sample:
+            break
+    return template_shingles(texts, config.template_share, config.shingle_words).tobytes()
+
+
 def _start_pool(workers: int) -> Any:
     """A pool of ``workers`` processes (fork where there is one: fast start, no re-import of ``__main__``);
     None for one worker."""
@@ -455,6 +473,8 @@ class _Curation:
         self.formats: Counter = Counter()
         self.kind = None if config.format == "auto" else KINDS[config.format]
         self.index_params = _index_params(config, has_against)
+        if self.index_params is not None and self.index_params[0]:
+            self.index_params += (_template_stop(files, config),)
         self.index = DuplicateIndex(*self.index_params) if self.index_params is not None else None
         self.n_read = 0
         self.sources: list[str] = []

@@ -97,6 +97,10 @@ class CurationConfig(BaseModel):
     near_dup_threshold: float = Field(0.8, gt=0, le=1)
     num_perm: int = Field(128, ge=16, le=512)
     shingle_words: int = Field(3, ge=1, le=10)
+    template_share: float = Field(
+        0.1, ge=0, le=1, description="word n-grams in at least this share of the records are template text (a shared "
+        "system prompt, tool list, preamble) and do not make records near duplicates; 0 turns this off")
+    template_sample: int = Field(5000, ge=100, description="records (the first ones) the template share is measured on")
     mask_pii: bool = False
     min_examples: int = Field(500, ge=0)
     imbalance_ratio: float = Field(10.0, gt=1)

@@ -14,8 +14,15 @@ Near duplicates: MinHash over word ``shingle``-grams, then LSH banding.
   steepest point sits near ``threshold`` (``bands``/``rows`` are chosen to balance misses and false
   candidates around it, as datasketch does).
 * Candidates (same band hash) are verified with the stored signatures, kept as the low 16 bits of
-  each min-hash (b-bit MinHash: two unequal values collide with probability 2^-16), and joined into
-  clusters with union-find.
+  each min-hash (b-bit MinHash: two unequal values collide with probability 2^-16).
+* Never by chaining: records are decided in stream order, and a record is dropped only for a *kept*
+  record (or a reference) that it is itself similar to above the threshold. With A~B and B~C but A and C
+  far apart, B goes (for A) and C stays: B is not kept, so it cannot take C with it.
+* Template text does not count: shingles that occur in at least ``template_df`` of the records (a shared
+  system prompt, tool description or instruction preamble) are left out of every signature
+  (document-frequency filtering, estimated on a sample of the data by :func:`template_shingles`), so two
+  records are near duplicates for the text that varies, not for what every record repeats. A record made
+  only of template text keeps all its shingles.
 
 Memory per record: 8 B exact hash + 4 B per band + 2 B per permutation + 6 B location; with the
 defaults (128 permutations, 14 bands) about 330 B, so 1M records need ~330 MB.
@@ -70,16 +77,26 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1) -> tuple
 
 
 class MinHasher:
-    """Signatures and LSH band hashes for texts; deterministic across runs and machines."""
+    """Signatures and LSH band hashes for texts; deterministic across runs and machines.
 
-    def __init__(self, num_perm: int = 128, shingle: int = 3, threshold: float = 0.8, seed: int = 1):
+    ``stop``: sorted uint32 shingle hashes left out of signatures (template text; see
+    :func:`template_shingles`), as an array or its ``tobytes()``.
+    """
+
+    def __init__(self, num_perm: int = 128, shingle: int = 3, threshold: float = 0.8, seed: int = 1,
+                 stop: np.ndarray | bytes | None = None):
         rng = np.random.default_rng(seed)
         self.num_perm, self.shingle = num_perm, shingle
+        if isinstance(stop, bytes):
+            stop = np.frombuffer(stop, dtype=np.uint32)
+        self.stop = np.zeros(0, np.uint32) if stop is None else np.unique(np.asarray(stop, dtype=np.uint32))
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self._a = rng.integers(0, 2**32, num_perm, dtype=np.uint32) | np.uint32(1)
         self._b = rng.integers(0, 2**32, num_perm, dtype=np.uint32)
-        self._mix = (rng.integers(0, 2**63, shingle, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
         self._band_mix = (rng.integers(0, 2**63, self.rows, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+        # shingle hashes depend on the seed and shingle width only (template shingles are found with them)
+        mix_rng = np.random.default_rng([seed, shingle])
+        self._mix = (mix_rng.integers(0, 2**63, shingle, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
 
     def _words(self, normalised: str) -> list[bytes]:
         words = normalised.encode("utf-8", "surrogatepass").split()
@@ -116,7 +133,7 @@ class MinHasher:
         n = len(texts)
         if not n:
             return np.zeros((0, self.num_perm), np.uint32), np.zeros((0, self.bands), np.uint32)
-        allsh, lengths = self._shingles(texts)
+        allsh, lengths = self._without_template(*self._shingles(texts))
         offsets = np.zeros(n, dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         sig_t = np.empty((self.num_perm, n), dtype=np.uint32)
@@ -135,10 +152,35 @@ class MinHasher:
         sig = np.ascontiguousarray(sig_t.T)
         return sig, self.band_hashes(sig)
 
+    def _without_template(self, allsh: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop the stop (template) shingles; a text left with none keeps all of its own."""
+        if not len(self.stop):
+            return allsh, lengths
+        keep = ~np.isin(allsh, self.stop, assume_unique=False)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        kept = np.bincount(owner, weights=keep, minlength=len(lengths)).astype(np.int64)
+        keep |= (kept == 0)[owner]                      # template-only texts: compare them on everything
+        return allsh[keep], np.where(kept == 0, lengths, kept)
+
     def band_hashes(self, sig: np.ndarray) -> np.ndarray:
         used = sig[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sig), self.bands, self.rows)
         h = (used * self._band_mix).sum(axis=2)
         return ((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def template_shingles(texts: list[str], min_share: float, shingle: int = 3, min_records: int = 20) -> np.ndarray:
+    """Sorted uint32 hashes of the shingles found in at least ``min_share`` of ``texts`` (normalised),
+    and in at least ``min_records`` of them: the text a template repeats in every record. Empty when
+    ``min_share`` is 0 or above 1 (off)."""
+    if not texts or not 0 < min_share <= 1:
+        return np.zeros(0, np.uint32)
+    hasher = MinHasher(num_perm=16, shingle=shingle)
+    allsh, lengths = hasher._shingles(texts)
+    owner = np.repeat(np.arange(len(texts)), lengths)
+    pairs = np.unique(np.stack([allsh.astype(np.int64), owner]), axis=1)     # each shingle once per text
+    values, counts = np.unique(pairs[0], return_counts=True)
+    need = max(min_records, int(np.ceil(min_share * len(texts))))
+    return values[counts >= need].astype(np.uint32)
 
 
 class _Grow:
@@ -188,9 +230,10 @@ class DuplicateIndex:
     not leak into training (validation/test). Entry indices count both, in call order.
     """
 
-    def __init__(self, near: bool = True, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3):
+    def __init__(self, near: bool = True, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3,
+                 stop: np.ndarray | bytes | None = None):
         self.near, self.threshold = near, threshold
-        self.hasher = MinHasher(num_perm=num_perm, shingle=shingle, threshold=threshold) if near else None
+        self.hasher = MinHasher(num_perm=num_perm, shingle=shingle, threshold=threshold, stop=stop) if near else None
         self._exact = _Grow(np.uint64)
         self._ref = _Grow(np.bool_)
         if near:
@@ -297,35 +340,27 @@ class DuplicateIndex:
         if len(verified) == 0:
             return
 
-        uf = {}
-
-        def find(x: int) -> int:
-            root = x
-            while uf.get(root, root) != root:
-                root = uf[root]
-            while uf.get(x, x) != root:
-                uf[x], x = root, uf[x]
-            return root
-
-        for a, b in verified.tolist():
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                uf[max(ra, rb)] = min(ra, rb)
-        groups: dict[int, list[int]] = {}
-        for x in set(uf) | set(uf.values()):
-            groups.setdefault(find(x), []).append(x)
-        for members in groups.values():
-            members.sort()
-            refs = [m for m in members if ref[m]]
-            rep = refs[0] if refs else members[0]
-            merged = clusters.pop(rep, [rep])
-            for m in members:
-                if m == rep:
-                    continue
-                if not ref[m]:
-                    sim = float((sig[m] == sig[rep]).mean())
-                    result.duplicates[m] = Duplicate(m, rep, "near", bool(ref[rep]), sim)
-                # m's own exact duplicates stay "exact duplicate of m" and join this cluster
-                merged.extend(clusters.pop(m, [m]))
-            clusters[rep] = merged
+        # decide in entry order: a training entry goes only for a kept one (or a reference) it is itself
+        # near; references are never dropped and always count as kept
+        lo_hi = np.sort(verified, axis=1)
+        agree = (sig[lo_hi[:, 0]] == sig[lo_hi[:, 1]]).mean(axis=1)
+        neighbours: dict[int, list[tuple[int, float]]] = {}
+        for (a, b), sim in zip(lo_hi.tolist(), agree.tolist(), strict=True):
+            neighbours.setdefault(a, []).append((b, sim))
+            neighbours.setdefault(b, []).append((a, sim))
+        dropped: set[int] = set()
+        for m in sorted(neighbours):
+            if ref[m]:
+                continue
+            anchors = [(bool(ref[o]), sim, -o) for o, sim in neighbours[m]
+                       if ref[o] or (o < m and o not in dropped)]
+            if not anchors:
+                continue
+            is_ref, sim, neg = max(anchors)             # a reference first (a leak), then the most similar
+            rep = -neg
+            dropped.add(m)
+            result.duplicates[m] = Duplicate(m, rep, "near", is_ref, sim)
+            members = clusters.setdefault(rep, [rep])
+            # m's own exact duplicates stay "exact duplicate of m" and join this cluster
+            members.extend(clusters.pop(m, [m]))
             kinds[rep] = "near"
