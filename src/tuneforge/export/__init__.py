@@ -1,5 +1,28 @@
-"""Export a trained run: fold mergeable adapters into the base weights and save a plain model folder."""
+"""Export a trained run: merge adapters into the base weights, package runs, write GGUF files.
 
-from tuneforge.export.merge import MergeCheckError, MergeReport, merge_adapter, merge_run, verify_merge
+The names below are imported lazily (PEP 562), so ``tuneforge.export.package`` (the base-model check the CLI
+and the server import) does not pull in torch.
+"""
 
-__all__ = ["MergeCheckError", "MergeReport", "merge_adapter", "merge_run", "verify_merge"]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "MergeCheckError": "tuneforge.export.merge", "MergeReport": "tuneforge.export.merge",
+    "merge_adapter": "tuneforge.export.merge", "merge_run": "tuneforge.export.merge",
+    "verify_merge": "tuneforge.export.merge",
+    "BaseModelMismatch": "tuneforge.export.package", "NotARunError": "tuneforge.export.package",
+    "PackageReport": "tuneforge.export.package", "package_run": "tuneforge.export.package",
+    "verify_base_model": "tuneforge.export.package",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tuneforge.export' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -38,3 +38,77 @@ def run_merge_command(args: argparse.Namespace) -> int:
         return 1
     print(report)
     return 0
+
+
+def add_package_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``package``: ``tuneforge package RUN --out DIR``."""
+    p = subparsers.add_parser("package", help="package a run: adapter (peft layout), tokenizer, model card, manifest",
+                              description="Write a folder that peft, vLLM and tuneforge load unchanged: the adapter "
+                                          "(or full model), the tokenizer and chat template used in training, a "
+                                          "model card (README.md) and tuneforge.json (base model sha256, data "
+                                          "fingerprints, versions, which runtimes can load it).")
+    p.add_argument("run", metavar="RUN", help="run folder written by `tuneforge train`")
+    p.add_argument("--out", required=True, metavar="DIR", help="package folder to write")
+    p.add_argument("--license", default=None, help="license for the card (default: the base model's, else 'other')")
+    p.add_argument("--base-model-id", default=None, metavar="HUB_ID",
+                   help="Hub id of the base model for the card (default: known for built-in models)")
+    p.add_argument("--intended-use", default=None, metavar="TEXT", help="the card's 'Intended use' paragraph")
+    p.set_defaults(func=run_package_command)
+    return p
+
+
+def run_package_command(args: argparse.Namespace) -> int:
+    """0 when the package is written; 2 when the folder is not a finished run or its base model changed."""
+    from tuneforge.export.package import BaseModelMismatch, NotARunError, package_run
+
+    try:
+        report = package_run(args.run, args.out, license=args.license, base_model_id=args.base_model_id,
+                             intended_use=args.intended_use)
+    except (NotARunError, BaseModelMismatch) as e:
+        print(f"tuneforge package: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export``: ``tuneforge export RUN --format gguf|gguf-lora [--quant f16|q8_0|q4_0] [--out FILE]``."""
+    from tuneforge.export.gguf import QUANTS
+
+    p = subparsers.add_parser("export", help="export a run's merged model as a GGUF file (llama.cpp, Ollama)",
+                              description="Merge the run's adapter into its base (as `tuneforge merge` does), write "
+                                          "it as one GGUF file with the tokenizer and chat template in its metadata, "
+                                          "then load it back with transformers and compare logits and greedy tokens "
+                                          "with the merged model.")
+    p.add_argument("run", metavar="RUN", help="run folder or package")
+    p.add_argument("--format", choices=("gguf", "gguf-lora"), default="gguf",
+                   help="gguf: the merged model; gguf-lora: the LoRA adapter alone, for llama.cpp's --lora")
+    p.add_argument("--quant", choices=QUANTS, default="f16",
+                   help="gguf: weight type of the 2-D tensors (norms stay f32); gguf-lora is always f32")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="GGUF file to write (default: RUN/export/<run name>-<quant>.gguf or <run name>-lora.gguf)")
+    p.add_argument("--no-check", action="store_true", help="skip loading the file back and comparing")
+    p.set_defaults(func=run_export_command)
+    return p
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """0 on a checked export; 1 when the round-trip check fails; 2 when the run cannot be exported."""
+    from tuneforge.export.gguf import ExportCheckError, UnsupportedModelError, export_gguf
+    from tuneforge.export.gguf_lora import export_gguf_lora
+    from tuneforge.export.package import BaseModelMismatch, NotARunError
+    from tuneforge.methods.errors import NotMergeableError
+
+    try:
+        if args.format == "gguf-lora":
+            print(f"export gguf-lora -> {export_gguf_lora(args.run, args.out)}")
+            return 0
+        report = export_gguf(args.run, args.out, quant=args.quant, check=not args.no_check)
+    except (NotARunError, NotMergeableError, BaseModelMismatch, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"tuneforge export: {e}", file=sys.stderr)
+        return 2
+    except ExportCheckError as e:
+        print(f"tuneforge export: the round-trip check FAILED\n{e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0

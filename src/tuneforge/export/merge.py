@@ -317,8 +317,9 @@ def verify_merge(merged_dir: str | Path, model_spec_or_path: str | Path, adapter
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
               check_prompts: list[str] | None = None) -> MergeReport:
-    """Merge the adapter of a finished run (``config.yaml`` + adapter files + tokenizer at its top level)."""
+    """Merge the adapter of a finished run or a package (``config.yaml``, adapter files, tokenizer at its top)."""
     from tuneforge.config import load_config
+    from tuneforge.export.package import verify_base_model
 
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -326,6 +327,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a tuneforge run folder?")
     config = load_config(config_file, check_files=False)
     _refuse(config.method)
+    verify_base_model(run_dir, config.model)  # a package (tuneforge.json) refuses another base model
     if not (run_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no adapter_config.json: the run did not save an adapter")
     return merge_adapter(config.model, run_dir, out_dir, dtype=dtype, method=config.method,

@@ -1,0 +1,179 @@
+"""The model card (``README.md``) of a package: Hugging Face Hub front matter and a body a reviewer can act on.
+
+The front matter holds the keys the Hub reads: ``base_model``, ``base_model_relation`` (``adapter``, or
+``finetune`` for a full fine-tune), ``library_name``, ``license``, ``datasets``, ``tags`` (with the method),
+``pipeline_tag`` and, when the run holds evaluation results, ``model-index``. The body: intended use,
+training data (files, sha256, example counts, rejects by check), hyperparameters, metrics, known risks, and
+how to load the package with peft, vLLM and tuneforge. Everything is read from the manifest
+(``tuneforge.json``) that :mod:`tuneforge.export.package` builds, so card and manifest cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+METRIC_NAMES = {"exact_match": "Exact match", "valid_format": "Valid format", "validation_loss": "Validation loss",
+                "mmlu_cloze_accuracy": "MMLU cloze accuracy", "label": "Label accuracy", "exact": "Exact match",
+                "normalised": "Normalised exact match", "token_f1": "Token F1", "rouge_l": "ROUGE-L", "chrf": "chrF",
+                "json_valid": "JSON valid", "schema_valid": "Schema valid"}
+
+
+def front_matter(manifest: dict[str, Any], license: str, base_model_id: str) -> dict[str, Any]:
+    """The YAML front matter as a dict (keys in the order the Hub documents them)."""
+    full = manifest["kind"] == "full_model"
+    data_names = [d["name"] for d in manifest["data"]]
+    meta: dict[str, Any] = {
+        "base_model": base_model_id,
+        "base_model_relation": "finetune" if full else "adapter",
+        "library_name": manifest["library_name"],
+        "license": license,
+        "datasets": data_names,
+        "pipeline_tag": "text-generation",
+        "tags": ["tuneforge", manifest["method"], *manifest["method_variants"], manifest["task"],
+                 *(["peft"] if manifest["runtimes"]["peft"]["loads"] else [])],
+    }
+    results = manifest.get("evaluation") or []
+    if results:
+        meta["model-index"] = [{"name": manifest["name"], "results": [
+            {"task": {"type": "text-generation", "name": r["task"]},
+             "dataset": {"name": r["dataset"], "type": r["dataset"]},
+             "metrics": [{"type": m["type"], "name": METRIC_NAMES.get(m["type"], m["type"]), "value": m["value"]}
+                         for m in r["metrics"]]}
+            for r in results]}]
+    return meta
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _data_section(manifest: dict[str, Any]) -> str:
+    ex = manifest.get("examples") or {}
+    rows = [(d["name"], d.get("role", ""), f"`{d['sha256']}`") for d in manifest["data"]]
+    out = [_table(("file", "role", "sha256"), rows) if rows else "The data files are not recorded in the run.", ""]
+    if ex:
+        out.append(f"Examples used: {ex.get('train', '?')} for training, {ex.get('validation', '?')} for validation; "
+                   f"{ex.get('rejected', 0)} records rejected, {ex.get('truncated', 0)} truncated"
+                   + (f" (formats: {', '.join(f'{k} {v}' for k, v in ex['formats'].items())})."
+                      if ex.get("formats") else "."))
+    rejects = manifest.get("rejects_by_check") or {}
+    if rejects:
+        out.append("Rejected records by check: " + ", ".join(f"`{k}` {v}" for k, v in rejects.items())
+                   + " (the run's `rejects.jsonl` holds each with its file, line and reasons).")
+    return "\n".join(out)
+
+
+def _metrics_section(manifest: dict[str, Any]) -> str:
+    out = []
+    run = manifest.get("training") or {}
+    if run:
+        out.append(_table(("quantity", "value"), [(k.replace("_", " "), _fmt(v)) for k, v in run.items()
+                                                   if v is not None]))
+    for r in manifest.get("evaluation") or []:
+        out.append("")
+        out.append(f"Held-out evaluation on `{r['dataset']}` ({r.get('n', '?')} examples):")
+        out.append("")
+        baseline = {m["type"]: m["value"] for m in r.get("baseline") or []}
+        rows = [(METRIC_NAMES.get(m["type"], m["type"]), _fmt(m["value"]), _fmt(baseline.get(m["type"], "n/a")))
+                for m in r["metrics"]]
+        out.append(_table(("metric", "this model", "base model"), rows))
+    return "\n".join(out) if out else "No metrics were recorded in the run."
+
+
+def _risks_section(manifest: dict[str, Any]) -> str:
+    ex = manifest.get("examples") or {}
+    lines = [f"- **Narrow training data.** The {manifest['kind'].replace('_', ' ')} was trained on "
+             f"{ex.get('train', 'an unrecorded number of')} examples from the files above; inputs unlike them "
+             "(other domains, languages, formats) may be answered worse than by the base model.",
+             "- **Forgetting.** Fine-tuning can degrade abilities of the base model that the data does not "
+             "exercise; compare with the base model on your own general prompts before replacing it."]
+    for r in manifest.get("evaluation") or []:
+        base = {m["type"]: m["value"] for m in r.get("baseline") or []}
+        for m in r["metrics"]:
+            if m["type"] == "mmlu_cloze_accuracy" and m["type"] in base:
+                lines.append(f"- **Measured forgetting.** MMLU cloze accuracy {base[m['type']]:.3f} (base) -> "
+                             f"{m['value']:.3f} (this model) on {r.get('n', '?')} questions.")
+        for f in r.get("failures") or []:
+            lines.append(f"- **Failure category: {f['category']}.** {f['count']} of {r.get('n', '?')} held-out "
+                         f"examples{': ' + f['example'] if f.get('example') else ''}.")
+    if manifest.get("rejects_by_check"):
+        lines.append("- **Rejected data.** Some training records were rejected (see above); the model never saw them.")
+    lines.append(f"- **Base model.** Everything the base model (`{manifest['base_model']['name']}`) gets wrong or "
+                 "should not say, this model may too.")
+    return "\n".join(lines)
+
+
+def _load_section(manifest: dict[str, Any], base_model_id: str) -> str:
+    rt = manifest["runtimes"]
+    name = manifest["name"]
+    out = []
+    if manifest["kind"] == "full_model":
+        out += ["This package is a **full model** (every weight was trained), not an adapter: load it on its own.",
+                "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # the chat template used in training',
+                "```", ""]
+    elif rt["peft"]["loads"]:
+        out += ["**peft**", "", "```python", "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'base = AutoModelForCausalLM.from_pretrained("{base_model_id}")',
+                f'model = PeftModel.from_pretrained(base, "{name}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # the chat template used in training',
+                "```", ""]
+    else:
+        out += [f"**peft**: {rt['peft']['reason']}.", ""]
+    if rt["vllm"]["loads"]:
+        cmd = (f"vllm serve {name}" if manifest["kind"] == "full_model" else
+               f"vllm serve {base_model_id} --enable-lora --lora-modules {name}={name}"
+               + (f" --max-lora-rank {rt['vllm']['max_lora_rank']}" if rt["vllm"].get("max_lora_rank") else ""))
+        out += ["**vLLM**", "", "```bash", cmd, "```", ""]
+        if manifest["kind"] != "full_model":
+            out += [f'then ask for `"model": "{name}"` in `/v1/chat/completions` requests.', ""]
+    else:
+        out += [f"**vLLM**: {rt['vllm']['reason']}.", ""]
+    out += ["**tuneforge**", "", "```bash", f"tuneforge generate {name} --prompt \"...\"",
+            *([f"tuneforge serve --base {manifest['base_model']['name']} --adapter {name}={name}"]
+              if manifest["kind"] != "full_model" else []), "```", "",
+            f"tuneforge checks the base model's sha256 (`{manifest['base_model']['sha256']}`) when it loads the "
+            "package and refuses another base model."]
+    if rt["llama.cpp"]["loads"]:
+        how = rt["llama.cpp"]["how"].replace("RUN", name)
+        out += ["", f"**llama.cpp / Ollama**: {how}."]
+    return "\n".join(out)
+
+
+def model_card(manifest: dict[str, Any], license: str, base_model_id: str) -> str:
+    """The complete ``README.md`` text for the package described by ``manifest``."""
+    meta = front_matter(manifest, license, base_model_id)
+    full = manifest["kind"] == "full_model"
+    what = ("a full fine-tune (all weights trained; the package is the whole model)" if full
+            else f"a {manifest['method']} adapter (rank {manifest['rank']})" if manifest.get("rank")
+            else f"a {manifest['method']} adapter")
+    hyper = manifest.get("hyperparameters") or {}
+    sections = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
+        f"# {manifest['name']}",
+        f"{what.capitalize()} of `{base_model_id}`, trained with tuneforge ({manifest['task']}).",
+        "## Intended use\n\n" + (manifest.get("intended_use") or
+                                 "The task of the training data below: answer prompts like those in its files, "
+                                 "in the chat format of the base model (the chat template is included). It is "
+                                 "not evaluated for other uses."),
+        "## Training data\n\n" + _data_section(manifest),
+        "## Hyperparameters\n\n" + (_table(("setting", "value"), [(k, f"`{_fmt(v)}`") for k, v in hyper.items()])
+                                    if hyper else "Not recorded."),
+        "## Metrics\n\n" + _metrics_section(manifest),
+        "## Known risks and limitations\n\n" + _risks_section(manifest),
+        "## How to load\n\n" + _load_section(manifest, base_model_id),
+        "## Files\n\n" + _table(("file", "sha256"), [(f"`{k}`", f"`{v}`") for k, v in manifest["files"].items()]),
+    ]
+    return "\n\n".join(sections) + "\n"
