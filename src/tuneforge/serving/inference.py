@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.config import RunConfig, load_config
 from tuneforge.data.rendering import prompt_ids
+from tuneforge.export.package import verify_base_model
 from tuneforge.methods import load_base_model, load_trained, method_generate
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import load_model, load_tokenizer
@@ -67,12 +68,13 @@ def load_base(model: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> LoadedModel:
-    """Load the base model of ``run_dir`` with its trained adapter (or full weights) applied."""
+    """Load the base model of ``run_dir`` (a run or a package) with its trained adapter (or full weights) applied."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a tuneforge run directory (no config.yaml); "
                                 "train one with `tuneforge train`")
     config = load_config(run_dir / "config.yaml", check_files=False)
+    verify_base_model(run_dir, config.model)  # a package (tuneforge.json) refuses another base model
     dev = pick_device(device if device != "auto" else config.device)
     torch_dtype, _ = pick_dtype(config.dtype, dev)
     base = load_base_model(config, dtype=torch_dtype, device=dev)

@@ -1,0 +1,524 @@
+"""``tuneforge serve``: an OpenAI-compatible HTTP server for one base model and many adapters (FastAPI + uvicorn).
+
+Endpoints: ``GET /v1/models`` (the base and every adapter, with ``parent``), ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (``stream: true`` answers with server-sent events), ``GET /health``, ``GET /metrics``
+(Prometheus), and the admin endpoints ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``
+(vLLM's ``lora_name`` / ``lora_path`` bodies). The request's ``model`` picks the adapter (or the base model)
+and the response's ``model`` names the one that answered. A chat prompt is rendered with the chat template
+saved with the adapter's run (else the base model's), exactly as training rendered it.
+
+Python::
+
+    from tuneforge.serving import ServeConfig, Server
+    server = Server(ServeConfig(base="smollm2-135m-instruct", adapters={"tickets": "runs/quickstart"}))
+    app = server.app                      # a FastAPI app; server.run() serves it with uvicorn
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tuneforge.serving import protocol as P
+from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, adapter_kind, check_base
+from tuneforge.serving.engine import Engine, EngineStopped
+from tuneforge.serving.engine import Request as GenRequest
+from tuneforge.serving.metrics import ServerMetrics
+from tuneforge.serving.protocol import APIError
+from tuneforge.serving.security import BodyLimit, adapter_path_under, check_admin, check_user
+
+log = logging.getLogger(__name__)
+
+
+class ServeConfig(BaseModel):
+    """Everything ``tuneforge serve`` takes (a YAML serve config has these keys; CLI flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="base model: built-in name, folder or .gguf file")
+    base_name: str | None = Field(None, description="the base model's id in /v1/models (default: `base`)")
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> folder (run or package)")
+    pinned: list[str] = Field(default_factory=list, description="adapters never evicted")
+    adapter_root: str | None = Field(None, description="folders the admin endpoints may load adapters from")
+    api_keys: list[str] = Field(default_factory=list, description="user keys (none: open)")
+    admin_key: str | None = Field(None, description="key of the admin endpoints (none: they are off)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch: int = Field(32, ge=1, description="rows decoded together")
+    max_loaded_adapters: int = Field(8, ge=1, description="adapters in memory at once (LRU eviction)")
+    max_input_tokens: int = Field(4096, ge=1)
+    max_output_tokens: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(256, ge=1, description="a chat request without max_tokens gets this many")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_concurrent: int = Field(256, ge=1, description="requests in flight; more are answered 429")
+    lora_kernel: Literal["peft", "stacked"] = Field(
+        "peft", description="how LoRA rows of different adapters share a forward: peft's adapter_names (one "
+                            "small matmul pair per adapter per layer) or stacked (two batched matmuls per layer)")
+    graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> ServeConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a serve config is a mapping of keys (base, adapters, ...)")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
+
+
+class Server:
+    """The model, the engine thread and the FastAPI app around them.
+
+    ``model`` / ``tokenizer``: an already loaded base model and its tokenizer (tests); otherwise
+    ``config.base`` is loaded.
+    """
+
+    def __init__(self, config: ServeConfig, model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
+        from tuneforge.models.loading import load_model, load_tokenizer
+        from tuneforge.models.registry import resolve_model
+
+        self.config = config
+        self.base_name = config.base_name or config.base
+        try:
+            base_path: Path | None = Path(resolve_model(config.base))
+        except Exception:
+            base_path = None
+        for path in config.adapters.values():        # a wrong folder fails before the model loads
+            adapter_kind(path)
+            check_base(path, base_path)
+        if model is None:
+            from tuneforge.models.dtype import pick_device, pick_dtype
+
+            dev = pick_device(config.device)
+            dtype, _ = pick_dtype(config.dtype, dev)
+            model = load_model(config.base, dtype=dtype, device=dev)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.base)
+        self.metrics = ServerMetrics()
+        self.registry = AdapterRegistry(AdapterSet(model, base_path, lora_kernel=config.lora_kernel),
+                                        max_loaded=config.max_loaded_adapters)
+        for name, path in config.adapters.items():
+            self.registry.register(name, path, pinned=name in config.pinned)
+        unknown = [n for n in config.pinned if n not in config.adapters]
+        if unknown:
+            raise ValueError(f"pinned adapters {unknown} are not among the adapters ({', '.join(config.adapters)})")
+        self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished)
+        self.metrics.bind(lambda: len(self.registry.loaded), lambda: self.engine.running, lambda: self.engine.waiting)
+        self.in_flight = 0
+        self.draining = False
+        self._unloading: set[str] = set()
+        self.app = self._build_app()
+        self.app.state.server = self
+
+    # ---------------------------------------------------------------------------------- life cycle
+
+    def start(self) -> Server:
+        if self.engine._thread is None:
+            self.engine.start()
+            # pinned adapters are loaded now, so the first request does not wait for them
+            for name in self.config.pinned:
+                self.engine.call(functools.partial(self._preload, name))
+        return self
+
+    def _preload(self, name: str) -> None:
+        if self.registry.acquire(name):
+            self.registry.release(name)
+
+    def shutdown(self) -> None:
+        self.draining = True
+        self.engine.stop(drain=True)
+
+    def run(self) -> None:
+        """Serve on ``config.host:port`` until SIGTERM / Ctrl-C; in-flight requests finish first."""
+        import uvicorn
+
+        server = self
+
+        class _Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                server.draining = True
+                log.info("signal %s: finishing %d in-flight request(s), refusing new ones", sig, server.in_flight)
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="info",
+                                timeout_graceful_shutdown=int(self.config.graceful_timeout) or None)
+        _Uvicorn(config).run()
+
+    def _finished(self, req: GenRequest, usage: dict | None, ttft: float | None, latency: float, status: str) -> None:
+        self.metrics.finished(req.adapter or self.base_name, usage, ttft, latency, status)
+
+    # ------------------------------------------------------------------------------------- requests
+
+    def resolve_model(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for anything else."""
+        if model == self.base_name:
+            return None
+        if self.registry.get(model) is not None and model not in self._unloading:
+            return model
+        raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists the models served",
+                       param="model", code="model_not_found")
+
+    def tokenizer_for(self, adapter: str | None) -> Any:
+        entry = self.registry.get(adapter) if adapter else None
+        return entry.tokenizer if entry is not None and entry.tokenizer is not None else self.tokenizer
+
+    def chat_prompt_ids(self, adapter: str | None, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` plus the generation prompt, rendered with the adapter's own chat template
+        (the one saved with its run: what training rendered), else the base model's."""
+        from tuneforge.data.rendering import prompt_ids
+
+        tok = self.tokenizer_for(adapter)
+        try:
+            return prompt_ids(tok, messages)
+        except Exception as e:   # a template that rejects the conversation (roles out of order, ...)
+            raise APIError(400, f"messages: the chat template refused them ({str(e).splitlines()[0][:200]})",
+                           param="messages") from None
+
+    def _check_lengths(self, prompt: list[int], max_tokens: int, param: str) -> None:
+        c = self.config
+        if len(prompt) > c.max_input_tokens:
+            raise APIError(400, f"{param}: {len(prompt)} tokens, over the limit of {c.max_input_tokens}",
+                           param=param, code="context_length_exceeded")
+        if max_tokens > c.max_output_tokens:
+            raise APIError(400, f"max_tokens: {max_tokens} is over the limit of {c.max_output_tokens}",
+                           param="max_tokens")
+        if len(prompt) + max_tokens > self.engine.max_context:
+            raise APIError(400, f"{param}: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                           f"context of {self.engine.max_context}", param=param, code="context_length_exceeded")
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.in_flight >= self.config.max_concurrent:
+            self.metrics.rejected.labels("concurrency").inc()
+            raise APIError(429, f"too many concurrent requests (limit {self.config.max_concurrent}); retry later",
+                           code="rate_limit_exceeded")
+
+    async def _generate(self, req: GenRequest) -> AsyncIterator[tuple]:
+        """Submit ``req`` and yield its engine events; cancel it if the consumer goes away."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev: tuple) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        req.sink = sink
+        try:
+            self.engine.submit(req)
+        except EngineStopped:
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+        finished = False
+        try:
+            while True:
+                ev = await events.get()
+                yield ev
+                if ev[0] != "token":
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                req.cancelled = True
+
+    # -------------------------------------------------------------------------------------- the app
+
+    def _build_app(self) -> FastAPI:
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            self.start()
+            yield
+            await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+        app = FastAPI(title="tuneforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_middleware(BodyLimit, max_bytes=self.config.max_body_bytes)
+        cfg = self.config
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+            if exc.status >= 400 and exc.status != 429:
+                self.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            return JSONResponse(P.error_body(str(exc.detail), P._error_type(exc.status_code)),
+                                status_code=exc.status_code)
+
+        @app.exception_handler(Exception)
+        async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+            log.exception("unexpected error")
+            return JSONResponse(P.error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+        def user(request: Request) -> None:
+            check_user(request.headers.get("authorization"), cfg.api_keys, cfg.admin_key)
+
+        def admin(request: Request) -> None:
+            check_admin(request.headers.get("authorization"), cfg.api_keys, cfg.admin_key)
+
+        @app.get("/health")
+        async def health() -> Response:
+            body = {"status": "draining" if self.draining else "ok", "running": self.engine.running,
+                    "waiting": self.engine.waiting, "loaded_adapters": self.registry.loaded}
+            return JSONResponse(body, status_code=503 if self.draining else 200)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> dict:
+            user(request)
+            created = P.now()
+            data = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "tuneforge",
+                     "root": self.config.base, "parent": None}]
+            loaded = set(self.registry.loaded)
+            for name in self.registry.names():
+                entry = self.registry.get(name)
+                if entry is None or name in self._unloading:
+                    continue
+                data.append({"id": name, "object": "model", "created": created, "owned_by": "tuneforge",
+                             "root": str(entry.path), "parent": self.base_name, "method": entry.kind,
+                             "loaded": name in loaded, "pinned": entry.pinned})
+            return {"object": "list", "data": data}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            user(request)
+            body = _parse(P.ChatCompletionRequest, await request.body())
+            adapter = self.resolve_model(body.model)
+            prompt = self.chat_prompt_ids(adapter, body.conversation())
+            max_tokens = body.limit() or cfg.default_max_tokens
+            self._check_lengths(prompt, max_tokens, "messages")
+            gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
+                             body.ignore_eos)
+            self._admit()
+            return await self._respond_chat(body, gen)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            user(request)
+            body = _parse(P.CompletionRequest, await request.body())
+            adapter = self.resolve_model(body.model)
+            tok = self.tokenizer_for(adapter)
+            prompts = [tok(p)["input_ids"] for p in body.prompts()]
+            max_tokens = body.max_tokens or 16
+            for ids in prompts:
+                self._check_lengths(ids, max_tokens, "prompt")
+            gens = [GenRequest(ids, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
+                               body.ignore_eos) for ids in prompts]
+            self._admit()
+            return await self._respond_completion(body, gens)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_adapter(request: Request) -> dict:
+            admin(request)
+            body = _parse(P.LoadAdapterRequest, await request.body())
+            if body.lora_name == self.base_name or self.registry.get(body.lora_name) is not None:
+                raise APIError(400, f"lora_name: {body.lora_name!r} is already served; unload it first",
+                               param="lora_name", code="adapter_exists")
+            path = adapter_path_under(Path(cfg.adapter_root) if cfg.adapter_root else None, body.lora_path)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, self._load_now, body.lora_name, path, body.pinned)
+            except AdapterLoadError as e:
+                raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_adapter") from None
+            entry = self.registry.get(body.lora_name)
+            return {"status": "ok", "lora_name": body.lora_name, "method": entry.kind if entry else None}
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_adapter(request: Request) -> dict:
+            admin(request)
+            body = _parse(P.UnloadAdapterRequest, await request.body())
+            if self.registry.get(body.lora_name) is None or body.lora_name in self._unloading:
+                raise APIError(404, f"lora_name: no adapter {body.lora_name!r} is served", param="lora_name",
+                               code="model_not_found")
+            self._unloading.add(body.lora_name)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._unload_when_idle, body.lora_name)
+            finally:
+                self._unloading.discard(body.lora_name)
+            return {"status": "ok", "lora_name": body.lora_name}
+
+        return app
+
+    def _load_now(self, name: str, path: Path, pinned: bool) -> None:
+        """Register ``path`` as ``name`` and load it between two decode steps (unregistered again on failure)."""
+        self.registry.register(name, path, pinned=pinned)
+
+        def load() -> None:
+            if not self.registry.acquire(name):
+                raise AdapterLoadError(f"{path}: every adapter slot ({self.registry.max_loaded}) holds a pinned or "
+                                       "busy adapter; unload one or raise --max-loaded-adapters")
+            self.registry.release(name)
+        try:
+            self.engine.call(load)
+        except Exception:
+            self.registry.forget(name)
+            raise
+
+    def _unload_when_idle(self, name: str) -> None:
+        """Wait until no admitted request uses ``name`` (new ones are refused meanwhile), then unload it."""
+        while True:
+            busy = self.engine.call(lambda: name in self.engine.adapters_in_use())
+            if not busy:
+                self.engine.call(lambda: self.registry.unload(name))
+                self.registry.forget(name)
+                return
+            time.sleep(0.02)
+
+    async def _respond_chat(self, body: P.ChatCompletionRequest, gen: GenRequest) -> Response:
+        rid, created, model = P.new_id("chatcmpl"), P.now(), body.model
+        self.in_flight += 1
+        if not body.stream:
+            try:
+                text, reason, usage = await self._collect(gen)
+            finally:
+                self.in_flight -= 1
+            return JSONResponse(P.chat_response(rid, model, created, text, reason, usage))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield _sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+                async for ev in self._generate(gen):
+                    if ev[0] == "token":
+                        yield _sse(P.chat_chunk(rid, model, created, {"content": ev[1]}))
+                    elif ev[0] == "done":
+                        yield _sse(P.chat_chunk(rid, model, created, {}, ev[1]))
+                        if include_usage:
+                            yield _sse(P.chat_chunk(rid, model, created, {}, usage=ev[2]))
+                    else:
+                        yield _sse(P.error_body(ev[1], P._error_type(ev[2])))
+                yield "data: [DONE]\n\n"
+            finally:
+                self.in_flight -= 1
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _respond_completion(self, body: P.CompletionRequest, gens: list[GenRequest]) -> Response:
+        rid, created, model = P.new_id("cmpl"), P.now(), body.model
+        self.in_flight += 1
+        if not body.stream:
+            try:
+                results = await asyncio.gather(*(self._collect(g) for g in gens))
+            finally:
+                self.in_flight -= 1
+            choices = [{"index": i, "text": (body.prompts()[i] if body.echo else "") + text, "finish_reason": reason,
+                        "logprobs": None} for i, (text, reason, _) in enumerate(results)]
+            usage = {k: sum(r[2][k] for r in results) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                 "choices": choices, "usage": usage})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for i, gen in enumerate(gens):          # several prompts stream one after the other
+                    if body.echo:
+                        yield _sse(P.completion_chunk(rid, model, created, i, body.prompts()[i]))
+                    async for ev in self._generate(gen):
+                        if ev[0] == "token":
+                            yield _sse(P.completion_chunk(rid, model, created, i, ev[1]))
+                        elif ev[0] == "done":
+                            yield _sse(P.completion_chunk(rid, model, created, i, "", ev[1]))
+                        else:
+                            yield _sse(P.error_body(ev[1], P._error_type(ev[2])))
+                yield "data: [DONE]\n\n"
+            finally:
+                self.in_flight -= 1
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _collect(self, gen: GenRequest) -> tuple[str, str, dict]:
+        parts: list[str] = []
+        async for ev in self._generate(gen):
+            if ev[0] == "token":
+                parts.append(ev[1])
+            elif ev[0] == "done":
+                return "".join(parts), ev[1], ev[2]
+            else:
+                raise APIError(ev[2], ev[1])
+        raise APIError(500, "generation ended without an answer")
+
+
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list[str]", "list[TextPart]", "TextPart"}
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> Any:
+    """``raw`` JSON -> ``model``; 400 naming the field (or the JSON error's position) otherwise."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"body: not valid JSON ({e})", param="body", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "body: expected a JSON object", param="body", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        err = errors[0]
+        # a union field reports one error per member (``prompt.str``, ``prompt.list[str]``): name the field itself
+        locs = [x["loc"] for x in errors if x["loc"][:1] == err["loc"][:1]]
+        common = []
+        for parts in zip(*locs, strict=False):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        if len(locs) > 1 and common and str(common[-1]) in _UNION_MEMBERS:
+            common.pop()
+        field = ".".join(str(p) for p in common) or "body"
+        if len(locs) > 1 and len(common) < len(err["loc"]):
+            message = f"{field}: wrong type or value ({'; '.join(x['msg'] for x in errors[:2])})"
+        else:
+            message = f"{field}: {err['msg']}"
+        raise APIError(400, message, param=field, code="invalid_value") from None
+    except APIError:
+        raise
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class ServerThread:
+    """Serve ``app`` with uvicorn on a background thread (tests, benchmarks): ``with ServerThread(app) as s: s.url``."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.host = host
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
