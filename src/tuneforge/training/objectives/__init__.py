@@ -9,14 +9,17 @@ does not know which objective runs. ``task:`` in the run config selects one:
 |------------|-------------------------------------|------------------------------------------------|
 | ``sft``    | :class:`CausalLMObjective`          | token cross-entropy / trained (assistant) tokens |
 | ``pretrain`` | :class:`CausalLMObjective`        | token cross-entropy / all tokens               |
+| ``preference`` | :class:`PreferenceObjective`    | DPO-family loss summed over pairs / pairs      |
 """
 
 from __future__ import annotations
 
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
+from tuneforge.training.objectives.preference import PreferenceObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
+                                          "preference": PreferenceObjective}
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -32,4 +35,5 @@ def get_objective(task: str) -> Objective:
     return OBJECTIVES[task](task)
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "get_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PreferenceObjective", "get_objective",
+           "register_objective"]

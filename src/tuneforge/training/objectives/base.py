@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,19 @@ class Objective:
     def prepare_data(self, config: RunConfig, tokenizer: Any) -> PreparedData:
         """Load, render and tokenize ``config.data`` into train and validation examples (and rejects)."""
         raise NotImplementedError
+
+    def micro_batches(self, examples: Sequence[Any], batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                      start: int = 0) -> Iterator[PackedBatch]:
+        """One epoch of packed micro-batches of ``batch_size`` units (examples; pairs for preference), shuffled by
+        ``(seed, epoch)``, from micro-batch ``start`` on."""
+        from tuneforge.data.packing import micro_batches
+
+        return micro_batches(examples, batch_size, seed, epoch, shuffle, start)
+
+    def before_training(self, model: torch.nn.Module, data: PreparedData, config: RunConfig,
+                        device: torch.device) -> None:
+        """Called once the model is set up, before the first step (and before a resumed run loads its trained
+        weights): e.g. a preference objective's reference log-probabilities. Default: nothing."""
 
     def normaliser(self, batch: PackedBatch) -> float:
         """Units this micro-batch contributes to the step's normaliser, known before any forward."""

@@ -1,0 +1,242 @@
+"""Preference training side by side: TRL's ``DPOTrainer`` vs tuneforge (``task: preference``), same pairs.
+
+Both train LoRA (r=16, alpha=32, dropout 0, all linear layers) with the sigmoid (DPO) loss, beta 0.1, on
+the same model, the same ``--pairs`` pairs a step from the Anthropic HH harmless file, the same max length,
+learning rate, cosine schedule and number of steps, in fp32 on ``--threads`` threads:
+
+* **TRL 1.16** (its own virtualenv, ``benchmarks/throughput/venvs.py``): peft LoRA, reference = the adapter
+  disabled, computed by a second forward at every step (``precompute_ref_log_probs=False``, its default),
+  padded batches (TRL 1.16 turns ``padding_free`` off for DPO).
+* **tuneforge**: the pairs of a step packed into one padding-free row, the LM head only on answer tokens,
+  the reference log-probs precomputed once before training with the adapter disabled. That pass is
+  counted in tuneforge's time (``ref_s``, added to its total).
+
+The data are HH dialogues split at the last ``"\\n\\nAssistant:"`` (tuneforge's split), written once as TRL's
+conversational format (``prompt`` messages, ``chosen`` / ``rejected`` assistant turns) that both read;
+only pairs whose two sides fit ``--max-length`` tokens are used, so neither truncates. Each recipe is
+a child process (``python preference_throughput.py --child {trl,tuneforge} SPEC OUT``); the parent
+prints one row per recipe: pairs/s (whole run, reference pass included), real (non-pad) tokens/s,
+seconds per step, peak resident memory (``VmHWM``), and the loss curve, and writes ``--json``.
+
+    python benchmarks/preference_throughput.py --steps 20 --pairs 4 --max-length 512 --threads 2
+    python benchmarks/preference_throughput.py --model TINY_FOLDER --steps 2 --pairs 2 --max-length 256  # smoke
+
+Do not read timings taken while other processes share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "throughput"))
+import common  # noqa: E402
+import measure  # noqa: E402
+
+HH = HERE.parents[1] / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+# ------------------------------------------------------------------------------------------ data (parent)
+
+
+def write_pairs(model: str, data: Path, n: int, max_length: int, out: Path) -> dict:
+    """The first ``n`` HH pairs whose sides both fit ``max_length`` tokens, as conversational JSONL."""
+    from tuneforge.config import DataConfig
+    from tuneforge.data.formats import RecordError
+    from tuneforge.data.preference import load_pairs, tokenize_pair
+    from tuneforge.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    cfg = DataConfig(train=str(data), max_length=max_length)
+    rows, tokens = [], 0
+    for example, _ in load_pairs(str(data), cfg).examples:
+        try:
+            pair, _ = tokenize_pair(example, tokenizer, cfg)
+        except RecordError:
+            continue
+        rows.append({"prompt": example.prompt, "chosen": [example.chosen], "rejected": [example.rejected]})
+        tokens += len(pair)
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise SystemExit(f"{data}: only {len(rows)} pairs fit max length {max_length}; need {n}")
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"pairs": n, "tokens": tokens}
+
+
+# ------------------------------------------------------------------------------------------ children
+
+
+def run_trl(spec: dict, out_path: str) -> None:
+    """TRL's DPOTrainer (inside TRL's venv)."""
+    measure.set_threads(spec["threads"])
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    kwargs = common.training_args_kwargs(dict(spec, batch=spec["pairs"]))
+    args = DPOConfig(**kwargs, gradient_checkpointing=False, max_length=spec["max_length"], beta=spec["beta"],
+                     loss_type=["sigmoid"], precompute_ref_log_probs=False)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=common.torch_dtype(spec),
+                                                 attn_implementation="sdpa")
+    n_params = measure.count_params(model)
+    log = measure.StepLog()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(common.read_jsonl(spec["pairs_file"])),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                target_modules="all-linear", task_type="CAUSAL_LM"),
+                         callbacks=[measure.trainer_probe(log)])
+    trainer.train()
+    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
+                                                                                               "transformers", "peft"),
+                         ref_s=0.0, notes="DPOTrainer, padded, reference = adapter disabled, a forward per step")
+
+
+def run_tuneforge(spec: dict, out_path: str) -> None:
+    """tuneforge's preference objective (in our venv); the reference pass is timed and counted."""
+    measure.set_threads(spec["threads"])
+    from tuneforge.config import RunConfig
+    from tuneforge.training.trainer import TrainingRecipe
+
+    config = RunConfig.model_validate({
+        "model": spec["model"], "method": "lora", "task": "preference",
+        "output_dir": str(Path(spec["work_dir"]) / "run"), "seed": spec["seed"], "batch_size": spec["pairs"],
+        "max_steps": spec["steps"], "learning_rate": spec["lr"],
+        "lr_scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
+        "data": {"train": spec["pairs_file"], "val_fraction": 0.0, "max_length": spec["max_length"],
+                 "too_long": "truncate"},
+        "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "target_modules": "all-linear"},
+        "preference": {"loss": "sigmoid", "beta": spec["beta"]}, "dtype": spec["dtype"], "device": spec["device"],
+        "threads": spec["threads"], "progress": False, "log_every": 1, "keep_best": False})
+    recipe = TrainingRecipe(config)
+    timed = {"ref_s": 0.0}
+    before = recipe.objective.before_training
+
+    def before_training(*args, **kwargs):
+        started = time.perf_counter()
+        before(*args, **kwargs)
+        timed["ref_s"] = time.perf_counter() - started
+
+    recipe.objective.before_training = before_training  # type: ignore[method-assign]
+    recipe.setup()
+    recipe.fit()
+    result = recipe.finish()
+    log = measure.StepLog()
+    for row in result.metrics:
+        log.steps.append({"step": row["step"], "end_s": row["elapsed_s"], "tokens": row["tokens"],
+                          "trained_tokens": 0, "examples": 2 * row["trained_tokens"], "loss": row["loss"]})
+    measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
+                         measure.versions_of("tuneforge", "torch", "transformers", "peft"), ref_s=timed["ref_s"],
+                         notes="packed pairs, no padding, reference precomputed once (timed in ref_s)")
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def summarize(result: dict) -> dict:
+    """One row: pairs/s over the whole run (reference pass included), real tokens/s, s/step, peak memory."""
+    steps = result["steps"]
+    total_s = steps[-1]["end_s"] + result.get("ref_s", 0.0)
+    pairs = sum(s["examples"] for s in steps) / 2
+    tokens = sum(s["tokens"] for s in steps)
+    return {"recipe": result["recipe"], "versions": result["versions"], "steps": len(steps),
+            "pairs_per_s": round(pairs / total_s, 3), "real_tok_s": round(tokens / total_s, 1),
+            "s_per_step": round(steps[-1]["end_s"] / len(steps), 3), "ref_s": round(result.get("ref_s", 0.0), 2),
+            "total_s": round(total_s, 2), "real_tokens_per_step": round(tokens / len(steps), 1),
+            "peak_mem_mib": round(result["peak_mem_bytes"] / 2 ** 20, 1),
+            "loss_curve": [s["loss"] for s in steps], "notes": result.get("notes", "")}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| recipe | pairs/s | real tok/s | s/step | reference pass s | peak MiB | loss first -> last |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | not run: {r['error']} | | | | | |")
+            continue
+        curve = [x for x in r["loss_curve"] if x is not None]
+        loss = f"{curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "-"
+        lines.append(f"| {r['recipe']} | {r['pairs_per_s']:.3f} | {r['real_tok_s']:.0f} | {r['s_per_step']:.2f} | "
+                     f"{r['ref_s']:.1f} | {r['peak_mem_mib']:.0f} | {loss} |")
+    done = {r["recipe"]: r for r in rows if "error" not in r}
+    if "trl" in done and "tuneforge" in done:
+        t, f = done["trl"], done["tuneforge"]
+        lines.append(f"\ntuneforge vs TRL: pairs/s x{f['pairs_per_s'] / t['pairs_per_s']:.2f}, peak memory "
+                     f"x{f['peak_mem_mib'] / t['peak_mem_mib']:.2f}")
+    return "\n".join(lines)
+
+
+def run_child(python: str, recipe: str, spec: dict, work: Path, timeout: float) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(dict(spec, work_dir=str(work))))
+    cmd = [python, __file__, "--child", recipe, str(work / "spec.json"), str(work / "result.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (work / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"recipe": recipe, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200]}"}
+    return summarize(json.loads((work / "result.json").read_text()))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or local HF folder")
+    p.add_argument("--data", default=str(HH))
+    p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per side (prompt + answer)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default="/tmp/tuneforge-preference-bench")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--with-trl", action=argparse.BooleanOptionalAction, default=True,
+                   help="build TRL's venv (once) and run it")
+    p.add_argument("--timeout", type=float, default=3600)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        recipe, spec_path, out_path = sys.argv[2:5]
+        spec = common.load_spec(spec_path)
+        (run_trl if recipe == "trl" else run_tuneforge)(spec, out_path)
+        return 0
+    args = parse_args(argv)
+    from tuneforge.models.registry import resolve_model
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = str(resolve_model(args.model))
+    pairs_file = work / "pairs.jsonl"
+    info = write_pairs(model, Path(args.data), args.pairs * args.steps, args.max_length, pairs_file)
+    print(f"{info['pairs']} HH pairs ({info['tokens']} tokens, both sides) fitting {args.max_length} tokens a side; "
+          f"{args.pairs} pairs/step x {args.steps} steps, {args.threads} threads", flush=True)
+    spec = {"model": model, "pairs_file": str(pairs_file), "pairs": args.pairs, "steps": args.steps,
+            "max_length": args.max_length, "lr": args.lr, "beta": args.beta, "threads": args.threads,
+            "device": "cpu", "dtype": "fp32", "seed": args.seed}
+    rows = [run_child(sys.executable, "tuneforge", spec, work / "tuneforge", args.timeout)]
+    if args.with_trl:
+        import venvs
+
+        python, versions = venvs.ensure_venv(venvs.TRL)
+        rows.append(run_child(str(python), "trl", spec, work / "trl", args.timeout) if python
+                    else {"recipe": "trl", "error": versions})
+    else:
+        rows.append({"recipe": "trl", "error": "disabled (--no-with-trl)"})
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"spec": spec, "rows": rows}, indent=1))
+    return 0 if all("error" not in r or r["error"].startswith("disabled") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Preference pairs: from ``prompt`` / ``chosen`` / ``rejected`` records to two tokenized sequences each.
+
+Accepted records (field names as in ``data.columns``):
+
+* ``prompt`` + ``chosen`` + ``rejected`` as strings: the prompt is one user turn, each answer one
+  assistant turn; a ``prompt`` that is an HH dialogue (``"\\n\\nHuman: ...\\n\\nAssistant:"``) becomes its turns.
+* ``chosen`` + ``rejected`` as whole Anthropic HH dialogues (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, no
+  ``prompt``): split at the **last** ``"\\n\\nAssistant:"`` of each; the two dialogues must agree on every
+  turn before it. Never at a character-level common prefix ("It is blue" / "It is black" must not give
+  the prompt "It is bl").
+* message lists (UltraFeedback, TRL's conversational format): ``chosen`` / ``rejected`` are whole
+  conversations ending in the assistant reply (they must share every turn but the last), or just the
+  assistant reply with the conversation so far in ``prompt`` (a string or a message list).
+
+Each side is ``prompt + answer`` rendered with the model's chat template through SFT's path
+(:func:`tuneforge.data.rendering.tokenize_example`: no added special tokens, so no doubled BOS; the
+template's end-of-turn token closes the answer, EOS appended only when the template has none), and only
+the final answer's tokens (with its end-of-turn token) are trained: earlier assistant turns of the prompt
+are context. A pair is a :class:`TokenizedPair`: the chosen sequence then the rejected one, with where
+one ends, which packing turns into two examples of one row (``training/objectives/preference.py``).
+
+Pairs that cannot be trained go to rejects, each with one reason: a missing field, chosen == rejected,
+an empty answer, prompts that differ between the two sides, a side over ``data.max_length`` (``drop``),
+or an answer truncated away (``truncate``). No usable pair at all is a :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tuneforge.config import DataConfig
+from tuneforge.data.dataset import DataError, PreparedData
+from tuneforge.data.formats import Example, RecordError, normalise_messages, rename_columns
+from tuneforge.data.loaders import RawRecord, error_check, iter_records
+from tuneforge.data.rejects import Reason, Reject
+from tuneforge.data.rendering import TokenizedExample, tokenize_example
+
+log = logging.getLogger(__name__)
+
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+PREFERENCE_FORMATS = ("preference_text", "hh_dialogue", "preference_messages")
+
+
+@dataclass
+class PreferenceExample:
+    """A normalised pair: the conversation before the answer, and the two answers (assistant turns)."""
+
+    prompt: list[dict[str, str]]
+    chosen: dict[str, str]
+    rejected: dict[str, str]
+    format: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizedPair(TokenizedExample):
+    """The chosen sequence followed by the rejected one (``input_ids[:split]`` and ``input_ids[split:]``), each
+    ``prompt + answer`` on its own; ``trained`` marks each side's answer tokens. ``reference``: the reference
+    model's log-probabilities of the two answers (set before training; None for reference-free losses)."""
+
+    split: int = 0
+    reference: tuple[float, float] | None = None
+
+    @classmethod
+    def of(cls, chosen: TokenizedExample, rejected: TokenizedExample) -> TokenizedPair:
+        return cls(chosen.input_ids + rejected.input_ids, chosen.trained + rejected.trained, len(chosen))
+
+    @property
+    def chosen(self) -> TokenizedExample:
+        return TokenizedExample(self.input_ids[:self.split], self.trained[:self.split])
+
+    @property
+    def rejected(self) -> TokenizedExample:
+        return TokenizedExample(self.input_ids[self.split:], self.trained[self.split:])
+
+
+# ------------------------------------------------------------------------------------------ normalising
+
+
+def hh_turns(text: str) -> list[dict[str, str]]:
+    """An HH dialogue (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) as chat messages (user / assistant)."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise RecordError(f"text before the first '\\n\\nHuman:' turn: {parts[0].strip()[:40]!r}", "turn_order")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[speaker], "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen answer, rejected answer) of two whole HH dialogues, split at the last
+    ``"\\n\\nAssistant:"`` of each (never at their common character prefix)."""
+    c_at, r_at = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if c_at < 0 or r_at < 0:
+        side = "chosen" if c_at < 0 else "rejected"
+        raise RecordError(f"'{side}' has no '\\n\\nAssistant:' turn", "turn_order")
+    if chosen[:c_at] != rejected[:r_at]:
+        raise RecordError("'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn: not one prompt "
+                          "with two answers", "prompt_mismatch")
+    prompt = hh_turns(chosen[:c_at])
+    if not prompt:
+        raise RecordError("nothing before the last '\\n\\nAssistant:' turn: the pair has no prompt", "missing_field")
+    return prompt, chosen[c_at + len(HH_ASSISTANT):].strip(), rejected[r_at + len(HH_ASSISTANT):].strip()
+
+
+def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    if isinstance(prompt, list):
+        return normalise_messages(prompt)
+    if not isinstance(prompt, str):
+        raise RecordError(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}",
+                          "wrong_type")
+    if prompt.startswith("\n\nHuman:"):                      # an HH prompt, e.g. "\n\nHuman: hi\n\nAssistant:"
+        text = prompt.rstrip()
+        return hh_turns(text[:-len(HH_ASSISTANT)] if text.endswith(HH_ASSISTANT) else text)
+    if not prompt.strip():
+        raise RecordError("field 'prompt' is empty", "empty_turn")
+    return [{"role": "user", "content": prompt}]
+
+
+def to_preference(record: dict[str, Any], system_prompt: str | None = None) -> PreferenceExample:
+    """Normalise one (column-renamed) record; raise :class:`RecordError` naming what is wrong."""
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise RecordError(f"missing field '{key}'", "missing_field")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            if HH_ASSISTANT not in chosen:
+                raise RecordError("no 'prompt' field, and 'chosen' is not an HH dialogue ('\\n\\nHuman: ...\\n\\n"
+                                  "Assistant: ...'): add the prompt", "missing_field")
+            messages, chosen_text, rejected_text = split_hh(chosen, rejected)
+            fmt = "hh_dialogue"
+        else:
+            messages, chosen_text, rejected_text, fmt = _prompt_messages(prompt), chosen, rejected, "preference_text"
+        chosen_turn = {"role": "assistant", "content": chosen_text}
+        rejected_turn = {"role": "assistant", "content": rejected_text}
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        c_msgs, r_msgs = normalise_messages(chosen), normalise_messages(rejected)
+        for side, msgs in (("chosen", c_msgs), ("rejected", r_msgs)):
+            if msgs[-1]["role"] != "assistant":
+                raise RecordError(f"'{side}' must end with the assistant's answer", "turn_order")
+        if all(m["role"] == "assistant" for m in c_msgs + r_msgs) and len(c_msgs) == len(r_msgs) == 1:
+            if prompt is None:
+                raise RecordError("'chosen' and 'rejected' hold only the answers: add the conversation before "
+                                  "them as 'prompt'", "missing_field")
+            messages = _prompt_messages(prompt)
+        else:
+            if c_msgs[:-1] != r_msgs[:-1]:
+                raise RecordError("'chosen' and 'rejected' differ before their last turn: not one prompt with two "
+                                  "answers", "prompt_mismatch")
+            messages = c_msgs[:-1]
+            if prompt is not None and not messages:
+                messages = _prompt_messages(prompt)
+        chosen_turn, rejected_turn, fmt = c_msgs[-1], r_msgs[-1], "preference_messages"
+    else:
+        raise RecordError("'chosen' and 'rejected' must both be strings or both be message lists, got "
+                          f"{type(chosen).__name__} and {type(rejected).__name__}", "wrong_type")
+    if not messages:
+        raise RecordError("the pair has no prompt", "missing_field")
+    if messages[-1]["role"] == "assistant":
+        raise RecordError("the prompt ends with an assistant turn: the answer must follow a user turn", "turn_order")
+    for side, turn in (("chosen", chosen_turn), ("rejected", rejected_turn)):
+        if not turn["content"].strip():
+            raise RecordError(f"the '{side}' answer is empty", "empty_answer")
+    if chosen_turn["content"] == rejected_turn["content"]:
+        raise RecordError("'chosen' and 'rejected' answers are identical: the pair teaches nothing", "identical_pair")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return PreferenceExample(messages, chosen_turn, rejected_turn, fmt)
+
+
+# ------------------------------------------------------------------------------------------ tokenizing
+
+
+def last_answer_only(tok: TokenizedExample) -> TokenizedExample:
+    """Keep only the last run of trained tokens (the final answer and its end-of-turn token): SFT's rendering
+    trains every assistant turn, a preference pair compares the final answers only."""
+    trained = list(tok.trained)
+    last = max((j for j, t in enumerate(trained) if t), default=-1)
+    start = last
+    while start > 0 and trained[start - 1]:
+        start -= 1
+    return TokenizedExample(tok.input_ids, [start <= j <= last for j in range(len(trained))])
+
+
+def tokenize_side(prompt: list[dict[str, str]], answer: dict[str, str],
+                  tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
+    """``prompt + answer`` through SFT's rendering, only the answer trained."""
+    return last_answer_only(tokenize_example(Example(messages=prompt + [answer]), tokenizer, "assistant"))
+
+
+def _fit(tok: TokenizedExample, side: str, cfg: DataConfig) -> tuple[TokenizedExample, bool]:
+    """``tok`` within ``cfg.max_length`` (``data.too_long``), and whether it was truncated."""
+    if len(tok) <= cfg.max_length:
+        return tok, False
+    if cfg.too_long == "drop":
+        raise RecordError(f"the {side} side is {len(tok)} tokens > data.max_length {cfg.max_length}", "too_long")
+    if cfg.too_long == "error":
+        raise DataError(f"the {side} side is {len(tok)} tokens > data.max_length={cfg.max_length}; raise max_length "
+                        "or set data.too_long to drop/truncate")
+    cut = TokenizedExample(tok.input_ids[:cfg.max_length], tok.trained[:cfg.max_length])
+    if cut.num_trained == 0:
+        raise RecordError(f"the {side} answer is truncated away by data.max_length {cfg.max_length} (the prompt alone "
+                          f"is {len(tok) - tok.num_trained} tokens)", "no_trained_tokens")
+    return cut, True
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase,
+                  cfg: DataConfig) -> tuple[TokenizedPair, bool]:
+    """Both sides of ``example``, each fitted to ``cfg.max_length``, and whether one was truncated; raises
+    :class:`RecordError` for an unusable pair."""
+    sides, truncated = [], False
+    for side, answer in (("chosen", example.chosen), ("rejected", example.rejected)):
+        tok = tokenize_side(example.prompt, answer, tokenizer)
+        if tok.num_trained == 0:
+            raise RecordError(f"the {side} answer has no tokens after the chat template", "empty_answer")
+        tok, cut = _fit(tok, side, cfg)
+        sides.append(tok)
+        truncated = truncated or cut
+    return TokenizedPair.of(*sides), truncated
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+@dataclass
+class LoadedPairs:
+    examples: list[tuple[PreferenceExample, RawRecord]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+
+
+def load_pairs(path: str, cfg: DataConfig) -> LoadedPairs:
+    """Read and normalise every record of ``path``; unusable ones become rejects naming file, line and reason."""
+    out = LoadedPairs()
+    for rec in iter_records(path):
+        if rec.data is None:
+            error = rec.error or "unreadable"
+            out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
+            continue
+        try:
+            example = to_preference(rename_columns(rec.data, cfg.columns), cfg.system_prompt)
+        except RecordError as e:
+            out.rejects.append(Reject.of(rec, [(e.check, str(e))]))
+            continue
+        example.meta["where"] = rec.where
+        out.examples.append((example, rec))
+        out.formats[example.format] = out.formats.get(example.format, 0) + 1
+    return out
+
+
+def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer: PreTrainedTokenizerBase,
+                   cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedPair], int]:
+    """(pairs, how many were truncated); unusable pairs go to ``rejects``."""
+    out, truncated = [], 0
+    for example, raw in loaded:
+        try:
+            pair, cut = tokenize_pair(example, tokenizer, cfg)
+        except RecordError as e:
+            rejects.append(Reject.of(raw, [(e.check, str(e))]))
+            continue
+        truncated += cut
+        out.append(pair)
+    return out, truncated
+
+
+PREFERENCE_RENDER_VERSION = 1  # bump when rendering or the cached payload changes
+
+
+def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                  use_cache: bool = True) -> PreparedData:
+    """Train and validation pairs of a run (validation: ``cfg.validation``, or ``cfg.val_fraction`` split off with
+    ``seed``), cached by content hash like SFT data. Raises :class:`DataError` when no pair is usable."""
+    from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
+    from tuneforge.fileutil import file_sha256
+
+    key = {"render_version": PREFERENCE_RENDER_VERSION, "task": "preference", "seed": seed,
+           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}), "train": file_sha256(cfg.train),
+           "validation": file_sha256(cfg.validation) if cfg.validation else None,
+           "tokenizer": tokenizer_fingerprint(tokenizer)}
+    payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
+    return _from_payload(payload)
+
+
+def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    train_file = load_pairs(cfg.train, cfg)
+    rejects = list(train_file.rejects)
+    if cfg.validation:
+        val_file = load_pairs(cfg.validation, cfg)
+        rejects += val_file.rejects
+        train_examples, val_examples = train_file.examples, val_file.examples
+    elif cfg.val_fraction > 0 and len(train_file.examples) >= 2:
+        order = list(range(len(train_file.examples)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(len(order) * cfg.val_fraction))
+        cap = getattr(cfg, "val_max_examples", None)           # as SFT's split: at most this many held out
+        held_out = set(order[:n_val if cap is None else min(n_val, cap)])
+        train_examples = [e for i, e in enumerate(train_file.examples) if i not in held_out]
+        val_examples = [e for i, e in enumerate(train_file.examples) if i in held_out]
+    else:
+        train_examples, val_examples = train_file.examples, []
+    train, truncated = tokenize_pairs(train_examples, tokenizer, cfg, rejects)
+    validation, truncated_val = tokenize_pairs(val_examples, tokenizer, cfg, rejects)
+    if not train:
+        first = rejects[0] if rejects else None
+        hint = f"; first problem: {first.source}:{first.line}: {first.reason}" if first else ""
+        raise DataError(f"{cfg.train}: no usable preference pairs ({len(rejects)} rejected, all listed in "
+                        f"rejects.jsonl){hint}")
+    if rejects:
+        log.warning("%d preference records rejected (first: %s:%s: %s); all are listed in rejects.jsonl",
+                    len(rejects), rejects[0].source, rejects[0].line, rejects[0].reason)
+    return PreparedData(list(train), list(validation), rejects, train_file.formats, truncated + truncated_val)
+
+
+def _payload(data: PreparedData) -> dict:
+    payload = data.to_payload()
+    for part in ("train", "validation"):
+        payload[f"{part}_split"] = [p.split for p in getattr(data, part) if isinstance(p, TokenizedPair)]
+    return payload
+
+
+def _from_payload(payload: dict) -> PreparedData:
+    data = PreparedData.from_payload(payload)
+    for part in ("train", "validation"):
+        pairs = [TokenizedPair(e.input_ids, e.trained, split)
+                 for e, split in zip(getattr(data, part), payload[f"{part}_split"], strict=True)]
+        setattr(data, part, pairs)
+    return data
+
+
+# ------------------------------------------------------------------------------------------ preview
+
+
+def preview_pairs(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,
+                  color: bool = True) -> str:
+    """The first ``n`` pairs as the model sees them: the prompt, then each side with its trained tokens marked."""
+    from tuneforge.data.preview import mark_trained
+
+    cfg = cfg or DataConfig(train=file)
+    loaded = load_pairs(file, cfg)
+    blocks = []
+    for example, raw in loaded.examples[:n]:
+        try:
+            pair, _ = tokenize_pair(example, tokenizer, cfg)
+        except RecordError as e:
+            loaded.rejects.append(Reject(raw.source, raw.line, [Reason(e.check, str(e))], raw.data))
+            continue
+        chosen, rejected = pair.chosen, pair.rejected
+        first = chosen.trained.index(True)
+        blocks.append(f"--- {example.meta['where']}  ({example.format}; prompt {first} tokens, chosen "
+                      f"{chosen.num_trained} trained, rejected {rejected.num_trained} trained)\n"
+                      f"[prompt]\n{tokenizer.decode(chosen.input_ids[:first])}\n"
+                      f"[chosen]\n{mark_trained(_answer_part(chosen), tokenizer, color)}\n"
+                      f"[rejected]\n{mark_trained(_answer_part(rejected), tokenizer, color)}")
+    summary = (f"{len(loaded.examples)} usable pairs ({', '.join(f'{k}: {v}' for k, v in loaded.formats.items())}), "
+               f"{len(loaded.rejects)} rejected; trained tokens shown as [[...]]")
+    if loaded.rejects:
+        r = loaded.rejects[0]
+        summary += f"\nfirst rejected: {r.source}:{r.line}: {r.reason}"
+    return "\n\n".join(blocks + [summary])
+
+
+def _answer_part(tok: TokenizedExample) -> TokenizedExample:
+    first = tok.trained.index(True)
+    return TokenizedExample(tok.input_ids[first:], tok.trained[first:])
+
+
+def is_preference_file(path: str, columns: dict[str, str] | None = None) -> bool:
+    """Whether the first readable record of ``path`` is a chosen/rejected pair."""
+    for rec in iter_records(path):
+        if rec.data is not None:
+            data = rename_columns(rec.data, columns)
+            return "chosen" in data and "rejected" in data
+    return False
