@@ -33,4 +33,12 @@ def generate(run_dir: str, prompt: str, **kwargs) -> str:
     return load_run(run_dir).generate(prompt, **kwargs)
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "train", "generate", "__version__"]
+def evaluate(run_dir: str, **kwargs):
+    """Evaluate a finished run (base, few-shot, RAG, tuned columns, failures, forgetting); write its report
+    to ``run_dir/eval/``. See :func:`tuneforge.evaluation.api.evaluate` for the arguments."""
+    from tuneforge.evaluation.api import evaluate as _evaluate
+
+    return _evaluate(run_dir, **kwargs)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "train", "generate", "evaluate", "__version__"]

@@ -1,7 +1,8 @@
 """The quickstart: fine-tune SmolLM2-135M-Instruct with LoRA to route support tickets, then show it worked.
 
-Steps: score the base model on the held-out test split, train with the quickstart config, score the
-tuned model, print a table and write ``eval.json`` next to the run.
+Steps: train with the quickstart config, then ``tuneforge eval`` the run (base, few-shot, RAG and tuned
+columns on the held-out test split and on hand-written tickets), print the tables; the report is in
+``<run>/eval/`` and ``eval.json`` (base vs tuned predictions) next to the run.
 
 The config and its ticket data ship inside the package (``tuneforge/recipes/quickstart.yaml`` and
 ``tuneforge/recipes/data/``; a clone's ``examples/`` links there), so the quickstart runs the same after
@@ -54,26 +55,61 @@ def printable_config(config_path: str | Path | None = None) -> str:
     return text
 
 
+QUICKSTART_COLUMNS = ["base", "fewshot", "rag", "tuned"]
+
+
 def run_quickstart(config_path: str | Path | None = None, overrides: list[str] | None = None) -> str:
-    """Score the base model, train, score the tuned model; return the table (also printed).
+    """Train, then evaluate base, few-shot, RAG and tuned side by side; return the tables (also printed).
 
     ``config_path``: a run config; default: the one shipped with tuneforge (:func:`quickstart_config`).
-    ``overrides``: ``key=value`` strings as for ``--set``, e.g. ``["max_steps=2"]``.
+    ``overrides``: ``key=value`` strings as for ``--set``, e.g. ``["max_steps=2"]``. The evaluation scores the
+    generated test split and, reported apart, the hand-written tickets (``data/tickets_handwritten.jsonl``,
+    phrasings the generator never produces); the rag column retrieves from one page per queue
+    (``data/tickets_docs.jsonl``). ``--set eval.forgetting.enabled=true --set eval.forgetting.data=MMLU_DIR``
+    adds the forgetting check. The report lands in ``<run>/eval/``.
     """
-    from tuneforge.evaluation.compare import compare_base_and_run, format_table, heldout_conversations, score
-    from tuneforge.serving.inference import load_base
+    from tuneforge.evaluation.api import evaluate
     from tuneforge.training.trainer import train
 
     config = load_config(config_path if config_path else quickstart_config(), overrides)
-    conversations = heldout_conversations(config, config.eval_task.file)
-    print(f"[1/3] scoring the base model on {len(conversations)} held-out tickets")
-    base = score("base", load_base(config.model, config.dtype, config.device), config, conversations)
-    print(f"[2/3] training {config.method} on {config.data.train}")
+    data = quickstart_config().parent / "data"
+    print(f"[1/2] training {config.method} on {config.data.train}")
     result = train(config)
-    print(f"[3/3] scoring the tuned model (run: {result.run_dir}, {result.steps} steps, {result.wall_time_s:.0f} s)")
-    scores = compare_base_and_run(config, result.run_dir, base_score=base)
-    table = format_table(scores, len(conversations))
+    print(f"[2/2] evaluating base, few-shot, RAG and tuned (run: {result.run_dir}, {result.steps} steps, "
+          f"{result.wall_time_s:.0f} s)")
+    settings = config.eval
+    max_examples = config.eval_task.max_examples if config.eval_task else None
+    report = evaluate(result.run_dir, columns=None if settings and "eval.columns" in " ".join(overrides or [])
+                      else QUICKSTART_COLUMNS,
+                      docs=(settings.docs if settings and settings.docs else str(data / "tickets_docs.jsonl")),
+                      extra=(settings.extra if settings and settings.extra
+                             else {"handwritten": str(data / "tickets_handwritten.jsonl")}),
+                      max_examples=(settings.max_examples if settings and settings.max_examples else max_examples),
+                      progress=config.progress)
+    tables = []
+    for name, entry in report.report["sets"].items():
+        tables.append(f"{name}: {entry['n']} tickets ({Path(entry['file']).name})\n{report.table(name)}")
+    table = "\n\n".join(tables)
     print(table)
-    print(f"run directory: {result.run_dir}  (loss curve: {result.run_dir / 'loss_curve.png'}, "
-          f"predictions: {result.run_dir / 'eval.json'})")
+    write_legacy_eval_json(report.report, result.run_dir / "eval.json")
+    print(f"run directory: {result.run_dir}  (report: {report.out_dir / 'report.html'}, loss curve: "
+          f"{result.run_dir / 'loss_curve.png'})")
     return table
+
+
+def write_legacy_eval_json(report: dict, path: Path) -> None:
+    """``eval.json``: base vs tuned on the test split, one score row each and every prediction."""
+    import json
+
+    test = report["sets"]["test"]
+    main = report["main_metric"]
+    loss = {name: v["loss"]["value"] for name, v in test["loss"].items()}
+    scores = [{"name": name, "accuracy": col["metrics"][main]["value"],
+               "valid_format": col["metrics"].get("valid_label", {}).get("value"),
+               "loss": loss["tuned" if name.startswith("tuned") else "base"]}
+              for name, col in test["columns"].items()]
+    predictions = {name: [{"reference": r, "answer": a, "correct": c is None}
+                          for r, a, c in zip(test["references"], col["answers"], col["categories"], strict=True)]
+                   for name, col in test["columns"].items()}
+    path.write_text(json.dumps({"test_file": test["file"], "n": test["n"], "metric": main, "scores": scores,
+                                "predictions": predictions, "report": "eval/report.json"}, indent=2))

@@ -1,0 +1,55 @@
+"""The prompts of each evaluation column, built from the same test conversations.
+
+* ``base`` / ``tuned``: the conversation as it is (system prompt and user turn, the model's chat template).
+* ``fewshot``: ``k`` training examples (chosen with ``random.Random(seed)``, the same for every prompt)
+  inserted as earlier user/assistant turns after the system prompt: what prompting alone achieves.
+* ``rag`` / ``tuned+rag``: the top-k BM25 passages of the docs folder for the last user turn, prepended
+  to that turn as ``Context:`` lines.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tuneforge.evaluation.retrieval import Retriever
+
+COLUMNS = ("base", "fewshot", "rag", "tuned", "tuned+rag")
+BASE_COLUMNS = ("base", "fewshot", "rag")     # computed by the base model
+
+
+def check_columns(columns: list[str]) -> list[str]:
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}; choose from {', '.join(COLUMNS)}")
+    return list(dict.fromkeys(columns))
+
+
+def fewshot_examples(train: list[list[dict]], k: int, seed: int) -> list[list[dict]]:
+    """``k`` conversations of ``train`` chosen reproducibly (without replacement)."""
+    return random.Random(seed).sample(train, min(k, len(train)))
+
+
+def with_fewshot(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
+    system = [m for m in conversation[:1] if m["role"] == "system"]
+    turns = []
+    for shot in shots:
+        turns += [m for m in shot if m["role"] in ("user", "assistant")]
+    return system + turns + conversation[len(system):]
+
+
+def with_context(conversation: list[dict], passages: list[str]) -> list[dict]:
+    last = conversation[-1]
+    context = "\n".join(f"- {p}" for p in passages)
+    return conversation[:-1] + [{**last, "content": f"Context:\n{context}\n\n{last['content']}"}]
+
+
+def build_prompts(column: str, prompts: list[list[dict]], shots: list[list[dict]] | None = None,
+                  retriever: Retriever | None = None, rag_k: int = 2) -> list[list[dict]]:
+    """The prompts of ``column`` for ``prompts`` (conversations ending with a user turn)."""
+    if column in ("base", "tuned"):
+        return prompts
+    if column == "fewshot":
+        return [with_fewshot(p, shots or []) for p in prompts]
+    if retriever is None:
+        raise ValueError(f"column {column!r} needs a docs folder (--docs DIR or eval.docs)")
+    return [with_context(p, [x.text for x in retriever.top(p[-1]["content"], rag_k)]) for p in prompts]

@@ -1,0 +1,151 @@
+"""Forgetting: MMLU as a cloze task, and perplexity on general text, before and after tuning.
+
+**MMLU cloze.** Each question is scored the way lm-evaluation-harness's ``mmlu_continuation`` task scores
+it: context ``"The following are questions (with answers) about {subject}.\\n\\nQuestion: {q}\\nAnswer:"``,
+continuation ``" " + choice``; the prediction is the choice with the highest summed log-likelihood
+(``acc``), or per byte of the choice (``acc_norm``). A 135M model is at chance on the letter format, not
+on this one. The context's tokens are computed once per question: one forward of the context fills a
+KV cache that the four continuations (a batch of 4) then extend, so the question costs one context pass
+plus one short batch, not four full sequences. Methods whose forward adds virtual tokens (prefix, prompt
+tuning) are scored on packed rows of the four full sequences instead (same numbers, tested).
+
+The data is the original release's CSVs (question, four choices, answer letter) in ``<folder>/test/``
+(or ``val``/``dev``), never copied into tuneforge: point ``--forgetting-data`` at a copy. By default a
+fixed stratified subset (``per_subject`` questions of each subject, chosen with seed 0) is scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tuneforge.data.packing import pack
+from tuneforge.data.rendering import TokenizedExample
+from tuneforge.training.loss import packed_example_loss_sums
+
+LETTERS = "ABCD"
+
+
+class ForgettingDataError(ValueError):
+    """The MMLU folder is missing or unreadable; the message names it."""
+
+
+@dataclass
+class Question:
+    subject: str
+    question: str
+    choices: list[str]
+    answer: int
+
+    @property
+    def context(self) -> str:
+        subject = self.subject.replace("_", " ")
+        return (f"The following are questions (with answers) about {subject}.\n\n"
+                f"Question: {self.question.strip()}\nAnswer:")
+
+
+def load_mmlu(folder: str | Path, split: str = "test", per_subject: int | None = 10, seed: int = 0
+              ) -> list[Question]:
+    """Questions of every subject in ``folder/<split>/*_<split>.csv``; ``per_subject=None``: all of them."""
+    root = Path(folder)
+    files_dir = root / split if (root / split).is_dir() else root
+    files = sorted(files_dir.glob(f"*_{split}.csv"))
+    if not files:
+        raise ForgettingDataError(f"--forgetting-data {root}: no MMLU files (*_{split}.csv) in {files_dir}; point it "
+                                  "at a folder holding the original release's test/ CSVs")
+    out: list[Question] = []
+    for path in files:
+        subject = path.name[: -len(f"_{split}.csv")]
+        rows = []
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if len(row) != 6 or row[5].strip() not in LETTERS:
+                    raise ForgettingDataError(f"{path}:{line}: expected question, 4 choices and an answer letter")
+                rows.append(Question(subject, row[0], row[1:5], LETTERS.index(row[5].strip())))
+        if per_subject is not None and len(rows) > per_subject:
+            keep = sorted(random.Random(f"{seed}:{subject}").sample(range(len(rows)), per_subject))
+            rows = [rows[i] for i in keep]
+        out.extend(rows)
+    return out
+
+
+def split_tokens(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: encode context + continuation whole, the context's tokens are its prefix."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return whole[:len(ctx)], whole[len(ctx):]
+
+
+@torch.no_grad()
+def _logliks_cached(model: torch.nn.Module, ctx: list[int], conts: list[list[int]], device: torch.device
+                    ) -> list[float]:
+    out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = [float(first[c[0]]) for c in conts]
+    longest = max(len(c) for c in conts)
+    if longest == 1:
+        return scores
+    # transformers 5.24 renamed the KV-cache argument and output (past_key_values -> cache)
+    cache_arg = "cache" if "cache" in out.keys() else "past_key_values"
+    cache = out[cache_arg]
+    cache.batch_repeat_interleave(len(conts))
+    # right-padded continuations: a real token never attends to the padding after it (causal), so no mask
+    width = longest - 1
+    inputs = torch.tensor([c[:-1] + [c[-1]] * (width - len(c) + 1) for c in conts], device=device)
+    positions = torch.arange(len(ctx), len(ctx) + width, device=device).expand(len(conts), -1)
+    logits = model(input_ids=inputs, position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for i, c in enumerate(conts):
+        if len(c) == 1:
+            continue
+        targets = torch.tensor(c[1:], dtype=torch.long, device=device)
+        scores[i] += float(logp[i, torch.arange(len(c) - 1, device=device), targets].sum())
+    return scores
+
+
+@torch.no_grad()
+def _logliks_packed(model: torch.nn.Module, ctx: list[int], conts: list[list[int]], method: str,
+                    device: torch.device) -> list[float]:
+    examples = [TokenizedExample(ctx + c, [False] * len(ctx) + [True] * len(c)) for c in conts]
+    return [-x for x in packed_example_loss_sums(model, pack(examples).to(device), method).tolist()]
+
+
+def choice_logliks(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, question: Question,
+                   method: str = "base", share_prefix: bool = True) -> list[float]:
+    """Summed log-likelihood of each choice's text after the question's context."""
+    device = next(model.parameters()).device
+    pieces = [split_tokens(tokenizer, question.context, " " + c.strip()) for c in question.choices]
+    ctx = pieces[0][0]
+    conts = [p[1] if p[0] == ctx else (p[0] + p[1])[len(ctx):] for p in pieces]
+    if share_prefix:
+        return _logliks_cached(model, ctx, conts, device)
+    return _logliks_packed(model, ctx, conts, method, device)
+
+
+def score_mmlu(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[Question],
+               method: str = "base", share_prefix: bool = True, progress: Callable[[int], None] | None = None
+               ) -> dict[str, list]:
+    """Per question: ``correct`` (acc), ``correct_norm`` (acc_norm, per byte) and ``subject``."""
+    model.eval()
+    correct, correct_norm = [], []
+    for q in questions:
+        ll = choice_logliks(model, tokenizer, q, method, share_prefix)
+        norm = [x / max(len((" " + c.strip()).encode()), 1) for x, c in zip(ll, q.choices, strict=True)]
+        correct.append(float(max(range(4), key=lambda i: ll[i]) == q.answer))
+        correct_norm.append(float(max(range(4), key=lambda i: norm[i]) == q.answer))
+        if progress:
+            progress(1)
+    return {"correct": correct, "correct_norm": correct_norm, "subject": [q.subject for q in questions]}
+
+
+def general_text_path() -> Path:
+    """The general text shipped with tuneforge for the perplexity check: 16 short encyclopedic paragraphs
+    written for the project (``recipes/data/general_text.jsonl``, text records), so it ships with no licence
+    question."""
+    return Path(__file__).parent.parent / "recipes" / "data" / "general_text.jsonl"
