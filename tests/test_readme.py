@@ -21,12 +21,17 @@ def test_support_matrix_merge_column_matches_the_code():
     from tuneforge.methods import mergeable_methods, not_mergeable_methods
 
     readme = ROOT.joinpath("README.md").read_text()
-    rows = [line for line in readme.splitlines() if line.startswith("| `") and "generate" not in line]
+    lines = readme.splitlines()
+    header = next(line for line in lines if line.startswith("| `method:` |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    at = columns.index("merge")
+    table = lines[lines.index(header) + 2:]
+    rows = table[:next(i for i, line in enumerate(table) if not line.startswith("|"))]
     merge = {}
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        if len(cells) == 7:
-            merge[cells[0].split("`")[1]] = cells[4]
+        assert len(cells) == len(columns), row
+        merge[cells[0].split("`")[1]] = cells[at]
     assert set(merge) == {"full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3"}
     for method in mergeable_methods():
         assert merge[method].startswith("✔"), method

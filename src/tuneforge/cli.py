@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -19,7 +20,21 @@ def cmd_train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.training.trainer import TrainingFailed, TrainingInterrupted, train
 
-    config = load_config(args.config, args.set)
+    if args.data:
+        if args.config:
+            overrides = [f"data.train={args.data}", f"data.validation={args.validation or 'null'}", *args.set]
+            config = load_config(args.config, overrides)
+        else:
+            from tuneforge.own_data import own_data_config
+
+            config = own_data_config(args.data, args.set, validation=args.validation)
+    elif args.config:
+        validation = [f"data.validation={args.validation}"] if args.validation else []
+        config = load_config(args.config, args.set + validation)
+    else:
+        print("error: give a run config (tuneforge train my.yaml) or your data (tuneforge train --data my.jsonl); "
+              "`tuneforge init my.jsonl` writes a config to edit", file=sys.stderr)
+        return 2
     try:
         result = train(config, resume=args.resume)
     except TrainingInterrupted as e:
@@ -30,6 +45,14 @@ def cmd_train(args) -> int:
         return 1
     print(f"run directory: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}"
           + (f"  best eval loss: {result.best_eval_loss:.4f} (step {result.best_step})" if result.best_step else ""))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from tuneforge.own_data import write_init_config
+
+    out, task = write_init_config(args.data, args.out or f"{Path(args.data).stem}.yaml", force=args.force)
+    print(f"wrote {out} (task: {task}); read it, then: tuneforge train {out}")
     return 0
 
 
@@ -92,6 +115,11 @@ def cmd_plan(args) -> int:
     from tuneforge.estimate.plan import parse_memory, plan_for_config
 
     config = load_config(args.config, args.set)
+    if args.accelerate_config:
+        from tuneforge.estimate.distributed_plan import plan_distributed, read_accelerate_config
+
+        print(plan_distributed(config, read_accelerate_config(args.accelerate_config)).table())
+        return 0
     try:
         budget = parse_memory(args.memory) if args.memory else None
     except ValueError as e:
@@ -110,20 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.curation.commands import add_curation_commands
     from tuneforge.data.formats import SFT_FORMATS
     from tuneforge.estimate.commands import add_estimate_command
-    from tuneforge.export.commands import add_merge_command
+    from tuneforge.evaluation.commands import add_eval_commands
+    from tuneforge.export.commands import add_export_command, add_merge_command, add_package_command
     from tuneforge.models.registry import DEFAULT_MODEL
+    from tuneforge.serving.commands import add_serve_command
 
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model from a YAML run config")
-    t.add_argument("config", help="run config (YAML), e.g. examples/quickstart.yaml")
+    t = sub.add_parser("train", help="train a model from a YAML run config, or on your data with the defaults")
+    t.add_argument("config", nargs="?", help="run config (YAML), e.g. examples/quickstart.yaml")
+    t.add_argument("--data", help="your training file: without a config, trains with the defaults `tuneforge init` "
+                                  "writes; with one, replaces data.train and its validation file")
+    t.add_argument("--validation", help="held-out records of the same task (default with --data: split off it)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; dotted keys reach nested ones (data.train=FILE)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its last checkpoint (same config and data)")
     t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("init", help="write a commented run config for your data file, with the defaults")
+    i.add_argument("data", help="your training file (.jsonl, .json, .csv, .parquet)")
+    i.add_argument("--out", help="config to write (default: <data file name>.yaml in the current folder)")
+    i.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    i.set_defaults(func=cmd_init)
 
     q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")
     q.add_argument("--config", default=None, help="run config (default: the quickstart config shipped with tuneforge)")
@@ -158,12 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
     add_merge_command(sub)
+    add_package_command(sub)
+    add_export_command(sub)
     add_estimate_command(sub)
+    add_eval_commands(sub)
+    add_serve_command(sub)
     pl = sub.add_parser("plan", help="fit a run config to a memory budget (micro-batch, accumulation, "
                                      "checkpointing, QLoRA) with the estimator")
     pl.add_argument("config", help="run config (YAML)")
     pl.add_argument("--memory", help="budget, e.g. 8GB (default: memory_budget, else the GPU's memory or half the RAM)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--accelerate-config", metavar="FILE",
+                    help="dry run of a multi-device launch with this accelerate config: engine, world size, "
+                         "per-device micro-batch, global batch and memory per device (no GPU needed)")
     pl.set_defaults(func=cmd_plan)
     return p
 
@@ -171,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import ConfigError
     from tuneforge.data.dataset import DataError
+    from tuneforge.export.package import BaseModelMismatch
     from tuneforge.models.registry import ModelNotFoundError
 
     parser = build_parser()
@@ -181,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError, BaseModelMismatch) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tuneforge.data.formats import SftFormat
+from tuneforge.evaluation.settings import EvalSettings
 from tuneforge.models.registry import DEFAULT_MODEL
 from tuneforge.schema import Settings
 
@@ -30,7 +31,10 @@ class ConfigError(ValueError):
 class DataConfig(Settings):
     train: str
     validation: str | None = None
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training file held out for validation "
+                                "when data.validation is not set")
+    val_max_examples: int | None = Field(200, ge=1, description="at most this many examples are held out by "
+                                         "val_fraction (None: no cap)")
     format: Literal["auto"] | SftFormat = "auto"
     columns: dict[str, str] = {}
     system_prompt: str | None = None
@@ -54,6 +58,20 @@ class EvalTask(Settings):
     labels: list[str] | None = None  # when set, an answer outside these counts as invalid format
 
 
+class PreferenceConfig(Settings):
+    """``preference:``: how ``task: preference`` trains on chosen/rejected pairs (see
+    :mod:`tuneforge.training.preference_losses` for each loss's formula)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge, robust (label smoothing); simpo and orpo need no reference")
+    beta: float = Field(0.1, gt=0, description="DPO's beta (IPO's tau, SimPO's beta, ORPO's lambda)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust and simpo: assumed share of flipped labels")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma")
+    sft_weight: float | None = Field(None, ge=0, description="weight of the chosen answer's mean token NLL added "
+                                                            "to each pair's loss; default 1 for orpo, else 0")
+    reference: Literal["precomputed", "on_the_fly"] = Field(
+        "precomputed", description="reference log-probs: one no-grad pass before training, or a forward per step")
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -64,11 +82,12 @@ class RunConfig(Settings):
 
     model: str = DEFAULT_MODEL
     method: str = "lora"
-    task: Literal["sft", "pretrain"] = "sft"
+    task: Literal["sft", "pretrain", "preference"] = "sft"
     output_dir: str = "runs/run"
     seed: int = 42
 
     data: DataConfig
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     # optimisation
     learning_rate: float = Field(2e-4, gt=0)
@@ -89,6 +108,11 @@ class RunConfig(Settings):
 
     # evaluation and checkpoints
     eval_every: int | None = Field(None, ge=1, description="steps between validation passes; default: 5 a run")
+    eval_share: float | None = Field(
+        0.1, gt=0, le=1, description="validation passes cost at most about this share of the training compute: a "
+        "larger validation set is evaluated on a fixed seeded subset that fits (at least 32 examples); None: all")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per forward-only validation micro-batch; "
+                                                                "default 4 x batch_size")
     save_every: int | None = Field(None, ge=1)
     keep_best: bool = True
     early_stopping_patience: int | None = Field(None, ge=1)
@@ -100,6 +124,7 @@ class RunConfig(Settings):
     divergence_factor: float = Field(1.5, gt=1)
     divergence_steps: int = Field(3, ge=1)
     eval_task: EvalTask | None = None
+    eval: EvalSettings | None = None    # tuneforge eval's settings (evaluation/settings.py)
 
     # hardware
     device: str = "auto"
@@ -114,6 +139,8 @@ class RunConfig(Settings):
                             "auto: when they would exceed 256 MiB")
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="experiment trackers beside metrics.jsonl (accelerate's): tensorboard, wandb, mlflow")
     progress: bool = True
 
     if TYPE_CHECKING:  # method sections (config.lora, config.qlora, ...) come from the registry
@@ -159,9 +186,28 @@ class RunConfig(Settings):
             raise ValueError("task 'pretrain' trains on raw text: set data.format to 'text' (or leave it 'auto')")
         if self.method == "qlora" and self.dtype == "fp32" and self.qlora.compute_dtype not in ("auto", "fp32"):
             raise ValueError("qlora.compute_dtype must match dtype fp32 (or be 'auto')")
+        if self.task == "preference":
+            self._check_preference()
+        if self.report_to:
+            from tuneforge.training.trackers import check_trackers
+
+            check_trackers(self.report_to)
         if self.early_stopping_patience and not (self.data.validation or self.data.val_fraction > 0):
             raise ValueError("early_stopping_patience needs validation data: set data.validation or data.val_fraction")
         return self
+
+    def _check_preference(self) -> None:
+        if self.data.format != "auto":
+            raise ValueError("task 'preference' reads chosen/rejected pairs: leave data.format 'auto'")
+        folder = Path(self.model).expanduser()
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise ValueError(f"model {self.model!r} is an adapter (an SFT run?): its preference reference must be "
+                             "that SFT model, not the bare base; merge it first (`tuneforge merge RUN --out DIR`) and "
+                             "set model: to the merged folder")
+        pref = self.preference
+        if self.method == "full" and pref.reference == "on_the_fly" and pref.loss not in ("simpo", "orpo"):
+            raise ValueError("preference.reference 'on_the_fly' needs a method that can be disabled; full fine-tuning "
+                             "keeps no copy of the base: use preference.reference: precomputed")
 
     def section(self, key: str) -> BaseModel:
         """The method settings section ``key`` (``config.section("lora")`` is ``config.lora``)."""

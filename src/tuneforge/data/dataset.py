@@ -173,6 +173,14 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     return PreparedData.from_payload(payload)
 
 
+def _warn_if_formats_differ(cfg: DataConfig, train: dict[str, int], validation: dict[str, int]) -> None:
+    """A validation file in other formats (other fields) than the training file is likely another task's."""
+    if validation and set(validation) != set(train):
+        log.warning("%s is %s but the validation file %s is %s: validation loss (and keep_best) may measure "
+                    "another task; set data.validation to held-out records of your training data, or null to split "
+                    "them off it", cfg.train, "/".join(sorted(train)), cfg.validation, "/".join(sorted(validation)))
+
+
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> PreparedData:
     train_file = load_examples(cfg.train, cfg, task)
     rejects = list(train_file.rejects)
@@ -184,11 +192,14 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, tas
     if cfg.validation:
         val_file = load_examples(cfg.validation, cfg, task)
         rejects += val_file.rejects
+        _warn_if_formats_differ(cfg, train_file.formats, val_file.formats)
         train_examples, val_examples = train_file, val_file
     elif cfg.val_fraction > 0 and len(train_file.examples) >= 2:
         order = list(range(len(train_file.examples)))
         random.Random(seed).shuffle(order)
         n_val = max(1, round(len(order) * cfg.val_fraction))
+        if cfg.val_max_examples is not None:
+            n_val = min(n_val, cfg.val_max_examples)
         val_idx = set(order[:n_val])
         train_examples = LoadedFile([e for i, e in enumerate(train_file.examples) if i not in val_idx])
         val_examples = LoadedFile([e for i, e in enumerate(train_file.examples) if i in val_idx])

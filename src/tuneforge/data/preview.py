@@ -34,6 +34,10 @@ def mark_trained(tok: TokenizedExample, tokenizer: PreTrainedTokenizerBase, colo
 def preview(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,
             color: bool = True, task: str = "sft") -> str:
     cfg = cfg or DataConfig(train=file)
+    from tuneforge.data.preference import is_preference_file, preview_pairs
+
+    if task == "preference" or (task == "sft" and is_preference_file(file, cfg.columns)):
+        return preview_pairs(file, tokenizer, cfg, n, color)    # prompt, then chosen and rejected, answers marked
     loaded = load_examples(file, cfg, task)
     blocks = []
     for example in loaded.examples[:n]:

@@ -35,13 +35,14 @@ from transformers import get_scheduler
 
 from tuneforge.config import ConfigError, RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
-from tuneforge.data.packing import PackedBatch, batches_per_epoch, micro_batches
+from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.fileutil import file_sha256
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import CheckpointDir, copy_files
+from tuneforge.training.distributed import ObjectiveModule, setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
 from tuneforge.training.optimizer import adamw
@@ -50,6 +51,7 @@ from tuneforge.training.packed_attention import set_attention
 from tuneforge.training.rms_norm import fuse_rms_norm
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
 from tuneforge.training.state import STATE_FILE, TrainState, fingerprint_differences, read_state
+from tuneforge.training.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,8 @@ def _configure_cpu(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def total_steps(config: RunConfig, num_train: int) -> int:
-    per_step = config.batch_size * config.gradient_accumulation_steps
+def total_steps(config: RunConfig, num_train: int, world: int = 1) -> int:
+    per_step = config.batch_size * config.gradient_accumulation_steps * world
     steps_per_epoch = max(1, math.ceil(num_train / per_step))
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
@@ -148,6 +150,7 @@ class TrainingInterrupted(RuntimeError):
 
 
 MIN_FREE_BYTES = 256 * 2**20
+MIN_EVAL_EXAMPLES = 32     # eval_share never shrinks validation below this many examples
 
 
 def check_output_dir(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
@@ -189,24 +192,28 @@ class TrainingRecipe:
     def setup(self) -> None:
         config = self.config
         self.started = time.time()
-        check_output_dir(self.run_dir)
+        self.dist = dist = setup_distributed(cpu=config.device == "cpu")
+        if dist.is_main:
+            check_output_dir(self.run_dir)
         if config.auto_fit:
             self._fit_to_memory()
-        (self.run_dir / "config.yaml").write_text(dump_config(config))
-        for stale in self.checkpoints.clean_stale():
-            log.info("removed %s, left by an interrupted save", stale)
+        if dist.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(config))
+            for stale in self.checkpoints.clean_stale():
+                log.info("removed %s, left by an interrupted save", stale)
+        dist.barrier()
         seed_everything(config.seed)
         _configure_cpu(config.threads)
 
-        self.device = pick_device(config.device)
+        self.device = dist.device() or pick_device(config.device)
         self.dtype, self.dtype_reason = pick_dtype(config.dtype, self.device)
         log.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason)
 
         self.tokenizer = load_tokenizer(config.model)
-        self.data = data = self.objective.prepare_data(config, self.tokenizer)
-        if data.rejects:
+        with dist.main_process_first():            # the main process fills the tokenized-data cache
+            self.data = data = self.objective.prepare_data(config, self.tokenizer)
+        if data.rejects and dist.is_main:
             write_rejects(data.rejects, self.run_dir / "rejects.jsonl")
-        self.val_batches = list(micro_batches(data.validation, config.batch_size, config.seed, 0, shuffle=False))
         log.info("data: %d train / %d validation examples (%s), %d train tokens, %d rejected",
                  len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
                  data.train_tokens, len(data.rejects))
@@ -214,22 +221,52 @@ class TrainingRecipe:
         base = load_base_model(config, dtype=self.dtype, device=self.device)
         self.model = model = apply_method(base, config, self.tokenizer)
         prepare_for_training(model, config)
+        self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
+        # several processes: forward, LM head and loss inside the engine's wrapper (DDP); see distributed.py
+        self.wrapped = dist.wrap(ObjectiveModule(model, self.objective, config)) if dist.enabled else None
         self.trainable, self.total = count_parameters(model)
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(config, self.params)
-        self.steps = total_steps(config, len(data.train))
+        self.steps = total_steps(config, len(data.train), dist.world)
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
         self.eval_every = config.eval_every or max(1, self.steps // 5)
+        self.val_examples = self._validation_subset(data)
+        self.val_batches = list(self.objective.micro_batches(
+            self.val_examples, config.eval_batch_size or 4 * config.batch_size, config.seed, 0, shuffle=False))
+        self.eval_seconds = 0.0
         self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint())
         if self.resume:
             self._resume()             # last: it restores the RNG streams that set-up has drawn from
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if dist.is_main else None,
                                   keep_rows=self.state.metrics_rows if self.resume else None)
+        self.trackers = Trackers(config.report_to, self.run_dir.name, self.run_dir, config.model_dump(mode="json"),
+                                 enabled=dist.is_main)
+
+    def _validation_subset(self, data: Any) -> list:
+        """The validation examples each evaluation runs on: all of them, or with ``eval_share`` a fixed seeded
+        subset (at least :data:`MIN_EVAL_EXAMPLES`) whose forward passes over the run cost about that share of
+        training's (a forward-only token costs about a third of a trained one: forward + backward)."""
+        config, examples = self.config, data.validation
+        if not examples or config.eval_share is None:
+            return examples
+        n_evals = math.ceil(self.steps / self.eval_every)
+        train_tokens = self.steps * config.batch_size * config.gradient_accumulation_steps * (
+            data.train_tokens / max(1, len(data.train)))
+        val_tokens = sum(len(e.input_ids) for e in examples) / len(examples)
+        fits = int(config.eval_share * 3 * train_tokens / (n_evals * val_tokens))
+        keep = max(MIN_EVAL_EXAMPLES, fits)
+        if keep >= len(examples):
+            return examples
+        order = list(range(len(examples)))
+        random.Random(config.seed).shuffle(order)
+        log.info("validation: %d of %d examples at each of %d evaluations (eval_share %.2f of training compute; "
+                 "set eval_share: null to use all)", keep, len(examples), n_evals, config.eval_share)
+        return [examples[i] for i in sorted(order[:keep])]
 
     def _fit_to_memory(self) -> None:
         """``auto_fit``: apply :func:`tuneforge.estimate.plan.plan_for_config`'s choice to the config."""
@@ -294,8 +331,8 @@ class TrainingRecipe:
                 state.epoch, state.micro_batch = state.epoch + 1, 0
             # one shuffled stream per epoch, opened at the cursor (on resume: mid-epoch), kept across steps
             if self._stream is None or self._stream_at != (state.epoch, state.micro_batch):
-                self._stream = micro_batches(self.data.train, config.batch_size, config.seed, state.epoch,
-                                             start=state.micro_batch)
+                self._stream = self.objective.micro_batches(self.data.train, config.batch_size, config.seed,
+                                                            state.epoch, start=state.micro_batch)
             out.append(next(self._stream))
             state.micro_batch += 1
             self._stream_at = (state.epoch, state.micro_batch)
@@ -305,18 +342,29 @@ class TrainingRecipe:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics row."""
         config, state, objective = self.config, self.state, self.objective
         step_start = time.time()
-        batches = self._next_micro_batches(config.gradient_accumulation_steps)
+        dist = self.dist
+        # every process draws the step's micro-batches of all processes and trains on its share (distributed.py)
+        batches = self._next_micro_batches(config.gradient_accumulation_steps * dist.world)
         normaliser = sum(objective.normaliser(b) for b in batches)
+        mine = batches[dist.rank::dist.world]
         step_loss = 0.0
         sums: dict[str, float] = {}
-        for batch in batches:
-            if objective.normaliser(batch) == 0:
-                continue
-            out = objective.loss(self.model, batch.to(self.device), config)
-            (out.loss_sum / normaliser).backward()
+        for i, batch in enumerate(mine):
+            if self.wrapped is not None:   # DDP averages gradients over processes: scale back to the step's sum
+                with dist.no_sync(self.wrapped, skip=i < len(mine) - 1):
+                    out = self.wrapped(batch.to(self.device))
+                    (out.loss_sum * (dist.world / normaliser)).backward()
+            else:
+                if objective.normaliser(batch) == 0:
+                    continue
+                out = objective.loss(self.model, batch.to(self.device), config)
+                (out.loss_sum / normaliser).backward()
             step_loss += out.loss_sum.item()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
+        if dist.enabled:
+            step_loss = dist.sum(step_loss)
+            sums = {k: dist.sum(v) for k, v in sorted(sums.items())}
         # max_norm inf: the norm is measured (for the finiteness check) and nothing is scaled
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
@@ -402,7 +450,10 @@ class TrainingRecipe:
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
         config, state, objective = self.config, self.state, self.objective
+        started = time.perf_counter()
         results = objective.evaluate(self.model, self.val_batches, self.device, config)
+        seconds = time.perf_counter() - started
+        self.eval_seconds += seconds
         score = results[objective.eval_metric]
         if objective.improved(score, state.best_score):
             state.best_score, state.best_step, state.bad_evals = score, state.step, 0
@@ -412,7 +463,7 @@ class TrainingRecipe:
             state.bad_evals += 1
         log.info("step %d: %s %.4f (best %.4f at step %s)", state.step, objective.eval_metric, score,
                  state.best_score, state.best_step)
-        return {k: round(v, 6) for k, v in results.items()}
+        return {**{k: round(v, 6) for k, v in results.items()}, "eval_seconds": round(seconds, 3)}
 
     def save_checkpoint(self, kind: str, with_state: bool = True) -> Path:
         """The trained weights and tokenizer (and, with ``with_state``, the :class:`TrainState`) as the
@@ -426,7 +477,10 @@ class TrainingRecipe:
                            if p.requires_grad}
                 save_file(trained, str(folder / TRAINABLE_FILE))
 
-        return self.checkpoints.save(kind, self.state.step, write)
+        path = self.checkpoints.save(kind, self.state.step, write) if self.dist.is_main else \
+            self.checkpoints.root / f"{kind}-{self.state.step}"
+        self.dist.barrier()
+        return path
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None:          # a second Ctrl-C: stop now, the last checkpoint stays as it is
@@ -447,10 +501,12 @@ class TrainingRecipe:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.metrics.close()
+            self.trackers.finish()
 
     def _loop(self) -> None:
         config, state = self.config, self.state
-        bar = tqdm(total=self.steps, initial=state.step, desc="training", unit="step", disable=not config.progress,
+        bar = tqdm(total=self.steps, initial=state.step, desc="training", unit="step",
+                   disable=not (config.progress and self.dist.is_main),
                    dynamic_ncols=True)
         self.loop_start = time.time()
         while state.step < self.steps:
@@ -459,6 +515,7 @@ class TrainingRecipe:
                 row.update(self.evaluate())
             if state.step % config.log_every == 0 or self.objective.eval_metric in row or state.step == self.steps:
                 self.metrics.log(**row)
+                self.trackers.log(row)
                 state.metrics_rows += 1
             if (config.save_every and state.step % config.save_every == 0) or self._signal is not None:
                 checkpoint = self.save_checkpoint("last")    # after the row: a resumed run logs from the next step
@@ -468,7 +525,8 @@ class TrainingRecipe:
             shown_loss = state.last_loss if state.last_loss is not None else math.nan
             bar.set_postfix(loss=f"{shown_loss:.4f}", tok_s=f"{row['avg_tokens_per_s']:.0f}",
                             **({"eval": f"{row[self.objective.eval_metric]:.4f}"}
-                               if self.objective.eval_metric in row else {}))
+                               if self.objective.eval_metric in row else {}),
+                            **({"eval_time": f"{self.eval_seconds:.0f}s"} if self.eval_seconds else {}))
             bar.update(1)
             if config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience:
                 log.info("early stopping at step %d: no eval improvement in %d evaluations", state.step,
@@ -484,10 +542,14 @@ class TrainingRecipe:
         best = self.checkpoints.current("best") if config.keep_best and state.best_step is not None else None
         if best is None:
             best = self.save_checkpoint("final", with_state=False)
+        wall = time.time() - self.started
+        if not self.dist.is_main:      # the main process writes the run directory
+            self.dist.barrier()
+            return RunResult(self.run_dir, state.step, state.last_loss, None if state.best_step is None else
+                             state.best_score, state.best_step, self.trainable, self.total, wall, self.metrics.rows)
         copy_files(best, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
         plot_loss_curve(self.metrics.rows, self.run_dir / "loss_curve.png",
                         title=f"{config.method} on {Path(config.data.train).name}")
-        wall = time.time() - self.started
         data = self.data
         best_score = None if state.best_step is None else state.best_score
         record = {
@@ -512,9 +574,13 @@ class TrainingRecipe:
             "weights_from_step": state.best_step if (config.keep_best and state.best_step is not None) else state.step,
             "train_tokens_seen": state.seen_tokens,
             "wall_time_s": round(wall, 2),
+            "processes": self.dist.world,
+            "eval_time_s": round(self.eval_seconds, 2),
+            "eval_examples": len(self.val_examples),
             "versions": library_versions(),
         }
         (self.run_dir / "run.json").write_text(json.dumps(record, indent=2))
+        self.dist.barrier()
         return RunResult(self.run_dir, state.step, state.last_loss, best_score, state.best_step, self.trainable,
                          self.total, wall, self.metrics.rows)
 
@@ -527,4 +593,9 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
     recipe = TrainingRecipe(config, resume=resume)
     recipe.setup()
     recipe.fit()
-    return recipe.finish()
+    result = recipe.finish()
+    if config.eval is not None and config.eval.after_training:   # `eval:` section: tuneforge eval at the end
+        from tuneforge.evaluation.api import evaluate
+
+        evaluate(result.run_dir, progress=config.progress)
+    return result

@@ -101,7 +101,22 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     )
     if device.type == "cpu":
         release_checkpoint_mapping_(loaded)
+    one_cpu_kernel_(loaded)
     return loaded
+
+
+def one_cpu_kernel_(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on one CPU code path, in place.
+
+    On CPUs with AVX512-BF16/AMX, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight into another layout at
+    its first eval-mode no-grad forward and computes every later forward (training ones too) with another
+    kernel: the base model's logits then change by ~1e-3 between an evaluation and the next step, the adapter
+    disabled no longer equals the base, and the fused LoRA training forward fails on the repacked weight.
+    Turning the repacking off keeps the dequantize-then-matmul path everywhere (as on AVX2 CPUs).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a plain attribute, not a Tensor)
 
 
 def load_base(config: RunConfig, dtype: torch.dtype, device: str | torch.device) -> PreTrainedModel:
@@ -174,6 +189,7 @@ def quantize_model_(model: PreTrainedModel, cfg: QuantConfig, compute_dtype: tor
         setattr(parent, child, q.to(device))  # .to(device) performs the quantization
     # the flags transformers sets when it quantizes while loading (peft's kbit preparation reads them)
     setattr(model, "is_loaded_in_4bit" if cfg.bits == 4 else "is_loaded_in_8bit", True)
+    one_cpu_kernel_(model)
     return model
 
 
