@@ -31,8 +31,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--lora-kernel", choices=("peft", "stacked"), default=None,
-                   help="LoRA rows of different adapters: peft's adapter_names (default) or two batched matmuls "
-                        "per layer over stacked adapter weights")
+                   help="LoRA rows of different adapters: two batched matmuls per layer over stacked adapter "
+                        "weights (default) or peft's adapter_names")
     p.add_argument("--dtype", default=None, help="auto, bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     for flag, helptext in (("--max-batch", "rows decoded together (32)"),

@@ -67,8 +67,9 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_concurrent: int = Field(256, ge=1, description="requests in flight; more are answered 429")
     lora_kernel: Literal["peft", "stacked"] = Field(
-        "peft", description="how LoRA rows of different adapters share a forward: peft's adapter_names (one "
-                            "small matmul pair per adapter per layer) or stacked (two batched matmuls per layer)")
+        "stacked", description="how LoRA rows of different adapters share a forward: stacked (two batched matmuls "
+                               "per layer; 1.3x peft's on 8 mixed adapters, benchmarks/serve_throughput.py) or "
+                               "peft's adapter_names (one small matmul pair per adapter per layer)")
     graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
 
     @classmethod
