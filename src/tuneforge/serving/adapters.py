@@ -366,21 +366,17 @@ class AdapterSet:
     def _load_prefix(self, adapter: LoadedAdapter) -> None:
         cfg = self.base.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_dim = cfg.num_key_value_heads * head_dim
-        emb = adapter.tensors.get("prompt_embeddings")
-        want = cfg.num_hidden_layers * 2 * kv_dim
-        if emb is None or emb.ndim != 2 or emb.shape[1] != want:
-            got = None if emb is None else tuple(emb.shape)
-            raise AdapterLoadError(f"{adapter.path}: prefix of shape {got}, this base model needs (P, {want})")
-        adapter.tensors["prompt_embeddings"] = emb.to(self.dtype)
-        adapter.num_virtual_tokens = emb.shape[0]
+        self._load_virtual_tokens(adapter, cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim, "prefix")
 
     def _load_prompt(self, adapter: LoadedAdapter) -> None:
+        self._load_virtual_tokens(adapter, self.base.config.hidden_size, "soft prompt")
+
+    def _load_virtual_tokens(self, adapter: LoadedAdapter, width: int, what: str) -> None:
+        """Prefix and prompt tuning: ``prompt_embeddings`` of shape (P, width), in the serving dtype."""
         emb = adapter.tensors.get("prompt_embeddings")
-        hidden = self.base.config.hidden_size
-        if emb is None or emb.ndim != 2 or emb.shape[1] != hidden:
+        if emb is None or emb.ndim != 2 or emb.shape[1] != width:
             got = None if emb is None else tuple(emb.shape)
-            raise AdapterLoadError(f"{adapter.path}: soft prompt of shape {got}, this base model needs (P, {hidden})")
+            raise AdapterLoadError(f"{adapter.path}: {what} of shape {got}, this base model needs (P, {width})")
         adapter.tensors["prompt_embeddings"] = emb.to(self.dtype)
         adapter.num_virtual_tokens = emb.shape[0]
 
