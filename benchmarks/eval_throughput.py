@@ -1,7 +1,7 @@
 """Evaluation speed, side by side in one run (prints tables; run it on an idle machine):
 
-1. MMLU cloze: tuneforge's scorer (the question's context computed once, its KV cache extended by the four
-   choices as one batch) against lm-evaluation-harness (``lm-eval``, in its own cached virtualenv, like the
+1. MMLU cloze: tuneforge's scorer (the question's context computed once and its four choices branching off
+   it, many questions per forward under a tree-shaped attention mask) against lm-evaluation-harness (``lm-eval``, in its own cached virtualenv, like the
    training bench's competitors) on the same stratified subset, the same context/continuation strings and
    the same model folder: questions per second and accuracy (``acc``: the same rule, so the two should agree
    within a question or so), plus ours without prefix sharing (four full sequences on a packed row).
@@ -84,7 +84,9 @@ def bench_mmlu(args, model, tokenizer, model_path: Path) -> None:
         questions = [q for q in questions if q.subject in keep]
     rows = []
     results = {}
-    for name, share in (("tuneforge (shared prefix)", True), ("tuneforge (4 full sequences)", False)):
+    variants = [("tuneforge (shared prefix, tree-masked rows)", True)] + (
+        [] if args.no_full_sequences else [("tuneforge (4 full sequences)", False)])
+    for name, share in variants:
         start = time.perf_counter()
         scored = forgetting.score_mmlu(model, tokenizer, questions, "base", share_prefix=share)
         seconds = time.perf_counter() - start
@@ -109,7 +111,7 @@ def bench_mmlu(args, model, tokenizer, model_path: Path) -> None:
                              f"failed: {proc.stderr.strip().splitlines()[-1:]}"])
             else:
                 res = json.loads(line[7:])
-                ours = results["tuneforge (shared prefix)"]
+                ours = results[variants[0][0]]
                 differ = sum(a != b for a, b in zip(ours, res["correct"], strict=True))
                 rows.append([f"lm-evaluation-harness ({versions})", str(len(questions)), f"{res['seconds']:.1f}",
                              f"{len(questions) / res['seconds']:.2f}",
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-harness", action="store_true", help="skip lm-evaluation-harness")
     p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--no-full-sequences", action="store_true", help="skip our 4-full-sequences variant")
     p.add_argument("--rebuild-venvs", action="store_true")
     args = p.parse_args()
 

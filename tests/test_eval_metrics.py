@@ -86,6 +86,16 @@ def test_label_accuracy_and_confusion_by_hand():
     assert pl["billing"]["precision"] == 1.0 and pl["billing"]["recall"] == 0.5
 
 
+def test_label_named_finds_the_one_label_an_answer_names_in_any_wording():
+    labels = ["positive", "negative", "feature request"]
+    preds = ["This review is negative.", "Positive", "positive, not negative", "The positives outweigh it",
+             "It is a Feature Request!", "no idea", "NEGATIVE"]
+    refs = ["negative", "positive", "positive", "positive", "feature request", "negative", "positive"]
+    scored = metrics.MetricSet.build(labels=labels).score(preds, refs)
+    assert scored["label_named"] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]   # two labels named -> neither; whole words
+    assert scored["label"] == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_bootstrap_interval_of_a_bernoulli_mean_matches_the_normal_approximation():
     rng = np.random.default_rng(1)
     x = (rng.random(2000) < 0.3).astype(float)

@@ -68,6 +68,27 @@ def test_mmlu_cloze_shared_prefix_equals_four_full_sequences(tiny_model, tokeniz
     assert packed == pytest.approx(reference, abs=1e-4)
 
 
+def test_mmlu_tree_rows_score_like_full_sequences(tiny_model, tokenizer):
+    """Several questions per forward under the tree mask (contexts once, continuations branching off them,
+    one-token and multi-token choices, rows split by row_tokens) == each choice as its own full sequence."""
+    qs = [forgetting.Question("anatomy", "Which bone is the longest?", ["Femur", "A", "The small stapes", "Ulna"], 0),
+          forgetting.Question("virology", "What does a virus need to replicate?",
+                              ["A host cell", "Sunlight and water", "B", "Nothing at all, it divides"], 0),
+          forgetting.Question("high_school_biology", "Which organelle makes most of a cell's ATP?",
+                              ["The nucleus", "Mitochondria", "A ribosome", "Golgi"], 1)]
+    with torch.no_grad():
+        reference = [_full_sequence_logliks(tiny_model, tokenizer, q) for q in qs]
+        for row_tokens in (10_000, 60):          # all three in one row; one question a row
+            items = [forgetting._pieces(tokenizer, q) for q in qs]
+            got = forgetting._logliks_tree(tiny_model, items, torch.device("cpu")) if row_tokens > 1000 else \
+                [forgetting._logliks_tree(tiny_model, [it], torch.device("cpu"))[0] for it in items]
+            for g, r in zip(got, reference, strict=True):
+                assert g == pytest.approx(r, abs=1e-4)
+            scored = forgetting.score_mmlu(tiny_model, tokenizer, qs, row_tokens=row_tokens)
+            expected = [float(max(range(4), key=lambda i: r[i]) == q.answer) for r, q in zip(reference, qs, strict=True)]
+            assert scored["correct"] == expected
+
+
 def test_mmlu_loader_takes_a_fixed_stratified_subset(tmp_path):
     folder = tmp_path / "mmlu" / "test"
     folder.mkdir(parents=True)

@@ -176,3 +176,32 @@ def test_judge_section_through_the_fake_endpoint(tiny_run, endpoint, tmp_path): 
     assert j["n"] == 3 and len(calls) == 6 and j["against"] == "base"
     assert j["win"]["value"] + j["tie"]["value"] + j["loss"]["value"] == pytest.approx(1.0)
     assert "LLM-as-judge" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_train_with_eval_after_training_checks_the_eval_input_before_the_first_step(tiny_model_dir, tmp_path):
+    """A bad eval input (here a missing docs folder, then a test record that is not JSON) fails `tuneforge train`
+    in one line with exit 2 before any training step, not after the last one."""
+    tickets = (RECIPES / "data" / "tickets_train.jsonl").read_text().splitlines()
+    train = write_jsonl(tmp_path / "train.jsonl", tickets[:16])
+    bad_test = tmp_path / "bad.jsonl"
+    bad_test.write_text(HANDWRITTEN.read_text().splitlines()[0] + "\n{not json\n")
+    common = [str(RECIPES / "quickstart.yaml"), "--set", f"model={tiny_model_dir}", "--set", f"data.train={train}",
+              "--set", "max_steps=2", "--set", "progress=false", "--set", "eval.after_training=true",
+              "--set", "eval.columns=[base,rag,tuned]"]
+    cases = [
+        (["--set", f"eval.docs={tmp_path / 'no-docs'}", "--set", f"output_dir={tmp_path / 'a'}"], "no-docs", "a"),
+        (["--set", f"eval.docs={DOCS}", "--set", f"eval.data={bad_test}", "--set", f"output_dir={tmp_path / 'b'}"],
+         f"{bad_test}:2", "b"),
+    ]
+    for extra, where, out in cases:
+        proc = cli("train", *common, *extra)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert len(errors) == 1 and "eval.after_training" in errors[0] and where in errors[0], errors
+        assert not (tmp_path / out / "metrics.jsonl").exists()      # no step ran
+    # the same settings with good input train and evaluate
+    proc = cli("train", *common, "--set", f"eval.docs={DOCS}", "--set", "eval.max_examples=3",
+               "--set", f"output_dir={tmp_path / 'c'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "c" / "eval" / "report.json").is_file()

@@ -58,6 +58,31 @@ def test_validation_subset_fits_eval_share(tiny_model_dir, tmp_path):
     assert len(everything.val_examples) == 300
 
 
+def test_short_runs_validate_less_often_rather_than_over_budget(tiny_model_dir, tmp_path):
+    """With eval_every left to its default (5 evaluations a run), a budget too small for the minimum subset at
+    every evaluation spaces the evaluations out instead of exceeding eval_share; a set eval_every is kept."""
+    train = write_jsonl(tmp_path / "t.jsonl", _rows(400))
+    val = write_jsonl(tmp_path / "v.jsonl", _rows(300))
+    data = {"train": str(train), "validation": str(val)}
+    # 40 steps x 4 trained: budget 0.1 x 3 x 160 = 48 validation examples over the run (same lengths):
+    # one evaluation of 32 fits, five would need 160
+    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=40))
+    recipe.setup()
+    assert recipe.eval_every == 40 and 32 <= len(recipe.val_examples) <= 56
+    # 200 steps: budget ~240 examples, five evaluations of 48 (default spacing kept)
+    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=200))
+    recipe.setup()
+    assert recipe.eval_every == 40 and 40 <= len(recipe.val_examples) <= 56
+    # 80 steps: budget ~96: three evaluations of 32 would fit (5 would not)
+    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=80))
+    recipe.setup()
+    assert recipe.eval_every == 27 and len(recipe.val_examples) == 32
+    # an eval_every you set is kept (the subset stays at the minimum)
+    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=40, eval_every=8))
+    recipe.setup()
+    assert recipe.eval_every == 8 and len(recipe.val_examples) == MIN_EVAL_EXAMPLES
+
+
 def test_a_long_run_validates_on_more(tiny_model_dir, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", _rows(400))
     val = write_jsonl(tmp_path / "v.jsonl", _rows(300))

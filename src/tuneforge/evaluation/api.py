@@ -222,6 +222,79 @@ def resolve_settings(config: RunConfig, **overrides: Any) -> EvalSettings:
         raise
 
 
+@dataclass
+class Inputs:
+    """Everything :func:`evaluate` reads besides the models, checked."""
+    test_sets: list[TestSet]
+    labels: list[str] | None
+    json_refs: bool
+    metric_set: MetricSet
+    rules: failures.FormatRules
+    wanted: list[str]
+    retriever: Retriever | None
+    shots: list[list[dict]]
+    questions: list | None
+    general_text: str
+    judge_client: Any
+
+
+def check_inputs(config: RunConfig, settings: EvalSettings) -> Inputs:
+    """Read and check every input of the evaluation (test files and each record, schema, docs folder, MMLU
+    folder, judge endpoint); raises one of :data:`BAD_INPUT` naming the file, line or setting."""
+    limit = settings.max_examples or (config.eval_task.max_examples if config.eval_task else None)
+    test_sets = [load_test_set("test", default_test_file(config, settings), config, limit)]
+    test_sets += [load_test_set(name, file, config, limit) for name, file in settings.extra.items()]
+    labels = settings.labels or (config.eval_task.labels if config.eval_task else None)
+    json_refs = labels is None and all(_is_json(r) for t in test_sets for r in t.references)
+    metric_set = MetricSet.build(labels, settings.json_schema, settings.regex, settings.user_metric, json_refs)
+    rules = failures.FormatRules(labels=labels, json_expected=json_refs,
+                                 schema_ok=_schema_check(settings.json_schema),
+                                 regex_ok=metric_set.metrics.get("regex"))
+    wanted = cols.check_columns(settings.columns)
+    retriever = None
+    if any(c in ("rag", "tuned+rag") for c in wanted):
+        if not settings.docs:
+            raise EvalError("the rag columns need documents: pass --docs DIR (or set eval.docs)")
+        retriever = Retriever(settings.docs)
+    shots: list[list[dict]] = []
+    if "fewshot" in wanted:
+        shots = _fewshot_pool(config, settings)
+    questions, general_text = None, ""
+    if settings.forgetting.enabled:
+        if not settings.forgetting.data:
+            raise EvalError("forgetting needs the MMLU folder: pass --forgetting-data DIR (or set "
+                            "eval.forgetting.data)")
+        questions = forget.load_mmlu(settings.forgetting.data, settings.forgetting.split,
+                                     settings.forgetting.per_subject)
+        general_text = _general_text(settings)
+    judge_client = None
+    if settings.judge is not None:
+        from tuneforge.evaluation.judge import connect
+
+        if "tuned" not in wanted or (settings.judge.against == "base" and "base" not in wanted):
+            raise EvalError("the judge compares the tuned column with the base column (or eval.judge.against: "
+                            "reference): add them to --columns")
+        if settings.judge.against not in ("base", "reference"):
+            raise EvalError(f"eval.judge.against: {settings.judge.against!r}: write base or reference")
+
+        judge_client = connect(settings.judge)
+    return Inputs(test_sets, labels, json_refs, metric_set, rules, wanted, retriever, shots, questions,
+                  general_text, judge_client)
+
+
+def check_before_training(config: RunConfig) -> None:
+    """``tuneforge train`` with ``eval.after_training``: check the evaluation's inputs before training, so a
+    bad test file, schema, docs folder, MMLU folder or judge endpoint fails in one line before the first step
+    rather than after the last. Raises :class:`~tuneforge.config.ConfigError` (one line: the CLI's exit 2)."""
+    from tuneforge.config import ConfigError
+    from tuneforge.evaluation.judge import JudgeError
+
+    try:
+        check_inputs(config, resolve_settings(config))
+    except (*BAD_INPUT, JudgeError) as e:
+        raise ConfigError(f"eval (run after training, eval.after_training): {e}") from e
+
+
 def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | None = None,
              docs: str | None = None, out: str | Path | None = None, forgetting: bool | None = None,
              forgetting_data: str | None = None, judge: str | None = None, progress: bool = True,
@@ -245,43 +318,10 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     out_dir = Path(out) if out else run_dir / "eval"
 
     # ---- every input checked before any model loads
-    limit = settings.max_examples or (config.eval_task.max_examples if config.eval_task else None)
-    test_sets = [load_test_set("test", default_test_file(config, settings), config, limit)]
-    test_sets += [load_test_set(name, file, config, limit) for name, file in settings.extra.items()]
-    labels = settings.labels or (config.eval_task.labels if config.eval_task else None)
-    json_refs = labels is None and all(_is_json(r) for t in test_sets for r in t.references)
-    metric_set = MetricSet.build(labels, settings.json_schema, settings.regex, settings.user_metric, json_refs)
-    rules = failures.FormatRules(labels=labels, json_expected=json_refs,
-                                 schema_ok=_schema_check(settings.json_schema),
-                                 regex_ok=metric_set.metrics.get("regex"))
-    wanted = cols.check_columns(settings.columns)
-    retriever = None
-    if any(c in ("rag", "tuned+rag") for c in wanted):
-        if not settings.docs:
-            raise EvalError("the rag columns need documents: pass --docs DIR (or set eval.docs)")
-        retriever = Retriever(settings.docs)
-    shots: list[list[dict]] = []
-    if "fewshot" in wanted:
-        shots = _fewshot_pool(config, settings)
-    questions = None
-    if settings.forgetting.enabled:
-        if not settings.forgetting.data:
-            raise EvalError("forgetting needs the MMLU folder: pass --forgetting-data DIR (or set "
-                            "eval.forgetting.data)")
-        questions = forget.load_mmlu(settings.forgetting.data, settings.forgetting.split,
-                                     settings.forgetting.per_subject)
-        general_text = _general_text(settings)
-    judge_client = None
-    if settings.judge is not None:
-        from tuneforge.evaluation.judge import connect
-
-        if "tuned" not in wanted or (settings.judge.against == "base" and "base" not in wanted):
-            raise EvalError("the judge compares the tuned column with the base column (or eval.judge.against: "
-                            "reference): add them to --columns")
-        if settings.judge.against not in ("base", "reference"):
-            raise EvalError(f"eval.judge.against: {settings.judge.against!r}: write base or reference")
-
-        judge_client = connect(settings.judge)
+    inp = check_inputs(config, settings)
+    test_sets, labels, json_refs, metric_set = inp.test_sets, inp.labels, inp.json_refs, inp.metric_set
+    rules, wanted, retriever, shots = inp.rules, inp.wanted, inp.retriever, inp.shots
+    questions, general_text, judge_client = inp.questions, inp.general_text, inp.judge_client
 
     # ---- models
     from tuneforge.serving.inference import load_run

@@ -4,10 +4,14 @@
 it: context ``"The following are questions (with answers) about {subject}.\\n\\nQuestion: {q}\\nAnswer:"``,
 continuation ``" " + choice``; the prediction is the choice with the highest summed log-likelihood
 (``acc``), or per byte of the choice (``acc_norm``). A 135M model is at chance on the letter format, not
-on this one. The context's tokens are computed once per question: one forward of the context fills a
-KV cache that the four continuations (a batch of 4) then extend, so the question costs one context pass
-plus one short batch, not four full sequences. Methods whose forward adds virtual tokens (prefix, prompt
-tuning) are scored on packed rows of the four full sequences instead (same numbers, tested).
+on this one. The context's tokens are computed once per question, and many questions share one forward:
+a row holds several questions, each as its context followed by its four continuations, with an attention
+mask shaped like a tree (a continuation sees its question's context and its own earlier tokens, nothing
+else; positions restart per question and continue from the context into each continuation). A question
+then costs its context plus four short continuations, not four full sequences, in forwards large enough
+to keep the CPU's matrix units busy (:func:`score_mmlu`; one question at a time with a KV cache:
+:func:`choice_logliks`). Methods whose forward adds virtual tokens (prefix, prompt tuning) are scored on
+packed rows of the four full sequences instead (same numbers, tested).
 
 The data is the original release's CSVs (question, four choices, answer letter) in ``<folder>/test/``
 (or ``val``/``dev``), never copied into tuneforge: point ``--forgetting-data`` at a copy. By default a
@@ -120,27 +124,95 @@ def choice_logliks(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, q
                    method: str = "base", share_prefix: bool = True) -> list[float]:
     """Summed log-likelihood of each choice's text after the question's context."""
     device = next(model.parameters()).device
-    pieces = [split_tokens(tokenizer, question.context, " " + c.strip()) for c in question.choices]
-    ctx = pieces[0][0]
-    conts = [p[1] if p[0] == ctx else (p[0] + p[1])[len(ctx):] for p in pieces]
+    ctx, conts = _pieces(tokenizer, question)
     if share_prefix:
         return _logliks_cached(model, ctx, conts, device)
     return _logliks_packed(model, ctx, conts, method, device)
 
 
+def _pieces(tokenizer: PreTrainedTokenizerBase, question: Question) -> tuple[list[int], list[list[int]]]:
+    pieces = [split_tokens(tokenizer, question.context, " " + c.strip()) for c in question.choices]
+    ctx = pieces[0][0]
+    return ctx, [p[1] if p[0] == ctx else (p[0] + p[1])[len(ctx):] for p in pieces]
+
+
+@torch.no_grad()
+def _logliks_tree(model: torch.nn.Module, items: list[tuple[list[int], list[list[int]]]], device: torch.device
+                  ) -> list[list[float]]:
+    """Each item's continuation log-likelihoods from one forward over a row holding every item's context
+    once and its continuations after it, under a tree-shaped attention mask."""
+    ids: list[int] = []
+    pos: list[int] = []
+    owner: list[int] = []           # item of each token
+    branch: list[int] = []          # -1 for context tokens, else the continuation's index
+    wanted: list[tuple[int, int, int, int]] = []   # (item, continuation, logit row, target token)
+    for n, (ctx, conts) in enumerate(items):
+        last_ctx = len(ids) + len(ctx) - 1
+        ids += ctx
+        pos += range(len(ctx))
+        owner += [n] * len(ctx)
+        branch += [-1] * len(ctx)
+        for j, cont in enumerate(conts):
+            start = len(ids)
+            ids += cont
+            pos += range(len(ctx), len(ctx) + len(cont))
+            owner += [n] * len(cont)
+            branch += [j] * len(cont)
+            wanted += [(n, j, last_ctx if t == 0 else start + t - 1, tok) for t, tok in enumerate(cont)]
+    p = torch.tensor(pos, device=device)
+    o = torch.tensor(owner, device=device)
+    b = torch.tensor(branch, device=device)
+    allowed = ((o[:, None] == o[None, :]) & (p[None, :] <= p[:, None])
+               & ((b[None, :] == -1) | (b[None, :] == b[:, None])))
+    out = model(input_ids=torch.tensor([ids], device=device), position_ids=p[None],
+                attention_mask=allowed[None, None], use_cache=False)
+    rows = torch.tensor([w[2] for w in wanted], device=device)
+    targets = torch.tensor([w[3] for w in wanted], device=device)
+    logp = torch.log_softmax(out.logits[0, rows].float(), dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+    scores = [[0.0] * len(conts) for _, conts in items]
+    for (n, j, _, _), value in zip(wanted, logp, strict=True):
+        scores[n][j] += value
+    return scores
+
+
 def score_mmlu(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[Question],
-               method: str = "base", share_prefix: bool = True, progress: Callable[[int], None] | None = None
-               ) -> dict[str, list]:
-    """Per question: ``correct`` (acc), ``correct_norm`` (acc_norm, per byte) and ``subject``."""
+               method: str = "base", share_prefix: bool = True, progress: Callable[[int], None] | None = None,
+               row_tokens: int = 1024) -> dict[str, list]:
+    """Per question: ``correct`` (acc), ``correct_norm`` (acc_norm, per byte) and ``subject``.
+
+    ``share_prefix``: questions are scored ``row_tokens`` at a time in tree-masked rows (see the module's
+    docstring); ``False`` (methods with virtual tokens): four full sequences per question, packed."""
     model.eval()
+    device = next(model.parameters()).device
+    logliks: list[list[float]] = []
+    if share_prefix:
+        items = [_pieces(tokenizer, q) for q in questions]
+        group: list[int] = []
+        size = 0
+        for i, (ctx, conts) in enumerate(items):
+            need = len(ctx) + sum(len(c) for c in conts)
+            if group and size + need > row_tokens:
+                logliks += _logliks_tree(model, [items[k] for k in group], device)
+                if progress:
+                    progress(len(group))
+                group, size = [], 0
+            group.append(i)
+            size += need
+        if group:
+            logliks += _logliks_tree(model, [items[k] for k in group], device)
+            if progress:
+                progress(len(group))
     correct, correct_norm = [], []
-    for q in questions:
-        ll = choice_logliks(model, tokenizer, q, method, share_prefix)
+    for n, q in enumerate(questions):
+        if share_prefix:
+            ll = logliks[n]
+        else:
+            ll = choice_logliks(model, tokenizer, q, method, share_prefix=False)
+            if progress:
+                progress(1)
         norm = [x / max(len((" " + c.strip()).encode()), 1) for x, c in zip(ll, q.choices, strict=True)]
         correct.append(float(max(range(4), key=lambda i: ll[i]) == q.answer))
         correct_norm.append(float(max(range(4), key=lambda i: norm[i]) == q.answer))
-        if progress:
-            progress(1)
     return {"correct": correct, "correct_norm": correct_norm, "subject": [q.subject for q in questions]}
 
 

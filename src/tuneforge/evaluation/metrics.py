@@ -8,6 +8,10 @@ the column's value is the mean over examples. Definitions:
   whitespace removed: the SQuAD normalisation).
 * ``label``: the normalised answer (quotes and a final period stripped, case-folded) equals the
   reference label; with a label set an answer outside it is counted as ``(other)`` in the confusion table.
+* ``label_named``: the answer, in any wording, names exactly one of the labels (as whole words after
+  :func:`normalise_text`) and it is the reference's: "This review is negative." counts for ``negative``,
+  "positive, not negative" counts for neither. It separates knowing the label from answering in the label
+  format (``label``), which a base model's sentences fail; lm-evaluation-harness's regex filters do the same.
 * ``token_f1``: SQuAD token F1 between the normalised texts' whitespace tokens (multiset overlap).
 * ``rouge_l``: ROUGE-L F-measure (``rouge-score``, stemming off).
 * ``chrf``: sentence chrF (``sacrebleu``, character 6-grams, beta 2), divided by 100.
@@ -203,7 +207,17 @@ class MetricSet:
                             for p, r in zip(predictions, references, strict=True)]
             label_set = {normalise_label(x) for x in self.labels}
             out["valid_label"] = [float(normalise_label(p) in label_set) for p in predictions]
+            out["label_named"] = [float(named_label(p, self.labels) == normalise_label(r))
+                                  for p, r in zip(predictions, references, strict=True)]
         return out
+
+
+def named_label(prediction: str, labels: list[str]) -> str | None:
+    """The one label (normalised) that ``prediction`` names as whole words, or None when it names none or
+    several."""
+    text = f" {normalise_text(prediction)} "
+    found = {normalise_label(x) for x in labels if normalise_text(x) and f" {normalise_text(x)} " in text}
+    return found.pop() if len(found) == 1 else None
 
 
 def predicted_label(prediction: str, labels: list[str]) -> str:

@@ -234,8 +234,7 @@ class TrainingRecipe:
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
-        self.eval_every = config.eval_every or max(1, self.steps // 5)
-        self.val_examples = self._validation_subset(data)
+        self.eval_every, self.val_examples = self._validation_plan(data)
         self.val_batches = list(self.objective.micro_batches(
             self.val_examples, config.eval_batch_size or 4 * config.batch_size, config.seed, 0, shuffle=False))
         self.eval_seconds = 0.0
@@ -247,26 +246,35 @@ class TrainingRecipe:
         self.trackers = Trackers(config.report_to, self.run_dir.name, self.run_dir, config.model_dump(mode="json"),
                                  enabled=dist.is_main)
 
-    def _validation_subset(self, data: Any) -> list:
-        """The validation examples each evaluation runs on: all of them, or with ``eval_share`` a fixed seeded
-        subset (at least :data:`MIN_EVAL_EXAMPLES`) whose forward passes over the run cost about that share of
-        training's (a forward-only token costs about a third of a trained one: forward + backward)."""
+    def _validation_plan(self, data: Any) -> tuple[int, list]:
+        """How often to validate, and on which examples: all of them every ``eval_every`` steps (default: 5
+        evaluations a run), or, with ``eval_share``, a fixed seeded subset whose forward passes over the run
+        cost about that share of training's (a forward-only token costs about a third of a trained one:
+        forward + backward). The subset never goes below :data:`MIN_EVAL_EXAMPLES`; when even that many at
+        every default evaluation would cost more, the evaluations are spaced further apart (at least one, at
+        the end). An ``eval_every`` you set is kept."""
         config, examples = self.config, data.validation
+        every = config.eval_every or max(1, self.steps // 5)
         if not examples or config.eval_share is None:
-            return examples
-        n_evals = math.ceil(self.steps / self.eval_every)
+            return every, examples
         train_tokens = self.steps * config.batch_size * config.gradient_accumulation_steps * (
             data.train_tokens / max(1, len(data.train)))
         val_tokens = sum(len(e.input_ids) for e in examples) / len(examples)
-        fits = int(config.eval_share * 3 * train_tokens / (n_evals * val_tokens))
-        keep = max(MIN_EVAL_EXAMPLES, fits)
+        budget = config.eval_share * 3 * train_tokens / val_tokens          # validation examples over the run
+        floor = min(MIN_EVAL_EXAMPLES, len(examples))
+        if config.eval_every is None and budget < floor * math.ceil(self.steps / every):
+            evals = max(1, int(budget // floor))
+            every = math.ceil(self.steps / evals)
+        n_evals = math.ceil(self.steps / every)
+        keep = max(floor, int(budget / n_evals))
         if keep >= len(examples):
-            return examples
+            return every, examples
         order = list(range(len(examples)))
         random.Random(config.seed).shuffle(order)
-        log.info("validation: %d of %d examples at each of %d evaluations (eval_share %.2f of training compute; "
-                 "set eval_share: null to use all)", keep, len(examples), n_evals, config.eval_share)
-        return [examples[i] for i in sorted(order[:keep])]
+        log.info("validation: %d of %d examples at each of %d evaluations, every %d steps (eval_share %.2f of "
+                 "training compute; set eval_share: null to use all)", keep, len(examples), n_evals, every,
+                 config.eval_share)
+        return every, [examples[i] for i in sorted(order[:keep])]
 
     def _fit_to_memory(self) -> None:
         """``auto_fit``: apply :func:`tuneforge.estimate.plan.plan_for_config`'s choice to the config."""
@@ -590,6 +598,10 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
 
     ``resume``: continue the run in ``config.output_dir`` from its last checkpoint (see :class:`TrainingRecipe`).
     """
+    if config.eval is not None and config.eval.after_training:   # its bad input fails now, not after training
+        from tuneforge.evaluation.api import check_before_training
+
+        check_before_training(config)
     recipe = TrainingRecipe(config, resume=resume)
     recipe.setup()
     recipe.fit()
