@@ -85,7 +85,8 @@ def test_mmlu_tree_rows_score_like_full_sequences(tiny_model, tokenizer):
             for g, r in zip(got, reference, strict=True):
                 assert g == pytest.approx(r, abs=1e-4)
             scored = forgetting.score_mmlu(tiny_model, tokenizer, qs, row_tokens=row_tokens)
-            expected = [float(max(range(4), key=lambda i: r[i]) == q.answer) for r, q in zip(reference, qs, strict=True)]
+            expected = [float(max(range(4), key=lambda i: r[i]) == q.answer)
+                        for r, q in zip(reference, qs, strict=True)]
             assert scored["correct"] == expected
 
 

@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
+from tuneforge.config import ConfigError, RunConfig, load_config
+
 # bitsandbytes >= 0.49 on CPUs with AVX512-BF16 tries, at import (peft imports it), to fetch an optional 4-bit
 # GEMM kernel from the `kernels` package and warns on every start when it is not installed. tuneforge keeps
 # bitsandbytes on its dequantize path on CPU (methods/qlora/model.py: one_cpu_kernel_), so the kernel is never
 # used: the warning (the only one that module logs) is noise; other bitsandbytes warnings still show.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
-
-from tuneforge.config import ConfigError, RunConfig, load_config
 
 
 def train(config: "RunConfig | str | dict", overrides: list[str] | None = None):

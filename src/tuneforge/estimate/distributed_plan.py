@@ -31,12 +31,14 @@ from tuneforge.config import ConfigError, RunConfig
 from tuneforge.estimate.memory import GIB, METHODS, estimate_memory
 from tuneforge.estimate.shapes import resolve_shape
 
-SUPPORTED_ENGINES = ("DDP",)
+SUPPORTED_ENGINES = ("DDP", "FSDP")
+FSDP_METHODS = ("full", "lora")     # what tuneforge train runs under FSDP2 (training/distributed.py refuses the rest)
 
 
 @dataclass
 class DistributedPlan:
     engine: str
+    method: str
     machines: int
     processes: int
     micro_batch: int
@@ -58,11 +60,12 @@ class DistributedPlan:
 
     @property
     def supported(self) -> bool:
-        return self.engine in SUPPORTED_ENGINES
+        return self.engine in SUPPORTED_ENGINES and (self.engine != "FSDP" or self.method in FSDP_METHODS)
 
     def table(self) -> str:
         rows = [
-            ("engine", self.engine + ("" if self.supported else "  (plan only: tuneforge train runs DDP today)")),
+            ("engine", self.engine + ("" if self.supported else "  (plan only: tuneforge train runs DDP, and FSDP2 "
+                                                                "with full or lora, today)")),
             ("machines x processes", f"{self.machines} x {self.processes // max(1, self.machines)} "
                                      f"= {self.processes} processes"),
             ("micro-batch per device", f"{self.micro_batch} examples of up to {self.seq} tokens, packed"),
@@ -129,5 +132,6 @@ def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device:
         grads, optim = grads // n, optim // n
     elif engine == "ZeRO-2":
         grads, optim = grads // n, optim // n
-    return DistributedPlan(engine, machines, processes, config.batch_size, config.gradient_accumulation_steps,
-                           config.data.max_length, weights, grads, optim, est.activations + est.logits, est.overhead)
+    return DistributedPlan(engine, config.method, machines, processes, config.batch_size,
+                           config.gradient_accumulation_steps, config.data.max_length, weights, grads, optim,
+                           est.activations + est.logits, est.overhead)

@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-PERCENT_METRICS = ("label", "valid_label", "label_named", "exact", "normalised", "token_f1", "rouge_l", "chrf", "json_valid",
-                   "schema_valid", "regex", "user")
+PERCENT_METRICS = ("label", "valid_label", "label_named", "exact", "normalised", "token_f1", "rouge_l", "chrf",
+                   "json_valid", "schema_valid", "regex", "user")
 METRIC_NAMES = {"label": "label acc", "valid_label": "valid label",
                 "label_named": "label named", "exact": "exact", "normalised": "normalised",
                 "token_f1": "token F1", "rouge_l": "ROUGE-L", "chrf": "chrF", "json_valid": "JSON valid",

@@ -10,6 +10,7 @@ checkpoint is the model's trained weights plus :meth:`TrainState.save`'s ``train
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -64,24 +65,28 @@ class TrainState:
     def counters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"counters": self.counters(), "rng": rng_state(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+    def state_dict(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``optimizer_state``: the optimizer's, when the caller gathered it (FSDP2: keyed by parameter names)."""
+        if optimizer_state is None and self.optimizer is not None:
+            optimizer_state = self.optimizer.state_dict()
+        return {"counters": self.counters(), "rng": rng_state(), "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True,
+                        load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``load_optimizer``: how to load the optimizer's state when not ``optimizer.load_state_dict`` (FSDP2)."""
         for key, value in state["counters"].items():
             setattr(self, key, value)
         if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            (load_optimizer or self.optimizer.load_state_dict)(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if restore_rng:
             set_rng_state(state["rng"])
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, optimizer_state: dict[str, Any] | None = None) -> Path:
         path = Path(folder) / STATE_FILE
-        torch.save(self.state_dict(), path)
+        torch.save(self.state_dict(optimizer_state), path)
         return path
 
     def load(self, folder: str | Path, restore_rng: bool = True) -> None:

@@ -42,7 +42,7 @@ from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import CheckpointDir, copy_files
-from tuneforge.training.distributed import ObjectiveModule, setup_distributed
+from tuneforge.training.distributed import ObjectiveModule, save_gathered, setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
 from tuneforge.training.optimizer import adamw
@@ -197,6 +197,7 @@ class TrainingRecipe:
             check_output_dir(self.run_dir)
         if config.auto_fit:
             self._fit_to_memory()
+        dist.check(config)                          # what the engine (FSDP2) does not train yet: one line
         if dist.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(config))
             for stale in self.checkpoints.clean_stale():
@@ -222,7 +223,8 @@ class TrainingRecipe:
         self.model = model = apply_method(base, config, self.tokenizer)
         prepare_for_training(model, config)
         self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
-        # several processes: forward, LM head and loss inside the engine's wrapper (DDP); see distributed.py
+        # several processes: forward, LM head and loss inside the engine's wrapper (DDP, FSDP2); see distributed.py.
+        # FSDP2 replaces the parameters by shards: the optimizer below is built after, over the sharded ones
         self.wrapped = dist.wrap(ObjectiveModule(model, self.objective, config)) if dist.enabled else None
         self.trainable, self.total = count_parameters(model)
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
@@ -313,6 +315,11 @@ class TrainingRecipe:
             raise ResumeError(f"--resume: the run in {self.run_dir} was trained with different "
                               f"{', '.join(changed)}; resume with the same config and data, or train into a new "
                               "output_dir")
+        optimizer = saved.get("optimizer") or {}
+        by_name = any(isinstance(p, str) for g in optimizer.get("param_groups", []) for p in g["params"])
+        if by_name != self.dist.sharded:   # FSDP2 saves the optimizer state keyed by parameter names
+            raise ResumeError(f"--resume: {folder} was saved {'with' if by_name else 'without'} FSDP2; resume it "
+                              f"{'with' if by_name else 'without'} FSDP2 (the same launch as the run it continues)")
         with safe_open(str(folder / TRAINABLE_FILE), framework="pt") as f:
             names = set(f.keys())
             params = dict(self.model.named_parameters())
@@ -320,10 +327,16 @@ class TrainingRecipe:
             if names != expected:
                 raise ResumeError(f"--resume: {folder / TRAINABLE_FILE} holds other trained parameters than this "
                                   f"model ({len(names ^ expected)} differ); was the method changed?")
-            with torch.no_grad():
-                for name in names:
-                    params[name].copy_(f.get_tensor(name))
-        self.state.load_state_dict(saved)
+            if self.dist.sharded:       # FSDP2: full tensors into the sharded parameters, on every process
+                # in one order on every process (a set's order differs between processes; each is a collective)
+                self.dist.load_trained(self.wrapped, {name: f.get_tensor(name) for name in sorted(names)})
+            else:
+                with torch.no_grad():
+                    for name in names:
+                        params[name].copy_(f.get_tensor(name))
+        self.state.load_state_dict(saved, load_optimizer=(
+            (lambda state: self.dist.load_optimizer(self.wrapped, self.state.optimizer, state))
+            if self.dist.sharded else None))
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
 
@@ -374,7 +387,7 @@ class TrainingRecipe:
             step_loss = dist.sum(step_loss)
             sums = {k: dist.sum(v) for k, v in sorted(sums.items())}
         # max_norm inf: the norm is measured (for the finiteness check) and nothing is scaled
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or math.inf)
+        grad_norm = dist.clip_grad_norm(self.params, config.max_grad_norm or math.inf)   # FSDP2: the full norm
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
         assert state.optimizer is not None, "train_step needs the optimizer set up by the trainer"
         if finite:
@@ -459,7 +472,9 @@ class TrainingRecipe:
         """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
         config, state, objective = self.config, self.state, self.objective
         started = time.perf_counter()
-        results = objective.evaluate(self.model, self.val_batches, self.device, config)
+        # under FSDP2 inside the sharded model's forward, on every process (distributed.py)
+        results = self.dist.run(self.wrapped, self.model,
+                                lambda model: objective.evaluate(model, self.val_batches, self.device, config))
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         score = results[objective.eval_metric]
@@ -476,13 +491,19 @@ class TrainingRecipe:
     def save_checkpoint(self, kind: str, with_state: bool = True) -> Path:
         """The trained weights and tokenizer (and, with ``with_state``, the :class:`TrainState`) as the
         current ``kind`` checkpoint."""
+        # FSDP2: the full weights (and optimizer state) gathered first, by every process; None otherwise
+        gathered = self.dist.gathered_state(self.wrapped, self.state.optimizer if with_state else None)
+
         def write(folder: Path) -> None:
-            save_trained(self.model, folder, self.config)
+            if gathered is None:
+                save_trained(self.model, folder, self.config)
+            else:
+                save_gathered(self.model, folder, gathered[0])
             self.tokenizer.save_pretrained(folder)
             if with_state:
-                self.state.save(folder)
-                trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
-                           if p.requires_grad}
+                self.state.save(folder, optimizer_state=gathered[1] if gathered is not None else None)
+                trained = {n: (p.detach().cpu() if gathered is None else gathered[0][n]).contiguous()
+                           for n, p in self.model.named_parameters() if p.requires_grad}
                 save_file(trained, str(folder / TRAINABLE_FILE))
 
         path = self.checkpoints.save(kind, self.state.step, write) if self.dist.is_main else \
