@@ -160,20 +160,38 @@ def score_loss(run_dir: Path, test: Path, config) -> dict:
     return {"heldout_loss": loss, "perplexity": math.exp(loss)}
 
 
-def run_point(task: str, train: Path, test: Path, overrides: dict, out: Path) -> dict:
+def run_point(task: str, train: Path, test: Path, overrides: dict, out: Path, config_file: str | None = None) -> dict:
+    from tuneforge.config import load_config
     from tuneforge.own_data import own_data_config
     from tuneforge.training.trainer import train as run_train
 
-    name = "-".join(f"{k}={v}" for k, v in overrides.items())
+    recipe = Path(config_file).stem if config_file else "own-data"
+    name = "-".join([recipe] + [f"{k}={v}" for k, v in overrides.items()])
     sets = [f"{k}={v}" for k, v in overrides.items()] + [f"output_dir={out / task / name}", "progress=false"]
-    config = own_data_config(train, sets)
+    if config_file:       # what `tuneforge train CONFIG --data FILE` runs: the file's recipe on the user's data
+        config = load_config(config_file, [f"data.train={train}", "data.validation=null", "eval_task=null", *sets])
+    else:
+        config = own_data_config(train, sets)
     started = time.time()
     result = run_train(config)
     record = json.loads((result.run_dir / "run.json").read_text())
-    scores = score_tools(result.run_dir, test) if task == "tools" else score_loss(result.run_dir, test, config)
-    return {"task": task, **overrides, "steps": result.steps, "train_tokens": record["train_tokens_seen"],
+    # scored on the same held-out records whatever the recipe (a recipe's shorter max_length must not drop
+    # long test records from the score)
+    scores = score_tools(result.run_dir, test) if task == "tools" else score_loss(result.run_dir, test,
+                                                                                  own_data_config(train, sets))
+    return {"task": task, "recipe": recipe, **overrides, "steps": result.steps, "train_tokens": record["train_tokens_seen"],
             "wall_s": round(time.time() - started, 1), "eval_time_s": record["eval_time_s"],
             "train_wall_s": record["wall_time_s"], "best_step": record["best_step"], **scores}
+
+
+def rescore(run_dir: Path, task: str, out: Path) -> dict:
+    """Score a finished run again on the task's held-out records (``--rescore RUN_DIR``)."""
+    from tuneforge.own_data import own_data_config
+
+    train, test = tools_data(out / "data") if task == "tools" else roleplay_data(out / "data")
+    if task == "tools":
+        return score_tools(run_dir, test)
+    return score_loss(run_dir, test, own_data_config(train, [f"output_dir={out / 'rescore'}"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,17 +200,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="append", default=[], help="key=v1,v2 (repeatable; the product is run)")
     p.add_argument("--steps", default="100", help="max_steps values, comma-separated")
     p.add_argument("--out", default="/tmp/own_data_defaults")
+    p.add_argument("--config", help="train with this run config (e.g. examples/quickstart.yaml) on the task's "
+                   "data instead of the own-data defaults, as `tuneforge train CONFIG --data FILE` does")
     p.add_argument("--tokens-per-s", type=float, default=None, help="this machine's training throughput for "
                    "the default recipe (quiet machine); converts trained tokens into training seconds")
+    p.add_argument("--rescore", help="score this finished run directory on the task's held-out records, and exit")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.rescore:
+        print(json.dumps({"task": args.task, "run": args.rescore, **rescore(Path(args.rescore), args.task, out)}))
+        return 0
     train, test = tools_data(out / "data") if args.task == "tools" else roleplay_data(out / "data")
     axes = [(k, v.split(",")) for k, v in (g.split("=", 1) for g in args.grid)]
-    axes.append(("max_steps", args.steps.split(",")))
+    if args.steps:
+        axes.append(("max_steps", args.steps.split(",")))
     rows = []
     for values in itertools.product(*(v for _, v in axes)):
         overrides = dict(zip((k for k, _ in axes), values, strict=True))
-        row = run_point(args.task, train, test, overrides, out)
+        row = run_point(args.task, train, test, overrides, out, args.config)
         if args.tokens_per_s:
             row["est_train_s"] = round(row["train_tokens"] / args.tokens_per_s, 1)
         rows.append(row)
@@ -200,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    keys = [k for k, _ in axes] + ["train_tokens", "eval_time_s", "train_wall_s"] + (
+    keys = ["recipe"] + [k for k, _ in axes] + ["train_tokens", "eval_time_s", "train_wall_s"] + (
         ["tool_accuracy", "exact_json"] if args.task == "tools" else ["heldout_loss"])
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

@@ -20,6 +20,6 @@ def test_eval_throughput_bench_runs_on_tiny_settings(tiny_model_dir):
                            "--max-new-tokens", "4", "--threads", "1", "--no-harness"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tuneforge (shared prefix) | 4 |" in proc.stdout
+    assert "| tuneforge (shared prefix, tree-masked rows) | 4 |" in proc.stdout
     assert "| tuneforge (4 full sequences) | 4 |" in proc.stdout
     assert "| 5/5 |" in proc.stdout                     # batched greedy == one prompt at a time

@@ -54,8 +54,8 @@ def _trained(tmp_path, name: str, rows: list[dict], model: str):
 
 
 def test_an_adapter_trained_on_shuffled_labels_is_reported_worse_than_the_base(tmp_path, real_model_path):
-    test_file = write_jsonl(tmp_path / "test.jsonl", reviews(120, seed=1))
-    true_rows = reviews(200, seed=0)
+    test_file = write_jsonl(tmp_path / "test.jsonl", reviews(80, seed=1))
+    true_rows = reviews(160, seed=0)
     shuffled = [r["messages"][1]["content"] for r in true_rows]
     random.Random(7).shuffle(shuffled)
     broken_rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": label}]}

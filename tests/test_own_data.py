@@ -39,6 +39,7 @@ def test_init_writes_a_commented_config_that_loads(tmp_path):
     config = load_config(out)
     assert config.data.train == str(data.resolve()) and config.data.validation is None
     assert config.output_dir == "runs/my" and config.method == "lora" and config.eval_share == 0.1
+    assert (config.max_steps, config.learning_rate, config.batch_size) == (100, 1e-3, 4)     # README: how chosen
     with pytest.raises(Exception, match="exists"):
         write_init_config(data, out)
 

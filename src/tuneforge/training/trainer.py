@@ -233,6 +233,11 @@ class TrainingRecipe:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(config, self.params)
         self.steps = total_steps(config, len(data.train), dist.world)
+        per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
+        log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
+                 self.steps * per_step / max(1, len(data.train)), len(data.train),
+                 " (max_steps; set epochs or a larger max_steps to see more of the data)"
+                 if config.max_steps and self.steps * per_step < len(data.train) else "")
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
