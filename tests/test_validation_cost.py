@@ -36,12 +36,17 @@ def test_val_fraction_is_capped(tiny_model_dir, tokenizer, tmp_path):
     assert (len(uncapped.train), len(uncapped.validation)) == (300, 300)
 
 
-def test_validation_subset_fits_eval_share(tiny_model_dir, tmp_path):
+def _set_up(tiny_model_dir, tmp_path, **extra):
+    """A recipe set up (not trained) on 400 training and 300 validation examples of the same kind."""
     train = write_jsonl(tmp_path / "t.jsonl", _rows(400))
     val = write_jsonl(tmp_path / "v.jsonl", _rows(300))
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, {"train": str(train), "validation": str(val)},
-                                    max_steps=30, eval_every=10))
+    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, {"train": str(train), "validation": str(val)}, **extra))
     recipe.setup()
+    return recipe
+
+
+def test_validation_subset_fits_eval_share(tiny_model_dir, tmp_path):
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=30, eval_every=10)
     # 30 steps x 4 examples trained (~same length as the validation examples), 3 evaluations:
     # 0.1 x 3 (backward) x 120 / 3 = 12 examples fit, raised to the minimum
     assert len(recipe.val_examples) == MIN_EVAL_EXAMPLES
@@ -52,43 +57,30 @@ def test_validation_subset_fits_eval_share(tiny_model_dir, tmp_path):
     assert [e.input_ids for e in again.val_examples] == [e.input_ids for e in recipe.val_examples]
     # forward-only batches are 4x the training micro-batch
     assert len(recipe.val_batches) == MIN_EVAL_EXAMPLES // 16
-    everything = TrainingRecipe(_config(tiny_model_dir, tmp_path, {"train": str(train), "validation": str(val)},
-                                        max_steps=30, eval_every=10, eval_share=None))
-    everything.setup()
+    everything = _set_up(tiny_model_dir, tmp_path, max_steps=30, eval_every=10, eval_share=None)
     assert len(everything.val_examples) == 300
 
 
 def test_short_runs_validate_less_often_rather_than_over_budget(tiny_model_dir, tmp_path):
     """With eval_every left to its default (5 evaluations a run), a budget too small for the minimum subset at
     every evaluation spaces the evaluations out instead of exceeding eval_share; a set eval_every is kept."""
-    train = write_jsonl(tmp_path / "t.jsonl", _rows(400))
-    val = write_jsonl(tmp_path / "v.jsonl", _rows(300))
-    data = {"train": str(train), "validation": str(val)}
     # 40 steps x 4 trained: budget 0.1 x 3 x 160 = 48 validation examples over the run (same lengths):
     # one evaluation of 32 fits, five would need 160
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=40))
-    recipe.setup()
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=40)
     assert recipe.eval_every == 40 and 32 <= len(recipe.val_examples) <= 56
     # 200 steps: budget ~240 examples, five evaluations of 48 (default spacing kept)
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=200))
-    recipe.setup()
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=200)
     assert recipe.eval_every == 40 and 40 <= len(recipe.val_examples) <= 56
     # 80 steps: budget ~96: three evaluations of 32 would fit (5 would not)
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=80))
-    recipe.setup()
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=80)
     assert recipe.eval_every == 27 and len(recipe.val_examples) == 32
     # an eval_every you set is kept (the subset stays at the minimum)
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, data, max_steps=40, eval_every=8))
-    recipe.setup()
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=40, eval_every=8)
     assert recipe.eval_every == 8 and len(recipe.val_examples) == MIN_EVAL_EXAMPLES
 
 
 def test_a_long_run_validates_on_more(tiny_model_dir, tmp_path):
-    train = write_jsonl(tmp_path / "t.jsonl", _rows(400))
-    val = write_jsonl(tmp_path / "v.jsonl", _rows(300))
-    recipe = TrainingRecipe(_config(tiny_model_dir, tmp_path, {"train": str(train), "validation": str(val)},
-                                    max_steps=400, eval_every=200))
-    recipe.setup()
+    recipe = _set_up(tiny_model_dir, tmp_path, max_steps=400, eval_every=200)
     # 400 x 4 trained, 2 evaluations: 0.1 x 3 x 1600 / 2 = 240 (the lengths differ a little)
     assert 200 <= len(recipe.val_examples) <= 280
 

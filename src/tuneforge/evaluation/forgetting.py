@@ -9,9 +9,9 @@ a row holds several questions, each as its context followed by its four continua
 mask shaped like a tree (a continuation sees its question's context and its own earlier tokens, nothing
 else; positions restart per question and continue from the context into each continuation). A question
 then costs its context plus four short continuations, not four full sequences, in forwards large enough
-to keep the CPU's matrix units busy (:func:`score_mmlu`; one question at a time with a KV cache:
-:func:`choice_logliks`). Methods whose forward adds virtual tokens (prefix, prompt tuning) are scored on
-packed rows of the four full sequences instead (same numbers, tested).
+to keep the CPU's matrix units busy (:func:`score_mmlu`; one question: :func:`choice_logliks`). Methods
+whose forward adds virtual tokens (prefix, prompt tuning) are scored on packed rows of the four full
+sequences instead (same numbers, tested).
 
 The data is the original release's CSVs (question, four choices, answer letter) in ``<folder>/test/``
 (or ``val``/``dev``), never copied into tuneforge: point ``--forgetting-data`` at a copy. By default a
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,33 +87,6 @@ def split_tokens(tokenizer: PreTrainedTokenizerBase, context: str, continuation:
 
 
 @torch.no_grad()
-def _logliks_cached(model: torch.nn.Module, ctx: list[int], conts: list[list[int]], device: torch.device
-                    ) -> list[float]:
-    out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    scores = [float(first[c[0]]) for c in conts]
-    longest = max(len(c) for c in conts)
-    if longest == 1:
-        return scores
-    # transformers 5.24 renamed the KV-cache argument and output (past_key_values -> cache)
-    cache_arg = "cache" if "cache" in out.keys() else "past_key_values"
-    cache = out[cache_arg]
-    cache.batch_repeat_interleave(len(conts))
-    # right-padded continuations: a real token never attends to the padding after it (causal), so no mask
-    width = longest - 1
-    inputs = torch.tensor([c[:-1] + [c[-1]] * (width - len(c) + 1) for c in conts], device=device)
-    positions = torch.arange(len(ctx), len(ctx) + width, device=device).expand(len(conts), -1)
-    logits = model(input_ids=inputs, position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    for i, c in enumerate(conts):
-        if len(c) == 1:
-            continue
-        targets = torch.tensor(c[1:], dtype=torch.long, device=device)
-        scores[i] += float(logp[i, torch.arange(len(c) - 1, device=device), targets].sum())
-    return scores
-
-
-@torch.no_grad()
 def _logliks_packed(model: torch.nn.Module, ctx: list[int], conts: list[list[int]], method: str,
                     device: torch.device) -> list[float]:
     examples = [TokenizedExample(ctx + c, [False] * len(ctx) + [True] * len(c)) for c in conts]
@@ -126,7 +99,7 @@ def choice_logliks(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, q
     device = next(model.parameters()).device
     ctx, conts = _pieces(tokenizer, question)
     if share_prefix:
-        return _logliks_cached(model, ctx, conts, device)
+        return _logliks_tree(model, [(ctx, conts)], device)[0]
     return _logliks_packed(model, ctx, conts, method, device)
 
 
@@ -175,6 +148,22 @@ def _logliks_tree(model: torch.nn.Module, items: list[tuple[list[int], list[list
     return scores
 
 
+def _rows(items: list[tuple[list[int], list[list[int]]]], row_tokens: int
+          ) -> Iterator[list[tuple[list[int], list[list[int]]]]]:
+    """Consecutive items, greedily, at most ``row_tokens`` tokens a row (an item longer than that alone)."""
+    row: list[tuple[list[int], list[list[int]]]] = []
+    size = 0
+    for ctx, conts in items:
+        need = len(ctx) + sum(len(c) for c in conts)
+        if row and size + need > row_tokens:
+            yield row
+            row, size = [], 0
+        row.append((ctx, conts))
+        size += need
+    if row:
+        yield row
+
+
 def score_mmlu(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[Question],
                method: str = "base", share_prefix: bool = True, progress: Callable[[int], None] | None = None,
                row_tokens: int = 1024) -> dict[str, list]:
@@ -186,20 +175,8 @@ def score_mmlu(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, quest
     device = next(model.parameters()).device
     logliks: list[list[float]] = []
     if share_prefix:
-        items = [_pieces(tokenizer, q) for q in questions]
-        group: list[int] = []
-        size = 0
-        for i, (ctx, conts) in enumerate(items):
-            need = len(ctx) + sum(len(c) for c in conts)
-            if group and size + need > row_tokens:
-                logliks += _logliks_tree(model, [items[k] for k in group], device)
-                if progress:
-                    progress(len(group))
-                group, size = [], 0
-            group.append(i)
-            size += need
-        if group:
-            logliks += _logliks_tree(model, [items[k] for k in group], device)
+        for group in _rows([_pieces(tokenizer, q) for q in questions], row_tokens):
+            logliks += _logliks_tree(model, group, device)
             if progress:
                 progress(len(group))
     correct, correct_norm = [], []
