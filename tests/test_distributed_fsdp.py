@@ -204,15 +204,3 @@ def test_fsdp_refuses_what_is_not_tested_in_one_line(tiny_model_dir, tmp_path, s
     assert errors and all(line.startswith(message) for line in errors), proc.stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr)
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
-
-
-def test_deepspeed_is_refused_in_one_line(tiny_model_dir, tmp_path):
-    """DeepSpeed cannot be tested on CPUs: refused from the environment, before accelerate builds its plugin."""
-    path = _config(tmp_path, tiny_model_dir, max_steps=1)
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                 "tuneforge.cli", "train", str(path), "--set", "output_dir=refused"], tmp_path, check=False,
-                env={"ACCELERATE_USE_DEEPSPEED": "true"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all(line.startswith("error: accelerate is set up for DeepSpeed: tuneforge train runs DDP and "
-                                          "FSDP2") for line in errors), proc.stderr[-3000:]
-    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr)

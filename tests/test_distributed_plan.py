@@ -19,10 +19,10 @@ def config():
 
 def test_every_example_plans(config):
     plans = {p.stem: plan_distributed(config, read_accelerate_config(p)) for p in sorted(EXAMPLES.glob("*_*.yaml"))}
-    assert set(plans) == {"ddp_1x8", "ddp_2x8", "fsdp_1x8", "zero3_1x8"}
+    assert set(plans) == {"ddp_1x8", "ddp_2x8", "fsdp_1x8", "zero2_1x8", "zero3_1x8"}
     assert {k: (p.engine, p.processes, p.global_batch) for k, p in plans.items()} == {
         "ddp_1x8": ("DDP", 8, 64), "ddp_2x8": ("DDP", 16, 128), "fsdp_1x8": ("FSDP", 8, 64),
-        "zero3_1x8": ("ZeRO-3", 8, 64)}
+        "zero2_1x8": ("ZeRO-2", 8, 64), "zero3_1x8": ("ZeRO-3", 8, 64)}
     one = estimate_memory(config.model, config.method, config.data.max_length, config.batch_size,
                           lora_r=config.lora.r, lora_dropout=config.lora.dropout, dtype="bf16", device="cuda")
     ddp, fsdp = plans["ddp_1x8"], plans["fsdp_1x8"]
@@ -31,7 +31,14 @@ def test_every_example_plans(config):
     assert fsdp.optimizer_states == one.optimizer_states // 8
     assert one.weights // 8 < fsdp.weights < one.weights // 2
     assert fsdp.per_device < ddp.per_device and ddp.supported and fsdp.supported       # lora under FSDP2
-    assert not plans["zero3_1x8"].supported                                            # DeepSpeed: plan only
+    # ZeRO-2 partitions gradients and optimizer states, not weights; ZeRO-3 all three
+    zero2, zero3 = plans["zero2_1x8"], plans["zero3_1x8"]
+    assert zero2.weights == one.weights and zero2.optimizer_states == one.optimizer_states // 8
+    assert zero3.weights < zero2.weights and zero3.per_device < zero2.per_device < ddp.per_device
+    assert zero2.supported and zero3.supported                                         # lora under DeepSpeed
+    full = load_config(EXAMPLES / "lora.yaml")
+    full.method = "full"
+    assert not plan_distributed(full, read_accelerate_config(EXAMPLES / "zero3_1x8.yaml")).supported
 
 
 def test_plan_cli_prints_the_dry_run(capsys):

@@ -15,9 +15,10 @@ ZeRO-2      full         1/N         1/N
 ZeRO-3      1/N + 2 lay  1/N         1/N          as FSDP's full shard
 ==========  ===========  ==========  ===========  ===================================================
 
-Activations and logits are per device (each device runs its own micro-batch). What tuneforge runs today
-is DDP (tested: 2 processes with gloo equal 1 process); FSDP and DeepSpeed plans are printed so that users
-can size machines, and ``tuneforge train`` refuses those engines with one line until they are tested.
+Activations and logits are per device (each device runs its own micro-batch). What ``tuneforge train`` runs
+(each tested: 2 processes with gloo equal 1 process): DDP; FSDP2 with ``full`` or ``lora``; DeepSpeed ZeRO-2
+and ZeRO-3 with ``lora``. Other plans are printed so that users can size machines; ``tuneforge train`` refuses
+them with one line.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tuneforge.config import ConfigError, RunConfig
 from tuneforge.estimate.memory import GIB, METHODS, estimate_memory
 from tuneforge.estimate.shapes import resolve_shape
 
-SUPPORTED_ENGINES = ("DDP", "FSDP")
-FSDP_METHODS = ("full", "lora")     # what tuneforge train runs under FSDP2 (training/distributed.py refuses the rest)
+# what tuneforge train runs under each engine (training/distributed.py refuses the rest)
+ENGINE_METHODS = {"DDP": None, "FSDP": ("full", "lora"), "ZeRO-2": ("lora",), "ZeRO-3": ("lora",)}
 
 
 @dataclass
@@ -60,12 +61,15 @@ class DistributedPlan:
 
     @property
     def supported(self) -> bool:
-        return self.engine in SUPPORTED_ENGINES and (self.engine != "FSDP" or self.method in FSDP_METHODS)
+        if self.engine not in ENGINE_METHODS:
+            return False
+        methods = ENGINE_METHODS[self.engine]
+        return methods is None or self.method in methods
 
     def table(self) -> str:
         rows = [
-            ("engine", self.engine + ("" if self.supported else "  (plan only: tuneforge train runs DDP, and FSDP2 "
-                                                                "with full or lora, today)")),
+            ("engine", self.engine + ("" if self.supported else "  (plan only: tuneforge train runs DDP, FSDP2 with "
+                                                                "full or lora, ZeRO-2/3 with lora, today)")),
             ("machines x processes", f"{self.machines} x {self.processes // max(1, self.machines)} "
                                      f"= {self.processes} processes"),
             ("micro-batch per device", f"{self.micro_batch} examples of up to {self.seq} tokens, packed"),

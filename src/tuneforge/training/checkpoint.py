@@ -70,10 +70,19 @@ class CheckpointDir:
 
     def save(self, kind: str, step: int, write: Callable[[Path], None]) -> Path:
         """Call ``write(folder)`` into a new folder, then make it the current ``kind`` checkpoint."""
+        return self.commit(kind, step, self.begin(kind, step), write)
+
+    def begin(self, kind: str, step: int) -> Path:
+        """Step 1's fresh hidden folder, for :meth:`commit` (others, e.g. DeepSpeed's processes, may write
+        into it first)."""
         if not re.fullmatch(r"[a-z]+", kind):
             raise ValueError(f"checkpoint kind must be lowercase letters (got {kind!r})")
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-{step:06d}-", dir=self.root))
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-{step:06d}-", dir=self.root))
+
+    def commit(self, kind: str, step: int, tmp: Path, write: Callable[[Path], None]) -> Path:
+        """``write(tmp)``, then steps 2-4: ``tmp`` (from :meth:`begin`) becomes the current ``kind`` checkpoint;
+        on an error it is removed and the previous checkpoint stays current."""
         try:
             write(tmp)
             _fsync_tree(tmp)

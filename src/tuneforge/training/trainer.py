@@ -96,15 +96,17 @@ class _GradientCheckpointing(Protocol):
     def enable_input_require_grads(self) -> None: ...
 
 
-def prepare_for_training(model: torch.nn.Module, config: RunConfig) -> None:
+def prepare_for_training(model: torch.nn.Module, config: RunConfig, reentrant: bool = False) -> None:
     """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
-    one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode."""
+    one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode. ``reentrant``:
+    torch's reentrant checkpointing (DeepSpeed ZeRO-3, whose parameter gathering changes what the non-reentrant
+    kind sees saved between forward and recomputation)."""
     set_attention(model, PACKED_ATTENTION if config.attention == "packed_sdpa" else config.attention)
     if config.fused_rms_norm:
         fuse_rms_norm(model)
     if config.gradient_checkpointing:
         hf_model = cast(_GradientCheckpointing, model)
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if hasattr(model, "enable_input_require_grads"):
             hf_model.enable_input_require_grads()
     model.train()
@@ -122,6 +124,7 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
 TRAINABLE_FILE = "trainable.safetensors"
 # config keys that may differ when a run is resumed (they change how it reports, not what it computes)
 RESUMABLE_CHANGES = ("progress", "threads")
+MICRO_BATCHES_PER_STEP = "micro_batches_per_step"   # fingerprint key: gradient_accumulation_steps x processes
 
 
 class ResumeError(ConfigError):
@@ -221,17 +224,18 @@ class TrainingRecipe:
 
         base = load_base_model(config, dtype=self.dtype, device=self.device)
         self.model = model = apply_method(base, config, self.tokenizer)
-        prepare_for_training(model, config)
+        prepare_for_training(model, config, reentrant=dist.zero_stage == 3)
         self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
-        # several processes: forward, LM head and loss inside the engine's wrapper (DDP, FSDP2); see distributed.py.
-        # FSDP2 replaces the parameters by shards: the optimizer below is built after, over the sharded ones
-        self.wrapped = dist.wrap(ObjectiveModule(model, self.objective, config)) if dist.enabled else None
-        self.trainable, self.total = count_parameters(model)
+        self.trainable, self.total = count_parameters(model)      # before ZeRO-3 partitions the parameters
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-
+        # several processes: forward, LM head and loss inside the engine's wrapper (DDP, FSDP2, DeepSpeed); see
+        # distributed.py. FSDP2 replaces the parameters by shards (the optimizer is built over them); DeepSpeed
+        # takes the optimizer along
+        self.wrapped, optimizer = dist.prepare(
+            ObjectiveModule(model, self.objective, config),
+            lambda: make_optimizer(config, [p for p in model.parameters() if p.requires_grad]), config)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(config, self.params)
         self.steps = total_steps(config, len(data.train), dist.world)
         per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
@@ -301,13 +305,18 @@ class TrainingRecipe:
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues: the config (but for
-        :data:`RESUMABLE_CHANGES`) and the content of the data files."""
+        :data:`RESUMABLE_CHANGES`, and the accumulation, compared as accumulation x processes) and the content of
+        the data files."""
         config = self.config.model_dump(mode="json")
         for key in RESUMABLE_CHANGES:
             config.pop(key, None)
+        # every process draws a step's accumulation x processes micro-batches from one seeded stream: the data order
+        # depends on the product only, so a run may resume on other processes with the accumulation to match
+        config.pop("gradient_accumulation_steps")
         data = {"train": file_sha256(self.config.data.train),
                 "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
-        return {"config": config, "data": data}
+        return {"config": config, "data": data,
+                MICRO_BATCHES_PER_STEP: self.config.gradient_accumulation_steps * self.dist.world}
 
     def _resume(self) -> None:
         folder = self.checkpoints.current("last")
@@ -315,16 +324,17 @@ class TrainingRecipe:
             raise ResumeError(f"--resume: {self.checkpoints.root} holds no checkpoint to resume from (train with "
                               "save_every, or stop a run with SIGTERM/Ctrl-C to have one written)")
         saved = read_state(folder)
+        self._check_engine(folder, saved.get("optimizer") or {})      # first: an engine changes config defaults too
         changed = fingerprint_differences(saved["counters"]["fingerprint"], self.state.fingerprint)
+        if MICRO_BATCHES_PER_STEP in changed:
+            then = saved["counters"]["fingerprint"].get(MICRO_BATCHES_PER_STEP)
+            now = self.state.fingerprint[MICRO_BATCHES_PER_STEP]
+            changed[changed.index(MICRO_BATCHES_PER_STEP)] = (
+                f"gradient_accumulation_steps x processes ({then} then, {now} now)")
         if changed:
             raise ResumeError(f"--resume: the run in {self.run_dir} was trained with different "
                               f"{', '.join(changed)}; resume with the same config and data, or train into a new "
                               "output_dir")
-        optimizer = saved.get("optimizer") or {}
-        by_name = any(isinstance(p, str) for g in optimizer.get("param_groups", []) for p in g["params"])
-        if by_name != self.dist.sharded:   # FSDP2 saves the optimizer state keyed by parameter names
-            raise ResumeError(f"--resume: {folder} was saved {'with' if by_name else 'without'} FSDP2; resume it "
-                              f"{'with' if by_name else 'without'} FSDP2 (the same launch as the run it continues)")
         with safe_open(str(folder / TRAINABLE_FILE), framework="pt") as f:
             names = set(f.keys())
             params = dict(self.model.named_parameters())
@@ -332,18 +342,43 @@ class TrainingRecipe:
             if names != expected:
                 raise ResumeError(f"--resume: {folder / TRAINABLE_FILE} holds other trained parameters than this "
                                   f"model ({len(names ^ expected)} differ); was the method changed?")
-            if self.dist.sharded:       # FSDP2: full tensors into the sharded parameters, on every process
+            if self.dist.deepspeed:     # the engine's own checkpoint: weights and each process's optimizer part
+                self.dist.load_engine_state(self.wrapped, folder)
+            elif self.dist.sharded:     # FSDP2: full tensors into the sharded parameters, on every process
                 # in one order on every process (a set's order differs between processes; each is a collective)
                 self.dist.load_trained(self.wrapped, {name: f.get_tensor(name) for name in sorted(names)})
             else:
                 with torch.no_grad():
                     for name in names:
                         params[name].copy_(f.get_tensor(name))
-        self.state.load_state_dict(saved, load_optimizer=(
-            (lambda state: self.dist.load_optimizer(self.wrapped, self.state.optimizer, state))
-            if self.dist.sharded else None))
+        load_optimizer = None
+        if self.dist.sharded:
+            def load_optimizer(state: dict[str, Any]) -> None:
+                self.dist.load_optimizer(self.wrapped, self.state.optimizer, state)
+        elif self.dist.deepspeed:             # loaded with the engine's checkpoint above
+            def load_optimizer(state: dict[str, Any]) -> None:
+                pass
+        self.state.load_state_dict(saved, load_optimizer=load_optimizer)
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
+
+    def _check_engine(self, folder: Path, optimizer: dict[str, Any]) -> None:
+        """Refuse a resume whose optimizer state another engine wrote: FSDP2 keys it by parameter names,
+        DeepSpeed keeps it in its own partitioned checkpoint (same ZeRO stage and process count needed)."""
+        by_name = any(isinstance(p, str) for g in optimizer.get("param_groups", []) for p in g["params"])
+        saved = optimizer.get("engine") or ("fsdp2" if by_name else None)
+
+        def launch(engine: str | None, stage: Any, processes: Any) -> str:
+            if engine == "deepspeed":
+                return f"DeepSpeed ZeRO-{stage} on {processes} processes"
+            return "FSDP2" if engine == "fsdp2" else "neither FSDP2 nor DeepSpeed"
+
+        dist = self.dist
+        was = launch(saved, optimizer.get("zero_stage"), optimizer.get("processes"))
+        now = launch(dist.engine_name(), dist.zero_stage, dist.world)
+        if was != now:
+            raise ResumeError(f"--resume: {folder} was saved with {was}; this run has {now}: resume it with the same "
+                              "launch as the run it continues")
 
     # -------------------------------------------------------------------------------------- fit
 
@@ -379,7 +414,7 @@ class TrainingRecipe:
             if self.wrapped is not None:   # DDP averages gradients over processes: scale back to the step's sum
                 with dist.no_sync(self.wrapped, skip=i < len(mine) - 1):
                     out = self.wrapped(batch.to(self.device))
-                    (out.loss_sum * (dist.world / normaliser)).backward()
+                    dist.backward(self.wrapped, out.loss_sum * (dist.world / normaliser))   # DeepSpeed: and step
             else:
                 if objective.normaliser(batch) == 0:
                     continue
@@ -392,15 +427,16 @@ class TrainingRecipe:
             step_loss = dist.sum(step_loss)
             sums = {k: dist.sum(v) for k, v in sorted(sums.items())}
         # max_norm inf: the norm is measured (for the finiteness check) and nothing is scaled
-        grad_norm = dist.clip_grad_norm(self.params, config.max_grad_norm or math.inf)   # FSDP2: the full norm
+        # FSDP2: the full norm; DeepSpeed: the engine's, which has clipped and stepped (or skipped a non-finite step)
+        grad_norm = dist.clip_grad_norm(self.wrapped, self.params, config.max_grad_norm or math.inf)
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
         assert state.optimizer is not None, "train_step needs the optimizer set up by the trainer"
         if finite:
-            state.optimizer.step()
+            dist.optimizer_step(state.optimizer)
         else:
             self._non_finite(batches, step_loss, float(grad_norm))
         state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        dist.zero_grad(state.optimizer)
 
         state.step += 1
         step_tokens = sum(b.num_tokens for b in batches)
@@ -511,9 +547,14 @@ class TrainingRecipe:
                            for n, p in self.model.named_parameters() if p.requires_grad}
                 save_file(trained, str(folder / TRAINABLE_FILE))
 
-        path = self.checkpoints.save(kind, self.state.step, write) if self.dist.is_main else \
-            self.checkpoints.root / f"{kind}-{self.state.step}"
-        self.dist.barrier()
+        dist, step = self.dist, self.state.step
+        # a fresh folder from the main process; DeepSpeed's processes each write their part into it first
+        folder = dist.broadcast(self.checkpoints.begin(kind, step) if dist.is_main else None)
+        if with_state:
+            dist.save_engine_state(self.wrapped, folder)
+        path = self.checkpoints.commit(kind, step, folder, write) if dist.is_main else \
+            self.checkpoints.root / f"{kind}-{step:06d}"
+        dist.barrier()
         return path
 
     def _on_signal(self, signum: int, frame: Any) -> None:
