@@ -8,9 +8,7 @@ examples per optimizer step: per-step losses, gradient norms, learning rates and
 """
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,71 +17,30 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from _distributed_helpers import (
+    assert_resumed_bitwise,
+    assert_same_steps,
+    assert_same_weights,
+    crash_env,
+    errors,
+    hook_env,
+    metrics,
+    run,
+    run_config,
+    train_one,
+)
 
 pytest.importorskip("deepspeed")     # the [test] extra installs it; `pip install 'tuneforge[deepspeed]'` for users
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO = {stage: REPO / "examples" / "distributed" / f"zero{stage}_1x8.yaml" for stage in (2, 3)}
-ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-# a process that saves its step-3 checkpoint then stops, as a crash would (imported at start via PYTHONPATH)
-CRASH_HOOK = """
-import os
-if os.environ.get("TEST_CRASH_AFTER_STEP") and os.environ.get("LOCAL_RANK"):     # the training processes only
-    from tuneforge.training import trainer
-    _save = trainer.TrainingRecipe.save_checkpoint
-    def _save_then_crash(self, kind, with_state=True):
-        path = _save(self, kind, with_state)
-        if kind == "last" and self.state.step == int(os.environ["TEST_CRASH_AFTER_STEP"]):
-            raise SystemExit(3)
-        return path
-    trainer.TrainingRecipe.save_checkpoint = _save_then_crash
-"""
-
-
-def _rows(n):
-    return [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
-             "completion": ["billing", "shipping", "login"][i % 3]} for i in range(n)]
-
-
-def _config(tmp_path, tiny_model_dir, **settings):
-    data = write_jsonl(tmp_path / "train.jsonl", _rows(40))
-    config = {"model": str(tiny_model_dir), "device": "cpu", "threads": 1, "seed": 3,
-              "data": {"train": str(data), "val_fraction": 0.2}, "batch_size": 4, "max_steps": 5, "eval_every": 2,
-              "learning_rate": 5e-3, "warmup_steps": 1, "keep_best": False, "progress": False,
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **settings}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _run(cmd, tmp_path, check=True, env=None):
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **ENV, **(env or {})}, capture_output=True,
-                          text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def _one(config, tmp_path, out, accumulation=1):
-    """One process with the accumulation of both processes: the same global batch."""
-    return _run([sys.executable, "-m", "tuneforge.cli", "train", str(config), "--set", f"output_dir={out}",
-                 "--set", f"gradient_accumulation_steps={2 * accumulation}"], tmp_path)
 
 
 def _zero(stage, config, tmp_path, out, *extra, check=True, env=None, launch_args=()):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO[stage]),
               "--num_processes", "2", "--mixed_precision", "no", *launch_args, "-m", "tuneforge.cli", "train",
               str(config), "--set", f"output_dir={out}", *extra]
-    return _run(launch, tmp_path, check=check, env=env)
-
-
-def _metrics(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _errors(proc):
-    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    return run(launch, tmp_path, check=check, env=env)
 
 
 CASES = [
@@ -103,29 +60,19 @@ CASES = [
                               "zero3-checkpointing-accumulation"])
 def test_deepspeed_lora_equals_one_process(tiny_model_dir, tmp_path, stage, settings):
     # checkpoints save DeepSpeed's partitioned state mid-run (save_every 2)
-    path = _config(tmp_path, tiny_model_dir, save_every=2, **settings)
-    _one(path, tmp_path, "one", settings.get("gradient_accumulation_steps", 1))
+    path = run_config(tmp_path, tiny_model_dir, save_every=2, **settings)
+    train_one(path, tmp_path, "one", settings.get("gradient_accumulation_steps", 1))
     proc = _zero(stage, path, tmp_path, "two")
     accumulation = settings.get("gradient_accumulation_steps", 1)
     assert f"DeepSpeed ZeRO-{stage} over 2 processes: micro-batch {settings.get('batch_size', 4)}, " \
            f"{accumulation} accumulation steps" in proc.stderr                          # the run really was DeepSpeed
 
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
-    assert [r["lr"] for r in one] == [r["lr"] for r in two]            # our scheduler, once per optimizer step
-    for a, b in zip(one, two, strict=True):
-        assert a["trained_tokens"] == b["trained_tokens"] and a["tokens"] == b["tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        # the engine's norm of the whole (reduced, unclipped) gradient: a wrongly scaled loss would show here
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        if "eval_loss" in a:
-            assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    worst = assert_same_steps(one, two)          # the grad norm: the engine's, of the whole reduced gradient
     wa = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst < 1e-6, worst
-    print(f"ZeRO-{stage} {settings}: largest adapter difference {worst:.2g}")
+    worst["weights"] = assert_same_weights(wa, wb, 1e-6)
+    print(f"ZeRO-{stage} {settings}: largest differences {worst}")
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 5
     assert len(two) == 5                                               # only the main process wrote
@@ -133,8 +80,7 @@ def test_deepspeed_lora_equals_one_process(tiny_model_dir, tmp_path, stage, sett
     last_one = sorted((tmp_path / "one" / "checkpoints").glob("last-*"))[-1]
     last_two = sorted((tmp_path / "two" / "checkpoints").glob("last-*"))[-1]
     ta, tb = load_file(str(last_one / "trainable.safetensors")), load_file(str(last_two / "trainable.safetensors"))
-    assert ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape for k in ta)
-    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-6
+    assert_same_weights(ta, tb, 1e-6)
     parts = sorted(p.name for p in (last_two / "deepspeed" / "zero").glob("*optim_states.pt"))
     assert len(parts) == 2, parts                                      # one optimizer partition per process
 
@@ -142,32 +88,21 @@ def test_deepspeed_lora_equals_one_process(tiny_model_dir, tmp_path, stage, sett
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_deepspeed_resume_after_a_crash_is_the_uninterrupted_run(tiny_model_dir, tmp_path, stage):
-    path = _config(tmp_path, tiny_model_dir, save_every=1, max_steps=5)
+    path = run_config(tmp_path, tiny_model_dir, save_every=1, max_steps=5)
     _zero(stage, path, tmp_path, "uninterrupted")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(CRASH_HOOK)
-    crash = {"TEST_CRASH_AFTER_STEP": "3", "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-    proc = _zero(stage, path, tmp_path, "crashed", check=False, env=crash)
+    proc = _zero(stage, path, tmp_path, "crashed", check=False, env=crash_env(tmp_path))
     assert proc.returncode != 0
-    assert [r["step"] for r in _metrics(tmp_path / "crashed")] == [1, 2, 3]
+    assert [r["step"] for r in metrics(tmp_path / "crashed")] == [1, 2, 3]
     _zero(stage, path, tmp_path, "crashed", "--resume")
 
-    a, b = _metrics(tmp_path / "uninterrupted"), _metrics(tmp_path / "crashed")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
-    for ra, rb in zip(a, b, strict=True):
-        assert (ra["loss"], ra.get("eval_loss"), ra["lr"], ra["grad_norm"]) == \
-            (rb["loss"], rb.get("eval_loss"), rb["lr"], rb["grad_norm"]), (ra, rb)
-    wa = load_file(str(tmp_path / "uninterrupted" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "crashed" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resumed_bitwise(tmp_path / "uninterrupted", tmp_path / "crashed")
 
     # resuming that checkpoint with another engine is refused in one line, before any step
     other = 3 if stage == 2 else 2
     proc = _zero(other, path, tmp_path, "crashed", "--resume", check=False)
-    errors = _errors(proc)
-    assert errors and all(f"was saved with DeepSpeed ZeRO-{stage} on 2 processes; this run has DeepSpeed "
-                          f"ZeRO-{other} on 2 processes" in line for line in errors), proc.stderr[-3000:]
+    found = errors(proc)
+    assert found and all(f"was saved with DeepSpeed ZeRO-{stage} on 2 processes; this run has DeepSpeed "
+                          f"ZeRO-{other} on 2 processes" in line for line in found), proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(600)
@@ -184,11 +119,11 @@ def test_deepspeed_resume_after_a_crash_is_the_uninterrupted_run(tiny_model_dir,
 ], ids=["full", "qlora", "preference", "zero3-chunked-on", "zero3-dora", "stage1", "offload"])
 def test_deepspeed_refuses_what_is_not_tested_in_one_line(tiny_model_dir, tmp_path, stage, settings, launch_args,
                                                           message):
-    path = _config(tmp_path, tiny_model_dir, max_steps=1, **settings)
+    path = run_config(tmp_path, tiny_model_dir, max_steps=1, **settings)
     proc = _zero(stage, path, tmp_path, "refused", check=False, launch_args=launch_args)
     assert proc.returncode != 0
-    errors = _errors(proc)
-    assert errors and all(line.startswith(message) for line in errors), proc.stderr[-3000:]
+    found = errors(proc)
+    assert found and all(line.startswith(message) for line in found), proc.stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr)       # each process exited 2 (the CLI's ConfigError)
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
 
@@ -201,13 +136,13 @@ def test_a_deepspeed_config_with_its_own_optimizer_is_refused(tiny_model_dir, tm
     launch = tmp_path / "accelerate.yaml"
     launch.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_machines": 1, "num_processes": 2,
                                       "deepspeed_config": {"deepspeed_config_file": str(ds)}}))
-    path = _config(tmp_path, tiny_model_dir, max_steps=1)
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "-m",
+    path = run_config(tmp_path, tiny_model_dir, max_steps=1)
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "-m",
                  "tuneforge.cli", "train", str(path), "--set", "output_dir=refused"], tmp_path, check=False)
-    errors = _errors(proc)
-    assert errors and all(line.startswith('error: the DeepSpeed config has its own "optimizer" section: tuneforge '
+    found = errors(proc)
+    assert found and all(line.startswith('error: the DeepSpeed config has its own "optimizer" section: tuneforge '
                                           "builds AdamW")
-                          for line in errors), proc.stderr[-3000:]
+                          for line in found), proc.stderr[-3000:]
 
 
 # every micro-batch of optimizer step 2 gets a NaN loss, on every process (as an overflow would)
@@ -235,16 +170,12 @@ if os.environ.get("TEST_NAN_AT_STEP"):
 def test_a_nan_step_is_skipped_by_the_engine_as_on_one_process(tiny_model_dir, tmp_path, stage):
     """on_nonfinite: skip. DeepSpeed's engine skips a step whose gradients are not finite; the loop reports it
     as its own, and the run ends where one process (which skips it itself) ends."""
-    path = _config(tmp_path, tiny_model_dir, on_nonfinite="skip", eval_every=10)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(POISON_HOOK)
-    env = {"TEST_NAN_AT_STEP": "2", "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-    _run([sys.executable, "-m", "tuneforge.cli", "train", str(path), "--set", "output_dir=one",
-          "--set", "gradient_accumulation_steps=2"], tmp_path, env=env)
+    path = run_config(tmp_path, tiny_model_dir, on_nonfinite="skip", eval_every=10)
+    env = hook_env(tmp_path, POISON_HOOK, TEST_NAN_AT_STEP="2")
+    train_one(path, tmp_path, "one", env=env)
     proc = _zero(stage, path, tmp_path, "two", env=env)
     assert "step 2: loss nan" in proc.stderr and "skipped (1 of at most 3)" in proc.stderr
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r.get("skipped", False) for r in two] == [r.get("skipped", False) for r in one] == \
         [False, True, False, False, False]
     assert [r["lr"] for r in one] == [r["lr"] for r in two]
