@@ -128,10 +128,32 @@ class Distributed:
     def deepspeed(self) -> bool:
         return self.zero_stage > 0
 
-    def engine_name(self) -> str | None:
-        """What a checkpoint's optimizer state depends on: ``fsdp2``, ``deepspeed``, or None (one process and
-        DDP, whose states are alike)."""
-        return "fsdp2" if self.sharded else "deepspeed" if self.deepspeed else None
+    def launch_of(self, optimizer_state: dict[str, Any] | None = None) -> str:
+        """What a checkpoint's optimizer state depends on, in words: of this run, or of a saved
+        ``optimizer_state`` (FSDP2 keys it by parameter names; DeepSpeed's record names stage and processes;
+        one process and DDP save alike)."""
+        stage: Any
+        processes: Any
+        if optimizer_state is None:
+            engine, stage, processes = ("fsdp2" if self.sharded else "deepspeed" if self.deepspeed else None,
+                                        self.zero_stage, self.world)
+        else:
+            by_name = any(isinstance(p, str) for g in optimizer_state.get("param_groups", []) for p in g["params"])
+            engine = optimizer_state.get("engine") or ("fsdp2" if by_name else None)
+            stage, processes = optimizer_state.get("zero_stage"), optimizer_state.get("processes")
+        if engine == "deepspeed":
+            return f"DeepSpeed ZeRO-{stage} on {processes} processes"
+        return "FSDP2" if engine == "fsdp2" else "neither FSDP2 nor DeepSpeed"
+
+    def optimizer_loader(self, wrapped: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> Any:
+        """How :meth:`TrainState.load_state_dict` loads the optimizer's saved state: None for
+        ``optimizer.load_state_dict``; FSDP2 into the shards; DeepSpeed not at all (:meth:`load_engine_state`
+        loaded it with the engine's checkpoint)."""
+        if self.sharded:
+            return lambda state: self.load_optimizer(wrapped, optimizer, state)
+        if self.deepspeed:
+            return lambda state: None
+        return None
 
     def device(self) -> torch.device | None:
         return self.accelerator.device if self.accelerator is not None else None

@@ -351,31 +351,13 @@ class TrainingRecipe:
                 with torch.no_grad():
                     for name in names:
                         params[name].copy_(f.get_tensor(name))
-        load_optimizer = None
-        if self.dist.sharded:
-            def load_optimizer(state: dict[str, Any]) -> None:
-                self.dist.load_optimizer(self.wrapped, self.state.optimizer, state)
-        elif self.dist.deepspeed:             # loaded with the engine's checkpoint above
-            def load_optimizer(state: dict[str, Any]) -> None:
-                pass
-        self.state.load_state_dict(saved, load_optimizer=load_optimizer)
+        self.state.load_state_dict(saved, load_optimizer=self.dist.optimizer_loader(self.wrapped, self.state.optimizer))
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
 
     def _check_engine(self, folder: Path, optimizer: dict[str, Any]) -> None:
-        """Refuse a resume whose optimizer state another engine wrote: FSDP2 keys it by parameter names,
-        DeepSpeed keeps it in its own partitioned checkpoint (same ZeRO stage and process count needed)."""
-        by_name = any(isinstance(p, str) for g in optimizer.get("param_groups", []) for p in g["params"])
-        saved = optimizer.get("engine") or ("fsdp2" if by_name else None)
-
-        def launch(engine: str | None, stage: Any, processes: Any) -> str:
-            if engine == "deepspeed":
-                return f"DeepSpeed ZeRO-{stage} on {processes} processes"
-            return "FSDP2" if engine == "fsdp2" else "neither FSDP2 nor DeepSpeed"
-
-        dist = self.dist
-        was = launch(saved, optimizer.get("zero_stage"), optimizer.get("processes"))
-        now = launch(dist.engine_name(), dist.zero_stage, dist.world)
+        """Refuse a resume whose optimizer state another engine wrote (see :meth:`Distributed.launch_of`)."""
+        was, now = self.dist.launch_of(optimizer), self.dist.launch_of()
         if was != now:
             raise ResumeError(f"--resume: {folder} was saved with {was}; this run has {now}: resume it with the same "
                               "launch as the run it continues")
