@@ -167,4 +167,8 @@ def test_save_every_writes_weights_and_trainer_state_under_the_pointer(tiny_mode
     assert ckpt.current("best") is not None
     assert not (tmp_path / "run" / "trainer_state.pt").exists()   # the run's top level holds the model only
     assert json.loads((tmp_path / "run" / "run.json").read_text())["eval_metric"] == "eval_loss"
-    assert sorted(p.name for p in ckpt.root.iterdir() if p.is_dir()) == sorted([last.name, ckpt.current("best").name])
+    # keep_checkpoints (2): the last complete checkpoint before it stays, named by the pointer, for --resume to fall
+    # back to; nothing older
+    assert sorted(p.name for p in ckpt.root.iterdir() if p.is_dir()) == sorted(
+        ["last-000002", last.name, ckpt.current("best").name])
+    assert [c.step for c in ckpt.candidates("last")[0]] == [4, 2]

@@ -1,10 +1,14 @@
 """Faults during training: a NaN/inf loss stops the run naming the step and its examples (or skips, up to a
-limit) and keeps the last checkpoint; a diverging loss gets a warning (or a stop)."""
+limit) and keeps the last checkpoint; a diverging or collapsed loss stops it (or gets a warning); a run that ends
+worse than it started fails and never writes the worse weights as its output."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from conftest import write_jsonl
 from tuneforge.config import load_config
 from tuneforge.training.checkpoint import CheckpointDir
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
-from tuneforge.training.trainer import DivergenceError, NonFiniteLossError, train
+from tuneforge.training.trainer import CollapseError, DivergenceError, NonFiniteLossError, RunRegressed, train
 
 
 @pytest.fixture()
@@ -99,24 +103,114 @@ def trained_model_dir(tiny_model_dir, data, tmp_path):
     return out
 
 
-def test_divergence_is_warned_about_or_stops(trained_model_dir, data, tmp_path, caplog):
-    """learning_rate=1e4 (the issue's example): the loss jumps and stays far above its first value."""
-    settings = dict(max_steps=8, learning_rate=1e4, lr_scheduler="constant", warmup_ratio=0.0, save_every=None)
+def test_divergence_stops_by_default_or_is_warned_about(trained_model_dir, data, tmp_path, caplog):
+    """learning_rate=0.3 on the trained model: the loss jumps to 8-12 and stays above 1.5 x its first value (4.6),
+    without collapsing (neither ln V nor zero gradients)."""
+    settings = dict(max_steps=8, learning_rate=0.3, lr_scheduler="constant", warmup_ratio=0.0, save_every=2)
     with caplog.at_level(logging.WARNING, logger="tuneforge.training.trainer"):
-        result = train(_config(trained_model_dir, data, tmp_path / "warn", **settings))
+        result = train(_config(trained_model_dir, data, tmp_path / "warn", on_divergence="warn", **settings))
     losses = [r["loss"] for r in result.metrics]
-    assert losses[-1] > 1.5 * losses[0], losses
+    assert max(losses[1:4]) > 1.5 * losses[0], losses
     assert any("training is diverging" in r.message for r in caplog.records), losses
     assert sum(r.get("warning") == "diverging" for r in result.metrics) >= 1
-    with pytest.raises(DivergenceError, match="stayed above 1.5 x its first value .* for 3 steps"):
-        train(_config(trained_model_dir, data, tmp_path / "stop", on_divergence="stop", **settings))
+    out = tmp_path / "stop"
+    with pytest.raises(DivergenceError, match="stayed above 1.5 x its first value .* for 3 steps") as err:
+        train(_config(trained_model_dir, data, out, **settings))            # on_divergence: stop is the default
+    assert not isinstance(err.value, CollapseError)
+    assert f"the last is {out / 'checkpoints' / 'last-000002'}" in str(err.value)
+    assert not _weights(out) and not (out / "run.json").exists()
 
 
-def test_a_normal_run_gets_no_divergence_warning(trained_model_dir, data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="tuneforge.training.trainer"):
-        result = train(_config(trained_model_dir, data, tmp_path / "ok", max_steps=6, learning_rate=3e-3))
-    assert not any("diverging" in r.message for r in caplog.records)
+def test_a_collapsed_run_stops_like_a_nan_and_ships_nothing(trained_model_dir, data, tmp_path):
+    """The issue's run: learning_rate=1e4 sits at ln V (10.80, a uniform guess) with gradient norm exactly 0 and no
+    NaN. It used to end with exit 0 and the destroyed adapter as the run's output; now it stops at the third such step
+    with exit status 1 and one line naming the step and the likely cause, and writes no weights as the output. With a
+    divergence factor no loss can reach, the collapse check alone stops it."""
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "collapsed"
+    config.write_text(_config(trained_model_dir, data, out, max_steps=12, learning_rate=1e4, lr_scheduler="constant",
+                              warmup_ratio=0.0, save_every=None).model_dump_json())
+    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", str(config), "--set",
+                           "divergence_factor=1000"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "step 4: training has collapsed: the loss (10.8" in error[0] and "uniform guess" in error[0]
+    assert "gradient norm is exactly 0" in error[0] and "learning_rate=10000" in error[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]                     # step 4 raised before its row was logged
+    assert all(abs(r["loss"] - math.log(49152)) < 0.2 for r in rows[1:]) and rows[2]["grad_norm"] == 0, rows
+    assert not _weights(out)
+    with pytest.raises(CollapseError):                  # and warned about, not stopped, with on_divergence: warn
+        train(_config(trained_model_dir, data, tmp_path / "api", max_steps=5, learning_rate=1e4,
+                      lr_scheduler="constant", warmup_ratio=0.0, save_every=None, divergence_factor=1000))
+    result = train(_config(trained_model_dir, data, tmp_path / "warned", max_steps=5, learning_rate=1e4,
+                           lr_scheduler="constant", warmup_ratio=0.0, save_every=None, on_divergence="warn"))
+    assert [r.get("warning") for r in result.metrics][3] == "collapsed"
+
+
+def test_a_random_model_at_ln_v_is_not_collapsed(tiny_model_dir, data, tmp_path):
+    """A freshly initialised model starts at ln V: sitting there is where it began, not a collapse."""
+    result = train(_config(tiny_model_dir, data, tmp_path / "fresh", max_steps=5, learning_rate=1e-5,
+                           save_every=None))
+    assert all(abs(r["loss"] - math.log(49152)) < 0.2 for r in result.metrics), result.metrics
     assert all(r.get("warning") is None for r in result.metrics)
+
+
+def _weights(run_dir):
+    """The weight files at the top of a run directory (its output)."""
+    return sorted(p.name for p in run_dir.glob("*.safetensors"))
+
+
+def _swapped_labels(data, tmp_path):
+    swap = {"billing": "login", "shipping": "billing", "login": "shipping"}
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return write_jsonl(tmp_path / "wrong.jsonl", [{**r, "completion": swap[r["completion"]]} for r in rows])
+
+
+@pytest.fixture()
+def labelled_model_dir(tiny_model_dir, data, tmp_path):
+    """The tiny model fully fine-tuned until it answers the data's labels (loss well under 1)."""
+    out = tmp_path / "labelled"
+    train(_config(tiny_model_dir, data, out, method="full", learning_rate=1e-2, max_steps=40, save_every=None,
+                  lr_scheduler="constant", warmup_ratio=0.0))
+    return out
+
+
+def test_a_run_that_ends_worse_than_it_started_fails_and_keeps_the_better_weights(labelled_model_dir, data, tmp_path):
+    """Trained on wrong labels and validated on the right ones: the training loss falls (nothing diverges), the
+    validation loss rises past the model's before training. The run writes its directory, marks it regressed,
+    never writes the worse weights as its output, and fails (exit status 1 from the CLI)."""
+    wrong = _swapped_labels(data, tmp_path)
+    settings = dict(max_steps=8, method="full", learning_rate=1e-2, save_every=None, eval_every=4)
+
+    def config(out, **extra):
+        c = _config(labelled_model_dir, wrong, out, **{**settings, **extra})
+        c.data.validation = str(data)
+        return c
+
+    out = tmp_path / "regressed"
+    with pytest.raises(RunRegressed, match=r"worse than the model's before training") as err:
+        train(config(out))
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "regressed" and record["problems"] and record["weights_from_step"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] and evals[-1] > 1.01 * record["base_eval_loss"], (rows, record)
+    assert not _weights(out) and "no weights were written" in str(err.value)
+    # keep_best: the best checkpoint is the output only when it beats the model before training; here none does
+    out = tmp_path / "regressed_best"
+    with pytest.raises(RunRegressed):
+        train(config(out, keep_best=True))
+    assert not _weights(out)
+    # on_divergence: warn accepts the run (marked regressed); a run on the right labels passes the check
+    warned = train(config(tmp_path / "warned", on_divergence="warn"))
+    assert json.loads((warned.run_dir / "run.json").read_text())["status"] == "regressed"
+    assert _weights(warned.run_dir) == ["model.safetensors"]
+    good = train(config(tmp_path / "good", keep_best=True, learning_rate=1e-3) .model_copy(
+        update={"data": config(tmp_path / "x").data.model_copy(update={"train": str(data)})}))
+    record = json.loads((good.run_dir / "run.json").read_text())
+    assert record["status"] == "ok" and record["best_eval_loss"] <= record["base_eval_loss"], record
 
 
 def test_an_unwritable_or_full_output_dir_fails_before_any_model_loads(tmp_path, monkeypatch):

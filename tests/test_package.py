@@ -290,3 +290,21 @@ def test_eval_report_results_go_into_the_card(tmp_path):
     values = [m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]]
     assert values == [0.75, 0.29]
     assert "wrong_label" in card and "0.310 (base) -> 0.290" in card
+
+
+def test_a_regressed_run_is_not_shipped_unless_asked(tmp_path, tiny_model_dir, tokenizer):
+    """A run that ended worse than it started (run.json status: regressed, written with on_divergence: warn) is
+    refused by package and both exports in one line naming its problems; --allow-regressed packages it."""
+    from test_merge import make_run
+
+    run = make_run(tmp_path, tiny_model_dir, tokenizer, "lora")
+    record = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    problem = "the final eval_loss (5.1, step 8) is worse than the model's before training (4.2)"
+    (run / "run.json").write_text(json.dumps({**record, "status": "regressed", "problems": [problem]}))
+    proc = _cli("package", run, "--out", tmp_path / "pkg")
+    assert proc.returncode == 2 and f"ended worse than it started ({problem})" in proc.stderr, proc.stderr
+    assert "--allow-regressed" in proc.stderr and not (tmp_path / "pkg").exists()
+    for fmt in ("gguf", "gguf-lora"):
+        proc = _cli("export", run, "--format", fmt)
+        assert proc.returncode == 2 and "ended worse than it started" in proc.stderr, proc.stderr
+    assert package_run(run, tmp_path / "pkg", allow_regressed=True).out_dir.is_dir()

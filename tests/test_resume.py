@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,3 +164,81 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tiny_model_dir,
             folder / "trainable.safetensors").is_file(), round_
         train(load_config(config_file), resume=True)
         _assert_same_run(uninterrupted, out)
+
+
+def _crashed_after(tiny_model_dir, data, out, step, monkeypatch):
+    """A run of :func:`_settings` that saved its step-``step`` checkpoint and then died."""
+    config = load_config(data=_settings(tiny_model_dir, data, out))
+    original = TrainingRecipe.save_checkpoint
+
+    def crash(self, kind, with_state=True):
+        path = original(self, kind, with_state)
+        if kind == "last" and self.state.step == step:
+            raise Killed
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainingRecipe, "save_checkpoint", crash)
+        with pytest.raises(Killed):
+            train(config)
+    return config
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["trainable.safetensors", "trainer_state.pt", "adapter_model.safetensors",
+                                    "last.json"])
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(
+        tiny_model_dir, data, tmp_path, uninterrupted, monkeypatch, caplog, damage):
+    """keep_checkpoints (2) keeps steps 3 and 4; the newest checkpoint's weights, trainer state or pointer is cut in
+    half. --resume says so in one line, sets the damaged folder aside, continues from step 3, and still ends bitwise as
+    the run that was never stopped."""
+    out = tmp_path / "damaged"
+    config = _crashed_after(tiny_model_dir, data, out, 4, monkeypatch)
+    ckpt = CheckpointDir(out / "checkpoints")
+    assert [c.step for c in ckpt.candidates("last")[0]] == [4, 3]
+    _truncate(ckpt.root / damage if damage == "last.json" else ckpt.current("last") / damage)
+    with caplog.at_level(logging.INFO, logger="tuneforge.training.trainer"):
+        train(config, resume=True)
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING and "--resume" in r.message]
+    if damage == "last.json":      # the pointer: the folders themselves are found, the newest (intact) is used
+        assert warnings == [f"--resume: {ckpt.root / 'last.json'} is unreadable (JSONDecodeError: "
+                            + warnings[0].split("(JSONDecodeError: ", 1)[1]]
+        assert "looking at the checkpoint folders themselves" in warnings[0]
+        assert any("resumed from" in r.message and "step 4" in r.message for r in caplog.records)
+    else:
+        assert len(warnings) == 1 and f"last-000004 (step 4) is damaged ({damage}: " in warnings[0], warnings
+        assert "moved to damaged-last-000004. Falling back to last-000003 (step 3)" in warnings[0]
+        assert (ckpt.root / "damaged-last-000004").is_dir()
+        assert any("resumed from" in r.message and "step 3" in r.message for r in caplog.records)
+    _assert_same_run(uninterrupted, out)
+
+
+def test_resume_refuses_in_one_line_when_every_checkpoint_is_damaged(tiny_model_dir, data, tmp_path, monkeypatch):
+    out = tmp_path / "ruined"
+    config = _crashed_after(tiny_model_dir, data, out, 2, monkeypatch)
+    ckpt = CheckpointDir(out / "checkpoints")
+    for candidate in ckpt.candidates("last")[0]:
+        _truncate(candidate.folder / "trainer_state.pt")
+    with pytest.raises(ResumeError, match=r"every checkpoint in .* is damaged \(last-000002: trainer_state.pt: .*; "
+                                          r"last-000001: trainer_state.pt: .*\); train into a new output_dir"):
+        train(config, resume=True)
+
+
+def test_a_moved_run_and_data_resume_by_content(tiny_model_dir, data, tmp_path, uninterrupted, monkeypatch):
+    """A run is known by its config and its data's content, not by where they are: the run folder and the data file
+    moved elsewhere resume and end bitwise as the run never stopped; changed content is still refused."""
+    config = _crashed_after(tiny_model_dir, data, tmp_path / "here", 3, monkeypatch)
+    moved_data = tmp_path / "elsewhere" / "train.jsonl"
+    moved_data.parent.mkdir()
+    shutil.move(data, moved_data)
+    shutil.move(tmp_path / "here", tmp_path / "elsewhere" / "run")
+    moved = tmp_path / "elsewhere" / "run"
+    settings = {**_settings(tiny_model_dir, moved_data, moved)}
+    train(load_config(data=settings), resume=True)
+    _assert_same_run(uninterrupted, moved)
+    assert config.output_dir != str(moved)
+    with pytest.raises(ResumeError, match=r"different config\.learning_rate;"):
+        train(load_config(data={**settings, "learning_rate": 1e-3}), resume=True)

@@ -96,7 +96,10 @@ def test_eval_time_is_reported(tiny_model_dir, tmp_path):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["eval_seconds"] > 0 for r in evals)
     record = json.loads((result.run_dir / "run.json").read_text())
-    assert record["eval_time_s"] == pytest.approx(sum(r["eval_seconds"] for r in evals), abs=0.01)
+    # eval_base: one more pass before the first step, counted in the total
+    assert record["base_eval_seconds"] > 0 and record["base_eval_loss"] > 0
+    assert record["eval_time_s"] == pytest.approx(sum(r["eval_seconds"] for r in evals) + record["base_eval_seconds"],
+                                                  abs=0.01)
     assert record["eval_examples"] == 12
 
 

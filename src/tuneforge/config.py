@@ -114,15 +114,26 @@ class RunConfig(Settings):
     eval_batch_size: int | None = Field(None, ge=1, description="examples per forward-only validation micro-batch; "
                                                                 "default 4 x batch_size")
     save_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="complete `last` checkpoints kept (save_every, SIGTERM): "
+                                                       "--resume falls back to an older one when the newest is damaged")
     keep_best: bool = True
+    eval_base: bool = Field(True, description="validate the model before the first step (its method disabled: the "
+                                              "base model), the yardstick of the end-of-run check (on_divergence)")
     early_stopping_patience: int | None = Field(None, ge=1)
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step")
     max_skipped_steps: int = Field(3, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps")
-    on_divergence: Literal["warn", "stop", "off"] = Field(
-        "warn", description="the loss stays above divergence_factor x its first value for divergence_steps steps")
+    on_divergence: Literal["stop", "warn", "off"] = Field(
+        "stop", description="a ruined run: the loss stays above divergence_factor x its first value, or training "
+        "collapses (the loss at ln(vocabulary) after starting below it, or a gradient norm of exactly 0), for "
+        "divergence_steps steps; or the final validation is worse than the model before training or than the first "
+        "validation. stop: end the run with exit status 1, never writing worse weights as its output (the best "
+        "checkpoint kept); warn: log it and go on")
     divergence_factor: float = Field(1.5, gt=1)
     divergence_steps: int = Field(3, ge=1)
+    regression_tolerance: float = Field(
+        0.01, ge=0, description="the end-of-run check's slack: the final validation may be this much (relative) "
+                                "worse than its yardsticks")
     eval_task: EvalTask | None = None
     eval: EvalSettings | None = None    # tuneforge eval's settings (evaluation/settings.py)
 

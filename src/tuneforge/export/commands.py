@@ -53,6 +53,8 @@ def add_package_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--base-model-id", default=None, metavar="HUB_ID",
                    help="Hub id of the base model for the card (default: known for built-in models)")
     p.add_argument("--intended-use", default=None, metavar="TEXT", help="the card's 'Intended use' paragraph")
+    p.add_argument("--allow-regressed", action="store_true",
+                   help="package a run that ended worse than it started (run.json status: regressed)")
     p.set_defaults(func=run_package_command)
     return p
 
@@ -63,7 +65,7 @@ def run_package_command(args: argparse.Namespace) -> int:
 
     try:
         report = package_run(args.run, args.out, license=args.license, base_model_id=args.base_model_id,
-                             intended_use=args.intended_use)
+                             intended_use=args.intended_use, allow_regressed=args.allow_regressed)
     except (NotARunError, BaseModelMismatch) as e:
         print(f"tuneforge package: {e}", file=sys.stderr)
         return 2
@@ -88,6 +90,8 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--out", default=None, metavar="FILE",
                    help="GGUF file to write (default: RUN/export/<run name>-<quant>.gguf or <run name>-lora.gguf)")
     p.add_argument("--no-check", action="store_true", help="skip loading the file back and comparing")
+    p.add_argument("--allow-regressed", action="store_true",
+                   help="export a run that ended worse than it started (run.json status: regressed)")
     p.set_defaults(func=run_export_command)
     return p
 
@@ -101,9 +105,10 @@ def run_export_command(args: argparse.Namespace) -> int:
 
     try:
         if args.format == "gguf-lora":
-            print(f"export gguf-lora -> {export_gguf_lora(args.run, args.out)}")
+            print(f"export gguf-lora -> {export_gguf_lora(args.run, args.out, allow_regressed=args.allow_regressed)}")
             return 0
-        report = export_gguf(args.run, args.out, quant=args.quant, check=not args.no_check)
+        report = export_gguf(args.run, args.out, quant=args.quant, check=not args.no_check,
+                             allow_regressed=args.allow_regressed)
     except (NotARunError, NotMergeableError, BaseModelMismatch, UnsupportedModelError, FileNotFoundError) as e:
         print(f"tuneforge export: {e}", file=sys.stderr)
         return 2

@@ -388,7 +388,8 @@ def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompt
 # ------------------------------------------------------------------------------------------------- export
 
 def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: str = "f16", check: bool = True,
-                check_prompts: list[str] | None = None, max_new_tokens: int = 8) -> ExportReport:
+                check_prompts: list[str] | None = None, max_new_tokens: int = 8,
+                allow_regressed: bool = False) -> ExportReport:
     """Merge the run (or package) ``run_dir`` and write it as a GGUF file; check the round trip.
 
     Full fine-tunes are written as they are; LoRA / DoRA / IA3 / QLoRA adapters are merged first (in fp32,
@@ -403,7 +404,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     run_dir = Path(run_dir)
-    config, method, _ = _run_files(run_dir)
+    config, method, _ = _run_files(run_dir, allow_regressed)
     out = Path(out_file) if out_file else run_dir / "export" / f"{run_dir.resolve().name}-{quant}.gguf"
     prompts = list(check_prompts or DEFAULT_PROMPTS)
     out.parent.mkdir(parents=True, exist_ok=True)

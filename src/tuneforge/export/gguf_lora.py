@@ -113,13 +113,13 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
     return shapes
 
 
-def export_gguf_lora(run_dir: str | Path, out_file: str | Path | None = None) -> Path:
+def export_gguf_lora(run_dir: str | Path, out_file: str | Path | None = None, allow_regressed: bool = False) -> Path:
     """Write the LoRA adapter of a run or package as ``<run_dir>/export/<name>-lora.gguf`` (or ``out_file``)."""
     from tuneforge.export.package import NotARunError, _run_files, verify_base_model
     from tuneforge.models.registry import resolve_model
 
     run_dir = Path(run_dir)
-    config, method, _ = _run_files(run_dir)
+    config, method, _ = _run_files(run_dir, allow_regressed)
     if method.is_full_model:
         raise NotARunError(f"{run_dir} is a full fine-tune, not an adapter: export it with --format gguf")
     verify_base_model(run_dir, config.model)

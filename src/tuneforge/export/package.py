@@ -127,8 +127,9 @@ class PackageReport:
         return "\n".join(lines)
 
 
-def _run_files(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """(config, method record, run.json) of a finished run; :class:`NotARunError` when it is not one."""
+def _run_files(run_dir: Path, allow_regressed: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(config, method record, run.json) of a finished run; :class:`NotARunError` when it is not one, or when it
+    ended worse than it started (``run.json``'s ``status: regressed``; ``allow_regressed`` takes it all the same)."""
     from tuneforge.config import ConfigError, load_config
     from tuneforge.methods.registry import get_method
 
@@ -144,6 +145,12 @@ def _run_files(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
         method = get_method(config.method)
     except ValueError as e:
         raise NotARunError(f"{run_dir / 'config.yaml'}: {e}") from None
+    record: dict[str, Any] = {}
+    if (run_dir / "run.json").is_file():
+        record = json.loads((run_dir / "run.json").read_text())
+    if record.get("status") == "regressed" and not allow_regressed:
+        raise NotARunError(f"{run_dir} ended worse than it started ({'; '.join(record.get('problems', []))}): it is "
+                           "not shipped. Retrain it (lower learning_rate, check the data), or pass --allow-regressed")
     needed = FULL_MODEL_FILES[:1] if method.is_full_model else ADAPTER_FILES
     missing = [f for f in needed if not (run_dir / f).is_file()]
     if method.is_full_model and not list(run_dir.glob("*.safetensors")):
@@ -151,9 +158,6 @@ def _run_files(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     if missing:
         raise NotARunError(f"{run_dir} has no {', '.join(missing)}: the run did not finish (train it to the end, "
                            "or resume it with `tuneforge train CONFIG --resume`)")
-    record: dict[str, Any] = {}
-    if (run_dir / "run.json").is_file():
-        record = json.loads((run_dir / "run.json").read_text())
     return config, method, record
 
 
@@ -336,7 +340,8 @@ def _copy_files(run_dir: Path, out: Path, names: list[str]) -> None:
 
 
 def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = None,
-                base_model_id: str | None = None, intended_use: str | None = None) -> PackageReport:
+                base_model_id: str | None = None, intended_use: str | None = None,
+                allow_regressed: bool = False) -> PackageReport:
     """Write the package of a finished run to ``out_dir``; return what was written.
 
     Args:
@@ -347,6 +352,7 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
         base_model_id: the Hub id of the base model for the card (default: known for built-in models, else
             the ``model:`` of the run config).
         intended_use: a paragraph for the card's "Intended use" (default: a generic one).
+        allow_regressed: package a run that ended worse than it started (refused by default).
 
     Raises :class:`NotARunError` for a folder that is not a finished run, and :class:`BaseModelMismatch`
     when the base model's weights changed since training (``run.json``'s hash differs from the current one).
@@ -357,7 +363,7 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
     from tuneforge.training.run_record import library_versions
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    config, method, record = _run_files(run_dir)
+    config, method, record = _run_files(run_dir, allow_regressed)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise NotARunError(f"{out} exists and is not a tuneforge package: give an empty or new folder as --out")
     kind = "full_model" if method.is_full_model else "adapter"

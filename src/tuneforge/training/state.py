@@ -58,6 +58,10 @@ class TrainState:
     skipped_steps: int = 0                    # steps whose loss or gradients were not finite
     first_loss: float | None = None           # the divergence check's yardstick
     diverging_steps: int = 0
+    collapsed_steps: int = 0                  # consecutive steps at a uniform guess or with zero gradients
+    base_score: float | None = None           # validation of the model before training (eval_base)
+    first_eval: tuple[int, float] | None = None   # (step, score) of the first validation during training
+    last_eval: tuple[int, float] | None = None    # (step, score) of the latest
     fingerprint: dict[str, Any] = field(default_factory=dict)   # what a resumed run must match (config, data)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)

@@ -37,11 +37,11 @@ from tuneforge.config import ConfigError, RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.fileutil import file_sha256
-from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, save_trained
+from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled, save_trained
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
-from tuneforge.training.checkpoint import CheckpointDir, copy_files
+from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import ObjectiveModule, save_gathered, setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
@@ -122,8 +122,9 @@ def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 TRAINABLE_FILE = "trainable.safetensors"
-# config keys that may differ when a run is resumed (they change how it reports, not what it computes)
-RESUMABLE_CHANGES = ("progress", "threads")
+# config keys that may differ when a run is resumed (they change how it reports, not what it computes, or where its
+# files are: a run is known by its config and its data's content, so a moved run folder or data file resumes)
+RESUMABLE_CHANGES = ("progress", "threads", "output_dir", "keep_checkpoints", "data.train", "data.validation")
 MICRO_BATCHES_PER_STEP = "micro_batches_per_step"   # fingerprint key: gradient_accumulation_steps x processes
 
 
@@ -143,6 +144,15 @@ class DivergenceError(TrainingFailed):
     """The loss stayed far above its first value (``on_divergence: stop``)."""
 
 
+class CollapseError(DivergenceError):
+    """Training collapsed: the loss sat at a uniform guess, or the gradients were exactly 0, for several steps."""
+
+
+class RunRegressed(TrainingFailed):
+    """The run ended worse than it started (final validation vs the model before training or the first
+    validation); the run directory was written without the worse weights as its output."""
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGTERM or SIGINT stopped training after a step; the last checkpoint holds it (``--resume`` continues)."""
 
@@ -150,6 +160,41 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; saved {checkpoint}. "
                          "Continue with `tuneforge train CONFIG --resume`.")
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint folder that does not read back whole (the message names the file and the error)."""
+
+
+def _read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The saved :class:`TrainState` of ``folder``, after checking that its trainer state and every safetensors
+    file in it read back whole (a truncated file raises :class:`CheckpointDamaged`)."""
+    path = folder / STATE_FILE
+    try:
+        saved = read_state(folder)
+        if not isinstance(saved, dict) or "counters" not in saved:
+            raise ValueError("not a trainer state")
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_tensor(name)
+    except Exception as e:        # torch.load, safetensors and the file system each raise their own kinds
+        raise CheckpointDamaged(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                ) from None
+    return saved
+
+
+def _without_resumable_changes(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a dumped run config) less the :data:`RESUMABLE_CHANGES` keys (dotted: nested)."""
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for key in RESUMABLE_CHANGES:
+        *parents, last = key.split(".")
+        section: dict[str, Any] = config
+        for parent in parents:
+            inner = section.get(parent)
+            section = inner if isinstance(inner, dict) else {}
+        section.pop(last, None)
+    return config
 
 
 MIN_FREE_BYTES = 256 * 2**20
@@ -223,6 +268,8 @@ class TrainingRecipe:
                  data.train_tokens, len(data.rejects))
 
         base = load_base_model(config, dtype=self.dtype, device=self.device)
+        # the collapse check's mark: the loss of a uniform guess over the vocabulary (SFT, pretraining)
+        self.uniform_loss = self.objective.uniform_loss(getattr(base.config, "vocab_size", None))
         self.model = model = apply_method(base, config, self.tokenizer)
         prepare_for_training(model, config, reentrant=dist.zero_stage == 3)
         self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
@@ -248,7 +295,7 @@ class TrainingRecipe:
         self.eval_every, self.val_examples = self._validation_plan(data)
         self.val_batches = list(self.objective.micro_batches(
             self.val_examples, config.eval_batch_size or 4 * config.batch_size, config.seed, 0, shuffle=False))
-        self.eval_seconds = 0.0
+        self.eval_seconds = self.base_eval_seconds = 0.0
         self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint())
         if self.resume:
             self._resume()             # last: it restores the RNG streams that set-up has drawn from
@@ -307,9 +354,7 @@ class TrainingRecipe:
         """What a resumed run must share with the run it continues: the config (but for
         :data:`RESUMABLE_CHANGES`, and the accumulation, compared as accumulation x processes) and the content of
         the data files."""
-        config = self.config.model_dump(mode="json")
-        for key in RESUMABLE_CHANGES:
-            config.pop(key, None)
+        config = _without_resumable_changes(self.config.model_dump(mode="json"))
         # every process draws a step's accumulation x processes micro-batches from one seeded stream: the data order
         # depends on the product only, so a run may resume on other processes with the accumulation to match
         config.pop("gradient_accumulation_steps")
@@ -318,19 +363,52 @@ class TrainingRecipe:
         return {"config": config, "data": data,
                 MICRO_BATCHES_PER_STEP: self.config.gradient_accumulation_steps * self.dist.world}
 
-    def _resume(self) -> None:
-        folder = self.checkpoints.current("last")
-        if folder is None:
+    def _resumable_checkpoint(self) -> tuple[Path, dict[str, Any]]:
+        """The newest ``last`` checkpoint that reads back whole, and its saved state. A damaged one (a truncated
+        or unreadable file, a damaged pointer) is reported in one line, set aside and the one before it used."""
+        candidates, pointer_problem = self.checkpoints.candidates("last")
+        if pointer_problem:
+            log.warning("--resume: %s; looking at the checkpoint folders themselves", pointer_problem)
+        if not candidates:
             raise ResumeError(f"--resume: {self.checkpoints.root} holds no checkpoint to resume from (train with "
                               "save_every, or stop a run with SIGTERM/Ctrl-C to have one written)")
-        saved = read_state(folder)
+        problems = []
+        for i, candidate in enumerate(candidates):
+            try:
+                saved = _read_checkpoint(candidate.folder)
+            except CheckpointDamaged as e:
+                problems.append(f"{candidate.folder.name}: {e}")
+                rest = candidates[i + 1:]
+                if self.dist.is_main:
+                    aside = self.checkpoints.set_aside("last", candidate.folder, rest)
+                    log.warning("--resume: checkpoint %s (step %d) is damaged (%s); moved to %s. %s", candidate.folder,
+                                candidate.step, e, aside.name,
+                                f"Falling back to {rest[0].folder.name} (step {rest[0].step})" if rest else
+                                "No older checkpoint is kept")
+                continue
+            if i > 0 or pointer_problem:
+                self._repoint(candidates[i:])
+            return candidate.folder, saved
+        raise ResumeError(f"--resume: every checkpoint in {self.checkpoints.root} is damaged "
+                          f"({'; '.join(problems)}); train into a new output_dir")
+
+    def _repoint(self, keep: list[Candidate]) -> None:
+        """Point ``last`` at ``keep`` (after a damaged pointer or checkpoint), so that later saves rotate from it."""
+        if self.dist.is_main:
+            self.checkpoints.point("last", keep)
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        folder, saved = self._resumable_checkpoint()
         self._check_engine(folder, saved.get("optimizer") or {})      # first: an engine changes config defaults too
-        changed = fingerprint_differences(saved["counters"]["fingerprint"], self.state.fingerprint)
+        then = dict(saved["counters"]["fingerprint"])
+        then["config"] = _without_resumable_changes(dict(then.get("config", {})))   # checkpoints from before
+        changed = fingerprint_differences(then, self.state.fingerprint)
         if MICRO_BATCHES_PER_STEP in changed:
-            then = saved["counters"]["fingerprint"].get(MICRO_BATCHES_PER_STEP)
+            was = saved["counters"]["fingerprint"].get(MICRO_BATCHES_PER_STEP)
             now = self.state.fingerprint[MICRO_BATCHES_PER_STEP]
             changed[changed.index(MICRO_BATCHES_PER_STEP)] = (
-                f"gradient_accumulation_steps x processes ({then} then, {now} now)")
+                f"gradient_accumulation_steps x processes ({was} then, {now} now)")
         if changed:
             raise ResumeError(f"--resume: the run in {self.run_dir} was trained with different "
                               f"{', '.join(changed)}; resume with the same config and data, or train into a new "
@@ -351,7 +429,9 @@ class TrainingRecipe:
                 with torch.no_grad():
                     for name in names:
                         params[name].copy_(f.get_tensor(name))
+        fingerprint = self.state.fingerprint          # today's (the paths where the run and its data are now)
         self.state.load_state_dict(saved, load_optimizer=self.dist.optimizer_loader(self.wrapped, self.state.optimizer))
+        self.state.fingerprint = fingerprint
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
 
@@ -435,6 +515,8 @@ class TrainingRecipe:
         row.update({k: round(v / max(normaliser, 1), 6) for k, v in sums.items()})
         if finite:
             row["grad_norm"] = round(float(grad_norm), 4)
+            if normaliser > 0:
+                self._check_collapse(row, float(grad_norm))
             self._check_divergence(row)
         else:
             row["skipped"] = True
@@ -487,9 +569,45 @@ class TrainingRecipe:
                    f"first value ({state.first_loss:.4g}) for {config.divergence_steps} steps: training is diverging. "
                    f"Lower learning_rate (now {config.learning_rate:g}) or raise warmup")
         if config.on_divergence == "stop":
-            raise DivergenceError(message + ". Training stopped; the checkpoints are kept.")
+            raise DivergenceError(f"{message}. Training stopped; {self._kept_checkpoints()} "
+                                  "(on_divergence: warn goes on)")
         log.warning("%s (on_divergence: stop ends such runs)", message)
-        row["warning"] = "diverging"
+        row.setdefault("warning", "diverging")
+
+    def _check_collapse(self, row: dict[str, Any], grad_norm: float) -> None:
+        """Stop (or warn about) a run that has collapsed for ``divergence_steps`` steps in a row: its loss sits at
+        a uniform guess over the vocabulary (ln V) although it started clearly below it, or its gradient norm is
+        exactly 0 (nothing can train any more). Neither is a NaN, so the NaN check never sees them."""
+        config, state = self.config, self.state
+        if config.on_divergence == "off":
+            return
+        loss, uniform = row["loss"], self.uniform_loss
+        first = state.first_loss if state.first_loss is not None else loss
+        at_uniform = (uniform is not None and first < 0.9 * uniform and abs(loss - uniform) < 0.02 * uniform)
+        signs = [f"the loss ({loss:.4g}) is a uniform guess over the vocabulary (ln V = {uniform:.4g}; it started at "
+                 f"{first:.4g})"] if at_uniform else []
+        if grad_norm == 0.0:
+            signs.append("the gradient norm is exactly 0")
+        state.collapsed_steps = state.collapsed_steps + 1 if signs else 0
+        if state.collapsed_steps != config.divergence_steps:
+            return
+        overflow = ", fp16 overflow (use bf16 or fp32)" if self.dtype == torch.float16 else ""
+        message = (f"step {state.step}: training has collapsed: {' and '.join(signs)}, for {config.divergence_steps} "
+                   f"steps in a row. Likely causes: a learning rate far too high (learning_rate="
+                   f"{config.learning_rate:g}){overflow}, or no trainable parameter reaching the loss")
+        if config.on_divergence == "stop":
+            raise CollapseError(f"{message}. Training stopped; {self._kept_checkpoints()} "
+                                "(on_divergence: warn goes on)")
+        log.warning("%s (on_divergence: stop ends such runs)", message)
+        row["warning"] = "collapsed"
+
+    def _kept_checkpoints(self) -> str:
+        """What a stopped run leaves to use: its best and last checkpoints."""
+        best, last = self.checkpoints.current("best"), self.checkpoints.current("last")
+        kept = ([f"the best checkpoint (step {self.state.best_step}, {self.objective.eval_metric} "
+                 f"{self.state.best_score:.4g}) is {best}"] if best is not None and self.state.best_step else [])
+        kept += [f"the last is {last}"] if last is not None else []
+        return "; ".join(kept) if kept else "no checkpoint was saved yet (set save_every)"
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
@@ -501,6 +619,8 @@ class TrainingRecipe:
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         score = results[objective.eval_metric]
+        state.first_eval = state.first_eval or (state.step, score)
+        state.last_eval = (state.step, score)
         if objective.improved(score, state.best_score):
             state.best_score, state.best_step, state.bad_evals = score, state.step, 0
             if config.keep_best:
@@ -510,6 +630,28 @@ class TrainingRecipe:
         log.info("step %d: %s %.4f (best %.4f at step %s)", state.step, objective.eval_metric, score,
                  state.best_score, state.best_step)
         return {**{k: round(v, 6) for k, v in results.items()}, "eval_seconds": round(seconds, 3)}
+
+    def evaluate_base(self) -> None:
+        """``eval_base``: the objective's validation metric of the model before the first step, with its method
+        disabled where the method can be (so: the base model; full fine-tuning has not changed it yet). The
+        end-of-run check compares the final validation with it; it is not a candidate for the best checkpoint."""
+        config, objective = self.config, self.objective
+        started = time.perf_counter()
+        can_disable = get_method(config.method).disable is not None
+
+        def run(model: torch.nn.Module) -> dict[str, float]:
+            if not can_disable:
+                return objective.evaluate(model, self.val_batches, self.device, config)
+            with method_disabled(model, config):
+                return objective.evaluate(model, self.val_batches, self.device, config)
+
+        results = self.dist.run(self.wrapped, self.model, run)
+        seconds = time.perf_counter() - started
+        self.eval_seconds += seconds
+        self.base_eval_seconds = seconds
+        self.state.base_score = results[objective.eval_metric]
+        log.info("before training: %s %.4f (the model before the first step; %.1fs)", objective.eval_metric,
+                 self.state.base_score, seconds)
 
     def save_checkpoint(self, kind: str, with_state: bool = True) -> Path:
         """The trained weights and tokenizer (and, with ``with_state``, the :class:`TrainState`) as the
@@ -534,7 +676,8 @@ class TrainingRecipe:
         folder = dist.broadcast(self.checkpoints.begin(kind, step) if dist.is_main else None)
         if with_state:
             dist.save_engine_state(self.wrapped, folder)
-        path = self.checkpoints.commit(kind, step, folder, write) if dist.is_main else \
+        keep = self.config.keep_checkpoints if kind == "last" else 1
+        path = self.checkpoints.commit(kind, step, folder, write, keep=keep) if dist.is_main else \
             self.checkpoints.root / f"{kind}-{step:06d}"
         dist.barrier()
         return path
@@ -566,6 +709,8 @@ class TrainingRecipe:
                    disable=not (config.progress and self.dist.is_main),
                    dynamic_ncols=True)
         self.loop_start = time.time()
+        if self.val_batches and config.eval_base and state.step == 0 and state.base_score is None:
+            self.evaluate_base()
         while state.step < self.steps:
             row = self.train_step()
             if self.val_batches and (state.step % self.eval_every == 0 or state.step == self.steps):
@@ -593,18 +738,53 @@ class TrainingRecipe:
 
     # ----------------------------------------------------------------------------------- finish
 
-    def finish(self) -> RunResult:
-        """The best checkpoint (or the last weights) at the top of the run directory, the loss curve, run.json."""
-        config, state = self.config, self.state
+    def verdict(self) -> list[str]:
+        """The end-of-run check (``on_divergence``): why this run ended worse than it started, if it did. The
+        final validation must not be worse (beyond ``regression_tolerance``) than the model before training
+        (``eval_base``) or than the first validation; and with ``keep_best`` some validation must beat the model
+        before training."""
+        config, state, objective = self.config, self.state, self.objective
+        if config.on_divergence == "off" or state.last_eval is None:
+            return []
+        metric, tolerance = objective.eval_metric, config.regression_tolerance
+        (last_step, last), problems = state.last_eval, []
+        if state.base_score is not None and objective.worse(last, state.base_score, tolerance):
+            problems.append(f"the final {metric} ({last:.4g}, step {last_step}) is worse than the model's before "
+                            f"training ({state.base_score:.4g})")
+        if state.first_eval is not None and state.first_eval[0] != last_step and objective.worse(
+                last, state.first_eval[1], tolerance):
+            problems.append(f"the final {metric} ({last:.4g}, step {last_step}) is worse than the first validation's "
+                            f"({state.first_eval[1]:.4g}, step {state.first_eval[0]})")
+        return problems
+
+    def _output(self, problems: list[str]) -> Path | None:
+        """The checkpoint whose weights become the run's output: the best one (``keep_best``), else the final weights;
+        None when the run regressed and no checkpoint better than the model before training exists (a ruined run
+        writes no weights at the top of its directory)."""
+        config, state, objective = self.config, self.state, self.objective
         best = self.checkpoints.current("best") if config.keep_best and state.best_step is not None else None
-        if best is None:
-            best = self.save_checkpoint("final", with_state=False)
+        if best is not None and not (state.base_score is not None and state.best_score is not None and
+                                     objective.worse(state.best_score, state.base_score, config.regression_tolerance)):
+            return best
+        final = self.save_checkpoint("final", with_state=False)
+        return None if problems and config.on_divergence == "stop" else final
+
+    def finish(self) -> RunResult:
+        """The best checkpoint (or the last weights) at the top of the run directory, the loss curve, run.json.
+        A run that ended worse than it started (:meth:`verdict`) raises :class:`RunRegressed` after writing them,
+        without the worse weights (``on_divergence: stop``)."""
+        config, state = self.config, self.state
+        problems = self.verdict()
+        output = self._output(problems)
         wall = time.time() - self.started
         if not self.dist.is_main:      # the main process writes the run directory
             self.dist.barrier()
+            if problems and config.on_divergence == "stop":
+                raise RunRegressed("; ".join(problems))
             return RunResult(self.run_dir, state.step, state.last_loss, None if state.best_step is None else
                              state.best_score, state.best_step, self.trainable, self.total, wall, self.metrics.rows)
-        copy_files(best, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
+        if output is not None:
+            copy_files(output, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
         plot_loss_curve(self.metrics.rows, self.run_dir / "loss_curve.png",
                         title=f"{config.method} on {Path(config.data.train).name}")
         data = self.data
@@ -628,16 +808,30 @@ class TrainingRecipe:
             "eval_metric": self.objective.eval_metric,
             "best_eval_loss": best_score,
             "best_step": state.best_step,
-            "weights_from_step": state.best_step if (config.keep_best and state.best_step is not None) else state.step,
+            "base_eval_loss": state.base_score,
+            "weights_from_step": (None if output is None else state.best_step if output.name.startswith("best")
+                                  else state.step),
+            "status": "regressed" if problems else "ok",
+            "problems": problems,
             "train_tokens_seen": state.seen_tokens,
             "wall_time_s": round(wall, 2),
             "processes": self.dist.world,
-            "eval_time_s": round(self.eval_seconds, 2),
+            "eval_time_s": round(self.eval_seconds, 2),        # the evaluation before training included
+            "base_eval_seconds": round(self.base_eval_seconds, 3),
             "eval_examples": len(self.val_examples),
             "versions": library_versions(),
         }
         (self.run_dir / "run.json").write_text(json.dumps(record, indent=2))
         self.dist.barrier()
+        if problems:
+            if config.on_divergence == "stop":
+                where = (f"the run's output is the best checkpoint (step {state.best_step})" if output is not None else
+                         f"no weights were written to {self.run_dir} (the final ones are in {self.checkpoints.root})")
+                raise RunRegressed(f"the run ended worse than it started: {'; '.join(problems)}. {where}; run.json "
+                                   "says status: regressed. Lower learning_rate, check the training data against the "
+                                   "validation data, or set on_divergence: warn to accept the run")
+            log.warning("the run ended worse than it started: %s (on_divergence: stop fails such runs)",
+                        "; ".join(problems))
         return RunResult(self.run_dir, state.step, state.last_loss, best_score, state.best_step, self.trainable,
                          self.total, wall, self.metrics.rows)
 

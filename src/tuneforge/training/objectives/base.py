@@ -74,6 +74,17 @@ class Objective:
         """Validation metrics, including :attr:`eval_metric`; the model is in eval mode, no grad."""
         raise NotImplementedError
 
+    def uniform_loss(self, vocab_size: int | None) -> float | None:
+        """The training loss of a model that has collapsed to a uniform guess (the collapse check's mark);
+        None when the objective has no such value."""
+        return None
+
+    def worse(self, score: float, reference: float, tolerance: float) -> bool:
+        """Whether ``score`` is worse than ``reference`` by more than ``tolerance`` (relative) in this objective's
+        direction."""
+        margin = tolerance * abs(reference)
+        return score < reference - margin if self.higher_is_better else score > reference + margin
+
     def improved(self, score: float, best: float | None, tolerance: float = 1e-6) -> bool:
         """Whether ``score`` beats ``best`` in this objective's direction."""
         if best is None:

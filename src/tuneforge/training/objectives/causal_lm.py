@@ -8,6 +8,7 @@ positions (``training/loss.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ class CausalLMObjective(Objective):
         from tuneforge.data.dataset import prepare_data
 
         return prepare_data(config.data, tokenizer, config.seed, self.task)
+
+    def uniform_loss(self, vocab_size: int | None) -> float | None:
+        """ln(V): the cross-entropy of equal probabilities over the vocabulary."""
+        return math.log(vocab_size) if vocab_size else None
 
     def normaliser(self, batch) -> float:
         return batch.num_loss_tokens
