@@ -101,7 +101,7 @@ def test_training_rejects_have_the_curation_schema(tmp_path):
     write_rejects(loaded.rejects, tmp_path / "rejects.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reasons"][0]["check"]) for r in rows] == [
-        (2, "unknown_format"), (3, "not_json"), (4, "not_object"), (5, "wrong_type"), (6, "preference_pair")]
+        (2, "unknown_format"), (3, "not_json"), (4, "not_object"), (5, "wrong_type"), (6, "mixed_kinds")]
     for r in rows:
         assert r["source"] == str(f) and r.keys() == {"source", "line", "reasons", "record" if "record" in r else "raw"}
         assert all(reason.keys() == {"check", "message"} and reason["check"] in TRAINING_CHECKS

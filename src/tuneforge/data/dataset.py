@@ -15,19 +15,23 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import DataConfig
+from tuneforge.data.errors import DataError
 from tuneforge.data.formats import (
     FORMAT_FIELDS,
     SFT_FORMATS,
     Example,
     RecordError,
     detect_format,
+    kind_mismatch,
     rename_columns,
+    task_kind,
     to_example,
 )
 from tuneforge.data.loaders import RawRecord, error_check, iter_records
 from tuneforge.data.rejects import (
     Reason,
     Reject,
+    log_rejects,
     write_rejects,  # noqa: F401  (the trainer imports it from here)
 )
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
@@ -35,15 +39,13 @@ from tuneforge.data.rendering import TokenizedExample, tokenize_example
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    pass
-
-
 TRAINING_CHECKS: dict[str, str] = {     # the ``check`` of each reason a training record is rejected for
+    "truncated_file": "the file's compressed stream breaks off (truncated / corrupt .gz): nothing after it is read",
     "not_json": "line is not valid JSON / CSV row is malformed",
     "invalid_utf8": "bytes that are not valid UTF-8",
     "not_object": "record is not a JSON object",
     "unknown_format": "record has the fields of no known format",
+    "mixed_kinds": "record is of another kind (chat / text / preference) than the run's task trains",
     "missing_field": "a required field of the format is missing",
     "wrong_type": "a field has the wrong type",
     "unknown_role": "a message role other than system/user/assistant",
@@ -67,19 +69,25 @@ class LoadedFile:
 def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     """Read ``path`` and normalise every record (format detected per record unless ``cfg.format`` is set).
 
+    A record of another kind than the task trains (:func:`~tuneforge.data.formats.task_kind`: a text record in
+    an SFT run, ...) is rejected as ``mixed_kinds``, as ``tuneforge data clean`` rejects it.
     Each example's ``meta`` holds ``where`` (``file:line``) and ``raw`` (the :class:`RawRecord`, for its reject).
     """
     out = LoadedFile()
+    kind = task_kind(task, cfg.format)
     for rec in iter_records(path):
         if rec.data is None:
             error = rec.error or "unreadable"
             out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
             continue
         data = rename_columns(rec.data, cfg.columns)
-        fmt = "text" if task == "pretrain" else (cfg.format if cfg.format != "auto" else detect_format(data))
+        fmt = cfg.format if cfg.format != "auto" else detect_format(data)
         if fmt is None:
             out.rejects.append(Reject.of(rec, [("unknown_format", f"fields {sorted(rec.data)[:8]} match none of "
                                                 f"{_KNOWN_FIELDS} (map columns with data.columns)")]))
+            continue
+        if (mismatch := kind_mismatch(fmt, kind)) is not None:
+            out.rejects.append(Reject.of(rec, [("mixed_kinds", mismatch)]))
             continue
         try:
             example = to_example(data, fmt, cfg.system_prompt)
@@ -151,7 +159,7 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     return out, truncated
 
 
-RENDER_VERSION = 2  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
+RENDER_VERSION = 3  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
@@ -170,7 +178,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
            "train": file_sha256(cfg.train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
-    return PreparedData.from_payload(payload)
+    data = PreparedData.from_payload(payload)
+    log_rejects(data.rejects, "records")
+    return data
 
 
 def _warn_if_formats_differ(cfg: DataConfig, train: dict[str, int], validation: dict[str, int]) -> None:
@@ -209,7 +219,4 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, tas
     validation, truncated_val = tokenize_examples(val_examples, tokenizer, cfg, rejects)
     if not train:
         raise DataError(f"{cfg.train}: every record was rejected after tokenization (see rejects.jsonl)")
-    if rejects:
-        log.warning("%d records rejected (first: %s:%d: %s); all are listed in rejects.jsonl",
-                    len(rejects), rejects[0].source, rejects[0].line, rejects[0].reason)
     return PreparedData(train, validation, rejects, formats, truncated + truncated_val)

@@ -35,6 +35,8 @@ FORMAT_FIELDS = {
     "preference": ("chosen", "rejected"),
     "text": ("text",),
 }
+KINDS: dict[str, str] = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
+TASK_KINDS = {"sft": "chat", "pretrain": "text", "preference": "preference"}   # the kind of record each task trains
 CANONICAL_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
 
 
@@ -77,6 +79,24 @@ def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> di
         if source in record:
             out[canonical] = record[source]
     return out
+
+
+def task_kind(task: str, declared_format: str = "auto") -> str:
+    """The kind of record (chat, text, preference) a run of ``task`` trains: the task's, or for SFT the kind of a
+    declared ``data.format`` (SFT on ``text`` records is allowed when declared)."""
+    if task == "sft" and declared_format != "auto":
+        return KINDS[declared_format]
+    return TASK_KINDS[task]
+
+
+def kind_mismatch(fmt: str, kind: str) -> str | None:
+    """Why a record of format ``fmt`` does not belong in data of ``kind``, or None when it does: the message of the
+    ``mixed_kinds`` check, the same for ``tuneforge data clean`` (``kind``: the first record's) and training
+    (``kind``: :func:`task_kind`)."""
+    if KINDS[fmt] == kind:
+        return None
+    return (f"a {KINDS[fmt]} record ({fmt}) in {kind} data; keep each kind in its own file (chat records train "
+            f"with task: sft, text with task: pretrain, chosen/rejected pairs with task: preference)")
 
 
 # A preference pair may carry a prompt or instruction too: it is recognised before the chat formats.

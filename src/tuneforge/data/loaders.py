@@ -3,26 +3,27 @@
 Supported files: ``.jsonl`` (one JSON object a line), ``.json`` (an array of objects, or one object
 with a list under ``data``), ``.csv`` and ``.parquet``, optionally gzipped (``.jsonl.gz``).
 Nothing is dropped here: a line that is not valid JSON comes out as a :class:`RawRecord` with
-``error`` set, so callers can count it and put it in a rejects file.
+``error`` set, so callers can count it and put it in a rejects file. So does the point where a truncated or
+corrupt ``.gz`` stream breaks off (after every record before it; check ``truncated_file``).
+
+Lines are numbered as editors number them (:mod:`tuneforge.data.textfile`: a line ends at ``\\n``; a lone ``\\r``
+is part of the line).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from tuneforge.data import jsonio
+from tuneforge.data.errors import DataFileError
+from tuneforge.data.textfile import COMPRESSED_SUFFIXES, TRUNCATED, TextFile
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be read at all (missing, unknown type)."""
+TRUNCATED_FILE = "truncated_file"           # the check of the reject where a compressed stream breaks off
 
 
 @dataclass
@@ -39,7 +40,10 @@ class RawRecord:
 
 
 def error_check(error: str) -> str:
-    """The check name of a :attr:`RawRecord.error`: ``invalid_utf8``, ``not_object`` or ``not_json``."""
+    """The check name of a :attr:`RawRecord.error`: ``truncated_file``, ``invalid_utf8``, ``not_object`` or
+    ``not_json``."""
+    if error.startswith(TRUNCATED):
+        return TRUNCATED_FILE
     if "UTF-8" in error:
         return "invalid_utf8"
     if error.startswith("expected a JSON object"):
@@ -49,20 +53,17 @@ def error_check(error: str) -> str:
 
 def data_suffix(path: str | Path) -> str:
     name = str(path).lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    compressed = name.endswith(COMPRESSED_SUFFIXES)
+    if compressed:
+        name = name[: name.rindex(".")]
     for suffix in SUPPORTED_SUFFIXES:
         if name.endswith(suffix):
+            if compressed and suffix == ".parquet":
+                raise DataFileError(f"{path}: parquet compresses its columns itself; give the .parquet file as it is")
             return suffix
     raise DataFileError(
         f"{path}: unsupported data file type; use one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
     )
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if str(path).lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def iter_records(path: str | Path) -> Iterator[RawRecord]:
@@ -89,20 +90,31 @@ def _has_bad_utf8(text: str) -> bool:
         return True
 
 
-def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of every non-blank line of a ``.jsonl`` file, unparsed (see :func:`parse_jsonl_line`)."""
-    with _open_text(Path(path)) as f:
-        for number, line in enumerate(f, start=1):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield number, text
+def _readable(text: str) -> str:
+    """``text`` with bytes that were not UTF-8 (lone surrogates) shown as U+FFFD, so it can be written out."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_bad_utf8(text) else text
+
+
+def truncation_record(source: str, error: str, line: int, raw: str) -> RawRecord:
+    """The record standing for where a compressed stream broke off (:attr:`TextFile.error`): at ``line`` (for a
+    ``.json`` file the element), with the incomplete text ``raw``."""
+    return RawRecord(source, line, None, raw=_readable(raw) or None,
+                     error=f"{error}; every record before this point was read, nothing after it could be: "
+                           "re-create or re-download the file to use the rest")
+
+
+def jsonl_lines(f: TextFile) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of an open ``.jsonl`` file, unparsed (see
+    :func:`parse_jsonl_line`); after them check ``f.error`` (:func:`truncation_record`)."""
+    for number, text in f.lines():
+        if text.strip():
+            yield number, text
 
 
 def parse_jsonl_line(source: str, number: int, text: str) -> RawRecord:
     """One non-blank ``.jsonl`` line as a :class:`RawRecord` (``error`` set when it is not a JSON object)."""
     if _has_bad_utf8(text):
-        return RawRecord(source, number, None, raw=text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                         error="invalid UTF-8")
+        return RawRecord(source, number, None, raw=_readable(text), error="invalid UTF-8")
     try:
         obj = jsonio.loads(text)
     except json.JSONDecodeError as e:
@@ -114,24 +126,32 @@ def parse_jsonl_line(source: str, number: int, text: str) -> RawRecord:
 
 def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
     source = str(path)
-    for number, text in iter_jsonl_lines(path):
-        yield parse_jsonl_line(source, number, text)
+    with TextFile(path) as f:
+        for number, text in jsonl_lines(f):
+            yield parse_jsonl_line(source, number, text)
+        if f.error is not None:
+            yield truncation_record(source, f.error, f.error_line, f.partial)
 
 
 def _iter_json(path: Path) -> Iterator[RawRecord]:
     """Stream the elements of a top-level JSON array (constant memory); ``{"data": [...]}`` is read whole."""
-    with _open_text(path) as f:
+    with TextFile(path) as f:
         head = f.read(1 << 16)
         stripped = head.lstrip()
         if stripped.startswith("["):
-            yield from _iter_json_array(path, f, stripped[1:])
+            before = head[: len(head) - len(stripped) + 1]          # the blanks and the "["
+            line = 1 + before.count("\n")
+            yield from _iter_json_array(path, f, stripped[1:], line=line, column=len(before) - before.rfind("\n"))
             return
         text = head + f.read()
+        if f.error is not None:
+            yield truncation_record(str(path), f.error, 1, text[:10000])
+            return
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataFileError(
-            f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one array of records "
+            f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json file must hold one array of records "
             "(use .jsonl for one record per line)"
         ) from e
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -149,10 +169,39 @@ def _json_item(path: Path, index: int, item: Any) -> RawRecord:
                      error=f"expected a JSON object, got {type(item).__name__}")
 
 
-def _iter_json_array(path: Path, f: io.TextIOBase, buffer: str, chunk: int = 1 << 20) -> Iterator[RawRecord]:
-    """Decode one array element at a time with ``raw_decode``, reading ``chunk`` characters as needed."""
+class _Reader(Protocol):
+    def read(self, n: int = -1, /) -> str: ...
+
+
+class _Position:
+    """Line and column (1-based, lines split at ``\\n``) where the text a streaming parser holds starts."""
+
+    def __init__(self, line: int, column: int):
+        self.line, self.column = line, column
+
+    def of(self, text: str, pos: int) -> tuple[int, int]:
+        """Line and column of ``text[pos]``, ``text`` starting here."""
+        newlines = text.count("\n", 0, pos)
+        return self.line + newlines, pos - text.rfind("\n", 0, pos) if newlines else self.column + pos
+
+    def at(self, text: str, pos: int) -> str:
+        return "{}:{}".format(*self.of(text, pos))
+
+    def advance(self, text: str, pos: int) -> None:
+        """Move past ``text[:pos]``."""
+        self.line, self.column = self.of(text, pos)
+
+
+def _iter_json_array(path: Path, f: _Reader, buffer: str, chunk: int = 1 << 20, line: int = 1,
+                     column: int = 1) -> Iterator[RawRecord]:
+    """Decode one array element at a time with ``raw_decode``, reading ``chunk`` characters as needed.
+
+    ``buffer`` starts at ``line``:``column`` of the file (for the position in error messages). Where the file's
+    compressed stream broke off (``f.error``) the element there is a :func:`truncation_record`; a plain file that
+    ends inside the array is a :class:`DataFileError` naming the line and column."""
     decoder = json.JSONDecoder()
     index, pos, eof = 0, 0, False
+    where = _Position(line, column)                     # of buffer[0]
     while True:
         while pos < len(buffer) and buffer[pos] in " \t\r\n,":
             pos += 1
@@ -160,7 +209,12 @@ def _iter_json_array(path: Path, f: io.TextIOBase, buffer: str, chunk: int = 1 <
             return
         if pos >= len(buffer):
             if eof:
-                raise DataFileError(f"{path}: the JSON array is not closed with ']' (file truncated?)")
+                if error := getattr(f, "error", None):
+                    yield truncation_record(str(path), error, index + 1, "")
+                    return
+                raise DataFileError(f"{path}:{where.at(buffer, pos)}: the JSON array is not closed with ']' "
+                                    "(file truncated?)")
+            where.advance(buffer, pos)
             buffer, pos = buffer[pos:] + f.read(chunk), 0
             eof = eof or len(buffer) == 0
             continue
@@ -170,13 +224,20 @@ def _iter_json_array(path: Path, f: io.TextIOBase, buffer: str, chunk: int = 1 <
             if not eof:  # the element may continue in the next chunk
                 more = f.read(chunk)
                 eof = not more
+                where.advance(buffer, pos)
                 buffer, pos = buffer[pos:] + more, 0
                 continue
-            raise DataFileError(f"{path}: element {index + 1} of the array is not valid JSON ({e.msg}); "
-                                "a .json file must hold one array of records") from e
+            if error := getattr(f, "error", None):
+                yield truncation_record(str(path), error, index + 1, buffer[pos:pos + 10000])
+                return
+            problem = e.msg.removesuffix(" at").removesuffix(" starting")     # json's message, without position
+            raise DataFileError(f"{path}:{where.at(buffer, e.pos)}: element {index + 1} of the array is not valid "
+                                f"JSON ({problem}; file truncated?); a .json file must hold one array of records"
+                                ) from e
         if end == len(buffer) and not eof:  # a number may be cut at the chunk edge: read on and decode again
             more = f.read(chunk)
             if more:
+                where.advance(buffer, pos)
                 buffer, pos = buffer[pos:] + more, 0
                 continue
             eof = True
@@ -184,28 +245,60 @@ def _iter_json_array(path: Path, f: io.TextIOBase, buffer: str, chunk: int = 1 <
         yield _json_item(path, index, item)
         pos = end
         if pos > chunk:
+            where.advance(buffer, pos)
             buffer, pos = buffer[pos:], 0
 
 
+def _csv_error(e: csv.Error) -> str:
+    if "new-line character seen in unquoted field" in str(e):
+        return "CSV error: a carriage return (\\r) inside an unquoted field; quote the field or remove the \\r"
+    return f"CSV error: {e}"
+
+
 def _iter_csv(path: Path) -> Iterator[RawRecord]:
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield RawRecord(str(path), reader.line_num, None, raw=None, error=f"CSV error: {e}")
-                continue
-            extra = row.pop(None, None)
-            if extra:
-                yield RawRecord(str(path), reader.line_num, None, raw=json.dumps(list(row.values()) + extra),
-                                error=f"row has {len(extra)} more fields than the header")
-                continue
-            yield RawRecord(str(path), reader.line_num, dict(row))
+    """Rows as records, each at the line it ends on. Lines split at ``\\n`` only: a lone ``\\r`` in a quoted field
+    is text, in an unquoted one a CSV error. A row the broken stream of a ``.csv.gz`` cut short is not a record:
+    its lines are the text of the :func:`truncation_record`."""
+    source = str(path)
+    with TextFile(path) as f:
+        row_lines: list[str] = []               # the lines of the row being read (the text of its reject)
+        ended = False                           # every line was handed to the csv reader
+
+        def lines() -> Iterator[str]:
+            nonlocal ended
+            for _, text in f.lines(keepends=True):
+                row_lines.append(text)
+                yield text
+            ended = True
+
+        reader = csv.DictReader(lines())
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise DataFileError(f"{path}:{reader.line_num}: the CSV header cannot be read ({_csv_error(e)})") from e
+        if header is not None:
+            row_lines.clear()
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:                  # (DictReader.line_num is not updated on an error)
+                    yield RawRecord(source, reader.reader.line_num, None, raw=_readable("".join(row_lines)),
+                                    error=_csv_error(e))
+                    row_lines.clear()
+                    continue
+                if ended and f.error is not None:       # the stream broke off inside this row
+                    break
+                row_lines.clear()
+                extra = row.pop(None, None)
+                if extra:
+                    yield RawRecord(source, reader.line_num, None, raw=json.dumps(list(row.values()) + extra),
+                                    error=f"row has {len(extra)} more fields than the header")
+                    continue
+                yield RawRecord(source, reader.line_num, dict(row))
+        if f.error is not None:
+            yield truncation_record(source, f.error, f.error_line, "".join(row_lines) + f.partial)
 
 
 def _iter_parquet(path: Path) -> Iterator[RawRecord]:

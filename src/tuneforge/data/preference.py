@@ -19,14 +19,14 @@ the final answer's tokens (with its end-of-turn token) are trained: earlier assi
 are context. A pair is a :class:`TokenizedPair`: the chosen sequence then the rejected one, with where
 one ends, which packing turns into two examples of one row (``training/objectives/preference.py``).
 
-Pairs that cannot be trained go to rejects, each with one reason: a missing field, chosen == rejected,
+Pairs that cannot be trained go to rejects, each with one reason: a record of another kind (a chat or text
+record: ``mixed_kinds``, as ``tuneforge data clean`` says), a missing field, chosen == rejected,
 an empty answer, prompts that differ between the two sides, a side over ``data.max_length`` (``drop``),
 or an answer truncated away (``truncate``). No usable pair at all is a :class:`DataError`.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -36,12 +36,18 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import DataConfig
 from tuneforge.data.dataset import DataError, PreparedData
-from tuneforge.data.formats import Example, RecordError, normalise_messages, rename_columns
+from tuneforge.data.formats import (
+    TASK_KINDS,
+    Example,
+    RecordError,
+    detect_format,
+    kind_mismatch,
+    normalise_messages,
+    rename_columns,
+)
 from tuneforge.data.loaders import RawRecord, error_check, iter_records
-from tuneforge.data.rejects import Reason, Reject
+from tuneforge.data.rejects import Reason, Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
-
-log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -237,6 +243,13 @@ class LoadedPairs:
     formats: dict[str, int] = field(default_factory=dict)
 
 
+def _other_kind(record: dict[str, Any]) -> str | None:
+    """The ``mixed_kinds`` message for a record that is no pair at all (neither ``chosen`` nor ``rejected``) but of
+    another format (chat, text), as ``tuneforge data clean`` gives it; None otherwise."""
+    fmt = None if "chosen" in record or "rejected" in record else detect_format(record)
+    return None if fmt is None else kind_mismatch(fmt, TASK_KINDS["preference"])
+
+
 def load_pairs(path: str, cfg: DataConfig) -> LoadedPairs:
     """Read and normalise every record of ``path``; unusable ones become rejects naming file, line and reason."""
     out = LoadedPairs()
@@ -245,8 +258,12 @@ def load_pairs(path: str, cfg: DataConfig) -> LoadedPairs:
             error = rec.error or "unreadable"
             out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
             continue
+        record = rename_columns(rec.data, cfg.columns)
+        if (mismatch := _other_kind(record)) is not None:
+            out.rejects.append(Reject.of(rec, [("mixed_kinds", mismatch)]))
+            continue
         try:
-            example = to_preference(rename_columns(rec.data, cfg.columns), cfg.system_prompt)
+            example = to_preference(record, cfg.system_prompt)
         except RecordError as e:
             out.rejects.append(Reject.of(rec, [(e.check, str(e))]))
             continue
@@ -271,7 +288,7 @@ def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer:
     return out, truncated
 
 
-PREFERENCE_RENDER_VERSION = 1  # bump when rendering or the cached payload changes
+PREFERENCE_RENDER_VERSION = 2  # bump when rendering or the cached payload changes
 
 
 def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
@@ -286,7 +303,9 @@ def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
            "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
-    return _from_payload(payload)
+    data = _from_payload(payload)
+    log_rejects(data.rejects, "preference records")
+    return data
 
 
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
@@ -313,9 +332,6 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
         hint = f"; first problem: {first.source}:{first.line}: {first.reason}" if first else ""
         raise DataError(f"{cfg.train}: no usable preference pairs ({len(rejects)} rejected, all listed in "
                         f"rejects.jsonl){hint}")
-    if rejects:
-        log.warning("%d preference records rejected (first: %s:%s: %s); all are listed in rejects.jsonl",
-                    len(rejects), rejects[0].source, rejects[0].line, rejects[0].reason)
     return PreparedData(list(train), list(validation), rejects, train_file.formats, truncated + truncated_val)
 
 

@@ -16,18 +16,22 @@ folder. Each line is one JSON object::
 * ``record``: the record as read, verbatim. A record that could not be parsed has ``"raw"`` (its text,
   or null) instead of ``record``.
 
-:func:`reject_line` turns a :class:`Reject` into one such line; :func:`write_rejects` writes a list.
+:func:`reject_line` turns a :class:`Reject` into one such line; :func:`write_rejects` writes a list;
+:func:`log_rejects` is what training logs about them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from tuneforge.data.jsonio import dumps_record
-from tuneforge.data.loaders import RawRecord
+from tuneforge.data.loaders import TRUNCATED_FILE, RawRecord
+
+log = logging.getLogger(__name__)
 
 
 class Reason(NamedTuple):
@@ -74,3 +78,14 @@ def write_rejects(rejects: Iterable[Reject], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(reject_line(r))
+
+
+def log_rejects(rejects: list[Reject], what: str = "records") -> None:
+    """Warn that ``rejects`` were not used (all listed in ``rejects.jsonl``), and name each file whose compressed
+    stream broke off: the run trains on the records before that point only."""
+    for r in rejects:
+        if any(reason.check == TRUNCATED_FILE for reason in r.reasons):
+            log.warning("%s:%s: %s", r.source, r.line, r.reason.removeprefix(f"{TRUNCATED_FILE}: "))
+    if rejects:
+        log.warning("%d %s rejected (first: %s:%s: %s); all are listed in rejects.jsonl",
+                    len(rejects), what, rejects[0].source, rejects[0].line, rejects[0].reason)

@@ -39,17 +39,19 @@ import numpy as np
 from tuneforge.data import jsonio
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfig
 from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex, template_shingles
-from tuneforge.data.curation.validation import KINDS, Checked, Issue, check_record, mask_record
+from tuneforge.data.curation.validation import Checked, Issue, check_record, mask_record
+from tuneforge.data.formats import KINDS, kind_mismatch
 from tuneforge.data.loaders import (
     DataFileError,
     RawRecord,
-    _open_text,
     data_suffix,
-    iter_jsonl_lines,
     iter_records,
+    jsonl_lines,
     parse_jsonl_line,
+    truncation_record,
 )
 from tuneforge.data.rejects import Reason, Reject, reject_line
+from tuneforge.data.textfile import TextFile
 from tuneforge.data.token_count import CharEstimate, LengthCounter, make_counter
 
 CLEAN_FILE, REJECTS_FILE, REPORT_FILE = "clean.jsonl", "rejects.jsonl", "report.json"
@@ -170,13 +172,15 @@ class _SourceLines:
     """Raw lines of a ``.jsonl`` file by line number (increasing), numbered as the loader numbers them."""
 
     def __init__(self, path: str):
-        self.f = _open_text(Path(path))
-        self.lines = enumerate(self.f, start=1)
+        self.f = TextFile(path)
+        self.lines = self.f.lines()
 
     def get(self, number: int) -> str:
+        """Line ``number`` of a record that parsed, so any ``\\r`` in it is whitespace between JSON tokens: written
+        as a space, so that the line copied into ``rejects.jsonl`` holds no line break for any reader."""
         for n, line in self.lines:
             if n == number:
-                return line.rstrip("\r\n")
+                return line.replace("\r", " ")
         raise LookupError(f"line {number} not found")
 
     def close(self) -> None:
@@ -246,7 +250,7 @@ def _checked_chunks(file: str, config: CurationConfig, chunk_size: int, pool: An
     from collections import deque
 
     if data_suffix(file) == ".jsonl":
-        chunks: Iterable = (_Lines(file, lines) for lines in chunked(iter_jsonl_lines(file), chunk_size))
+        chunks: Iterable = _jsonl_chunks(file, chunk_size)
     else:
         chunks = chunked(iter_records(file), chunk_size)
     pending: deque = deque()
@@ -256,6 +260,16 @@ def _checked_chunks(file: str, config: CurationConfig, chunk_size: int, pool: An
             yield _rejoin(*pending.popleft())
     while pending:
         yield _rejoin(*pending.popleft())
+
+
+def _jsonl_chunks(file: str, chunk_size: int) -> Iterator[_Lines | list[RawRecord]]:
+    """The lines of a ``.jsonl`` file in chunks, unparsed; where a compressed stream broke off, one more chunk: its
+    :func:`~tuneforge.data.loaders.truncation_record`."""
+    with TextFile(file) as f:
+        for lines in chunked(jsonl_lines(f), chunk_size):
+            yield _Lines(file, lines)
+        if f.error is not None:
+            yield [truncation_record(file, f.error, f.error_line, f.partial)]
 
 
 def _rejoin(chunk: list[RawRecord] | _Lines, future: Any) -> tuple[list[Checked], tuple | None]:
@@ -529,8 +543,8 @@ class _Curation:
                 continue
             if self.kind is None:
                 self.kind = c.kind
-            elif c.kind != self.kind:
-                c.add("mixed_kinds", f"a {c.kind} record ({c.format}) in {self.kind} data; clean them separately")
+            elif (mismatch := kind_mismatch(c.format, self.kind)) is not None:
+                c.add("mixed_kinds", mismatch)
                 continue
             if not self._rejected(c):
                 valid.append(c)

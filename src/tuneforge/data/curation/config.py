@@ -38,6 +38,8 @@ class CheckInfo:
 
 CHECKS: dict[str, CheckInfo] = {c.name: c for c in [
     CheckInfo("not_json", "structure", "reject", True, "line is not valid JSON / CSV row is malformed"),
+    CheckInfo("truncated_file", "structure", "reject", True,
+              "the file's compressed stream breaks off (truncated / corrupt .gz): nothing after that point is read"),
     CheckInfo("invalid_utf8", "structure", "reject", True, "bytes that are not valid UTF-8 (or lone surrogates)"),
     CheckInfo("not_object", "structure", "reject", True, "record is not a JSON object"),
     CheckInfo("unknown_format", "structure", "reject", True, "record has the fields of no known format"),

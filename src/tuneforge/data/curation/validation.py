@@ -18,8 +18,8 @@ from typing import Any
 from tuneforge.data.curation import quality
 from tuneforge.data.curation.config import CurationConfig
 from tuneforge.data.formats import (
-    CHAT_FORMATS,
     FORMAT_FIELDS,
+    KINDS,
     ROLES,
     RecordError,
     detect_format,
@@ -27,8 +27,6 @@ from tuneforge.data.formats import (
     to_example,
 )
 from tuneforge.data.loaders import RawRecord, error_check
-
-KINDS = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 
 
 @dataclass
