@@ -740,18 +740,20 @@ class TrainingRecipe:
 
     def verdict(self) -> list[str]:
         """The end-of-run check (``on_divergence``): why this run ended worse than it started, if it did. The
-        final validation must not be worse (beyond ``regression_tolerance``) than the model before training
-        (``eval_base``) or than the first validation; and with ``keep_best`` some validation must beat the model
-        before training."""
+        final validation must not be worse (beyond ``regression_tolerance``) than the run's first evaluation: the
+        model before training (``eval_base``), or without it the first validation during training. A final
+        validation worse than a later, better one (overfitting at the end) is not a failure: ``keep_best`` makes that
+        better checkpoint the output."""
         config, state, objective = self.config, self.state, self.objective
         if config.on_divergence == "off" or state.last_eval is None:
             return []
         metric, tolerance = objective.eval_metric, config.regression_tolerance
         (last_step, last), problems = state.last_eval, []
-        if state.base_score is not None and objective.worse(last, state.base_score, tolerance):
-            problems.append(f"the final {metric} ({last:.4g}, step {last_step}) is worse than the model's before "
-                            f"training ({state.base_score:.4g})")
-        if state.first_eval is not None and state.first_eval[0] != last_step and objective.worse(
+        if state.base_score is not None:
+            if objective.worse(last, state.base_score, tolerance):
+                problems.append(f"the final {metric} ({last:.4g}, step {last_step}) is worse than the model's before "
+                                f"training ({state.base_score:.4g})")
+        elif state.first_eval is not None and state.first_eval[0] != last_step and objective.worse(
                 last, state.first_eval[1], tolerance):
             problems.append(f"the final {metric} ({last:.4g}, step {last_step}) is worse than the first validation's "
                             f"({state.first_eval[1]:.4g}, step {state.first_eval[0]})")
