@@ -308,9 +308,11 @@ def test_serve_config_yaml_and_flags(tmp_path, folders, monkeypatch):
                                          "max_batch: 4\napi_keys: [a]\n")
     monkeypatch.setenv("TUNEFORGE_API_KEYS", "b,c")
     args = build_parser().parse_args(["serve", "--config", str(tmp_path / "serve.yaml"), "--adapter",
-                                      f"ia3={folders / 'ia3'}", "--max-batch", "8", "--api-key", "d"])
+                                      f"ia3={folders / 'ia3'}", "--max-batch", "8", "--api-key", "d",
+                                      "--graceful-timeout", "5"])
     config = serve_config_from_args(args)
     assert config.base == "tiny" and config.max_batch == 8 and config.pinned == ["lora"]
+    assert config.graceful_timeout == 5
     assert config.adapters == {"lora": str(folders / "lora"), "ia3": str(folders / "ia3")}
     assert config.api_keys == ["a", "d", "b", "c"]
     (tmp_path / "bad.yaml").write_text("base: tiny\nmax_bacth: 4\n")

@@ -29,6 +29,10 @@ def _free_port() -> int:
     (["serve", "--base", "x", "--adapter", "a=1", "--adapter", "a=2"], "given twice"),
     (["serve", "--base", "x", "--host", "0.0.0.0"], "needs --api-key"),
     (["serve", "--base", "x", "--max-batch", "0"], "max_batch"),
+    (["serve", "--base", "x", "--api-key", ""], "--api-key: an empty key is not a key"),
+    (["serve", "--base", "x", "--host", "0.0.0.0", "--api-key", ""], "--api-key: an empty key is not a key"),
+    (["serve", "--base", "x", "--api-key", "ok", "--api-key", "  "], "--api-key: an empty key is not a key"),
+    (["serve", "--base", "x", "--admin-key", ""], "--admin-key: an empty key is not a key"),
 ])
 def test_bad_flags_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -52,45 +56,123 @@ def test_package_for_another_base_is_refused_before_loading(tiny_model_dir, tmp_
     assert "cd" * 32 in err and len(err.splitlines()) == 1, err
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
-    save_adapter(tmp_path / "lora", "lora", {"lora": {"r": 4, "dropout": 0.0}}, seed=5)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--base", str(tiny_model_dir),
-                             "--adapter", f"lora={tmp_path / 'lora'}", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    try:
+def test_empty_key_in_a_config_file_is_refused(tmp_path, capsys):
+    (tmp_path / "serve.yaml").write_text("base: x\napi_keys: ['']\n")
+    assert main(["serve", "--config", str(tmp_path / "serve.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuneforge serve: api_keys: an API key must be non-empty") and len(err.splitlines()) == 1
+
+
+class Served:
+    """``tuneforge serve`` on a free port, as a subprocess (``python -m tuneforge.cli serve ...``)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", *args, "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
         deadline = time.time() + 120
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                raise AssertionError(self.proc.stdout.read() if self.proc.stdout else "")
             time.sleep(0.2)
-        body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        chunks, refused = [], None
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
+
+    def health(self) -> int | str:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code
+        except httpx.TransportError as e:
+            return type(e).__name__
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.proc.stdout.read() if self.proc.stdout and self.proc.poll() is not None else ""
+
+
+def _stream(served: Served, body: dict, on_chunk) -> list[str]:
+    chunks = []
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
                 chunks.append(line[6:])
-                if len(chunks) == 3:
-                    proc.send_signal(signal.SIGTERM)
-                    time.sleep(0.3)
-                    try:
-                        refused = httpx.get(url + "/health", timeout=2).status_code
-                    except httpx.TransportError as e:
-                        refused = type(e).__name__
+                on_chunk(len(chunks))
+    return chunks
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
+    """Within the drain time an in-flight stream runs to its end; meanwhile /health answers 503 and new requests
+    503; then the process exits 0 (not 143)."""
+    save_adapter(tmp_path / "lora", "lora", {"lora": {"r": 4, "dropout": 0.0}}, seed=5)
+    served = Served("--base", str(tiny_model_dir), "--adapter", f"lora={tmp_path / 'lora'}")
+    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    during: dict = {}
+
+    def on_chunk(n: int) -> None:
+        if n == 3:
+            served.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            during["health"] = served.health()
+            during["new"] = httpx.post(served.url + "/v1/chat/completions", json={**body, "stream": False},
+                                       timeout=10).status_code
+    try:
+        chunks = _stream(served, body, on_chunk)
         assert chunks[-1] == "[DONE]"
         usage = json.loads(chunks[-2])["usage"]
         assert usage["completion_tokens"] == 200, usage              # the in-flight request ran to its end
-        assert refused in ("ConnectError", 503), refused              # while a new one was refused
-        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM, as for any server
-        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert json.loads(chunks[-3])["choices"][0]["finish_reason"] == "length"
+        assert during == {"health": 503, "new": 503}, during          # while draining: 503, not a closed socket
+        assert served.wait(30) == 0, served.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        served.kill()
+
+
+def test_sigterm_cuts_long_streams_at_the_drain_deadline(tiny_model_dir, tmp_path):
+    """A stream longer than the drain time ends at the deadline with a final chunk (finish_reason "length"), its
+    usage and [DONE]; the process exits 0 soon after."""
+    (tmp_path / "serve.yaml").write_text(f"base: {tiny_model_dir}\ngraceful_timeout: 1.5\nmax_output_tokens: 8000\n")
+    served = Served("--config", str(tmp_path / "serve.yaml"))
+    body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent: dict = {}
+
+    def on_chunk(n: int) -> None:
+        if n == 3:
+            served.proc.send_signal(signal.SIGTERM)
+            sent["at"] = time.time()
+    try:
+        chunks = _stream(served, body, on_chunk)
+        ended = time.time() - sent["at"]
+        assert chunks[-1] == "[DONE]", chunks[-3:]
+        usage = json.loads(chunks[-2])["usage"]
+        assert 0 < usage["completion_tokens"] < 8000, usage
+        assert json.loads(chunks[-3])["choices"][0]["finish_reason"] == "length"
+        assert 1.0 < ended < 10, ended
+        assert served.wait(20) == 0, served.log()
+        assert time.time() - sent["at"] < 15
+    finally:
+        served.kill()
+
+
+def test_sigterm_when_idle_exits_0_at_once(tiny_model_dir):
+    served = Served("--base", str(tiny_model_dir))
+    t0 = time.time()
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.wait(20) == 0, served.log()
+    assert time.time() - t0 < 5

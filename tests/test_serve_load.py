@@ -11,6 +11,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections import Counter
 
 import httpx
 import openai
@@ -37,10 +38,11 @@ GOOD, BAD = 160, 40
 
 
 def reference_answer(folder, prompt_ids) -> str:
+    """Greedy answer of the adapter in ``folder`` (None: the base model) alone."""
     from tuneforge.models.loading import load_tokenizer
 
-    model = load_trained(tiny_base(), folder).eval()
-    out = method_generate(model, saved_method(folder), input_ids=torch.tensor([prompt_ids]),
+    model = tiny_base() if folder is None else load_trained(tiny_base(), folder).eval()
+    out = method_generate(model, None if folder is None else saved_method(folder), input_ids=torch.tensor([prompt_ids]),
                           attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), max_new_tokens=TOKENS,
                           min_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
     return load_tokenizer("smollm2-135m-instruct").decode(out[0, len(prompt_ids):], skip_special_tokens=True)
@@ -110,3 +112,98 @@ def test_200_concurrent_requests_mixed_with_malformed(tmp_path, tiny_model_dir, 
     print(f"\n{GOOD} good + {BAD} malformed requests in {wall:.2f} s: p50 {statistics.median(latencies):.3f} s, "
           f"p95 {q[18]:.3f} s, {GOOD * TOKENS / wall:.1f} generated tokens/s, largest batch "
           f"{server.engine.max_rows_seen} rows")
+
+
+POISON_WORD = " xyzzy"        # a prompt holding it fails in the engine (injected fault), in sampling or in decode
+
+
+@pytest.mark.timeout(600)
+def test_load_with_rows_that_fail_inside_the_engine(tmp_path, tiny_model_dir, tokenizer):
+    """60 concurrent requests: 36 good ones (3 adapters and the base), 12 made to fail inside the engine (half in
+    their sampling step, half in the batched decode forward, found by running the rows one by one), 12
+    malformed. The good ones are answered 200 with exactly their answers alone; the failing ones 500 alone;
+    the malformed ones 4xx; the engine ends empty and keeps serving."""
+    names = ["lora-a", "ia3", "prefix"]
+    folders = {}
+    for seed, (name, method, sections, scale) in enumerate(ADAPTERS, start=21):
+        if name in names:
+            save_adapter(tmp_path / name, method, sections, seed=seed, scale=scale)
+            folders[name] = str(tmp_path / name)
+    server = Server(ServeConfig(base=str(tiny_model_dir), base_name="tiny", adapters=folders, max_batch=64),
+                    model=tiny_base(), tokenizer=tokenizer)
+    prompt_ids = server.chat_prompt_ids(None, QUESTION)
+    expected = {name: reference_answer(folder, prompt_ids) for name, folder in folders.items()}
+    expected["tiny"] = reference_answer(None, prompt_ids)
+    poison = tokenizer(POISON_WORD, add_special_tokens=False)["input_ids"]
+    long_prompt = "Tell me about queues" + " and refunds" * 30              # decode positions no good row reaches
+    threshold = len(tokenizer(long_prompt)["input_ids"]) + 2
+    assert threshold > len(prompt_ids) + TOKENS + 2
+    injected = Counter()
+    engine = server.engine
+    forward, advance = engine.set.forward, engine._advance
+
+    def faulty_forward(rows, **kw):
+        ids = kw.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and bool((kw["position_ids"] >= threshold).any()):
+            injected["forward"] += 1
+            raise RuntimeError("injected decode fault")
+        return forward(rows, **kw)
+
+    def faulty_advance(row, *args):
+        if any(row.req.prompt_ids[i:i + len(poison)] == poison for i in range(len(row.req.prompt_ids))):
+            injected["sample"] += 1
+            raise RuntimeError("injected sampling fault")
+        return advance(row, *args)
+    engine.set.forward, engine._advance = faulty_forward, faulty_advance
+    bad_bodies = [*MALFORMED[:6], b'{"model": "tiny", "prompt": "", "max_tokens": 3}',
+                  json.dumps({"model": "tiny", "messages": QUESTION, "seed": 2 ** 80}).encode(),
+                  b"[" * 10_000 + b"]" * 10_000, b'{"model": "tiny", "prompt": "\\ud800"}',
+                  json.dumps({"model": "ia3", "prompt": [1, 2]}).encode(),
+                  json.dumps({"model": "tiny", "messages": QUESTION, "top_p": 0}).encode()]
+
+    async def run(url: str):
+        client = httpx.AsyncClient(base_url=url, timeout=300)
+        models = [*names, "tiny"]
+
+        async def good(i: int):
+            r = await client.post("/v1/chat/completions", json={
+                "model": models[i % 4], "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0,
+                "ignore_eos": True})
+            return ("good", models[i % 4], r)
+
+        async def failing(i: int):
+            prompt = f"Route this{POISON_WORD} ticket" if i % 2 else long_prompt
+            r = await client.post("/v1/completions", json={"model": models[i % 4], "prompt": prompt,
+                                                           "max_tokens": TOKENS, "ignore_eos": True})
+            return ("failing", i, r)
+
+        async def bad(i: int):
+            path = "/v1/completions" if b"prompt" in bad_bodies[i] else "/v1/chat/completions"
+            r = await client.post(path, content=bad_bodies[i], headers={"Content-Type": "application/json"})
+            return ("bad", i, r)
+
+        jobs = [good(i) for i in range(36)] + [failing(i) for i in range(12)] + [bad(i) for i in range(12)]
+        order = torch.randperm(len(jobs), generator=torch.Generator().manual_seed(1)).tolist()
+        results = await asyncio.gather(*(jobs[i] for i in order))
+        await client.aclose()
+        return results
+
+    with ServerThread(server.app) as thread:
+        results = asyncio.run(run(thread.url))
+        engine.set.forward, engine._advance = forward, advance
+        after = httpx.post(thread.url + "/v1/chat/completions", json={
+            "model": "ia3", "messages": QUESTION, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True})
+    for kind, key, r in results:
+        if kind == "good":
+            assert r.status_code == 200, (key, r.text)
+            assert r.json()["choices"][0]["message"]["content"] == expected[key], key
+        elif kind == "failing":
+            assert r.status_code == 500, (key, r.text)
+            assert "injected" in r.json()["error"]["message"] and "not affected" in r.json()["error"]["message"]
+        else:
+            assert 400 <= r.status_code < 500, (key, r.status_code, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert injected["forward"] >= 6 and injected["sample"] >= 6, injected
+    assert engine.max_rows_seen > 4
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected["ia3"]
+    assert engine.running == 0 and engine.waiting == 0 and server.in_flight == 0

@@ -64,19 +64,23 @@ def adapter_kind(folder: str | Path) -> str:
     Raises :class:`AdapterLoadError` for anything else: a missing folder, a full model, an unknown type.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise AdapterLoadError(f"{folder}: no such folder")
-    cfg = folder / ADAPTER_CONFIG
-    if not cfg.is_file():
-        if (folder / "config.json").is_file():
-            raise AdapterLoadError(f"{folder} holds a full model, not an adapter: serve it with --base {folder}")
-        raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_CONFIG}")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_WEIGHTS}")
     try:
+        if not folder.is_dir():
+            raise AdapterLoadError(f"{folder}: no such folder")
+        cfg = folder / ADAPTER_CONFIG
+        if not cfg.is_file():
+            if (folder / "config.json").is_file():
+                raise AdapterLoadError(f"{folder} holds a full model, not an adapter: serve it with --base {folder}")
+            raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_CONFIG}")
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_WEIGHTS}")
         data = json.loads(cfg.read_text())
+    except AdapterLoadError:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{cfg}: not valid JSON ({e})") from None
+        raise AdapterLoadError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:        # a name too long, a NUL byte, no permission, ...
+        raise AdapterLoadError(f"{str(folder)[:300]}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{cfg}: expected a JSON object")
     from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE
@@ -99,7 +103,7 @@ def check_base(folder: str | Path, base_path: str | Path | None) -> None:
 
     try:
         verify_base_model(folder, base_path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise AdapterLoadError(str(e)) from None
 
 

@@ -42,6 +42,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                            ("--max-body-bytes", "request body limit (1 MiB)"),
                            ("--max-concurrent", "requests in flight; more get 429 (256)")):
         p.add_argument(flag, type=int, default=None, help=helptext)
+    p.add_argument("--graceful-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may run on before they are cut short with "
+                        "finish_reason length (60); /health answers 503 meanwhile, then the server exits 0")
     p.set_defaults(func=run_serve_command)
     return p
 
@@ -58,14 +61,22 @@ def serve_config_from_args(args: argparse.Namespace):
         if name in adapters:
             raise ValueError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
-    env_keys = [k for k in os.environ.get("TUNEFORGE_API_KEYS", "").split(",") if k.strip()]
+    for key in args.api_key:
+        if not key.strip():
+            raise ValueError("--api-key: an empty key is not a key (it would count as keys configured while no "
+                             "request can match it); give a non-empty key, or leave the flag out")
+    if args.admin_key is not None and not args.admin_key.strip():
+        raise ValueError("--admin-key: an empty key is not a key; give a non-empty key, or leave the flag out to "
+                         "turn the admin endpoints off")
+    env_keys = [k.strip() for k in os.environ.get("TUNEFORGE_API_KEYS", "").split(",") if k.strip()]
     overrides = {
         "base": args.base, "base_name": args.base_name, "adapter_root": args.adapter_root,
-        "admin_key": args.admin_key or os.environ.get("TUNEFORGE_ADMIN_KEY") or None,
+        "admin_key": args.admin_key or os.environ.get("TUNEFORGE_ADMIN_KEY", "").strip() or None,
         "host": args.host, "port": args.port, "dtype": args.dtype, "device": args.device,
         "max_batch": args.max_batch, "max_loaded_adapters": args.max_loaded_adapters,
         "max_input_tokens": args.max_input_tokens, "max_output_tokens": args.max_output_tokens,
         "max_body_bytes": args.max_body_bytes, "max_concurrent": args.max_concurrent, "lora_kernel": args.lora_kernel,
+        "graceful_timeout": args.graceful_timeout,
     }
     if args.config:
         config = ServeConfig.from_yaml(args.config, **overrides)
@@ -90,7 +101,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM / Ctrl-C (0); 2 with one line for a bad flag, config or adapter folder."""
+    """Serve until SIGTERM / Ctrl-C, drained (0); 2 with one line for a bad flag, config or adapter folder."""
     from pydantic import ValidationError
 
     from tuneforge.serving.adapters import AdapterLoadError
@@ -100,7 +111,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
         config = serve_config_from_args(args)
     except ValidationError as e:
         err = e.errors()[0]
-        print(f"tuneforge serve: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}", file=sys.stderr)
+        message = err["msg"].removeprefix("Value error, ")
+        print(f"tuneforge serve: {'.'.join(str(p) for p in err['loc'])}: {message}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"tuneforge serve: {e}", file=sys.stderr)

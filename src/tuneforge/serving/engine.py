@@ -16,11 +16,32 @@ Rows compute what they would alone: padding is masked out and positions are per 
 tokens in a busy batch equal its tokens alone). Text goes back through ``Request.sink`` callbacks, called on
 the engine thread: ``("token", text, n_tokens)``, then ``("done", finish_reason, usage)`` or
 ``("error", message, status)``.
+
+One bad row fails alone:
+
+* **before admission**, :meth:`Engine.validate` (called by :meth:`Engine.submit`) refuses what the batch could
+  not compute: an empty prompt, token ids outside the vocabulary, a prompt that fills the context, a seed
+  ``torch.Generator.manual_seed`` does not take (outside ``[-2**63, 2**64 - 1]``), ``max_tokens < 1``,
+  temperature / top_p that are not finite or out of range, empty stop strings. :class:`InvalidRequest` names
+  the field (the server answers 400 with it);
+* **while computing**, the seam is :meth:`Engine._isolated`: a batched forward (a prefill chunk, a decode step)
+  that raises is run again one row at a time (the decode step's KV cache first cut back to its length before
+  the step), so the row that raises fails alone and the others go on with the state they would have had;
+  per-row work (sampling, detokenization, stop strings, the sink) runs under one ``try`` per row in
+  :meth:`Engine._emit`. A failed request gets ``("error", message, 500)`` (a fault of the server, not of its
+  input), its row, KV cache rows and adapter reference are freed, and the batch goes on. A fault outside any
+  row (merging caches) fails the running batch, as a last resort, and the engine keeps serving;
+* **cancelled** requests (``Request.cancelled``, set by the server when the client goes away, streaming or
+  not) leave the batch before the next decode step: a flag read per row per step;
+* **draining** (:meth:`Engine.drain`, on SIGTERM): admitted requests run on until the deadline; rows still
+  running then end with finish reason ``"length"`` (truncated, as by ``max_tokens``; ``shutdown`` in the
+  metrics), and requests not started yet get ``("error", ..., 503)``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -34,6 +55,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tuneforge.models.transformers_compat import cache_argument
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, NoAdapterSlot
+from tuneforge.serving.protocol import SEED_MAX, SEED_MIN
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +101,24 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests."""
 
 
+class InvalidRequest(ValueError):
+    """A request the engine refuses before admission; ``param`` names the field (``prompt`` for the prompt ids)."""
+
+    def __init__(self, param: str, detail: str) -> None:
+        super().__init__(f"{param}: {detail}")
+        self.param = param
+        self.detail = detail
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+MIN_TEMPERATURE = 1e-6
+_CLIENT_REASON = {"cancelled": "stop", "shutdown": "length"}     # internal finish reason -> the one answered
+
+
 class Engine:
     """The scheduler thread around an :class:`AdapterSet`.
 
@@ -108,12 +148,14 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._commands: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
-        self._prefilling: list[Request] = []     # admitted, not yet in the batch (failed together on an error)
+        self._prefilling: list[Request] = []     # admitted, not yet in the batch (failed on a batch-wide fault)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None         # [B, L] 1 where the cache holds a real entry
         self._wake = threading.Condition()
         self._accepting = True
         self._stop = False
+        self._deadline: float | None = None            # drain: rows still running then are cut short
+        self.vocab_size = int(self.set.base.get_input_embeddings().num_embeddings)
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_rows_seen = 0
@@ -125,8 +167,34 @@ class Engine:
         self._thread.start()
         return self
 
+    def validate(self, req: Request) -> None:
+        """Raise :class:`InvalidRequest` (naming the field) for a request the batch could not compute."""
+        ids = req.prompt_ids
+        if not ids:
+            raise InvalidRequest("prompt", "empty: it has no tokens; send at least one character of text")
+        if not all(type(t) is int for t in ids):
+            raise InvalidRequest("prompt", "token ids must be integers")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= self.vocab_size:
+            raise InvalidRequest("prompt", f"token id {low if low < 0 else high} is outside the model's vocabulary "
+                                 f"(0 to {self.vocab_size - 1}): tokenize with the base model's tokenizer")
+        if len(ids) >= self.max_context:
+            raise InvalidRequest("prompt", f"{len(ids)} tokens leave no room for an answer in the model's context of "
+                                 f"{self.max_context}: shorten the prompt")
+        if type(req.max_tokens) is not int or req.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"{req.max_tokens!r}: must be an integer of at least 1")
+        if not isinstance(req.temperature, int | float) or not math.isfinite(req.temperature) or req.temperature < 0:
+            raise InvalidRequest("temperature", f"{req.temperature!r}: must be a finite number of at least 0")
+        if not isinstance(req.top_p, int | float) or not math.isfinite(req.top_p) or not 0 < req.top_p <= 1:
+            raise InvalidRequest("top_p", f"{req.top_p!r}: must be a number above 0 and at most 1")
+        if req.seed is not None and (type(req.seed) is not int or not SEED_MIN <= req.seed <= SEED_MAX):
+            raise InvalidRequest("seed", f"{req.seed!r} is out of range: use an integer from -2**63 to 2**64 - 1")
+        if any(not isinstance(x, str) or not x for x in req.stop):
+            raise InvalidRequest("stop", "stop strings must be non-empty strings")
+
     def submit(self, req: Request) -> None:
-        """Queue ``req``; it joins the running batch at the next step."""
+        """Validate ``req`` (:class:`InvalidRequest`) and queue it; it joins the running batch at the next step."""
+        self.validate(req)
         with self._wake:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
@@ -156,6 +224,14 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def drain(self, timeout: float) -> None:
+        """Finish the admitted requests within ``timeout`` seconds; rows still running then end with finish
+        reason ``"length"``, requests not started yet get a 503 error. New requests are still taken (the server
+        refuses them before they get here) until :meth:`stop`."""
+        with self._wake:
+            self._deadline = time.monotonic() + timeout
+            self._wake.notify()
 
     def stop(self, drain: bool = True, timeout: float = 600) -> None:
         """Refuse new requests; with ``drain``, finish the admitted ones first; then end the thread."""
@@ -196,18 +272,30 @@ class Engine:
                     return
             try:
                 self._run_commands()
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._cut_short()
                 self._admit()
                 if self._rows:
                     self._decode()
-            except Exception as e:   # never leave clients hanging: fail the batch, keep serving
+            except Exception as e:   # a fault outside any one row (merging caches, ...): fail the batch, go on
                 log.exception("engine step failed")
+                message = f"internal error in the running batch ({_brief(e)}); retry the request"
                 for req in [r.req for r in self._rows] + self._prefilling:
-                    self._fail(req, f"generation failed: {e}", 500)
-                self._drop_rows([r for r in self._rows])
-                for req in self._prefilling:
-                    if req.adapter is not None:
-                        self.registry.release(req.adapter)
-                self._prefilling = []
+                    self._fail(req, message, 500)
+                    self._release(req)
+                self._rows, self._cache, self._mask, self._prefilling = [], None, None, []
+
+    def _cut_short(self) -> None:
+        """The drain deadline passed: end every running row now (``"length"``), fail the requests not started."""
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            self._fail(req, "the server shut down before this request started; retry it", 503)
+        rows = list(self._rows)
+        for row in rows:
+            self._safely(row.req, self._finish, row, "shutdown")
+        self._drop_rows(rows)
 
     def _run_commands(self) -> None:
         while True:
@@ -228,7 +316,8 @@ class Engine:
         keep: list[Request] = []
         budget = self.max_prefill_tokens       # prompt tokens prefilled per step: running streams keep flowing
         for req in pending:
-            if req.cancelled:
+            if req.cancelled:                  # gone before it started: answered, never prefilled
+                self._safely(req, self._finish, _Row(req, pos=0), "cancelled")
                 continue
             if len(self._rows) + len(new) >= self.max_batch or (new and len(req.prompt_ids) > budget):
                 keep.append(req)
@@ -242,6 +331,10 @@ class Engine:
                 except AdapterLoadError as e:
                     self._fail(req, str(e), 400)
                     continue
+                except Exception as e:       # a fault loading the adapter: this request alone
+                    log.exception("loading adapter %s failed", req.adapter)
+                    self._fail(req, f"internal error loading adapter {req.adapter!r} ({_brief(e)})", 500)
+                    continue
                 if not ok:
                     keep.append(req)
                     continue
@@ -254,28 +347,64 @@ class Engine:
             self._prefill(new)
             self._prefilling = []
 
+    # ---------------------------------------------------------------------------------- isolation
+
+    def _isolated(self, items: list, compute: Callable[[list], Any], fail: Callable[[Any, Exception], None],
+                  ) -> list:
+        """``[compute(items)]``; if that raises, ``compute([item])`` for each item, and ``fail(item, error)`` for
+        each one that raises alone: the parts that computed (one, or one per surviving item)."""
+        try:
+            return [compute(items)]
+        except Exception as e:
+            if len(items) == 1:
+                fail(items[0], e)
+                return []
+            log.warning("a batched forward of %d rows failed (%s): running them one by one", len(items), _brief(e))
+        parts = []
+        for item in items:
+            try:
+                parts.append(compute([item]))
+            except Exception as e:
+                fail(item, e)
+        return parts
+
+    def _fail_request(self, req: Request, e: Exception) -> None:
+        """``req`` raised while computed alone: answer it 500 and give back its adapter."""
+        log.error("request failed alone (%s)", _brief(e), exc_info=e)
+        self._fail(req, f"internal error while generating this request ({_brief(e)}); the other requests were "
+                        "not affected: retry it, and report the error if it persists", 500)
+        self._release(req)
+        self._prefilling = [r for r in self._prefilling if r is not req]
+
+    def _release(self, req: Request) -> None:
+        if req.adapter is not None:
+            self.registry.release(req.adapter)
+
+    def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        return self.set.forward(adapters, use_cache=True, logits_to_keep=1, **kwargs)
+
     # ------------------------------------------------------------------------------------- prefill
 
     def _prefill(self, reqs: list[Request]) -> None:
         plain = [r for r in reqs if not self._virtual_tokens(r)]
         virtual = [r for r in reqs if self._virtual_tokens(r)]
-        chunk: list[Request] = []
+        chunks: list[list[Request]] = [[]]
         for req in plain:
+            chunk = chunks[-1]
             width = max([len(r.prompt_ids) for r in chunk] + [len(req.prompt_ids)])
             if chunk and width * (len(chunk) + 1) > self.max_prefill_tokens:
-                self._prefill_plain(chunk)
-                chunk = []
-            chunk.append(req)
-        if chunk:
-            self._prefill_plain(chunk)
-        for req in virtual:
-            self._prefill_virtual(req)
+                chunks.append([])
+            chunks[-1].append(req)
+        groups = [(c, self._prefill_plain) for c in chunks if c] + [([r], self._prefill_virtual) for r in virtual]
+        for group, compute in groups:
+            for part in self._isolated(group, compute, self._fail_request):
+                self._join(*part)
 
     def _virtual_tokens(self, req: Request) -> int:
         adapter = self.set.adapters.get(req.adapter) if req.adapter else None
         return adapter.num_virtual_tokens if adapter is not None else 0
 
-    def _prefill_plain(self, reqs: list[Request]) -> None:
+    def _prefill_plain(self, reqs: list[Request]) -> tuple:
         dev = self.set.device
         width = max(len(r.prompt_ids) for r in reqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -283,12 +412,13 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.set.forward([r.adapter for r in reqs], input_ids=ids, attention_mask=mask, position_ids=positions,
-                               use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        out = self._forward([r.adapter for r in reqs], input_ids=ids, attention_mask=mask, position_ids=positions,
+                            **{self.cache_kw: cache})
         rows = [_Row(r, pos=len(r.prompt_ids)) for r in reqs]
-        self._join(rows, cache, mask, out.logits[:, -1])
+        return rows, cache, mask, out.logits[:, -1]
 
-    def _prefill_virtual(self, req: Request) -> None:
+    def _prefill_virtual(self, reqs: list[Request]) -> tuple:
+        (req,) = reqs
         adapter = self.set.adapters[req.adapter]            # type: ignore[index]
         dev = self.set.device
         P, T = adapter.num_virtual_tokens, len(req.prompt_ids)
@@ -296,23 +426,17 @@ class Engine:
         mask = torch.ones((1, P + T), dtype=torch.long, device=dev)
         if adapter.kind == "prefix":
             cache = DynamicCache(ddp_cache_data=[(k.to(dev), v.to(dev)) for k, v in adapter.prefix_cache()])
-            out = self.set.forward([req.adapter], input_ids=ids, attention_mask=mask,
-                                   position_ids=torch.arange(P, P + T, device=dev)[None], use_cache=True,
-                                   logits_to_keep=1, **{self.cache_kw: cache})
+            out = self._forward([req.adapter], input_ids=ids, attention_mask=mask,
+                                position_ids=torch.arange(P, P + T, device=dev)[None], **{self.cache_kw: cache})
         else:   # prompt tuning: [S; E(x)] from position 0
             embeds = torch.cat([adapter.soft_prompt()[None].to(dev), self.set.embed(ids)], dim=1)
             cache = DynamicCache()
-            out = self.set.forward([req.adapter], inputs_embeds=embeds, attention_mask=mask,
-                                   position_ids=torch.arange(P + T, device=dev)[None], use_cache=True,
-                                   logits_to_keep=1, **{self.cache_kw: cache})
-        row = _Row(req, pos=P + T, virtual=P)
-        self._join([row], cache, mask, out.logits[:, -1])
+            out = self._forward([req.adapter], inputs_embeds=embeds, attention_mask=mask,
+                                position_ids=torch.arange(P + T, device=dev)[None], **{self.cache_kw: cache})
+        return [_Row(req, pos=P + T, virtual=P)], cache, mask, out.logits[:, -1]
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """Add prefilled ``rows`` (their ``cache``, ``mask [n, L]`` and last logits ``[n, V]``) to the batch."""
-        for row in rows:
-            if row.req.seed is not None and row.req.temperature > 0:
-                row.generator = torch.Generator(device=self.set.device).manual_seed(row.req.seed)
         if self._cache is None or not self._rows:
             self._cache, self._mask = cache, mask
             self._rows = []
@@ -327,59 +451,115 @@ class Engine:
     # -------------------------------------------------------------------------------------- decode
 
     def _decode(self) -> None:
+        gone = [r for r in self._rows if r.req.cancelled]          # clients that went away: drop them first
+        if gone:
+            for row in gone:
+                self._safely(row.req, self._finish, row, "cancelled")
+            self._drop_rows(gone)
+            if not self._rows:
+                return
+        rows = list(self._rows)
+        parts = self._isolated(rows, self._decode_rows, self._fail_decoded)
+        if len(parts) == 1 and parts[0][0] is rows:               # the whole batch in one forward (the rule)
+            self._mask = parts[0][2]
+        else:                                                     # some rows ran alone: rebuild the batch
+            self._rows, self._cache, self._mask = [], None, None
+            for part_rows, cache, mask, _ in parts:
+                if self._cache is None:
+                    self._cache, self._mask = cache, mask
+                else:
+                    self._cache, self._mask = _merge_caches(self._cache, self._mask, cache, mask)  # type: ignore
+                self._rows.extend(part_rows)
+            self._drop_rows([])                                   # trim columns that are padding in every row
+        self.steps += 1
+        for part_rows, _, _, logits in parts:
+            for row in part_rows:
+                row.pos += 1
+            self._emit(part_rows, logits)
+
+    def _decode_rows(self, rows: list[_Row]) -> tuple:
+        """One decode step of ``rows``: all of the batch (its cache extended in place; cut back if the forward
+        raises) or some of them (on a copy of their cache rows). ``(rows, cache, mask, logits)``."""
         assert self._cache is not None and self._mask is not None
         dev = self.set.device
-        last = torch.tensor([[r.tokens[-1]] for r in self._rows], device=dev)
-        positions = torch.tensor([[r.pos] for r in self._rows], device=dev)
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=dev)], 1)
-        out = self.set.forward([r.req.adapter for r in self._rows], input_ids=last, attention_mask=self._mask,
-                               position_ids=positions, use_cache=True, logits_to_keep=1,
-                               **{self.cache_kw: self._cache})
-        self.steps += 1
-        for row in self._rows:
-            row.pos += 1
-        self._emit(list(self._rows), out.logits[:, -1])
+        if len(rows) == len(self._rows):
+            cache, mask = self._cache, self._mask
+        else:
+            where = {id(r): i for i, r in enumerate(self._rows)}
+            index = torch.tensor([where[id(r)] for r in rows], device=dev)
+            cache = DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index])
+                                                 for layer in _kv_layers(self._cache)])
+            mask = self._mask[index]
+        width = mask.shape[1]
+        last = torch.tensor([[r.tokens[-1]] for r in rows], device=dev)
+        positions = torch.tensor([[r.pos] for r in rows], device=dev)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)], 1)
+        try:
+            out = self._forward([r.req.adapter for r in rows], input_ids=last, attention_mask=mask,
+                                position_ids=positions, **{self.cache_kw: cache})
+        except Exception:
+            for layer in _kv_layers(cache):          # layers the step reached hold one more entry: drop it
+                if layer.keys is not None and layer.keys.shape[2] > width:
+                    layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            raise
+        return rows, cache, mask, out.logits[:, -1]
+
+    def _fail_decoded(self, row: _Row, e: Exception) -> None:
+        """``row`` raised in a decode step alone: it is left out of the rebuilt batch."""
+        row.done = True
+        self._fail_request(row.req, e)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample one token for each of ``rows`` (logits ``[n, V]``), stream text, retire finished rows."""
-        tokens = self._sample(rows, logits.float())
+        """Sample one token for each of ``rows`` (logits ``[n, V]``), stream text, retire finished rows; a row
+        whose sampling, text or sink raises fails alone."""
+        probs = logits.float()
+        greedy = probs.argmax(-1).tolist()
         now = time.perf_counter()
         finished = []
-        for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
-            if row.req.keep_logits:
-                row.req.logits.append(logits[i].detach().clone())
-            if row.first_token_at is None:
-                row.first_token_at = now
-            reason = None
-            if row.req.cancelled:
-                reason = "cancelled"
-            elif tok in self.eos_ids and not row.req.ignore_eos:
-                reason = "stop"
-            else:
-                row.tokens.append(tok)
-                reason = self._stream(row)
-                row.stopped_by_string = reason == "stop"
-                if reason is None and (len(row.tokens) >= row.req.max_tokens or row.pos >= self.max_context):
-                    reason = "length"
-            if reason is not None:
-                self._finish(row, reason)
+        for i, row in enumerate(rows):
+            try:
+                if row.req.keep_logits:
+                    row.req.logits.append(logits[i].detach().clone())
+                reason = self._advance(row, greedy[i], probs[i], now)
+                if reason is not None:
+                    self._finish(row, reason)
+                    finished.append(row)
+            except Exception as e:
+                log.error("request failed alone (%s)", _brief(e), exc_info=e)
+                row.done = True
+                self._fail(row.req, f"internal error while generating this request ({_brief(e)}); the other "
+                                    "requests were not affected: retry it, and report the error if it persists", 500)
                 finished.append(row)
         if finished:
             self._drop_rows(finished)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        out = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
-            t = row.req.temperature
-            if t <= 0:
-                continue
-            probs = torch.softmax(logits[i] / t, -1)
-            if row.req.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < row.req.top_p
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            out[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
-        return out
+    def _advance(self, row: _Row, greedy: int, logits: torch.Tensor, now: float) -> str | None:
+        """Take ``row``'s next token (``greedy``, or sampled from ``logits [V]``); its finish reason, if done."""
+        if row.first_token_at is None:
+            row.first_token_at = now
+        if row.req.cancelled:
+            return "cancelled"
+        tok = greedy if row.req.temperature <= 0 else self._sample(row, logits)
+        if tok in self.eos_ids and not row.req.ignore_eos:
+            return "stop"
+        row.tokens.append(tok)
+        reason = self._stream(row)
+        row.stopped_by_string = reason == "stop"
+        if reason is None and (len(row.tokens) >= row.req.max_tokens or row.pos >= self.max_context):
+            reason = "length"
+        return reason
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        if row.generator is None and row.req.seed is not None:
+            row.generator = torch.Generator(device=self.set.device).manual_seed(row.req.seed)
+        # a temperature near 0 is greedy; below MIN_TEMPERATURE, logits / t would overflow to inf (softmax: NaN)
+        probs = torch.softmax(logits / max(row.req.temperature, MIN_TEMPERATURE), -1)
+        if row.req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < row.req.top_p
+            keep[0] = True                  # the likeliest token always (a top_p below float32's range keeps none)
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=row.generator).item())
 
     def _detokenize(self, row: _Row, final: bool = False) -> None:
         """Append the text of ``row``'s new tokens to ``row.text``, decoding only a window of recent tokens (as
@@ -422,15 +602,25 @@ class Engine:
         usage = {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": len(row.tokens),
                  "total_tokens": len(row.req.prompt_ids) + len(row.tokens)}
         now = time.perf_counter()
-        ttft = (row.first_token_at or now) - row.req.arrived
+        ttft = None if row.first_token_at is None else row.first_token_at - row.req.arrived
         if self.on_finish is not None:
             self.on_finish(row.req, usage, ttft, now - row.req.arrived, reason)
-        row.req.sink(("done", "stop" if reason == "cancelled" else reason, usage))
+        row.req.sink(("done", _CLIENT_REASON.get(reason, reason), usage))
 
     def _fail(self, req: Request, message: str, status: int) -> None:
-        if self.on_finish is not None:
-            self.on_finish(req, None, None, time.perf_counter() - req.arrived, "error")
-        req.sink(("error", message, status))
+        """Answer ``req`` with an error (never raises: a sink that fails is logged)."""
+        try:
+            if self.on_finish is not None:
+                self.on_finish(req, None, None, time.perf_counter() - req.arrived, "error")
+            req.sink(("error", message, status))
+        except Exception:
+            log.exception("could not report an error to its request")
+
+    def _safely(self, req: Request, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            self._fail(req, f"internal error while finishing this request ({_brief(e)})", 500)
 
     def _drop_rows(self, rows: list[_Row]) -> None:
         gone = {id(r) for r in rows}

@@ -5,15 +5,27 @@ becomes OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with ``para
 Fields OpenAI defines that tuneforge does not implement are refused when set to anything but their default
 (``n > 1``, ``logprobs``, ``tools``), never silently ignored; unknown fields are ignored, as OpenAI's
 compatible servers do.
+
+:func:`parse_body` is the one door a request body comes through; whatever the bytes, it returns a validated
+model or raises :class:`APIError` 400 naming the field, never anything else: JSON that is not JSON, not UTF-8,
+nested deeper than :data:`MAX_DEPTH` (no ``RecursionError``), with an integer of more digits than Python
+converts, a string holding a lone surrogate (``"\\ud800"``: valid JSON, not valid Unicode; it cannot be
+tokenized, encoded in an answer or used as a path), or ``NaN`` / ``Infinity`` where a number belongs. The
+request models are also the request bodies published in the OpenAPI schema (``/openapi.json``), and the
+response models below the answers (:func:`openapi_components`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_DEPTH = 32                       # JSON nesting a request body may have (a chat request needs 4)
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1   # what torch.Generator.manual_seed accepts
 
 ROLES = ("system", "user", "assistant", "developer")
 
@@ -46,7 +58,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -75,8 +87,10 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                              "maxItems": 4}, {"type": "null"}]})
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0)
@@ -105,15 +119,17 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]})
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default 16 (or the server's limit, if lower)")
     logprobs: int | None = Field(None, le=0)
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
+            raise APIError(400, "prompt: must not be empty: send a string or a list of strings", param="prompt")
         return prompts
 
 
@@ -158,3 +174,245 @@ def completion_chunk(rid: str, model: str, created: int, index: int, text: str, 
                      ) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def parse_body(model: type[_Strict], raw: bytes) -> Any:
+    """``raw`` JSON -> ``model``; :class:`APIError` 400 naming the field (or ``body``) for anything else."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"body: JSON nested deeper than {MAX_DEPTH} levels", param="body",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:     # JSONDecodeError, and integers of over 4300 digits
+        reason = "an integer of more than 4300 digits" if "digits" in str(e) else str(e)
+        raise APIError(400, f"body: not valid JSON ({reason})", param="body", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "body: expected a JSON object", param="body", code="invalid_json")
+    _check_json_tree(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        field, message = _describe(e)
+        raise APIError(400, message, param=field, code="invalid_value") from None
+
+
+def _check_json_tree(data: Any) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and strings (keys too) holding a lone surrogate."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _has_lone_surrogate(value):
+                field = ".".join(str(p) for p in path) or "body"
+                raise APIError(400, f"{field}: holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), "
+                               "which is not text: send valid Unicode", param=field, code="invalid_value")
+            continue
+        if isinstance(value, dict | list):
+            if len(path) >= MAX_DEPTH:
+                raise APIError(400, f"body: JSON nested deeper than {MAX_DEPTH} levels", param="body",
+                               code="invalid_json")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not key.isascii() and _has_lone_surrogate(key):
+                    stack.append((key, path))
+                stack.append((item, (*path, key)))
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list[str]", "list[TextPart]", "TextPart"}
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    """``(field, message)`` of a validation error; a union field reports one error per member (``prompt.str``,
+    ``prompt.list[str]``): the message names the field itself."""
+    errors = error.errors()
+    err = errors[0]
+    locs = [x["loc"] for x in errors if x["loc"][:1] == err["loc"][:1]]
+    common = []
+    for parts in zip(*locs, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    if len(locs) > 1 and common and str(common[-1]) in _UNION_MEMBERS:
+        common.pop()
+    field = ".".join(str(p) for p in common) or "body"
+    if len(locs) > 1 and len(common) < len(err["loc"]):
+        return field, f"{field}: wrong type or value ({'; '.join(x['msg'] for x in errors[:2])})"
+    return field, f"{field}: {err['msg']}"
+
+
+# ------------------------------------------------------------------------------------ response shapes
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx answer."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """``stream: false``; with ``stream: true`` the answer is ``text/event-stream``: ``chat.completion.chunk``
+    events, the last with ``finish_reason``, then ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    method: str | None = None
+    loaded: bool | None = None
+    pinned: bool | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AdapterStatus(BaseModel):
+    status: Literal["ok"]
+    lora_name: str
+    method: str | None = None
+
+
+class Health(BaseModel):
+    """``status``: ``ok`` (200), or ``draining`` (503) from a shutdown signal until the process exits."""
+
+    status: Literal["ok", "draining"]
+    running: int
+    waiting: int
+    loaded_adapters: list[str]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream (the one after the finish carries only ``usage``, when asked for)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+
+
+SCHEMA_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
+                                              UnloadAdapterRequest, ChatCompletionChunk, CompletionChunk,
+                                              ErrorResponse)
+
+
+def openapi_components() -> dict[str, dict]:
+    """JSON schemas of the request bodies and stream events (and what they reference), keyed as
+    ``components/schemas`` wants."""
+    out: dict[str, dict] = {}
+    for model in SCHEMA_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def openapi_event_stream(chunk: type[BaseModel]) -> dict:
+    """The ``text/event-stream`` content of a streamed answer: each event's ``data`` is a ``chunk`` (or an
+    error, should the request fail midway) as JSON, and the last one ``[DONE]``."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}}
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` of an endpoint whose JSON body is ``model`` (the endpoint parses it with
+    :func:`parse_body`, so that every error keeps OpenAI's shape)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}

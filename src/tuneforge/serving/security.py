@@ -5,7 +5,9 @@
 * The admin key guards load/unload; a user key gets 403, a missing or wrong key 401. Without an admin key
   the admin endpoints are off (403).
 * Adapters loaded at run time must live under the adapter root: the path is resolved (``..`` and symbolic
-  links followed) before the check.
+  links followed) before the check, and so is every file and folder inside it (a weights file that is a link
+  to a file outside the root is refused, naming it); a path with a NUL byte, or one the file system refuses
+  (too long, ...), is a 400 naming ``lora_path``.
 * :class:`BodyLimit` (ASGI middleware) answers 413 to a body over the limit without reading the rest.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from pathlib import Path
 
 from tuneforge.serving.protocol import APIError, error_body
@@ -63,12 +66,45 @@ def adapter_path_under(root: Path | None, path: str) -> Path:
     if root is None:
         raise APIError(403, "loading adapters at run time needs an adapter root: start the server with --adapter-root",
                        param="lora_path", code="adapter_root_unset")
-    root = root.resolve()
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise APIError(403, f"lora_path {path!r} is outside the adapter root", param="lora_path",
-                       code="path_outside_root")
+    if "\x00" in path:
+        raise APIError(400, "lora_path: holds a NUL byte; give the adapter's folder, relative to the adapter root",
+                       param="lora_path", code="invalid_value")
+    try:
+        root = root.resolve()
+        resolved = (root / path).resolve()
+        if not _under(resolved, root):
+            raise APIError(403, f"lora_path {path!r} is outside the adapter root", param="lora_path",
+                           code="path_outside_root")
+        if resolved.is_dir():
+            _check_tree_under(resolved, root, path)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise APIError(400, f"lora_path: cannot be used as a folder ({reason}); give the adapter's folder, "
+                       "relative to the adapter root", param="lora_path", code="invalid_value") from None
     return resolved
+
+
+MAX_ADAPTER_ENTRIES = 10_000       # files and folders an adapter folder may hold (the check reads them all)
+
+
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _check_tree_under(folder: Path, root: Path, given: str) -> None:
+    """403 naming the first file or folder inside ``folder`` that resolves (through a link) outside ``root``."""
+    seen = 0
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        for name in [*dirs, *files]:
+            seen += 1
+            if seen > MAX_ADAPTER_ENTRIES:
+                raise APIError(400, f"lora_path {given!r}: over {MAX_ADAPTER_ENTRIES} files; an adapter folder "
+                               "holds a few", param="lora_path", code="invalid_value")
+            entry = Path(here) / name
+            if entry.is_symlink() and not _under(entry.resolve(), root):
+                raise APIError(403, f"lora_path {given!r}: {entry.relative_to(folder)} is a link to a file outside "
+                               "the adapter root; copy the file into the folder instead", param="lora_path",
+                               code="path_outside_root")
 
 
 class BodyLimit:

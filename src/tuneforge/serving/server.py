@@ -7,6 +7,22 @@ Endpoints: ``GET /v1/models`` (the base and every adapter, with ``parent``), ``P
 and the response's ``model`` names the one that answered. A chat prompt is rendered with the chat template
 saved with the adapter's run (else the base model's), exactly as training rendered it.
 
+Bad input never reaches the batch: the body goes through :func:`~tuneforge.serving.protocol.parse_body`, the
+prompt through the tokenizer and :meth:`~tuneforge.serving.engine.Engine.validate`, each refusal a 400 naming
+the field; a request that fails inside the engine fails alone (see :mod:`tuneforge.serving.engine`). The
+request bodies and answers are published as OpenAPI at ``/openapi.json``.
+
+A client that closes its connection cancels its request, streaming or not: streams notice when a write fails,
+non-streaming requests through a task that waits for the connection's ``http.disconnect``
+(:meth:`Server._collect_all`); the engine drops the row before its next decode step and the concurrency slot
+is free again.
+
+SIGTERM / Ctrl-C drain the server (:meth:`Server.run`): ``/health`` answers 503 ``draining`` and new requests
+503 ``shutting_down`` while the listening socket stays open; in-flight requests run on for up to
+``graceful_timeout`` seconds, and those still running then end with ``finish_reason: "length"`` (a stream gets
+its final chunk, its usage if asked, and ``data: [DONE]``); then the process exits 0. A second signal exits at
+once.
+
 Python::
 
     from tuneforge.serving import ServeConfig, Server
@@ -29,12 +45,12 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.serving import protocol as P
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, adapter_kind, check_base
-from tuneforge.serving.engine import Engine, EngineStopped
+from tuneforge.serving.engine import Engine, EngineStopped, InvalidRequest
 from tuneforge.serving.engine import Request as GenRequest
 from tuneforge.serving.metrics import ServerMetrics
 from tuneforge.serving.protocol import APIError
@@ -70,7 +86,25 @@ class ServeConfig(BaseModel):
         "stacked", description="how LoRA rows of different adapters share a forward: stacked (two batched matmuls "
                                "per layer; 1.3x peft's on 8 mixed adapters, benchmarks/serve_throughput.py) or "
                                "peft's adapter_names (one small matmul pair per adapter per layer)")
-    graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM lets in-flight requests run on; "
+                                                            "those still running then end with finish_reason length")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not key or key != key.strip():
+                raise ValueError("an API key must be non-empty, without spaces around it (an empty --api-key "
+                                 "would count as keys configured while no request can match it)")
+        return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_is_a_key(cls, key: str | None) -> str | None:
+        if key is not None and (not key or key != key.strip()):
+            raise ValueError("the admin key must be non-empty, without spaces around it (leave it out to turn the "
+                             "admin endpoints off)")
+        return key
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ServeConfig:
@@ -123,6 +157,9 @@ class Server:
         self.in_flight = 0
         self.draining = False
         self._unloading: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+        self._drain_begun = False
         self.app = self._build_app()
         self.app.state.server = self
 
@@ -140,25 +177,49 @@ class Server:
         if self.registry.acquire(name):
             self.registry.release(name)
 
-    def shutdown(self) -> None:
+    def begin_drain(self) -> None:
+        """Refuse new requests (503) and give the admitted ones ``graceful_timeout`` seconds to finish."""
         self.draining = True
+        if not self._drain_begun:
+            self._drain_begun = True
+            self.engine.drain(self.config.graceful_timeout)
+
+    def shutdown(self) -> None:
+        self.begin_drain()
         self.engine.stop(drain=True)
 
+    async def _drain_then_exit(self, uv: Any) -> None:
+        self.begin_drain()
+        deadline = time.monotonic() + self.config.graceful_timeout + 10      # + the last chunks' writing
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained: shutting down")
+        uv.should_exit = True
+
     def run(self) -> None:
-        """Serve on ``config.host:port`` until SIGTERM / Ctrl-C; in-flight requests finish first."""
+        """Serve on ``config.host:port`` until SIGTERM / Ctrl-C, then drain (module docstring) and return."""
         import uvicorn
 
         server = self
 
         class _Uvicorn(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
+                loop = server._loop
+                if server._drain_task is not None or loop is None:    # a second signal, or not serving yet
+                    super().handle_exit(sig, frame)
+                    return
+                log.info("signal %s: draining %d in-flight request(s) (at most %g s), refusing new ones", sig,
+                         server.in_flight, server.config.graceful_timeout)
                 server.draining = True
-                log.info("signal %s: finishing %d in-flight request(s), refusing new ones", sig, server.in_flight)
-                super().handle_exit(sig, frame)
+                loop.call_soon_threadsafe(server._start_drain, self)
 
         config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="info",
-                                timeout_graceful_shutdown=int(self.config.graceful_timeout) or None)
+                                timeout_graceful_shutdown=10)
         _Uvicorn(config).run()
+
+    def _start_drain(self, uv: Any) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit(uv))
 
     def _finished(self, req: GenRequest, usage: dict | None, ttft: float | None, latency: float, status: str) -> None:
         self.metrics.finished(req.adapter or self.base_name, usage, ttft, latency, status)
@@ -202,6 +263,22 @@ class Server:
             raise APIError(400, f"{param}: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the model's "
                            f"context of {self.engine.max_context}", param=param, code="context_length_exceeded")
 
+    def tokenize_prompt(self, adapter: str | None, prompt: str) -> list[int]:
+        try:
+            return list(self.tokenizer_for(adapter)(prompt)["input_ids"])
+        except Exception as e:
+            raise APIError(400, f"prompt: the tokenizer refused it ({str(e).splitlines()[0][:200]})",
+                           param="prompt") from None
+
+    def _validate(self, gens: list[GenRequest], prompt_param: str) -> None:
+        """The engine's checks (:meth:`Engine.validate`), as 400 naming the field, before anything is admitted."""
+        for gen in gens:
+            try:
+                self.engine.validate(gen)
+            except InvalidRequest as e:
+                param = prompt_param if e.param == "prompt" else e.param
+                raise APIError(400, f"{param}: {e.detail}", param=param, code="invalid_value") from None
+
     def _admit(self) -> None:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
@@ -243,12 +320,36 @@ class Server:
         @asynccontextmanager
         async def lifespan(app: FastAPI):
             self.start()
+            self._loop = asyncio.get_running_loop()
             yield
             await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
 
-        app = FastAPI(title="tuneforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app = FastAPI(title="tuneforge serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                      openapi_url="/openapi.json", description="OpenAI-compatible API of one base model and its "
+                      "adapters (the request's `model`).")
         app.add_middleware(BodyLimit, max_bytes=self.config.max_body_bytes)
         cfg = self.config
+
+        def openapi() -> dict:
+            if app.openapi_schema is None:
+                from fastapi.openapi.utils import get_openapi
+
+                schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                     routes=app.routes)
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(P.openapi_components())
+                app.openapi_schema = schema
+            return app.openapi_schema
+        app.openapi = openapi                           # type: ignore[method-assign]
+
+        def errors(*statuses: int) -> dict:
+            return {s: {"model": P.ErrorResponse, "description": _STATUS_MEANING[s]} for s in statuses}
+
+        def answers(model: type[BaseModel], *statuses: int, chunk: type[BaseModel] | None = None) -> dict:
+            ok: dict = {"model": model, "description": "the answer"}
+            if chunk is not None:
+                ok["content"] = {"text/event-stream": P.openapi_event_stream(chunk)}
+                ok["description"] = "the answer; with `stream: true`, server-sent events ending with `data: [DONE]`"
+            return {200: ok, **errors(*statuses)}
 
         @app.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -272,17 +373,20 @@ class Server:
         def admin(request: Request) -> None:
             check_admin(request.headers.get("authorization"), cfg.api_keys, cfg.admin_key)
 
-        @app.get("/health")
+        @app.get("/health", response_model=None, responses={
+            200: {"model": P.Health, "description": "serving"},
+            503: {"model": P.Health, "description": "draining after SIGTERM: finishing in-flight requests"}})
         async def health() -> Response:
             body = {"status": "draining" if self.draining else "ok", "running": self.engine.running,
                     "waiting": self.engine.waiting, "loaded_adapters": self.registry.loaded}
             return JSONResponse(body, status_code=503 if self.draining else 200)
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse, responses={200: {
+            "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}})
         async def metrics() -> Response:
             return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", response_model=None, responses=answers(P.ModelList, 401))
         async def models(request: Request) -> dict:
             user(request)
             created = P.now()
@@ -298,38 +402,44 @@ class Server:
                              "loaded": name in loaded, "pinned": entry.pinned})
             return {"object": "list", "data": data}
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", response_model=None, openapi_extra=P.openapi_body(P.ChatCompletionRequest),
+                  responses=answers(P.ChatCompletionResponse, 400, 401, 404, 413, 429, 500, 503,
+                                    chunk=P.ChatCompletionChunk))
         async def chat(request: Request) -> Response:
             user(request)
-            body = _parse(P.ChatCompletionRequest, await request.body())
+            body = P.parse_body(P.ChatCompletionRequest, await request.body())
             adapter = self.resolve_model(body.model)
             prompt = self.chat_prompt_ids(adapter, body.conversation())
             max_tokens = body.limit() or cfg.default_max_tokens
             self._check_lengths(prompt, max_tokens, "messages")
             gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                              body.ignore_eos)
+            self._validate([gen], "messages")
             self._admit()
-            return await self._respond_chat(body, gen)
+            return await self._respond_chat(request, body, gen)
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", response_model=None, openapi_extra=P.openapi_body(P.CompletionRequest),
+                  responses=answers(P.CompletionResponse, 400, 401, 404, 413, 429, 500, 503,
+                                    chunk=P.CompletionChunk))
         async def completions(request: Request) -> Response:
             user(request)
-            body = _parse(P.CompletionRequest, await request.body())
+            body = P.parse_body(P.CompletionRequest, await request.body())
             adapter = self.resolve_model(body.model)
-            tok = self.tokenizer_for(adapter)
-            prompts = [tok(p)["input_ids"] for p in body.prompts()]
-            max_tokens = body.max_tokens or 16
+            prompts = [self.tokenize_prompt(adapter, p) for p in body.prompts()]
+            max_tokens = body.max_tokens or min(16, cfg.max_output_tokens)
             for ids in prompts:
                 self._check_lengths(ids, max_tokens, "prompt")
             gens = [GenRequest(ids, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                                body.ignore_eos) for ids in prompts]
+            self._validate(gens, "prompt")
             self._admit()
-            return await self._respond_completion(body, gens)
+            return await self._respond_completion(request, body, gens)
 
-        @app.post("/v1/load_lora_adapter")
+        @app.post("/v1/load_lora_adapter", response_model=None, openapi_extra=P.openapi_body(P.LoadAdapterRequest),
+                  responses=answers(P.AdapterStatus, 400, 401, 403, 413, 500, 503))
         async def load_adapter(request: Request) -> dict:
             admin(request)
-            body = _parse(P.LoadAdapterRequest, await request.body())
+            body = P.parse_body(P.LoadAdapterRequest, await request.body())
             if body.lora_name == self.base_name or self.registry.get(body.lora_name) is not None:
                 raise APIError(400, f"lora_name: {body.lora_name!r} is already served; unload it first",
                                param="lora_name", code="adapter_exists")
@@ -342,10 +452,12 @@ class Server:
             entry = self.registry.get(body.lora_name)
             return {"status": "ok", "lora_name": body.lora_name, "method": entry.kind if entry else None}
 
-        @app.post("/v1/unload_lora_adapter")
+        @app.post("/v1/unload_lora_adapter", response_model=None,
+                  openapi_extra=P.openapi_body(P.UnloadAdapterRequest),
+                  responses=answers(P.AdapterStatus, 400, 401, 403, 404, 413, 500))
         async def unload_adapter(request: Request) -> dict:
             admin(request)
-            body = _parse(P.UnloadAdapterRequest, await request.body())
+            body = P.parse_body(P.UnloadAdapterRequest, await request.body())
             if self.registry.get(body.lora_name) is None or body.lora_name in self._unloading:
                 raise APIError(404, f"lora_name: no adapter {body.lora_name!r} is served", param="lora_name",
                                code="model_not_found")
@@ -383,12 +495,12 @@ class Server:
                 return
             time.sleep(0.02)
 
-    async def _respond_chat(self, body: P.ChatCompletionRequest, gen: GenRequest) -> Response:
+    async def _respond_chat(self, request: Request, body: P.ChatCompletionRequest, gen: GenRequest) -> Response:
         rid, created, model = P.new_id("chatcmpl"), P.now(), body.model
         self.in_flight += 1
         if not body.stream:
             try:
-                text, reason, usage = await self._collect(gen)
+                [(text, reason, usage)] = await self._collect_all(request, [gen])
             finally:
                 self.in_flight -= 1
             return JSONResponse(P.chat_response(rid, model, created, text, reason, usage))
@@ -411,12 +523,13 @@ class Server:
                 self.in_flight -= 1
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _respond_completion(self, body: P.CompletionRequest, gens: list[GenRequest]) -> Response:
+    async def _respond_completion(self, request: Request, body: P.CompletionRequest, gens: list[GenRequest],
+                                  ) -> Response:
         rid, created, model = P.new_id("cmpl"), P.now(), body.model
         self.in_flight += 1
         if not body.stream:
             try:
-                results = await asyncio.gather(*(self._collect(g) for g in gens))
+                results = await self._collect_all(request, gens)
             finally:
                 self.in_flight -= 1
             choices = [{"index": i, "text": (body.prompts()[i] if body.echo else "") + text, "finish_reason": reason,
@@ -442,6 +555,26 @@ class Server:
                 self.in_flight -= 1
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def _collect_all(self, request: Request, gens: list[GenRequest]) -> list[tuple[str, str, dict]]:
+        """The answers of ``gens`` (non-streaming); all of them cancelled when the client disconnects first or
+        when one fails."""
+        async def watch() -> None:        # the body is read: the next message is the client's disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            log.info("client went away: cancelling its request")
+            for gen in gens:
+                gen.cancelled = True
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return list(await asyncio.gather(*(self._collect(g) for g in gens)))
+        except BaseException:
+            for gen in gens:
+                gen.cancelled = True
+            raise
+        finally:
+            watcher.cancel()
+
     async def _collect(self, gen: GenRequest) -> tuple[str, str, dict]:
         parts: list[str] = []
         async for ev in self._generate(gen):
@@ -454,39 +587,10 @@ class Server:
         raise APIError(500, "generation ended without an answer")
 
 
-_UNION_MEMBERS = {"str", "int", "float", "bool", "list[str]", "list[TextPart]", "TextPart"}
-
-
-def _parse(model: type[BaseModel], raw: bytes) -> Any:
-    """``raw`` JSON -> ``model``; 400 naming the field (or the JSON error's position) otherwise."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"body: not valid JSON ({e})", param="body", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "body: expected a JSON object", param="body", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors()
-        err = errors[0]
-        # a union field reports one error per member (``prompt.str``, ``prompt.list[str]``): name the field itself
-        locs = [x["loc"] for x in errors if x["loc"][:1] == err["loc"][:1]]
-        common = []
-        for parts in zip(*locs, strict=False):
-            if len(set(parts)) > 1:
-                break
-            common.append(parts[0])
-        if len(locs) > 1 and common and str(common[-1]) in _UNION_MEMBERS:
-            common.pop()
-        field = ".".join(str(p) for p in common) or "body"
-        if len(locs) > 1 and len(common) < len(err["loc"]):
-            message = f"{field}: wrong type or value ({'; '.join(x['msg'] for x in errors[:2])})"
-        else:
-            message = f"{field}: {err['msg']}"
-        raise APIError(400, message, param=field, code="invalid_value") from None
-    except APIError:
-        raise
+_STATUS_MEANING = {400: "invalid request (`param` names the field)", 401: "missing or unknown key",
+                   403: "this key may not do that, or the admin endpoints are off", 404: "no such model or adapter",
+                   413: "request body over --max-body-bytes", 429: "too many concurrent requests: retry later",
+                   500: "an internal fault of this request alone", 503: "shutting down, or no adapter slot"}
 
 
 def _sse(obj: dict) -> str:
