@@ -1,4 +1,4 @@
-"""Each method on each task the README's support matrix marks as supported (tiny model, short runs)."""
+"""Each method on each task the support matrix (docs/guides/methods.md) marks as supported (tiny model, short runs)."""
 
 import pytest
 import torch

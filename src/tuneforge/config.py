@@ -127,8 +127,8 @@ class RunConfig(Settings):
         "stop", description="a ruined run: the loss stays above divergence_factor x its first value, or training "
         "collapses (the loss at ln(vocabulary) after starting below it, or a gradient norm of exactly 0), for "
         "divergence_steps steps; or the final validation is worse than the run's first evaluation (the model before "
-        "training; without eval_base, the first validation). stop: end the run with exit status 1, never writing worse weights as its output (the best "
-        "checkpoint kept); warn: log it and go on")
+        "training; without eval_base, the first validation). stop: end the run with exit status 1, never writing "
+        "worse weights as its output (the best checkpoint kept); warn: log it and go on")
     divergence_factor: float = Field(1.5, gt=1)
     divergence_steps: int = Field(3, ge=1)
     regression_tolerance: float = Field(

@@ -7,7 +7,7 @@ records: SFT; ``text`` records: continued pretraining; ``chosen``/``rejected`` p
 ``tuneforge init`` writes that config for the user to read and edit; ``tuneforge train --data FILE`` trains
 with it directly (``--set`` overrides apply on top).
 
-How the defaults were chosen is in the README ("Training your own model").
+How the defaults were chosen is in docs/guides/own-data.md ("How the defaults were chosen").
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ preference:                  # chosen/rejected pairs (task: preference)
   beta: 0.1
 """ if task == "preference" else ""
     return f"""# A tuneforge run config for {Path(data).name} (written by `tuneforge init`; every key is documented in
-# the README's "The run config"). Train with `tuneforge train THIS_FILE`; override a key with --set KEY=VALUE.
+# docs/reference/config.md). Train with `tuneforge train THIS_FILE`; override a key with --set KEY=VALUE.
 model: {model}
 method: lora                 # full, lora (use_dora/use_rslora), qlora, adapter, prefix, prompt, ia3
 task: {task}                 # sft (chat/instruction records), pretrain (text), preference (chosen/rejected)
@@ -89,9 +89,9 @@ lr_scheduler: cosine
 warmup_ratio: 0.05
 batch_size: 4                # examples per optimizer step, packed into one padding-free row
 max_steps: 100               # a time budget: 400 examples, ~5 min on 2 CPU cores for ~250-token records. Chosen
-                             # by time to quality on two tasks (README: "How the defaults were chosen"). On a
-                             # small file that is several epochs (the best validation checkpoint is kept); on
-                             # a large one, part of an epoch: raise it, or set it to null to train `epochs`
+                             # by time to quality on two tasks (docs/guides/own-data.md, "How the defaults were
+                             # chosen"). On a small file that is several epochs (the best validation checkpoint is
+                             # kept); on a large one, part of an epoch: raise it, or set it to null to train `epochs`
 epochs: 1                    # used when max_steps is null
 
 eval_share: 0.1              # validation costs at most ~10% of training compute (a fixed subset if needed)

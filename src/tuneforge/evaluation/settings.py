@@ -31,7 +31,7 @@ class JudgeSettings(Settings):
 
 
 class EvalSettings(Settings):
-    """What ``tuneforge eval`` computes; see the README's Evaluation section."""
+    """What ``tuneforge eval`` computes; see docs/guides/evaluation.md."""
     columns: list[str] = ["base", "tuned"]
     data: str | None = Field(None, description="test file; default: eval_task.file, else data.validation")
     extra: dict[str, str] = Field({}, description="more held-out files, reported apart: {name: file}")
