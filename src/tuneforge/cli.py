@@ -16,6 +16,12 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _error(line: str) -> None:
+    """One line to stderr in one write: under several processes (accelerate launch) lines never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.training.trainer import TrainingFailed, TrainingInterrupted, train
@@ -38,10 +44,10 @@ def cmd_train(args) -> int:
     try:
         result = train(config, resume=args.resume)
     except TrainingInterrupted as e:
-        print(f"tuneforge train: {e}", file=sys.stderr)
+        _error(f"tuneforge train: {e}")
         return 128 + e.signum
     except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 1
     print(f"run directory: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}"
           + (f"  best eval loss: {result.best_eval_loss:.4f} (step {result.best_step})" if result.best_step else ""))
@@ -128,7 +134,7 @@ def cmd_plan(args) -> int:
     try:
         plan = plan_for_config(config, budget)
     except ValueError as e:        # a method the estimator does not model
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 2
     print(plan.table())
     return 0 if plan.chosen else 1
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError, BaseModelMismatch) as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
