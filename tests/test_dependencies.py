@@ -1,12 +1,14 @@
 """constraints.txt (what CI installs) and pyproject's ranges (what users get) agree.
 
-Every direct dependency is pinned in constraints.txt at a version inside pyproject's range, and each
-``<=`` upper bound is exactly the pinned version: the newest version tested is the newest allowed.
+Every direct dependency is pinned in constraints.txt at a version inside pyproject's range; pyproject caps only
+where a release is known to break us, saying why (``scripts/newer_releases.py`` reports what a fresh install
+without the constraints gets).
 The README's "Tested versions" table names the same versions.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import tomllib
@@ -44,14 +46,22 @@ def test_every_dependency_is_pinned_inside_its_range():
             f"{req.name}=={pins[name]} is outside {req.specifier}")
 
 
-def test_upper_bounds_are_the_tested_versions():
-    pins = _pins()
+def test_caps_are_few_and_each_says_why():
+    """pyproject keeps tested lower bounds; exact pins live in constraints.txt only. A cap (``<``) is allowed where
+    an upstream release is known to break us, with a comment on its line (or just above it) saying why; an exact cap
+    (``<=`` the tested version) would force a downgrade on anyone with a newer release installed."""
+    lines = ROOT.joinpath("pyproject.toml").read_text().splitlines()
     for req in _requirements():
-        for spec in req.specifier:
-            if spec.operator == "<=":
-                assert Version(spec.version) == pins[canonicalize_name(req.name)], (
-                    f"{req.name}: upper bound {spec.version} but constraints.txt tests "
-                    f"{pins[canonicalize_name(req.name)]}")
+        assert not any(spec.operator in ("<=", "==") for spec in req.specifier), (
+            f"{req}: exact versions belong in constraints.txt; keep a tested lower bound (a cap only with a reason)")
+        assert any(spec.operator == ">=" for spec in req.specifier), f"{req}: no tested lower bound"
+        if any(spec.operator == "<" for spec in req.specifier):
+            pattern = re.compile(rf'"{re.escape(req.name)}(\[[^]]*\])?[<>=~!][^"]*"')
+            at = next(i for i, line in enumerate(lines) if pattern.search(line) and str(req.specifier).split(",")[0]
+                      in line)
+            after = lines[at][pattern.search(lines[at]).end():]
+            commented = "#" in after or lines[at - 1].strip().startswith("#")
+            assert commented, f"{req}: a cap needs a comment saying which release breaks us and how"
 
 
 def test_readme_names_the_tested_versions():
