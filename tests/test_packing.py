@@ -111,3 +111,22 @@ def test_packed_attention_equals_unpacked_and_skips_cross_example_work(tiny_mode
     loss_d.backward()
     assert abs(loss_v.item() - loss_d.item()) < 1e-4
     assert torch.allclose(grad_v, tiny_model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
+def test_examples_and_pairs_train_in_the_one_epoch_order():
+    """Examples and preference pairs draw their micro-batches from one generator (epoch_order): the same indices
+    for the same (seed, epoch), a resumed stream (start) continues it, another epoch reshuffles."""
+    from tuneforge.data.packing import epoch_order, micro_batches
+    from tuneforge.data.preference import TokenizedPair
+    from tuneforge.data.rendering import TokenizedExample
+    from tuneforge.training.objectives.preference import pair_micro_batches
+
+    examples = [TokenizedExample([1, 2 + i, 3], [False, True, True]) for i in range(10)]
+    pairs = [TokenizedPair.of(e, TokenizedExample([1, 9, 3], [False, True, True])) for e in examples]
+    order = list(epoch_order(10, 3, seed=7, epoch=2))
+    assert sorted(i for ids in order for i in ids) == list(range(10)) and [len(ids) for ids in order] == [3, 3, 3, 1]
+    assert [b.example_ids for b in micro_batches(examples, 3, 7, 2)] == order
+    assert [b.example_ids for b in pair_micro_batches(pairs, 3, 7, 2)] == order
+    assert [b.example_ids for b in micro_batches(examples, 3, 7, 2, start=2)] == order[2:]
+    assert order != list(epoch_order(10, 3, seed=7, epoch=3))
+    assert list(epoch_order(10, 3, seed=7, epoch=2, shuffle=False))[0] == [0, 1, 2]

@@ -115,15 +115,23 @@ def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
     )
 
 
-def micro_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int, epoch: int,
-                  shuffle: bool = True, start: int = 0) -> Iterator[PackedBatch]:
-    """One epoch of packed micro-batches of ``batch_size`` examples, shuffled by ``(seed, epoch)``,
-    from micro-batch number ``start`` on (the earlier ones are skipped without being packed)."""
-    order = list(range(len(examples)))
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                start: int = 0) -> Iterator[list[int]]:
+    """The one epoch order every objective trains in: the indices of ``n`` units (examples, or pairs for
+    preference) shuffled by ``(seed, epoch)``, cut into micro-batches of ``batch_size``, from micro-batch
+    ``start`` on (the earlier ones are skipped). Exact resume depends on every objective drawing from it."""
+    order = list(range(n))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    for first in range(start * batch_size, len(order), batch_size):
-        ids = order[first:first + batch_size]
+    for first in range(start * batch_size, n, batch_size):
+        yield order[first:first + batch_size]
+
+
+def micro_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True, start: int = 0) -> Iterator[PackedBatch]:
+    """One epoch of packed micro-batches of ``batch_size`` examples in :func:`epoch_order`, from micro-batch
+    number ``start`` on (the earlier ones are skipped without being packed)."""
+    for ids in epoch_order(len(examples), batch_size, seed, epoch, shuffle, start):
         batch = pack([examples[i] for i in ids])
         batch.example_ids = ids
         yield batch

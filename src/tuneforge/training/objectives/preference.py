@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from tuneforge.data.packing import PackedBatch, pack
+from tuneforge.data.packing import PackedBatch, epoch_order, pack
 from tuneforge.data.preference import TokenizedPair, prepare_pairs
 from tuneforge.methods import get_method, method_disabled
 from tuneforge.training.loss import packed_example_loss_sums
@@ -81,13 +80,9 @@ def pack_pairs(pairs: Sequence[TokenizedPair]) -> PairBatch:
 
 def pair_micro_batches(pairs: Sequence[TokenizedPair], batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                        start: int = 0) -> Iterator[PairBatch]:
-    """One epoch of micro-batches of ``batch_size`` pairs, in the order :func:`tuneforge.data.packing.micro_batches`
-    gives examples (shuffled by ``(seed, epoch)``), from micro-batch ``start`` on."""
-    order = list(range(len(pairs)))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    for first in range(start * batch_size, len(order), batch_size):
-        ids = order[first:first + batch_size]
+    """One epoch of micro-batches of ``batch_size`` pairs in :func:`tuneforge.data.packing.epoch_order` (the order
+    examples train in), from micro-batch ``start`` on."""
+    for ids in epoch_order(len(pairs), batch_size, seed, epoch, shuffle, start):
         batch = pack_pairs([pairs[i] for i in ids])
         batch.example_ids = ids
         yield batch
