@@ -169,7 +169,7 @@ def run_point(task: str, train: Path, test: Path, overrides: dict, out: Path, co
     name = "-".join([recipe] + [f"{k}={v}" for k, v in overrides.items()])
     sets = [f"{k}={v}" for k, v in overrides.items()] + [f"output_dir={out / task / name}", "progress=false"]
     if config_file:       # what `tuneforge train CONFIG --data FILE` runs: the file's recipe on the user's data
-        config = load_config(config_file, [f"data.train={train}", "data.validation=null", "eval_task=null", *sets])
+        config = load_config(config_file, [f"data.train={train}", "data.validation=null", "eval=null", *sets])
     else:
         config = own_data_config(train, sets)
     started = time.time()

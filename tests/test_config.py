@@ -67,7 +67,7 @@ def test_relative_paths_resolve_from_the_config_folder(tmp_path, monkeypatch):
 
 def test_quickstart_config_is_valid():
     config = load_config("examples/quickstart.yaml")
-    assert config.method == "lora" and config.eval_task.labels
+    assert config.method == "lora" and config.eval.labels
 
 
 def test_overriding_only_the_training_file_warns_that_validation_still_comes_from_the_config(caplog):

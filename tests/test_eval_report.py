@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     train = write_jsonl(folder / "train.jsonl", tickets[:48])
     config = tuneforge.load_config(str(RECIPES / "quickstart.yaml"), [
         f"model={tiny_model_dir}", f"data.train={train}", "max_steps=2", "eval_every=1", "progress=false",
-        f"output_dir={folder / 'run'}", "eval_task.max_examples=6"])
+        f"output_dir={folder / 'run'}", "eval.max_examples=6"])
     return tuneforge.train(config).run_dir
 
 

@@ -29,7 +29,7 @@ def test_sweep_trains_each_point_once_and_resumes(tmp_path, tiny_model_dir):
     train.write_text("\n".join((RECIPES / "data" / "tickets_train.jsonl").read_text().splitlines()[:16]) + "\n")
     args = [sys.executable, "-m", "tuneforge.cli", "sweep", str(RECIPES / "quickstart.yaml"), "--grid", "lora.r=2,4",
             "--set", f"model={tiny_model_dir}", "--set", f"data.train={train}", "--set", "max_steps=1",
-            "--set", "eval_task.max_examples=2", "--out", str(tmp_path / "sweep")]
+            "--set", "eval.max_examples=2", "--out", str(tmp_path / "sweep")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())

@@ -31,7 +31,7 @@ def front_matter(card: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
-    """A real (short) LoRA training run on the tiny model, with a rejected record and a quickstart eval.json."""
+    """A real (short) LoRA training run on the tiny model, with a rejected record and an eval/report.json."""
     from tuneforge.config import load_config
     from tuneforge.training.trainer import train
 
@@ -44,14 +44,24 @@ def trained_run(tmp_path_factory, tiny_model_dir):
                                "learning_rate": 3e-3, "progress": False,
                                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
     run = train(config).run_dir
-    predictions = [{"reference": "billing", "answer": "billing", "correct": True},
-                   {"reference": "login", "answer": "shipping", "correct": False},
-                   {"reference": "login", "answer": "billing", "correct": False}]
-    (run / "eval.json").write_text(json.dumps({
-        "test_file": str(tmp / "test.jsonl"), "n": 3,
-        "scores": [{"name": "base", "exact_match": 0.0, "valid_format": 0.5, "validation_loss": 4.0},
-                   {"name": "tuned", "exact_match": 1 / 3, "valid_format": 1.0, "validation_loss": 2.5}],
-        "predictions": {"base": [], "tuned": predictions}}))
+    # what `tuneforge eval` (and the quickstart) writes: eval/report.json, scored by the evaluation's own code
+    from tuneforge.evaluation import bootstrap, failures
+
+    references, answers = ["billing", "login", "login"], ["billing", "shipping", "billing"]
+    rules = failures.FormatRules(labels=LABELS)
+    rows = [{"index": i, "prompt": f"Ticket {i}", "reference": r, "answer": a, "stopped": True, "correct": r == a}
+            for i, (r, a) in enumerate(zip(references, answers, strict=True))]
+
+    def column(label: list[float], valid: list[float], column_rows: list[dict]) -> dict:
+        return {"metrics": {"label": bootstrap.interval(label).to_dict(),
+                            "valid_label": bootstrap.interval(valid).to_dict()},
+                "failures": failures.analyse(column_rows, rules)}
+
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text(json.dumps({"tuneforge_eval": 1, "main_metric": "label", "sets": {
+        "test": {"file": str(tmp / "test.jsonl"), "n": 3, "columns": {
+            "base": column([0.0, 0.0, 0.0], [0.5, 0.5, 0.5], []),
+            "tuned": column([1.0, 0.0, 0.0], [1.0, 1.0, 1.0], rows)}}}}))
     return run, data
 
 
@@ -95,12 +105,12 @@ def test_model_card_front_matter_and_body(package):
     assert meta["datasets"] == ["tickets.jsonl"] and "lora" in meta["tags"] and meta["license"] == "other"
     results = meta["model-index"][0]["results"][0]
     metrics = {m["type"]: m["value"] for m in results["metrics"]}
-    assert metrics["exact_match"] == pytest.approx(1 / 3, abs=1e-6) and metrics["valid_format"] == 1.0
-    assert results["dataset"]["name"] == "test.jsonl"
+    assert metrics["label"] == pytest.approx(1 / 3, abs=1e-6) and metrics["valid_label"] == 1.0
+    assert results["dataset"]["name"] == "test.jsonl" and results["task"]["name"] == "tuneforge eval (test)"
     for heading in ("## Intended use", "## Training data", "## Hyperparameters", "## Metrics",
                     "## Known risks and limitations", "## How to load"):
         assert heading in card, heading
-    assert "expected `login`" in card and "2 of 3" in card          # failure category from the predictions
+    assert "wrong_label" in card and "2 of 3" in card       # the failure category of the tuned column's answers
     assert "PeftModel.from_pretrained" in card and "--lora-modules tickets-lora=tickets-lora" in card
     assert file_sha256(out / "adapter_model.safetensors") in card
 

@@ -94,7 +94,7 @@ def test_print_config_gives_a_config_that_trains_from_any_folder(installed, tmp_
     assert proc.stdout.startswith("# The quickstart")  # the comments are kept
     (folder / "my.yaml").write_text(proc.stdout)
     check = ("from tuneforge.config import load_config; c = load_config('my.yaml', ['max_steps=2']); "
-             "print(c.data.train); print(c.data.validation); print(c.eval_task.file); print(c.output_dir)")
+             "print(c.data.train); print(c.data.validation); print(c.eval.data); print(c.output_dir)")
     proc = _run(installed, folder, "-c", check)
     assert proc.returncode == 0, proc.stderr
     train, validation, test, output_dir = proc.stdout.splitlines()
@@ -103,7 +103,7 @@ def test_print_config_gives_a_config_that_trains_from_any_folder(installed, tmp_
     assert output_dir == "runs/quickstart"  # relative: the run goes under the current folder
     original = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
     printed = yaml.safe_load((folder / "my.yaml").read_text())
-    for section, key in (("data", "train"), ("data", "validation"), ("eval_task", "file")):
+    for section, key in (("data", "train"), ("data", "validation"), ("eval", "data")):
         original[section][key] = printed[section][key]
     assert printed == original  # nothing but the data paths changed
 
@@ -114,8 +114,8 @@ def test_installed_quickstart_runs_from_an_empty_folder_and_writes_only_there(in
     folder = _elsewhere(tmp_path)
     before = _files(installed)
     proc = _run(installed, folder, "-m", "tuneforge.cli", "quickstart", "--set", "max_steps=1", "--set",
-                "eval_task.max_examples=2", "--set", "progress=false", timeout=900)
+                "eval.max_examples=2", "--set", "progress=false", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| tuned" in proc.stdout
-    assert (folder / "runs" / "quickstart" / "eval.json").is_file()
+    assert (folder / "runs" / "quickstart" / "eval" / "report.json").is_file()
     assert _files(installed) == before

@@ -9,8 +9,9 @@ its default recipe (dynamic padding, 4 tickets a step like tuneforge, loss on th
 schedule, LoRA, gradient checkpointing off as in the throughput table) for each count in
 ``--ttq-lf-steps``. Each run's
 schedule is sized to its own length. Training wall time is the training loop (first step start to last
-step end; tuneforge's includes its validation passes). Accuracy: :func:`tuneforge.evaluation.exact_match.
-evaluate_generation` on ``examples/data/tickets_test.jsonl`` (greedy, 8 new tokens); tuneforge's run is
+step end; tuneforge's includes its validation passes). Accuracy: :func:`evaluate_generation` (exact match of
+the normalised answer, and the share of answers that are one of the labels) on
+``examples/data/tickets_test.jsonl`` (greedy, 8 new tokens); tuneforge's run is
 loaded with :func:`tuneforge.serving.inference.load_run`, TRL's and LLaMA-Factory's saved adapters with
 peft on the same base.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,12 +42,38 @@ def _test_conversations() -> tuple[list[list[dict]], list[str]]:
 
     cfg = yaml.safe_load(QUICKSTART.read_text())
     rows = [json.loads(x) for x in (TICKETS / "tickets_test.jsonl").read_text().splitlines() if x.strip()]
-    return [r["messages"] for r in rows], cfg["eval_task"]["labels"]
+    return [r["messages"] for r in rows], cfg["eval"]["labels"]
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().strip("\"'`").rstrip(".").strip().casefold()
+
+
+@dataclass
+class GenerationEval:
+    n: int
+    exact_match: float
+    valid_format: float
+    predictions: list[dict]
+
+
+def evaluate_generation(loaded, conversations: list[list[dict]], labels: list[str], max_new_tokens: int = 16,
+                        batch_size: int = 16) -> GenerationEval:
+    """Greedy answers to each conversation but its last turn: exact match of the normalised answer (stripped,
+    case-folded, surrounding quotes and a final period removed) with that turn, and the share of answers
+    that are one of ``labels`` (the numbers of benchmarks/results/ttq_*.json)."""
+    prompts = [conv[:-1] for conv in conversations]
+    references = [conv[-1]["content"] for conv in conversations]
+    answers = loaded.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    label_set = {normalise_answer(label) for label in labels}
+    rows = [{"reference": r, "answer": a, "correct": normalise_answer(a) == normalise_answer(r)}
+            for a, r in zip(answers, references, strict=True)]
+    n = max(len(conversations), 1)
+    return GenerationEval(len(conversations), sum(r["correct"] for r in rows) / n,
+                          sum(normalise_answer(a) in label_set for a in answers) / n, rows)
 
 
 def _score(loaded, limit: int | None = None) -> dict:
-    from tuneforge.evaluation.exact_match import evaluate_generation
-
     conversations, labels = _test_conversations()
     conversations = conversations[:limit]
     started = time.time()

@@ -3,6 +3,7 @@
 Every key is checked at load time: a wrong type, an unknown key (the closest valid key is suggested),
 a missing data file or an impossible combination fails with one line that says what to write instead.
 ``--set a.b=value`` overrides reach nested keys; values are parsed as YAML (``3`` is an int, ``true`` a bool).
+Renamed keys still load for a release, with a warning (:mod:`tuneforge.deprecations`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tuneforge import deprecations
 from tuneforge.data.formats import SftFormat
 from tuneforge.evaluation.settings import EvalSettings
 from tuneforge.models.registry import DEFAULT_MODEL
@@ -48,14 +50,6 @@ class DataConfig(Settings):
         from tuneforge.data.formats import check_columns
 
         return check_columns(v, "data.columns")
-
-
-class EvalTask(Settings):
-    """Held-out generation check: exact match of the generated answer against the reference."""
-    file: str | None = None
-    max_examples: int = Field(200, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
-    labels: list[str] | None = None  # when set, an answer outside these counts as invalid format
 
 
 class PreferenceConfig(Settings):
@@ -134,7 +128,6 @@ class RunConfig(Settings):
     regression_tolerance: float = Field(
         0.01, ge=0, description="the end-of-run check's slack: the final validation may be this much (relative) "
                                 "worse than its yardsticks")
-    eval_task: EvalTask | None = None
     eval: EvalSettings | None = None    # tuneforge eval's settings (evaluation/settings.py)
 
     # hardware
@@ -328,8 +321,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     file_validation = (tree.get("data") or {}).get("validation") if isinstance(tree.get("data"), dict) else None
     if data:
         tree.update(data)
-    changed = [key for key, _ in parse_overrides(overrides)]
-    for key, value in parse_overrides(overrides):
+    # renamed keys (eval_task.file -> eval.data, ...) move to their new names, in the file and in --set alike
+    pairs = deprecations.upgrade(tree, parse_overrides(overrides), source)
+    changed = [key for key, _ in pairs]
+    for key, value in pairs:
         _set_dotted(tree, key, value)
     if path is not None and file_validation and "data.train" in changed and "data.validation" not in changed:
         log.warning("%s: data.train is now %s but data.validation is still %s from the config file: validation "
@@ -351,11 +346,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{source}: 'data.{key}': file {value!r} not found (relative paths are tried from "
                                   f"the current folder and from {base}/)")
             setattr(config.data, key, str(resolved))
-        if config.eval_task and config.eval_task.file:
-            resolved = _resolve_file(config.eval_task.file, base)
+        if config.eval and config.eval.data:
+            resolved = _resolve_file(config.eval.data, base)
             if resolved is None:
-                raise ConfigError(f"{source}: 'eval_task.file': file {config.eval_task.file!r} not found")
-            config.eval_task.file = str(resolved)
+                raise ConfigError(f"{source}: 'eval.data': file {config.eval.data!r} not found (relative paths are "
+                                  f"tried from the current folder and from {base}/)")
+            config.eval.data = str(resolved)
     return config
 
 

@@ -1,8 +1,8 @@
 """The documentation site's reference pages, generated from the code so that they cannot drift from it.
 
 * ``docs/reference/config.md``: every run-config key (its dotted path, type, default and description) from
-  :class:`tuneforge.config.RunConfig`'s fields, walked recursively, and the method registry's sections
-  (:func:`tuneforge.methods.registry.settings_sections`);
+  :class:`tuneforge.config.RunConfig`'s fields, walked recursively, the method registry's sections
+  (:func:`tuneforge.methods.registry.settings_sections`) and the deprecated keys (:mod:`tuneforge.deprecations`);
 * ``docs/reference/cli.md``: every ``tuneforge`` command, its usage and every argument's help, from the
   argparse parser of :func:`tuneforge.cli.build_parser`.
 
@@ -223,7 +223,23 @@ def config_reference() -> str:
         inner = [k for k in keys if k.path.startswith(f"{name}.")]
         lines += ["", f"### `{name}:`", "", f"Owned by `method: {', '.join(owners)}`."
                   + (f" {_cell(_summary(model))}" if _summary(model) else ""), "", *_table(header, _key_rows(inner))]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _deprecated_keys()) + "\n"
+
+
+def _deprecated_keys() -> list[str]:
+    """The renamed keys (:data:`tuneforge.deprecations.MOVED`): still read, with a warning, until their release."""
+    from tuneforge.deprecations import MOVED, SECTION_DEFAULTS
+
+    lines = ["", "## Deprecated keys", "",
+             "Still read, with a warning naming the new key, until the release given; the value moves to the new key "
+             "(in the file and in `--set` alike), and the old and the new key set to different values is an error "
+             "(`src/tuneforge/deprecations.py`).", "",
+             *_table(("old key", "new key", "removed in"),
+                     [(_code(m.old), _code(m.new), m.removed_in) for m in MOVED])]
+    for section, defaults in SECTION_DEFAULTS.items():
+        lines += ["", f"A written `{section}:` section brings its defaults along where the new keys are unset: "
+                  + ", ".join(_code(f"{k}: {v}") for k, v in defaults.items()) + "."]
+    return lines
 
 
 def _methods() -> list[str]:

@@ -2,7 +2,7 @@
 
 Steps: train with the quickstart config, then ``tuneforge eval`` the run (base, few-shot, RAG and tuned
 columns on the held-out test split and on hand-written tickets), print the tables; the report is in
-``<run>/eval/`` and ``eval.json`` (base vs tuned predictions) next to the run.
+``<run>/eval/`` (``report.json`` holds every score and prediction, ``report.html`` shows them).
 
 The config and its ticket data ship inside the package (``tuneforge/recipes/quickstart.yaml`` and
 ``tuneforge/recipes/data/``; a clone's ``examples/`` links there), so the quickstart runs the same after
@@ -19,7 +19,7 @@ import yaml
 
 from tuneforge.config import ConfigError, load_config
 
-_DATA_KEYS = (("data", "train"), ("data", "validation"), ("eval_task", "file"))
+_DATA_KEYS = (("data", "train"), ("data", "validation"), ("eval", "data"))
 
 
 def quickstart_config() -> Path:
@@ -78,38 +78,18 @@ def run_quickstart(config_path: str | Path | None = None, overrides: list[str] |
     print(f"[2/2] evaluating base, few-shot, RAG and tuned (run: {result.run_dir}, {result.steps} steps, "
           f"{result.wall_time_s:.0f} s)")
     settings = config.eval
-    max_examples = config.eval_task.max_examples if config.eval_task else None
     report = evaluate(result.run_dir, columns=None if settings and "eval.columns" in " ".join(overrides or [])
                       else QUICKSTART_COLUMNS,
                       docs=(settings.docs if settings and settings.docs else str(data / "tickets_docs.jsonl")),
                       extra=(settings.extra if settings and settings.extra
                              else {"handwritten": str(data / "tickets_handwritten.jsonl")}),
-                      max_examples=(settings.max_examples if settings and settings.max_examples else max_examples),
                       progress=config.progress)
     tables = []
     for name, entry in report.report["sets"].items():
         tables.append(f"{name}: {entry['n']} tickets ({Path(entry['file']).name})\n{report.table(name)}")
     table = "\n\n".join(tables)
     print(table)
-    write_legacy_eval_json(report.report, result.run_dir / "eval.json")
     print(f"run directory: {result.run_dir}  (report: {report.out_dir / 'report.html'}, loss curve: "
           f"{result.run_dir / 'loss_curve.png'})")
     return table
 
-
-def write_legacy_eval_json(report: dict, path: Path) -> None:
-    """``eval.json``: base vs tuned on the test split, one score row each and every prediction."""
-    import json
-
-    test = report["sets"]["test"]
-    main = report["main_metric"]
-    loss = {name: v["loss"]["value"] for name, v in test["loss"].items()}
-    scores = [{"name": name, "accuracy": col["metrics"][main]["value"],
-               "valid_format": col["metrics"].get("valid_label", {}).get("value"),
-               "loss": loss["tuned" if name.startswith("tuned") else "base"]}
-              for name, col in test["columns"].items()]
-    predictions = {name: [{"reference": r, "answer": a, "correct": c is None}
-                          for r, a, c in zip(test["references"], col["answers"], col["categories"], strict=True)]
-                   for name, col in test["columns"].items()}
-    path.write_text(json.dumps({"test_file": test["file"], "n": test["n"], "metric": main, "scores": scores,
-                                "predictions": predictions, "report": "eval/report.json"}, indent=2))

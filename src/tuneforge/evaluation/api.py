@@ -106,9 +106,9 @@ def load_test_set(name: str, file: str | Path, config: RunConfig, max_examples: 
 
 
 def default_test_file(config: RunConfig, settings: EvalSettings) -> str:
-    file = settings.data or (config.eval_task.file if config.eval_task else None) or config.data.validation
+    file = settings.data or config.data.validation
     if not file:
-        raise EvalError("no test file: pass --data FILE (or set eval.data / eval_task.file in the config)")
+        raise EvalError("no test file: pass --data FILE (or set eval.data in the config)")
     return file
 
 
@@ -241,10 +241,10 @@ class Inputs:
 def check_inputs(config: RunConfig, settings: EvalSettings) -> Inputs:
     """Read and check every input of the evaluation (test files and each record, schema, docs folder, MMLU
     folder, judge endpoint); raises one of :data:`BAD_INPUT` naming the file, line or setting."""
-    limit = settings.max_examples or (config.eval_task.max_examples if config.eval_task else None)
+    limit = settings.max_examples
     test_sets = [load_test_set("test", default_test_file(config, settings), config, limit)]
     test_sets += [load_test_set(name, file, config, limit) for name, file in settings.extra.items()]
-    labels = settings.labels or (config.eval_task.labels if config.eval_task else None)
+    labels = settings.labels
     json_refs = labels is None and all(_is_json(r) for t in test_sets for r in t.references)
     metric_set = MetricSet.build(labels, settings.json_schema, settings.regex, settings.user_metric, json_refs)
     rules = failures.FormatRules(labels=labels, json_expected=json_refs,
@@ -329,8 +329,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    max_new = settings.max_new_tokens or (config.eval_task.max_new_tokens if config.eval_task else
-                                          DEFAULT_MAX_NEW_TOKENS)
+    max_new = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     main_metric = "label" if labels else ("json_valid" if json_refs else "normalised")
     log.info("loading %s", run_dir)
     loaded = load_run(run_dir)

@@ -46,7 +46,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a run: base, few-shot, RAG and tuned side by side, failures, "
                                     "forgetting, one report")
     e.add_argument("run", help="run directory written by `tuneforge train`")
-    e.add_argument("--data", help="test file (default: the config's eval.data / eval_task.file / data.validation)")
+    e.add_argument("--data", help="test file (default: the config's eval.data, else data.validation)")
     e.add_argument("--columns", help="comma-separated: base,fewshot,rag,tuned,tuned+rag (default: eval.columns, "
                                      "else base,tuned)")
     e.add_argument("--docs", help="folder of .md/.txt documents for the rag columns")

@@ -33,16 +33,18 @@ class JudgeSettings(Settings):
 class EvalSettings(Settings):
     """What ``tuneforge eval`` computes; see docs/guides/evaluation.md."""
     columns: list[str] = ["base", "tuned"]
-    data: str | None = Field(None, description="test file; default: eval_task.file, else data.validation")
+    data: str | None = Field(None, description="test file; default: data.validation")
     extra: dict[str, str] = Field({}, description="more held-out files, reported apart: {name: file}")
     docs: str | None = Field(None, description="folder of .md/.txt documents (or a .jsonl of title/text records) "
                                                "for the rag columns")
     fewshot_k: int = Field(3, ge=0)
     rag_k: int = Field(2, ge=1)
-    max_examples: int | None = Field(None, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1, description="default: eval_task.max_new_tokens, else 64")
+    max_examples: int | None = Field(None, ge=1, description="score at most this many examples of each test file "
+                                                            "(null: all)")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens generated per answer at most; default 64")
     batch_size: int = Field(16, ge=1)
-    labels: list[str] | None = Field(None, description="label set (default: eval_task.labels)")
+    labels: list[str] | None = Field(None, description="label set: an answer outside it counts as an invalid "
+                                                       "format")
     json_schema: dict[str, Any] | str | None = Field(None, description="a JSON Schema (or its file) answers must meet")
     regex: str | None = None
     user_metric: str | None = Field(None, description="module:function(prediction, reference) -> float")

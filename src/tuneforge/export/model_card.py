@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-METRIC_NAMES = {"exact_match": "Exact match", "valid_format": "Valid format", "validation_loss": "Validation loss",
-                "mmlu_cloze_accuracy": "MMLU cloze accuracy", "label": "Label accuracy", "exact": "Exact match",
-                "normalised": "Normalised exact match", "token_f1": "Token F1", "rouge_l": "ROUGE-L", "chrf": "chrF",
-                "json_valid": "JSON valid", "schema_valid": "Schema valid"}
+# the metric names of tuneforge eval's report.json (evaluation/metrics.py) and the forgetting check
+METRIC_NAMES = {"label": "Label accuracy", "valid_label": "Valid label", "label_named": "Label named",
+                "exact": "Exact match", "normalised": "Normalised exact match", "token_f1": "Token F1",
+                "rouge_l": "ROUGE-L", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "Schema valid",
+                "regex": "Regex match", "user": "User metric", "mmlu_cloze_accuracy": "MMLU cloze accuracy"}
 
 
 def front_matter(manifest: dict[str, Any], license: str, base_model_id: str) -> dict[str, Any]:

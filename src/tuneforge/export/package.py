@@ -239,47 +239,14 @@ def _rejects_by_check(run_dir: Path) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _failures(predictions: list[dict]) -> list[dict[str, Any]]:
-    """Failure categories of the wrong held-out answers: by expected answer when answers are short labels."""
-    wrong = [p for p in predictions if isinstance(p, dict) and not p.get("correct")]
-    if not wrong:
-        return []
-    if all(len(str(p.get("reference", ""))) <= 40 for p in predictions):
-        groups: dict[str, list[dict]] = {}
-        for p in wrong:
-            groups.setdefault(str(p.get("reference")), []).append(p)
-        return [{"category": f"expected `{ref}`", "count": len(rows),
-                 "example": f"answered `{str(rows[0].get('answer', ''))[:60]}`"}
-                for ref, rows in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:5]]
-    return [{"category": "wrong answer", "count": len(wrong),
-             "example": f"answered `{str(wrong[0].get('answer', ''))[:60]}`"}]
-
-
-def _metric_list(score: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"type": k, "value": round(float(v), 6)} for k, v in score.items()
-            if k != "name" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
 def evaluation_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Evaluation results found in the run: ``eval.json`` (``tuneforge quickstart``) and ``eval/report.json``.
+    """Evaluation results found in the run: ``eval/report.json``, as ``tuneforge eval`` (and ``tuneforge
+    quickstart``, ``eval.after_training``) writes it.
 
     Each: ``{"task", "dataset", "n", "metrics": [{"type", "value"}], "baseline": [...], "failures": [...]}``.
     """
-    results = []
-    path = run_dir / "eval.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        scores = {s.get("name"): s for s in data.get("scores") or [] if isinstance(s, dict)}
-        tuned = scores.get("tuned")
-        if tuned:
-            results.append({"task": "held-out exact match", "dataset": Path(str(data.get("test_file"))).name,
-                            "n": data.get("n"), "metrics": _metric_list(tuned),
-                            "baseline": _metric_list(scores.get("base") or {}),
-                            "failures": _failures((data.get("predictions") or {}).get("tuned") or [])})
     report = run_dir / "eval" / "report.json"
-    if report.is_file():
-        results += _report_results(json.loads(report.read_text()))
-    return results
+    return _report_results(json.loads(report.read_text())) if report.is_file() else []
 
 
 def _value(interval: Any) -> float | None:
