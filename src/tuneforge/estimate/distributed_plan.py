@@ -32,7 +32,7 @@ from tuneforge.config import ConfigError, RunConfig
 from tuneforge.estimate.memory import GIB, METHODS, estimate_memory
 from tuneforge.estimate.shapes import resolve_shape
 
-# what tuneforge train runs under each engine (training/distributed.py refuses the rest)
+# what tuneforge train runs under each engine (each engine's training/strategies/ module refuses the rest)
 ENGINE_METHODS = {"DDP": None, "FSDP": ("full", "lora"), "ZeRO-2": ("lora",), "ZeRO-3": ("lora",)}
 
 

@@ -37,12 +37,12 @@ from tuneforge.config import ConfigError, RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.fileutil import file_sha256
-from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled, save_trained
+from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
 from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
-from tuneforge.training.distributed import ObjectiveModule, save_gathered, setup_distributed
+from tuneforge.training.distributed import setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
 from tuneforge.training.optimizer import adamw
@@ -240,12 +240,13 @@ class TrainingRecipe:
     def setup(self) -> None:
         config = self.config
         self.started = time.time()
+        # the engine of this launch (one process, DDP, FSDP2, DeepSpeed): training/strategies/
         self.dist = dist = setup_distributed(cpu=config.device == "cpu")
         if dist.is_main:
             check_output_dir(self.run_dir)
         if config.auto_fit:
             self._fit_to_memory()
-        dist.check(config)                          # what the engine (FSDP2) does not train yet: one line
+        dist.check(config)                          # what the engine does not train yet: one line
         if dist.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(config))
             for stale in self.checkpoints.clean_stale():
@@ -271,18 +272,14 @@ class TrainingRecipe:
         # the collapse check's mark: the loss of a uniform guess over the vocabulary (SFT, pretraining)
         self.uniform_loss = self.objective.uniform_loss(getattr(base.config, "vocab_size", None))
         self.model = model = apply_method(base, config, self.tokenizer)
-        prepare_for_training(model, config, reentrant=dist.zero_stage == 3)
+        prepare_for_training(model, config, reentrant=dist.reentrant_checkpointing)
         self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
         self.trainable, self.total = count_parameters(model)      # before ZeRO-3 partitions the parameters
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
-        # several processes: forward, LM head and loss inside the engine's wrapper (DDP, FSDP2, DeepSpeed); see
-        # distributed.py. FSDP2 replaces the parameters by shards (the optimizer is built over them); DeepSpeed
-        # takes the optimizer along
-        self.wrapped, optimizer = dist.prepare(
-            ObjectiveModule(model, self.objective, config),
-            lambda: make_optimizer(config, [p for p in model.parameters() if p.requires_grad]), config)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # the engine wraps the model (several processes: forward, LM head and loss inside its wrapper) and builds
+        # the optimizer in the order it needs (FSDP2 over the shards; DeepSpeed takes it along)
+        optimizer = dist.prepare(model, self.objective, config, make_optimizer)
         self.steps = total_steps(config, len(data.train), dist.world)
         per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
@@ -415,28 +412,21 @@ class TrainingRecipe:
                               "output_dir")
         with safe_open(str(folder / TRAINABLE_FILE), framework="pt") as f:
             names = set(f.keys())
-            params = dict(self.model.named_parameters())
-            expected = {n for n, p in params.items() if p.requires_grad}
+            expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
             if names != expected:
                 raise ResumeError(f"--resume: {folder / TRAINABLE_FILE} holds other trained parameters than this "
                                   f"model ({len(names ^ expected)} differ); was the method changed?")
-            if self.dist.deepspeed:     # the engine's own checkpoint: weights and each process's optimizer part
-                self.dist.load_engine_state(self.wrapped, folder)
-            elif self.dist.sharded:     # FSDP2: full tensors into the sharded parameters, on every process
-                # in one order on every process (a set's order differs between processes; each is a collective)
-                self.dist.load_trained(self.wrapped, {name: f.get_tensor(name) for name in sorted(names)})
-            else:
-                with torch.no_grad():
-                    for name in names:
-                        params[name].copy_(f.get_tensor(name))
+            # into the parameters, or their shards (FSDP2), or the engine's own checkpoint (DeepSpeed: weights and
+            # each process's optimizer partition), on every process
+            self.dist.load_trained(folder, f.get_tensor, names)
         fingerprint = self.state.fingerprint          # today's (the paths where the run and its data are now)
-        self.state.load_state_dict(saved, load_optimizer=self.dist.optimizer_loader(self.wrapped, self.state.optimizer))
+        self.state.load_state_dict(saved, load_optimizer=self.dist.load_optimizer)
         self.state.fingerprint = fingerprint
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
 
     def _check_engine(self, folder: Path, optimizer: dict[str, Any]) -> None:
-        """Refuse a resume whose optimizer state another engine wrote (see :meth:`Distributed.launch_of`)."""
+        """Refuse a resume whose optimizer state another engine wrote (see :meth:`Strategy.launch_of`)."""
         was, now = self.dist.launch_of(optimizer), self.dist.launch_of()
         if was != now:
             raise ResumeError(f"--resume: {folder} was saved with {was}; this run has {now}: resume it with the same "
@@ -473,32 +463,24 @@ class TrainingRecipe:
         step_loss = 0.0
         sums: dict[str, float] = {}
         for i, batch in enumerate(mine):
-            if self.wrapped is not None:   # DDP averages gradients over processes: scale back to the step's sum
-                with dist.no_sync(self.wrapped, skip=i < len(mine) - 1):
-                    out = self.wrapped(batch.to(self.device))
-                    dist.backward(self.wrapped, out.loss_sum * (dist.world / normaliser))   # DeepSpeed: and step
-            else:
-                if objective.normaliser(batch) == 0:
-                    continue
-                out = objective.loss(self.model, batch.to(self.device), config)
-                (out.loss_sum / normaliser).backward()
+            # the gradient of loss_sum / normaliser (the engine's backward; DeepSpeed's steps at the last)
+            out = dist.forward_backward(batch.to(self.device), normaliser, last=i == len(mine) - 1)
+            if out is None:            # one process: a micro-batch without a trained token
+                continue
             step_loss += out.loss_sum.item()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        if dist.enabled:
-            step_loss = dist.sum(step_loss)
-            sums = {k: dist.sum(v) for k, v in sorted(sums.items())}
-        # max_norm inf: the norm is measured (for the finiteness check) and nothing is scaled
-        # FSDP2: the full norm; DeepSpeed: the engine's, which has clipped and stepped (or skipped a non-finite step)
-        grad_norm = dist.clip_grad_norm(self.wrapped, self.params, config.max_grad_norm or math.inf)
+        step_loss, sums = dist.sum(step_loss), dist.sum_each(sums)       # over the processes
+        # the whole gradient's norm, clipped (max_norm inf: measured for the finiteness check, nothing scaled);
+        # DeepSpeed's engine has clipped and stepped already (or skipped a non-finite step)
+        grad_norm = dist.clip_grad_norm(config.max_grad_norm or math.inf)
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
-        assert state.optimizer is not None, "train_step needs the optimizer set up by the trainer"
         if finite:
-            dist.optimizer_step(state.optimizer)
+            dist.optimizer_step()
         else:
             self._non_finite(batches, step_loss, float(grad_norm))
         state.scheduler.step()
-        dist.zero_grad(state.optimizer)
+        dist.zero_grad()
 
         state.step += 1
         step_tokens = sum(b.num_tokens for b in batches)
@@ -613,9 +595,8 @@ class TrainingRecipe:
         """The objective's validation metrics; keeps the best checkpoint and counts evaluations without gain."""
         config, state, objective = self.config, self.state, self.objective
         started = time.perf_counter()
-        # under FSDP2 inside the sharded model's forward, on every process (distributed.py)
-        results = self.dist.run(self.wrapped, self.model,
-                                lambda model: objective.evaluate(model, self.val_batches, self.device, config))
+        # on every process (FSDP2: inside the sharded model's forward)
+        results = self.dist.run(lambda model: objective.evaluate(model, self.val_batches, self.device, config))
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         score = results[objective.eval_metric]
@@ -645,7 +626,7 @@ class TrainingRecipe:
             with method_disabled(model, config):
                 return objective.evaluate(model, self.val_batches, self.device, config)
 
-        results = self.dist.run(self.wrapped, self.model, run)
+        results = self.dist.run(run)
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         self.base_eval_seconds = seconds
@@ -656,26 +637,22 @@ class TrainingRecipe:
     def save_checkpoint(self, kind: str, with_state: bool = True) -> Path:
         """The trained weights and tokenizer (and, with ``with_state``, the :class:`TrainState`) as the
         current ``kind`` checkpoint."""
-        # FSDP2: the full weights (and optimizer state) gathered first, by every process; None otherwise
-        gathered = self.dist.gathered_state(self.wrapped, self.state.optimizer if with_state else None)
+        # the weights (and optimizer state) as the main process writes them: gathered first, by every process,
+        # where the engine splits them (FSDP2, DeepSpeed)
+        gathered = self.dist.gather(with_optimizer=with_state)
 
         def write(folder: Path) -> None:
-            if gathered is None:
-                save_trained(self.model, folder, self.config)
-            else:
-                save_gathered(self.model, folder, gathered[0])
+            gathered.save_model(folder)
             self.tokenizer.save_pretrained(folder)
             if with_state:
-                self.state.save(folder, optimizer_state=gathered[1] if gathered is not None else None)
-                trained = {n: (p.detach().cpu() if gathered is None else gathered[0][n]).contiguous()
-                           for n, p in self.model.named_parameters() if p.requires_grad}
-                save_file(trained, str(folder / TRAINABLE_FILE))
+                self.state.save(folder, optimizer_state=gathered.optimizer)
+                save_file(gathered.trained(), str(folder / TRAINABLE_FILE))
 
         dist, step = self.dist, self.state.step
         # a fresh folder from the main process; DeepSpeed's processes each write their part into it first
         folder = dist.broadcast(self.checkpoints.begin(kind, step) if dist.is_main else None)
         if with_state:
-            dist.save_engine_state(self.wrapped, folder)
+            dist.save_engine_state(folder)
         keep = self.config.keep_checkpoints if kind == "last" else 1
         path = self.checkpoints.commit(kind, step, folder, write, keep=keep) if dist.is_main else \
             self.checkpoints.root / f"{kind}-{step:06d}"
