@@ -74,19 +74,7 @@ class Killed(Exception):
 def test_crash_after_a_checkpoint_then_resume_is_bitwise_the_uninterrupted_run(
         tiny_model_dir, data, tmp_path, uninterrupted, monkeypatch):
     out = tmp_path / "crashed"
-    config = load_config(data=_settings(tiny_model_dir, data, out))
-    original = TrainingRecipe.save_checkpoint
-
-    def crash_after_step_3(self, kind, with_state=True):
-        path = original(self, kind, with_state)
-        if kind == "last" and self.state.step == 3:
-            raise Killed
-        return path
-
-    with monkeypatch.context() as m:
-        m.setattr(TrainingRecipe, "save_checkpoint", crash_after_step_3)
-        with pytest.raises(Killed):
-            train(config)
+    config = _crashed_after(tiny_model_dir, data, out, 3, monkeypatch)
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
     result = train(config, resume=True)
     assert result.steps == STEPS

@@ -550,11 +550,7 @@ class TrainingRecipe:
         message = (f"step {state.step}: the loss ({loss:.4g}) has stayed above {config.divergence_factor:g} x its "
                    f"first value ({state.first_loss:.4g}) for {config.divergence_steps} steps: training is diverging. "
                    f"Lower learning_rate (now {config.learning_rate:g}) or raise warmup")
-        if config.on_divergence == "stop":
-            raise DivergenceError(f"{message}. Training stopped; {self._kept_checkpoints()} "
-                                  "(on_divergence: warn goes on)")
-        log.warning("%s (on_divergence: stop ends such runs)", message)
-        row.setdefault("warning", "diverging")
+        self._stop_or_warn(DivergenceError, message, row, "diverging")
 
     def _check_collapse(self, row: dict[str, Any], grad_norm: float) -> None:
         """Stop (or warn about) a run that has collapsed for ``divergence_steps`` steps in a row: its loss sits at
@@ -577,11 +573,15 @@ class TrainingRecipe:
         message = (f"step {state.step}: training has collapsed: {' and '.join(signs)}, for {config.divergence_steps} "
                    f"steps in a row. Likely causes: a learning rate far too high (learning_rate="
                    f"{config.learning_rate:g}){overflow}, or no trainable parameter reaching the loss")
-        if config.on_divergence == "stop":
-            raise CollapseError(f"{message}. Training stopped; {self._kept_checkpoints()} "
-                                "(on_divergence: warn goes on)")
+        self._stop_or_warn(CollapseError, message, row, "collapsed")
+
+    def _stop_or_warn(self, error: type[DivergenceError], message: str, row: dict[str, Any], warning: str) -> None:
+        """``on_divergence: stop`` raises ``error`` naming what the run leaves; ``warn`` logs and marks the row (the
+        first warning of a step stays)."""
+        if self.config.on_divergence == "stop":
+            raise error(f"{message}. Training stopped; {self._kept_checkpoints()} (on_divergence: warn goes on)")
         log.warning("%s (on_divergence: stop ends such runs)", message)
-        row["warning"] = "collapsed"
+        row.setdefault("warning", warning)
 
     def _kept_checkpoints(self) -> str:
         """What a stopped run leaves to use: its best and last checkpoints."""
