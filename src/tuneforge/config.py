@@ -31,18 +31,23 @@ class ConfigError(ValueError):
 
 
 class DataConfig(Settings):
-    train: str
-    validation: str | None = None
+    train: str = Field(description="the training file: .jsonl, .json (array), .csv or .parquet (also .gz)")
+    validation: str | None = Field(None, description="held-out file of the same task; default: split off train by "
+                                                     "val_fraction")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training file held out for validation "
                                 "when data.validation is not set")
     val_max_examples: int | None = Field(200, ge=1, description="at most this many examples are held out by "
                                          "val_fraction (None: no cap)")
-    format: Literal["auto"] | SftFormat = "auto"
-    columns: dict[str, str] = {}
-    system_prompt: str | None = None
-    train_on: Literal["assistant", "all"] = "assistant"
-    max_length: int = Field(1024, ge=8)
-    too_long: Literal["drop", "truncate", "error"] = "drop"
+    format: Literal["auto"] | SftFormat = Field("auto", description="the records' format; auto: detected per "
+                                                                   "record (messages, alpaca, prompt_completion, text)")
+    columns: dict[str, str] = Field({}, description="your column names for the format's fields, e.g. "
+                                                    "{prompt: question, completion: answer}")
+    system_prompt: str | None = Field(None, description="a system message put first in every record that has none")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="the tokens trained: the assistant "
+                                                  "turns (with their end-of-turn token), or every token")
+    max_length: int = Field(1024, ge=8, description="tokens an example may have")
+    too_long: Literal["drop", "truncate", "error"] = Field("drop", description="an example over max_length: "
+                                                           "dropped (to rejects.jsonl), truncated, or an error")
 
     @field_validator("columns")
     @classmethod
@@ -74,27 +79,31 @@ class RunConfig(Settings):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    model: str = DEFAULT_MODEL
-    method: str = "lora"
-    task: Literal["sft", "pretrain", "preference"] = "sft"
-    output_dir: str = "runs/run"
-    seed: int = 42
+    model: str = Field(DEFAULT_MODEL, description="a built-in name, a local Hugging Face folder, a .gguf file, or "
+                                                  "a hub id (where a network exists)")
+    method: str = Field("lora", description="full, lora, qlora, adapter, prefix, prompt or ia3; its settings are "
+                                            "under the key of that name")
+    task: Literal["sft", "pretrain", "preference"] = Field(
+        "sft", description="sft (chat/instruction records), pretrain (raw text) or preference (chosen/rejected pairs)")
+    output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
+    seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
-    data: DataConfig
+    data: DataConfig = Field(description="the training data and how it is read")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     # optimisation
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after the warmup")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up linearly")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup steps; overrides warmup_ratio when set")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient's norm to this (0: measure, never clip)")
     batch_size: int = Field(8, ge=1, description="examples per micro-batch, packed into one padding-free row")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train; overrides epochs when set")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory, "
+                                                            "more time (1.4x per step in the training bench)")
     auto_fit: bool = Field(False, description="fit micro-batch, accumulation, checkpointing (and qlora over lora) "
                                               "to memory_budget before training: see `tuneforge plan`")
     memory_budget: str | None = Field(None, description="e.g. 8GB; default with auto_fit: the GPU's memory, "
@@ -107,13 +116,15 @@ class RunConfig(Settings):
         "larger validation set is evaluated on a fixed seeded subset that fits (at least 32 examples); None: all")
     eval_batch_size: int | None = Field(None, ge=1, description="examples per forward-only validation micro-batch; "
                                                                 "default 4 x batch_size")
-    save_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1, description="steps between checkpoints that --resume continues "
+                                                           "from (SIGTERM / Ctrl-C also write one)")
     keep_checkpoints: int = Field(2, ge=1, description="complete `last` checkpoints kept (save_every, SIGTERM): "
                                                        "--resume falls back to an older one when the newest is damaged")
-    keep_best: bool = True
+    keep_best: bool = Field(True, description="the checkpoint with the best validation becomes the run's output")
     eval_base: bool = Field(True, description="validate the model before the first step (its method disabled: the "
                                               "base model), the yardstick of the end-of-run check (on_divergence)")
-    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many validations "
+                                                                        "without improvement")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step")
     max_skipped_steps: int = Field(3, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps")
@@ -123,16 +134,17 @@ class RunConfig(Settings):
         "divergence_steps steps; or the final validation is worse than the run's first evaluation (the model before "
         "training; without eval_base, the first validation). stop: end the run with exit status 1, never writing "
         "worse weights as its output (the best checkpoint kept); warn: log it and go on")
-    divergence_factor: float = Field(1.5, gt=1)
-    divergence_steps: int = Field(3, ge=1)
+    divergence_factor: float = Field(1.5, gt=1, description="diverging: the loss above this x its first value")
+    divergence_steps: int = Field(3, ge=1, description="steps in a row a divergence or collapse must last")
     regression_tolerance: float = Field(
         0.01, ge=0, description="the end-of-run check's slack: the final validation may be this much (relative) "
                                 "worse than its yardsticks")
     eval: EvalSettings | None = None    # tuneforge eval's settings (evaluation/settings.py)
 
     # hardware
-    device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = Field("auto", description="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights and compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU")
     attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
         "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
     fused_rms_norm: bool = Field(
@@ -141,11 +153,11 @@ class RunConfig(Settings):
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto", description="cross-entropy in chunks of positions, never holding the (K, V) logits; "
                             "auto: when they would exceed 256 MiB")
-    threads: int | None = Field(None, ge=1)
-    log_every: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's)")
+    log_every: int = Field(1, ge=1, description="steps between rows of metrics.jsonl (validation rows always)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         [], description="experiment trackers beside metrics.jsonl (accelerate's): tensorboard, wandb, mlflow")
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars (tokens/s, loss, ETA)")
 
     if TYPE_CHECKING:  # method sections (config.lora, config.qlora, ...) come from the registry
         def __getattr__(self, name: str) -> Any: ...

@@ -32,28 +32,29 @@ class JudgeSettings(Settings):
 
 class EvalSettings(Settings):
     """What ``tuneforge eval`` computes; see docs/guides/evaluation.md."""
-    columns: list[str] = ["base", "tuned"]
+    columns: list[str] = Field(["base", "tuned"], description="what is compared on the same prompts: base, fewshot, "
+                                                              "rag, tuned, tuned+rag")
     data: str | None = Field(None, description="test file; default: data.validation")
     extra: dict[str, str] = Field({}, description="more held-out files, reported apart: {name: file}")
     docs: str | None = Field(None, description="folder of .md/.txt documents (or a .jsonl of title/text records) "
                                                "for the rag columns")
-    fewshot_k: int = Field(3, ge=0)
-    rag_k: int = Field(2, ge=1)
+    fewshot_k: int = Field(3, ge=0, description="training examples put in the prompt by the fewshot column")
+    rag_k: int = Field(2, ge=1, description="documents retrieved (BM25) into the prompt by the rag columns")
     max_examples: int | None = Field(None, ge=1, description="score at most this many examples of each test file "
                                                             "(null: all)")
     max_new_tokens: int | None = Field(None, ge=1, description="tokens generated per answer at most; default 64")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts generated together (length-sorted, left-padded)")
     labels: list[str] | None = Field(None, description="label set: an answer outside it counts as an invalid "
                                                        "format")
     json_schema: dict[str, Any] | str | None = Field(None, description="a JSON Schema (or its file) answers must meet")
-    regex: str | None = None
+    regex: str | None = Field(None, description="a regular expression the whole (stripped) answer must match")
     user_metric: str | None = Field(None, description="module:function(prediction, reference) -> float")
     samples: int = Field(0, ge=0, description="output variability: samples per prompt (0: off)")
-    temperature: float = Field(0.7, gt=0)
-    variability_examples: int = Field(30, ge=1)
-    bootstrap_resamples: int = Field(1000, ge=100)
-    viewer_examples: int = Field(80, ge=1)
-    seed: int = 0
+    temperature: float = Field(0.7, gt=0, description="sampling temperature of the variability samples")
+    variability_examples: int = Field(30, ge=1, description="prompts sampled for output variability")
+    bootstrap_resamples: int = Field(1000, ge=100, description="resamples behind each 95% interval")
+    viewer_examples: int = Field(80, ge=1, description="answers shown per column in the HTML report's viewer")
+    seed: int = Field(0, description="seeds the bootstrap, the few-shot picks and sampling")
     forgetting: ForgettingSettings = ForgettingSettings()
     judge: JudgeSettings | None = None
     after_training: bool = Field(False, description="tuneforge train runs the evaluation at the end")
