@@ -49,3 +49,17 @@ def slow_steps(server, seconds: float):
         yield
     finally:
         server.registry.set.forward = original
+
+
+USER, ADMIN = "user-key", "admin-key"
+
+
+def keyed_server(tiny_model_dir, tokenizer, root, adapters: list[str], **overrides):
+    """A :class:`Server` over the tiny float64 base with the named adapter folders under ``root`` (also the adapter
+    root), the user key :data:`USER` and the admin key :data:`ADMIN`."""
+    from tuneforge.serving.server import ServeConfig, Server
+
+    config = ServeConfig(base=str(tiny_model_dir), base_name="tiny", adapters={a: str(root / a) for a in adapters},
+                         api_keys=[USER], admin_key=ADMIN, adapter_root=str(root), **overrides)
+    return Server(config, model=tiny_base(), tokenizer=tokenizer)
+

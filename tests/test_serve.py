@@ -11,10 +11,9 @@ import httpx
 import openai
 import pytest
 
-from _serve_helpers import save_adapter, slow_steps, tiny_base
+from _serve_helpers import ADMIN, USER, keyed_server, save_adapter, slow_steps, tiny_base
 from tuneforge.serving.server import ServeConfig, Server, ServerThread
 
-USER, ADMIN = "user-key", "admin-key"
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -28,10 +27,7 @@ def folders(tmp_path_factory):
 
 
 def make_server(tiny_model_dir, tokenizer, folders, **overrides) -> Server:
-    config = ServeConfig(base=str(tiny_model_dir), base_name="tiny", adapters={"lora": str(folders / "lora"),
-                         "ia3": str(folders / "ia3")}, api_keys=[USER], admin_key=ADMIN,
-                         adapter_root=str(folders), **overrides)
-    return Server(config, model=tiny_base(), tokenizer=tokenizer)
+    return keyed_server(tiny_model_dir, tokenizer, folders, ["lora", "ia3"], **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import time
 import httpx
 import pytest
 
-from _serve_helpers import save_adapter, slow_steps, tiny_base
+from _serve_helpers import ADMIN, USER, keyed_server, save_adapter, slow_steps, tiny_base
 from tuneforge.serving import engine as engine_module
 from tuneforge.serving.adapters import AdapterRegistry, AdapterSet
 from tuneforge.serving.engine import Engine, Request
-from tuneforge.serving.server import ServeConfig, Server, ServerThread
+from tuneforge.serving.server import Server, ServerThread
 
 HI = [{"role": "user", "content": "hi"}]
 PROMPTS = [[1, 504, 2520, 30, 1004, 28], [1, 9690, 314, 253, 5738, 30, 1234, 42, 7, 99, 100], [1, 18, 19],
@@ -137,7 +137,6 @@ def test_fault_in_one_row_fails_it_alone(engine, stage, monkeypatch):
 
 # -------------------------------------------------------------------------------------------- the server
 
-USER, ADMIN = "user-key", "admin-key"
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +147,7 @@ def root(tmp_path_factory):
 
 
 def make_server(tiny_model_dir, tokenizer, root, **overrides) -> Server:
-    config = ServeConfig(base=str(tiny_model_dir), base_name="tiny", adapters={"lora": str(root / "lora")},
-                         api_keys=[USER], admin_key=ADMIN, adapter_root=str(root), **overrides)
-    return Server(config, model=tiny_base(), tokenizer=tokenizer)
+    return keyed_server(tiny_model_dir, tokenizer, root, ["lora"], **overrides)
 
 
 @pytest.fixture(scope="module")
