@@ -63,7 +63,7 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
     from tuneforge.data.rendering import TokenizedExample
     from tuneforge.methods import apply_method, count_parameters, load_base_model
     from tuneforge.models.registry import resolve_model
-    from tuneforge.training.loss import packed_loss_sum
+    from tuneforge.methods.loss import packed_loss_sum
     from tuneforge.training.trainer import make_optimizer, prepare_for_training
 
     resolve_model(MODEL)  # converts once, cached; not part of the measurement

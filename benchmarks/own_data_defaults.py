@@ -151,7 +151,7 @@ def score_loss(run_dir: Path, test: Path, config) -> dict:
     from tuneforge.data.dataset import load_examples, tokenize_examples
     from tuneforge.data.packing import micro_batches
     from tuneforge.serving.inference import load_run
-    from tuneforge.training.loss import evaluate_loss
+    from tuneforge.methods.loss import evaluate_loss
 
     loaded = load_run(run_dir)
     examples, _ = tokenize_examples(load_examples(str(test), config.data), loaded.tokenizer, config.data, [])

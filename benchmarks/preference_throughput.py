@@ -47,9 +47,9 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 def write_pairs(model: str, data: Path, n: int, max_length: int, out: Path) -> dict:
     """The first ``n`` HH pairs whose sides both fit ``max_length`` tokens, as conversational JSONL."""
-    from tuneforge.config import DataConfig
     from tuneforge.data.formats import RecordError
     from tuneforge.data.preference import load_pairs, tokenize_pair
+    from tuneforge.data.settings import DataConfig
     from tuneforge.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from _method_helpers import run_config
+from tuneforge.kernels import chunked_loss
+from tuneforge.kernels.chunked_loss import chunked_cross_entropy_sum, use_chunked_loss
 from tuneforge.methods import apply_method
-from tuneforge.training import chunked_loss
-from tuneforge.training.chunked_loss import chunked_cross_entropy_sum, use_chunked_loss
-from tuneforge.training.loss import packed_loss_sum
+from tuneforge.methods.loss import packed_loss_sum
 
 
 @pytest.mark.parametrize("bias", [False, True])

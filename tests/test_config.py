@@ -1,6 +1,7 @@
 import pytest
 
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 
 
 @pytest.fixture()

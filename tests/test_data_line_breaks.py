@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from tuneforge.config import DataConfig
 from tuneforge.data.curation.clean import clean_files
 from tuneforge.data.curation.config import CurationConfig
 from tuneforge.data.dataset import load_examples
 from tuneforge.data.loaders import iter_records
+from tuneforge.data.settings import DataConfig
 
 # line 2 holds a lone \r as JSON whitespace (a valid record); line 4 a lone \r inside a string (not valid JSON)
 LINES = [

@@ -6,11 +6,11 @@ import json
 
 from conftest import write_jsonl
 from tuneforge.cli import main
-from tuneforge.config import DataConfig
 from tuneforge.data.curation.clean import clean_files
 from tuneforge.data.curation.config import CurationConfig
 from tuneforge.data.dataset import TRAINING_CHECKS, load_examples
 from tuneforge.data.preference import load_pairs
+from tuneforge.data.settings import DataConfig
 
 TOOLS = ["calculator", "search engine", "weather radar", "map", "clock", "dictionary"]
 

@@ -8,8 +8,9 @@ import logging
 import pytest
 import yaml
 
-from tuneforge.config import ConfigError, RunConfig, dump_config, load_config
+from tuneforge.config import RunConfig, dump_config, load_config
 from tuneforge.deprecations import MOVED, SECTION_DEFAULTS
+from tuneforge.errors import ConfigError
 
 LABELS = ["billing", "shipping", "login"]
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.estimate.distributed_plan import engine_of, plan_distributed, read_accelerate_config
 from tuneforge.estimate.memory import estimate_memory
 

@@ -58,7 +58,7 @@ def _tiny(dtype=torch.float32):
 def _one_step(model, method: str):
     from tuneforge.data.packing import pack
     from tuneforge.data.rendering import TokenizedExample
-    from tuneforge.training.loss import packed_loss_sum
+    from tuneforge.methods.loss import packed_loss_sum
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -102,7 +102,7 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) 
     """Bytes of the tensors autograd saves inside decoder layer ``layer`` (parameters and RoPE cos/sin excluded)."""
     from tuneforge.data.packing import pack
     from tuneforge.data.rendering import TokenizedExample
-    from tuneforge.training.loss import packed_loss_sum
+    from tuneforge.methods.loss import packed_loss_sum
 
     g = torch.Generator().manual_seed(0)
     row = pack([TokenizedExample(torch.randint(0, 49152, (seq,), generator=g).tolist(), [True] * seq)
@@ -145,9 +145,9 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) 
     ("lora", torch.bfloat16, 3, {"dropout": 0.05, "hf_rms_norm": True}),
 ])
 def test_activation_formula_matches_the_tensors_autograd_saves(method, dtype, batch, lora, attention):
+    from tuneforge.kernels.packed_attention import NAME, set_attention
+    from tuneforge.kernels.rms_norm import fuse_rms_norm
     from tuneforge.methods import apply_method
-    from tuneforge.training.packed_attention import NAME, set_attention
-    from tuneforge.training.rms_norm import fuse_rms_norm
 
     seq = 16
     lora = dict(lora)

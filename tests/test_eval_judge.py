@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tuneforge.config.eval import JudgeSettings
 from tuneforge.evaluation import judge
-from tuneforge.evaluation.settings import JudgeSettings
 
 
 def _answers(prompt: str) -> tuple[str, str]:

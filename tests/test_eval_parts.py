@@ -110,7 +110,7 @@ def test_mmlu_loader_takes_a_fixed_stratified_subset(tmp_path):
 def test_heldout_loss_equals_the_trainers_token_weighted_validation_loss(tiny_model, tokenizer):
     from tuneforge.data.formats import Example
     from tuneforge.data.packing import micro_batches
-    from tuneforge.training.loss import evaluate_loss
+    from tuneforge.methods.loss import evaluate_loss
 
     examples = [Example(messages=_conv(t) + [{"role": "assistant", "content": lab}])
                 for t, lab in zip(TICKETS, ["billing", "shipping", "bug", "feature", "refund", "login"], strict=True)]
@@ -192,7 +192,7 @@ def test_column_prompts():
 
 def test_the_eval_section_of_the_run_config_is_validated_at_load():
     import tuneforge
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     config = tuneforge.load_config("examples/quickstart.yaml", ["eval.columns=[base,fewshot,tuned]", "eval.samples=3"])
     assert config.eval.columns == ["base", "fewshot", "tuned"] and config.eval.forgetting.per_subject == 10

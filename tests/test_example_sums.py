@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from _method_helpers import HAS_BNB, METHOD_SECTIONS, run_config
 from tuneforge.data.packing import example_index, example_lengths, pack
 from tuneforge.data.rendering import TokenizedExample
+from tuneforge.kernels.cross_entropy import cross_entropy_segment_sums
+from tuneforge.kernels.packed_attention import NAME, set_attention
 from tuneforge.methods import apply_method
-from tuneforge.training.cross_entropy import cross_entropy_segment_sums
-from tuneforge.training.loss import packed_example_loss_sums, packed_loss_sum
-from tuneforge.training.packed_attention import NAME, set_attention
+from tuneforge.methods.loss import packed_example_loss_sums, packed_loss_sum
 
 SECTIONS = METHOD_SECTIONS
 
@@ -121,7 +121,7 @@ def test_segment_sums_kernel_matches_reference_value_and_gradient():
 
 def test_attention_uses_the_batch_boundaries(tiny_model, monkeypatch):
     """The packed attention splits at the packed batch's cu_seqlens, not by re-reading position ids."""
-    from tuneforge.training import packed_attention
+    from tuneforge.kernels import packed_attention
 
     config = run_config("lora", SECTIONS["lora"])
     model = apply_method(tiny_model, config).eval()

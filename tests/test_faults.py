@@ -217,7 +217,7 @@ def test_an_unwritable_or_full_output_dir_fails_before_any_model_loads(tmp_path,
     import shutil as shutil_module
     from collections import namedtuple
 
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
     from tuneforge.training.trainer import check_output_dir
 
     blocker = tmp_path / "a_file"

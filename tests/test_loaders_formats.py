@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from tuneforge.config import DataConfig
 from tuneforge.data.dataset import TRAINING_CHECKS, PreparedData, load_examples
 from tuneforge.data.formats import RecordError, detect_format, to_example
 from tuneforge.data.loaders import DataFileError, iter_records
 from tuneforge.data.rejects import write_rejects
+from tuneforge.data.settings import DataConfig
 
 
 def test_detects_each_format():

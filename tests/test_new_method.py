@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from tuneforge.cli import main
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.methods import Method, NotMergeableError, register_method, unregister_method
 from tuneforge.methods.full.model import load_full
 from tuneforge.schema import Settings

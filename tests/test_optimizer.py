@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.training.optimizer import adamw
+from tuneforge.kernels.optimizer import adamw
 
 
 def test_fused_adamw_updates_like_the_for_loop_one():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tuneforge.data.formats import Example
 from tuneforge.data.packing import IGNORE, pack
 from tuneforge.data.rendering import tokenize_example
-from tuneforge.training.loss import packed_loss_sum
+from tuneforge.methods.loss import packed_loss_sum
 
 
 def _examples(tokenizer):
@@ -84,7 +84,7 @@ def test_cross_attention_would_change_the_loss(tiny_model, tokenizer):
 
 
 def test_packed_attention_equals_unpacked_and_skips_cross_example_work(tiny_model, tokenizer):
-    from tuneforge.training.packed_attention import NAME, set_attention
+    from tuneforge.kernels.packed_attention import NAME, set_attention
 
     exs = _examples(tokenizer)
     batch = pack(exs)

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 
 from _method_helpers import HAS_BNB, METHOD_SECTIONS, perturbed, run_config
 from conftest import write_jsonl
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
 from tuneforge.data.preference import TokenizedPair
 from tuneforge.data.rendering import TokenizedExample
+from tuneforge.errors import ConfigError
+from tuneforge.kernels.packed_attention import set_attention
 from tuneforge.methods import apply_method
 from tuneforge.training.checkpoint import CheckpointDir
 from tuneforge.training.objectives.preference import PairBatch, answer_logps, pack_pairs, pair_micro_batches
-from tuneforge.training.packed_attention import set_attention
 from tuneforge.training.preference_losses import log1mexp, preference_loss
 from tuneforge.training.trainer import TrainingRecipe, train
 
@@ -93,8 +94,8 @@ def _alone(model, side: TokenizedExample) -> float:
 
 
 def _pairs(tokenizer, n=3):
-    from tuneforge.config import DataConfig
     from tuneforge.data.preference import to_preference, tokenize_pair
+    from tuneforge.data.settings import DataConfig
 
     cfg = DataConfig(train="x.jsonl")
     return [tokenize_pair(to_preference(r), tokenizer, cfg)[0] for r in rule_pairs(n)]

@@ -12,19 +12,19 @@ import pytest
 
 from conftest import write_jsonl
 from tuneforge.cli import main
-from tuneforge.config import DataConfig
 from tuneforge.data.dataset import DataError
 from tuneforge.data.formats import Example, RecordError
 from tuneforge.data.preference import (
     hh_turns,
     load_pairs,
     prepare_pairs,
-    preview_pairs,
     split_hh,
     to_preference,
     tokenize_pair,
 )
+from tuneforge.data.preview import preview_pairs
 from tuneforge.data.rendering import tokenize_example
+from tuneforge.data.settings import DataConfig
 
 HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
 

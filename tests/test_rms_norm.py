@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from _method_helpers import run_config
-from tuneforge.training.rms_norm import fuse_rms_norm, rms_norm
+from tuneforge.kernels.rms_norm import fuse_rms_norm, rms_norm
 
 
 def _norm(dtype, train_weight):
@@ -57,7 +57,7 @@ def test_fused_norms_leave_a_models_loss_gradients_and_state_dict_unchanged(tiny
     from tuneforge.data.packing import pack
     from tuneforge.data.rendering import TokenizedExample
     from tuneforge.methods import apply_method
-    from tuneforge.training.loss import packed_loss_sum
+    from tuneforge.methods.loss import packed_loss_sum
 
     ref = apply_method(tiny_model, run_config("lora", {"lora": {"r": 4, "dropout": 0.0}}))
     torch.manual_seed(0)

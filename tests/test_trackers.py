@@ -6,7 +6,8 @@ import struct
 import pytest
 
 from conftest import write_jsonl
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.training.trainer import train
 
 

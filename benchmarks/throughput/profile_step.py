@@ -58,7 +58,7 @@ def run(args) -> dict:
     from tuneforge.data.packing import micro_batches
     from tuneforge.methods import apply_method, load_base_model
     from tuneforge.models.loading import load_tokenizer
-    from tuneforge.training import loss as loss_mod
+    from tuneforge.methods import loss as loss_mod
     from tuneforge.training.trainer import make_optimizer, prepare_for_training
 
     work = Path(args.work_dir)

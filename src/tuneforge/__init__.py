@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
-from tuneforge.config import ConfigError, RunConfig, load_config
+from tuneforge.config import RunConfig, load_config
+from tuneforge.errors import ConfigError
 
 # bitsandbytes >= 0.49 on CPUs with AVX512-BF16 tries, at import (peft imports it), to fetch an optional 4-bit
 # GEMM kernel from the `kernels` package and warns on every start when it is not installed. tuneforge keeps
@@ -25,13 +26,13 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 def train(config: "RunConfig | str | dict", overrides: list[str] | None = None):
     """Train from a :class:`RunConfig`, a YAML path or a dict of settings; return a ``RunResult``."""
-    from tuneforge.training.trainer import train as _train
+    from tuneforge.pipeline import train_and_evaluate
 
     if isinstance(config, str):
         config = load_config(config, overrides)
     elif isinstance(config, dict):
         config = load_config(None, overrides, data=config)
-    return _train(config)
+    return train_and_evaluate(config)
 
 
 def generate(run_dir: str, prompt: str, **kwargs) -> str:

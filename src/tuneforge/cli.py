@@ -24,7 +24,8 @@ def _error(line: str) -> None:
 
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.training.trainer import TrainingFailed, TrainingInterrupted, train
+    from tuneforge.pipeline import train_and_evaluate
+    from tuneforge.training.trainer import TrainingFailed, TrainingInterrupted
 
     if args.data:
         if args.config:
@@ -42,7 +43,7 @@ def cmd_train(args) -> int:
               "`tuneforge init my.jsonl` writes a config to edit", file=sys.stderr)
         return 2
     try:
-        result = train(config, resume=args.resume)
+        result = train_and_evaluate(config, resume=args.resume)
     except TrainingInterrupted as e:
         _error(f"tuneforge train: {e}")
         return 128 + e.signum
@@ -105,8 +106,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_data_preview(args) -> int:
-    from tuneforge.config import DataConfig
     from tuneforge.data.preview import preview
+    from tuneforge.data.settings import DataConfig
     from tuneforge.models.loading import load_tokenizer
 
     cfg = DataConfig(train=args.file, format=args.format, train_on=args.train_on, system_prompt=args.system,
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuneforge.config import ConfigError
     from tuneforge.data.dataset import DataError
+    from tuneforge.errors import ConfigError
     from tuneforge.export.package import BaseModelMismatch
     from tuneforge.models.registry import ModelNotFoundError
 

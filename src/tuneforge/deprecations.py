@@ -54,7 +54,7 @@ _MISSING = object()
 
 
 def _error(message: str) -> Exception:
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     return ConfigError(message)
 
@@ -112,7 +112,7 @@ def upgrade(tree: dict, overrides: list[tuple[str, Any]], source: str = "config"
     """Move the deprecated keys of ``tree`` in place; return ``overrides`` with their deprecated keys renamed.
 
     ``tree``: the config file's mapping (and the ``data=`` dict), before the overrides; ``overrides``:
-    ``(dotted key, value)`` pairs as ``--set`` gives them. Raises :class:`~tuneforge.config.ConfigError`
+    ``(dotted key, value)`` pairs as ``--set`` gives them. Raises :class:`~tuneforge.errors.ConfigError`
     when an old key and its new key are set to different values in the same place.
     """
     from_file = {section: _move_section(tree, section, source) for section in _SECTIONS if section in tree}

@@ -199,7 +199,7 @@ def config_reference() -> str:
     top = [k for k in keys if "." not in k.path and k.path not in method_sections()]
     lines = [GENERATED, "", "# Run config reference", "",
              "Every key of the run config, generated from the code: `RunConfig`'s fields "
-             "(`src/tuneforge/config.py`, `src/tuneforge/evaluation/settings.py`) and the settings section of "
+             "(`src/tuneforge/config/`, `src/tuneforge/data/settings.py`) and the settings section of "
              "every registered method (`src/tuneforge/methods/*/config.py`). Dotted keys are what "
              "`--set KEY=VALUE` takes. The [training guide](../guides/training.md#the-run-config) explains the main "
              "keys with their measurements.", "",

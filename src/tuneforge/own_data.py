@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.config import ConfigError, RunConfig, load_config
+from tuneforge.config import RunConfig, load_config
 from tuneforge.data.dataset import DataError
 from tuneforge.data.formats import detect_format, rename_columns
 from tuneforge.data.loaders import iter_records
+from tuneforge.errors import ConfigError
 from tuneforge.models.registry import DEFAULT_MODEL
 
 SAMPLE_RECORDS = 200      # records read to pick the task

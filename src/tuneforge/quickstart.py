@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.config import ConfigError, load_config
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 
 _DATA_KEYS = (("data", "train"), ("data", "validation"), ("eval", "data"))
 

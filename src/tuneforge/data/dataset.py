@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import DataConfig
 from tuneforge.data.errors import DataError
 from tuneforge.data.formats import (
     FORMAT_FIELDS,
@@ -35,6 +34,7 @@ from tuneforge.data.rejects import (
     write_rejects,  # noqa: F401  (the trainer imports it from here)
 )
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
+from tuneforge.data.settings import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import DataConfig
 from tuneforge.data.dataset import DataError, PreparedData
 from tuneforge.data.formats import (
     TASK_KINDS,
@@ -46,8 +45,9 @@ from tuneforge.data.formats import (
     rename_columns,
 )
 from tuneforge.data.loaders import RawRecord, error_check, iter_records
-from tuneforge.data.rejects import Reason, Reject, log_rejects
+from tuneforge.data.rejects import Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
+from tuneforge.data.settings import DataConfig
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -349,43 +349,6 @@ def _from_payload(payload: dict) -> PreparedData:
                  for e, split in zip(getattr(data, part), payload[f"{part}_split"], strict=True)]
         setattr(data, part, pairs)
     return data
-
-
-# ------------------------------------------------------------------------------------------ preview
-
-
-def preview_pairs(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,
-                  color: bool = True) -> str:
-    """The first ``n`` pairs as the model sees them: the prompt, then each side with its trained tokens marked."""
-    from tuneforge.data.preview import mark_trained
-
-    cfg = cfg or DataConfig(train=file)
-    loaded = load_pairs(file, cfg)
-    blocks = []
-    for example, raw in loaded.examples[:n]:
-        try:
-            pair, _ = tokenize_pair(example, tokenizer, cfg)
-        except RecordError as e:
-            loaded.rejects.append(Reject(raw.source, raw.line, [Reason(e.check, str(e))], raw.data))
-            continue
-        chosen, rejected = pair.chosen, pair.rejected
-        first = chosen.trained.index(True)
-        blocks.append(f"--- {example.meta['where']}  ({example.format}; prompt {first} tokens, chosen "
-                      f"{chosen.num_trained} trained, rejected {rejected.num_trained} trained)\n"
-                      f"[prompt]\n{tokenizer.decode(chosen.input_ids[:first])}\n"
-                      f"[chosen]\n{mark_trained(_answer_part(chosen), tokenizer, color)}\n"
-                      f"[rejected]\n{mark_trained(_answer_part(rejected), tokenizer, color)}")
-    summary = (f"{len(loaded.examples)} usable pairs ({', '.join(f'{k}: {v}' for k, v in loaded.formats.items())}), "
-               f"{len(loaded.rejects)} rejected; trained tokens shown as [[...]]")
-    if loaded.rejects:
-        r = loaded.rejects[0]
-        summary += f"\nfirst rejected: {r.source}:{r.line}: {r.reason}"
-    return "\n\n".join(blocks + [summary])
-
-
-def _answer_part(tok: TokenizedExample) -> TokenizedExample:
-    first = tok.trained.index(True)
-    return TokenizedExample(tok.input_ids[first:], tok.trained[first:])
 
 
 def is_preference_file(path: str, columns: dict[str, str] | None = None) -> bool:

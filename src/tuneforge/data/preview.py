@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import DataConfig
 from tuneforge.data.dataset import load_examples
+from tuneforge.data.formats import RecordError
+from tuneforge.data.preference import is_preference_file, load_pairs, tokenize_pair
+from tuneforge.data.rejects import Reason, Reject
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
+from tuneforge.data.settings import DataConfig
 
 START, END = "\x1b[1;32m", "\x1b[0m"  # bold green on a terminal
 
@@ -34,8 +37,6 @@ def mark_trained(tok: TokenizedExample, tokenizer: PreTrainedTokenizerBase, colo
 def preview(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,
             color: bool = True, task: str = "sft") -> str:
     cfg = cfg or DataConfig(train=file)
-    from tuneforge.data.preference import is_preference_file, preview_pairs
-
     if task == "preference" or (task == "sft" and is_preference_file(file, cfg.columns)):
         return preview_pairs(file, tokenizer, cfg, n, color)    # prompt, then chosen and rejected, answers marked
     loaded = load_examples(file, cfg, task)
@@ -50,3 +51,35 @@ def preview(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | Non
         r = loaded.rejects[0]
         summary += f"\nfirst rejected: {r.source}:{r.line}: {r.reason}"
     return "\n\n".join(blocks + [summary])
+
+
+def preview_pairs(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,
+                  color: bool = True) -> str:
+    """The first ``n`` pairs as the model sees them: the prompt, then each side with its trained tokens marked."""
+    cfg = cfg or DataConfig(train=file)
+    loaded = load_pairs(file, cfg)
+    blocks = []
+    for example, raw in loaded.examples[:n]:
+        try:
+            pair, _ = tokenize_pair(example, tokenizer, cfg)
+        except RecordError as e:
+            loaded.rejects.append(Reject(raw.source, raw.line, [Reason(e.check, str(e))], raw.data))
+            continue
+        chosen, rejected = pair.chosen, pair.rejected
+        first = chosen.trained.index(True)
+        blocks.append(f"--- {example.meta['where']}  ({example.format}; prompt {first} tokens, chosen "
+                      f"{chosen.num_trained} trained, rejected {rejected.num_trained} trained)\n"
+                      f"[prompt]\n{tokenizer.decode(chosen.input_ids[:first])}\n"
+                      f"[chosen]\n{mark_trained(_answer_part(chosen), tokenizer, color)}\n"
+                      f"[rejected]\n{mark_trained(_answer_part(rejected), tokenizer, color)}")
+    summary = (f"{len(loaded.examples)} usable pairs ({', '.join(f'{k}: {v}' for k, v in loaded.formats.items())}), "
+               f"{len(loaded.rejects)} rejected; trained tokens shown as [[...]]")
+    if loaded.rejects:
+        r = loaded.rejects[0]
+        summary += f"\nfirst rejected: {r.source}:{r.line}: {r.reason}"
+    return "\n\n".join(blocks + [summary])
+
+
+def _answer_part(tok: TokenizedExample) -> TokenizedExample:
+    first = tok.trained.index(True)
+    return TokenizedExample(tok.input_ids[first:], tok.trained[first:])

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.config import ConfigError, RunConfig
+from tuneforge.config import RunConfig
+from tuneforge.errors import ConfigError
 from tuneforge.estimate.memory import GIB, METHODS, estimate_memory
 from tuneforge.estimate.shapes import resolve_shape
 

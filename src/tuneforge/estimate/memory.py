@@ -23,7 +23,7 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
 ``torch.autograd.graph.saved_tensors_hooks`` in ``tests/test_estimate.py``)::
 
     RMSNorm  y = w * (x * rsqrt(mean(x^2) + eps)), computed in fp32:
-        tuneforge's one-function RMSNorm (the default, :mod:`tuneforge.training.rms_norm`) saves x (a*d)
+        tuneforge's one-function RMSNorm (the default, :mod:`tuneforge.kernels.rms_norm`) saves x (a*d)
         and rsqrt(.) (4): ``n = a*d + 4``; transformers' module saves x in fp32 (4d) and rsqrt(.) (4), and
         when w trains the normalized x (a*d): ``n = 4d + 4 (+ a*d full)``. Its output y (a*d) is saved by
         the projections that read it when their weights train.
@@ -31,7 +31,7 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
         RoPE saves only cos/sin (shared by all layers); SDPA (flash / memory-efficient kernels) saves its
         inputs q, k, v and its output (a*(2q + 2kv)) plus the fp32 log-sum-exp (4H). The output is the
         o projection's input. A packed row of several examples:
-        - ``attention="packed_sdpa"`` (tuneforge's default, :mod:`tuneforge.training.packed_attention`):
+        - ``attention="packed_sdpa"`` (tuneforge's default, :mod:`tuneforge.kernels.packed_attention`):
           one causal SDPA per example, no mask, k/v not repeated; the per-example outputs are
           concatenated, so the o projection's input is a separate copy (a*q) when something saves it
           uncast (full tuning; LoRA in the adapters' dtype without a dropped copy);
@@ -69,11 +69,11 @@ Gradient checkpointing (transformers, non-reentrant, per decoder layer) keeps on
 ``T*(L*a*d + one layer of the above) + the layer's backward working set`` (about ``a*(3I + 2d)``).
 
 Logits: with ``logits_to_keep`` the LM head runs on the ``K`` target positions only. The loss
-(:mod:`tuneforge.training.cross_entropy`) upcasts them to fp32 and keeps their fp32 log-probabilities,
+(:mod:`tuneforge.kernels.cross_entropy`) upcasts them to fp32 and keeps their fp32 log-probabilities,
 which backward turns into the gradient in place; the most is held at the end of the forward, the logits
 and their log-probabilities: ``8*K*V`` bytes in fp32, ``(a + 8)*K*V`` with ``a``-byte logits (their fp32
 copy too). When the fp32 logits would pass 256 MiB the trainer's chunked loss
-(:mod:`tuneforge.training.chunked_loss`) holds one chunk of 1024 positions at a time instead:
+(:mod:`tuneforge.kernels.chunked_loss`) holds one chunk of 1024 positions at a time instead:
 ``12*1024*V + 4*K``.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
@@ -81,7 +81,7 @@ optimizer's temporaries exist only in ``step()``, so::
 
     peak = weights + optimizer + overhead + max(activations + logits,  gradients + step temporaries)
 
-Step temporaries: tuneforge trains with torch's fused AdamW (:mod:`tuneforge.training.optimizer`), which
+Step temporaries: tuneforge trains with torch's fused AdamW (:mod:`tuneforge.kernels.optimizer`), which
 holds none; torch's for-loop AdamW (its default on CPU) holds two copies of the largest tensor (``sqrt(v)``
 and its quotient); the foreach AdamW (its default on CUDA) holds a list as large as all
 optimizer-updated parameters (documented in ``torch.optim``).
@@ -98,7 +98,7 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 ATTENTIONS = ("packed_sdpa", "sdpa")
-CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.training.chunked_loss
+CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.kernels.chunked_loss
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
 # validation subtracts the process's memory before the model loads, so the term is 0 there.
 DEFAULT_OVERHEAD = {"cpu": 0, "cuda": int(0.75 * GIB)}

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, load_config
+from tuneforge.config.eval import EvalSettings
 from tuneforge.data.dataset import DataError, load_examples
 from tuneforge.data.formats import Example
 from tuneforge.evaluation import bootstrap, failures, generation, heldout
@@ -32,7 +33,6 @@ from tuneforge.evaluation import columns as cols
 from tuneforge.evaluation import forgetting as forget
 from tuneforge.evaluation.metrics import MetricError, MetricSet, check_schema, confusion, normalise_label, per_label
 from tuneforge.evaluation.retrieval import DocsError, Retriever
-from tuneforge.evaluation.settings import EvalSettings
 from tuneforge.fileutil import file_sha256
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,8 @@ def check_inputs(config: RunConfig, settings: EvalSettings) -> Inputs:
 def check_before_training(config: RunConfig) -> None:
     """``tuneforge train`` with ``eval.after_training``: check the evaluation's inputs before training, so a
     bad test file, schema, docs folder, MMLU folder or judge endpoint fails in one line before the first step
-    rather than after the last. Raises :class:`~tuneforge.config.ConfigError` (one line: the CLI's exit 2)."""
-    from tuneforge.config import ConfigError
+    rather than after the last. Raises :class:`~tuneforge.errors.ConfigError` (one line: the CLI's exit 2)."""
+    from tuneforge.errors import ConfigError
     from tuneforge.evaluation.judge import JudgeError
 
     try:
@@ -312,7 +312,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
         settings = resolve_settings(config, data=data, columns=columns, docs=docs, forgetting_enabled=forgetting,
                                     forgetting_data=forgetting_data, **overrides)
     if judge is not None:
-        from tuneforge.evaluation.settings import JudgeSettings
+        from tuneforge.config.eval import JudgeSettings
 
         settings = settings.model_copy(update={"judge": JudgeSettings(url=judge)})
     out_dir = Path(out) if out else run_dir / "eval"

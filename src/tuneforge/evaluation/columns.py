@@ -11,17 +11,8 @@ from __future__ import annotations
 
 import random
 
+from tuneforge.config.eval import BASE_COLUMNS, COLUMNS, check_columns  # noqa: F401  (this module's vocabulary)
 from tuneforge.evaluation.retrieval import Retriever
-
-COLUMNS = ("base", "fewshot", "rag", "tuned", "tuned+rag")
-BASE_COLUMNS = ("base", "fewshot", "rag")     # computed by the base model
-
-
-def check_columns(columns: list[str]) -> list[str]:
-    unknown = [c for c in columns if c not in COLUMNS]
-    if unknown:
-        raise ValueError(f"unknown column(s) {', '.join(unknown)}; choose from {', '.join(COLUMNS)}")
-    return list(dict.fromkeys(columns))
 
 
 def fewshot_examples(train: list[list[dict]], k: int, seed: int) -> list[list[dict]]:

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneforge.data.packing import pack
 from tuneforge.data.rendering import TokenizedExample
-from tuneforge.training.loss import packed_example_loss_sums
+from tuneforge.methods.loss import packed_example_loss_sums
 
 LETTERS = "ABCD"
 

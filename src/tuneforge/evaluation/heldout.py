@@ -4,7 +4,7 @@ The loss is the mean cross-entropy (nats) over every trained token of the held-o
 assistant answers, as in training: the same rendering and loss mask), i.e. sum of per-example loss sums
 over the total trained tokens; perplexity is ``exp`` of it. Both intervals come from one bootstrap of
 (per-example loss sum, per-example tokens) pairs, so perplexity's bounds are ``exp`` of the loss's.
-The per-example sums come from :func:`tuneforge.training.loss.packed_example_loss_sums` on packed rows
+The per-example sums come from :func:`tuneforge.methods.loss.packed_example_loss_sums` on packed rows
 (examples never see each other), the same path the trainer's validation loss takes.
 """
 
@@ -20,7 +20,7 @@ from tuneforge.data.formats import Example
 from tuneforge.data.packing import micro_batches
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 from tuneforge.evaluation.bootstrap import Interval, ratio_interval
-from tuneforge.training.loss import packed_example_loss_sums
+from tuneforge.methods.loss import packed_example_loss_sums
 
 
 @torch.no_grad()

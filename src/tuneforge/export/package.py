@@ -130,7 +130,8 @@ class PackageReport:
 def _run_files(run_dir: Path, allow_regressed: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(config, method record, run.json) of a finished run; :class:`NotARunError` when it is not one, or when it
     ended worse than it started (``run.json``'s ``status: regressed``; ``allow_regressed`` takes it all the same)."""
-    from tuneforge.config import ConfigError, load_config
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
     from tuneforge.methods.registry import get_method
 
     if not run_dir.is_dir():

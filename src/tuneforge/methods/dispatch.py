@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from tuneforge.kernels.packed_attention import uses_packed_attention
 from tuneforge.methods.registry import Generates, Method, SavesPretrained, get_method, method_for_saved_type
-from tuneforge.training.packed_attention import uses_packed_attention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

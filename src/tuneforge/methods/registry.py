@@ -124,13 +124,8 @@ def unregister_method(name: str) -> None:
             _SETTINGS.pop(key, None)
 
 
-def _builtins() -> None:
-    import tuneforge.methods  # noqa: F401  (registers the built-in methods)
-
-
 def get_method(name: str) -> Method:
     """The record of ``name``; an unknown name gets the closest registered one in the message."""
-    _builtins()
     if name not in _METHODS:
         import difflib
 
@@ -141,21 +136,17 @@ def get_method(name: str) -> Method:
 
 
 def methods() -> Iterator[Method]:
-    _builtins()
     return iter(list(_METHODS.values()))
 
 
 def method_names() -> list[str]:
-    _builtins()
     return list(_METHODS)
 
 
 def settings_sections() -> dict[str, type[BaseModel]]:
     """Every run-config section a registered method owns: ``{key: pydantic model}``."""
-    _builtins()
     return dict(_SETTINGS)
 
 
 def method_for_saved_type(saved_type: str) -> Method | None:
-    _builtins()
     return next((m for m in _METHODS.values() if saved_type in m.saved_types), None)

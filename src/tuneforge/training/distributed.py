@@ -73,7 +73,7 @@ def setup_distributed(cpu: bool = False) -> Strategy:
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.utils import DistributedType, InitProcessGroupKwargs  # type: ignore[import-untyped]
 
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     # from what `accelerate launch` put in the environment, before accelerate builds its plugins (its FSDP1
     # plugin fails on machines without GPUs, its DeepSpeed plugin without deepspeed)

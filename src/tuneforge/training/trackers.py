@@ -9,19 +9,11 @@ settings (``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI``, ...).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tuneforge.config import ConfigError
-
-# tracker name -> (accelerate class, the modules any of which it needs, what to install)
-TRACKERS = {
-    "tensorboard": ("TensorBoardTracker", ("tensorboardX", "tensorboard"), "tensorboardX (pip install tensorboardX)"),
-    "wandb": ("WandBTracker", ("wandb",), "wandb (pip install wandb)"),
-    "mlflow": ("MLflowTracker", ("mlflow",), "mlflow (pip install mlflow)"),
-}
+from tuneforge.config.trackers import TRACKERS, check_trackers
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -35,14 +27,6 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = str(value)
     return out
-
-
-def check_trackers(names: Sequence[str]) -> None:
-    """Raise :class:`ConfigError` (one line) when a tracker's package is not installed."""
-    for name in names:
-        _, modules, install = TRACKERS[name]
-        if not any(importlib.util.find_spec(m) for m in modules):
-            raise ConfigError(f"report_to: {name} needs {install}")
 
 
 class Trackers:

@@ -33,10 +33,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tuneforge.config import ConfigError, RunConfig, dump_config
+from tuneforge.config import RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
+from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
+from tuneforge.kernels.optimizer import adamw
+from tuneforge.kernels.packed_attention import NAME as PACKED_ATTENTION
+from tuneforge.kernels.packed_attention import set_attention
+from tuneforge.kernels.rms_norm import fuse_rms_norm
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
@@ -45,10 +50,6 @@ from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
-from tuneforge.training.optimizer import adamw
-from tuneforge.training.packed_attention import NAME as PACKED_ATTENTION
-from tuneforge.training.packed_attention import set_attention
-from tuneforge.training.rms_norm import fuse_rms_norm
 from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
 from tuneforge.training.state import STATE_FILE, TrainState, fingerprint_differences, read_state
 from tuneforge.training.trackers import Trackers
@@ -819,17 +820,10 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
     """Train ``config.method`` on ``config.data`` with ``config.task``'s objective; write the run directory.
 
     ``resume``: continue the run in ``config.output_dir`` from its last checkpoint (see :class:`TrainingRecipe`).
+    Training only: ``eval.after_training`` is run by :func:`tuneforge.pipeline.train_and_evaluate` (what
+    ``tuneforge train`` and ``tuneforge.train`` call).
     """
-    if config.eval is not None and config.eval.after_training:   # its bad input fails now, not after training
-        from tuneforge.evaluation.api import check_before_training
-
-        check_before_training(config)
     recipe = TrainingRecipe(config, resume=resume)
     recipe.setup()
     recipe.fit()
-    result = recipe.finish()
-    if config.eval is not None and config.eval.after_training:   # `eval:` section: tuneforge eval at the end
-        from tuneforge.evaluation.api import evaluate
-
-        evaluate(result.run_dir, progress=config.progress)
-    return result
+    return recipe.finish()

@@ -221,7 +221,7 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_
     """
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        from tuneforge.training.optimizer import adamw
+        from tuneforge.kernels.optimizer import adamw
 
         return adamw(params, lr=lr, weight_decay=weight_decay)
     bnb = require_bitsandbytes()

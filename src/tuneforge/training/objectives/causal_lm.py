@@ -3,7 +3,7 @@
 Both minimise ``sum of token cross-entropies / number of target tokens in the optimizer step``; they
 differ only in which tokens are targets, which the data decides (assistant turns with their end-of-turn
 token for SFT's ``train_on: assistant``, every token for raw text). The LM head runs only at target
-positions (``training/loss.py``).
+positions (``methods/loss.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.training.loss import evaluate_loss, packed_loss_sum
+from tuneforge.methods.loss import evaluate_loss, packed_loss_sum
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 
 

@@ -2,7 +2,7 @@
 
 A micro-batch of ``k`` pairs is one packed row of ``2k`` examples, ``chosen_0, rejected_0, chosen_1, ...``,
 so a pair is never split across micro-batches and nothing is padded. One forward gives, from
-:func:`tuneforge.training.loss.packed_example_loss_sums` (fp32 segment sums over each example's answer
+:func:`tuneforge.methods.loss.packed_example_loss_sums` (fp32 segment sums over each example's answer
 tokens; the LM head runs on those positions only), every answer's log-probability ``-sum``. The losses
 are :mod:`tuneforge.training.preference_losses`; the loss sum is the sum of per-pair losses and the
 normaliser the number of pairs, so the step's loss is the mean over all its pairs whatever the
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from tuneforge.data.packing import PackedBatch, epoch_order, pack
 from tuneforge.data.preference import TokenizedPair, prepare_pairs
 from tuneforge.methods import get_method, method_disabled
-from tuneforge.training.loss import packed_example_loss_sums
+from tuneforge.methods.loss import packed_example_loss_sums
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.preference_losses import REFERENCE_FREE, preference_loss
 

@@ -199,9 +199,13 @@ class Strategy(ABC):
         one process and DDP save alike). A resume whose two differ is refused."""
         if optimizer_state is None:
             return self.launch
-        from tuneforge.training.strategies import saved_launch
-
         return saved_launch(optimizer_state)
+
+    @staticmethod
+    def saved_launch(optimizer_state: dict[str, Any]) -> str | None:
+        """This engine's :attr:`launch` when it saved ``optimizer_state``, else None (the default: one process
+        and DDP save a plain optimizer state, which any engine that is neither of the others reads)."""
+        return None
 
     # ------------------------------------------------------------------------------------ processes
 
@@ -272,3 +276,18 @@ class Parallel(Strategy):
     def main_process_first(self) -> Iterator[None]:
         with self.accelerator.main_process_first():
             yield
+
+
+def saved_launch(optimizer_state: dict[str, Any]) -> str:
+    """The launch (:attr:`Strategy.launch`) of the run that saved ``optimizer_state`` (a checkpoint's): each
+    engine whose optimizer state only it can load (every :class:`Strategy` subclass that overrides
+    :meth:`Strategy.saved_launch`) recognises its own; one process and DDP save alike."""
+    todo = list(Strategy.__subclasses__())
+    while todo:
+        engine = todo.pop()
+        todo.extend(engine.__subclasses__())
+        launch = engine.saved_launch(optimizer_state)
+        if launch is not None:
+            return launch
+    return WHOLE
+

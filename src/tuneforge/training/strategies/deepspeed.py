@@ -73,7 +73,7 @@ class DeepSpeed(Parallel):
     def check(self, config: Any) -> None:
         """Refuse, with one line, what DeepSpeed is not proven to train (:data:`DEEPSPEED_METHODS`, ...); ZeRO-3
         turns ``chunked_loss: auto`` off."""
-        from tuneforge.config import ConfigError
+        from tuneforge.errors import ConfigError
 
         zero = f"DeepSpeed ZeRO-{self.stage}"
         if config.method not in DEEPSPEED_METHODS:
@@ -167,7 +167,7 @@ class DeepSpeed(Parallel):
     def load_trained(self, folder: Path, read: Callable[[str], torch.Tensor], names: set[str]) -> None:
         """The engine's own checkpoint: the trained weights and each process's optimizer partition from
         ``folder/deepspeed``."""
-        from tuneforge.config import ConfigError
+        from tuneforge.errors import ConfigError
 
         path, _ = cast(Any, self.wrapped).load_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG,
                                                           load_module_strict=False, load_optimizer_states=True,
@@ -182,7 +182,7 @@ class DeepSpeed(Parallel):
 def check_installed() -> None:
     from importlib.util import find_spec
 
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     if find_spec("deepspeed") is None:
         raise ConfigError("accelerate is set up for DeepSpeed but deepspeed is not installed: "
@@ -191,7 +191,7 @@ def check_installed() -> None:
 
 def check_plugin(accelerator: Any) -> int:
     """Refuse (one line) the DeepSpeed settings tuneforge train is not proven with; returns the ZeRO stage."""
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config

@@ -58,7 +58,7 @@ class FSDP2(Parallel):
 
     def check(self, config: Any) -> None:
         """Refuse, with one line, what FSDP2 is not proven to train (:data:`FSDP2_METHODS`, :data:`FSDP2_TASKS`)."""
-        from tuneforge.config import ConfigError
+        from tuneforge.errors import ConfigError
 
         if config.method == "qlora":
             raise ConfigError("method qlora with FSDP2: 4-bit weights lose their quantisation state when FSDP2 "
@@ -159,7 +159,7 @@ def reshard(wrapped: torch.nn.Module) -> None:
 
 
 def fsdp1_refused(version: Any) -> Exception:
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     return ConfigError(f"accelerate is set up for FSDP version {version}: tuneforge train runs FSDP2; set "
                        "fsdp_version: 2 in the accelerate config's fsdp_config (as examples/distributed/fsdp_1x8.yaml)")
@@ -169,7 +169,7 @@ def check_plugin(accelerator: Any) -> None:
     """Refuse (one line) the FSDP settings tuneforge train is not proven with; drop the one it does not use."""
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:

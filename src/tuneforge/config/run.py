@@ -18,43 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tuneforge import deprecations
-from tuneforge.data.formats import SftFormat
-from tuneforge.evaluation.settings import EvalSettings
+from tuneforge.config.eval import EvalSettings
+from tuneforge.data.settings import DataConfig
+from tuneforge.errors import ConfigError
 from tuneforge.models.registry import DEFAULT_MODEL
 from tuneforge.schema import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the key and what to do."""
-
-
-class DataConfig(Settings):
-    train: str = Field(description="the training file: .jsonl, .json (array), .csv or .parquet (also .gz)")
-    validation: str | None = Field(None, description="held-out file of the same task; default: split off train by "
-                                                     "val_fraction")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training file held out for validation "
-                                "when data.validation is not set")
-    val_max_examples: int | None = Field(200, ge=1, description="at most this many examples are held out by "
-                                         "val_fraction (None: no cap)")
-    format: Literal["auto"] | SftFormat = Field("auto", description="the records' format; auto: detected per "
-                                                                   "record (messages, alpaca, prompt_completion, text)")
-    columns: dict[str, str] = Field({}, description="your column names for the format's fields, e.g. "
-                                                    "{prompt: question, completion: answer}")
-    system_prompt: str | None = Field(None, description="a system message put first in every record that has none")
-    train_on: Literal["assistant", "all"] = Field("assistant", description="the tokens trained: the assistant "
-                                                  "turns (with their end-of-turn token), or every token")
-    max_length: int = Field(1024, ge=8, description="tokens an example may have")
-    too_long: Literal["drop", "truncate", "error"] = Field("drop", description="an example over max_length: "
-                                                           "dropped (to rejects.jsonl), truncated, or an error")
-
-    @field_validator("columns")
-    @classmethod
-    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
-        from tuneforge.data.formats import check_columns
-
-        return check_columns(v, "data.columns")
 
 
 class PreferenceConfig(Settings):
@@ -139,7 +109,7 @@ class RunConfig(Settings):
     regression_tolerance: float = Field(
         0.01, ge=0, description="the end-of-run check's slack: the final validation may be this much (relative) "
                                 "worse than its yardsticks")
-    eval: EvalSettings | None = None    # tuneforge eval's settings (evaluation/settings.py)
+    eval: EvalSettings | None = None    # tuneforge eval's settings (config/eval.py)
 
     # hardware
     device: str = Field("auto", description="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")
@@ -205,7 +175,7 @@ class RunConfig(Settings):
         if self.task == "preference":
             self._check_preference()
         if self.report_to:
-            from tuneforge.training.trackers import check_trackers
+            from tuneforge.config.trackers import check_trackers
 
             check_trackers(self.report_to)
         if self.early_stopping_patience and not (self.data.validation or self.data.val_fraction > 0):

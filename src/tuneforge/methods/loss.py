@@ -4,7 +4,7 @@ With ``logits_to_keep=positions`` transformers projects just the ``L`` hidden st
 through the (vocab-sized) LM head, instead of all ``T`` positions. For assistant-only SFT, ``L`` is a
 small fraction of ``T``; logits are ``(L, V)`` instead of ``(T, V)``. When even those would be large
 (long rows, every token trained) the loss is computed in chunks of positions without ever holding the
-``(L, V)`` logits (:mod:`tuneforge.training.chunked_loss`).
+``(L, V)`` logits (:mod:`tuneforge.kernels.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.packing import PackedBatch
-from tuneforge.methods import method_forward
-from tuneforge.training.chunked_loss import chunked_cross_entropy_sum, lm_head_bypassed, use_chunked_loss
-from tuneforge.training.cross_entropy import cross_entropy_segment_sums, cross_entropy_sum
+from tuneforge.kernels.chunked_loss import chunked_cross_entropy_sum, lm_head_bypassed, use_chunked_loss
+from tuneforge.kernels.cross_entropy import cross_entropy_segment_sums, cross_entropy_sum
+from tuneforge.methods.dispatch import method_forward
 
 
 def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch, method: str = "lora",

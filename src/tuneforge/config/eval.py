@@ -8,6 +8,16 @@ from pydantic import Field, field_validator
 
 from tuneforge.schema import Settings
 
+COLUMNS = ("base", "fewshot", "rag", "tuned", "tuned+rag")
+BASE_COLUMNS = ("base", "fewshot", "rag")     # computed by the base model
+
+
+def check_columns(columns: list[str]) -> list[str]:
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}; choose from {', '.join(COLUMNS)}")
+    return list(dict.fromkeys(columns))
+
 
 class ForgettingSettings(Settings):
     """MMLU cloze and general-text perplexity, base vs tuned."""
@@ -62,6 +72,4 @@ class EvalSettings(Settings):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: list[str]) -> list[str]:
-        from tuneforge.evaluation.columns import check_columns
-
         return check_columns(v)
