@@ -330,7 +330,11 @@ def test_stats_estimate_and_histogram(tmp_path):
     rows = [r for r in rows]
     s = compute_stats(write_jsonl(tmp_path / "d.jsonl", rows + ["{bad"]), model=None, max_length=20)
     assert s.records == 41 and s.valid == 40 and s.invalid == 1
-    assert s.turns == {2: 20, 4: 20} and s.labels == {"yes": 40} or s.labels is None
+    assert s.turns == {2: 20, 4: 20}
+    assert s.labels is None     # one answer value ("yes") is not a label distribution (it needs two or more)
+    two = [{"messages": [{"role": "user", "content": "hi " * i},
+                         {"role": "assistant", "content": "yes" if i % 4 else "no"}]} for i in range(1, 41)]
+    assert compute_stats(write_jsonl(tmp_path / "two.jsonl", two), model=None).labels == {"yes": 30, "no": 10}
     assert s.percentiles["p50"] <= s.percentiles["p99"] <= s.percentiles["max"]
     assert s.over_max_length == int((s.lengths > 20).sum())
     png = plot_histogram(s, tmp_path / "h.png")

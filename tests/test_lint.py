@@ -1,5 +1,5 @@
-"""ruff (lint and import order, ``ruff.toml``) passes over src/ and tests/; mypy (``mypy.ini``) over methods/ and
-training/."""
+"""ruff (lint and import order, ``ruff.toml``) passes over src/ and tests/; mypy (``mypy.ini``) over methods/,
+training/ and kernels/."""
 
 import subprocess
 import sys

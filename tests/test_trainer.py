@@ -59,19 +59,27 @@ def test_loss_goes_down_and_best_checkpoint_is_kept(tiny_model_dir, data, tmp_pa
     assert json.loads((result.run_dir / "run.json").read_text())["weights_from_step"] == result.best_step
 
 
-def _trained_lora(tiny_model_dir, data, tmp_path, name, **extra):
+def _trained_lora(tiny_model_dir, data, tmp_path, name, with_metrics=False, **extra):
     cfg = _config(tiny_model_dir, data, tmp_path, output_dir=str(tmp_path / name), max_steps=3, eval_every=100,
                   keep_best=False, warmup_ratio=0.0, data={"train": str(data), "val_fraction": 0.0}, **extra)
     from safetensors.torch import load_file
 
-    train(cfg)
-    return load_file(tmp_path / name / "adapter_model.safetensors")
+    result = train(cfg)
+    weights = load_file(tmp_path / name / "adapter_model.safetensors")
+    return (weights, result.metrics) if with_metrics else weights
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path):
-    """4 micro-batches of 3 examples accumulate to exactly the update of one batch of 12."""
-    big = _trained_lora(tiny_model_dir, data, tmp_path, "big", batch_size=12, gradient_accumulation_steps=1)
-    acc = _trained_lora(tiny_model_dir, data, tmp_path, "acc", batch_size=3, gradient_accumulation_steps=4)
+    """4 micro-batches of 3 examples accumulate to exactly the update of one batch of 12: the same gradient at
+    every step (its norm, before clipping: AdamW's update would hide a gradient scaled by a constant) and the
+    same weights."""
+    big, big_rows = _trained_lora(tiny_model_dir, data, tmp_path, "big", batch_size=12, gradient_accumulation_steps=1,
+                                  with_metrics=True)
+    acc, acc_rows = _trained_lora(tiny_model_dir, data, tmp_path, "acc", batch_size=3, gradient_accumulation_steps=4,
+                                  with_metrics=True)
+    norms = [(b["grad_norm"], a["grad_norm"]) for b, a in zip(big_rows, acc_rows, strict=True)]
+    assert len(norms) == 3 and all(b > 0 and abs(b - a) <= 1e-3 * b for b, a in norms), norms
+    assert [b["loss"] for b in big_rows] == pytest.approx([a["loss"] for a in acc_rows], abs=1e-5)
     for k in big:
         assert torch.allclose(big[k], acc[k], atol=1e-5), k
 
