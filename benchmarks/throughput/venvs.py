@@ -30,6 +30,8 @@ class VenvSpec:
     report: tuple[str, ...]          # distributions whose versions go into ready.json
     remove: tuple[str, ...] = ()     # uninstalled afterwards (binary wheels built for another torch)
     timeout_s: int = 900
+    env: tuple[tuple[str, str], ...] = ()   # build settings (recorded in ready.json)
+    torch: bool = True               # install our torch first (a venv that never imports it skips it)
 
 
 TRL = VenvSpec("trl", ("trl==1.16.0", "peft==0.21.2", "transformers==5.23.0", "accelerate", "datasets"),
@@ -40,6 +42,14 @@ TRL = VenvSpec("trl", ("trl==1.16.0", "peft==0.21.2", "transformers==5.23.0", "a
 LLAMAFACTORY = VenvSpec("llamafactory", ("llamafactory==0.9.5",),
                         ("torch", "llamafactory", "transformers", "peft", "trl", "accelerate", "datasets"),
                         remove=("torchvision", "torchaudio"))
+
+
+# llama.cpp, the GGUF consumer users have, through its Python binding, compiled from the sdist (10-20 min on 2
+# cores, once per machine). Portable flags (no -march=native): the cache may move between machines of a kind.
+LLAMACPP = VenvSpec("llamacpp", ("llama-cpp-python==0.3.36", "numpy"), ("llama_cpp_python", "numpy"),
+                    timeout_s=3600, torch=False,
+                    env=(("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF"),
+                         ("CMAKE_BUILD_PARALLEL_LEVEL", "2")))
 
 
 def venv_root() -> Path:
@@ -80,9 +90,9 @@ def ensure_venv(spec: VenvSpec, force: bool = False, retry_after_s: float = 24 *
     constraint = folder.parent / f"{spec.name}-constraints.txt"
     constraint.write_text(TORCH + "\n")
     pip_log = open(f"{folder}.log", "w")
-    env = dict(os.environ, PIP_CONSTRAINT=str(constraint))  # holds torch at our version for every step
+    env = dict(os.environ, PIP_CONSTRAINT=str(constraint), **dict(spec.env))  # torch held at our version
     steps = [[sys.executable, "-m", "venv", str(folder)],
-             [str(folder / "bin/python"), "-m", "pip", "install", "-q", TORCH],
+             *([[str(folder / "bin/python"), "-m", "pip", "install", "-q", TORCH]] if spec.torch else []),
              [str(folder / "bin/python"), "-m", "pip", "install", "-q", *spec.packages]]
     if spec.remove:
         steps.append([str(folder / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", *spec.remove])
@@ -103,12 +113,13 @@ def ensure_venv(spec: VenvSpec, force: bool = False, retry_after_s: float = 24 *
     finally:
         pip_log.close()
     versions = _versions(python_of(spec), spec.report)
-    (folder / "ready.json").write_text(json.dumps({"versions": versions, "build_s": round(time.time() - started, 1)}))
+    (folder / "ready.json").write_text(json.dumps({"versions": versions, "build_s": round(time.time() - started, 1),
+                                                   "build_env": dict(spec.env)}))
     log(f"{spec.name} venv ready in {time.time() - started:.0f}s: {versions}")
     return python_of(spec), ", ".join(f"{k} {v}" for k, v in versions.items() if v)
 
 
-if __name__ == "__main__":  # python benchmarks/throughput/venvs.py trl [llamafactory] [--force]
-    specs = {"trl": TRL, "llamafactory": LLAMAFACTORY}
+if __name__ == "__main__":  # python benchmarks/throughput/venvs.py trl [llamafactory] [llamacpp] [--force]
+    specs = {"trl": TRL, "llamafactory": LLAMAFACTORY, "llamacpp": LLAMACPP}
     for name in [a for a in sys.argv[1:] if not a.startswith("--")]:
         print(name, ensure_venv(specs[name], force="--force" in sys.argv))
