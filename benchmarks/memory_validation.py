@@ -1,6 +1,6 @@
-"""Check `tuneforge estimate` against real training steps of SmolLM2-135M on CPU.
+"""Check `tuneforge estimate` against real training steps of SmolLM2-135M on CPU, for every registered method.
 
-    python benchmarks/memory_validation.py                       # the default grid (~15 min on 1 core)
+    python benchmarks/memory_validation.py                       # the default grid, all 7 methods (~35 min on 1 core)
     python benchmarks/memory_validation.py --methods lora --points 512x1 512x4
     python benchmarks/memory_validation.py --points 512x4:ckpt   # with gradient checkpointing
 
@@ -10,7 +10,8 @@ does what ``tuneforge.training.trainer.train`` does for a step: ``load_base_mode
 gradient checkpointing as the trainer enables it), AdamW over the trainable parameters, then two steps of
 ``packed_loss_sum`` -> ``backward`` -> ``clip_grad_norm_`` -> ``step`` -> ``zero_grad(set_to_none=True)``
 on one packed row of ``batch`` synthetic examples of ``seq`` tokens, every token trained (``task:
-pretrain``). Two steps, because AdamW allocates its states in the first ``step()``, so only the second
+pretrain``; each method with its section's defaults). Two steps, because AdamW allocates its states in the
+first ``step()``, so only the second
 step's backward holds weights, states and activations together. Measured = peak resident memory
 (VmHWM) minus the baseline.
 
@@ -67,9 +68,7 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
     from tuneforge.training.trainer import make_optimizer, prepare_for_training
 
     resolve_model(MODEL)  # converts once, cached; not part of the measurement
-    config = RunConfig.model_validate({"model": MODEL, "method": method, "task": "pretrain", "dtype": "fp32",
-                                       "gradient_checkpointing": ckpt, "learning_rate": 1e-5,
-                                       "data": {"train": "unused.jsonl"}})
+    config = RunConfig.model_validate(run_config(method, ckpt))
     g = torch.Generator().manual_seed(0)
     examples = [TokenizedExample(torch.randint(0, 49152, (seq,), generator=g).tolist(), [True] * seq)
                 for _ in range(batch)]
@@ -98,6 +97,24 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
             "trainable": trainable, "step_s": times}
 
 
+def run_config(method: str, ckpt: bool) -> dict:
+    return {"model": MODEL, "method": method, "task": "pretrain", "dtype": "fp32", "gradient_checkpointing": ckpt,
+            "learning_rate": 1e-5, "data": {"train": "unused.jsonl"}}
+
+
+def refusal(method: str, ckpt: bool) -> str | None:
+    """The run config's one line when it refuses the run (prefix tuning with checkpointing), else None."""
+    from tuneforge.config import RunConfig
+
+    from pydantic import ValidationError
+
+    try:
+        RunConfig.model_validate(run_config(method, ckpt))
+    except ValidationError as e:
+        return str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None
+
+
 def predict(method: str, seq: int, batch: int, ckpt: bool):
     from tuneforge.estimate import estimate_memory
 
@@ -113,7 +130,9 @@ def parse_point(text: str) -> tuple[int, int, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
+    from tuneforge.estimate.memory import estimable_methods
+
+    p.add_argument("--methods", nargs="+", default=estimable_methods(), choices=estimable_methods())
     p.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS), help="SEQxBATCH[:ckpt]")
     p.add_argument("--mmap-threshold", type=int, default=65536,
                    help="MALLOC_MMAP_THRESHOLD_ for the children (bytes); 0 = glibc's default dynamic threshold")
@@ -135,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for point in args.points:
             seq, batch, ckpt = parse_point(point)
+            refused = refusal(method, ckpt)
+            if refused:
+                print(f"{method:<7}{seq:>6}{batch:>6}{'yes' if ckpt else 'no':>6}  refused: {refused}", flush=True)
+                rows.append({"method": method, "seq": seq, "batch": batch, "ckpt": ckpt, "refused": refused})
+                continue
             est = predict(method, seq, batch, ckpt)
             env = dict(os.environ)
             env.pop("MALLOC_MMAP_THRESHOLD_", None)

@@ -12,14 +12,9 @@ import torch
 import yaml
 
 from conftest import MODEL, write_jsonl
-from tuneforge.export.package import (
-    BaseModelMismatch,
-    NotARunError,
-    base_model_sha256,
-    package_run,
-    verify_base_model,
-)
+from tuneforge.export.package import package_run
 from tuneforge.fileutil import file_sha256
+from tuneforge.runs import BaseModelMismatch, NotARunError, base_model_sha256, verify_base_model
 
 LABELS = ["billing", "shipping", "login"]
 
@@ -130,7 +125,7 @@ def test_peft_loads_the_package_unchanged_with_the_runs_logits(trained_run, pack
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     run, _ = trained_run
     out, _ = package
@@ -152,7 +147,7 @@ def test_each_method_packages_and_the_manifest_says_who_loads_it(case, tmp_path,
     from transformers import AutoModelForCausalLM
 
     from test_merge import make_run
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     run = make_run(tmp_path, tiny_model_dir, tokenizer, case)
     out = tmp_path / f"pkg_{case}"

@@ -77,7 +77,16 @@ def test_auto_fit_applies_the_plan_before_training(tiny_model_dir, tmp_path):
 
 
 def test_plan_bad_input_is_one_line_and_exit_2(capsys):
+    from tuneforge.methods import Method, register_method, unregister_method
+
     assert main(["plan", "examples/quickstart.yaml", "--memory", "lots"]) == 2
-    assert main(["plan", "examples/quickstart.yaml", "--memory", "1GB", "--set", "method=prefix"]) == 2
+    # a method whose record declares no memory terms (every built-in one does)
+    register_method(Method(name="no_terms", summary="a test's toy", settings={}, apply=lambda m, c, t=None: m,
+                           load_trained=lambda base, folder, is_trainable=False: base, saved_types=()))
+    try:
+        assert main(["plan", "examples/quickstart.yaml", "--memory", "1GB", "--set", "method=no_terms"]) == 2
+    finally:
+        unregister_method("no_terms")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error:") for line in err) and "models full, lora, qlora" in err[1]
+    assert len(err) == 2 and all(line.startswith("error:") for line in err)
+    assert "'no_terms': the memory estimator models adapter, full, ia3, lora, prefix, prompt, qlora only" in err[1]

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_jsonl
 from tuneforge.config import load_config
-from tuneforge.serving.inference import load_base, load_run
+from tuneforge.runs import load_base, load_run
 from tuneforge.training.trainer import TrainingRecipe
 
 pytestmark = pytest.mark.integration

@@ -323,7 +323,7 @@ def test_real_model_answers_as_tuneforge_generate(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from tuneforge.models.loading import load_model
-    from tuneforge.serving.inference import LoadedModel, load_base
+    from tuneforge.runs import LoadedModel, load_base
 
     torch = pytest.importorskip("torch")
     base = load_base("smollm2-135m-instruct", dtype="fp32", device="cpu")

@@ -75,7 +75,7 @@ def test_mixed_batch_logits_equal_each_adapter_alone(adapter_dirs, lora_kernel):
         t.join(120)
     engine.stop()
     assert engine.max_rows_seen >= len(adapter_dirs) + 1, "the adapters never shared a batch"
-    assert bool(engine.set._stacked_hooks) == (lora_kernel == "stacked")
+    assert bool(engine.set.serving["lora"].stacked_hooks) == (lora_kernel == "stacked")
     for (name, prompt), req in zip(jobs, reqs, strict=True):
         ref = reference_logits(adapter_dirs.get(name), prompt, STEPS)
         assert len(req.logits) == STEPS
@@ -98,8 +98,9 @@ def test_lora_mixed_batch_uses_peft_adapter_names(adapter_dirs):
         return peft_forward(**kwargs)
 
     engine.call(lambda: [engine.registry.acquire(n) for n in lora])
-    peft_forward = engine.set.peft_model.forward
-    engine.set.peft_model.forward = spy
+    peft_model = engine.set.serving["lora"].peft_model     # held by LoRA's serving hook (methods/lora/serving.py)
+    peft_forward = peft_model.forward
+    peft_model.forward = spy
     reqs = [Request(list(PROMPTS[0]), adapter=n, max_tokens=3, ignore_eos=True) for n in lora]
     threads = [threading.Thread(target=engine.generate, args=(r,)) for r in reqs]
     for t in threads:

@@ -5,7 +5,7 @@ import torch
 
 from conftest import write_jsonl
 from tuneforge.config import load_config
-from tuneforge.serving.inference import load_run
+from tuneforge.runs import load_run
 from tuneforge.training.trainer import train
 
 METHODS = {"full": 3e-3, "lora": 1e-2, "adapter": 1e-2, "ia3": 5e-2, "prefix": 5e-2, "prompt": 5e-2, "qlora": 1e-2}

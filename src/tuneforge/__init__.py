@@ -37,7 +37,7 @@ def train(config: "RunConfig | str | dict", overrides: list[str] | None = None):
 
 def generate(run_dir: str, prompt: str, **kwargs) -> str:
     """Generate an answer to ``prompt`` with the model of a finished run (adapter applied)."""
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     return load_run(run_dir).generate(prompt, **kwargs)
 

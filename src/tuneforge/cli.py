@@ -74,7 +74,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     loaded = load_run(args.run)
     print(loaded.generate(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -83,7 +83,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     loaded = load_run(args.run)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.dataset import DataError
     from tuneforge.errors import ConfigError
-    from tuneforge.export.package import BaseModelMismatch
     from tuneforge.models.registry import ModelNotFoundError
+    from tuneforge.runs import BaseModelMismatch, NotARunError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError, BaseModelMismatch) as e:
+    except (ConfigError, FileNotFoundError, DataError, ModelNotFoundError, BaseModelMismatch, NotARunError) as e:
         if args.verbose:
             traceback.print_exc()
         _error(f"error: {e}")

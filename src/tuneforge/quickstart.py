@@ -19,6 +19,7 @@ import yaml
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
+from tuneforge.runs import RunDir
 
 _DATA_KEYS = (("data", "train"), ("data", "validation"), ("eval", "data"))
 
@@ -86,11 +87,11 @@ def run_quickstart(config_path: str | Path | None = None, overrides: list[str] |
                              else {"handwritten": str(data / "tickets_handwritten.jsonl")}),
                       progress=config.progress)
     tables = []
-    for name, entry in report.report["sets"].items():
-        tables.append(f"{name}: {entry['n']} tickets ({Path(entry['file']).name})\n{report.table(name)}")
+    for scores in report.record.set_scores():
+        tables.append(f"{scores.name}: {scores.n} tickets ({Path(str(scores.file)).name})\n{report.table(scores.name)}")
     table = "\n\n".join(tables)
     print(table)
     print(f"run directory: {result.run_dir}  (report: {report.out_dir / 'report.html'}, loss curve: "
-          f"{result.run_dir / 'loss_curve.png'})")
+          f"{RunDir(result.run_dir).loss_curve})")
     return table
 

@@ -170,8 +170,11 @@ class RunConfig(Settings):
     def _combinations(self) -> "RunConfig":
         if self.task == "pretrain" and self.data.train_on == "assistant" and self.data.format not in ("auto", "text"):
             raise ValueError("task 'pretrain' trains on raw text: set data.format to 'text' (or leave it 'auto')")
-        if self.method == "qlora" and self.dtype == "fp32" and self.qlora.compute_dtype not in ("auto", "fp32"):
-            raise ValueError("qlora.compute_dtype must match dtype fp32 (or be 'auto')")
+        from tuneforge.methods.registry import get_method
+
+        check = get_method(self.method).check_config      # the method's own combinations (qlora: compute_dtype)
+        if check is not None:
+            check(self)
         if self.task == "preference":
             self._check_preference()
         if self.report_to:
@@ -190,10 +193,14 @@ class RunConfig(Settings):
             raise ValueError(f"model {self.model!r} is an adapter (an SFT run?): its preference reference must be "
                              "that SFT model, not the bare base; merge it first (`tuneforge merge RUN --out DIR`) and "
                              "set model: to the merged folder")
-        pref = self.preference
-        if self.method == "full" and pref.reference == "on_the_fly" and pref.loss not in ("simpo", "orpo"):
-            raise ValueError("preference.reference 'on_the_fly' needs a method that can be disabled; full fine-tuning "
-                             "keeps no copy of the base: use preference.reference: precomputed")
+        from tuneforge.methods.registry import get_method
+
+        pref, method = self.preference, get_method(self.method)
+        if method.disable is None and pref.reference == "on_the_fly" and pref.loss not in ("simpo", "orpo"):
+            why = (f"{method.name} fine-tuning keeps no copy of the base" if method.is_full_model
+                   else f"method {method.name} cannot be")
+            raise ValueError(f"preference.reference 'on_the_fly' needs a method that can be disabled; {why}: use "
+                             "preference.reference: precomputed")
 
     def section(self, key: str) -> BaseModel:
         """The method settings section ``key`` (``config.section("lora")`` is ``config.lora``)."""

@@ -8,20 +8,47 @@ import json
 from tuneforge.models.registry import DEFAULT_MODEL
 
 
+def method_settings_from(pairs: list[str]) -> dict[str, dict]:
+    """``["adapter.bottleneck=32", "prefix.num_virtual_tokens=10"]`` -> ``{"adapter": {"bottleneck": 32}, ...}``
+    (values read as YAML)."""
+    import yaml
+
+    from tuneforge.errors import ConfigError
+
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            raise ConfigError(f"--set {pair!r}: write SECTION.KEY=VALUE, e.g. adapter.bottleneck=32")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from tuneforge.estimate.memory import estimate_memory, seeds_table
+    from tuneforge.errors import ConfigError
+    from tuneforge.estimate.memory import estimable_methods, estimate_memory, seeds_table
+    from tuneforge.methods.registry import settings_sections
 
     if args.seeds_table:
-        print(seeds_table(seq=args.seq, batch=args.batch, lora_r=args.lora_r))
+        print(seeds_table(seq=args.seq, batch=args.batch, lora_r=args.lora_r or 16))
         return 0
-    methods = ["full", "lora", "qlora"] if args.method == "all" else [args.method]
-    estimates = [estimate_memory(args.model, method, args.seq, args.batch,
-                                 gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                                 lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype,
-                                 trained_fraction=args.trained_fraction,
-                                 master_weights=args.master_weights, optimizer=args.optimizer,
-                                 optimizer_impl=args.optimizer_impl, device=args.device)
-                 for method in methods]
+    settings = method_settings_from(args.set)
+    unknown = sorted(set(settings) - set(settings_sections()))
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}.*: no method owns a section {unknown[0]!r}; sections: "
+                          f"{', '.join(settings_sections())}")
+    methods = estimable_methods() if args.method == "all" else [args.method]
+    try:
+        estimates = [estimate_memory(args.model, method, args.seq, args.batch,
+                                     gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                                     lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype,
+                                     trained_fraction=args.trained_fraction,
+                                     master_weights=args.master_weights, optimizer=args.optimizer,
+                                     optimizer_impl=args.optimizer_impl, device=args.device, settings=settings)
+                     for method in methods]
+    except ValueError as e:            # an unknown method, one without memory terms, a setting out of range
+        raise ConfigError(str(e).splitlines()[0]) from e
     if args.json:
         print(json.dumps([{**{name.replace(" ", "_"): value for name, value in e.rows()}, "peak": e.peak,
                            "peak_phase": e.peak_phase, "method": e.method, "model": e.model, "seq": e.seq,
@@ -40,12 +67,16 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
                                           "the model. --model takes a model spec (its config.json is read) or a named "
                                           "shape: 7b, 13b, 70b (Llama-2), llama-3.2-1b, llama-3.1-8b, smollm2-135m.")
     e.add_argument("--model", default=DEFAULT_MODEL, help="model spec or named shape (default: %(default)s)")
-    e.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "all"])
+    e.add_argument("--method", default="lora",
+                   help="a fine-tuning method (full, lora, qlora, adapter, prefix, prompt, ia3, or any registered "
+                        "one), or all of them (default: %(default)s)")
+    e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a method setting, as in the run config (e.g. adapter.bottleneck=32; repeatable)")
     e.add_argument("--seq", type=int, default=512, help="tokens per example (default: %(default)s)")
     e.add_argument("--batch", type=int, default=1, help="examples packed into one row per step (default: %(default)s)")
     e.add_argument("--gradient-checkpointing", action="store_true")
-    e.add_argument("--lora-r", type=int, default=16)
-    e.add_argument("--lora-dropout", type=float, default=0.05)
+    e.add_argument("--lora-r", type=int, default=None, help="lora.r (default: the lora section's, 16)")
+    e.add_argument("--lora-dropout", type=float, default=None, help="lora.dropout (default: the lora section's, 0.05)")
     e.add_argument("--attention", default="packed_sdpa", choices=["packed_sdpa", "sdpa"],
                    help="packed rows: per-example attention (tuneforge's default) or the dense block mask")
     e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
@@ -61,7 +92,7 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--optimizer-impl", default=None, choices=["for-loop", "foreach", "fused"],
                    help="default: torch's default for the device (for-loop on cpu, foreach on cuda)")
     e.add_argument("--seeds-table", action="store_true",
-                   help="print the Llama-2 7B/13B/70B x full/LoRA/QLoRA table with its assumptions")
+                   help="print the Llama-2 7B/13B/70B x every method table with its assumptions")
     e.add_argument("--json", action="store_true", help="print bytes as JSON")
     e.set_defaults(func=cmd_estimate)
     return e

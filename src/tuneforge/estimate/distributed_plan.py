@@ -16,9 +16,9 @@ ZeRO-3      1/N + 2 lay  1/N         1/N          as FSDP's full shard
 ==========  ===========  ==========  ===========  ===================================================
 
 Activations and logits are per device (each device runs its own micro-batch). What ``tuneforge train`` runs
-(each tested: 2 processes with gloo equal 1 process): DDP; FSDP2 with ``full`` or ``lora``; DeepSpeed ZeRO-2
-and ZeRO-3 with ``lora``. Other plans are printed so that users can size machines; ``tuneforge train`` refuses
-them with one line.
+is the methods' one table (each record's ``engines``, :mod:`tuneforge.methods.engines`; each engine tested: 2
+processes with gloo equal 1 process). Other plans are printed so that users can size machines, with the one line
+``tuneforge train`` refuses them with (:attr:`DistributedPlan.refusal`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import yaml
 
 from tuneforge.config import RunConfig
 from tuneforge.errors import ConfigError
-from tuneforge.estimate.memory import GIB, METHODS, estimate_memory
+from tuneforge.estimate.memory import GIB, estimable_methods, estimate_memory
+from tuneforge.estimate.plan import method_sections
 from tuneforge.estimate.shapes import resolve_shape
+from tuneforge.methods.engines import engine_refusal
+from tuneforge.methods.registry import get_method
 
-# what tuneforge train runs under each engine (each engine's training/strategies/ module refuses the rest)
-ENGINE_METHODS = {"DDP": None, "FSDP": ("full", "lora"), "ZeRO-2": ("lora",), "ZeRO-3": ("lora",)}
+# the engine (tuneforge.methods.engines, training/strategies/) that runs each kind of launch
+ENGINES = {"single": "single", "DDP": "ddp", "FSDP": "fsdp2", "ZeRO-2": "deepspeed", "ZeRO-3": "deepspeed"}
 
 
 @dataclass
@@ -61,16 +64,21 @@ class DistributedPlan:
         return self.weights + self.optimizer_states + self.overhead + max(self.activations, self.gradients)
 
     @property
+    def refusal(self) -> str | None:
+        """The one line ``tuneforge train`` refuses this launch with (None: it trains it), from the method's record."""
+        if self.engine not in ENGINES:
+            return (f"{self.engine} is not tested with tuneforge train (it runs one process, DDP, FSDP2 and DeepSpeed "
+                    "ZeRO-2/3)")
+        return engine_refusal(self.method, ENGINES[self.engine])
+
+    @property
     def supported(self) -> bool:
-        if self.engine not in ENGINE_METHODS:
-            return False
-        methods = ENGINE_METHODS[self.engine]
-        return methods is None or self.method in methods
+        return self.refusal is None
 
     def table(self) -> str:
         rows = [
-            ("engine", self.engine + ("" if self.supported else "  (plan only: tuneforge train runs DDP, FSDP2 with "
-                                                                "full or lora, ZeRO-2/3 with lora, today)")),
+            ("engine", self.engine + ("" if self.supported else f"  (plan only: tuneforge train refuses it: "
+                                                                f"{self.refusal})")),
             ("machines x processes", f"{self.machines} x {self.processes // max(1, self.machines)} "
                                      f"= {self.processes} processes"),
             ("micro-batch per device", f"{self.micro_batch} examples of up to {self.seq} tokens, packed"),
@@ -119,14 +127,15 @@ def engine_of(tree: dict) -> str:
 
 def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device: str = "cuda") -> DistributedPlan:
     """Per-device memory and batch of ``config`` launched with the accelerate config ``tree``."""
-    if config.method not in METHODS:
-        raise ConfigError(f"method {config.method!r}: the memory estimator models {', '.join(METHODS)} only")
+    if get_method(config.method).memory is None:
+        raise ConfigError(f"method {config.method!r}: the memory estimator models {', '.join(estimable_methods())} "
+                          "only (a method declares its terms in its record's `memory`)")
     engine = engine_of(tree)
     processes = int(tree.get("num_processes", 1))
     machines = int(tree.get("num_machines", 1))
     est = estimate_memory(config.model, config.method, config.data.max_length, config.batch_size,
-                          gradient_checkpointing=config.gradient_checkpointing, lora_r=config.lora.r,
-                          lora_dropout=config.lora.dropout, attention=config.attention, dtype=dtype, device=device)
+                          gradient_checkpointing=config.gradient_checkpointing, attention=config.attention,
+                          dtype=dtype, device=device, settings=method_sections(config))
     n = max(1, processes)
     weights, grads, optim = est.weights, est.gradients, est.optimizer_states
     if engine == "DDP":

@@ -7,6 +7,13 @@ parameters, ``d`` hidden size, ``I`` MLP width, ``L`` layers, ``H``/``KV`` query
 ``K = trained_fraction * T`` of them carry a loss. ``a`` is the bytes of an activation element (2 for
 bf16, 4 for fp32), ``b = 4`` the bytes of a LoRA adapter element (peft keeps adapters in fp32).
 
+What a method adds is its own: each :class:`~tuneforge.methods.registry.Method` record has a ``memory`` hook,
+``MemoryInputs -> MemoryTerms`` (:mod:`tuneforge.methods.memory`), whose formulas and derivation live in the
+method's folder (``methods/<method>/memory.py``): trained parameters and their dtype, weights, what its layers
+save per token on top of the block below, tokens or masks it adds. This module keeps what every method shares:
+the shape, the Llama block's activations (:func:`llama_block`), the logits, the optimizer and the peak. A method
+registered with a ``memory`` hook is estimated like the built-in ones.
+
 Static memory
 -------------
 * weights: ``P*a`` (full, lora base); LoRA adds ``4 * r*(d_in+d_out)`` per target linear. QLoRA stores
@@ -40,17 +47,18 @@ in transformers with SDPA, counting tensors autograd saves; checked exactly agai
     SwiGLU MLP  down(silu(gate(x)) * up(x)):
         silu saves gate(x); the product saves silu(.) and up(.); down saves the product: 4*a*I.
 
-    full : 2*(n + a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
-    lora : 2*n + a*(2q + 2kv) + 4H + 3a*I + 7*b*r     [packed: as full, a*q only when a = b]
-           + what the 7 LoRA ``A`` projections save of their inputs (widths 5d + q + I in all; 2d + q + I
-             over the 4 groups that read one input: q/k/v, o, gate/up, down):
-             tuneforge's fused forward (the default, :mod:`tuneforge.methods.lora.layer`): one bool
-               dropout mask per group (2d + q + I; 5d + q + I without ``shared_dropout_mask``) + the
-               distinct inputs x: b*(2d + I) when a = b (the o input is counted above), else one fp32
-               cast per group, b*(2d + q + I) (b*(5d + q + I) unshared);
-             peft's forward with dropout: mask (m*w) + dropped copy (b*w) per projection =
-               (m + b)*(5d + q + I) (m = b on CPU, a float mask; m = 1 on CUDA, a bool mask);
-             peft's forward without dropout: b*(2d + I) when a = b, else b*(5d + q + I).
+    frozen : 2*n + a*(2q + 2kv) + 4H + 3a*I     (weights frozen, the gradient flowing through)
+    full   : 2*(n + a*d) + a*(2q + 2kv) + 4H + 4a*I      [packed: + a*q (packed_sdpa) or a*T (sdpa)]
+
+and per method (``methods/<method>/memory.py``; ``P`` virtual tokens, ``c`` an adapter's bottleneck):
+
+    lora   : frozen + 7*b*r + what the 7 ``A`` projections save of their inputs (fused forward, peft's,
+             dropout; see :mod:`tuneforge.methods.lora.memory`)        [packed: + a*q when a = b]
+    qlora  : lora with a = 4
+    adapter: frozen + per adapter 4d + 8c (gelu; + dropout's mask)
+    ia3    : frozen + a*kv per rescaled output + 4*I per rescaled input; + its vectors (4 B each) per layer
+    prompt : frozen, over the T + batch*P tokens of the row
+    prefix : frozen with kv = q (its explicit mask repeats k, v), + 2*a*P*q per layer and the a*T*(P+T) mask
 
 A frozen weight needs no saved input (autograd saves an input only for the gradient that needs it), so
 LoRA drops the projection inputs and the product before ``down`` (and, with transformers' norms, their
@@ -89,14 +97,18 @@ optimizer-updated parameters (documented in ``torch.optim``).
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
 
 from tuneforge.estimate.shapes import ModelShape, resolve_shape
+from tuneforge.methods.memory import BlockActivations, MemoryInputs, MemoryTerms
+from tuneforge.methods.registry import get_method, methods, settings_sections
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = ("full", "lora", "qlora")
 ATTENTIONS = ("packed_sdpa", "sdpa")
 CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.kernels.chunked_loss
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
@@ -121,6 +133,10 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     assumptions: list[str] = field(default_factory=list)
+    load_peak: int = 0      # the most while loading the base (QLoRA on CPU: above ``weights``); 0: ``weights``
+
+    def __post_init__(self) -> None:
+        self.load_peak = max(self.load_peak, self.weights)
 
     @property
     def backward_peak(self) -> int:
@@ -160,45 +176,85 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: int, packed: bool,
-                                     lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
-                                     attention: str = "packed_sdpa", fused_forward: bool = True,
-                                     shared_dropout_mask: bool = True, fused_rms_norm: bool = True) -> int:
-    """Bytes one decoder layer saves for backward per token (without the ``a*T`` mask term of dense ``sdpa``)."""
+def estimable_methods() -> list[str]:
+    """The registered methods that declare their memory terms (``Method.memory``), in registration order."""
+    return [m.name for m in methods() if m.memory is not None]
+
+
+def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str = "packed_sdpa",
+                fused_rms_norm: bool = True, explicit_mask: bool = False) -> BlockActivations:
+    """What one Llama decoder block saves for backward per token, by part (the module docstring's derivation);
+    ``explicit_mask``: attention under a mask the caller passes (transformers repeats k and v to every head)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
     d, i, q, h = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.num_heads
-    dense = packed and attention == "sdpa"
-    kv = q if (dense and shape.num_kv_heads != shape.num_heads) else shape.kv_width  # repeat_kv under a mask
     a = act_bytes
-    b = 4  # adapters in fp32
-    attention_bytes = a * (2 * q + 2 * kv) + 4 * h
-    norm = a * d + 4 if fused_rms_norm else 4 * d + 4 + (a * d if method == "full" else 0)
-    if method == "full":
-        o_copy = a * q if (packed and not dense) else 0
-        return 2 * (norm + a * d) + attention_bytes + 4 * a * i + o_copy
-    widths = 5 * d + q + i
-    group_widths = 2 * d + q + i if shared_dropout_mask else widths   # one mask / fp32 copy per group
-    if fused_forward:
-        masks = group_widths if lora_dropout > 0 else 0
-        adapters = masks + (b * (2 * d + i) if a == b else b * group_widths)
-    elif lora_dropout > 0:
-        m = b if device == "cpu" else 1
-        adapters = (m + b) * widths
-    else:
-        adapters = b * (2 * d + i) if a == b else b * widths
-    saves_o_input = a == b and (lora_dropout == 0 or fused_forward)
-    o_copy = a * q if (packed and not dense and saves_o_input) else 0
-    return 2 * norm + attention_bytes + 3 * a * i + adapters + 7 * b * lora_r + o_copy
+    masked = explicit_mask or (packed and attention == "sdpa")
+    kv = q if (masked and shape.num_kv_heads != shape.num_heads) else shape.kv_width   # repeat_kv under a mask
+    return BlockActivations(
+        norm=a * d + 4 if fused_rms_norm else 4 * d + 4, norm_weight=0 if fused_rms_norm else a * d,
+        attention=a * (2 * q + 2 * kv) + 4 * h, o_copy=a * q if (packed and not masked) else 0, mlp=3 * a * i,
+        act_bytes=a)
+
+
+def method_settings(settings: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Every registered method section as its pydantic model: ``settings[key]`` (a model or a dict) over the
+    section's defaults, then ``overrides`` as ``{"lora": {"r": 8}}``-style dicts (None values dropped)."""
+    out: dict[str, Any] = {}
+    settings = settings or {}
+    for key, model in settings_sections().items():
+        value = settings.get(key)
+        data = value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
+        data.update({k: v for k, v in (overrides.get(key) or {}).items() if v is not None})
+        out[key] = model.model_validate(data)
+    return out
+
+
+def memory_inputs(shape: ModelShape, settings: Mapping[str, Any], dtype: str, seq: int, batch: int,
+                  attention: str = "packed_sdpa", device: str = "cpu", fused_rms_norm: bool = True,
+                  dtype_bytes: int | None = None) -> MemoryInputs:
+    """What a method's ``memory`` hook is asked with: this shape and row, ``settings`` from :func:`method_settings`
+    (``dtype_bytes``: default ``DTYPE_BYTES[dtype]``)."""
+    def block(act_bytes: int, explicit_mask: bool = False) -> BlockActivations:
+        return llama_block(shape, act_bytes, batch > 1, attention, fused_rms_norm, explicit_mask)
+
+    return MemoryInputs(shape, settings, dtype, DTYPE_BYTES[dtype] if dtype_bytes is None else dtype_bytes, seq, batch,
+                        attention, device, block)
+
+
+def method_terms(method: str, inputs: MemoryInputs) -> MemoryTerms:
+    """``method``'s memory terms (its record's ``memory`` hook); one line when it declares none."""
+    record = get_method(method)
+    if record.memory is None:
+        raise ValueError(f"method {method!r} declares no memory terms (its Method record's `memory`); the estimator "
+                         f"knows {', '.join(estimable_methods())}")
+    return record.memory(inputs)
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: int, packed: bool,
+                                     lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
+                                     attention: str = "packed_sdpa", fused_forward: bool = True,
+                                     shared_dropout_mask: bool = True, fused_rms_norm: bool = True,
+                                     settings: Mapping[str, Any] | None = None) -> int:
+    """Bytes one decoder layer of ``method`` saves for backward per token (without the ``a*T`` mask term of dense
+    ``sdpa``), for a base loaded with ``act_bytes`` per element; ``packed``: several examples in the row."""
+    sections = method_settings(settings, lora={"r": lora_r, "dropout": lora_dropout, "fused_forward": fused_forward,
+                                               "shared_dropout_mask": shared_dropout_mask})
+    dtype = {4: "fp32", 2: "bf16"}.get(act_bytes, f"{act_bytes}-byte")
+    inputs = memory_inputs(shape, sections, dtype, 1, 2 if packed else 1, attention, device, fused_rms_norm,
+                           dtype_bytes=act_bytes)
+    return method_terms(method, inputs).per_token_layer
 
 
 def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int = 1, *,
-                    gradient_checkpointing: bool = False, lora_r: int = 16, lora_dropout: float = 0.05,
-                    fused_forward: bool = True, shared_dropout_mask: bool = True, attention: str = "packed_sdpa",
+                    gradient_checkpointing: bool = False, lora_r: int | None = None,
+                    lora_dropout: float | None = None, fused_forward: bool | None = None,
+                    shared_dropout_mask: bool | None = None, attention: str = "packed_sdpa",
                     fused_rms_norm: bool = True, chunked_loss: str = "auto",
                     dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
-                    optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool = True,
-                    device: str = "cuda", overhead: int | None = None) -> MemoryEstimate:
+                    optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool | None = None,
+                    device: str = "cuda", overhead: int | None = None,
+                    settings: Mapping[str, Any] | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step of ``method`` on ``shape`` (see the module docstring).
 
     ``seq``: tokens per example; ``batch``: examples packed into one row (``T = seq*batch`` tokens);
@@ -208,137 +264,123 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
     ``foreach`` or ``fused`` (default: ``fused``, as ``tuneforge train``).
     ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
-    ``fused_forward``, ``shared_dropout_mask``: as the ``lora`` config keys (tuneforge's or peft's forward);
     ``fused_rms_norm``, ``chunked_loss``: as the run config's keys (``auto``: chunked when the fp32 logits
-    would exceed 256 MiB).
+    would exceed 256 MiB). ``settings``: the method sections (``{"adapter": {"bottleneck": 32}}`` or a run
+    config's section models), defaults for the rest; ``lora_r``, ``lora_dropout``, ``fused_forward``,
+    ``shared_dropout_mask`` (the ``lora`` keys) and ``double_quant`` (``qlora``'s) override them.
+    The method's own terms come from its record's ``memory`` hook (``methods/<method>/memory.py``).
     """
     shape = resolve_shape(shape)
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: the estimator knows {', '.join(METHODS)}")
+    get_method(method)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
     if device not in DEFAULT_OVERHEAD:
         raise ValueError(f"device {device!r}: use cpu or cuda")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
     if not 0 < trained_fraction <= 1:
         raise ValueError("trained_fraction must be in (0, 1]")
     if seq < 1 or batch < 1:
         raise ValueError("seq and batch must be >= 1")
+    if optimizer not in ("adamw", "adamw_8bit"):
+        raise ValueError(f"optimizer {optimizer!r}: use adamw or adamw_8bit")
     optimizer_impl = optimizer_impl or "fused"
-    w = DTYPE_BYTES[dtype]
-    a = 4 if method == "qlora" else w  # qlora: fp32 embeddings make the residual stream fp32
+    sections = method_settings(settings, lora={"r": lora_r, "dropout": lora_dropout, "fused_forward": fused_forward,
+                                               "shared_dropout_mask": shared_dropout_mask},
+                               qlora={"double_quant": double_quant})
+    terms = method_terms(method, memory_inputs(shape, sections, dtype, seq, batch, attention, device, fused_rms_norm))
+    a = terms.act_bytes
     d, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
     T = seq * batch
+    tokens = T + terms.extra_tokens     # what the decoder layers see
     K = max(1, round(trained_fraction * T))
-    packed = batch > 1
-    total = shape.num_parameters()
-    notes: list[str] = []
+    notes: list[str] = list(terms.notes)
 
     # --- weights, gradients, optimizer
-    if method == "full":
-        trainable = total
-        weights = total * w
-        grad_bytes = w
-        state_bytes = 4 if master_weights else w
-        largest = shape.vocab_size * d
-        optimizer_params = trainable
-        states = ", AdamW updates an fp32 master copy" if master_weights else ", AdamW states in the parameter dtype"
-        notes.append(f"all {total:,} parameters train; weights and gradients in {dtype}" + states)
-    else:
-        trainable = shape.lora_parameters(lora_r)
-        grad_bytes = state_bytes = 4
-        largest = max(lora_r * max(d_in, d_out) for _, d_in, d_out in shape.linears())
-        optimizer_params = trainable
-        if method == "lora":
-            weights = total * w + trainable * 4
-            notes.append(f"LoRA r={lora_r} on all 7 decoder linears (fp32 adapters, dropout {lora_dropout}) "
-                         f"over a frozen {dtype} base")
-        else:
-            linear = L * shape.linear_params_per_layer()
-            blocks = math.ceil(linear / 64)
-            stats = blocks * 1 + math.ceil(blocks / 256) * 4 + L * 7 * 256 * 4 if double_quant else blocks * 4
-            weights = linear // 2 + stats + (total - linear) * 4 + trainable * 4
-            notes.append(f"QLoRA: decoder linears NF4{' + double quant' if double_quant else ''}; embeddings and norms "
-                         f"upcast to fp32 by peft; LoRA r={lora_r} all-linear in fp32; activations fp32")
+    trainable = terms.trainable_params
+    master = master_weights and terms.master_copy
+    grad_bytes = terms.param_bytes
+    state_bytes = 4 if master else terms.param_bytes
+    if terms.master_copy:
+        notes.append("AdamW updates an fp32 master copy" if master else "AdamW states in the parameter dtype")
     gradients = trainable * grad_bytes
+    copy = trainable * 4 if master else 0
     if optimizer == "adamw":
-        optimizer_states = trainable * 2 * state_bytes + (trainable * 4 if (method == "full" and master_weights) else 0)
-    elif optimizer == "adamw_8bit":
-        optimizer_states = trainable * 2 + (trainable * 4 if (method == "full" and master_weights) else 0)
-        notes.append("8-bit AdamW (bitsandbytes): 2 B/param of state")
+        optimizer_states = trainable * 2 * state_bytes + copy
     else:
-        raise ValueError(f"optimizer {optimizer!r}: use adamw or adamw_8bit")
+        optimizer_states = trainable * 2 + copy
+        notes.append("8-bit AdamW (bitsandbytes): 2 B/param of state")
     notes.append(f"AdamW, {optimizer_impl} step")
 
     if optimizer_impl == "fused" or optimizer == "adamw_8bit":
         step_temporaries = 0
     elif optimizer_impl == "foreach":
-        step_temporaries = optimizer_params * state_bytes
+        step_temporaries = trainable * state_bytes
     else:
-        step_temporaries = 2 * largest * state_bytes
-    if method == "full" and shape.tie_word_embeddings:
-        # the embedding backward builds a dense V x d gradient and autograd adds it to the tied lm_head's
-        # out of place: two V x d temporaries beside the gradients at the end of backward (measured: a
-        # tied 49152 x 576 fp32 weight peaks at 3 x 108 MiB in backward and keeps 1 x as its gradient)
-        step_temporaries = max(step_temporaries, 2 * V * d * grad_bytes)
+        step_temporaries = 2 * terms.largest_trainable * state_bytes
+    step_temporaries = max(step_temporaries, terms.step_floor)
 
     # --- activations
-    per_layer = activation_bytes_per_token_layer(shape, method, a, packed, lora_r, lora_dropout, device, attention,
-                                                 fused_forward, shared_dropout_mask, fused_rms_norm)
-    dense = packed and attention == "sdpa"
-    mask_per_layer = a * T * T if dense else 0
-    shared = T * T if dense else 0  # the bool block-causal mask transformers builds once
-    shared += 2 * T * shape.hd * a + 8 * T  # RoPE cos/sin, token ids
-    head = T * (4 * d + (a * d if method == "full" else 0)) + (K * d * a if method == "full" else 0)
-    working = T * a * (3 * shape.intermediate_size + 2 * d)
+    per_layer = terms.per_token_layer
+    dense = batch > 1 and attention == "sdpa" and not terms.explicit_mask
+    mask_per_layer = a * tokens * tokens if dense else 0
+    shared = tokens * tokens if dense else 0  # the bool block-causal mask transformers builds once
+    shared += 2 * tokens * shape.hd * a + 8 * T + terms.shared  # RoPE cos/sin, token ids, the method's own
+    head = tokens * 4 * d + ((T * a * d + K * d * a) if terms.trains_head else 0)
+    working = tokens * a * (3 * shape.intermediate_size + 2 * d)
     if gradient_checkpointing:
-        activations = T * L * a * d + T * per_layer + mask_per_layer + working + shared + head
+        activations = (tokens * L * a * d + tokens * per_layer + terms.per_layer + mask_per_layer + working
+                       + shared + head)
         notes.append("gradient checkpointing: layer inputs kept, one layer recomputed at a time")
     else:
-        activations = T * L * per_layer + L * mask_per_layer + shared + head
-    layout = ("packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
-              "packed row, per-example sdpa: no mask" if packed else "one example per row: no mask")
+        activations = L * (tokens * per_layer + terms.per_layer + mask_per_layer) + shared + head
+    layout = ("attention under the method's own mask" if terms.explicit_mask else
+              "packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
+              "packed row, per-example sdpa: no mask" if batch > 1 else "one example per row: no mask")
     notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({layout})")
     if chunked_loss == "on" or (chunked_loss == "auto" and 4 * K * V > CHUNKED_LOSS_BUDGET):
         chunk = min(K, CHUNKED_LOSS_CHUNK)
         logits = 12 * chunk * V + 4 * K  # one chunk's logits, probabilities and gradient; one lse a position
-        if method == "full":
+        if terms.trains_head:
             logits += 4 * V * d           # the fp32 lm_head gradient accumulated over the chunks
         notes.append(f"chunked loss: logits of {chunk:,} positions at a time (K = {K:,} target positions)")
     else:
         per_logit = 8 if a == 4 else 8 + a      # logits (+ their fp32 copy) and fp32 log-probabilities
         logits = per_logit * K * V
-        if method == "full":
+        if terms.trains_head:
             logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
         notes.append(f"logits at {K:,} target positions (trained_fraction {trained_fraction}): {per_logit} B x K x V")
 
     overhead = DEFAULT_OVERHEAD[device] if overhead is None else overhead
     if overhead:
         notes.append(f"runtime overhead {_gib(overhead)} ({device})")
-    name = shape.name
-    return MemoryEstimate(name, method, seq, batch, weights, gradients, optimizer_states, activations, logits,
-                          step_temporaries, overhead, trainable, total, notes)
+    return MemoryEstimate(shape.name, method, seq, batch, terms.weights, gradients, optimizer_states, activations,
+                          logits, step_temporaries, overhead, trainable, shape.num_parameters(), notes,
+                          load_peak=terms.load_peak or 0)
 
 
 SEED_MODELS = ("7b", "13b", "70b")
 
 
-def seeds_table(seq: int = 512, batch: int = 1, lora_r: int = 16) -> str:
-    """The table people quote: Llama-2 7B/13B/70B x full/LoRA/QLoRA on a GPU, with its assumptions."""
-    header = (f"{'model':<12}{'method':<7}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}"
+def seeds_table(seq: int = 512, batch: int = 1, lora_r: int = 16, names: list[str] | None = None) -> str:
+    """The table people quote: Llama-2 7B/13B/70B x every method with memory terms (``names``: these) on a GPU,
+    with its assumptions."""
+    header = (f"{'model':<12}{'method':<9}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}"
               f"{'other':>9}{'peak':>10}")
     lines = [header, "-" * len(header)]
     for model in SEED_MODELS:
-        for method in METHODS:
+        for method in names or estimable_methods():
             e = estimate_memory(model, method, seq, batch, gradient_checkpointing=True, lora_r=lora_r, dtype="bf16",
                                 master_weights=True, optimizer_impl="fused", device="cuda")
             other = e.overhead + (e.step_temporaries if e.peak_phase == "optimizer step" else 0)
             vals = [e.weights, e.gradients, e.optimizer_states, e.activations, e.logits, other]
-            lines.append(f"{e.model:<12}{method:<7}{vals[0] / GIB:>10.1f}"
+            lines.append(f"{e.model:<12}{method:<9}{vals[0] / GIB:>10.1f}"
                          + "".join(f"{v / GIB:>9.1f}" for v in vals[1:]) + f"{e.peak / GIB:>10.1f}")
     lines.append("")
-    lines.append("GiB. Assumptions: one GPU; bf16 weights (full, LoRA base); full tuning keeps bf16 gradients "
-                 "and an fp32 master copy + AdamW m, v in fp32 (16 B/param); LoRA r=16 on all 7 linears per "
-                 "layer, fp32 adapters, dropout 0.05; QLoRA NF4 + double quant, embeddings fp32, fp32 activations; "
+    lines.append("GiB. Assumptions: one GPU; bf16 weights (QLoRA: NF4 + double quant, embeddings fp32, fp32 "
+                 "activations); full tuning keeps bf16 gradients and an fp32 master copy + AdamW m, v in fp32 "
+                 f"(16 B/param); the other methods train fp32 parameters with fp32 gradients and states over a frozen "
+                 f"base, each with its section's defaults (LoRA r={lora_r} on all 7 linears, dropout 0.05); "
                  f"AdamW fused (no step temporaries); seq {seq}, batch {batch}, every token trained, gradient "
                  "checkpointing on; 0.75 GiB CUDA context. peak = weights + optimizer + other + max(activations "
                  "+ logits, gradients).")

@@ -4,17 +4,17 @@ when nothing else fits, QLoRA over LoRA, from :func:`tuneforge.estimate.memory.e
 The effective batch (``batch_size x gradient_accumulation_steps`` examples per optimizer step) never changes,
 so the training is the same; only how it is split and what is recomputed does. Choices are tried from the
 fastest to the leanest: the config's own method without checkpointing at the largest micro-batch that
-fits, then with checkpointing, then (for ``lora``) ``qlora``. Each candidate is estimated for the worst row:
-every example ``data.max_length`` tokens long, every token trained (a plan that fits the worst row fits
-every row). A candidate fits when its predicted peak is at most ``(1 - margin)`` of the budget: the
-estimator is within about 8% of measured peaks (``benchmarks/memory_validation.py``), mostly under them, so
-the default margin is 10%.
+fits, then with checkpointing, then the method its record names ``leaner`` (``lora``: ``qlora``). Each
+candidate is estimated for the worst row: every example ``data.max_length`` tokens long, every token trained
+(a plan that fits the worst row fits every row). A candidate fits when its predicted peak is at most
+``(1 - margin)`` of the budget: the estimator is within about 8% of measured peaks
+(``benchmarks/memory_validation.py``), mostly under them, so the default margin is 10%.
 
-A process's peak is also bounded below by loading: on CPU, QLoRA quantizes while reading the full-precision
-checkpoint, whose pages stay resident until quantizing ends, so its load peak is about the checkpoint's
-size plus the quantized weights (``4 * total_params + weights`` from an fp32 checkpoint). On CPU for
-SmolLM2-135M that is 674 MiB against 684 MiB measured, above the step's own peak at small batches (477 MiB
-predicted at 256 x 2 with checkpointing), so a candidate's peak is the larger of the two.
+A process's peak is also bounded below by loading (the method's ``load_peak`` term): on CPU, QLoRA quantizes
+while reading the full-precision checkpoint, whose pages stay resident until quantizing ends, so its load
+peak is about the checkpoint's size plus the quantized weights (``4 * total_params + weights`` from an fp32
+checkpoint). On CPU for SmolLM2-135M that is 674 MiB against 684 MiB measured, above the step's own peak at
+small batches (477 MiB predicted at 256 x 2 with checkpointing), so a candidate's peak is the larger of the two.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneforge.config import RunConfig
-from tuneforge.estimate.memory import METHODS, MemoryEstimate, estimate_memory
+from tuneforge.estimate.memory import MemoryEstimate, estimable_methods, estimate_memory
+from tuneforge.methods.registry import get_method, settings_sections
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -53,11 +54,10 @@ class Candidate:
 
     @property
     def load_peak(self) -> int:
-        """Peak while loading the base: on CPU, QLoRA holds the fp32 checkpoint's pages while quantizing (on a
-        GPU the checkpoint is read in host memory and only the quantized layers land on the device)."""
-        if self.method == "qlora" and self.device == "cpu":
-            return 4 * self.estimate.total_params + self.estimate.weights
-        return self.estimate.weights
+        """Peak while loading the base (the method's term): on CPU, QLoRA holds the fp32 checkpoint's pages while
+        quantizing (on a GPU the checkpoint is read in host memory and only the quantized layers land on the
+        device); otherwise the weights."""
+        return self.estimate.load_peak
 
     @property
     def peak(self) -> int:
@@ -107,26 +107,47 @@ class Plan:
 def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str = "fp32",
                 margin: float = DEFAULT_MARGIN) -> Plan:
     """The fastest way to train ``config`` within ``budget`` bytes of peak memory (see the module docstring)."""
-    if config.method not in METHODS:
-        raise ValueError(f"method {config.method!r}: the memory estimator models {', '.join(METHODS)} only")
+    record = get_method(config.method)
+    if record.memory is None:
+        raise ValueError(f"method {config.method!r}: the memory estimator models {', '.join(estimable_methods())} "
+                         "only (a method declares its terms in its record's `memory`)")
     effective = config.batch_size * config.gradient_accumulation_steps
     splits = [(b, effective // b) for b in range(effective, 0, -1) if effective % b == 0]
-    methods = [config.method] + (["qlora"] if config.method == "lora" else [])
+    methods = [config.method] + ([record.leaner] if record.leaner else [])
     checkpointing = [False, True] if not config.gradient_checkpointing else [True]
     plan = Plan(budget, None, margin=margin)
     for method in methods:
         for ckpt in checkpointing:
+            if not _trains(config, method, ckpt):
+                continue
             for batch, accumulation in splits:
                 estimate = estimate_memory(config.model, method, config.data.max_length, batch,
-                                           gradient_checkpointing=ckpt, lora_r=config.lora.r,
-                                           lora_dropout=config.lora.dropout, attention=config.attention,
-                                           dtype=dtype, device=device)
+                                           gradient_checkpointing=ckpt, attention=config.attention,
+                                           dtype=dtype, device=device, settings=method_sections(config))
                 candidate = Candidate(method, batch, accumulation, ckpt, estimate, device)
                 plan.tried.append(candidate)
                 if candidate.peak <= plan.usable:
                     plan.chosen = candidate
                     return plan
     return plan
+
+
+def _trains(config: RunConfig, method: str, gradient_checkpointing: bool) -> bool:
+    """Whether the method's own config check (``Method.check_config``) accepts ``config`` with ``method`` and
+    ``gradient_checkpointing`` (prefix tuning refuses checkpointing)."""
+    check = get_method(method).check_config
+    if check is None:
+        return True
+    try:
+        check(config.model_copy(update={"method": method, "gradient_checkpointing": gradient_checkpointing}))
+    except ValueError:
+        return False
+    return True
+
+
+def method_sections(config: RunConfig) -> dict:
+    """The run config's method sections, ``{key: section}``, as :func:`estimate_memory`'s ``settings``."""
+    return {key: config.section(key) for key in settings_sections()}
 
 
 def device_memory(device: str) -> int:

@@ -34,6 +34,7 @@ from tuneforge.evaluation import forgetting as forget
 from tuneforge.evaluation.metrics import MetricError, MetricSet, check_schema, confusion, normalise_label, per_label
 from tuneforge.evaluation.retrieval import DocsError, Retriever
 from tuneforge.fileutil import file_sha256
+from tuneforge.runs import EvalReport, NotARunError, RunDir, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class EvalError(ValueError):
     """Input ``tuneforge eval`` cannot use; the message names the file, line or setting."""
 
 
-BAD_INPUT = (EvalError, MetricError, DocsError, forget.ForgettingDataError, DataError)
+BAD_INPUT = (EvalError, MetricError, DocsError, forget.ForgettingDataError, DataError, NotARunError)
 
 
 @dataclass
@@ -56,6 +57,11 @@ class EvalResult:
         from tuneforge.evaluation.report import main_table_md
 
         return main_table_md(self.report, set_name)
+
+    @property
+    def record(self) -> EvalReport:
+        """The report as the typed record ``report.json`` holds."""
+        return EvalReport.model_validate(self.report)
 
 
 @dataclass
@@ -79,8 +85,8 @@ class TestSet:
 def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise EvalError(f"{run_dir}: no such run directory")
-    if not (run_dir / "config.yaml").is_file() or not ((run_dir / "adapter_config.json").is_file()
-                                                       or (run_dir / "config.json").is_file()):
+    run = RunDir(run_dir)
+    if not run.config.is_file() or not (run.adapter_config.is_file() or run.model_config.is_file()):
         raise EvalError(f"{run_dir}: not a tuneforge run directory (needs config.yaml and the trained adapter or "
                         "model, as `tuneforge train` writes them)")
 
@@ -124,7 +130,7 @@ def _base_model(loaded: Any, config: RunConfig, cache: dict) -> Iterator[tuple[t
             yield loaded.model, config.method
         return
     if "base" not in cache:
-        from tuneforge.serving.inference import load_base
+        from tuneforge.runs import load_base
 
         cache["base"] = load_base(config.model, config.dtype, str(loaded.device)).model
     yield cache["base"], "base"
@@ -307,7 +313,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     started = time.time()
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
-    config = load_config(run_dir / "config.yaml", check_files=False)
+    config = load_config(RunDir(run_dir).config, check_files=False)
+    record = RunRecord.load(run_dir) or RunRecord()     # a broken or newer run.json stops here, in one line
     if settings is None:
         settings = resolve_settings(config, data=data, columns=columns, docs=docs, forgetting_enabled=forgetting,
                                     forgetting_data=forgetting_data, **overrides)
@@ -315,7 +322,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
         from tuneforge.config.eval import JudgeSettings
 
         settings = settings.model_copy(update={"judge": JudgeSettings(url=judge)})
-    out_dir = Path(out) if out else run_dir / "eval"
+    out_dir = Path(out) if out else RunDir(run_dir).eval_dir
 
     # ---- every input checked before any model loads
     inp = check_inputs(config, settings)
@@ -324,7 +331,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     questions, general_text, judge_client = inp.questions, inp.general_text, inp.judge_client
 
     # ---- models
-    from tuneforge.serving.inference import load_run
+    from tuneforge.runs import load_run
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -396,7 +403,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
                                          (test["columns"][other]["answers"] if other else test["references"])[:n],
                                          against=settings.judge.against)
 
-    report["metadata"] = _metadata(run_dir, config, settings, started, max_new)
+    report["metadata"] = _metadata(record, config, settings, started, max_new)
     report["metadata"]["merged_for_scoring"] = merge_record
     report["loss_curve"] = _loss_curve(run_dir)
     from tuneforge.evaluation.report import write_report
@@ -506,26 +513,21 @@ def _forgetting(loaded: Any, config: RunConfig, cache: dict, questions: list, ge
                              "file": fs.general_text or "tuneforge/recipes/data/general_text.jsonl"}}
 
 
-def _metadata(run_dir: Path, config: RunConfig, settings: EvalSettings, started: float, max_new: int) -> dict:
-    import json
-
-    run = {}
-    if (run_dir / "run.json").is_file():
-        run = json.loads((run_dir / "run.json").read_text())
+def _metadata(run: RunRecord, config: RunConfig, settings: EvalSettings, started: float, max_new: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
     meta = {"base_model": config.model, "method": config.method, "task": config.task,
-            "data": run.get("data"), "hyperparameters": {
+            "data": None if run.data is None else [d.to_dict() for d in run.data], "hyperparameters": {
                 "learning_rate": config.learning_rate, "batch_size": config.batch_size,
                 "max_steps": config.max_steps, "epochs": config.epochs, "seed": config.seed,
                 **({k: v for k, v in config.section(config.method).model_dump().items()
                     if isinstance(v, int | float | str | bool)} if config.method in (config.model_extra or {})
                    else {})},
-            "trainable_params": run.get("trainable_params"), "total_params": run.get("total_params"),
-            "train_wall_time_s": run.get("wall_time_s"), "steps": run.get("steps"),
-            "best_eval_loss": run.get("best_eval_loss"), "device": run.get("device"), "dtype": run.get("dtype"),
+            "trainable_params": run.trainable_params, "total_params": run.total_params,
+            "train_wall_time_s": run.wall_time_s, "steps": run.steps,
+            "best_eval_loss": run.best_eval_loss, "device": run.device, "dtype": run.dtype,
             "eval_wall_time_s": round(time.time() - started, 2), "eval_peak_rss_mib": round(peak, 1),
             "max_new_tokens": max_new, "settings": settings.model_dump(mode="json"),
-            "versions": run.get("versions")}
+            "versions": run.versions}
     if torch.cuda.is_available():
         meta["eval_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return meta
@@ -534,7 +536,7 @@ def _metadata(run_dir: Path, config: RunConfig, settings: EvalSettings, started:
 def _loss_curve(run_dir: Path) -> list[dict]:
     import json
 
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     rows = []

@@ -2,10 +2,10 @@
 
 A LoRA / IA3 model computes ``W x + (alpha/r) B A x`` through extra modules at every linear layer; merged,
 it is one matmul per layer (peft's ``merge_adapter``: ``W <- W + delta``), which makes generation and
-MMLU scoring faster. Only for methods the registry marks mergeable, and never QLoRA (merging into
-4-bit weights is lossy and cannot be undone exactly). Merging is checked, not trusted: the logits of
-``probe`` prompts before and after must agree within ``tolerance`` (relative to their scale), else the
-adapter is unmerged and the unmerged model is used. On leaving, ``unmerge_adapter`` subtracts the same
+MMLU scoring faster. Only for methods the registry marks mergeable whose merge can be undone exactly
+(``Method.merge_reversible``; not QLoRA: merging into 4-bit weights is lossy). Merging is checked, not
+trusted: the logits of ``probe`` prompts before and after must agree within ``tolerance`` (relative to their
+scale), else the adapter is unmerged and the unmerged model is used. On leaving, ``unmerge_adapter`` subtracts the same
 deltas (float rounding of about 1e-7 relative: the base columns that follow see the same argmax).
 """
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def can_merge(model: torch.nn.Module, method: str) -> bool:
     from tuneforge.methods.registry import get_method
 
-    return (method != "qlora" and get_method(method).mergeable and hasattr(model, "merge_adapter")
+    record = get_method(method)
+    return (record.mergeable and record.merge_reversible and hasattr(model, "merge_adapter")
             and hasattr(model, "unmerge_adapter"))
 
 

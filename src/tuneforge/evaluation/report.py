@@ -1,4 +1,5 @@
-"""The evaluation report: ``report.json`` (everything), ``report.md`` and a self-contained ``report.html``.
+"""The evaluation report: ``report.json`` (everything: :class:`~tuneforge.runs.records.EvalReport`), ``report.md``
+and a self-contained ``report.html``.
 
 The HTML has no external reference (inline CSS, a few lines of inline JS, the loss curve as inline SVG),
 so it opens offline and can be mailed as one file. The folder is written atomically: the three files go
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import difflib
 import html
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from tuneforge.runs import EvalReport
+from tuneforge.runs.layout import REPORT
 
 PERCENT_METRICS = ("label", "valid_label", "label_named", "exact", "normalised", "token_f1", "rouge_l", "chrf",
                    "json_valid", "schema_valid", "regex", "user")
@@ -377,6 +380,7 @@ def to_html(report: dict) -> str:
 
 def write_report(report: dict, out_dir: str | Path) -> Path:
     """Write report.json, report.md and report.html into ``out_dir`` atomically (see the module docstring)."""
+    record = EvalReport.model_validate(report)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -384,7 +388,7 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+        record.write(tmp / REPORT)
         (tmp / "report.md").write_text(to_markdown(report))
         (tmp / "report.html").write_text(to_html(report))
         for f in tmp.iterdir():
@@ -400,9 +404,3 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)

@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tuneforge.runs import EvalReport, NotARunError, RunDir, RunRecord
+
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
@@ -77,13 +79,15 @@ def _size_mib(run_dir: Path) -> float:
 
 
 def _collect(point: Point, run_dir: Path) -> None:
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    run = json.loads((run_dir / "run.json").read_text())
-    main = report["main_metric"]
-    tuned = report["sets"]["test"]["columns"]["tuned"]["metrics"][main]
-    point.quality, point.quality_low, point.quality_high = tuned["value"], tuned["low"], tuned["high"]
-    point.trainable_params = run.get("trainable_params")
-    point.train_seconds = run.get("wall_time_s")
+    report = EvalReport.from_file(EvalReport.path_in(run_dir))
+    run = RunRecord.from_file(RunRecord.path_in(run_dir))
+    tuned = report.score("test", "tuned", str(report.main_metric))
+    if tuned is None:
+        raise NotARunError(f"{EvalReport.path_in(run_dir)}: no {report.main_metric} of the tuned column on the test "
+                           "set; delete the point's folder to redo it")
+    point.quality, point.quality_low, point.quality_high = tuned.value, tuned.low, tuned.high
+    point.trainable_params = run.trainable_params
+    point.train_seconds = run.wall_time_s
     point.adapter_mib = round(_size_mib(run_dir), 3)
     sweep_meta = run_dir / "sweep_point.json"
     if sweep_meta.is_file():
@@ -106,7 +110,7 @@ def sweep(config_path: str | Path, grid: list[str], out: str | Path | None = Non
         point = Point(point_name(combo), combo)
         run_dir = folder / point.name
         points.append(point)
-        if (run_dir / "eval" / "report.json").is_file() and (run_dir / "run.json").is_file():
+        if RunDir(run_dir).report.is_file() and RunDir(run_dir).record.is_file():
             print(f"[{i}/{len(combos)}] {point.name}: done before, kept")
             _collect(point, run_dir)
             point.status = "kept"

@@ -1,7 +1,8 @@
 """Export a trained run: merge adapters into the base weights, package runs, write GGUF files.
 
-The names below are imported lazily (PEP 562), so ``tuneforge.export.package`` (the base-model check the CLI
-and the server import) does not pull in torch.
+The names below are imported lazily (PEP 562), so importing ``tuneforge.export`` does not pull in torch. The
+base-model check and the errors live in :mod:`tuneforge.runs` (stages import them from there); they are
+importable from here as before.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ _EXPORTS = {
     "MergeCheckError": "tuneforge.export.merge", "MergeReport": "tuneforge.export.merge",
     "merge_adapter": "tuneforge.export.merge", "merge_run": "tuneforge.export.merge",
     "verify_merge": "tuneforge.export.merge",
-    "BaseModelMismatch": "tuneforge.export.package", "NotARunError": "tuneforge.export.package",
+    "BaseModelMismatch": "tuneforge.runs.base_model", "NotARunError": "tuneforge.runs.errors",
     "PackageReport": "tuneforge.export.package", "package_run": "tuneforge.export.package",
-    "verify_base_model": "tuneforge.export.package",
+    "verify_base_model": "tuneforge.runs.base_model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -61,7 +61,8 @@ def add_package_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def run_package_command(args: argparse.Namespace) -> int:
     """0 when the package is written; 2 when the folder is not a finished run or its base model changed."""
-    from tuneforge.export.package import BaseModelMismatch, NotARunError, package_run
+    from tuneforge.export.package import package_run
+    from tuneforge.runs import BaseModelMismatch, NotARunError
 
     try:
         report = package_run(args.run, args.out, license=args.license, base_model_id=args.base_model_id,
@@ -100,8 +101,8 @@ def run_export_command(args: argparse.Namespace) -> int:
     """0 on a checked export; 1 when the round-trip check fails; 2 when the run cannot be exported."""
     from tuneforge.export.gguf import ExportCheckError, UnsupportedModelError, export_gguf
     from tuneforge.export.gguf_lora import export_gguf_lora
-    from tuneforge.export.package import BaseModelMismatch, NotARunError
     from tuneforge.methods.errors import NotMergeableError
+    from tuneforge.runs import BaseModelMismatch, NotARunError
 
     try:
         if args.format == "gguf-lora":

@@ -399,13 +399,14 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
     (the file is left in place for inspection).
     """
     from tuneforge.export.merge import DEFAULT_PROMPTS, _refuse, merge_adapter
-    from tuneforge.export.package import _run_files, verify_base_model
+    from tuneforge.export.package import _run_files
+    from tuneforge.runs import RunDir, verify_base_model
 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     run_dir = Path(run_dir)
     config, method, _ = _run_files(run_dir, allow_regressed)
-    out = Path(out_file) if out_file else run_dir / "export" / f"{run_dir.resolve().name}-{quant}.gguf"
+    out = Path(out_file) if out_file else RunDir(run_dir).export_dir / f"{run_dir.resolve().name}-{quant}.gguf"
     prompts = list(check_prompts or DEFAULT_PROMPTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as tmp:

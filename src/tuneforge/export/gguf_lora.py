@@ -12,7 +12,9 @@ tensors ``blk.N.<name>.weight.lora_a`` (peft's ``A``, ``[r, in]``) and ``.lora_b
   ``alpha / r`` gives the same scale.
 * Refused (one line): DoRA (its magnitude vector has no place in the format), ``modules_to_save``, LoRA
   biases, per-module ranks or alphas (``rank_pattern`` / ``alpha_pattern``: the file holds one alpha), and
-  every non-LoRA method. Tensors are written in F32 (an adapter is small).
+  every non-LoRA method: the record of the adapter's method says what keeps an adapter out
+  (``Method.runtimes.gguf_lora``, LoRA's in ``methods/lora/export.py``). Tensors are written in F32 (an adapter is
+  small).
 """
 
 from __future__ import annotations
@@ -34,19 +36,14 @@ def lora_alpha_for_gguf(adapter_config: dict[str, Any]) -> float:
 
 
 def _refuse_unless_plain_lora(adapter_config: dict[str, Any], where: Path) -> None:
-    problems = []
-    if adapter_config.get("peft_type") != "LORA":
-        kind = adapter_config.get("peft_type") or adapter_config.get("adapter_type")
-        problems.append(f"it is not a LoRA adapter ({kind})")
-    if adapter_config.get("use_dora"):
-        problems.append("DoRA's magnitude vector has no place in llama.cpp's LoRA format (export the merged model "
-                        "with --format gguf)")
-    if adapter_config.get("modules_to_save"):
-        problems.append(f"modules_to_save ({adapter_config['modules_to_save']}) are full weights, not LoRA")
-    if adapter_config.get("bias", "none") != "none" or adapter_config.get("lora_bias"):
-        problems.append("LoRA biases are not in llama.cpp's LoRA format")
-    if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
-        problems.append("per-module ranks or alphas (the file holds one alpha)")
+    """One line naming every problem, unless the saved adapter's method writes a llama.cpp LoRA GGUF
+    (``Method.runtimes.gguf_lora``) and finds none in this adapter."""
+    from tuneforge.methods.registry import method_for_saved_type
+
+    kind = adapter_config.get("adapter_type") or adapter_config.get("peft_type")
+    method = method_for_saved_type(str(kind))
+    write = method.runtimes.gguf_lora if method is not None else None
+    problems = [f"it is not a LoRA adapter ({kind})"] if write is None else write(adapter_config)
     if problems:
         raise UnsupportedModelError(f"{where}: cannot write a GGUF LoRA file: {'; '.join(problems)}")
 
@@ -115,8 +112,9 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
 
 def export_gguf_lora(run_dir: str | Path, out_file: str | Path | None = None, allow_regressed: bool = False) -> Path:
     """Write the LoRA adapter of a run or package as ``<run_dir>/export/<name>-lora.gguf`` (or ``out_file``)."""
-    from tuneforge.export.package import NotARunError, _run_files, verify_base_model
+    from tuneforge.export.package import _run_files
     from tuneforge.models.registry import resolve_model
+    from tuneforge.runs import NotARunError, RunDir, verify_base_model
 
     run_dir = Path(run_dir)
     config, method, _ = _run_files(run_dir, allow_regressed)
@@ -127,6 +125,6 @@ def export_gguf_lora(run_dir: str | Path, out_file: str | Path | None = None, al
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"the base model {config.model} is not a local folder with config.json")
     base_config = json.loads((base_dir / "config.json").read_text())
-    out = Path(out_file) if out_file else run_dir / "export" / f"{run_dir.resolve().name}-lora.gguf"
+    out = Path(out_file) if out_file else RunDir(run_dir).export_dir / f"{run_dir.resolve().name}-lora.gguf"
     write_gguf_lora(run_dir, base_config, out, name=run_dir.resolve().name)
     return out

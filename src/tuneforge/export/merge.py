@@ -319,16 +319,16 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
               check_prompts: list[str] | None = None) -> MergeReport:
     """Merge the adapter of a finished run or a package (``config.yaml``, adapter files, tokenizer at its top)."""
     from tuneforge.config import load_config
-    from tuneforge.export.package import verify_base_model
+    from tuneforge.runs import RunDir, verify_base_model
 
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
+    run = RunDir(run_dir)
+    if not run.config.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a tuneforge run folder?")
-    config = load_config(config_file, check_files=False)
+    config = load_config(run.config, check_files=False)
     _refuse(config.method)
     verify_base_model(run_dir, config.model)  # a package (tuneforge.json) refuses another base model
-    if not (run_dir / "adapter_config.json").is_file():
+    if not run.adapter_config.is_file():
         raise FileNotFoundError(f"{run_dir} has no adapter_config.json: the run did not save an adapter")
     return merge_adapter(config.model, run_dir, out_dir, dtype=dtype, method=config.method,
                          check_prompts=check_prompts, tokenizer_dir=run_dir)

@@ -5,7 +5,8 @@ The front matter holds the keys the Hub reads: ``base_model``, ``base_model_rela
 ``pipeline_tag`` and, when the run holds evaluation results, ``model-index``. The body: intended use,
 training data (files, sha256, example counts, rejects by check), hyperparameters, metrics, known risks, and
 how to load the package with peft, vLLM and tuneforge. Everything is read from the manifest
-(``tuneforge.json``) that :mod:`tuneforge.export.package` builds, so card and manifest cannot disagree.
+(``tuneforge.json``, :class:`~tuneforge.runs.records.PackageManifest`) that :mod:`tuneforge.export.package`
+builds, so card and manifest cannot disagree.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from tuneforge.runs import PackageManifest
+from tuneforge.runs.records import PackageBaseModel
+
 # the metric names of tuneforge eval's report.json (evaluation/metrics.py) and the forgetting check
 METRIC_NAMES = {"label": "Label accuracy", "valid_label": "Valid label", "label_named": "Label named",
                 "exact": "Exact match", "normalised": "Normalised exact match", "token_f1": "Token F1",
@@ -21,23 +25,29 @@ METRIC_NAMES = {"label": "Label accuracy", "valid_label": "Valid label", "label_
                 "regex": "Regex match", "user": "User metric", "mmlu_cloze_accuracy": "MMLU cloze accuracy"}
 
 
-def front_matter(manifest: dict[str, Any], license: str, base_model_id: str) -> dict[str, Any]:
+def _manifest(manifest: PackageManifest | dict[str, Any]) -> PackageManifest:
+    """The record (a dict is read as a ``tuneforge.json`` of this version)."""
+    return manifest if isinstance(manifest, PackageManifest) else PackageManifest.model_validate(manifest)
+
+
+def front_matter(manifest: PackageManifest | dict[str, Any], license: str, base_model_id: str) -> dict[str, Any]:
     """The YAML front matter as a dict (keys in the order the Hub documents them)."""
-    full = manifest["kind"] == "full_model"
-    data_names = [d["name"] for d in manifest["data"]]
+    manifest = _manifest(manifest)
+    data_names = [d.name for d in manifest.data or []]
+    runtimes = manifest.runtimes or {}
     meta: dict[str, Any] = {
         "base_model": base_model_id,
-        "base_model_relation": "finetune" if full else "adapter",
-        "library_name": manifest["library_name"],
+        "base_model_relation": "finetune" if manifest.is_full_model else "adapter",
+        "library_name": manifest.library_name,
         "license": license,
         "datasets": data_names,
         "pipeline_tag": "text-generation",
-        "tags": ["tuneforge", manifest["method"], *manifest["method_variants"], manifest["task"],
-                 *(["peft"] if manifest["runtimes"]["peft"]["loads"] else [])],
+        "tags": ["tuneforge", manifest.method, *(manifest.method_variants or []), manifest.task,
+                 *(["peft"] if runtimes["peft"]["loads"] else [])],
     }
-    results = manifest.get("evaluation") or []
+    results = manifest.evaluation or []
     if results:
-        meta["model-index"] = [{"name": manifest["name"], "results": [
+        meta["model-index"] = [{"name": manifest.name, "results": [
             {"task": {"type": "text-generation", "name": r["task"]},
              "dataset": {"name": r["dataset"], "type": r["dataset"]},
              "metrics": [{"type": m["type"], "name": METRIC_NAMES.get(m["type"], m["type"]), "value": m["value"]}
@@ -58,29 +68,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _data_section(manifest: dict[str, Any]) -> str:
-    ex = manifest.get("examples") or {}
-    rows = [(d["name"], d.get("role", ""), f"`{d['sha256']}`") for d in manifest["data"]]
+def _data_section(manifest: PackageManifest) -> str:
+    ex = manifest.examples
+    rows = [(d.name, _given(d.role, ""), f"`{d.sha256}`") for d in manifest.data or []]
     out = [_table(("file", "role", "sha256"), rows) if rows else "The data files are not recorded in the run.", ""]
-    if ex:
-        out.append(f"Examples used: {ex.get('train', '?')} for training, {ex.get('validation', '?')} for validation; "
-                   f"{ex.get('rejected', 0)} records rejected, {ex.get('truncated', 0)} truncated"
-                   + (f" (formats: {', '.join(f'{k} {v}' for k, v in ex['formats'].items())})."
-                      if ex.get("formats") else "."))
-    rejects = manifest.get("rejects_by_check") or {}
+    if ex is not None and ex.to_dict():
+        out.append(f"Examples used: {_given(ex.train, '?')} for training, {_given(ex.validation, '?')} for "
+                   f"validation; {_given(ex.rejected, 0)} records rejected, {_given(ex.truncated, 0)} truncated"
+                   + (f" (formats: {', '.join(f'{k} {v}' for k, v in ex.formats.items())})."
+                      if ex.formats else "."))
+    rejects = manifest.rejects_by_check or {}
     if rejects:
         out.append("Rejected records by check: " + ", ".join(f"`{k}` {v}" for k, v in rejects.items())
                    + " (the run's `rejects.jsonl` holds each with its file, line and reasons).")
     return "\n".join(out)
 
 
-def _metrics_section(manifest: dict[str, Any]) -> str:
+def _given(value: Any, missing: Any) -> Any:
+    return missing if value is None else value
+
+
+def _metrics_section(manifest: PackageManifest) -> str:
     out = []
-    run = manifest.get("training") or {}
+    run = manifest.training or {}
     if run:
         out.append(_table(("quantity", "value"), [(k.replace("_", " "), _fmt(v)) for k, v in run.items()
                                                    if v is not None]))
-    for r in manifest.get("evaluation") or []:
+    for r in manifest.evaluation or []:
         out.append("")
         out.append(f"Held-out evaluation on `{r['dataset']}` ({r.get('n', '?')} examples):")
         out.append("")
@@ -91,14 +105,14 @@ def _metrics_section(manifest: dict[str, Any]) -> str:
     return "\n".join(out) if out else "No metrics were recorded in the run."
 
 
-def _risks_section(manifest: dict[str, Any]) -> str:
-    ex = manifest.get("examples") or {}
-    lines = [f"- **Narrow training data.** The {manifest['kind'].replace('_', ' ')} was trained on "
-             f"{ex.get('train', 'an unrecorded number of')} examples from the files above; inputs unlike them "
+def _risks_section(manifest: PackageManifest) -> str:
+    trained_on = _given(manifest.examples.train if manifest.examples else None, "an unrecorded number of")
+    lines = [f"- **Narrow training data.** The {str(manifest.kind).replace('_', ' ')} was trained on "
+             f"{trained_on} examples from the files above; inputs unlike them "
              "(other domains, languages, formats) may be answered worse than by the base model.",
              "- **Forgetting.** Fine-tuning can degrade abilities of the base model that the data does not "
              "exercise; compare with the base model on your own general prompts before replacing it."]
-    for r in manifest.get("evaluation") or []:
+    for r in manifest.evaluation or []:
         base = {m["type"]: m["value"] for m in r.get("baseline") or []}
         for m in r["metrics"]:
             if m["type"] == "mmlu_cloze_accuracy" and m["type"] in base:
@@ -107,18 +121,20 @@ def _risks_section(manifest: dict[str, Any]) -> str:
         for f in r.get("failures") or []:
             lines.append(f"- **Failure category: {f['category']}.** {f['count']} of {r.get('n', '?')} held-out "
                          f"examples{': ' + f['example'] if f.get('example') else ''}.")
-    if manifest.get("rejects_by_check"):
+    if manifest.rejects_by_check:
         lines.append("- **Rejected data.** Some training records were rejected (see above); the model never saw them.")
-    lines.append(f"- **Base model.** Everything the base model (`{manifest['base_model']['name']}`) gets wrong or "
+    base_name = manifest.base_model.name if manifest.base_model is not None else None
+    lines.append(f"- **Base model.** Everything the base model (`{base_name}`) gets wrong or "
                  "should not say, this model may too.")
     return "\n".join(lines)
 
 
-def _load_section(manifest: dict[str, Any], base_model_id: str) -> str:
-    rt = manifest["runtimes"]
-    name = manifest["name"]
+def _load_section(manifest: PackageManifest, base_model_id: str) -> str:
+    rt = manifest.runtimes or {}
+    name = manifest.name
+    base = manifest.base_model or PackageBaseModel()
     out = []
-    if manifest["kind"] == "full_model":
+    if manifest.is_full_model:
         out += ["This package is a **full model** (every weight was trained), not an adapter: load it on its own.",
                 "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                 f'model = AutoModelForCausalLM.from_pretrained("{name}")',
@@ -134,18 +150,18 @@ def _load_section(manifest: dict[str, Any], base_model_id: str) -> str:
     else:
         out += [f"**peft**: {rt['peft']['reason']}.", ""]
     if rt["vllm"]["loads"]:
-        cmd = (f"vllm serve {name}" if manifest["kind"] == "full_model" else
+        cmd = (f"vllm serve {name}" if manifest.is_full_model else
                f"vllm serve {base_model_id} --enable-lora --lora-modules {name}={name}"
                + (f" --max-lora-rank {rt['vllm']['max_lora_rank']}" if rt["vllm"].get("max_lora_rank") else ""))
         out += ["**vLLM**", "", "```bash", cmd, "```", ""]
-        if manifest["kind"] != "full_model":
+        if not manifest.is_full_model:
             out += [f'then ask for `"model": "{name}"` in `/v1/chat/completions` requests.', ""]
     else:
         out += [f"**vLLM**: {rt['vllm']['reason']}.", ""]
     out += ["**tuneforge**", "", "```bash", f"tuneforge generate {name} --prompt \"...\"",
-            *([f"tuneforge serve --base {manifest['base_model']['name']} --adapter {name}={name}"]
-              if manifest["kind"] != "full_model" else []), "```", "",
-            f"tuneforge checks the base model's sha256 (`{manifest['base_model']['sha256']}`) when it loads the "
+            *([f"tuneforge serve --base {base.name} --adapter {name}={name}"]
+              if not manifest.is_full_model else []), "```", "",
+            f"tuneforge checks the base model's sha256 (`{base.sha256}`) when it loads the "
             "package and refuses another base model."]
     if rt["llama.cpp"]["loads"]:
         how = rt["llama.cpp"]["how"].replace("RUN", name)
@@ -153,19 +169,19 @@ def _load_section(manifest: dict[str, Any], base_model_id: str) -> str:
     return "\n".join(out)
 
 
-def model_card(manifest: dict[str, Any], license: str, base_model_id: str) -> str:
+def model_card(manifest: PackageManifest | dict[str, Any], license: str, base_model_id: str) -> str:
     """The complete ``README.md`` text for the package described by ``manifest``."""
+    manifest = _manifest(manifest)
     meta = front_matter(manifest, license, base_model_id)
-    full = manifest["kind"] == "full_model"
-    what = ("a full fine-tune (all weights trained; the package is the whole model)" if full
-            else f"a {manifest['method']} adapter (rank {manifest['rank']})" if manifest.get("rank")
-            else f"a {manifest['method']} adapter")
-    hyper = manifest.get("hyperparameters") or {}
+    what = ("a full fine-tune (all weights trained; the package is the whole model)" if manifest.is_full_model
+            else f"a {manifest.method} adapter (rank {manifest.rank})" if manifest.rank
+            else f"a {manifest.method} adapter")
+    hyper = manifest.hyperparameters or {}
     sections = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
-        f"# {manifest['name']}",
-        f"{what.capitalize()} of `{base_model_id}`, trained with tuneforge ({manifest['task']}).",
-        "## Intended use\n\n" + (manifest.get("intended_use") or
+        f"# {manifest.name}",
+        f"{what.capitalize()} of `{base_model_id}`, trained with tuneforge ({manifest.task}).",
+        "## Intended use\n\n" + (manifest.intended_use or
                                  "The task of the training data below: answer prompts like those in its files, "
                                  "in the chat format of the base model (the chat template is included). It is "
                                  "not evaluated for other uses."),
@@ -175,6 +191,6 @@ def model_card(manifest: dict[str, Any], license: str, base_model_id: str) -> st
         "## Metrics\n\n" + _metrics_section(manifest),
         "## Known risks and limitations\n\n" + _risks_section(manifest),
         "## How to load\n\n" + _load_section(manifest, base_model_id),
-        "## Files\n\n" + _table(("file", "sha256"), [(f"`{k}`", f"`{v}`") for k, v in manifest["files"].items()]),
+        "## Files\n\n" + _table(("file", "sha256"), [(f"`{k}`", f"`{v}`") for k, v in (manifest.files or {}).items()]),
     ]
     return "\n\n".join(sections) + "\n"

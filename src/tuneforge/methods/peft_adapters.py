@@ -1,4 +1,5 @@
-"""What the methods built on peft share: loading a saved peft adapter, and switching prompt methods off."""
+"""What the methods built on peft share: loading a saved peft adapter, switching prompt methods off, and serving
+the virtual tokens of prefix and prompt tuning."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from tuneforge.methods.registry import AdapterSwitch
+    from tuneforge.methods.serving_hooks import LoadedAdapter, ServingHost
 
 _DISABLED = "_tuneforge_virtual_tokens_disabled"
 
@@ -43,3 +45,16 @@ def virtual_tokens_disabled(model: PeftModel) -> Iterator[None]:
 
 def virtual_tokens_are_disabled(model: torch.nn.Module) -> bool:
     return bool(getattr(model, _DISABLED, False))
+
+
+def load_virtual_tokens(adapter: LoadedAdapter, host: ServingHost, width: int, what: str) -> None:
+    """Serving prefix and prompt tuning: keep the saved ``prompt_embeddings`` of shape ``(P, width)`` in the serving
+    dtype, and ``P`` as the adapter's ``num_virtual_tokens``."""
+    from tuneforge.methods.serving_hooks import AdapterLoadError
+
+    emb = adapter.read_weights(host.device).get("prompt_embeddings")
+    if emb is None or emb.ndim != 2 or emb.shape[1] != width:
+        got = None if emb is None else tuple(emb.shape)
+        raise AdapterLoadError(f"{adapter.path}: {what} of shape {got}, this base model needs (P, {width})")
+    adapter.tensors = {"prompt_embeddings": emb.to(host.dtype)}
+    adapter.num_virtual_tokens = emb.shape[0]

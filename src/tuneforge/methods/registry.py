@@ -5,24 +5,28 @@ Each built-in method lives in its own folder, ``methods/<method>/``, with the sa
 ``model.py`` (apply it to a base model, load it back), ``layer.py`` where it has layers of its own, and
 ``__init__.py`` whose one :func:`register_method` call is all the rest of tuneforge knows about it. The
 run config's method sections, ``tuneforge.methods.apply_method`` / ``method_forward`` / ``load_trained``,
-merge and its refusals, and the trainer's optimizer all read these records; nothing branches on a
-method's name. Adding a method: one folder and one registration (``docs/ARCHITECTURE.md``).
+merge and its refusals, and the trainer's optimizer all read these records, and so do serving (``serving.py``
+in a method's folder: :mod:`tuneforge.methods.serving_hooks`) and packaging / GGUF export (:class:`Runtimes`);
+nothing branches on a method's name. Adding a method: one folder and one registration (``docs/ARCHITECTURE.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import BaseModel
 
+from tuneforge.methods.memory import MemoryHook
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from tuneforge.config import RunConfig
+    from tuneforge.methods.serving_hooks import MethodServing, ServingHost
 
 # The model a method's functions receive is the one its ``apply`` returned (a peft ``PeftModel`` for prefix
 # and prompt tuning, a ``BottleneckAdapterModel``, ...): only the method knows which, so the records take it
@@ -55,6 +59,21 @@ class AdapterSwitch(Protocol):
 
 
 @dataclass(frozen=True)
+class Runtimes:
+    """What runtimes outside tuneforge make of a method's saved adapter; each hook takes its ``adapter_config.json``.
+
+    Attributes:
+        vllm: ``adapter_config -> {"loads": True, ...}`` or ``{"loads": False, "reason": ...}``; None: vLLM serves
+            no adapter of this method.
+        gguf_lora: ``adapter_config -> problems`` that keep it out of llama.cpp's LoRA GGUF (``[]``: it can be
+            written, ``tuneforge export --format gguf-lora``); None: the method has no such file.
+    """
+
+    vllm: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    gguf_lora: Callable[[dict[str, Any]], list[str]] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """What tuneforge needs to know about a fine-tuning method.
 
@@ -74,12 +93,27 @@ class Method:
             (prefix and prompt tuning).
         generate: ``(model, **generate_kwargs)`` when transformers'/peft's ``model.generate`` is not right.
         make_optimizer: ``(config, params) -> optimizer`` when the method brings its own (QLoRA's 8-bit).
+        memory: ``MemoryInputs -> MemoryTerms`` (:mod:`tuneforge.methods.memory`): its part of the memory estimate
+            (weights, trained parameters, what its layers save for backward); None: ``tuneforge estimate`` and
+            ``tuneforge plan`` refuse it.
+        engines: the engines that train it (:mod:`tuneforge.methods.engines`: ``single``, ``ddp``, ``fsdp2``,
+            ``deepspeed``); the others refuse it in one line. Default: one process only.
+        engine_notes: ``{engine: why}`` for an engine not in ``engines`` whose refusal says more than "not tested".
+        check_config: ``config -> None``, raising ``ValueError`` with one line for a run config this method cannot
+            train (run when the config loads).
+        leaner: a method that trains the same settings in less memory, which ``tuneforge plan`` tries when this one
+            does not fit (``lora``: ``qlora``); "" none.
         mergeable: folds into the base weights (``tuneforge merge``).
         not_mergeable_reason: why not, for the refusal (unused when mergeable).
         disable: ``model -> context manager`` within which the model computes exactly its base model (a
             reference model for preference training, the base for serving); None: cannot be disabled.
         mixed_batches: one batch at inference may use different adapters of this method per row.
         is_full_model: saves a complete model (no adapter).
+        serving: ``host -> MethodServing`` (a :class:`~tuneforge.methods.serving_hooks.MethodServing` subclass): runs
+            this method's adapters on their own rows of the server's mixed batches; None: refused by the server.
+        runtimes: which runtimes outside tuneforge load its saved adapter (:class:`Runtimes`; default: none).
+        merge_reversible: merging into the weights in memory can be undone exactly (evaluation scores merged,
+            checked); False for QLoRA (merging into 4-bit weights is lossy). Unused when not mergeable.
     """
 
     name: str
@@ -92,11 +126,19 @@ class Method:
     forward: Forward | None = None
     generate: Callable[..., Any] | None = None
     make_optimizer: Callable[["RunConfig", list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
+    memory: MemoryHook | None = None
+    engines: frozenset[str] = frozenset({"single"})
+    engine_notes: dict[str, str] = field(default_factory=dict)
+    check_config: Callable[["RunConfig"], None] | None = None
+    leaner: str = ""
     mergeable: bool = False
     not_mergeable_reason: str = ""
     disable: Disable | None = None
     mixed_batches: bool = False
     is_full_model: bool = False
+    serving: Callable[[ServingHost], MethodServing] | None = None
+    runtimes: Runtimes = Runtimes()
+    merge_reversible: bool = True
 
 
 _METHODS: dict[str, Method] = {}

@@ -424,15 +424,10 @@ class Engine:
         P, T = adapter.num_virtual_tokens, len(req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], device=dev)
         mask = torch.ones((1, P + T), dtype=torch.long, device=dev)
-        if adapter.kind == "prefix":
-            cache = DynamicCache(ddp_cache_data=[(k.to(dev), v.to(dev)) for k, v in adapter.prefix_cache()])
-            out = self._forward([req.adapter], input_ids=ids, attention_mask=mask,
-                                position_ids=torch.arange(P, P + T, device=dev)[None], **{self.cache_kw: cache})
-        else:   # prompt tuning: [S; E(x)] from position 0
-            embeds = torch.cat([adapter.soft_prompt()[None].to(dev), self.set.embed(ids)], dim=1)
-            cache = DynamicCache()
-            out = self._forward([req.adapter], inputs_embeds=embeds, attention_mask=mask,
-                                position_ids=torch.arange(P + T, device=dev)[None], **{self.cache_kw: cache})
+        # the method's serving hook: the prefix KV entries (prefix tuning) or [S; E(x)] (prompt tuning), positions
+        past, inputs = self.set.prefill_inputs(req.adapter, ids)        # type: ignore[arg-type]
+        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        out = self._forward([req.adapter], attention_mask=mask, **inputs, **{self.cache_kw: cache})
         return [_Row(req, pos=P + T, virtual=P)], cache, mask, out.logits[:, -1]
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:

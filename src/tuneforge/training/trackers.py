@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config.trackers import TRACKERS, check_trackers
+from tuneforge.runs.layout import RunDir
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,11 +44,11 @@ class Trackers:
         for name in names:
             cls = getattr(tracking, TRACKERS[name][0])
             if name == "tensorboard":
-                tracker = cls(run_name, run_dir / "tracking")
+                tracker = cls(run_name, RunDir(run_dir).tracking)
             elif name == "wandb":
                 tracker = cls(run_name)
             else:
-                tracker = cls(run_name, logging_dir=str(run_dir / "tracking"))
+                tracker = cls(run_name, logging_dir=str(RunDir(run_dir).tracking))
             tracker.start()
             hp = {k: ("" if v is None else v) for k, v in _flat(hyperparameters).items()} if name == "tensorboard" \
                 else _flat(hyperparameters)

@@ -13,7 +13,6 @@ All mutable training state lives in one :class:`~tuneforge.training.state.TrainS
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -46,11 +45,12 @@ from tuneforge.methods import apply_method, count_parameters, get_method, load_b
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
+from tuneforge.runs import ExampleCounts, RunRecord, base_model_record, data_fingerprints, library_versions
+from tuneforge.runs.layout import RunDir
 from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
-from tuneforge.training.run_record import base_model_record, data_fingerprints, library_versions
 from tuneforge.training.state import STATE_FILE, TrainState, fingerprint_differences, read_state
 from tuneforge.training.trackers import Trackers
 
@@ -234,7 +234,8 @@ class TrainingRecipe:
         self._stream_at: tuple[int, int] = (-1, -1)
         self.objective = get_objective(config.task)
         self.run_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints")
+        self.layout = RunDir(self.run_dir)
+        self.checkpoints = CheckpointDir(self.layout.checkpoints)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -249,7 +250,7 @@ class TrainingRecipe:
             self._fit_to_memory()
         dist.check(config)                          # what the engine does not train yet: one line
         if dist.is_main:
-            (self.run_dir / "config.yaml").write_text(dump_config(config))
+            self.layout.config.write_text(dump_config(config))
             for stale in self.checkpoints.clean_stale():
                 log.info("removed %s, left by an interrupted save", stale)
         dist.barrier()
@@ -264,7 +265,7 @@ class TrainingRecipe:
         with dist.main_process_first():            # the main process fills the tokenized-data cache
             self.data = data = self.objective.prepare_data(config, self.tokenizer)
         if data.rejects and dist.is_main:
-            write_rejects(data.rejects, self.run_dir / "rejects.jsonl")
+            write_rejects(data.rejects, self.layout.rejects)
         log.info("data: %d train / %d validation examples (%s), %d train tokens, %d rejected",
                  len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
                  data.train_tokens, len(data.rejects))
@@ -297,7 +298,7 @@ class TrainingRecipe:
         self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint())
         if self.resume:
             self._resume()             # last: it restores the RNG streams that set-up has drawn from
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if dist.is_main else None,
+        self.metrics = MetricsLog(self.layout.metrics if dist.is_main else None,
                                   keep_rows=self.state.metrics_rows if self.resume else None)
         self.trackers = Trackers(config.report_to, self.run_dir.name, self.run_dir, config.model_dump(mode="json"),
                                  enabled=dist.is_main)
@@ -765,43 +766,42 @@ class TrainingRecipe:
                              state.best_score, state.best_step, self.trainable, self.total, wall, self.metrics.rows)
         if output is not None:
             copy_files(output, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
-        plot_loss_curve(self.metrics.rows, self.run_dir / "loss_curve.png",
+        plot_loss_curve(self.metrics.rows, self.layout.loss_curve,
                         title=f"{config.method} on {Path(config.data.train).name}")
         data = self.data
         best_score = None if state.best_step is None else state.best_score
-        record = {
-            "tuneforge_run": 1,
-            "base_model": base_model_record(config.model, resolve_model(config.model)),
-            "method": config.method,
-            "task": config.task,
-            "data": data_fingerprints([config.data.train, config.data.validation]),
-            "examples": {"train": len(data.train), "validation": len(data.validation), "rejected": len(data.rejects),
-                         "truncated": data.truncated, "formats": data.formats},
-            "seed": config.seed,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dtype_reason": self.dtype_reason,
-            "steps": state.step,
-            "trainable_params": self.trainable,
-            "total_params": self.total,
-            "final_train_loss": state.last_loss,
-            "eval_metric": self.objective.eval_metric,
-            "best_eval_loss": best_score,
-            "best_step": state.best_step,
-            "base_eval_loss": state.base_score,
-            "weights_from_step": (None if output is None else state.best_step if output.name.startswith("best")
-                                  else state.step),
-            "status": "regressed" if problems else "ok",
-            "problems": problems,
-            "train_tokens_seen": state.seen_tokens,
-            "wall_time_s": round(wall, 2),
-            "processes": self.dist.world,
-            "eval_time_s": round(self.eval_seconds, 2),        # the evaluation before training included
-            "base_eval_seconds": round(self.base_eval_seconds, 3),
-            "eval_examples": len(self.val_examples),
-            "versions": library_versions(),
-        }
-        (self.run_dir / "run.json").write_text(json.dumps(record, indent=2))
+        RunRecord(
+            tuneforge_run=1,
+            base_model=base_model_record(config.model, resolve_model(config.model)),
+            method=config.method,
+            task=config.task,
+            data=data_fingerprints([config.data.train, config.data.validation]),
+            examples=ExampleCounts(train=len(data.train), validation=len(data.validation), rejected=len(data.rejects),
+                                   truncated=data.truncated, formats=data.formats),
+            seed=config.seed,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            dtype_reason=self.dtype_reason,
+            steps=state.step,
+            trainable_params=self.trainable,
+            total_params=self.total,
+            final_train_loss=state.last_loss,
+            eval_metric=self.objective.eval_metric,
+            best_eval_loss=best_score,
+            best_step=state.best_step,
+            base_eval_loss=state.base_score,
+            weights_from_step=(None if output is None else state.best_step if output.name.startswith("best")
+                               else state.step),
+            status="regressed" if problems else "ok",
+            problems=problems,
+            train_tokens_seen=state.seen_tokens,
+            wall_time_s=round(wall, 2),
+            processes=self.dist.world,
+            eval_time_s=round(self.eval_seconds, 2),        # the evaluation before training included
+            base_eval_seconds=round(self.base_eval_seconds, 3),
+            eval_examples=len(self.val_examples),
+            versions=library_versions(),
+        ).save(self.run_dir)
         self.dist.barrier()
         if problems:
             if config.on_divergence == "stop":

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from tuneforge.methods.bottleneck_adapter.config import ADAPTER_TYPE, BottleneckAdapterConfig
 from tuneforge.methods.bottleneck_adapter.layer import BottleneckAdapterLayer
+from tuneforge.methods.bottleneck_adapter.memory import adapter_memory
 from tuneforge.methods.bottleneck_adapter.model import BottleneckAdapterModel
+from tuneforge.methods.bottleneck_adapter.serving import BottleneckServing
 from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import Method, register_method
 
@@ -42,9 +44,10 @@ def _disable(model: BottleneckAdapterModel) -> contextlib.AbstractContextManager
 
 register_method(Method(
     name="adapter", summary="bottleneck MLPs after attention and/or MLP (ours)",
+    memory=adapter_memory, engines=frozenset({"single", "ddp"}),
     settings={"adapter": BottleneckAdapterConfig}, apply=_apply,
     load_trained=_load_trained,
     saved_types=(ADAPTER_TYPE,),
     not_mergeable_reason="a bottleneck adapter has a nonlinearity between its projections",
-    disable=_disable,
+    disable=_disable, serving=BottleneckServing,
 ))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tuneforge.methods.full.config import FullConfig
+from tuneforge.methods.full.memory import full_memory
 from tuneforge.methods.full.model import apply_full, load_full
 from tuneforge.methods.registry import Method, register_method
 
@@ -25,6 +26,7 @@ def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> 
 
 register_method(Method(
     name="full", summary="all weights (minus frozen ones)",
+    memory=full_memory, engines=frozenset({"single", "ddp", "fsdp2"}),
     settings={"full": FullConfig}, apply=_apply,
     load_trained=load_full, saved_types=("full",), is_full_model=True,
     not_mergeable_reason="the run saved complete weights: there is no adapter to merge; use the run's model folder",

@@ -9,7 +9,9 @@ from torch import nn
 
 from tuneforge.methods.peft_adapters import load_peft_adapter, virtual_tokens_disabled
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
+from tuneforge.methods.prefix_tuning.memory import prefix_memory
 from tuneforge.methods.prefix_tuning.model import apply_prefix, forward_for_loss, generate
+from tuneforge.methods.prefix_tuning.serving import PrefixServing
 from tuneforge.methods.registry import Method, register_method
 
 if TYPE_CHECKING:
@@ -24,10 +26,19 @@ def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> 
     return apply_prefix(model, config.prefix)
 
 
+def _check_config(config: RunConfig) -> None:
+    if config.gradient_checkpointing:
+        # transformers drops the cache under activation checkpointing ("Caching is incompatible with gradient
+        # checkpointing"): the prefix's keys and values would vanish and the explicit mask no longer fit them
+        raise ValueError("method prefix with gradient_checkpointing: transformers drops the prefix's key/value cache "
+                         "under activation checkpointing; set gradient_checkpointing: false (or use prompt tuning)")
+
+
 register_method(Method(
     name="prefix", summary="per-layer key/value prefixes",
+    memory=prefix_memory, engines=frozenset({"single", "ddp"}), check_config=_check_config,
     settings={"prefix": PrefixConfig}, apply=_apply,
     load_trained=load_peft_adapter, saved_types=("PREFIX_TUNING",), forward=forward_for_loss, generate=generate,
     not_mergeable_reason="prefix tuning adds key/value vectors, not a change of weights",
-    disable=virtual_tokens_disabled,
+    disable=virtual_tokens_disabled, serving=PrefixServing,
 ))

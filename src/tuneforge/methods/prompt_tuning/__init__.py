@@ -9,7 +9,9 @@ from torch import nn
 
 from tuneforge.methods.peft_adapters import load_peft_adapter, virtual_tokens_disabled
 from tuneforge.methods.prompt_tuning.config import PromptConfig
+from tuneforge.methods.prompt_tuning.memory import prompt_memory
 from tuneforge.methods.prompt_tuning.model import apply_prompt, forward_for_loss, generate
+from tuneforge.methods.prompt_tuning.serving import PromptServing
 from tuneforge.methods.registry import Method, register_method
 
 if TYPE_CHECKING:
@@ -26,9 +28,10 @@ def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> 
 
 register_method(Method(
     name="prompt", summary="a soft prompt of input embeddings",
+    memory=prompt_memory, engines=frozenset({"single", "ddp"}),
     settings={"prompt": PromptConfig},
     apply=_apply,
     load_trained=load_peft_adapter, saved_types=("PROMPT_TUNING",), forward=forward_for_loss, generate=generate,
     not_mergeable_reason="prompt tuning adds input embeddings, not a change of weights",
-    disable=virtual_tokens_disabled,
+    disable=virtual_tokens_disabled, serving=PromptServing,
 ))

@@ -97,6 +97,8 @@ class Strategy(ABC):
     """One process of a run and the engine that trains it. The defaults are those of a model each process
     holds whole (one process, DDP); the engines override what they do otherwise."""
 
+    engine = "single"                        # its name in the methods' engine table (tuneforge.methods.engines)
+
     # set by prepare()
     model: torch.nn.Module                   # the model, its method applied
     objective: Any
@@ -131,8 +133,15 @@ class Strategy(ABC):
     # ------------------------------------------------------------------------------------ set-up
 
     def check(self, config: Any) -> None:
-        """Refuse, with one line, a run this engine is not proven to train (may adjust a setting, logged)."""
-        return None
+        """Refuse, with one line, a run this engine is not proven to train (may adjust a setting, logged): here a
+        method whose record does not list :attr:`engine` (:func:`tuneforge.methods.engines.engine_refusal`); the
+        engines add their own checks after this one."""
+        from tuneforge.errors import ConfigError
+        from tuneforge.methods.engines import engine_refusal
+
+        refusal = engine_refusal(config.method, self.engine)
+        if refusal:
+            raise ConfigError(refusal)
 
     def prepare(self, model: torch.nn.Module, objective: Any, config: Any,
                 build_optimizer: BuildOptimizer) -> torch.optim.Optimizer:

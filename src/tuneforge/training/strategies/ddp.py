@@ -15,6 +15,8 @@ from tuneforge.training.strategies.base import BuildOptimizer, ObjectiveModule, 
 
 
 class DDP(Parallel):
+    engine = "ddp"
+
     def setup(self, build_optimizer: BuildOptimizer) -> torch.optim.Optimizer:
         self.wrapped = self.accelerator.prepare_model(ObjectiveModule(self.model, self.objective, self.config))
         return build_optimizer(self.config, trained_parameters(self.model))

@@ -18,7 +18,8 @@
   ``trainer_state.pt`` keeps the rest (scheduler, counters, RNG) as on one process.
 * The model is loaded whole on every process and then partitioned (accelerate's ``zero3_init_flag``, loading
   straight into partitions through transformers, is turned off, as FSDP2's ``cpu_ram_efficient_loading``).
-* Proven for ``lora`` on ``sft`` / ``pretrain`` (``tests/test_distributed_deepspeed.py``); the rest, ZeRO-1,
+* Proven for ``lora`` on ``sft`` / ``pretrain`` (``tests/test_distributed_deepspeed.py``: the methods whose record
+  lists ``deepspeed``, :mod:`tuneforge.methods.engines`); the rest, ZeRO-1,
   offloading, fp16 and a DeepSpeed config with its own optimizer or scheduler are refused with one line.
 """
 
@@ -34,13 +35,12 @@ from typing import Any, cast
 import torch
 
 from tuneforge.training.strategies.base import BuildOptimizer, Gathered, ObjectiveModule, Parallel, trained_parameters
-from tuneforge.training.strategies.fsdp2 import FSDP2_METHODS
 
 log = logging.getLogger(__name__)
 
-# what DeepSpeed is proven to train (tests/test_distributed_deepspeed.py): ZeRO stages 2 and 3, LoRA
+# what DeepSpeed is proven to train (tests/test_distributed_deepspeed.py): ZeRO stages 2 and 3 (its methods: the
+# records' engines)
 DEEPSPEED_STAGES = (2, 3)
-DEEPSPEED_METHODS = ("lora",)
 DEEPSPEED_TASKS = ("sft", "pretrain")
 DEEPSPEED_FOLDER = "deepspeed"      # a checkpoint's DeepSpeed state (each process's optimizer partition)
 DEEPSPEED_TAG = "zero"
@@ -48,6 +48,8 @@ DEEPSPEED_TAG = "zero"
 
 class DeepSpeed(Parallel):
     """The engine (``deepspeed.initialize``'s) steps, clips and holds the optimizer's partitions."""
+
+    engine = "deepspeed"
 
     def __init__(self, accelerator: Any, rank: int, world: int, stage: int) -> None:
         super().__init__(accelerator, rank, world)
@@ -71,15 +73,12 @@ class DeepSpeed(Parallel):
         return self.stage == 3
 
     def check(self, config: Any) -> None:
-        """Refuse, with one line, what DeepSpeed is not proven to train (:data:`DEEPSPEED_METHODS`, ...); ZeRO-3
-        turns ``chunked_loss: auto`` off."""
+        """Refuse, with one line, what DeepSpeed is not proven to train (a method whose record does not list
+        ``deepspeed``, :data:`DEEPSPEED_TASKS`, ...); ZeRO-3 turns ``chunked_loss: auto`` off."""
         from tuneforge.errors import ConfigError
 
         zero = f"DeepSpeed ZeRO-{self.stage}"
-        if config.method not in DEEPSPEED_METHODS:
-            raise ConfigError(f"method {config.method} with DeepSpeed is not tested yet (DeepSpeed trains "
-                              f"{' and '.join(DEEPSPEED_METHODS)}); train it with DDP (distributed_type MULTI_GPU)"
-                              + (" or FSDP2" if config.method in FSDP2_METHODS else ""))
+        super().check(config)
         if config.task not in DEEPSPEED_TASKS:
             raise ConfigError(f"task {config.task} with DeepSpeed is not tested yet (DeepSpeed trains tasks "
                               f"{' and '.join(DEEPSPEED_TASKS)}); train it with DDP (distributed_type MULTI_GPU)")

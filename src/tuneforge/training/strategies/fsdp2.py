@@ -13,8 +13,9 @@
   ``full_state_dict=True, cpu_offload=True``): a collective every process joins, after which the main process
   alone writes the same files as on one process (the optimizer state keyed by parameter names). Resume loads
   them back with ``set_model_state_dict`` / ``set_optimizer_state_dict``.
-* Proven for ``lora`` and ``full`` on ``sft`` / ``pretrain`` (``tests/test_distributed_fsdp.py``); QLoRA, the
-  other methods and tasks, FSDP1 and the FSDP settings not tested are refused with one line.
+* Proven for ``lora`` and ``full`` on ``sft`` / ``pretrain`` (``tests/test_distributed_fsdp.py``): the methods whose
+  record lists ``fsdp2`` (:mod:`tuneforge.methods.engines`); QLoRA, the other methods and tasks, FSDP1 and the FSDP
+  settings not tested are refused with one line.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ from tuneforge.training.strategies.base import (
 
 log = logging.getLogger(__name__)
 
-# what FSDP2 is proven to train (tests/test_distributed_fsdp.py); the rest is refused with one line
-FSDP2_METHODS = ("lora", "full")
+# the tasks FSDP2 is proven to train (tests/test_distributed_fsdp.py; its methods: the records' engines); the rest
+# is refused with one line
 FSDP2_TASKS = ("sft", "pretrain")
 
 
 class FSDP2(Parallel):
     """Parameters, gradients and optimizer state split over the processes."""
+
+    engine = "fsdp2"
 
     @property
     def launch(self) -> str:
@@ -57,15 +60,11 @@ class FSDP2(Parallel):
         return "FSDP2" if engine == "fsdp2" else None
 
     def check(self, config: Any) -> None:
-        """Refuse, with one line, what FSDP2 is not proven to train (:data:`FSDP2_METHODS`, :data:`FSDP2_TASKS`)."""
+        """Refuse, with one line, what FSDP2 is not proven to train (a method whose record does not list
+        ``fsdp2``, :data:`FSDP2_TASKS`)."""
         from tuneforge.errors import ConfigError
 
-        if config.method == "qlora":
-            raise ConfigError("method qlora with FSDP2: 4-bit weights lose their quantisation state when FSDP2 "
-                              "gathers them; train QLoRA with DDP (distributed_type MULTI_GPU) or on one GPU")
-        if config.method not in FSDP2_METHODS:
-            raise ConfigError(f"method {config.method} with FSDP2 is not tested yet (FSDP2 trains "
-                              f"{' and '.join(FSDP2_METHODS)}); train it with DDP (distributed_type MULTI_GPU)")
+        super().check(config)
         if config.task not in FSDP2_TASKS:
             raise ConfigError(f"task {config.task} with FSDP2 is not tested yet (FSDP2 trains tasks "
                               f"{' and '.join(FSDP2_TASKS)}); train it with DDP (distributed_type MULTI_GPU)")

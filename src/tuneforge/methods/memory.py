@@ -1,0 +1,185 @@
+"""What a method tells the memory estimator: the types of the :class:`~tuneforge.methods.registry.Method` record's
+``memory`` hook, ``memory(inputs: MemoryInputs) -> MemoryTerms``.
+
+The estimator (:mod:`tuneforge.estimate.memory`, whose docstring is the derivation) owns the arithmetic every
+method shares: the model's shape, the bytes one frozen or trained Llama block saves for backward
+(:class:`BlockActivations`), the logits, the optimizer and the peak. A method's hook adds what only it knows:
+how many parameters train and in which dtype, what its weights take, and what its layers save per token on top
+of the block's. The hook is a pure function of plain numbers (no torch, nothing above ``methods/``), so each
+method keeps its formulas in its own folder (``methods/<method>/memory.py``) and a new method is estimated
+as soon as it is registered.
+
+Notation as the estimator's: ``d`` hidden size, ``I`` MLP width, ``L`` layers, ``H``/``KV`` query/key-value
+heads of ``hd``, ``q = H*hd``, ``kv = KV*hd``, ``V`` vocabulary, ``a`` bytes of an activation element, ``T``
+tokens of the packed row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Shape(Protocol):
+    """A Llama-like decoder's shape, as :class:`tuneforge.estimate.shapes.ModelShape` holds it (read-only)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def tie_word_embeddings(self) -> bool: ...
+
+    @property
+    def hd(self) -> int: ...
+
+    @property
+    def q_width(self) -> int: ...
+
+    @property
+    def kv_width(self) -> int: ...
+
+    def linears(self) -> list[tuple[str, int, int]]: ...
+
+    def linear_params_per_layer(self) -> int: ...
+
+    def num_parameters(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """Bytes one Llama decoder block saves for backward per token, by part, for activations of ``a`` bytes
+    (the estimator's derivation; checked against ``torch.autograd.graph.saved_tensors_hooks``).
+
+    Attributes:
+        norm: one RMSNorm with a frozen weight (``a*d + 4`` fused, ``4d + 4`` transformers' module).
+        norm_weight: what a norm saves on top when its weight trains (transformers' module: its normalized
+            ``x``, ``a*d``; 0 fused).
+        attention: SDPA's inputs q, k, v and output, and the fp32 log-sum-exp: ``a*(2q + 2kv) + 4H`` (``kv``
+            is ``q`` where k and v are repeated to every head: a dense mask, an explicit one).
+        o_copy: the o projection's input when tuneforge's per-example attention concatenated it (``a*q``,
+            packed rows) and something keeps it uncast; 0 otherwise.
+        mlp: SwiGLU with frozen weights: ``gate(x)``, ``silu(.)`` and ``up(.)``: ``3a*I``.
+        act_bytes: ``a``.
+    """
+
+    norm: int
+    norm_weight: int
+    attention: int
+    o_copy: int
+    mlp: int
+    act_bytes: int
+
+    @property
+    def frozen(self) -> int:
+        """A block whose weights are all frozen and through which the gradient still flows."""
+        return 2 * self.norm + self.attention + self.mlp
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """What the estimator knows of a run when it asks a method's ``memory`` hook.
+
+    Attributes:
+        shape: the model's :class:`Shape`.
+        settings: the run config's method sections (``settings["lora"]`` is a ``LoraConfig``); every registered
+            section is there, with its defaults where the run did not set it.
+        dtype: the base's dtype as loaded (``bf16``, ``fp16``, ``fp32``); ``dtype_bytes``: ``w``, its bytes.
+        seq, batch: tokens per example and examples packed into the row (``T = seq * batch``).
+        attention: ``packed_sdpa`` (per-example attention) or ``sdpa`` (transformers' dense block mask).
+        device: ``cpu`` or ``cuda``.
+        block: ``(a, explicit_mask=False) -> BlockActivations`` of this shape and row for activations of ``a``
+            bytes; ``explicit_mask``: attention under a mask passed in (k, v repeated to every head, no
+            per-example split), as a prefix's.
+    """
+
+    shape: Shape
+    settings: Mapping[str, Any]
+    dtype: str
+    dtype_bytes: int
+    seq: int
+    batch: int
+    attention: str
+    device: str
+    block: Callable[..., BlockActivations]
+
+    @property
+    def tokens(self) -> int:
+        """``T``: tokens of the packed row."""
+        return self.seq * self.batch
+
+    @property
+    def packed(self) -> bool:
+        """Whether the row holds several examples."""
+        return self.batch > 1
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """A method's part of the estimate of one training step (bytes, and element counts where named so).
+
+    Attributes:
+        trainable_params: parameters that train (elements).
+        weights: every weight in memory: the base as the method stores it plus what the method adds.
+        param_bytes: bytes of a trained element; its gradient and AdamW's ``m`` and ``v`` take as many.
+        largest_trainable: elements of the largest trained tensor (torch's for-loop AdamW holds two of them).
+        act_bytes: ``a``, bytes of the residual stream's activations.
+        per_token_layer: bytes one decoder layer saves for backward per token of the row.
+        per_layer: bytes one decoder layer saves whatever the row's length (a prefix's keys and values).
+        extra_tokens: tokens the method adds to the row the layers see (a soft prompt per example).
+        shared: bytes saved once for the whole step outside the layers (a prefix's mask, its key/value cache).
+        explicit_mask: the method passes attention a mask of its own (counted in ``shared``): neither
+            tuneforge's per-example attention nor transformers' block mask runs.
+        trains_head: the final norm and the LM head train (their inputs are saved, the head's gradient arrives
+            while the logits are alive).
+        master_copy: with ``master_weights``, AdamW updates an fp32 copy of the trained parameters (full tuning
+            in 16 bits); False where they are fp32 already.
+        step_floor: the least memory beside the gradients at the end of backward (a tied embedding's two
+            ``V x d`` gradient temporaries).
+        load_peak: the most memory while loading the base, where it exceeds ``weights`` (QLoRA quantizing on
+            CPU); None: ``weights``.
+        notes: the assumptions, one line each.
+    """
+
+    trainable_params: int
+    weights: int
+    param_bytes: int
+    largest_trainable: int
+    act_bytes: int
+    per_token_layer: int
+    per_layer: int = 0
+    extra_tokens: int = 0
+    shared: int = 0
+    explicit_mask: bool = False
+    trains_head: bool = False
+    master_copy: bool = False
+    step_floor: int = 0
+    load_peak: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+MemoryHook = Callable[[MemoryInputs], MemoryTerms]
+"""The ``memory`` field of a :class:`~tuneforge.methods.registry.Method`."""
+
+
+def base_weight_bytes(inputs: MemoryInputs) -> int:
+    """Every base parameter in the dtype it was loaded in: ``P * w``."""
+    return inputs.shape.num_parameters() * inputs.dtype_bytes
