@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from tuneforge.config.eval import check_columns
 from tuneforge.data.synthetic_tickets import SYSTEM_PROMPT
 from tuneforge.evaluation import columns, failures, forgetting, generation, heldout
 from tuneforge.evaluation.retrieval import DocsError, Retriever, load_passages
@@ -187,7 +188,7 @@ def test_column_prompts():
     rag = columns.with_context(prompt, ["Shipping: parcels"])
     assert rag[-1]["content"] == "Context:\n- Shipping: parcels\n\nwhere is my parcel" and rag[0] == prompt[0]
     with pytest.raises(ValueError, match="unknown column"):
-        columns.check_columns(["base", "tunde"])
+        check_columns(["base", "tunde"])
 
 
 def test_the_eval_section_of_the_run_config_is_validated_at_load():

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, load_config
-from tuneforge.config.eval import EvalSettings
+from tuneforge.config.eval import BASE_COLUMNS, EvalSettings, check_columns
 from tuneforge.data.dataset import DataError, load_examples
 from tuneforge.data.formats import Example
 from tuneforge.evaluation import bootstrap, failures, generation, heldout
@@ -256,7 +256,7 @@ def check_inputs(config: RunConfig, settings: EvalSettings) -> Inputs:
     rules = failures.FormatRules(labels=labels, json_expected=json_refs,
                                  schema_ok=_schema_check(settings.json_schema),
                                  regex_ok=metric_set.metrics.get("regex"))
-    wanted = cols.check_columns(settings.columns)
+    wanted = check_columns(settings.columns)
     retriever = None
     if any(c in ("rag", "tuned+rag") for c in wanted):
         if not settings.docs:
@@ -360,7 +360,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
         for column in wanted:
             prompts = cols.build_prompts(column, test.prompts, shots, retriever, settings.rag_k)
             bar.set_postfix(set=test.name, column=column)
-            if column in cols.BASE_COLUMNS:
+            if column in BASE_COLUMNS:
                 with _base_model(loaded, config, cache) as (model, method):
                     gens = generation.generate(model, tokenizer, prompts, method, max_new, settings.batch_size,
                                                progress=bar.update)

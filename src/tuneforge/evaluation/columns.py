@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 
-from tuneforge.config.eval import BASE_COLUMNS, COLUMNS, check_columns  # noqa: F401  (this module's vocabulary)
 from tuneforge.evaluation.retrieval import Retriever
 
 

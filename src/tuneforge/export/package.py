@@ -48,7 +48,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_MODEL_FILES = ("config.json", "generation_config.json")
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 LICENSES = {"smollm2-135m-instruct": "apache-2.0"}
-VLLM_DEFAULT_MAX_LORA_RANK = 16
 TRAINING_KEYS = ("task", "learning_rate", "lr_scheduler", "warmup_ratio", "warmup_steps", "weight_decay",
                  "max_grad_norm", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "seed",
                  "dtype")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -48,9 +48,9 @@ class LoadedModel:
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=self.device)
             sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
                         else {"do_sample": False})
-            out = method_generate(cast(Generates, self.model), self.config, input_ids=input_ids, attention_mask=attention,
-                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
-                                  **sampling)
+            out = method_generate(cast(Generates, self.model), self.config, input_ids=input_ids,
+                                  attention_mask=attention, max_new_tokens=max_new_tokens,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=pad, **sampling)
             for row in out[:, width:]:
                 outputs.append(str(tok.decode(row, skip_special_tokens=True)).strip())
         return outputs
