@@ -206,3 +206,17 @@ def test_cli_parser_registers_estimate(capsys):
     args = parser.parse_args(["estimate", "--seeds-table"])
     assert args.func(args) == 0
     assert "llama-2-13b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lora.rr=3", "error: --set: unknown key 'lora.rr' (did you mean 'lora.r'?)"),
+    ("adapter.bottleneck=abc", "error: --set adapter.bottleneck: Input should be a valid integer"),
+    ("nolora.r=3", "error: --set nolora.*: no method owns a section 'nolora'"),
+    ("nonsense", "error: --set 'nonsense': write SECTION.KEY=VALUE"),
+])
+def test_estimate_set_refuses_a_bad_key_or_value_in_one_line(pair, message, capsys):
+    from tuneforge.cli import main
+
+    assert main(["estimate", "--model", "smollm2-135m", "--method", "lora", "--set", pair]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(message), err

@@ -25,6 +25,27 @@ def method_settings_from(pairs: list[str]) -> dict[str, dict]:
     return out
 
 
+def _check_section(section: str, model, values: dict) -> None:
+    """One line naming the ``--set`` key that does not fit the method's section (closest valid key for a typo)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    from tuneforge.errors import ConfigError
+
+    try:
+        model.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join([section, *(str(p) for p in first["loc"])])
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(first["loc"][-1]), list(model.model_fields), n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"--set: unknown key '{key}'{hint}") from e
+        raise ConfigError(f"--set {key}: {first['msg'].removeprefix('Value error, ')} "
+                          f"(got {first.get('input')!r})") from e
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from tuneforge.errors import ConfigError
     from tuneforge.estimate.memory import estimable_methods, estimate_memory, seeds_table
@@ -38,6 +59,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--set {unknown[0]}.*: no method owns a section {unknown[0]!r}; sections: "
                           f"{', '.join(settings_sections())}")
+    for section, values in settings.items():
+        _check_section(section, settings_sections()[section], values)
     methods = estimable_methods() if args.method == "all" else [args.method]
     try:
         estimates = [estimate_memory(args.model, method, args.seq, args.batch,
