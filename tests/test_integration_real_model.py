@@ -45,6 +45,32 @@ def test_method_trains_on_the_real_model_and_generates_in_a_new_process(method, 
     assert evals[-1] < first_loss, (method, first_loss, evals)
     record = json.loads((run / "run.json").read_text())
     assert record["base_model"]["gguf_sha256"] and record["method"] == method
-    answer = _cli("generate", str(run), "--prompt", "My parcel never arrived, order #A12345.", "--max-new-tokens", "8")
+    prompt = "My parcel never arrived, order #A12345."
+    answer = _cli("generate", str(run), "--prompt", prompt, "--max-new-tokens", "8")
+    # the new process's answer is the greedy answer of the training forward (method_forward: the method's own
+    # packed-row path, not transformers'/peft's generate), recomputed here token by token
+    assert answer.strip() == _greedy_by_training_forward(run, method, prompt, 8), (method, answer)
     if method not in ("prefix", "prompt"):  # 6 steps leave soft prompts answering <|im_end|> first (an empty answer)
         assert answer.strip()
+
+
+def _greedy_by_training_forward(run, method: str, prompt: str, new_tokens: int) -> str:
+    import torch
+
+    from tuneforge.data.rendering import prompt_ids
+    from tuneforge.methods import method_forward
+    from tuneforge.runs import load_run
+
+    loaded = load_run(run, device="cpu")
+    tok = loaded.tokenizer
+    ids = list(prompt_ids(tok, [{"role": "user", "content": prompt}]))
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            t = len(ids)
+            logits = method_forward(loaded.model.eval(), method, torch.tensor([ids]), torch.arange(t)[None],
+                                    torch.tensor([t - 1]), lengths=[t])
+            ids.append(int(logits[-1].argmax()))
+            if ids[-1] == tok.eos_token_id:
+                break
+    return tok.decode(ids[start:], skip_special_tokens=True).strip()
