@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -125,3 +127,43 @@ def assert_resumed_bitwise(uninterrupted, resumed):
     wa = load_file(str(uninterrupted / "adapter_model.safetensors"))
     wb = load_file(str(resumed / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class SharedRuns:
+    """Runs trained once per test session and shared by every test that compares against them.
+
+    The one-process reference of a config (2 accumulation steps, the global batch of 2 processes) is the same run
+    for DDP, FSDP2, ZeRO-2 and ZeRO-3, so it is trained once per config; an engine's 2-process run serves both its
+    equality test and, as the uninterrupted run, its resume test. Each config lives in its own folder (named by a
+    hash of its settings), holding its data, ``c.yaml`` and the runs trained from it; tests write their own runs
+    (a crashed run, its resume) elsewhere, pointing at the same ``c.yaml``.
+    """
+
+    def __init__(self, root: Path, tiny_model_dir: Path):
+        self.root, self.model = root, tiny_model_dir
+
+    def folder(self, **settings) -> Path:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        folder = self.root / key
+        if not (folder / "c.yaml").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            run_config(folder, self.model, **settings)
+        return folder
+
+    def config(self, **settings) -> Path:
+        return self.folder(**settings) / "c.yaml"
+
+    def one_process(self, **settings) -> Path:
+        """The one-process run of ``settings`` with the 2-process global batch (trained on first use)."""
+        folder = self.folder(**settings)
+        if not (folder / "one" / "run.json").is_file():
+            train_one(folder / "c.yaml", folder, "one", settings.get("gradient_accumulation_steps", 1))
+        return folder / "one"
+
+    def launched(self, name: str, launch, **settings) -> tuple[Path, str]:
+        """The run ``launch(config, cwd, output_dir)`` trains (on first use) and its stderr."""
+        folder = self.folder(**settings)
+        out, log = folder / name, folder / f"{name}.stderr"
+        if not (out / "run.json").is_file():
+            log.write_text(launch(folder / "c.yaml", folder, name).stderr)
+        return out, log.read_text()

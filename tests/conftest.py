@@ -40,6 +40,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory, tiny_model_dir):
+    """Distributed test runs trained once per session (see ``_distributed_helpers.SharedRuns``)."""
+    from _distributed_helpers import SharedRuns
+
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"), tiny_model_dir)
+
+
 def write_jsonl(path, rows):
     import json
 

@@ -14,23 +14,31 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from _distributed_helpers import assert_same_steps, assert_same_weights, crash_env, metrics, run, run_config, train_one
+from _distributed_helpers import assert_same_steps, assert_same_weights, crash_env, metrics, run
 from conftest import write_jsonl
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-@pytest.mark.timeout(900)
-def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
-    path = run_config(tmp_path, tiny_model_dir)
-    train_one(path, tmp_path, "one")
-    run([*TORCHRUN, "-m", "tuneforge.cli", "train", str(path), "--set", "output_dir=two"], tmp_path)
+# one config for the equality and the resume test (checkpoints every step, for the resume): its one-process
+# reference is shared with FSDP2 and DeepSpeed, its 2-process run trained once (conftest's shared_runs)
+PLAIN = {"save_every": 1}
 
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+
+def _ddp(config, cwd, out, *extra, check=True, env=None):
+    return run([*TORCHRUN, "-m", "tuneforge.cli", "train", str(config), "--set", f"output_dir={out}", *extra], cwd,
+               check=check, env=env)
+
+
+@pytest.mark.timeout(900)
+def test_two_process_ddp_equals_one_process(shared_runs):
+    one_dir, (two_dir, _) = shared_runs.one_process(**PLAIN), shared_runs.launched("ddp", _ddp, **PLAIN)
+
+    one, two = metrics(one_dir), metrics(two_dir)
     assert_same_steps(one, two)
-    assert_same_weights(load_file(str(tmp_path / "one" / "adapter_model.safetensors")),
-                        load_file(str(tmp_path / "two" / "adapter_model.safetensors")), 1e-6)
-    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert_same_weights(load_file(str(one_dir / "adapter_model.safetensors")),
+                        load_file(str(two_dir / "adapter_model.safetensors")), 1e-6)
+    record = json.loads((two_dir / "run.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 5
     # only the main process wrote: one metrics row per step, no duplicates
     assert len(two) == 5
@@ -52,16 +60,15 @@ def test_fsdp_without_gpus_is_refused_not_run_as_independent_processes(tiny_mode
 
 
 @pytest.mark.timeout(900)
-def test_a_ddp_run_resumes_on_fewer_processes_with_the_same_global_batch(tiny_model_dir, tmp_path):
+def test_a_ddp_run_resumes_on_fewer_processes_with_the_same_global_batch(shared_runs, tmp_path):
     """Every process draws the step's accumulation x processes micro-batches from one seeded stream, so the data
     order depends on their product only: a 2-process run stopped after step 3 resumes on 1 process with
     gradient_accumulation_steps 2 and ends where the uninterrupted 2-process run ends. With the product changed,
     --resume is refused in one line naming it."""
-    path = run_config(tmp_path, tiny_model_dir, save_every=1)
-    ddp = [*TORCHRUN, "-m", "tuneforge.cli", "train", str(path)]
+    path = shared_runs.config(**PLAIN)
+    uninterrupted, _ = shared_runs.launched("ddp", _ddp, **PLAIN)
     one = [sys.executable, "-m", "tuneforge.cli", "train", str(path)]
-    run([*ddp, "--set", "output_dir=uninterrupted"], tmp_path)
-    assert run([*ddp, "--set", "output_dir=crashed"], tmp_path, check=False, env=crash_env(tmp_path)).returncode != 0
+    assert _ddp(path, tmp_path, "crashed", check=False, env=crash_env(tmp_path)).returncode != 0
 
     refused = run([*one, "--set", "output_dir=crashed", "--resume"], tmp_path, check=False)
     assert refused.returncode == 2
@@ -70,12 +77,12 @@ def test_a_ddp_run_resumes_on_fewer_processes_with_the_same_global_batch(tiny_mo
         "(2 then, 1 now); resume with the same config and data, or train into a new output_dir")
     run([*one, "--set", "output_dir=crashed", "--set", "gradient_accumulation_steps=2", "--resume"], tmp_path)
 
-    a, b = metrics(tmp_path / "uninterrupted"), metrics(tmp_path / "crashed")
+    a, b = metrics(uninterrupted), metrics(tmp_path / "crashed")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b, strict=True):
         assert ra["lr"] == rb["lr"] and ra["tokens"] == rb["tokens"]
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
-    wa = load_file(str(tmp_path / "uninterrupted" / "adapter_model.safetensors"))
+    wa = load_file(str(uninterrupted / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "crashed" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6

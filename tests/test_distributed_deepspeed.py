@@ -43,14 +43,23 @@ def _zero(stage, config, tmp_path, out, *extra, check=True, env=None, launch_arg
     return run(launch, tmp_path, check=check, env=env)
 
 
+def _launcher(stage):
+    return lambda config, cwd, out: _zero(stage, config, cwd, out)
+
+
+# PLAIN serves the equality and the resume test (checkpoints every step; DeepSpeed's partitioned state saved
+# mid-run); the one-process references are shared with DDP and FSDP2 where the settings are the same, and each
+# 2-process run is trained once (conftest's shared_runs)
+PLAIN = {"save_every": 1}
 CASES = [
-    (2, {}),
-    (3, {}),
+    (2, PLAIN),
+    (3, PLAIN),
     # 2 micro-batches per process (the engine reduces at the last), activations recomputed in backward, the
     # chunked loss (ZeRO-2 keeps the LM head whole on each process)
-    (2, {"gradient_checkpointing": True, "chunked_loss": "on", "gradient_accumulation_steps": 2, "batch_size": 2}),
+    (2, {"save_every": 2, "gradient_checkpointing": True, "chunked_loss": "on", "gradient_accumulation_steps": 2,
+         "batch_size": 2}),
     # ZeRO-3 gathers each layer again for the recomputation in backward
-    (3, {"gradient_checkpointing": True, "gradient_accumulation_steps": 2, "batch_size": 2}),
+    (3, {"save_every": 2, "gradient_checkpointing": True, "gradient_accumulation_steps": 2, "batch_size": 2}),
 ]
 
 
@@ -58,27 +67,25 @@ CASES = [
 @pytest.mark.parametrize(("stage", "settings"), CASES,
                          ids=["zero2", "zero3", "zero2-checkpointing-chunked-accumulation",
                               "zero3-checkpointing-accumulation"])
-def test_deepspeed_lora_equals_one_process(tiny_model_dir, tmp_path, stage, settings):
-    # checkpoints save DeepSpeed's partitioned state mid-run (save_every 2)
-    path = run_config(tmp_path, tiny_model_dir, save_every=2, **settings)
-    train_one(path, tmp_path, "one", settings.get("gradient_accumulation_steps", 1))
-    proc = _zero(stage, path, tmp_path, "two")
+def test_deepspeed_lora_equals_one_process(shared_runs, stage, settings):
+    one_dir = shared_runs.one_process(**settings)
+    two_dir, stderr = shared_runs.launched(f"zero{stage}", _launcher(stage), **settings)
     accumulation = settings.get("gradient_accumulation_steps", 1)
     assert f"DeepSpeed ZeRO-{stage} over 2 processes: micro-batch {settings.get('batch_size', 4)}, " \
-           f"{accumulation} accumulation steps" in proc.stderr                          # the run really was DeepSpeed
+           f"{accumulation} accumulation steps" in stderr                               # the run really was DeepSpeed
 
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = metrics(one_dir), metrics(two_dir)
     worst = assert_same_steps(one, two)          # the grad norm: the engine's, of the whole reduced gradient
-    wa = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    wa = load_file(str(one_dir / "adapter_model.safetensors"))
+    wb = load_file(str(two_dir / "adapter_model.safetensors"))
     worst["weights"] = assert_same_weights(wa, wb, 1e-6)
     print(f"ZeRO-{stage} {settings}: largest differences {worst}")
-    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    record = json.loads((two_dir / "run.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 5
     assert len(two) == 5                                               # only the main process wrote
     # the checkpoint: the trained tensors whole (gathered under ZeRO-3), DeepSpeed's partitions beside them
-    last_one = sorted((tmp_path / "one" / "checkpoints").glob("last-*"))[-1]
-    last_two = sorted((tmp_path / "two" / "checkpoints").glob("last-*"))[-1]
+    last_one = sorted((one_dir / "checkpoints").glob("last-*"))[-1]
+    last_two = sorted((two_dir / "checkpoints").glob("last-*"))[-1]
     ta, tb = load_file(str(last_one / "trainable.safetensors")), load_file(str(last_two / "trainable.safetensors"))
     assert_same_weights(ta, tb, 1e-6)
     parts = sorted(p.name for p in (last_two / "deepspeed" / "zero").glob("*optim_states.pt"))
@@ -87,15 +94,15 @@ def test_deepspeed_lora_equals_one_process(tiny_model_dir, tmp_path, stage, sett
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_deepspeed_resume_after_a_crash_is_the_uninterrupted_run(tiny_model_dir, tmp_path, stage):
-    path = run_config(tmp_path, tiny_model_dir, save_every=1, max_steps=5)
-    _zero(stage, path, tmp_path, "uninterrupted")
+def test_deepspeed_resume_after_a_crash_is_the_uninterrupted_run(shared_runs, tmp_path, stage):
+    path = shared_runs.config(**PLAIN)
+    uninterrupted, _ = shared_runs.launched(f"zero{stage}", _launcher(stage), **PLAIN)
     proc = _zero(stage, path, tmp_path, "crashed", check=False, env=crash_env(tmp_path))
     assert proc.returncode != 0
     assert [r["step"] for r in metrics(tmp_path / "crashed")] == [1, 2, 3]
     _zero(stage, path, tmp_path, "crashed", "--resume")
 
-    assert_resumed_bitwise(tmp_path / "uninterrupted", tmp_path / "crashed")
+    assert_resumed_bitwise(uninterrupted, tmp_path / "crashed")
 
     # resuming that checkpoint with another engine is refused in one line, before any step
     other = 3 if stage == 2 else 2

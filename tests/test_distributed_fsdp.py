@@ -26,7 +26,6 @@ from _distributed_helpers import (
     metrics,
     run,
     run_config,
-    train_one,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,62 +40,64 @@ def _fsdp(config, tmp_path, out, *extra, check=True, env=None, launch_args=()):
     return run(launch, tmp_path, check=check, env={**FSDP_ON_CPU, **(env or {})})
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("settings", [
-    {},
-    {"gradient_checkpointing": True, "chunked_loss": "on", "gradient_accumulation_steps": 2, "batch_size": 2}],
-    ids=["plain", "checkpointing-chunked-loss-accumulation"])
-def test_fsdp2_lora_equals_one_process(tiny_model_dir, tmp_path, settings):
-    # checkpoints gather the sharded state mid-run; the second case recomputes layers in backward (their
-    # shards gathered again), runs the LM head outside the model's forward (chunked loss) and accumulates
-    # 2 micro-batches per process without gradient synchronisation but for the last
-    path = run_config(tmp_path, tiny_model_dir, save_every=2, **settings)
-    train_one(path, tmp_path, "one", settings.get("gradient_accumulation_steps", 1))
-    proc = _fsdp(path, tmp_path, "two")
-    assert "accelerate's FSDP path forced on CPUs" in proc.stderr        # the run really was FSDP2:
-    # every parameter a shard (DTensor), one group per decoder layer (2) plus the root
-    assert re.search(r"FSDP2: (\d+) of \1 parameter tensors sharded over 2 processes, in 3 groups", proc.stderr)
+# PLAIN serves the equality and the resume test (checkpoints every step); the configs' one-process references are
+# shared with DDP and DeepSpeed, and each 2-process run is trained once (conftest's shared_runs)
+PLAIN = {"save_every": 1}
+# checkpoints gather the sharded state mid-run; this case also recomputes layers in backward (their shards gathered
+# again), runs the LM head outside the model's forward (chunked loss) and accumulates 2 micro-batches per process
+# without gradient synchronisation but for the last
+CHECKPOINTING = {"save_every": 2, "gradient_checkpointing": True, "chunked_loss": "on",
+                 "gradient_accumulation_steps": 2, "batch_size": 2}
 
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("settings", [PLAIN, CHECKPOINTING], ids=["plain", "checkpointing-chunked-loss-accumulation"])
+def test_fsdp2_lora_equals_one_process(shared_runs, settings):
+    one_dir = shared_runs.one_process(**settings)
+    two_dir, stderr = shared_runs.launched("fsdp2", _fsdp, **settings)
+    assert "accelerate's FSDP path forced on CPUs" in stderr        # the run really was FSDP2:
+    # every parameter a shard (DTensor), one group per decoder layer (2) plus the root
+    assert re.search(r"FSDP2: (\d+) of \1 parameter tensors sharded over 2 processes, in 3 groups", stderr)
+
+    one, two = metrics(one_dir), metrics(two_dir)
     worst = assert_same_steps(one, two)
-    wa = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    wa = load_file(str(one_dir / "adapter_model.safetensors"))
+    wb = load_file(str(two_dir / "adapter_model.safetensors"))
     worst["weights"] = assert_same_weights(wa, wb, 1e-6)
     print("FSDP2 lora, largest differences:", worst)
-    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    record = json.loads((two_dir / "run.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 5
-    assert record["trainable_params"] == json.loads((tmp_path / "one" / "run.json").read_text())["trainable_params"]
+    assert record["trainable_params"] == json.loads((one_dir / "run.json").read_text())["trainable_params"]
     assert len(two) == 5                          # only the main process wrote
     # the checkpoint holds full (gathered) tensors, the same names and shapes as one process's
-    last_one = sorted((tmp_path / "one" / "checkpoints").glob("last-*"))[-1]
-    last_two = sorted((tmp_path / "two" / "checkpoints").glob("last-*"))[-1]
+    last_one = sorted((one_dir / "checkpoints").glob("last-*"))[-1]
+    last_two = sorted((two_dir / "checkpoints").glob("last-*"))[-1]
     ta, tb = load_file(str(last_one / "trainable.safetensors")), load_file(str(last_two / "trainable.safetensors"))
     assert_same_weights(ta, tb, 1e-6)
 
 
 @pytest.mark.timeout(900)
-def test_fsdp2_full_fine_tuning_equals_one_process(tiny_model_dir, tmp_path):
-    path = run_config(tmp_path, tiny_model_dir, method="full", learning_rate=1e-3)
-    train_one(path, tmp_path, "one")
-    _fsdp(path, tmp_path, "two")
+def test_fsdp2_full_fine_tuning_equals_one_process(shared_runs):
+    settings = {"method": "full", "learning_rate": 1e-3}
+    one_dir, (two_dir, _) = shared_runs.one_process(**settings), shared_runs.launched("fsdp2", _fsdp, **settings)
 
-    worst = assert_same_steps(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
-    wa = load_file(str(tmp_path / "one" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "model.safetensors"))
+    worst = assert_same_steps(metrics(one_dir), metrics(two_dir))
+    wa = load_file(str(one_dir / "model.safetensors"))
+    wb = load_file(str(two_dir / "model.safetensors"))
     worst["weights"] = assert_same_weights(wa, wb, 1e-5)       # tied LM head saved once, as on one process
     print("FSDP2 full, largest differences:", worst)
 
 
 @pytest.mark.timeout(900)
-def test_fsdp2_resume_after_a_crash_is_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    path = run_config(tmp_path, tiny_model_dir, save_every=1, max_steps=5)
-    _fsdp(path, tmp_path, "uninterrupted")
+def test_fsdp2_resume_after_a_crash_is_the_uninterrupted_run(shared_runs, tmp_path):
+    path = shared_runs.config(**PLAIN)
+    uninterrupted, _ = shared_runs.launched("fsdp2", _fsdp, **PLAIN)
     proc = _fsdp(path, tmp_path, "crashed", check=False, env=crash_env(tmp_path))
     assert proc.returncode != 0
     assert [r["step"] for r in metrics(tmp_path / "crashed")] == [1, 2, 3]
     _fsdp(path, tmp_path, "crashed", "--resume")
 
-    assert_resumed_bitwise(tmp_path / "uninterrupted", tmp_path / "crashed")
+    assert_resumed_bitwise(uninterrupted, tmp_path / "crashed")
 
 
 def test_fsdp2_refuses_qlora_in_one_line(tiny_model_dir, tmp_path):

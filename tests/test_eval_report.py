@@ -127,13 +127,22 @@ def test_a_failed_write_leaves_the_previous_report(report, monkeypatch):
     assert not [p for p in report.out_dir.parent.iterdir() if p.name.startswith(".eval")]
 
 
-def _bad_input(run, *args):
-    proc = cli("eval", str(run), "--no-progress", *args)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    return proc, errors
+def _bad_input(capfd, run, *args, in_subprocess=False):
+    """``tuneforge eval RUN ARGS``: its exit code, stderr and error lines (in this process unless ``in_subprocess``:
+    the same ``cli.main``, without 5 s of imports per case)."""
+    from tuneforge.cli import main
+
+    if in_subprocess:
+        proc = cli("eval", str(run), "--no-progress", *args)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        capfd.readouterr()
+        code = main(["eval", str(run), "--no-progress", *map(str, args)])
+        stderr = capfd.readouterr().err
+    return code, stderr, [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval"))
     bad_test = tmp_path / "bad.jsonl"
@@ -149,12 +158,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
         ((run, "--columns", "base,tuned", "--judge", "http://127.0.0.1:9/v1"), "does not answer", "127.0.0.1:9"),
         ((run, "--columns", "base,tunde"), "unknown column", "tunde"),
     ]
-    for (target, *args), message, where in cases:
-        proc, errors = _bad_input(target, *args)
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr
+    for i, ((target, *args), message, where) in enumerate(cases):
+        code, stderr, errors = _bad_input(capfd, target, *args, in_subprocess=i == 2)   # one as users run it
+        assert code == 2, (args, stderr[-2000:])
+        assert "Traceback" not in stderr
         assert len(errors) == 1 and message in errors[0] and where in errors[0], (args, errors)
-        assert "Loading weights" not in proc.stderr            # failed before any model loaded
+        assert "Loading weights" not in stderr            # failed before any model loaded
     assert not (run / "eval").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".eval")]
 

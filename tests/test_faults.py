@@ -21,11 +21,11 @@ from tuneforge.training.objectives.causal_lm import CausalLMObjective
 from tuneforge.training.trainer import CollapseError, DivergenceError, NonFiniteLossError, RunRegressed, train
 
 
-@pytest.fixture()
-def data(tmp_path):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
     rows = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
              "completion": ["billing", "shipping", "login"][i % 3]} for i in range(16)]
-    return write_jsonl(tmp_path / "train.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("faults-data") / "train.jsonl", rows)
 
 
 def _config(tiny_model_dir, data, out, **extra):
@@ -95,10 +95,10 @@ def test_a_skipped_step_leaves_the_weights_unchanged(tiny_model_dir, data, tmp_p
     assert any(not torch.equal(saved[2][n], saved[3][n]) for n in saved[2])
 
 
-@pytest.fixture()
-def trained_model_dir(tiny_model_dir, data, tmp_path):
+@pytest.fixture(scope="module")
+def trained_model_dir(tiny_model_dir, data, tmp_path_factory):
     """The tiny model fully fine-tuned on the data, so its loss starts well below a random model's ln(V)."""
-    out = tmp_path / "pretrained"
+    out = tmp_path_factory.mktemp("pretrained") / "run"
     train(_config(tiny_model_dir, data, out, method="full", learning_rate=1e-2, max_steps=12, save_every=None))
     return out
 
@@ -168,10 +168,10 @@ def _swapped_labels(data, tmp_path):
     return write_jsonl(tmp_path / "wrong.jsonl", [{**r, "completion": swap[r["completion"]]} for r in rows])
 
 
-@pytest.fixture()
-def labelled_model_dir(tiny_model_dir, data, tmp_path):
+@pytest.fixture(scope="module")
+def labelled_model_dir(tiny_model_dir, data, tmp_path_factory):
     """The tiny model fully fine-tuned until it answers the data's labels (loss well under 1)."""
-    out = tmp_path / "labelled"
+    out = tmp_path_factory.mktemp("labelled") / "run"
     train(_config(tiny_model_dir, data, out, method="full", learning_rate=1e-2, max_steps=40, save_every=None,
                   lr_scheduler="constant", warmup_ratio=0.0))
     return out

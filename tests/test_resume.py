@@ -26,11 +26,13 @@ from tuneforge.training.trainer import ResumeError, TrainingRecipe, train
 STEPS = 6
 
 
+ROWS = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
+         "completion": ["billing", "shipping", "login"][i % 3]} for i in range(24)]
+
+
 @pytest.fixture()
 def data(tmp_path):
-    rows = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
-             "completion": ["billing", "shipping", "login"][i % 3]} for i in range(24)]
-    return write_jsonl(tmp_path / "train.jsonl", rows)
+    return write_jsonl(tmp_path / "train.jsonl", ROWS)
 
 
 def _settings(tiny_model_dir, data, out):
@@ -61,10 +63,13 @@ def _assert_same_run(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture()
-def uninterrupted(tiny_model_dir, data, tmp_path):
-    out = tmp_path / "uninterrupted"
-    train(load_config(data=_settings(tiny_model_dir, data, out)))
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """The run never stopped, trained once for every test here: its data is a copy of ``data``'s (a run is known
+    by its data's content, not its path)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    out = folder / "uninterrupted"
+    train(load_config(data=_settings(tiny_model_dir, write_jsonl(folder / "train.jsonl", ROWS), out)))
     return out
 
 
