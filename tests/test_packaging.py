@@ -119,3 +119,12 @@ def test_installed_quickstart_runs_from_an_empty_folder_and_writes_only_there(in
     assert "| tuned" in proc.stdout
     assert (folder / "runs" / "quickstart" / "eval" / "report.json").is_file()
     assert _files(installed) == before
+
+
+def test_the_wheel_carries_the_builtin_chat_templates(wheel):
+    from tuneforge.data.templates import BUILTINS
+
+    folder = ROOT / "src" / "tuneforge" / "data" / "templates"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in BUILTINS:
+            assert zf.read(f"tuneforge/data/templates/{name}.jinja") == (folder / f"{name}.jinja").read_bytes(), name

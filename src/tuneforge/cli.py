@@ -108,12 +108,20 @@ def cmd_chat(args) -> int:
 def cmd_data_preview(args) -> int:
     from tuneforge.data.preview import preview
     from tuneforge.data.settings import DataConfig
+    from tuneforge.data.templates import apply_template, check_template_value
+    from tuneforge.errors import ConfigError
     from tuneforge.models.loading import load_tokenizer
 
     cfg = DataConfig(train=args.file, format=args.format, train_on=args.train_on, system_prompt=args.system,
                      columns=dict(c.split("=", 1) for c in args.columns))
+    try:
+        check_template_value(args.template)
+    except ValueError as e:
+        raise ConfigError(f"--template: {e}") from None
+    tokenizer = load_tokenizer(args.model)
+    apply_template(tokenizer, args.template, args.model, needs_chat=args.format != "text")
     color = sys.stdout.isatty() and not args.no_color
-    print(preview(args.file, load_tokenizer(args.model), cfg, n=args.n, color=color))
+    print(preview(args.file, tokenizer, cfg, n=args.n, color=color))
     return 0
 
 
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("file")
     pv.add_argument("-n", type=int, default=3, help="how many examples")
     pv.add_argument("--model", default=DEFAULT_MODEL)
+    pv.add_argument("--template", default="auto", help="the chat template, as template: in a run config: auto, "
+                    "chatml, llama3, gemma, mistral, phi3, alpaca, base or a .jinja file")
     pv.add_argument("--format", default="auto", choices=("auto",) + SFT_FORMATS)
     pv.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN")
     pv.add_argument("--train-on", default="assistant", choices=["assistant", "all"])

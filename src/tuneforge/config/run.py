@@ -51,6 +51,13 @@ class RunConfig(Settings):
 
     model: str = Field(DEFAULT_MODEL, description="a built-in name, a local Hugging Face folder, a .gguf file, or "
                                                   "a hub id (where a network exists)")
+    template: str = Field(
+        "auto", description="the chat template the run trains with (saved with the run, used by generate, eval, "
+        "package, export and serve): auto (the tokenizer's own), chatml, llama3, gemma, mistral, phi3, alpaca, base "
+        "(alpaca and base are plain text and fit any tokenizer), or a path to a .jinja file")
+    trust_remote_code: bool = Field(
+        False, description="let a model whose config.json names its own Python code (auto_map) run it on load; "
+                           "off: such a model is refused in one line. Logged, and recorded in run.json")
     method: str = Field("lora", description="full, lora, qlora, adapter, prefix, prompt or ia3; its settings are "
                                             "under the key of that name")
     task: Literal["sft", "pretrain", "preference"] = Field(
@@ -157,6 +164,13 @@ class RunConfig(Settings):
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from tuneforge.data.templates import check_template_value
+
+        return check_template_value(v)   # "unknown template 'chatm' (did you mean 'chatml'?); write auto, ..."
 
     @field_validator("method")
     @classmethod
@@ -341,7 +355,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{source}: 'eval.data': file {config.eval.data!r} not found (relative paths are "
                                   f"tried from the current folder and from {base}/)")
             config.eval.data = str(resolved)
+        _check_template_file(config, base, source)
     return config
+
+
+def _check_template_file(config: RunConfig, base: Path, source: str) -> None:
+    """A ``template:`` file: found (from the current folder, then the config's) and parsed, before any model loads."""
+    from tuneforge.data.templates import is_template_file, read_template_file
+
+    if config.template == "auto" or not is_template_file(config.template):
+        return
+    resolved = _resolve_file(config.template, base)
+    if resolved is None:
+        raise ConfigError(f"{source}: 'template': file {config.template!r} not found (relative paths are tried from "
+                          f"the current folder and from {base}/)")
+    read_template_file(resolved)        # "FILE:LINE: the template does not parse: ..."
+    config.template = str(resolved)
 
 
 def _resolve_file(value: str, base: Path) -> Path | None:

@@ -52,7 +52,7 @@ TRAINING_CHECKS: dict[str, str] = {     # the ``check`` of each reason a trainin
     "turn_order": "no assistant turn, or the conversation does not end with one",
     "empty_answer": "an assistant turn / text is empty",
     "preference_pair": "a preference pair (chosen/rejected) in SFT data",
-    "chat_template": "the chat template does not render the conversation turn by turn",
+    "chat_template": "the chat template refuses the conversation, or drops or changes an assistant answer",
     "too_long": "longer than data.max_length tokens with data.too_long: drop",
     "no_trained_tokens": "no token left to train on (the answer was truncated away)",
 }
@@ -139,7 +139,7 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     for example in loaded.examples:
         raw: RawRecord = example.meta["raw"]
         try:
-            tok = tokenize_example(example, tokenizer, cfg.train_on)
+            tok = tokenize_example(example, tokenizer, cfg.train_on, cfg.train_reasoning)
         except RecordError as e:
             rejects.append(Reject.of(raw, [(e.check, str(e))]))
             continue
@@ -159,7 +159,7 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     return out, truncated
 
 
-RENDER_VERSION = 3  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
+RENDER_VERSION = 4  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",

@@ -12,7 +12,8 @@ format              fields                                       becomes
 ``preference``      ``chosen``, ``rejected`` (``prompt`` optional)  preference pair
 ==================  ===========================================  =====================
 
-A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set. The names of
+A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set; an assistant message
+keeps its ``reasoning_content`` (the chat template renders it, see :mod:`tuneforge.data.turn_spans`). The names of
 the formats are defined here once (:data:`FORMATS` and the ``Literal`` types for configs).
 """
 
@@ -134,7 +135,14 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
             raise RecordError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}", "unknown_role")
         if not isinstance(content, str):
             raise RecordError(f"messages[{i}].content must be a string, got {type(content).__name__}", "wrong_type")
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise RecordError(f"messages[{i}].reasoning_content must be a string on an assistant turn",
+                                  "wrong_type")
+            message["reasoning_content"] = reasoning
+        out.append(message)
     return out
 
 

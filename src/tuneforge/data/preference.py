@@ -197,9 +197,10 @@ def last_answer_only(tok: TokenizedExample) -> TokenizedExample:
 
 
 def tokenize_side(prompt: list[dict[str, str]], answer: dict[str, str],
-                  tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
+                  tokenizer: PreTrainedTokenizerBase, train_reasoning: bool = True) -> TokenizedExample:
     """``prompt + answer`` through SFT's rendering, only the answer trained."""
-    return last_answer_only(tokenize_example(Example(messages=prompt + [answer]), tokenizer, "assistant"))
+    return last_answer_only(tokenize_example(Example(messages=prompt + [answer]), tokenizer, "assistant",
+                                             train_reasoning))
 
 
 def _fit(tok: TokenizedExample, side: str, cfg: DataConfig) -> tuple[TokenizedExample, bool]:
@@ -224,7 +225,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase
     :class:`RecordError` for an unusable pair."""
     sides, truncated = [], False
     for side, answer in (("chosen", example.chosen), ("rejected", example.rejected)):
-        tok = tokenize_side(example.prompt, answer, tokenizer)
+        tok = tokenize_side(example.prompt, answer, tokenizer, cfg.train_reasoning)
         if tok.num_trained == 0:
             raise RecordError(f"the {side} answer has no tokens after the chat template", "empty_answer")
         tok, cut = _fit(tok, side, cfg)
@@ -288,7 +289,7 @@ def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer:
     return out, truncated
 
 
-PREFERENCE_RENDER_VERSION = 2  # bump when rendering or the cached payload changes
+PREFERENCE_RENDER_VERSION = 3  # bump when rendering or the cached payload changes
 
 
 def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,

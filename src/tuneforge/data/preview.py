@@ -42,7 +42,7 @@ def preview(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | Non
     loaded = load_examples(file, cfg, task)
     blocks = []
     for example in loaded.examples[:n]:
-        tok = tokenize_example(example, tokenizer, cfg.train_on)
+        tok = tokenize_example(example, tokenizer, cfg.train_on, cfg.train_reasoning)
         blocks.append(f"--- {example.meta['where']}  ({len(tok)} tokens, {tok.num_trained} trained)\n"
                       + mark_trained(tok, tokenizer, color))
     summary = (f"{len(loaded.examples)} usable records ({', '.join(f'{k}: {v}' for k, v in loaded.formats.items())}), "

@@ -1,13 +1,16 @@
-"""Render examples with the model's own chat template and mark the tokens that are trained.
+"""Render examples with the chat template and mark the tokens that are trained.
 
-The loss mask comes from **character offsets**, not from searching for the response text: for each
-assistant turn ``i`` the template is rendered for ``messages[:i]`` (with the generation prompt) and for
-``messages[:i+1]``; the characters between the two renders are that turn's answer, including the
-template's end-of-turn token (``<|im_end|>`` for ChatML). Tokens whose offsets overlap such a span
-are trained (a token like `` hello`` that starts with the template's separator space counts).
-Every assistant turn of a multi-turn conversation is trained. If the template closes the
-last turn without an EOS/end-of-turn token, the tokenizer's EOS is appended and trained, so the tuned
-model learns to stop. Nothing is ever masked by token id, so pad == eos (as SmolLM2 ships) is harmless.
+The loss mask comes from **character offsets**, not from searching for the response text. The conversation is
+rendered once, whole, and each assistant turn is located in that rendering by rendering it again with the
+answers replaced by sentinels (:mod:`tuneforge.data.turn_spans`): any template works, also one that does not
+render a conversation as a prefix of its longer self (Qwen3 drops the reasoning of earlier turns, Mistral
+moves the system message). A turn's trained span is its answer as rendered and the template's end-of-turn
+marker after it (``<|im_end|>`` for ChatML); with ``train_reasoning`` also its reasoning, from the ``<think>``
+tag on, where the template renders it. Tokens whose offsets overlap such a span are trained (a token like
+`` hello`` that starts with the template's separator space counts). Every assistant turn of a multi-turn
+conversation is trained. If the template closes the last turn without an EOS/end-of-turn marker, the
+tokenizer's EOS is appended and trained, so the tuned model learns to stop. Nothing is ever masked by token
+id, so pad == eos (as SmolLM2 ships) is harmless.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.data.formats import Example, RecordError
+from tuneforge.data.formats import Example
+from tuneforge.data.turn_spans import END_MARKERS, turn_spans
 
 
 @dataclass
@@ -36,38 +40,21 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Return the rendered conversation and the ``[start, end)`` character spans of every assistant answer."""
-    text = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise RecordError(
-                "the chat template does not render conversations incrementally (a prefix of the conversation "
-                "renders differently); use train_on: all for this template", "chat_template"
-            )
-        start, end = len(before), len(upto)
-        while end > start and upto[end - 1].isspace():  # the newline after <|im_end|> is not the answer
-            end -= 1
-        spans.append((start, end))
-    return text, spans
+def end_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The texts that close an answer: the tokenizer's EOS and the usual templates' end-of-turn markers."""
+    return ((tokenizer.eos_token,) if tokenizer.eos_token else ()) + END_MARKERS
 
 
-def _end_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-    markers = [tokenizer.eos_token] if tokenizer.eos_token else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)  # O(1); get_vocab() builds a 49k-entry dict
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            markers.append(token)
-    return tuple(markers)
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], train_reasoning: bool = True,
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """Return the rendered conversation and the ``[start, end)`` character spans of every assistant answer (with
+    its end-of-turn marker; with ``train_reasoning``, from its rendered reasoning on)."""
+    text, turns = turn_spans(lambda m: _render(tokenizer, m, False), messages, end_markers(tokenizer))
+    return text, [turn.trained(train_reasoning) for turn in turns]
 
 
 def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase,
-                     train_on: str = "assistant") -> TokenizedExample:
+                     train_on: str = "assistant", train_reasoning: bool = True) -> TokenizedExample:
     """Tokenize one example; see the module docstring for which tokens are trained."""
     eos = tokenizer.eos_token or ""
     if example.text is not None:
@@ -76,9 +63,9 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase,
         ids = enc["input_ids"]
         return TokenizedExample(ids, [True] * len(ids))
 
-    text, spans = assistant_spans(tokenizer, example.messages)
+    text, spans = assistant_spans(tokenizer, example.messages, train_reasoning)
     last_start, last_end = spans[-1]
-    if not text[last_start:last_end].endswith(_end_markers(tokenizer)):
+    if not text[last_start:last_end].endswith(end_markers(tokenizer)):
         # The template does not close the final answer with an end token: append EOS so the model stops.
         text = text[:last_end] + eos + text[last_end:]
         spans[-1] = (last_start, last_end + len(eos))

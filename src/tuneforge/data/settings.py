@@ -29,6 +29,9 @@ class DataConfig(Settings):
     system_prompt: str | None = Field(None, description="a system message put first in every record that has none")
     train_on: Literal["assistant", "all"] = Field("assistant", description="the tokens trained: the assistant "
                                                   "turns (with their end-of-turn token), or every token")
+    train_reasoning: bool = Field(True, description="train an answer's reasoning (reasoning_content, or a <think> "
+                                  "block opening the content) where the template renders it; false: the reasoning "
+                                  "is context and only the answer is trained")
     max_length: int = Field(1024, ge=8, description="tokens an example may have")
     too_long: Literal["drop", "truncate", "error"] = Field("drop", description="an example over max_length: "
                                                            "dropped (to rejects.jsonl), truncated, or an error")

@@ -36,9 +36,11 @@ class Generations:
 
 
 def _end_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = {tokenizer.eos_token_id}
+    """EOS and the chat template's end-of-turn tokens (the run's template: ``template:``), and ``<|im_end|>``."""
+    from tuneforge.data.templates import end_of_turn_ids
+
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    return {i for i in (*ids, im_end) if i is not None}
+    return {i for i in (*end_of_turn_ids(tokenizer), im_end) if i is not None}
 
 
 @torch.no_grad()

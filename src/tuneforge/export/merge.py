@@ -236,9 +236,13 @@ def _check(merged_dir: Path, reference: _Reference, method: str, dtype: str, tok
 
 
 def _fix_generation_config(model, tokenizer) -> None:
-    """EOS/PAD/BOS of the saved model are the tokenizer's (SmolLM2: eos ``<|im_end|>`` = 2), so generation stops."""
+    """EOS/PAD/BOS of the saved model are the tokenizer's (SmolLM2: eos ``<|im_end|>`` = 2), so generation stops;
+    with the end-of-turn token of the run's chat template when that is another token (``<|eot_id|>``, ...)."""
+    from tuneforge.data.templates import end_of_turn_ids
+
+    ends = end_of_turn_ids(tokenizer)
     for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.eos_token_id = ends if len(ends) > 1 else tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
         if tokenizer.bos_token_id is not None:
             cfg.bos_token_id = tokenizer.bos_token_id

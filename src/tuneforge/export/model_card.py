@@ -183,7 +183,7 @@ def model_card(manifest: PackageManifest | dict[str, Any], license: str, base_mo
         f"{what.capitalize()} of `{base_model_id}`, trained with tuneforge ({manifest.task}).",
         "## Intended use\n\n" + (manifest.intended_use or
                                  "The task of the training data below: answer prompts like those in its files, "
-                                 "in the chat format of the base model (the chat template is included). It is "
+                                 "in the chat format it was trained with (that chat template is included). It is "
                                  "not evaluated for other uses."),
         "## Training data\n\n" + _data_section(manifest),
         "## Hyperparameters\n\n" + (_table(("setting", "value"), [(k, f"`{_fmt(v)}`") for k, v in hyper.items()])

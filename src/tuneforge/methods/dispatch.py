@@ -45,7 +45,8 @@ def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, devic
         return method.load_base(config, dtype, device)
     from tuneforge.models.loading import load_model
 
-    return load_model(config.model, dtype=dtype, device=device)
+    return load_model(config.model, dtype=dtype, device=device,
+                      trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
 
 
 def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: torch.Tensor,

@@ -9,18 +9,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneforge.models.registry import DEFAULT_MODEL, resolve_model
+from tuneforge.models.remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of ``model`` (a spec accepted by :func:`resolve_model` or a folder).
 
     The pad token is only used to fill generation batches; training is padding-free, and loss masks
     come from token offsets, never from ``input_ids == pad_token_id`` (SmolLM2 ships pad == eos).
+    A model that ships its own code is refused unless ``trust_remote_code`` (:mod:`.remote_code`).
     """
     path = resolve_model(str(model))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_remote_code(str(model), path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -37,10 +40,12 @@ def flush_denormals() -> None:
 
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
     flush_denormals()
     path = resolve_model(str(model))
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    check_remote_code(str(model), path, trust_remote_code)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                             trust_remote_code=trust_remote_code)
     return m.to(device)
 
 

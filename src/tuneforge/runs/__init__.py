@@ -31,14 +31,16 @@ from tuneforge.runs.records import (
     ExampleCounts,
     PackageManifest,
     RunRecord,
+    TemplateRecord,
 )
 from tuneforge.runs.versions import data_fingerprints, library_versions
 
 _LOADING = ("LoadedModel", "load_base", "load_run")
 
 __all__ = ["SCHEMA_VERSION", "BaseModelMismatch", "BaseModelRecord", "DataFile", "EvalReport", "ExampleCounts",
-           "NewerSchemaError", "NotARunError", "PackageManifest", "RunDir", "RunRecord", "base_model_record",
-           "base_model_sha256", "data_fingerprints", "library_versions", "verify_base_model", *_LOADING]
+           "NewerSchemaError", "NotARunError", "PackageManifest", "RunDir", "RunRecord", "TemplateRecord",
+           "base_model_record", "base_model_sha256", "data_fingerprints", "library_versions", "verify_base_model",
+           *_LOADING]
 
 
 def __getattr__(name: str) -> Any:      # loading pulls in torch and transformers: import it only when asked for

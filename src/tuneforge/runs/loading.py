@@ -1,5 +1,6 @@
 """Load a run directory or a package (base model + trained method) and generate with the chat template of
-training; or the base model alone."""
+training (the run's saved tokenizer: ``template:``), stopping at EOS or the template's end-of-turn token; or the
+base model alone."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.config import RunConfig, load_config
 from tuneforge.data.rendering import prompt_ids
+from tuneforge.data.templates import end_of_turn_ids
 from tuneforge.methods import load_base_model, load_trained, method_generate
 from tuneforge.methods.registry import Generates
 from tuneforge.models.dtype import pick_device, pick_dtype
@@ -50,7 +52,7 @@ class LoadedModel:
                         else {"do_sample": False})
             out = method_generate(cast(Generates, self.model), self.config, input_ids=input_ids,
                                   attention_mask=attention, max_new_tokens=max_new_tokens,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=pad, **sampling)
+                                  eos_token_id=end_of_turn_ids(tok), pad_token_id=pad, **sampling)
             for row in out[:, width:]:
                 outputs.append(str(tok.decode(row, skip_special_tokens=True)).strip())
         return outputs
@@ -83,7 +85,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedModel:
     torch_dtype, _ = pick_dtype(config.dtype, dev)
     base = load_base_model(config, dtype=torch_dtype, device=dev)
     model = load_trained(base, run.path, config).to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(run.path)  # the tokenizer and chat template used in training
+    # the tokenizer and chat template used in training (template:), saved with the run
+    tokenizer = AutoTokenizer.from_pretrained(run.path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, config)

@@ -18,7 +18,8 @@ line (:class:`~tuneforge.runs.errors.NotARunError`) that names the file and the 
 Nothing is lost or changed: keys this tuneforge does not know are kept (``model_extra``) and written back after
 the known ones; a key missing from a file stays missing on save (only the fields a file or a writer set are
 written), and numbers stay as written (an ``int`` stays an ``int``). So ``load -> save`` gives the same JSON
-plus ``schema_version``, and the writers write the same keys and values as before plus ``schema_version``.
+plus ``schema_version``, and the writers write the same keys and values as before plus ``schema_version`` (and
+the keys added since, optional in older files: ``run.json``'s ``template`` and ``trust_remote_code``).
 Saving is atomic: a hidden temporary file beside the destination, then one ``os.replace``.
 """
 
@@ -173,6 +174,16 @@ class BaseModelRecord(Part):
         return None
 
 
+class TemplateRecord(Part):
+    """``run.json``'s ``template``: the ``template:`` the run trained with (``auto``, a built-in name or a file),
+    where its text came from (``tokenizer``, ``builtin``, ``file``; ``none``: no template) and the text's sha256.
+    The text itself is the run's saved tokenizer's (``chat_template.jinja``)."""
+
+    name: str | None = None
+    source: str | None = None
+    sha256: str | None = None
+
+
 class DataFile(Part):
     """A data file of a run (``run.json``: ``path``, ``sha256``) or a package (with ``name`` and ``role``)."""
 
@@ -206,7 +217,8 @@ class PackageBaseModel(Part):
 class RunRecord(Record):
     """``run.json``: what produced a run and how it went (written once, at the end of training).
 
-    The fields, in the order they are written: ``base_model`` (spec and fingerprint), ``method``, ``task``,
+    The fields, in the order they are written: ``base_model`` (spec and fingerprint), ``template`` (the chat
+    template trained with), ``trust_remote_code``, ``method``, ``task``,
     ``data`` (files and sha256), ``examples``, ``seed``, ``device``, ``dtype`` and ``dtype_reason``, ``steps``,
     parameter counts, ``final_train_loss``, ``eval_metric``, ``best_eval_loss``, ``best_step``,
     ``base_eval_loss`` (the model before training), ``weights_from_step``, ``status`` (``ok`` or
@@ -219,6 +231,8 @@ class RunRecord(Record):
 
     tuneforge_run: int | None = None
     base_model: BaseModelRecord | None = None
+    template: TemplateRecord | None = None
+    trust_remote_code: bool | None = None
     method: str | None = None
     task: str | None = None
     data: list[DataFile] | None = None

@@ -153,6 +153,8 @@ class Server:
         if unknown:
             raise ValueError(f"pinned adapters {unknown} are not among the adapters ({', '.join(config.adapters)})")
         self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished)
+        for tok in [self.tokenizer] + [entry.tokenizer for entry in self.registry.entries.values()]:
+            self._stop_at_end_of_turn(tok)
         self.metrics.bind(lambda: len(self.registry.loaded), lambda: self.engine.running, lambda: self.engine.waiting)
         self.in_flight = 0
         self.draining = False
@@ -235,6 +237,14 @@ class Server:
         raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists the models served",
                        param="model", code="model_not_found")
 
+    def _stop_at_end_of_turn(self, tokenizer: Any) -> None:
+        """Answers also end at the end-of-turn token of ``tokenizer``'s chat template (an adapter trained with another
+        template than the base's: its own, saved with its run); one stop set serves every row."""
+        if tokenizer is not None:
+            from tuneforge.data.templates import end_of_turn_ids
+
+            self.engine.eos_ids.update(end_of_turn_ids(tokenizer))
+
     def tokenizer_for(self, adapter: str | None) -> Any:
         entry = self.registry.get(adapter) if adapter else None
         return entry.tokenizer if entry is not None and entry.tokenizer is not None else self.tokenizer
@@ -245,6 +255,9 @@ class Server:
         from tuneforge.data.rendering import prompt_ids
 
         tok = self.tokenizer_for(adapter)
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"messages: {adapter or self.base_name} has no chat template (a base model, or an "
+                           "adapter trained without one): send a raw prompt to /v1/completions", param="messages")
         try:
             return prompt_ids(tok, messages)
         except Exception as e:   # a template that rejects the conversation (roles out of order, ...)
@@ -472,13 +485,14 @@ class Server:
 
     def _load_now(self, name: str, path: Path, pinned: bool) -> None:
         """Register ``path`` as ``name`` and load it between two decode steps (unregistered again on failure)."""
-        self.registry.register(name, path, pinned=pinned)
+        entry = self.registry.register(name, path, pinned=pinned)
 
         def load() -> None:
             if not self.registry.acquire(name):
                 raise AdapterLoadError(f"{path}: every adapter slot ({self.registry.max_loaded}) holds a pinned or "
                                        "busy adapter; unload one or raise --max-loaded-adapters")
             self.registry.release(name)
+            self._stop_at_end_of_turn(entry.tokenizer)       # on the engine's thread, between two decode steps
         try:
             self.engine.call(load)
         except Exception:

@@ -35,6 +35,7 @@ from transformers import get_scheduler
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
+from tuneforge.data.templates import apply_template
 from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
 from tuneforge.kernels.optimizer import adamw
@@ -45,7 +46,14 @@ from tuneforge.methods import apply_method, count_parameters, get_method, load_b
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
-from tuneforge.runs import ExampleCounts, RunRecord, base_model_record, data_fingerprints, library_versions
+from tuneforge.runs import (
+    ExampleCounts,
+    RunRecord,
+    TemplateRecord,
+    base_model_record,
+    data_fingerprints,
+    library_versions,
+)
 from tuneforge.runs.layout import RunDir
 from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import setup_distributed
@@ -261,7 +269,12 @@ class TrainingRecipe:
         self.dtype, self.dtype_reason = pick_dtype(config.dtype, self.device)
         log.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason)
 
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        # the chat template of the run (template:): rendering, the token cache and every saved tokenizer use it
+        self.template = apply_template(self.tokenizer, config.template, config.model,
+                                       needs_chat=config.task != "pretrain" and config.data.format != "text")
+        log.info("chat template: %s (%s)%s", config.template, self.template.source,
+                 "; trust_remote_code: true" if config.trust_remote_code else "")
         with dist.main_process_first():            # the main process fills the tokenized-data cache
             self.data = data = self.objective.prepare_data(config, self.tokenizer)
         if data.rejects and dist.is_main:
@@ -773,6 +786,8 @@ class TrainingRecipe:
         RunRecord(
             tuneforge_run=1,
             base_model=base_model_record(config.model, resolve_model(config.model)),
+            template=TemplateRecord(**self.template.record()),
+            trust_remote_code=config.trust_remote_code,
             method=config.method,
             task=config.task,
             data=data_fingerprints([config.data.train, config.data.validation]),
