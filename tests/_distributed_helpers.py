@@ -153,12 +153,15 @@ class SharedRuns:
     def config(self, **settings) -> Path:
         return self.folder(**settings) / "c.yaml"
 
-    def one_process(self, **settings) -> Path:
-        """The one-process run of ``settings`` with the 2-process global batch (trained on first use)."""
+    def one_process(self, hook: str | None = None, **settings) -> Path:
+        """The one-process run of ``settings`` with the 2-process global batch (trained on first use); ``hook``: a
+        :func:`hook_env` (text, variables) pair its process starts with."""
         folder = self.folder(**settings)
-        if not (folder / "one" / "run.json").is_file():
-            train_one(folder / "c.yaml", folder, "one", settings.get("gradient_accumulation_steps", 1))
-        return folder / "one"
+        name = "one" if hook is None else "one-" + hashlib.sha256(repr(hook).encode()).hexdigest()[:8]
+        if not (folder / name / "run.json").is_file():
+            env = hook_env(folder, hook[0], **hook[1]) if hook else None
+            train_one(folder / "c.yaml", folder, name, settings.get("gradient_accumulation_steps", 1), env=env)
+        return folder / name
 
     def launched(self, name: str, launch, **settings) -> tuple[Path, str]:
         """The run ``launch(config, cwd, output_dir)`` trains (on first use) and its stderr."""

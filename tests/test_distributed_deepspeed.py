@@ -27,7 +27,6 @@ from _distributed_helpers import (
     metrics,
     run,
     run_config,
-    train_one,
 )
 
 pytest.importorskip("deepspeed")     # the [test] extra installs it; `pip install 'tuneforge[deepspeed]'` for users
@@ -174,22 +173,22 @@ if os.environ.get("TEST_NAN_AT_STEP"):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_a_nan_step_is_skipped_by_the_engine_as_on_one_process(tiny_model_dir, tmp_path, stage):
+def test_a_nan_step_is_skipped_by_the_engine_as_on_one_process(shared_runs, tmp_path, stage):
     """on_nonfinite: skip. DeepSpeed's engine skips a step whose gradients are not finite; the loop reports it
-    as its own, and the run ends where one process (which skips it itself) ends."""
-    path = run_config(tmp_path, tiny_model_dir, on_nonfinite="skip", eval_every=10)
-    env = hook_env(tmp_path, POISON_HOOK, TEST_NAN_AT_STEP="2")
-    train_one(path, tmp_path, "one", env=env)
-    proc = _zero(stage, path, tmp_path, "two", env=env)
+    as its own, and the run ends where one process (which skips it itself; one run for both stages) ends."""
+    settings = {"on_nonfinite": "skip", "eval_every": 10}
+    poison = (POISON_HOOK, {"TEST_NAN_AT_STEP": "2"})
+    one_dir = shared_runs.one_process(hook=poison, **settings)
+    proc = _zero(stage, shared_runs.config(**settings), tmp_path, "two", env=hook_env(tmp_path, poison[0], **poison[1]))
     assert "step 2: loss nan" in proc.stderr and "skipped (1 of at most 3)" in proc.stderr
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = metrics(one_dir), metrics(tmp_path / "two")
     assert [r.get("skipped", False) for r in two] == [r.get("skipped", False) for r in one] == \
         [False, True, False, False, False]
     assert [r["lr"] for r in one] == [r["lr"] for r in two]
     for a, b in zip(one, two, strict=True):
         if a["loss"] is not None:
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-    wa = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    wa = load_file(str(one_dir / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in wb.values())
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6

@@ -64,17 +64,19 @@ def test_an_adapter_trained_on_shuffled_labels_is_reported_worse_than_the_base(t
     results = {}
     for name, rows in (("broken", broken_rows), ("control", true_rows)):
         run = _trained(tmp_path, name, rows, str(real_model_path))
-        report = evaluate(run, data=str(test_file), columns=["base", "tuned"], labels=LABELS, max_new_tokens=8,
-                          progress=False).report
-        entry = report["sets"]["test"]
-        results[name] = ({c: entry["columns"][c]["metrics"]["label_named"] for c in ("base", "tuned")},
-                         entry["paired"]["tuned - base"]["label_named"])
-        print(name, {c: round(v["value"], 3) for c, v in results[name][0].items()}, results[name][1])
+        # the base column once: the control's report needs only its tuned column (same base, same test file)
+        columns = ["base", "tuned"] if name == "broken" else ["tuned"]
+        entry = evaluate(run, data=str(test_file), columns=columns, labels=LABELS, max_new_tokens=8,
+                         progress=False).report["sets"]["test"]
+        results[name] = {c: entry["columns"][c]["metrics"]["label_named"] for c in columns}
+        paired = entry.get("paired", {}).get("tuned - base", {}).get("label_named")
+        print(name, {c: round(v["value"], 3) for c, v in results[name].items()}, paired)
+        if name == "broken":
+            broken_paired = paired
 
-    (base, broken), paired = (results["broken"][0]["base"], results["broken"][0]["tuned"]), results["broken"][1]
+    base, broken = results["broken"]["base"], results["broken"]["tuned"]
     assert base["value"] > 0.8                                  # the base knows the task, in its own words
     assert broken["high"] < base["low"], (broken, base)         # worse, and the intervals do not overlap
-    assert paired["high"] < 0, paired
-    control = results["control"][0]
-    assert control["tuned"]["value"] >= control["base"]["low"], control
-    assert results["control"][0]["base"]["value"] == base["value"]   # same base answers in both reports
+    assert broken_paired["high"] < 0, broken_paired
+    control = results["control"]["tuned"]
+    assert control["value"] >= base["low"], (control, base)     # a right adapter is not reported worse

@@ -187,7 +187,8 @@ def test_judge_section_through_the_fake_endpoint(tiny_run, endpoint, tmp_path): 
     assert "LLM-as-judge" in (tmp_path / "ev" / "report.md").read_text()
 
 
-def test_train_with_eval_after_training_checks_the_eval_input_before_the_first_step(tiny_model_dir, tmp_path):
+def test_train_with_eval_after_training_checks_the_eval_input_before_the_first_step(tiny_model_dir, tmp_path,
+                                                                                     capfd):
     """A bad eval input (here a missing docs folder, then a test record that is not JSON) fails `tuneforge train`
     in one line with exit 2 before any training step, not after the last one."""
     tickets = (RECIPES / "data" / "tickets_train.jsonl").read_text().splitlines()
@@ -202,11 +203,18 @@ def test_train_with_eval_after_training_checks_the_eval_input_before_the_first_s
         (["--set", f"eval.docs={DOCS}", "--set", f"eval.data={bad_test}", "--set", f"output_dir={tmp_path / 'b'}"],
          f"{bad_test}:2", "b"),
     ]
-    for extra, where, out in cases:
-        proc = cli("train", *common, *extra)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+    for i, (extra, where, out) in enumerate(cases):
+        if i == 0:                                                   # as users run it
+            proc = cli("train", *common, *extra)
+            code, stderr = proc.returncode, proc.stderr
+        else:                                                        # the same main, in this process
+            from tuneforge.cli import main
+
+            capfd.readouterr()
+            code, stderr = main(["train", *common, *extra]), capfd.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2, stderr[-2000:]
+        assert "Traceback" not in stderr
         assert len(errors) == 1 and "eval.after_training" in errors[0] and where in errors[0], errors
         assert not (tmp_path / out / "metrics.jsonl").exists()      # no step ran
     # the same settings with good input train and evaluate
