@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
+from test_template_masks import trained_text
 from tuneforge.data.formats import Example
 from tuneforge.data.rendering import prompt_ids, tokenize_example
 from tuneforge.data.templates import BUILTINS, apply_template, builtin_text
@@ -20,17 +21,6 @@ from tuneforge.errors import ConfigError
 
 TWO_TURNS = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"},
              {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome, since 1871."}]
-
-
-def trained_text(tok, tokenizer) -> str:
-    out, previous = [], False
-    for token_id, trained in zip(tok.input_ids, tok.trained, strict=True):
-        if trained:
-            out.append(tokenizer.decode([token_id]))
-        elif previous:
-            out.append("|")
-        previous = trained
-    return "".join(out) + ("|" if previous else "")
 
 
 def with_builtin(tokenizer, name: str):
