@@ -6,9 +6,10 @@ them away: a row of ``n`` examples of length ``L`` pays ``n^2 L^2`` instead of `
 attention function (registered with transformers' ``AttentionInterface`` as ``tuneforge_packed_sdpa``)
 splits the row into its examples (the packed batch's ``cu_seq_lens_q`` when the caller passes it, else the
 position restarts) and runs causal SDPA per example, so nothing crosses examples
-and nothing is wasted. The mask is never built (an implementation name unknown to the mask registry
-makes transformers skip it). Anything that is not a plain packed training row (an explicit mask, a KV
-cache, prefix tokens, batch > 1) falls through to transformers' SDPA.
+and nothing is wasted (a sliding window shorter than an example, Mistral's or Gemma's,
+gets its band mask, and Gemma 2's soft-capped scores are computed by hand). The mask is never built (an
+implementation name unknown to the mask registry makes transformers skip it). Anything that is not a plain
+packed training row (an explicit mask, a KV cache, prefix tokens, batch > 1) falls through to transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -42,15 +43,43 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         if not starts or starts[0] != 0:
             starts = [0] + starts
         lengths = [e - s for s, e in zip(starts, starts[1:] + [T], strict=True)]
-    gqa = query.shape[1] != key.shape[1]
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    p = dropout if module.training else 0.0
     # split, not slices: a slice's backward writes its gradient into a zero-filled full-length tensor,
     # split's backward concatenates once (-16% attention time for 4 examples)
-    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                           dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
+    outs = [_example_attention(q, k, v, scaling, p, window, softcap)
             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)]
     if len(outs) == 1:
         return outs[0].transpose(1, 2).contiguous(), None
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None   # one copy, already [1, T, H, D]
+
+
+def _example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None, dropout: float,
+                       window: int | None, softcap: float | None) -> torch.Tensor:
+    """Causal attention of one example ``q [1, H, n, D]``, ``k/v [1, H_kv, n, D]`` -> ``[1, H, n, D]``.
+
+    ``window`` (Mistral, Gemma 2/3 sliding layers): query ``i`` sees keys ``i - window < j <= i``, as transformers'
+    sliding-window mask. ``softcap`` (Gemma 2): scores ``softcap * tanh(q.k * scale / softcap)`` before the
+    softmax (in fp32, as transformers' eager attention), which SDPA cannot do, so computed by hand.
+    """
+    n, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    if softcap is None and (window is None or window >= n):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
+                                              enable_gqa=gqa)
+    i = torch.arange(n, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, dropout_p=dropout,
+                                              enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, p=dropout, training=dropout > 0) @ v
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)

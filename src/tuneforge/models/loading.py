@@ -44,8 +44,14 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     flush_denormals()
     path = resolve_model(str(model))
     check_remote_code(str(model), path, trust_remote_code)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                             trust_remote_code=trust_remote_code)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    except ValueError as e:     # a class without an SDPA path (Gemma 2: its soft-capped scores) runs eager
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
+                                                 trust_remote_code=trust_remote_code)
     return m.to(device)
 
 

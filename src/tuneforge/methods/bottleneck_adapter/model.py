@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SUBLAYER_NAMES = {"attention": "self_attn", "mlp": "mlp"}
+OTHER_SUBLAYER_NAMES = {"self_attn": "attention"}     # GPT-NeoX's decoder layer calls its attention `attention`
 WEIGHTS_NAME = "adapter_model.safetensors"
 _TABLES = ("adapter_down", "adapter_up")
 
@@ -88,6 +89,8 @@ class BottleneckAdapterModel(nn.Module):
         for layer in decoder_layers(self.base_model):
             for placement in config.placement:
                 name = SUBLAYER_NAMES[placement]
+                if not hasattr(layer, name) and hasattr(layer, OTHER_SUBLAYER_NAMES.get(name, "")):
+                    name = OTHER_SUBLAYER_NAMES[name]
                 sub = getattr(layer, name)
                 if isinstance(sub, BottleneckAdapterLayer):
                     sub.add_adapter(adapter_name, config.bottleneck, config.nonlinearity, config.dropout,

@@ -23,7 +23,10 @@ def apply_full(model: PreTrainedModel, cfg: FullConfig) -> PreTrainedModel:
         p.requires_grad_(True)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    layers = list(model.get_submodule("model.layers").children())
+    if not cfg.freeze_layers:
+        return model
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.get_submodule("model")
+    layers = list(inner.get_submodule("layers").children())      # model.model.layers; GPT-NeoX: gpt_neox.layers
     for index in cfg.freeze_layers:
         if not -len(layers) <= index < len(layers):
             raise ValueError(f"full.freeze_layers: layer {index} does not exist (the model has {len(layers)})")

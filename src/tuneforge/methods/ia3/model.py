@@ -22,12 +22,17 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
 DEFAULT_FEEDFORWARD = ["down_proj"]
+# families whose linears are not named k_proj / v_proj: (attention and feed-forward targets, feed-forward ones)
+FAMILY_TARGETS = {"phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+                  "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])}
 
 
-def peft_ia3_config(cfg: IA3Config) -> PeftIA3Config:
-    targets = cfg.target_modules or DEFAULT_TARGETS
+def peft_ia3_config(cfg: IA3Config, model_type: str | None = None) -> PeftIA3Config:
+    """peft's IA3 config; without ``ia3.target_modules``, the defaults of ``model_type``'s family."""
+    default_targets, default_feedforward = FAMILY_TARGETS.get(model_type or "", (DEFAULT_TARGETS, DEFAULT_FEEDFORWARD))
+    targets = cfg.target_modules or default_targets
     feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else \
-        [m for m in DEFAULT_FEEDFORWARD if m in targets]
+        [m for m in default_feedforward if m in targets]
     stray = [m for m in feedforward if m not in targets]
     if stray:
         raise ValueError(f"ia3.feedforward_modules {stray} must also be listed in ia3.target_modules ({targets})")
@@ -35,4 +40,4 @@ def peft_ia3_config(cfg: IA3Config) -> PeftIA3Config:
 
 
 def apply_ia3(model: PreTrainedModel, cfg: IA3Config) -> PeftModel:
-    return get_peft_model(model, peft_ia3_config(cfg))
+    return get_peft_model(model, peft_ia3_config(cfg, getattr(model.config, "model_type", None)))

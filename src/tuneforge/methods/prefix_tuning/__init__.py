@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from tuneforge.errors import ConfigError
 from tuneforge.methods.peft_adapters import load_peft_adapter, virtual_tokens_disabled
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
 from tuneforge.methods.prefix_tuning.memory import prefix_memory
@@ -23,7 +24,20 @@ __all__ = ["PrefixConfig", "apply_prefix"]
 
 
 def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> nn.Module:
+    _refuse_attention(model)
     return apply_prefix(model, config.prefix)
+
+
+def _refuse_attention(model: PreTrainedModel) -> None:
+    """Gemma 2's soft-capped scores need eager attention, which the prefix's SDPA path lacks, and sliding-window
+    layers (Gemma 2 / 3) build their cache masks without the prefix's virtual positions: refuse both up front."""
+    c = model.config
+    softcap = getattr(c, "attn_logit_softcapping", None)
+    sliding = "sliding_attention" in (getattr(c, "layer_types", None) or [])
+    if softcap is not None or sliding:
+        what = "soft-capped attention scores" if softcap is not None else "sliding-window attention layers"
+        raise ConfigError(f"method prefix does not support {c.model_type} ({what}): use lora, adapter, prompt or "
+                          "ia3")
 
 
 def _check_config(config: RunConfig) -> None:
