@@ -1,16 +1,20 @@
 """Evaluation speed, side by side in one run (prints tables; run it on an idle machine):
 
 1. MMLU cloze: tuneforge's scorer (the question's context computed once and its four choices branching off
-   it, many questions per forward under a tree-shaped attention mask) against lm-evaluation-harness (``lm-eval``, in its own cached virtualenv, like the
-   training bench's competitors) on the same stratified subset, the same context/continuation strings and
-   the same model folder: questions per second and accuracy (``acc``: the same rule, so the two should agree
-   within a question or so), plus ours without prefix sharing (four full sequences on a packed row).
+   it, many questions per forward under a tree-shaped attention mask) against lm-evaluation-harness
+   (``lm-eval``, in its own cached virtualenv, like the training bench's competitors) running its own
+   ``mmlu_continuation`` task files on the same stratified subset (``benchmarks/eval/harness_mmlu.py``: the
+   harness renders its prompts itself, from local copies of the questions) and the same model folder:
+   questions per second, ``acc`` and ``acc_norm`` of each, then the agreement question by question (request
+   strings identical, per-choice log-likelihood differences, predictions differing), plus ours without
+   prefix sharing (four full sequences on a packed row).
 2. Generation: ``evaluation.generation.generate`` (length-sorted, left-padded batches, KV cache) against a
    one-prompt-at-a-time ``model.generate`` loop on the quickstart's test tickets: prompts/s, generated
    tokens/s, and how many answers are identical (greedy: all of them should be).
 
     python benchmarks/eval_throughput.py                       # default subset (10 a subject), 150 tickets
     python benchmarks/eval_throughput.py --subjects 3 --per-subject 2 --prompts 8 --no-harness   # smoke run
+    python benchmarks/eval_throughput.py --no-generation --out result.json   # numbers and agreement as JSON
 
 Issue target: at least 2x lm-evaluation-harness's questions per second at the same accuracy.
 """
@@ -19,55 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "eval"))
 
-from throughput.venvs import TORCH, VenvSpec, ensure_venv  # noqa: E402
+from harness_mmlu import run_harness  # noqa: E402
+from throughput.venvs import LM_EVAL, TORCH, ensure_venv  # noqa: E402
 
-LM_EVAL = VenvSpec("lm-eval", ("lm-eval==0.4.13", "transformers==5.23.0", "accelerate"),
-                   ("torch", "lm-eval", "transformers", "datasets"))
 DEFAULT_MMLU = ROOT.parent / "shared" / "data" / "mmlu"
-
-HARNESS_TASK = """task: tuneforge_mmlu_cloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-HARNESS_SCRIPT = """
-import json, sys, time
-import lm_eval
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
-import torch
-torch.set_num_threads(int(sys.argv[3]))
-lm = HFLM(pretrained=sys.argv[1], batch_size=int(sys.argv[4]), device="cpu", dtype="float32")
-tm = TaskManager(include_path=sys.argv[2])
-start = time.perf_counter()
-out = lm_eval.simple_evaluate(model=lm, tasks=["tuneforge_mmlu_cloze"], task_manager=tm, log_samples=True)
-seconds = time.perf_counter() - start
-samples = out["samples"]["tuneforge_mmlu_cloze"]
-correct = {s["doc_id"]: float(s["acc"]) for s in samples}
-print("RESULT " + json.dumps({"seconds": seconds, "acc": out["results"]["tuneforge_mmlu_cloze"]["acc,none"],
-                              "correct": [correct[i] for i in sorted(correct)]}))
-"""
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -75,7 +44,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def bench_mmlu(args, model, tokenizer, model_path: Path) -> None:
+def bench_mmlu(args, model, tokenizer, model_path: Path) -> dict:
     from tuneforge.evaluation import forgetting
 
     questions = forgetting.load_mmlu(args.mmlu, per_subject=args.per_subject)
@@ -84,43 +53,100 @@ def bench_mmlu(args, model, tokenizer, model_path: Path) -> None:
         questions = [q for q in questions if q.subject in keep]
     rows = []
     results = {}
+    summary: dict = {"questions": len(questions), "per_subject": args.per_subject, "threads": args.threads,
+                     "scorers": {}}
     variants = [("tuneforge (shared prefix, tree-masked rows)", True)] + (
         [] if args.no_full_sequences else [("tuneforge (4 full sequences)", False)])
     for name, share in variants:
         start = time.perf_counter()
         scored = forgetting.score_mmlu(model, tokenizer, questions, "base", share_prefix=share)
         seconds = time.perf_counter() - start
-        results[name] = scored["correct"]
+        results[name] = scored
+        acc, acc_norm = (sum(scored[k]) / len(questions) for k in ("correct", "correct_norm"))
+        summary["scorers"][name] = {"seconds": seconds, "questions_per_s": len(questions) / seconds, "acc": acc,
+                                    "acc_norm": acc_norm}
         rows.append([name, str(len(questions)), f"{seconds:.1f}", f"{len(questions) / seconds:.2f}",
-                     f"{100 * sum(scored['correct']) / len(questions):.1f}%"])
+                     f"{100 * acc:.1f}%", f"{100 * acc_norm:.1f}%"])
+    agreement = None
     if not args.no_harness:
         python, versions = ensure_venv(LM_EVAL, force=args.rebuild_venvs)
+        res = None
         if python is None:
-            rows.append(["lm-evaluation-harness", str(len(questions)), "n/a", "n/a", f"not run: {versions}"])
+            rows.append(["lm-evaluation-harness", str(len(questions)), "n/a", "n/a", f"not run: {versions}", ""])
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                data = Path(tmp) / "subset.jsonl"
-                data.write_text("".join(json.dumps({"context": q.context, "choices": [c.strip() for c in q.choices],
-                                                    "answer": q.answer}) + "\n" for q in questions))
-                (Path(tmp) / "task.yaml").write_text(HARNESS_TASK.format(data=data))
-                proc = subprocess.run([str(python), "-c", HARNESS_SCRIPT, str(model_path), tmp, str(args.threads),
-                                       str(args.harness_batch)], capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
+            try:   # its own mmlu_continuation task files, on these questions as the hub dataset's fields
+                res = run_harness(python, model_path, [{"subject": q.subject, "question": q.question,
+                                                        "choices": q.choices, "answer": q.answer} for q in questions],
+                                  args.mmlu, threads=args.threads, batch=args.harness_batch)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
                 rows.append(["lm-evaluation-harness", str(len(questions)), "n/a", "n/a",
-                             f"failed: {proc.stderr.strip().splitlines()[-1:]}"])
-            else:
-                res = json.loads(line[7:])
-                ours = results[variants[0][0]]
-                differ = sum(a != b for a, b in zip(ours, res["correct"], strict=True))
-                rows.append([f"lm-evaluation-harness ({versions})", str(len(questions)), f"{res['seconds']:.1f}",
-                             f"{len(questions) / res['seconds']:.2f}",
-                             f"{100 * res['acc']:.1f}% ({differ} questions scored differently from ours)"])
+                             f"failed: {str(e).strip().splitlines()[-1:]}", ""])
+        if res is not None:
+            ours = results[variants[0][0]]
+            differ = sum(a != b["acc"] for a, b in zip(ours["correct"], res["questions"], strict=True))
+            summary["scorers"]["lm-evaluation-harness"] = {
+                "seconds": res["seconds"], "task_setup_s": res["setup_s"], "batch": res["batch"],
+                "questions_per_s": len(questions) / res["seconds"], "acc": res["acc"], "acc_norm": res["acc_norm"],
+                "versions": res["versions"]}
+            rows.append([f"lm-evaluation-harness ({versions}; batch {args.harness_batch})", str(len(questions)),
+                         f"{res['seconds']:.1f}", f"{len(questions) / res['seconds']:.2f}",
+                         f"{100 * res['acc']:.1f}% ({differ} questions scored differently from ours)",
+                         f"{100 * res['acc_norm']:.1f}%"])
+            agreement = _agreement(model, tokenizer, questions, ours, res, args.mmlu)
+            summary["agreement"] = {k: v for k, v in agreement.items() if k != "per_question"}
+            summary["per_question"] = agreement["per_question"]
     print(f"\nMMLU cloze, {len(questions)} questions, base model {args.model}, {args.threads} threads")
-    print(table(["scorer", "questions", "seconds", "questions/s", "accuracy"], rows))
+    text = table(["scorer", "questions", "seconds", "questions/s", "acc", "acc_norm"], rows)
+    print(text)
+    if agreement:
+        a = agreement
+        print(f"\nagreement with the harness, question by question: requests (context, continuation strings) "
+              f"identical on {a['requests_identical']}/{len(questions)} questions (the others: a choice with "
+              f"surrounding spaces, which tuneforge strips and the harness keeps); on those, per-choice "
+              f"log-likelihood |ours - harness| max {a['max_abs_loglik_diff_identical']:.2e} nats, predictions "
+              f"differing {a['predictions_differ_identical']}; on all questions, predictions differing "
+              f"{a['predictions_differ']}, acc differing {a['acc_differ']}, acc_norm differing {a['acc_norm_differ']}")
+    summary["table"] = text
+    return summary
 
 
-def bench_generation(args, model, tokenizer) -> None:
+def _agreement(model, tokenizer, questions, ours, res, mmlu) -> dict:
+    """Per question: our and the harness's per-choice log-likelihoods, predictions, correctness, and whether
+    the request strings are identical (not timed; ours recomputed the way score_mmlu computes them)."""
+    from tuneforge.evaluation import forgetting
+
+    device = next(model.parameters()).device
+    items = [forgetting._pieces(tokenizer, q) for q in questions]
+    logliks = [ll for group in forgetting._rows(items, 1024) for ll in forgetting._logliks_tree(model, group, device)]
+    rows_of: dict = {}           # (subject, question, choices) -> its row in the subject's test CSV
+    count: dict = {}
+    for q in forgetting.load_mmlu(mmlu, per_subject=None):
+        count[q.subject] = count.get(q.subject, -1) + 1
+        rows_of.setdefault((q.subject, q.question, tuple(q.choices)), count[q.subject])
+    per_question = []
+    for q, ll, h, correct, correct_norm in zip(questions, logliks, res["questions"], ours["correct"],
+                                               ours["correct_norm"], strict=True):
+        same = all(a == [q.context, " " + c.strip()] for a, c in zip(h["arguments"], q.choices, strict=True))
+        per_question.append({
+            "subject": q.subject, "row": rows_of[(q.subject, q.question, tuple(q.choices))],
+            "answer": q.answer, "requests_identical": same,
+            "ours_logliks": [round(x, 6) for x in ll], "harness_logliks": [round(x, 6) for x in h["logliks"]],
+            "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(ll, h["logliks"], strict=True)),
+            "ours_pred": max(range(4), key=ll.__getitem__), "harness_pred": max(range(4), key=h["logliks"].__getitem__),
+            "ours_acc": correct, "harness_acc": h["acc"], "ours_acc_norm": correct_norm,
+            "harness_acc_norm": h["acc_norm"]})
+    same = [p for p in per_question if p["requests_identical"]]
+    return {
+        "requests_identical": len(same),
+        "max_abs_loglik_diff_identical": max((p["max_abs_loglik_diff"] for p in same), default=0.0),
+        "predictions_differ_identical": sum(p["ours_pred"] != p["harness_pred"] for p in same),
+        "predictions_differ": sum(p["ours_pred"] != p["harness_pred"] for p in per_question),
+        "acc_differ": sum(p["ours_acc"] != p["harness_acc"] for p in per_question),
+        "acc_norm_differ": sum(p["ours_acc_norm"] != p["harness_acc_norm"] for p in per_question),
+        "per_question": per_question}
+
+
+def bench_generation(args, model, tokenizer) -> dict:
     import torch
 
     from tuneforge.data.rendering import prompt_ids
@@ -152,6 +178,12 @@ def bench_generation(args, model, tokenizer) -> None:
          f"{len(convs) / batched_s:.2f}", f"{sum(batched.new_tokens) / batched_s:.1f}", f"{same}/{len(convs)}"],
         ["one prompt at a time (model.generate)", f"{single_s:.1f}", f"{len(convs) / single_s:.2f}",
          f"{single_tokens / single_s:.1f}", "reference"]]))
+    return {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "batched": {"seconds": batched_s, "prompts_per_s": len(convs) / batched_s,
+                        "generated_tokens_per_s": sum(batched.new_tokens) / batched_s},
+            "one_at_a_time": {"seconds": single_s, "prompts_per_s": len(convs) / single_s,
+                              "generated_tokens_per_s": single_tokens / single_s},
+            "answers_identical": same}
 
 
 def main() -> None:
@@ -169,6 +201,7 @@ def main() -> None:
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--no-full-sequences", action="store_true", help="skip our 4-full-sequences variant")
     p.add_argument("--rebuild-venvs", action="store_true")
+    p.add_argument("--out", help="also write the numbers, the per-question agreement and versions to this JSON file")
     args = p.parse_args()
 
     import torch
@@ -181,9 +214,31 @@ def main() -> None:
     model = load_model(model_path).eval()
     tokenizer = load_tokenizer(args.model)
     print(f"torch {torch.__version__} ({TORCH} pinned for the harness venv), model {model_path}")
-    bench_mmlu(args, model, tokenizer, Path(model_path))
+    load_before = os.getloadavg()
+    report = {"command": " ".join(["python", "benchmarks/eval_throughput.py", *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "load_avg_before": load_before,
+              "model": args.model, "model_folder": str(model_path), "versions": _versions(),
+              "mmlu": bench_mmlu(args, model, tokenizer, Path(model_path))}
     if not args.no_generation:
-        bench_generation(args, model, tokenizer)
+        report["generation"] = bench_generation(args, model, tokenizer)
+    report["load_avg_after"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(_dumps(report))
+        print(f"\nwritten to {args.out}")
+
+
+def _dumps(report: dict) -> str:
+    """Indented JSON with one line per question."""
+    per_question = report["mmlu"].pop("per_question", [])
+    report["mmlu"]["per_question"] = "@per_question@"
+    rows = ",\n".join(json.dumps(p) for p in per_question)
+    return json.dumps(report, indent=1).replace('"@per_question@"', f"[\n{rows}\n]") + "\n"
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    return {d: md.version(d) for d in ("tuneforge", "torch", "transformers", "tokenizers")}
 
 
 if __name__ == "__main__":

@@ -60,11 +60,7 @@ NOT_MEASUREMENTS = [
 ]
 
 # Blocks whose figures are being measured again: (page, words of the block or table row, why). Temporary.
-PENDING = [
-    ("README.md", "MMLU cloze, 570 questions: questions/s", "pending: harness rerun"),
-    ("docs/guides/evaluation.md", "measures our MMLU-cloze scoring against lm-evaluation-harness",
-     "pending: harness rerun"),
-]
+PENDING: list[tuple[str, str, str]] = []
 
 
 # ---------------------------------------------------------------------------------------------------- the page

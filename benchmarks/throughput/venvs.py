@@ -52,6 +52,14 @@ LLAMACPP = VenvSpec("llamacpp", ("llama-cpp-python==0.3.36", "numpy"), ("llama_c
                          ("CMAKE_BUILD_PARALLEL_LEVEL", "2")))
 
 
+# lm-evaluation-harness, the MMLU cloze reference (tests/test_lm_eval_harness.py, benchmarks/eval_throughput.py):
+# run with its own task code, on transformers and tokenizers at our pins (the same model code and token split).
+LM_EVAL = VenvSpec("lm-eval", ("lm-eval==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3", "accelerate"),
+                   ("torch", "lm-eval", "transformers", "tokenizers", "datasets", "accelerate"))
+
+SPECS = {spec.name: spec for spec in (TRL, LLAMAFACTORY, LLAMACPP, LM_EVAL)}
+
+
 def venv_root() -> Path:
     return cache_dir() / "bench-venvs"
 
@@ -67,11 +75,13 @@ def ready(spec: VenvSpec) -> dict | None:
 
 def _versions(python: Path, dists: tuple[str, ...]) -> dict[str, str]:
     code = ("import json, importlib.metadata as m\nout = {}\nfor d in %r:\n"
-            "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: out[d] = None\nprint(json.dumps(out))") % (dists,)
+            "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: out[d] = None\n"
+            "print(json.dumps(out))") % (dists,)
     return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
-def ensure_venv(spec: VenvSpec, force: bool = False, retry_after_s: float = 24 * 3600, log=print) -> tuple[Path | None, str]:
+def ensure_venv(spec: VenvSpec, force: bool = False, retry_after_s: float = 24 * 3600,
+                log=print) -> tuple[Path | None, str]:
     """Return ``(python, versions text)`` of a ready venv, building it if needed, or ``(None, reason)``."""
     folder = venv_root() / spec.name
     info = ready(spec)
@@ -119,7 +129,6 @@ def ensure_venv(spec: VenvSpec, force: bool = False, retry_after_s: float = 24 *
     return python_of(spec), ", ".join(f"{k} {v}" for k, v in versions.items() if v)
 
 
-if __name__ == "__main__":  # python benchmarks/throughput/venvs.py trl [llamafactory] [llamacpp] [--force]
-    specs = {"trl": TRL, "llamafactory": LLAMAFACTORY, "llamacpp": LLAMACPP}
+if __name__ == "__main__":  # python benchmarks/throughput/venvs.py trl [llamafactory] [llamacpp] [lm-eval] [--force]
     for name in [a for a in sys.argv[1:] if not a.startswith("--")]:
-        print(name, ensure_venv(specs[name], force="--force" in sys.argv))
+        print(name, ensure_venv(SPECS[name], force="--force" in sys.argv))
