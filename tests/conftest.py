@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# The suite runs in two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadfile), each with one torch
+# thread: two processes each spinning 2 OpenMP threads on a 2-core machine stall each other. Set before any
+# test module imports torch; the subprocesses tests start (CLI runs, torchrun) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+# The longest files first (their measured share of a serial run), so that neither worker is left with a long
+# file at the end while the other idles; xdist's loadfile keeps each file on one worker (module fixtures once).
+HEAVY_FIRST = ["test_eval_broken_adapter", "test_distributed_deepspeed", "test_integration_real_model",
+               "test_architectures", "test_export_gguf", "test_distributed_fsdp", "test_resume",
+               "test_preference_integration", "test_distributed", "test_package", "test_eval_report",
+               "test_eval_sweep", "test_estimate_methods", "test_packaging", "test_lm_eval_harness"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: n for n, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: a file's own order is kept
 
 MODEL = "smollm2-135m-instruct"
 

@@ -12,10 +12,12 @@ the real SmolLM2-135M-Instruct folder tuneforge scores. On a fixed handful of qu
   tree-masked rows and through packed full sequences;
 - the predicted choice and ``acc`` are the harness's for every question.
 
+- ``acc_norm`` is the harness's too (the log-likelihood per character of the choice).
+
 Choices whose CSV text has surrounding spaces (766 of the 14,079 test questions, e.g. ``" Both (a) and (b)."``)
-are a known difference: the harness (like the hub's loading script, which keeps the CSV's text) scores
-``" " + choice`` as is, tuneforge strips the choice first. ``test_choices_with_surrounding_spaces...`` records it
-as a strict xfail, so that the day the scorer matches, the marker has to go.
+are scored as the harness (like the hub's loading script, which keeps the CSV's text) scores them:
+``" " + choice`` as is. ``test_choices_with_surrounding_spaces...`` checks three of them (tuneforge once stripped
+the choice first: 1.85 nats apart).
 """
 
 from __future__ import annotations
@@ -55,12 +57,9 @@ TOLERANCE = 5e-4
 
 @pytest.fixture(scope="module")
 def scored(real_model_path):
-    import torch
-
     from tuneforge.evaluation.forgetting import load_mmlu
     from tuneforge.models.loading import load_model, load_tokenizer
 
-    torch.set_num_threads(2)
     by_subject: dict = {}
     for q in load_mmlu(MMLU, per_subject=None):
         by_subject.setdefault(q.subject, []).append(q)
@@ -98,8 +97,9 @@ def _check_scores(rows, model, tokenizer):
             diff = max(abs(a - b) for a, b in zip(ours, h["logliks"], strict=True))
             assert diff < TOLERANCE, (q.subject, h["doc_id"], share_prefix, ours, h["logliks"])
             assert max(range(4), key=ours.__getitem__) == max(range(4), key=h["logliks"].__getitem__)
-        correct = score_mmlu(model, tokenizer, questions, share_prefix=share_prefix)["correct"]
-        assert correct == [h["acc"] for _, h in rows], share_prefix
+        scores = score_mmlu(model, tokenizer, questions, share_prefix=share_prefix)
+        assert scores["correct"] == [h["acc"] for _, h in rows], share_prefix
+        assert scores["correct_norm"] == [h["acc_norm"] for _, h in rows], share_prefix
 
 
 def test_requests_are_the_harness_mmlu_continuation_requests(scored):
@@ -112,8 +112,6 @@ def test_choice_logliks_and_answers_equal_the_harness(scored):
     _check_scores(rows, model, tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="tuneforge strips each choice before scoring ' ' + choice; the harness "
-                   "keeps the dataset's text (3 of these choices have surrounding spaces): logliks differ by nats")
 def test_choices_with_surrounding_spaces_are_scored_as_the_harness_scores_them(scored):
     _, spaced, model, tokenizer = scored
     _check_requests(spaced, tokenizer)

@@ -104,7 +104,8 @@ def choice_logliks(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, q
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, question: Question) -> tuple[list[int], list[list[int]]]:
-    pieces = [split_tokens(tokenizer, question.context, " " + c.strip()) for c in question.choices]
+    # the choice as the dataset has it (the harness keeps surrounding spaces: 766 of MMLU's 14,079 test questions)
+    pieces = [split_tokens(tokenizer, question.context, " " + c) for c in question.choices]
     ctx = pieces[0][0]
     return ctx, [p[1] if p[0] == ctx else (p[0] + p[1])[len(ctx):] for p in pieces]
 
@@ -187,7 +188,8 @@ def score_mmlu(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, quest
             ll = choice_logliks(model, tokenizer, q, method, share_prefix=False)
             if progress:
                 progress(1)
-        norm = [x / max(len((" " + c.strip()).encode()), 1) for x, c in zip(ll, q.choices, strict=True)]
+        # acc_norm as lm-evaluation-harness computes it: per character of the choice (without the delimiter)
+        norm = [x / max(len(c), 1) for x, c in zip(ll, q.choices, strict=True)]
         correct.append(float(max(range(4), key=lambda i: ll[i]) == q.answer))
         correct_norm.append(float(max(range(4), key=lambda i: norm[i]) == q.answer))
     return {"correct": correct, "correct_norm": correct_norm, "subject": [q.subject for q in questions]}

