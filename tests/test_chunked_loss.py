@@ -73,6 +73,14 @@ def test_auto_chunks_only_large_logits(tiny_model, monkeypatch):
     assert not use_chunked_loss(tiny_model, 10 ** 9, "on")
 
 
+def test_a_chunk_holds_at_most_the_budgets_logits():
+    from tuneforge.kernels.chunked_loss import chunk_positions
+
+    assert chunk_positions(49152) == 1024          # SmolLM2: 192 MiB of logits in a chunk of the default size
+    assert chunk_positions(262144) == 256          # Gemma 3: 256 MiB
+    assert chunk_positions(10 ** 8) == 64
+
+
 def test_the_estimator_models_the_same_chunking():
     from tuneforge.estimate.memory import CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK  # torch-free copies
 

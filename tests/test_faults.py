@@ -231,9 +231,9 @@ def test_an_unwritable_or_full_output_dir_fails_before_any_model_loads(tmp_path,
 
 
 def test_without_eval_base_the_first_validation_is_the_yardstick(labelled_model_dir, data, tmp_path):
-    """eval_base: false: the final validation is compared with the first one during training (step 4 here)."""
+    """eval_base: false: the final validation is compared with the first one during training (step 2 here)."""
     wrong = _swapped_labels(data, tmp_path)
-    config = _config(labelled_model_dir, wrong, tmp_path / "no_base", max_steps=8, method="full", learning_rate=1e-2,
+    config = _config(labelled_model_dir, wrong, tmp_path / "no_base", max_steps=8, method="full", learning_rate=2e-3,
                      save_every=None, eval_every=2, eval_base=False)
     config.data.validation = str(data)
     with pytest.raises(RunRegressed, match=r"worse than the first validation's \([0-9.]+, step 2\)"):

@@ -313,3 +313,47 @@ def test_a_regressed_run_is_not_shipped_unless_asked(tmp_path, tiny_model_dir, t
         proc = _cli("export", run, "--format", fmt)
         assert proc.returncode == 2 and "ended worse than it started" in proc.stderr, proc.stderr
     assert package_run(run, tmp_path / "pkg", allow_regressed=True).out_dir.is_dir()
+
+
+def test_the_base_models_terms_travel_into_the_package_and_its_card(tmp_path, tiny_model_dir, tokenizer):
+    """A base model folder holding licence/terms files (as the converted gemma3-270m holds GEMMA_TERMS.html and
+    NOTICE.md): every package made from it carries them unchanged, lists them in the manifest, names them in the
+    card."""
+    from test_merge import make_run
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "GEMMA_TERMS.html").write_text("<html>Gemma Terms of Use (test copy)</html>")
+    (base / "NOTICE.md").write_text("# NOTICE\nGemma is provided under the Gemma Terms of Use.\n")
+    out = tmp_path / "pkg"
+    run = make_run(tmp_path, base, tokenizer, "lora")
+    report = package_run(run, out, license="gemma")
+    for name in ("GEMMA_TERMS.html", "NOTICE.md"):
+        assert file_sha256(out / name) == file_sha256(base / name), name
+        assert report.files[name] == file_sha256(base / name)
+    manifest = json.loads((out / "tuneforge.json").read_text())
+    assert manifest["base_model"]["terms"] == ["NOTICE.md", "GEMMA_TERMS.html"]
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["license"] == "gemma"
+    section = card.split("## Licence and terms of the base model", 1)[1].split("##", 1)[0]
+    assert "`NOTICE.md`" in section and "`GEMMA_TERMS.html`" in section
+    # a merged model carries them too
+    from tuneforge.export.merge import merge_run
+
+    merge_run(run, tmp_path / "merged", dtype="fp32")
+    for name in ("GEMMA_TERMS.html", "NOTICE.md"):
+        assert file_sha256(tmp_path / "merged" / name) == file_sha256(base / name), name
+    # a base model without such files: no terms in the manifest, no section in the card
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    package_run(make_run(plain, tiny_model_dir, tokenizer, "lora"), plain / "pkg")
+    assert "terms" not in json.loads((plain / "pkg" / "tuneforge.json").read_text())["base_model"]
+    assert "Licence and terms" not in (plain / "pkg" / "README.md").read_text()
+
+
+def test_gemma3_is_a_builtin_with_its_hub_id_and_license():
+    from tuneforge.export.package import HUB_IDS, LICENSES
+    from tuneforge.models.registry import BUILTIN_MODELS, GEMMA3
+
+    assert GEMMA3 in BUILTIN_MODELS
+    assert HUB_IDS[GEMMA3] == "google/gemma-3-270m" and LICENSES[GEMMA3] == "gemma"

@@ -339,7 +339,7 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
               "packed row, per-example sdpa: no mask" if batch > 1 else "one example per row: no mask")
     notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({layout})")
     if chunked_loss == "on" or (chunked_loss == "auto" and 4 * K * V > CHUNKED_LOSS_BUDGET):
-        chunk = min(K, CHUNKED_LOSS_CHUNK)
+        chunk = min(K, CHUNKED_LOSS_CHUNK, max(64, CHUNKED_LOSS_BUDGET // (4 * V)))   # chunk_positions
         logits = 12 * chunk * V + 4 * K  # one chunk's logits, probabilities and gradient; one lse a position
         if terms.trains_head:
             logits += 4 * V * d           # the fp32 lm_head gradient accumulated over the chunks

@@ -1,27 +1,46 @@
-"""Write a merged Llama-architecture model as one GGUF file for llama.cpp / Ollama, and check it round-trips.
+"""Write a merged model as one GGUF file for llama.cpp / Ollama, and check it round-trips.
 
 The file is written with the ``gguf`` package's :class:`gguf.GGUFWriter` (llama.cpp's own converter is a
-script, not a library), following llama.cpp's conventions for ``general.architecture = llama``:
+script, not a library), following llama.cpp's conventions (its ``convert_hf_to_gguf.py``) for the two
+architectures tuneforge writes, each described once in :data:`ARCHITECTURES` (metadata keys, tensor names,
+weight transforms, what it refuses):
 
-* metadata: ``llama.context_length``, ``embedding_length``, ``block_count``, ``feed_forward_length``,
-  ``rope.dimension_count`` (the head dim), ``rope.freq_base``, ``attention.head_count`` / ``head_count_kv``,
-  ``attention.layer_norm_rms_epsilon``, ``vocab_size``, ``general.file_type`` and the quantization version;
-* the BPE tokenizer (``tokenizer.ggml.model = gpt2``): tokens by id, token types (control for special added
-  tokens, user-defined for other added tokens, unused for ids the tokenizer does not fill), merges, the
-  bos/eos/unk/pad ids, ``add_bos_token``, the pre-tokenizer name, and the chat template used in training;
-* tensors renamed to llama.cpp's names (``blk.N.attn_q.weight`` ...). ``q_proj`` and ``k_proj`` rows are
-  permuted as llama.cpp expects (its RoPE pairs dims ``(i, i + d/2)`` of each head as adjacent ``(2i, 2i+1)``):
-  ``W.reshape(heads, 2, d / 2, in).swapaxes(1, 2).reshape(out, in)``, with the KV head count for ``k_proj``;
-  transformers undoes exactly this when it loads a GGUF. Tied embeddings are written once as
-  ``token_embd.weight`` and no ``output.weight`` (llama.cpp then uses the embedding as output).
+* ``general.architecture = llama`` (transformers ``model_type`` ``llama``): metadata ``llama.context_length``,
+  ``embedding_length``, ``block_count``, ``feed_forward_length``, ``rope.dimension_count`` (the head dim),
+  ``rope.freq_base``, ``attention.head_count`` / ``head_count_kv``, ``attention.layer_norm_rms_epsilon``;
+  ``q_proj`` and ``k_proj`` rows are permuted as llama.cpp expects (its RoPE pairs dims ``(i, i + d/2)`` of
+  each head as adjacent ``(2i, 2i+1)``): ``W.reshape(heads, 2, d / 2, in).swapaxes(1, 2).reshape(out, in)``,
+  with the KV head count for ``k_proj``; transformers undoes exactly this when it loads a GGUF.
+* ``general.architecture = gemma3`` (``model_type`` ``gemma3_text``, ``Gemma3ForCausalLM``): the same sizes
+  plus ``attention.key_length`` / ``value_length`` (the head dim), ``rope.freq_base`` (global layers) and
+  ``rope.freq_base_swa`` (sliding layers), ``attention.sliding_window`` and
+  ``attention.sliding_window_pattern`` (one bool per layer: llama.cpp otherwise assumes 5 sliding layers in
+  6), ``final_logit_softcapping`` when set. No Q/K permutation (llama.cpp runs Gemma 3 with NeoX-style RoPE,
+  as transformers does); every ``*norm.weight`` is written as ``1 + w`` (transformers' Gemma RMSNorm scales
+  by ``1 + w``, llama.cpp's by ``w``); llama.cpp scales the embeddings by ``sqrt(hidden)`` itself. Refused:
+  ``query_pre_attn_scalar`` other than the head dim (llama.cpp scales queries by ``1 / sqrt(head_dim)``),
+  attention soft-capping, RoPE scaling, an activation other than ``gelu_pytorch_tanh``, bidirectional
+  attention.
+* both: ``vocab_size``, ``general.file_type`` and the quantization version; tensors renamed to llama.cpp's
+  names (``blk.N.attn_q.weight`` ...). Tied embeddings are written once as ``token_embd.weight`` and no
+  ``output.weight`` (llama.cpp then uses the embedding as output).
+* the tokenizer, by the kind of ``tokenizer.json``: a byte-level BPE (``tokenizer.ggml.model = gpt2``):
+  tokens by id, token types (control for special added tokens, user-defined for other added tokens, unused
+  for ids the tokenizer does not fill), merges, the pre-tokenizer name; or a SentencePiece-style BPE (byte
+  fallback, no byte-level pre-tokenizer: Gemma's; ``tokenizer.ggml.model = llama``): tokens, token types
+  (byte for ``<0xNN>``), scores (``-id`` for normal tokens: SentencePiece merges in vocabulary order, as in
+  Gemma's own GGUF; ``-1000`` for added tokens, 0 for bytes, as there) and ``add_space_prefix``. Both with
+  the bos/eos/unk/pad ids, ``add_bos_token`` and the chat template used in training.
 * weight types: 1-D tensors (norms) stay F32; 2-D tensors are F16, or Q8_0 / Q4_0 blocks of 32 quantized
   by ``gguf.quants.quantize`` (numpy). With ``q4_0`` the token embedding (also the output layer when tied)
   is Q8_0, as llama.cpp keeps its output layer at a higher precision. A tensor whose row length is not a
   multiple of 32 falls back to F16.
 
 :func:`export_gguf` merges a run (reusing :mod:`tuneforge.export.merge`, which checks the merge itself),
-writes the file, and then checks the round trip: transformers loads the GGUF (de-permuting Q/K and
-de-quantizing), and (1) its logits must equal those of the merged model whose weights were rounded the same
+writes the file, and then checks the round trip: transformers loads the GGUF (de-permuting Q/K, subtracting
+Gemma's norm shift and de-quantizing; for gemma3 with the merged folder's config, as transformers does not
+read Gemma 3's sliding-window pattern or local RoPE base from a GGUF, and the sizes it does read must equal
+that config's), and (1) its logits must equal those of the merged model whose weights were rounded the same
 way in numpy, within ``1e-4 * max(1, max|logit|)`` (the file holds exactly those weights, in the right
 places), (2) its logits differ from the merged model's by the quantization's own effect, reported, and its
 greedy tokens agree wherever the merged model's top-2 margin exceeds twice that difference, and (3) its
@@ -36,6 +55,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +76,7 @@ class ExportCheckError(RuntimeError):
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture or features cannot be written as a llama GGUF by tuneforge."""
+    """The model's architecture or features cannot be written as GGUF by tuneforge."""
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -67,24 +87,186 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, out // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """llama.cpp's name for a transformers Llama tensor (None for ``lm_head.weight``, handled by the caller)."""
+_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                "mlp.down_proj.weight": "ffn_down.weight"}
+# Gemma 3: four norms per block (llama.cpp's ffn_norm is the pre-feed-forward one) and query/key norms
+_GEMMA3_LAYER = {**_LLAMA_LAYER, "post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one transformers architecture is written as llama.cpp's ``general.architecture = name``."""
+
+    name: str                                   # general.architecture, also the prefix of its metadata keys
+    model_types: tuple[str, ...]                # transformers config.model_type values written this way
+    layer_tensors: dict[str, str]               # "<rest>" of model.layers.N.<rest> -> llama.cpp's name in blk.N
+    metadata: Callable[[Any, dict[str, Any]], None]     # (writer, config): the {name}.* keys
+    problems: Callable[[dict[str, Any]], list[str]]     # config -> what this writer cannot express
+    permute_qk: bool = False                    # llama.cpp's interleaved RoPE row order for q_proj / k_proj
+    norm_shift: float = 0.0                     # added to every *norm.weight (Gemma's (1 + w) RMSNorm)
+
+
+def _head_dims(config: dict[str, Any]) -> tuple[int, int, int]:
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    return n_head, n_kv, config.get("head_dim") or config["hidden_size"] // n_head
+
+
+def _rope(config: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
+    """The RoPE parameters (of one layer type where the config has them per type: Gemma 3)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if layer_type is not None and layer_type in rope:
+        return rope[layer_type] or {}
+    return rope
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
+def _llama_problems(config: dict[str, Any]) -> list[str]:
+    problems = []
+    rope = _rope(config)
+    if _rope_type(rope) != "default":
+        problems.append(f"rope scaling {_rope_type(rope)!r} is not written to GGUF by tuneforge yet")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("attention or MLP biases are not written to GGUF by tuneforge yet")
+    return problems
+
+
+def _llama_metadata(writer: Any, config: dict[str, Any]) -> None:
+    n_head, n_kv, head_dim = _head_dims(config)
+    hidden = config["hidden_size"]
+    theta = _rope(config).get("rope_theta", config.get("rope_theta", 10000.0))
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    if head_dim != hidden // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+
+
+def gemma3_layer_types(config: dict[str, Any]) -> list[str]:
+    """``sliding_attention`` / ``full_attention`` per layer (older configs: every ``sliding_window_pattern``-th
+    layer full, 6 by default)."""
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(config["num_hidden_layers"])]
+
+
+def _gemma3_rope_bases(config: dict[str, Any]) -> tuple[float, float]:
+    """RoPE base of the global (full-attention) and of the sliding layers."""
+    full = _rope(config, "full_attention").get("rope_theta", config.get("rope_theta", 1_000_000.0))
+    local = _rope(config, "sliding_attention").get("rope_theta", config.get("rope_local_base_freq", 10_000.0))
+    return float(full), float(local)
+
+
+def _gemma3_problems(config: dict[str, Any]) -> list[str]:
+    _, _, head_dim = _head_dims(config)
+    problems = []
+    for kind in ("full_attention", "sliding_attention"):
+        if _rope_type(_rope(config, kind)) != "default":
+            problems.append(f"rope scaling {_rope_type(_rope(config, kind))!r} ({kind}) is not written to GGUF by "
+                            "tuneforge yet")
+    if config.get("attention_bias"):
+        problems.append("attention biases are not written to GGUF by tuneforge yet")
+    if config.get("attn_logit_softcapping"):
+        problems.append("attention soft-capping: llama.cpp's gemma3 has none")
+    scalar = config.get("query_pre_attn_scalar", head_dim)
+    if scalar != head_dim:
+        problems.append(f"query_pre_attn_scalar {scalar} != head_dim {head_dim}: llama.cpp's gemma3 scales queries "
+                        "by 1 / sqrt(head_dim)")
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh":
+        problems.append(f"activation {activation!r}: llama.cpp's gemma3 uses tanh-approximated GELU")
+    if config.get("use_bidirectional_attention"):
+        problems.append("bidirectional attention (an embedding model): not a gemma3 causal LM")
+    return problems
+
+
+def _gemma3_metadata(writer: Any, config: dict[str, Any]) -> None:
+    n_head, n_kv, head_dim = _head_dims(config)
+    full_base, local_base = _gemma3_rope_bases(config)
+    writer.add_context_length(config.get("max_position_embeddings", 131072))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(full_base)
+    layer_types = gemma3_layer_types(config)
+    if config.get("sliding_window") and "sliding_attention" in layer_types:
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        writer.add_rope_freq_base_swa(local_base)
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+
+
+LLAMA = GGUFArchitecture("llama", ("llama",), _LLAMA_LAYER, _llama_metadata, _llama_problems, permute_qk=True)
+GEMMA3 = GGUFArchitecture("gemma3", ("gemma3_text",), _GEMMA3_LAYER, _gemma3_metadata, _gemma3_problems,
+                          norm_shift=1.0)
+ARCHITECTURES = {t: arch for arch in (LLAMA, GEMMA3) for t in arch.model_types}
+
+
+def gguf_architecture(config: dict[str, Any]) -> GGUFArchitecture:
+    """The architecture ``config`` (a transformers ``config.json``) is written as; refuses (one message naming
+    every problem) what tuneforge cannot write."""
+    model_type = config.get("model_type")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise UnsupportedModelError(f"model_type {model_type!r}: tuneforge writes GGUF for "
+                                    f"{', '.join(sorted(ARCHITECTURES))} only")
+    problems = arch.problems(config)
+    if problems:
+        raise UnsupportedModelError(f"model_type {model_type!r} cannot be written to GGUF: {'; '.join(problems)}")
+    return arch
+
+
+def gguf_tensor_name(hf_name: str, arch: GGUFArchitecture = LLAMA) -> str | None:
+    """llama.cpp's name for a transformers tensor of ``arch`` (None for ``lm_head.weight``, handled by the
+    caller)."""
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": None}
     if hf_name in fixed:
         return fixed[hf_name]
     parts = hf_name.split(".")
     if len(parts) < 5 or parts[:2] != ["model", "layers"]:
-        raise UnsupportedModelError(f"tensor {hf_name!r} has no llama GGUF name")
+        raise UnsupportedModelError(f"tensor {hf_name!r} has no {arch.name} GGUF name")
     layer, rest = parts[2], ".".join(parts[3:])
-    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight"}
-    if rest not in names:
-        raise UnsupportedModelError(f"tensor {hf_name!r} has no llama GGUF name")
-    return f"blk.{layer}.{names[rest]}"
+    if rest not in arch.layer_tensors:
+        raise UnsupportedModelError(f"tensor {hf_name!r} has no {arch.name} GGUF name")
+    return f"blk.{layer}.{arch.layer_tensors[rest]}"
+
+
+def to_gguf_layout(hf_name: str, weight: np.ndarray, config: dict[str, Any], arch: GGUFArchitecture) -> np.ndarray:
+    """``weight`` as llama.cpp expects it in the file: Q/K rows permuted (llama), norms shifted (Gemma)."""
+    if arch.permute_qk:
+        n_head, n_kv, _ = _head_dims(config)
+        if hf_name.endswith("q_proj.weight"):
+            return permute_qk(weight, n_head)
+        if hf_name.endswith("k_proj.weight"):
+            return permute_qk(weight, n_kv)
+    if arch.norm_shift and hf_name.endswith("norm.weight"):
+        return (weight + np.float32(arch.norm_shift)).astype(np.float32)
+    return weight
 
 
 def tensor_type(hf_name: str, shape: tuple[int, ...], quant: str) -> Any:
@@ -146,57 +328,81 @@ def _token_pre(tokens: list[str], merges: list[str]) -> str:
     return pre
 
 
+def _is_sentencepiece_bpe(data: dict[str, Any]) -> bool:
+    """A BPE ``tokenizer.json`` converted from SentencePiece (Gemma's, Llama 2's): byte fallback and no
+    byte-level pre-tokenizer; llama.cpp reads such a vocabulary as ``tokenizer.ggml.model = llama``."""
+    model = data.get("model") or {}
+    return bool(model.get("byte_fallback")) and "ByteLevel" not in json.dumps(data.get("pre_tokenizer"))
+
+
+def _is_byte_piece(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _adds_special(tok: Any, token_id: int | None, first: bool) -> bool:
+    """Whether encoding a text adds ``token_id`` at its start (``first``) or end: a tokenizer whose BOS comes
+    from its ``tokenizer.json`` post-processor (Gemma's, as transformers saves it) says so nowhere else."""
+    if token_id is None:
+        return False
+    ids = tok("a")["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    if not ids or len(ids) == len(plain):
+        return False
+    return (ids[0] if first else ids[-1]) == token_id
+
+
 def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
-    """Tokens, token types, merges, special ids, add_bos and chat template of the BPE tokenizer in ``model_dir``."""
+    """Tokens, token types, merges or scores, special ids, add_bos and chat template of the BPE tokenizer in
+    ``model_dir`` (``model``: ``gpt2`` for a byte-level BPE, ``llama`` for a SentencePiece-style one)."""
     from transformers import AutoTokenizer
 
     data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise UnsupportedModelError(f"{model_dir / 'tokenizer.json'}: tokenizer type {model.get('type')!r}; "
-                                    "tuneforge writes BPE (gpt2-style) tokenizers to GGUF only")
+                                    "tuneforge writes BPE tokenizers to GGUF only")
+    spm = _is_sentencepiece_bpe(data)
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in data.get("added_tokens") or []}
-    tokens, types = [], []
+    tokens, types, scores = [], [], []
     for i in range(vocab_size):
         if i in added:
             tokens.append(added[i]["content"])
             types.append(3 if added[i].get("special") else 4)       # CONTROL, USER_DEFINED
+            scores.append(-1000.0)
         elif i in by_id:
             tokens.append(by_id[i])
-            types.append(1)                                          # NORMAL
+            byte = spm and _is_byte_piece(by_id[i])
+            types.append(6 if byte else 1)                           # BYTE, NORMAL
+            scores.append(0.0 if byte else -float(i))                # SentencePiece merges in vocabulary order
         else:
             tokens.append(f"[PAD{i}]")
             types.append(5)                                          # UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+            scores.append(-1000.0)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     template = tok.chat_template
     if template is None and (model_dir / "chat_template.jinja").is_file():
         template = (model_dir / "chat_template.jinja").read_text()
-    add_bos = bool(getattr(tok, "add_bos_token", False))
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": _token_pre(tokens, merges),
-            "bos": tok.bos_token_id, "eos": tok.eos_token_id, "unk": tok.unk_token_id,
-            "pad": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            "add_bos": add_bos, "chat_template": template}
+    add_bos = bool(getattr(tok, "add_bos_token", False)) or _adds_special(tok, tok.bos_token_id, first=True)
+    out = {"tokens": tokens, "types": types,
+           "bos": tok.bos_token_id, "eos": tok.eos_token_id, "unk": tok.unk_token_id,
+           "pad": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+           "add_bos": add_bos, "chat_template": template}
+    if spm:
+        normalizer = json.dumps(data.get("normalizer"))
+        add_eos = bool(getattr(tok, "add_eos_token", False)) or _adds_special(tok, tok.eos_token_id, first=False)
+        return {**out, "model": "llama", "pre": "default", "scores": scores, "merges": [], "add_eos": add_eos,
+                "add_space_prefix": '"Prepend"' in normalizer}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return {**out, "model": "gpt2", "merges": merges, "pre": _token_pre(tokens, merges)}
 
 
 # ------------------------------------------------------------------------------------------------ writing
 
-def _check_architecture(config: dict[str, Any]) -> None:
-    if config.get("model_type") != "llama":
-        raise UnsupportedModelError(f"model_type {config.get('model_type')!r}: tuneforge writes the llama "
-                                    "architecture to GGUF only")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-        raise UnsupportedModelError(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not written "
-                                    "to GGUF by tuneforge yet")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise UnsupportedModelError("attention or MLP biases are not written to GGUF by tuneforge yet")
-
-
 def write_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "f16", name: str | None = None,
                ) -> dict[str, str]:
-    """Write the transformers Llama folder ``model_dir`` as the GGUF file ``out_file``; return tensor -> type.
+    """Write the transformers folder ``model_dir`` (an architecture of :data:`ARCHITECTURES`) as the GGUF file
+    ``out_file``; return tensor -> type.
 
     ``quant``: ``f16``, ``q8_0`` or ``q4_0`` (2-D tensors; norms stay F32). The file is written to
     ``<out_file>.partial`` and renamed when complete.
@@ -207,12 +413,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "f16", 
         raise ValueError(f"quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = json.loads((model_dir / "config.json").read_text())
-    _check_architecture(config)
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    arch = gguf_architecture(config)
     tensors = _weights(model_dir)
     tied = config.get("tie_word_embeddings", False) or "lm_head.weight" not in tensors
     vocab = config["vocab_size"]
@@ -220,49 +421,41 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "f16", 
 
     partial = out_file.with_name(out_file.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = gguf.GGUFWriter(str(partial), arch.name)
     writer.add_name(name or model_dir.name)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    if head_dim != hidden // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    arch.metadata(writer, config)
     writer.add_vocab_size(vocab)
     writer.add_file_type(_file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tok["model"])
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
-    writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
+    if tok["model"] == "gpt2":
+        writer.add_token_types(tok["types"])
+        writer.add_token_merges(tok["merges"])
+    else:
+        writer.add_token_scores(tok["scores"])
+        writer.add_token_types(tok["types"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         if tok[key] is not None:
             add(int(tok[key]))
     writer.add_add_bos_token(tok["add_bos"])
+    if tok["model"] == "llama":
+        writer.add_add_eos_token(tok["add_eos"])
+        writer.add_add_space_prefix(tok["add_space_prefix"])
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
 
     types: dict[str, str] = {}
     for hf_name in sorted(tensors, key=_tensor_order):
-        target = gguf_tensor_name(hf_name)
+        target = gguf_tensor_name(hf_name, arch)
         if target is None:                       # lm_head
             if tied:
                 continue
             target = "output.weight"
-        data = tensors[hf_name]
-        if hf_name.endswith("q_proj.weight"):
-            data = permute_qk(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            data = permute_qk(data, n_kv)
+        data = to_gguf_layout(hf_name, tensors[hf_name], config, arch)
         qtype = tensor_type(hf_name, data.shape, quant)
         raw = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
         writer.add_tensor(target, raw, raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
@@ -321,12 +514,42 @@ class ExportReport:
 
 
 def _rounded_state_dict(model_dir: Path, quant: str) -> dict[str, Any]:
+    """The weights of ``model_dir`` as a GGUF reader gets them back: rounded to the file's types (Gemma's norms
+    rounded as ``1 + w`` in fp32, then shifted back). Q/K row permutations need no undoing: quantization blocks
+    lie within rows."""
     import torch
 
+    arch = gguf_architecture(json.loads((Path(model_dir) / "config.json").read_text()))
     out = {}
     for name, w in _weights(model_dir).items():
-        out[name] = torch.from_numpy(round_trip(w, tensor_type(name, w.shape, quant)).copy())
+        shift = np.float32(arch.norm_shift if name.endswith("norm.weight") else 0.0)
+        rounded = round_trip(w + shift, tensor_type(name, w.shape, quant)) - shift if shift else \
+            round_trip(w, tensor_type(name, w.shape, quant))
+        out[name] = torch.from_numpy(rounded.copy())
     return out
+
+
+def _load_gguf_model(gguf_file: Path, merged_dir: Path, arch: GGUFArchitecture, report: ExportReport) -> Any:
+    """transformers' model from ``gguf_file``. For llama its config comes from the file; for gemma3 from
+    ``merged_dir`` (transformers reads neither its sliding-window pattern nor its local RoPE base from a GGUF),
+    and every size transformers does read from the file must equal that config's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file.name, "dtype": torch.float32}
+    if arch is not LLAMA:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = AutoConfig.from_pretrained(str(merged_dir))
+        read = load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"]
+        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "rms_norm_eps", "sliding_window", "vocab_size",
+                    "max_position_embeddings"):
+            want = getattr(config, key, None)
+            if key in read and want is not None and not np.isclose(float(read[key]), float(want), rtol=1e-6):
+                report.problems.append(f"the GGUF's {key} is {read[key]}, the model's {want}")
+        kwargs["config"] = config
+    return AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), **kwargs).eval()
 
 
 def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompts: list[str],
@@ -339,10 +562,10 @@ def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompt
 
     gguf_file, merged_dir = Path(gguf_file), Path(merged_dir)
     report = ExportReport(str(gguf_file), quant, checked=True)
+    arch = gguf_architecture(json.loads((merged_dir / "config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     loaded_tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                  dtype=torch.float32).eval()
+    loaded = _load_gguf_model(gguf_file, merged_dir, arch, report)
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     rounded = copy.deepcopy(merged)
     missing, unexpected = rounded.load_state_dict(_rounded_state_dict(merged_dir, quant), strict=False)
@@ -381,7 +604,7 @@ def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompt
                     break
     if report.format_diff > FLOOR * report.scale:
         report.problems.append(f"logits differ from the same-rounded merged model by {report.format_diff:.3g} "
-                               f"> {FLOOR * report.scale:.3g}: a tensor is misplaced or mis-permuted")
+                               f"> {FLOOR * report.scale:.3g}: a tensor is misplaced, mis-permuted or mis-shifted")
     return report
 
 

@@ -1,13 +1,16 @@
 """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``llama-cli -m base.gguf --lora adapter.gguf``).
 
 llama.cpp's adapter format (what its ``convert_lora_to_gguf.py`` writes): ``general.type = adapter``,
-``general.architecture`` equal to the base model's (``llama``), ``adapter.type = lora`` and
+``general.architecture`` equal to the base model's (``llama`` or ``gemma3``, as
+:func:`tuneforge.export.gguf.gguf_architecture` writes it), ``adapter.type = lora`` and
 ``adapter.lora.alpha``; for every adapted weight ``W`` named ``blk.N.<name>.weight`` in the base GGUF two
 tensors ``blk.N.<name>.weight.lora_a`` (peft's ``A``, ``[r, in]``) and ``.lora_b`` (peft's ``B``,
 ``[out, r]``). llama.cpp computes ``W x + (alpha / r) * B (A x)`` with ``r`` read from ``A``'s shape.
 
-* ``q_proj`` / ``k_proj``: the base GGUF holds ``W`` with its rows permuted for llama.cpp's RoPE
+* ``q_proj`` / ``k_proj`` (llama): the base GGUF holds ``W`` with its rows permuted for llama.cpp's RoPE
   (:func:`tuneforge.export.gguf.permute_qk`), so ``B``'s rows are permuted the same way; ``A`` is unchanged.
+  gemma3 has no such permutation (and LoRA on a norm, which Gemma's GGUF shifts by 1, is not a LoRA
+  target), so its ``A`` and ``B`` are written as they are.
 * rsLoRA scales by ``alpha / sqrt(r)``: the file stores ``alpha * sqrt(r)`` so that llama.cpp's
   ``alpha / r`` gives the same scale.
 * Refused (one line): DoRA (its magnitude vector has no place in the format), ``modules_to_save``, LoRA
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneforge.export.gguf import UnsupportedModelError, gguf_tensor_name, permute_qk
+from tuneforge.export.gguf import UnsupportedModelError, gguf_architecture, gguf_tensor_name, permute_qk
 
 
 def lora_alpha_for_gguf(adapter_config: dict[str, Any]) -> float:
@@ -50,7 +53,8 @@ def _refuse_unless_plain_lora(adapter_config: dict[str, Any], where: Path) -> No
 
 def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_file: str | Path,
                     name: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Write the peft LoRA adapter in ``adapter_dir`` (for a Llama base with ``base_config``) to ``out_file``.
+    """Write the peft LoRA adapter in ``adapter_dir`` (for a llama or gemma3 base with ``base_config``) to
+    ``out_file``.
 
     Returns the GGUF tensor names with their numpy shapes. Written to ``<out_file>.partial``, then renamed.
     """
@@ -60,8 +64,7 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
     adapter_dir, out_file = Path(adapter_dir), Path(out_file)
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     _refuse_unless_plain_lora(adapter_config, adapter_dir)
-    if base_config.get("model_type") != "llama":
-        raise UnsupportedModelError(f"model_type {base_config.get('model_type')!r}: tuneforge writes llama GGUF only")
+    arch = gguf_architecture(base_config)
     n_head = base_config["num_attention_heads"]
     n_kv = base_config.get("num_key_value_heads") or n_head
 
@@ -81,7 +84,7 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
 
     partial = out_file.with_name(out_file.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = gguf.GGUFWriter(str(partial), arch.name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name or adapter_dir.resolve().name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -91,13 +94,13 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
         ab = pairs[base_name]
         if set(ab) != {"lora_A", "lora_B"}:
             raise UnsupportedModelError(f"{adapter_dir}: {base_name} has only {sorted(ab)}")
-        target = gguf_tensor_name(base_name)
-        if target is None:
+        target = gguf_tensor_name(base_name, arch)
+        if target is None or base_name.endswith("norm.weight"):
             raise UnsupportedModelError(f"{adapter_dir}: LoRA on {base_name} is not supported in GGUF")
         a, b = ab["lora_A"], ab["lora_B"]
-        if base_name.endswith("q_proj.weight"):
+        if arch.permute_qk and base_name.endswith("q_proj.weight"):
             b = permute_qk(b, n_head)
-        elif base_name.endswith("k_proj.weight"):
+        elif arch.permute_qk and base_name.endswith("k_proj.weight"):
             b = permute_qk(b, n_kv)
         for suffix, tensor in ((".lora_a", a), (".lora_b", b)):
             writer.add_tensor(target + suffix, np.ascontiguousarray(tensor, dtype=np.float32))

@@ -33,6 +33,7 @@ import torch
 from tuneforge.methods.dispatch import mergeable_methods, saved_method
 from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import get_method
+from tuneforge.models.registry import base_terms_files
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,8 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
         shutil.rmtree(partial)
     merged.save_pretrained(str(partial), safe_serialization=True)
     tokenizer.save_pretrained(str(partial))
+    for terms in base_terms_files(model_spec):      # the base model's licence and terms travel with the merge
+        shutil.copy2(terms, partial / terms.name)
     template = Path(tokenizer_dir or "", "chat_template.jinja")
     if tokenizer_dir is not None and template.is_file() and not (partial / "chat_template.jinja").is_file():
         shutil.copy(template, partial / "chat_template.jinja")

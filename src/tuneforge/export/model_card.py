@@ -169,6 +169,17 @@ def _load_section(manifest: PackageManifest, base_model_id: str) -> str:
     return "\n".join(out)
 
 
+def _terms_section(manifest: PackageManifest, license: str) -> str | None:
+    """The base model's licence and terms files carried in the package, named (None when there are none)."""
+    base = manifest.base_model or PackageBaseModel()
+    if not base.terms:
+        return None
+    names = ", ".join(f"`{name}`" for name in base.terms)
+    return (f"This model is derived from `{base.name}`, whose licence and terms apply to it and to anything derived "
+            f"from it: they are included in this package ({names}). Read them before you use, share or serve it; "
+            f"the card's `license: {license}` names them.")
+
+
 def model_card(manifest: PackageManifest | dict[str, Any], license: str, base_model_id: str) -> str:
     """The complete ``README.md`` text for the package described by ``manifest``."""
     manifest = _manifest(manifest)
@@ -190,6 +201,8 @@ def model_card(manifest: PackageManifest | dict[str, Any], license: str, base_mo
                                     if hyper else "Not recorded."),
         "## Metrics\n\n" + _metrics_section(manifest),
         "## Known risks and limitations\n\n" + _risks_section(manifest),
+        *([f"## Licence and terms of the base model\n\n{terms}"] if (terms := _terms_section(manifest, license))
+          else []),
         "## How to load\n\n" + _load_section(manifest, base_model_id),
         "## Files\n\n" + _table(("file", "sha256"), [(f"`{k}`", f"`{v}`") for k, v in (manifest.files or {}).items()]),
     ]

@@ -2,7 +2,9 @@
 
 A package is a folder that peft, vLLM and tuneforge load unchanged: the adapter in peft's layout
 (``adapter_config.json`` + ``adapter_model.safetensors``), the tokenizer and chat template used in training,
-a model card (``README.md``) and ``tuneforge.json``, the manifest that names the base model by its sha256
+the base model's licence and terms files (``LICENSE``, ``NOTICE.md``, Gemma's ``GEMMA_TERMS.html`` ...: whatever
+of :data:`~tuneforge.models.registry.BASE_TERMS_FILES` its folder holds; they travel with anything derived
+from it), a model card (``README.md``) and ``tuneforge.json``, the manifest that names the base model by its sha256
 (:class:`~tuneforge.runs.records.PackageManifest`).
 
 The base model's sha256 and the check that a package meets it are :mod:`tuneforge.runs.base_model`'s
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge.models.registry import base_terms_files
 from tuneforge.runs import (
     BaseModelMismatch,
     EvalReport,
@@ -46,8 +49,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_MODEL_FILES = ("config.json", "generation_config.json")
-HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-LICENSES = {"smollm2-135m-instruct": "apache-2.0"}
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+LICENSES = {"smollm2-135m-instruct": "apache-2.0", "gemma3-270m": "gemma"}
 TRAINING_KEYS = ("task", "learning_rate", "lr_scheduler", "warmup_ratio", "warmup_steps", "weight_decay",
                  "max_grad_norm", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "seed",
                  "dtype")
@@ -264,6 +267,10 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
     else:
         names = list(ADAPTER_FILES)
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
+    terms = base_terms_files(config.model)
+    clash = [p.name for p in terms if p.name in names]
+    if clash:
+        raise NotARunError(f"{run_dir} holds {', '.join(clash)}, the name of the base model's terms file: rename it")
 
     data = [DataFile(name=Path(str(d.path)).name, path=d.path, role=role, sha256=d.sha256)
             for d, role in zip(record.data or [], ("train", "validation"), strict=False)]
@@ -289,7 +296,8 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
         adapter=settings,
         library_name="transformers" if method.is_full_model else ("peft" if runtimes["peft"]["loads"]
                                                                   else "tuneforge"),
-        base_model={"name": config.model, "sha256": base_sha, "hub_id": base_model_id or HUB_IDS.get(config.model)},
+        base_model={"name": config.model, "sha256": base_sha, "hub_id": base_model_id or HUB_IDS.get(config.model),
+                    **({"terms": [p.name for p in terms]} if terms else {})},
         data=data,
         examples=record.examples or ExampleCounts(),
         rejects_by_check=_rejects_by_check(run_dir),
@@ -307,6 +315,9 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     _copy_files(run_dir, partial, names)
+    for path in terms:                      # the base model's licence and terms travel with what is derived from it
+        shutil.copy2(path, partial / path.name)
+    names += [p.name for p in terms]
     RunDir(partial).config.write_text(dump_config(config))
     manifest.files = {n: file_sha256(partial / n) for n in sorted(names)}
     manifest.save(partial)

@@ -6,21 +6,31 @@ vocabulary at K = 2048; 9.7 GiB at K = 16k). :class:`ChunkedLMHeadLoss` computes
 ``sum_k (logsumexp(h_k W^T) - h_k . w_{t_k})`` chunk by chunk, saves only the hidden states and one
 log-sum-exp per position, and recomputes each chunk's logits in backward (the idea of Liger-Kernel's
 fused linear cross-entropy, in plain torch). Memory: ``~8 * chunk * V`` bytes; cost: one more LM-head
-matmul over the K positions (about 6% of a SmolLM2 step when every token is trained).
+matmul over the K positions (about 6% of a SmolLM2 step when every token is trained). A chunk holds at most
+1024 positions and at most ``budget`` bytes of fp32 logits (:func:`chunk_positions`): 1024 for SmolLM2's 49k
+vocabulary, 256 for Gemma 3's 262k.
 
 :func:`use_chunked_loss` decides per step: only when the logits would exceed ``budget`` bytes (so short
 rows keep the faster plain path) and only for model types whose forward applies nothing to the logits
-after the LM head (no soft-capping or scaling).
+after the LM head (no soft-capping or scaling): Gemma 3 qualifies while its ``final_logit_softcapping`` is
+unset (its released configs), Gemma 2 (soft-capped) does not; a model it does not apply to is told in one log
+line, once per model type.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
+log = logging.getLogger(__name__)
+
 # model types whose causal-LM forward is ``logits = lm_head(hidden)`` with nothing applied afterwards
 PLAIN_LM_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# model types whose forward soft-caps the logits only when ``config.final_logit_softcapping`` is set
+SOFTCAP_WHEN_SET_TYPES = frozenset({"gemma3_text"})
+_told: set[str] = set()
 DEFAULT_BUDGET_BYTES = 256 * 2 ** 20
 DEFAULT_CHUNK = 1024
 
@@ -62,7 +72,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
             if grad_h is not None:
                 grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
-            if need_w:
+            if need_w and weight.dtype == torch.float32:     # accumulated in place: no (V, d) temporary a chunk
+                grad_w.addmm_(g.t(), h.to(weight.dtype))
+            elif need_w:                                     # bf16/fp16 head: its matmul's rounding, as the plain path
                 grad_w += (g.t() @ h.to(weight.dtype)).float()
             if need_b:
                 grad_b += g.sum(0, dtype=torch.float32)
@@ -77,11 +89,18 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.float()
 
 
+def chunk_positions(vocab: int, budget: int = DEFAULT_BUDGET_BYTES) -> int:
+    """Positions per chunk: :data:`DEFAULT_CHUNK`, fewer where their fp32 logits would pass ``budget`` (at least 64)."""
+    return max(64, min(DEFAULT_CHUNK, budget // (4 * vocab)))
+
+
 def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
-                              chunk: int = DEFAULT_CHUNK, segment: torch.Tensor | None = None,
+                              chunk: int | None = None, segment: torch.Tensor | None = None,
                               n: int = 0) -> torch.Tensor:
     """Summed fp32 cross-entropy of ``lm_head(hidden)`` against ``targets``, without the full logits; with
-    ``segment [K]`` (the example of each position) the per-example sums ``[n]`` instead."""
+    ``segment [K]`` (the example of each position) the per-example sums ``[n]`` instead. ``chunk``: positions
+    per chunk (default :func:`chunk_positions` of the head's vocabulary)."""
+    chunk = chunk or chunk_positions(lm_head.out_features)
     return ChunkedLMHeadLoss.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk, segment, n)
 
 
@@ -90,12 +109,26 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     from transformers import PreTrainedModel
 
     base = next((m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "lm_head")), None)
-    if base is None or getattr(base.config, "model_type", None) not in PLAIN_LM_HEAD_TYPES:
+    if base is None or not _plain_lm_head(base.config):
         return None
     head = base.lm_head
     if type(head) is not torch.nn.Linear:      # an adapter or quantized layer on the head: keep the plain path
         return None
     return base, "lm_head"
+
+
+def _plain_lm_head(config) -> bool:
+    """Whether ``config``'s causal-LM forward is ``logits = lm_head(hidden)`` (logged once per type when not)."""
+    model_type = str(getattr(config, "model_type", None))
+    if model_type in PLAIN_LM_HEAD_TYPES:
+        return True
+    if model_type in SOFTCAP_WHEN_SET_TYPES and getattr(config, "final_logit_softcapping", None) is None:
+        return True
+    if model_type not in _told:
+        _told.add(model_type)
+        log.info("chunked loss: not applied to model type %s (its forward transforms the logits after the LM head, "
+                 "or is not known to leave them alone); the plain loss is used", model_type)
+    return False
 
 
 def use_chunked_loss(model: torch.nn.Module, num_targets: int, mode: str = "auto",

@@ -204,11 +204,13 @@ class ExampleCounts(Part):
 
 
 class PackageBaseModel(Part):
-    """``tuneforge.json``'s ``base_model``: the ``model:`` of the run, its sha256 and the Hub id for the card."""
+    """``tuneforge.json``'s ``base_model``: the ``model:`` of the run, its sha256, the Hub id for the card and the
+    base model's licence/terms files that the package carries (``terms``: their names in the package)."""
 
     name: str | None = None
     sha256: str | None = None
     hub_id: str | None = None
+    terms: list[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------- run.json
