@@ -40,10 +40,15 @@ def fake_package(tmp_path, monkeypatch):
                 raise FileNotFoundError("Missing chunk files: " + ", ".join(missing))
     '''))
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, GEMMA3_MODULE, raising=False)
+    real = sys.modules.pop(GEMMA3_MODULE, None)
     importlib.invalidate_caches()
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
-    return package, b"".join(chunks), expected
+    yield package, b"".join(chunks), expected
+    # the fake must not outlive the test: a later test in this process would assemble it into the real cache
+    sys.modules.pop(GEMMA3_MODULE, None)
+    if real is not None:
+        sys.modules[GEMMA3_MODULE] = real
+    importlib.invalidate_caches()
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch):

@@ -72,9 +72,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
             if grad_h is not None:
                 grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
-            if need_w and weight.dtype == torch.float32:     # accumulated in place: no (V, d) temporary a chunk
+            if grad_w is not None and weight.dtype == torch.float32:   # in place: no (V, d) temporary a chunk
                 grad_w.addmm_(g.t(), h.to(weight.dtype))
-            elif need_w:                                     # bf16/fp16 head: its matmul's rounding, as the plain path
+            elif grad_w is not None:             # bf16/fp16 head: its matmul's rounding, as the plain path
                 grad_w += (g.t() @ h.to(weight.dtype)).float()
             if need_b:
                 grad_b += g.sum(0, dtype=torch.float32)

@@ -173,11 +173,11 @@ def convert_gguf(gguf: Path, name: str, extra_files: list[Path] | tuple[Path, ..
     with open(target.parent / f".{name}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "tuneforge_source.json").is_file():
-            _convert_gguf_into(gguf, name, target)
+            _convert_gguf_into(gguf, name, target, extra_files)
     return target
 
 
-def _convert_gguf_into(gguf: Path, name: str, target: Path) -> None:
+def _convert_gguf_into(gguf: Path, name: str, target: Path, extra_files: list[Path] | tuple[Path, ...]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
