@@ -16,7 +16,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         sys.modules["torch"].set_num_threads(1)
 
 # The longest files first (their measured share of a serial run), so that neither worker is left with a long
-# file at the end while the other idles; xdist's loadfile keeps each file on one worker (module fixtures once).
+# file at the end while the other idles; xdist's loadfile keeps each file on one worker (module fixtures once),
+# and --no-loadscope-reorder keeps this order (xdist would otherwise sort files by their number of tests, which put
+# a one-test file of 6 minutes last).
 HEAVY_FIRST = ["test_eval_broken_adapter", "test_distributed_deepspeed", "test_integration_real_model",
                "test_architectures", "test_export_gguf", "test_distributed_fsdp", "test_resume",
                "test_preference_integration", "test_distributed", "test_package", "test_eval_report",

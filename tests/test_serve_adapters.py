@@ -101,7 +101,8 @@ def test_lora_mixed_batch_uses_peft_adapter_names(adapter_dirs):
     peft_model = engine.set.serving["lora"].peft_model     # held by LoRA's serving hook (methods/lora/serving.py)
     peft_forward = peft_model.forward
     peft_model.forward = spy
-    reqs = [Request(list(PROMPTS[0]), adapter=n, max_tokens=3, ignore_eos=True) for n in lora]
+    # 16 tokens each: requests that arrive a few steps apart (a loaded machine) still overlap in the running batch
+    reqs = [Request(list(PROMPTS[0]), adapter=n, max_tokens=16, ignore_eos=True) for n in lora]
     threads = [threading.Thread(target=engine.generate, args=(r,)) for r in reqs]
     for t in threads:
         t.start()
