@@ -34,6 +34,13 @@ PLAIN_RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSN
 GEMMA_RMS_NORM_CLASSES = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
+def _grad_through_normalize(gw: torch.Tensor, xf: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The gradient at ``x`` of ``x * rstd(x)``, given ``gw`` at its output (overwritten):
+    ``rstd * gw - x * rstd^3 * mean(gw * x)``."""
+    coef = torch.linalg.vecdot(gw, xf, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(xf.shape[-1])
+    return gw.mul_(rstd).addcmul_(xf, coef, value=-1.0)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``weight * rms_normalize(x)`` over the last dimension, normalized in fp32 (fp64 for fp64 input)."""
 
@@ -52,10 +59,7 @@ class RMSNormFunction(torch.autograd.Function):
         xf, gf = x.to(rstd.dtype), grad.to(rstd.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            gw = gf * weight.to(rstd.dtype)
-            # d/dx of x * rstd(x): rstd * gw - x * rstd^3 * mean(gw * x)
-            coef = torch.linalg.vecdot(gw, xf, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-            grad_x = gw.mul_(rstd).addcmul_(xf, coef, value=-1.0).to(x.dtype)
+            grad_x = _grad_through_normalize(gf * weight.to(rstd.dtype), xf, rstd).to(x.dtype)
         if ctx.needs_input_grad[1]:
             normed = (xf * rstd).to(x.dtype).to(rstd.dtype)
             grad_w = (gf * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
@@ -83,9 +87,7 @@ class GemmaRMSNormFunction(torch.autograd.Function):
         xf, gf = x.to(rstd.dtype), grad.to(rstd.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            gw = gf * (weight.to(rstd.dtype) + 1.0)
-            coef = torch.linalg.vecdot(gw, xf, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-            grad_x = gw.mul_(rstd).addcmul_(xf, coef, value=-1.0).to(x.dtype)
+            grad_x = _grad_through_normalize(gf * (weight.to(rstd.dtype) + 1.0), xf, rstd).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (gf * xf * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
