@@ -77,6 +77,8 @@ def gpt_neox() -> PretrainedConfig:
 # transformers has no SDPA path for Gemma 2 (its attention soft-capping): eager
 ATTENTION = {"gemma2": "eager"}
 
+MOE = {"qwen3-moe"}
+
 FAMILIES = {"llama3": llama3, "mistral": mistral, "qwen2.5": qwen2_5, "qwen3": qwen3, "gemma2": gemma2,
             "gemma3": gemma3, "phi3": phi3, "qwen3-moe": qwen3_moe, "gpt-neox": gpt_neox}
 
@@ -89,7 +91,10 @@ def build(family: str, tokenizer, seed: int = 0, dtype: torch.dtype = torch.floa
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION.get(family, "sdpa"))
+    # MoE experts default to torch._grouped_mm, which has no float64 kernel: the loop over experts then
+    experts = {"experts_implementation": "eager"} if dtype == torch.float64 and family in MOE else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION.get(family, "sdpa"),
+                                             **experts)
     return model.eval()
 
 

@@ -3,7 +3,8 @@
 For each family: every method trains (a finite loss, the weights move) and its run reloads with the same
 logits; a packed row equals each example alone (packed attention, 1e-5); merging folds the adapter in with the
 same logits; cached greedy generation scores each step as the training forward does; a mixed serving batch
-gives each row what its adapter gives alone. docs/guides/architectures.md is generated from this file's
+gives each row what its adapter gives alone. A combination tuneforge refuses (``REFUSED``) tests, in each of
+those cases, that it stops in one line. docs/guides/architectures.md is generated from this file's
 results by scripts/architecture_table.py; the last test checks that the table and this parametrization agree.
 """
 
@@ -22,6 +23,7 @@ from _architectures import FAMILIES, build, save_tiny
 from _method_helpers import HAS_BNB, METHOD_SECTIONS, packed_row, perturbed, run_config
 from conftest import write_jsonl
 from tuneforge.config import dump_config, load_config
+from tuneforge.errors import ConfigError
 from tuneforge.kernels.packed_attention import NAME as PACKED_ATTENTION
 from tuneforge.kernels.packed_attention import set_attention
 from tuneforge.methods import apply_method, load_trained, method_forward, method_generate, save_trained
@@ -35,35 +37,35 @@ SERVED = ["lora", "ia3", "adapter", "prefix", "prompt"]
 LR = {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2, "adapter": 1e-2, "ia3": 5e-2, "prefix": 5e-2, "prompt": 5e-2}
 
 FEATURES_WITH_PREFIX = ("trains", "save_load", "packed", "generate", "serve_mixed")
-# (feature, family, method) -> reason, for the combinations that do not work (xfail, strict)
+# (feature, family, method) -> why, for the combinations tuneforge refuses: each such case tests the refusal
 _PREFIX_REFUSED = "refused up front (ConfigError): prefix tuning on {} ({})"
+REFUSED: dict[tuple[str, str, str], str] = {
+    **{(f, family, "prefix"): _PREFIX_REFUSED.format(name, why) for f in FEATURES_WITH_PREFIX for family, name, why in (
+        ("gemma2", "Gemma 2", "soft-capped attention needs eager, the prefix's path is SDPA"),
+        ("gemma3", "Gemma 3", "sliding-window layers build their cache mask without the prefix positions"),
+        ("mistral", "Mistral", "its sliding window is lost with the prefix in the KV cache: the cached and packed "
+                               "paths attend past the window"))},
+    ("serve_mixed", "qwen3-moe", "lora"): "refused when the server loads it (AdapterLoadError; 400 at request time): "
+                                          "LoRA on the MoE experts' stacked weights (peft's ParamWrapper) cannot be "
+                                          "mixed per row; serve the merged model",
+}
+PREFIX_REFUSAL = r"^method prefix does not support \w+ \((soft-capped|sliding-window)[^\n]*: use lora, adapter"
+# (feature, family, method) -> reason, for the combinations that do not work (xfail, strict)
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    **{(f, "gemma2", "prefix"): _PREFIX_REFUSED.format("Gemma 2", "soft-capped attention needs eager, the prefix's "
-                                                                  "path is SDPA") for f in FEATURES_WITH_PREFIX},
-    **{(f, "gemma3", "prefix"): _PREFIX_REFUSED.format("Gemma 3", "sliding-window layers build their cache mask "
-                                                                  "without the prefix positions")
-       for f in FEATURES_WITH_PREFIX},
-    ("packed", "mistral", "prefix"): "prefix tuning's forward passes a KV cache, so packed attention falls through to "
-                                     "plain SDPA without the sliding-window band: examples longer than the window "
-                                     "(4 here) differ",
-    **{("serve_mixed", "qwen3-moe", m): "the MoE experts' grouped matmul (torch._grouped_mm) has no float64 kernel, "
-                                        "and the serving parity test runs in float64" for m in SERVED},
-    **{("serve_mixed", "gemma2", m): "NaN logits in the engine's mixed batch on Gemma 2 (eager attention, needed for "
-                                     "its soft-capping); cause not yet found" for m in ("lora", "ia3", "adapter")},
     **{(f, "mistral", "prompt"): "the tiny config's sliding window (4 tokens) hides the 4 virtual tokens from every "
                                  "trained position: zero gradient, and the collapse check stops the run"
        for f in ("trains", "save_load")},
-    **{(f, fam, "qlora"): "bitsandbytes' 4-bit matmul returns a view that the layer's bias add (Qwen2's q/k/v bias, "
-                          "GPT-NeoX's biases) modifies in place: autograd refuses the backward"
-       for f in ("trains", "save_load") for fam in ("qwen2.5", "gpt-neox")},
-    **{(f, "gemma2", "qlora"): "qlora loads its 4-bit base with attn_implementation='sdpa', which transformers refuses "
-                               "for Gemma 2 (models/loading.load_model falls back to eager; the qlora loader does not)"
-       for f in ("trains", "save_load")},
-    ("generate", "mistral", "prefix"): "prefix tuning's cached path falls through to plain SDPA without the "
-                                       "sliding-window band: steps past the window (4 here) differ",
-    ("serve_mixed", "gpt-neox", "prefix"): "the engine's prefix row on GPT-NeoX fails (no tokens come back); cause "
-                                           "not yet found",
 }
+# the mixed serving parity runs in float64, but transformers' eager attention takes its softmax in float32, where
+# float64's mask minimum is -inf: a left-padded row's padding queries (nothing to attend to) give NaN, which the
+# next layer's cache spreads to the real tokens (0 * NaN). Gemma 2 (eager only) is served in float32
+SERVE_DTYPE = {"gemma2": torch.float32}
+
+
+def _refuses_prefix(family: str, tokenizer) -> None:
+    with pytest.raises(ConfigError, match=PREFIX_REFUSAL):
+        apply_method(build(family, tokenizer), run_config("prefix", METHOD_SECTIONS["prefix"]), tokenizer)
+
 
 # feature -> (test function name, the methods it runs per family); the table's columns
 FEATURES = {
@@ -98,19 +100,23 @@ def family_dirs(tmp_path_factory, tokenizer):
 # ------------------------------------------------------------------------------------------ training
 
 
-@functools.cache
-def _trained(family: str, method: str, base_dir: str, out: str):
-    """Train ``method`` on ``family`` for 3 steps (cached: the training and save/load tests share the run)."""
+def _recipe(method: str, base_dir: str, out: str):
+    """The run that trains ``method`` on the model in ``base_dir`` for 3 steps, not set up yet."""
     from tuneforge.training.trainer import TrainingRecipe
 
     out_dir = Path(out)
     rows = [{"prompt": f"Ticket {i}: parcel late", "completion": "shipping"} for i in range(8)]
     data = write_jsonl(out_dir.parent / f"{out_dir.name}.jsonl", rows)
-    config = load_config(data={
+    return TrainingRecipe(load_config(data={
         "model": base_dir, "method": method, "output_dir": str(out_dir), "data": {"train": str(data)},
         "max_steps": 3, "batch_size": 4, "learning_rate": LR[method], "warmup_ratio": 0.0, "lr_scheduler": "constant",
-        "progress": False, "keep_best": False, "eval_every": 1000, **METHOD_SECTIONS[method]})
-    recipe = TrainingRecipe(config)
+        "progress": False, "keep_best": False, "eval_every": 1000, **METHOD_SECTIONS[method]}))
+
+
+@functools.cache
+def _trained(family: str, method: str, base_dir: str, out: str):
+    """Train ``method`` on ``family`` for 3 steps (cached: the training and save/load tests share the run)."""
+    recipe = _recipe(method, base_dir, out)
     recipe.setup()
     before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
     recipe.fit()
@@ -120,14 +126,23 @@ def _trained(family: str, method: str, base_dir: str, out: str):
     return recipe, result, moved, len(before)
 
 
-def _run(family, method, family_dirs, tmp_path_factory):
+def _out(family, method, tmp_path_factory) -> str:
     out = tmp_path_factory.getbasetemp() / "arch-runs" / f"{family}-{method}"
     out.parent.mkdir(exist_ok=True)
-    return _trained(family, method, str(family_dirs[family]), str(out))
+    return str(out)
+
+
+def _run(family, method, family_dirs, tmp_path_factory):
+    return _trained(family, method, str(family_dirs[family]), _out(family, method, tmp_path_factory))
 
 
 @pytest.mark.parametrize("family,method", cases("trains"))
 def test_every_method_trains(family, method, family_dirs, tmp_path_factory):
+    if ("trains", family, method) in REFUSED:        # the run stops at setup, in one line, before it trains
+        recipe = _recipe(method, str(family_dirs[family]), _out(family, method, tmp_path_factory))
+        with pytest.raises(ConfigError, match=PREFIX_REFUSAL):
+            recipe.setup()
+        return
     _, result, moved, trainable = _run(family, method, family_dirs, tmp_path_factory)
     losses = [r["loss"] for r in result.metrics if "loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
@@ -135,9 +150,11 @@ def test_every_method_trains(family, method, family_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family,method", cases("save_load"))
-def test_save_and_load_give_identical_logits(family, method, family_dirs, tmp_path_factory):
+def test_save_and_load_give_identical_logits(family, method, family_dirs, tmp_path_factory, tokenizer):
     from tuneforge.runs import load_run
 
+    if ("save_load", family, method) in REFUSED:
+        return _refuses_prefix(family, tokenizer)
     recipe, result, _, _ = _run(family, method, family_dirs, tmp_path_factory)
     loaded = load_run(result.run_dir, device="cpu")
     ids = torch.tensor([[1, 504, 2520, 30, 1004, 28, 18, 19]])
@@ -156,6 +173,8 @@ def test_save_and_load_give_identical_logits(family, method, family_dirs, tmp_pa
 def test_packed_row_equals_each_example_alone(family, method, tokenizer):
     """The training forward (tuneforge's packed attention) on a row of 3 examples, longer than the sliding
     windows, equals each example alone through transformers' own attention; and so do the per-example losses."""
+    if ("packed", family, method) in REFUSED:
+        return _refuses_prefix(family, tokenizer)
     config = run_config(method, METHOD_SECTIONS[method])
     model = perturbed(apply_method(build(family, tokenizer), config, tokenizer), max_numel=None
                       if method != "full" else 100_000)
@@ -206,6 +225,8 @@ def test_merge_parity(family, method, family_dirs, tokenizer, tmp_path):
 @pytest.mark.parametrize("family,method", cases("generate"))
 def test_generation_matches_the_training_forward(family, method, tokenizer):
     """Greedy cached generation (4 tokens) scores each step as the uncached training forward does."""
+    if ("generate", family, method) in REFUSED:
+        return _refuses_prefix(family, tokenizer)
     model = build(family, tokenizer)
     config = "base" if method == "base" else run_config(method, METHOD_SECTIONS[method])
     if method != "base":
@@ -230,6 +251,42 @@ PROMPTS = [[1, 504, 2520, 30, 1004, 28], [1, 9690, 314, 253, 5738, 30, 1234, 42,
 STEPS = 3
 
 
+def _served_adapter(family: str, method: str, seed: int, tokenizer, root: Path) -> Path:
+    """A moved adapter of ``method`` on ``family``, saved in ``root / method``."""
+    model = apply_method(build(family, tokenizer), run_config(method, METHOD_SECTIONS[method]), tokenizer)
+    save_trained(perturbed(model, scale=0.3, seed=seed), root / method)
+    return root / method
+
+
+def _refused_when_served(family: str, method: str, tokenizer, root: Path) -> None:
+    """The server refuses the adapter in one line when it loads it (a request for it: 400), and the base it was
+    being loaded onto serves on as before."""
+    import queue
+
+    from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet
+    from tuneforge.serving.engine import Engine, Request
+
+    folder = _served_adapter(family, method, 10, tokenizer, root)
+    adapters = AdapterSet(build(family, tokenizer))
+    with pytest.raises(AdapterLoadError, match=r"MoE experts' stacked weights\), which peft cannot mix per row") as e:
+        adapters.load(method, folder)
+    assert "\n" not in str(e.value) and not adapters.adapters
+    registry = AdapterRegistry(adapters, max_loaded=4)
+    registry.register(method, folder)
+    engine = Engine(registry, tokenizer, max_batch=4).start()
+    try:
+        events: queue.Queue = queue.Queue()
+        engine.submit(Request(list(PROMPTS[0]), adapter=method, max_tokens=2, sink=events.put))
+        kind, message, status = events.get(timeout=120)
+        assert (kind, status) == ("error", 400) and "peft cannot mix" in message, (kind, message, status)
+        base = Request(list(PROMPTS[0]), max_tokens=STEPS, ignore_eos=True, keep_logits=True)
+        engine.generate(base)
+    finally:
+        engine.stop()
+    alone = build(family, tokenizer)(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1]
+    torch.testing.assert_close(base.logits[0].float(), alone, rtol=0, atol=1e-4)
+
+
 @functools.cache
 def _serving_results(family: str, base_dir: str, root: str):
     """Each served method's adapter (and the base) run in one mixed engine batch, and alone (float64)."""
@@ -240,14 +297,12 @@ def _serving_results(family: str, base_dir: str, root: str):
     tokenizer = load_tokenizer(base_dir)
     dirs = {}
     for seed, method in enumerate(SERVED, start=10):
-        if ("serve_mixed", family, method) in KNOWN_FAILURES and method == "prefix":
+        if ("serve_mixed", family, method) in REFUSED:
             continue        # refused on this family: the others are served without it
-        model = apply_method(build(family, tokenizer), run_config(method, METHOD_SECTIONS[method]), tokenizer)
-        dirs[method] = Path(root) / method
-        save_trained(perturbed(model, scale=0.3, seed=seed), dirs[method])
+        dirs[method] = _served_adapter(family, method, seed, tokenizer, Path(root))
 
     def base():
-        return build(family, tokenizer, dtype=torch.float64)
+        return build(family, tokenizer, dtype=SERVE_DTYPE.get(family, torch.float64))
 
     registry = AdapterRegistry(AdapterSet(base()), max_loaded=16)
     for name, folder in dirs.items():
@@ -276,8 +331,10 @@ def _serving_results(family: str, base_dir: str, root: str):
 def test_mixed_serving_batch_equals_each_adapter_alone(family, method, family_dirs, tmp_path_factory, tokenizer):
     root = tmp_path_factory.getbasetemp() / "arch-serve" / family
     root.mkdir(parents=True, exist_ok=True)
-    if family in ("gemma2", "gemma3") and method == "prefix":     # refused on these: the refusal is the outcome
-        apply_method(build(family, tokenizer), run_config(method, METHOD_SECTIONS[method]), tokenizer)
+    if ("serve_mixed", family, method) in REFUSED:
+        if method == "prefix":
+            return _refuses_prefix(family, tokenizer)
+        return _refused_when_served(family, method, tokenizer, root)
     rows_seen, results = _serving_results(family, str(family_dirs[family]), str(root))
     assert rows_seen >= 2, "the adapters never shared a batch"
     for name in (None, method):
@@ -294,7 +351,7 @@ def test_mixed_serving_batch_equals_each_adapter_alone(family, method, family_di
 
 def test_the_table_in_the_docs_matches_this_parametrization():
     """Every (feature, family, method) cell of docs/guides/architectures.md is a test id here, and back; a cell
-    marked ✗ is a known failure here (regenerate with ``python scripts/architecture_table.py``)."""
+    marked ✗ is a known failure or a refusal here (regenerate with ``python scripts/architecture_table.py``)."""
     text = TABLE.read_text()
     cells, marked = set(), set()
     for feature, (_, methods) in FEATURES.items():
@@ -312,4 +369,4 @@ def test_the_table_in_the_docs_matches_this_parametrization():
                     assert re.match(r"^(✓|–)", cell), (feature, family, method, cell)
     expected = {(f, fam, m) for f, (_, methods) in FEATURES.items() for fam in FAMILIES for m in methods}
     assert cells == expected
-    assert marked == set(KNOWN_FAILURES), marked ^ set(KNOWN_FAILURES)
+    assert marked == set(KNOWN_FAILURES) | set(REFUSED), marked ^ (set(KNOWN_FAILURES) | set(REFUSED))

@@ -186,3 +186,30 @@ def test_fused_qlora_matches_peft_qlora(tiny_model):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes")
+def test_fused_qlora_over_biased_linears_matches_peft_qlora(tokenizer):
+    """bitsandbytes' 4-bit matmul with a bias returns a view (F.linear's flattened addmm), which autograd forbids
+    changing in place: the fused forward adds LoRA's term apart there, and trains as peft's QLoRA does (Qwen 2.5's
+    q/k/v biases)."""
+    from _architectures import build
+
+    sections = {"lora": {"r": 4, "dropout": 0.0, "fused_forward": False}}
+    reference = apply_method(build("qwen2.5", tokenizer), run_config("qlora", sections))
+    fused = copy.deepcopy(reference)
+    fuse_lora_forward(fused)
+    biased = [m for m in fused.modules() if isinstance(m, FusedLoraForward) and m.base_layer.bias is not None]
+    assert len(biased) == 3 * 2         # q, k, v in each of the 2 layers
+    with torch.no_grad():
+        for model in (reference, fused):
+            torch.manual_seed(3)
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+    ids = torch.randint(0, 1000, (2, 9))
+    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(reference, ids), _loss_and_grads(fused, ids)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -44,15 +44,19 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     flush_denormals()
     path = resolve_model(str(model))
     check_remote_code(str(model), path, trust_remote_code)
+    m = from_pretrained_attention(path, attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code)
+    return m.to(device)
+
+
+def from_pretrained_attention(path: str | Path, attn_implementation: str = "sdpa", **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with ``attn_implementation``; where that is SDPA and the class has
+    no SDPA path (Gemma 2: its soft-capped scores), eager. Every loader of a base model goes through here."""
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
-    except ValueError as e:     # a class without an SDPA path (Gemma 2: its soft-capped scores) runs eager
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    except ValueError as e:
         if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
             raise
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
-                                                 trust_remote_code=trust_remote_code)
-    return m.to(device)
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
 
 
 def tiny_config_from(model: str | Path, num_hidden_layers: int = 2, hidden_size: int = 64,

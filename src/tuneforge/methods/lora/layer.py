@@ -190,6 +190,10 @@ class FusedLoraForward(_LoraLayer):
         b, scaling = cast(torch.nn.Linear, self.lora_B[name]).weight, self.scaling[name]
         if result.dtype != h.dtype or b.dtype != h.dtype:       # peft's order of casts
             return (result + F.linear(h, b) * scaling).to(result.dtype)
+        if result._is_view():
+            # bitsandbytes' 4-bit matmul with a bias (Qwen2's q/k/v, GPT-NeoX) returns F.linear's view of its
+            # flattened output, which autograd forbids changing in place inside its custom Function: add apart
+            return result + F.linear(h, b) * scaling
         # in place: the base layer's backward does not need its output (plain, 4-bit and 8-bit linears)
         if result.dim() == 3:     # baddbmm: its backward copies less than addmm's on flattened views
             return result.baddbmm_(h, b.t().expand(result.shape[0], -1, -1), alpha=scaling)

@@ -20,12 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuneforge.methods.serving_hooks import BASE, LoadedAdapter, MethodServing, ServingHost
+from tuneforge.methods.serving_hooks import BASE, AdapterLoadError, LoadedAdapter, MethodServing, ServingHost
 
 
 def _mixed_in_peft(adapter: LoadedAdapter) -> bool:
     """peft mixes it per row through ``adapter_names`` (LoRA, rsLoRA; peft refuses that for DoRA)."""
     return not adapter.config.get("use_dora")
+
+
+def _on_parameters(peft_model: Any, key: str) -> bool:
+    """Adapter ``key`` wraps a bare weight (peft's ``lora.ParamWrapper``: the 3D expert weights of transformers'
+    MoE blocks), for which peft refuses ``adapter_names`` and the stacked hooks (linear layers only) would not run."""
+    return any(type(m).__name__ == "ParamWrapper" and key in getattr(m, "lora_A", {}) for m in peft_model.modules())
 
 
 class LoraServing(MethodServing):
@@ -47,6 +53,11 @@ class LoraServing(MethodServing):
         else:
             self.peft_model.load_adapter(str(adapter.path), adapter_name=adapter.key)
         self.peft_model.eval()
+        if _on_parameters(self.peft_model, adapter.key):
+            self.unload(adapter)
+            raise AdapterLoadError(f"{adapter.path}: its LoRA targets weights that are not linear layers (MoE "
+                                   "experts' stacked weights), which peft cannot mix per row in a batch: merge it "
+                                   "(`tuneforge merge`) and serve the merged model with --base")
         if adapter.config.get("use_dora"):
             self._hook_dora(adapter)
         self._restack(extra=adapter)

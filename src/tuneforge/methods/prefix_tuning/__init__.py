@@ -29,11 +29,14 @@ def _apply(model: PreTrainedModel, config: RunConfig, tokenizer: Any = None) -> 
 
 
 def _refuse_attention(model: PreTrainedModel) -> None:
-    """Gemma 2's soft-capped scores need eager attention, which the prefix's SDPA path lacks, and sliding-window
-    layers (Gemma 2 / 3) build their cache masks without the prefix's virtual positions: refuse both up front."""
+    """Gemma 2's soft-capped scores need eager attention, which the prefix's SDPA path lacks, and a sliding window
+    is lost with the prefix in the KV cache (Gemma 2 / 3 build their sliding layers' cache masks without the
+    prefix's virtual positions; Mistral's cached and packed paths run without the window): refuse them up front."""
     c = model.config
     softcap = getattr(c, "attn_logit_softcapping", None)
-    sliding = "sliding_attention" in (getattr(c, "layer_types", None) or [])
+    layer_types = getattr(c, "layer_types", None)
+    sliding = ("sliding_attention" in layer_types if layer_types is not None
+               else getattr(c, "sliding_window", None) is not None)      # Mistral, Phi-3: one window, every layer
     if softcap is not None or sliding:
         what = "soft-capped attention scores" if softcap is not None else "sliding-window attention layers"
         raise ConfigError(f"method prefix does not support {c.model_type} ({what}): use lora, adapter, prompt or "

@@ -27,8 +27,8 @@ class PrefixServing(MethodServing):
     def load(self, adapter: LoadedAdapter) -> None:
         cfg = self.host.base.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        load_virtual_tokens(adapter, self.host, cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim,
-                            "prefix")
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads   # GPT-NeoX: no GQA key
+        load_virtual_tokens(adapter, self.host, cfg.num_hidden_layers * 2 * kv_heads * head_dim, "prefix")
 
     def prefill(self, adapter: LoadedAdapter, input_ids: torch.Tensor) -> Prefill:
         dev = self.host.device

@@ -88,16 +88,14 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     transformers quantizes layer by layer while loading, so the full-precision model never sits in
     memory at once.
     """
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.models.loading import flush_denormals
+    from tuneforge.models.loading import flush_denormals, from_pretrained_attention
     from tuneforge.models.registry import resolve_model
 
     flush_denormals()
     device = torch.device(device)
-    loaded = AutoModelForCausalLM.from_pretrained(
+    loaded = from_pretrained_attention(      # SDPA, or eager for a class without it (Gemma 2)
         resolve_model(str(model)), quantization_config=bnb_quantization_config(cfg, compute_dtype),
-        dtype=compute_dtype, device_map={"": str(device)}, attn_implementation="sdpa",
+        dtype=compute_dtype, device_map={"": str(device)},
     )
     if device.type == "cpu":
         release_checkpoint_mapping_(loaded)
