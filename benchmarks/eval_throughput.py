@@ -101,8 +101,7 @@ def bench_mmlu(args, model, tokenizer, model_path: Path) -> dict:
     if agreement:
         a = agreement
         print(f"\nagreement with the harness, question by question: requests (context, continuation strings) "
-              f"identical on {a['requests_identical']}/{len(questions)} questions (the others: a choice with "
-              f"surrounding spaces, which tuneforge strips and the harness keeps); on those, per-choice "
+              f"identical on {a['requests_identical']}/{len(questions)} questions; on those, per-choice "
               f"log-likelihood |ours - harness| max {a['max_abs_loglik_diff_identical']:.2e} nats, predictions "
               f"differing {a['predictions_differ_identical']}; on all questions, predictions differing "
               f"{a['predictions_differ']}, acc differing {a['acc_differ']}, acc_norm differing {a['acc_norm_differ']}")
@@ -126,7 +125,7 @@ def _agreement(model, tokenizer, questions, ours, res, mmlu) -> dict:
     per_question = []
     for q, ll, h, correct, correct_norm in zip(questions, logliks, res["questions"], ours["correct"],
                                                ours["correct_norm"], strict=True):
-        same = all(a == [q.context, " " + c.strip()] for a, c in zip(h["arguments"], q.choices, strict=True))
+        same = all(a == [q.context, " " + c] for a, c in zip(h["arguments"], q.choices, strict=True))
         per_question.append({
             "subject": q.subject, "row": rows_of[(q.subject, q.question, tuple(q.choices))],
             "answer": q.answer, "requests_identical": same,
