@@ -19,9 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # file at the end while the other idles; xdist's loadfile keeps each file on one worker (module fixtures once),
 # and --no-loadscope-reorder keeps this order (xdist would otherwise sort files by their number of tests, which put
 # a one-test file of 6 minutes last).
-HEAVY_FIRST = ["test_eval_broken_adapter", "test_distributed_deepspeed", "test_integration_real_model",
-               "test_architectures", "test_export_gguf", "test_distributed_fsdp", "test_resume",
-               "test_preference_integration", "test_distributed", "test_package", "test_eval_report",
+HEAVY_FIRST = ["test_integration_gemma3", "test_eval_broken_adapter", "test_distributed_deepspeed",
+               "test_integration_real_model", "test_architectures", "test_export_gguf", "test_distributed_fsdp",
+               "test_resume", "test_preference_integration", "test_distributed", "test_package", "test_eval_report",
                "test_eval_sweep", "test_estimate_methods", "test_packaging", "test_lm_eval_harness"]
 
 
