@@ -6,11 +6,15 @@
     python benchmarks/train_throughput.py --sweep                # max length 512 -> 4096, seeds vs tuneforge
     python benchmarks/train_throughput.py --time-to-quality      # quickstart accuracy vs wall time, TRL vs tuneforge
     python benchmarks/train_throughput.py --random-init-shape llama-3.2-1b   # a real shape, random weights (GPU)
+    python benchmarks/train_throughput.py --model gemma3-270m --recipes trl llamafactory tuneforge   # a base model
 
 Same model (``--model``, default SmolLM2-135M-Instruct), same conversations (``--data``, default GPTeacher
 role-play: Alpaca records rendered with the model's chat template), same LoRA (r=16, alpha=32, dropout
-0.05, all linear layers), same max length, same optimizer steps, ``--batch`` examples per step (TRL and
-LLaMA-Factory's packing fill ``batch`` bins of ``max_length`` tokens instead: see the ex/step column).
+0.05, all linear layers), same chat template (``--template``: tuneforge's values; default ``auto``, or ``gemma``
+for a Gemma base model such as gemma3-270m; LLaMA-Factory uses its own template of the same turns, see
+``benchmarks/throughput/templates.py``; the rendered tokens are checked across recipes), same max length,
+same optimizer steps, ``--batch`` examples per step (TRL and LLaMA-Factory's packing fill ``batch`` bins of
+``max_length`` tokens instead: see the ex/step column).
 Each recipe runs in a fresh process, one after another, with ``--threads`` threads. TRL and
 LLaMA-Factory run from their own cached virtual environments (``benchmarks/throughput/venvs.py``).
 Definitions of every column (and the MFU convention) are in ``benchmarks/throughput/measure.py``.
@@ -28,7 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent / "throughput"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from throughput import harness, measure, venvs  # noqa: E402
+from throughput import harness, measure, templates, venvs  # noqa: E402
+
+from tuneforge.errors import ConfigError  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpteacher_roleplay.json"
 ALL_RECIPES = ("seeds", "trl", "llamafactory", "tuneforge")
@@ -38,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or local HF folder")
     p.add_argument("--random-init-shape", help="random weights of a named shape (llama-3.2-1b, 7b, ...)")
+    p.add_argument("--template", default=None,
+                   help="chat template for every recipe: auto, a tuneforge built-in (gemma, chatml, ...) or a .jinja "
+                        "file (default: auto when the tokenizer has one, gemma for a Gemma base model)")
+    p.add_argument("--lf-template", default=None,
+                   help="LLaMA-Factory's template name (default: gemma3 for --template gemma on Gemma 3, smollm2 for "
+                        "SmolLM2 with auto; see benchmarks/throughput/templates.py)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="JSON array / JSONL of Alpaca or messages records")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--steps", type=int, default=6, help="optimizer steps (the first is reported apart)")
@@ -217,12 +229,23 @@ def _ram_gib() -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tuneforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model = harness.model_folder(args.model, args.random_init_shape)
+    template = templates.resolve(model, args.template, args.lf_template)   # bad --template: exit 2 here
     conversations = harness.load_conversations(args.data)
-    base = base_spec(args, model, device)
+    base = dict(base_spec(args, model, device), template=template)
+    print(f"template {base['template']['name']} ({base['template']['source']}, sha256 "
+          f"{str(base['template']['sha256'])[:12]}); LLaMA-Factory: {base['template']['lf_template']}")
     if args.time_to_quality:
         from throughput import time_to_quality
 
@@ -237,13 +260,17 @@ def main(argv=None) -> int:
     header = {"device": device, "threads": args.threads, "model": str(model), "matmul_peak_gflops": round(peak, 1),
               "load_average_before": harness.load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "max_length": args.max_length, "steps": args.steps, "batch": args.batch,
-              "versions": {r: info for r, (_, info) in pythons.items()}}
+              "versions": {r: info for r, (_, info) in pythons.items()},
+              "template": {k: v for k, v in base["template"].items() if k != "text"}}
     print(f"device {device}, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s "
           f"({'bf16' if device.startswith('cuda') else 'fp32'}), load average {header['load_average_before']}")
     if args.sweep:
         rows = sweep(args, base, conversations, work, pythons, peak)
     else:
-        files = harness.write_data(harness.bench_subset(conversations, args.steps * args.batch, args.seed), work / "data")
+        subset = harness.bench_subset(conversations, args.steps * args.batch, args.seed)
+        files = harness.write_data(subset, work / "data")
+        header["rendered_reference"] = templates.reference_rendering(model, base["template"]["text"], subset,
+                                                                     args.max_length)
         specs = throughput_specs(args, dict(base, **files))
         rounds = [run_suite(args, specs, work / f"round-{r}", pythons, peak) for r in range(args.repeat)]
         rows = [median_row([rnd[i] for rnd in rounds]) for i in range(len(specs))]
@@ -254,6 +281,8 @@ def main(argv=None) -> int:
           f"{args.threads} threads, load average {header['load_average_before']} -> {header['load_average_after']}")
     print(harness.markdown_table(rows))
     for line in harness.ratios(rows) if not args.sweep else []:
+        print(line)
+    for line in templates.check_lines(rows, header["rendered_reference"]) if not args.sweep else []:
         print(line)
     for recipe, (_, info) in pythons.items():
         print(f"  {recipe}: {info}")

@@ -4,7 +4,8 @@ A child is run as ``python <recipe>.py SPEC.json OUT.json``. ``SPEC.json`` (writ
 ``model`` (local HF folder), ``messages_file`` (JSONL of ``{"messages": [...]}``), ``prompt_completion_file``
 (the same conversations as ``{"prompt": [...], "completion": [last assistant turn]}``), ``max_length``,
 ``steps``, ``batch``, ``lr``, ``lora`` (``r``, ``alpha``, ``dropout``), ``threads``, ``device``, ``dtype``
-(``fp32``/``bf16``), ``seed``, ``work_dir`` and recipe ``options``.
+(``fp32``/``bf16``), ``seed``, ``work_dir``, recipe ``options`` and ``template`` (the chat template chosen by
+the parent, ``benchmarks/throughput/templates.py``: ``name``, ``text``, ``lf_template``; absent in older specs).
 """
 
 from __future__ import annotations
@@ -43,3 +44,24 @@ def training_args(spec: dict):
     from transformers import TrainingArguments
 
     return TrainingArguments(**training_args_kwargs(spec))
+
+
+def template_text(spec: dict) -> str | None:
+    """The chat template text every recipe renders with (None: the tokenizer's own)."""
+    return (spec.get("template") or {}).get("text")
+
+
+def template_file(spec: dict) -> str | None:
+    """The template text written to ``work_dir/chat_template.jinja`` (TRL's ``chat_template_path``), or None."""
+    text = template_text(spec)
+    if text is None:
+        return None
+    path = Path(spec["work_dir"]) / "chat_template.jinja"
+    path.write_text(text)
+    return str(path)
+
+
+def rendered(lengths: list[int], max_length: int | None, examples: int | None = None) -> dict:
+    """What a recipe tokenized: examples and tokens, each example capped at ``max_length`` (as truncation does)."""
+    cap = max_length or max(lengths, default=0)
+    return {"examples": len(lengths) if examples is None else examples, "tokens": sum(min(n, cap) for n in lengths)}

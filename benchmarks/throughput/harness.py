@@ -150,7 +150,7 @@ COLUMNS = [("recipe", "recipe", "{}"), ("examples_per_step", "ex/step", "{:.1f}"
            ("real_tokens_per_step", "tok/step", "{:.0f}"), ("real_tok_s", "real tok/s", "{:.0f}"),
            ("trained_tok_s", "trained tok/s", "{:.0f}"), ("s_per_step", "s/step", "{:.2f}"),
            ("first_step_s", "step 1 s", "{:.2f}"), ("peak_mem_mib", "peak MiB", "{:.0f}"),
-           ("mfu", "MFU", "{:.1%}"), ("loss_last", "loss (last 3)", "{:.3f}")]
+           ("mfu", "MFU", "{:.1%}"), ("loss_last", "loss (last 3)", "{:.3f}"), ("template", "template", "{}")]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -19,6 +19,9 @@ that carry a loss, i.e. labels that survive the causal shift), examples, and los
   parameter of the base model (tied embeddings once, standing for the LM head). Padding is never
   counted, so work wasted on pads or on an LM head over non-target positions lowers MFU; for every
   recipe on the same data the FLOPs per real token are the same, so MFU ratios equal throughput ratios.
+* ``template``: the chat template the recipe rendered with, as it was given to it; ``rendered``: the examples
+  and tokens of the bench data as the recipe tokenized it (each example cut at ``max_length``), checked by the
+  parent against one reference rendering (``templates.py``) so every row trains on the same token sequences.
 """
 
 from __future__ import annotations
@@ -213,4 +216,6 @@ def summarize(result: dict, peak_gflops: float) -> dict:
         "loss_last": round(sum(losses[-LAST_STEPS_FOR_LOSS:]) / len(losses[-LAST_STEPS_FOR_LOSS:]), 4) if losses else None,
         "loss_curve": losses,
         "notes": result.get("notes", ""),
+        "template": result.get("template"),    # the chat template the recipe rendered with, as it was given
+        "rendered": result.get("rendered"),    # examples and tokens of the bench data as the recipe tokenized it
     }

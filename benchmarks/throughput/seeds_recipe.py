@@ -1,9 +1,10 @@
 """The seeds' recipe: transformers ``Trainer`` + peft LoRA, every example padded to ``max_length``.
 
-Each conversation is rendered with the model's chat template, tokenized, truncated and padded to
-``max_length`` (right padding); ``labels = input_ids`` with padding set to -100 through the attention
-mask (never through the pad id: SmolLM2's pad token is its end-of-turn token). The loss is on every
-real token, prompt included. Run as ``python seeds_recipe.py SPEC.json OUT.json`` (see ``common.py``).
+Each conversation is rendered with the model's chat template (the parent's ``spec["template"]`` text when
+set), tokenized, truncated and padded to ``max_length`` (right padding); ``labels = input_ids`` with padding
+set to -100 through the attention mask (never through the pad id: SmolLM2's pad token is its end-of-turn
+token). The loss is on every real token, prompt included. Run as ``python seeds_recipe.py SPEC.json OUT.json``
+(see ``common.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main(spec_path: str, out_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    if common.template_text(spec) is not None:
+        tokenizer.chat_template = common.template_text(spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     n = spec["max_length"]
@@ -48,7 +51,9 @@ def main(spec_path: str, out_path: str) -> None:
     trainer.train()
     measure.write_result(out_path, "seeds", log, spec["device"], n_params,
                          measure.versions_of("torch", "transformers", "peft"),
-                         notes=f"padded to {n}, loss on all real tokens")
+                         notes=f"padded to {n}, loss on all real tokens",
+                         template=f"{(spec.get('template') or {}).get('name', 'auto')} (tokenizer.chat_template)",
+                         rendered=common.rendered([sum(m) for m in data["attention_mask"]], n))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """tuneforge: ``tuneforge.train`` with the equivalent config (LoRA, packed padding-free rows).
 
-``batch`` examples per step are packed into one row (position ids restart per example, per-example
-causal SDPA), the LM head runs only on target positions, the loss is on assistant tokens, examples
-longer than ``max_length`` are truncated. Step timings come from the run's ``metrics.jsonl``
-(``elapsed_s`` at the end of each step, since the loop started). Run as
-``python tuneforge_recipe.py SPEC.json OUT.json``.
+``batch`` examples per step are packed into one row (position ids restart per example, per-example causal
+SDPA), the LM head runs only on target positions, the loss is on assistant tokens, examples longer than
+``max_length`` are truncated, the chat template is the ``template:`` key with the parent's value
+(``spec["template"]["name"]``: ``auto`` or a built-in such as ``gemma``). Step timings come from the run's
+``metrics.jsonl`` (``elapsed_s`` at the end of each step, since the loop started). Run as ``python
+tuneforge_recipe.py SPEC.json OUT.json``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +23,8 @@ def run_config(spec: dict) -> dict:
     """The tuneforge run config equivalent to the bench spec."""
     options = spec.get("options", {})
     return {
-        "model": spec["model"], "method": "lora", "output_dir": str(Path(spec["work_dir"]) / "run"),
+        "model": spec["model"], "template": (spec.get("template") or {}).get("name", "auto"), "method": "lora",
+        "output_dir": str(Path(spec["work_dir"]) / "run"),
         "seed": spec["seed"], "batch_size": spec["batch"], "max_steps": spec["steps"],
         "learning_rate": spec["lr"], "lr_scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0,
         "data": {"train": spec["messages_file"], "format": "messages", "val_fraction": 0.0,
@@ -40,14 +43,21 @@ def main(spec_path: str, out_path: str) -> None:
     from tuneforge.config import RunConfig
     from tuneforge.training.trainer import train
 
-    result = train(RunConfig.model_validate(run_config(spec)))
+    config = run_config(spec)
+    result = train(RunConfig.model_validate(config))
+    record = json.loads((Path(result.run_dir) / "run.json").read_text())
     log = measure.StepLog()
     for row in result.metrics:
         log.steps.append({"step": row["step"], "end_s": row["elapsed_s"], "tokens": row["tokens"],
                           "trained_tokens": row["trained_tokens"], "examples": spec["batch"], "loss": row["loss"]})
     measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
                          measure.versions_of("tuneforge", "torch", "transformers", "peft"),
-                         notes="packed rows of `batch` examples, assistant-only loss")
+                         notes="packed rows of `batch` examples, assistant-only loss",
+                         template=f"{config['template']} (tuneforge template: key, {record['template']['source']})",
+                         # one epoch of the bench data (steps x batch conversations): its real tokens are the
+                         # rendered tokens of every conversation, truncated at max_length
+                         rendered={"examples": record["examples"]["train"],
+                                   "tokens": sum(row["tokens"] for row in result.metrics)})
 
 
 if __name__ == "__main__":
