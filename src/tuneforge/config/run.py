@@ -55,6 +55,10 @@ class RunConfig(Settings):
         "auto", description="the chat template the run trains with (saved with the run, used by generate, eval, "
         "package, export and serve): auto (the tokenizer's own), chatml, llama3, gemma, mistral, phi3, alpaca, base "
         "(alpaca and base are plain text and fit any tokenizer), or a path to a .jinja file")
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="arguments passed to the chat template wherever it renders (training, "
+        "validation, generate, eval, serve; recorded in run.json), e.g. {enable_thinking: false} for Qwen3; a "
+        "name the template does not use is ignored")
     trust_remote_code: bool = Field(
         False, description="let a model whose config.json names its own Python code (auto_map) run it on load; "
                            "off: such a model is refused in one line. Logged, and recorded in run.json")
@@ -171,6 +175,13 @@ class RunConfig(Settings):
         from tuneforge.data.templates import check_template_value
 
         return check_template_value(v)   # "unknown template 'chatm' (did you mean 'chatml'?); write auto, ..."
+
+    @field_validator("template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, v: Any) -> dict[str, Any]:
+        from tuneforge.data.templates import check_template_kwargs
+
+        return check_template_kwargs(v)
 
     @field_validator("method")
     @classmethod

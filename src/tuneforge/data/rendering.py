@@ -11,11 +11,16 @@ tag on, where the template renders it. Tokens whose offsets overlap such a span 
 conversation is trained. If the template closes the last turn without an EOS/end-of-turn marker, the
 tokenizer's EOS is appended and trained, so the tuned model learns to stop. Nothing is ever masked by token
 id, so pad == eos (as SmolLM2 ships) is harmless.
+
+Template arguments (the run's ``template_kwargs:``, e.g. Qwen3's ``{enable_thinking: false}``) travel with the
+tokenizer (:func:`set_template_kwargs`, saved in its ``tokenizer_config.json``): every rendering here passes
+them to the template, so training, validation, generation, eval and serve render alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -36,8 +41,30 @@ class TokenizedExample:
         return sum(self.trained)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+# the key of tokenizer_config.json (the tokenizer's init_kwargs) that carries the run's template_kwargs
+TEMPLATE_KWARGS_KEY = "tuneforge_template_kwargs"
+
+
+def set_template_kwargs(tokenizer: PreTrainedTokenizerBase, kwargs: dict[str, Any] | None) -> None:
+    """Make ``kwargs`` the arguments every rendering passes to ``tokenizer``'s chat template (saved with it)."""
+    if kwargs:
+        tokenizer.init_kwargs[TEMPLATE_KWARGS_KEY] = dict(kwargs)
+    else:
+        tokenizer.init_kwargs.pop(TEMPLATE_KWARGS_KEY, None)
+
+
+def template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """The chat template arguments ``tokenizer`` carries (empty: none)."""
+    value = getattr(tokenizer, "init_kwargs", {}).get(TEMPLATE_KWARGS_KEY)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool,
+                extra: dict[str, Any] | None = None) -> str:
+    """``messages`` rendered with the chat template and its arguments (``extra`` over the tokenizer's)."""
+    kwargs = {**template_kwargs(tokenizer), **(extra or {})}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+
 
 
 def end_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
@@ -49,7 +76,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tr
                     ) -> tuple[str, list[tuple[int, int]]]:
     """Return the rendered conversation and the ``[start, end)`` character spans of every assistant answer (with
     its end-of-turn marker; with ``train_reasoning``, from its rendered reasoning on)."""
-    text, turns = turn_spans(lambda m: _render(tokenizer, m, False), messages, end_markers(tokenizer))
+    text, turns = turn_spans(lambda m: render_chat(tokenizer, m, False), messages, end_markers(tokenizer))
     return text, [turn.trained(train_reasoning) for turn in turns]
 
 
@@ -85,6 +112,9 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase,
     return TokenizedExample(ids, trained)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` followed by the generation prompt: the input used at inference."""
-    return tokenizer(_render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+               extra_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of ``messages`` followed by the generation prompt: the input used at inference (``extra_kwargs``:
+    template arguments over the tokenizer's, e.g. a serve request's ``chat_template_kwargs``)."""
+    text = render_chat(tokenizer, messages, True, extra_kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

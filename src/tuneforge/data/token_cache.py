@@ -41,11 +41,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(json.dumps({"class": type(tokenizer).__name__,
-                         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-                         "chat_template": getattr(tokenizer, "chat_template", None),
-                         "bos": getattr(tokenizer, "add_bos_token", None),
-                         "eos": getattr(tokenizer, "add_eos_token", None)}, sort_keys=True, default=str).encode())
+    from tuneforge.data.rendering import template_kwargs
+
+    parts = {"class": type(tokenizer).__name__,
+             "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+             "chat_template": getattr(tokenizer, "chat_template", None),
+             "bos": getattr(tokenizer, "add_bos_token", None),
+             "eos": getattr(tokenizer, "add_eos_token", None)}
+    if template_kwargs(tokenizer):            # only when set: the keys of runs without them stay as they were
+        parts["template_kwargs"] = template_kwargs(tokenizer)
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

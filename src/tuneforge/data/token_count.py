@@ -5,7 +5,10 @@ A normalised record is what ``clean.jsonl`` holds: ``{"messages": [...]}``, ``{"
 
 * :class:`TokenizerCounter` renders chats with the tokenizer's chat template (the way training sees
   them, template tokens included) and tokenizes in batches; text gets +1 for EOS; a preference pair
-  counts its longer side (prompt + chosen or prompt + rejected).
+  counts its longer side (prompt + chosen or prompt + rejected). With ``training=True`` (``tuneforge data
+  stats --template``) chats and text are tokenized exactly as training does
+  (:func:`tuneforge.data.rendering.tokenize_example`: the same tokens, the EOS training appends), and the
+  trained tokens are summed too (``trained_tokens`` of ``counted_tokens``).
 * :class:`CharEstimate` divides characters by ``chars_per_token`` and adds ``per_turn`` tokens of
   template per message: no tokenizer load, ~1 µs a record. SmolLM2 averages 5.1 characters a token
   on English instruction data (gpteacher); the default 4.5 errs toward over-counting, and code and
@@ -62,15 +65,39 @@ def _chars(prompt: Any) -> int:
 class TokenizerCounter:
     """Exact token counts with a Hugging Face tokenizer (chat template for conversations)."""
 
-    def __init__(self, tokenizer: Any, name: str | None = None):
+    def __init__(self, tokenizer: Any, name: str | None = None, training: bool = False,
+                 train_reasoning: bool = True):
         self.tokenizer = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.unit = f"tokens ({name or getattr(tokenizer, 'name_or_path', 'tokenizer')})"
+        self.training, self.train_reasoning = training, train_reasoning
+        self.trained_tokens = self.counted_tokens = 0      # training=True: sums over every record counted
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         if self.has_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            from tuneforge.data.rendering import render_chat
+
+            return render_chat(self.tokenizer, messages, False)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    def _as_trained(self, record: dict[str, Any]) -> int | None:
+        """Tokens of ``record`` as training tokenizes it (summing its trained ones); None: count it as usual."""
+        from tuneforge.data.formats import Example, RecordError
+        from tuneforge.data.rendering import tokenize_example
+
+        if "messages" in record and self.has_template:
+            example = Example(messages=record["messages"])
+        elif "text" in record:
+            example = Example(text=record["text"])
+        else:
+            return None
+        try:
+            tok = tokenize_example(example, self.tokenizer, train_reasoning=self.train_reasoning)
+        except RecordError:         # training would reject it (rejects.jsonl): counted as rendered
+            return None
+        self.trained_tokens += tok.num_trained
+        self.counted_tokens += len(tok)
+        return len(tok)
 
     def _texts(self, record: dict[str, Any]) -> list[str]:
         if "messages" in record:
@@ -87,25 +114,41 @@ class TokenizerCounter:
         return out
 
     def count(self, records: list[dict[str, Any]]) -> list[int]:
+        exact = [self._as_trained(r) for r in records] if self.training else [None] * len(records)
         texts, owners = [], []
         for i, r in enumerate(records):
+            if exact[i] is not None:
+                continue
             for t in self._texts(r):
                 texts.append(t)
                 owners.append(i)
+        out = [n or 0 for n in exact]
         if not texts:
-            return []
+            return out
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        out = [0] * len(records)
         for i, _text, toks in zip(owners, texts, ids, strict=True):
             n = len(toks) + (1 if "text" in records[i] else 0)
             out[i] = max(out[i], n)
         return out
 
 
-def make_counter(model: str | None, chars_per_token: float = 4.5) -> LengthCounter:
-    """A :class:`TokenizerCounter` for ``model`` (loads its tokenizer), else a :class:`CharEstimate`."""
+def make_counter(model: str | None, chars_per_token: float = 4.5, template: str | None = None,
+                 template_kwargs: dict[str, Any] | None = None, train_reasoning: bool = True) -> LengthCounter:
+    """A :class:`TokenizerCounter` for ``model`` (loads its tokenizer), else a :class:`CharEstimate`.
+
+    ``template`` (a ``template:`` value: ``auto``, a built-in or a ``.jinja`` file) and ``template_kwargs``: count as
+    a run with them trains (``training=True``: the same tokens, and the trained ones summed)."""
     if model is None:
         return CharEstimate(chars_per_token)
     from tuneforge.models.loading import load_tokenizer
 
-    return TokenizerCounter(load_tokenizer(model), name=model)
+    tokenizer = load_tokenizer(model)
+    if template is None:
+        return TokenizerCounter(tokenizer, name=model)
+    from tuneforge.data.rendering import set_template_kwargs
+    from tuneforge.data.templates import apply_template
+
+    apply_template(tokenizer, template, model, needs_chat=False)
+    set_template_kwargs(tokenizer, template_kwargs)
+    return TokenizerCounter(tokenizer, name=f"{model}, template {template}", training=True,
+                            train_reasoning=train_reasoning)

@@ -49,6 +49,7 @@ def _check_section(section: str, model, values: dict) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from tuneforge.errors import ConfigError
     from tuneforge.estimate.memory import estimable_methods, estimate_memory, seeds_table
+    from tuneforge.estimate.shapes import resolve_shape
     from tuneforge.methods.registry import settings_sections
 
     if args.seeds_table:
@@ -63,7 +64,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         _check_section(section, settings_sections()[section], values)
     methods = estimable_methods() if args.method == "all" else [args.method]
     try:
-        estimates = [estimate_memory(args.model, method, args.seq, args.batch,
+        shape = resolve_shape(args.model, trust_remote_code=args.trust_remote_code)
+        estimates = [estimate_memory(shape, method, args.seq, args.batch,
                                      gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
                                      lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype,
                                      trained_fraction=args.trained_fraction,
@@ -90,6 +92,8 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
                                           "the model. --model takes a model spec (its config.json is read) or a named "
                                           "shape: 7b, 13b, 70b (Llama-2), llama-3.2-1b, llama-3.1-8b, smollm2-135m.")
     e.add_argument("--model", default=DEFAULT_MODEL, help="model spec or named shape (default: %(default)s)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="read the config of a model that ships its own code (its config class runs)")
     e.add_argument("--method", default="lora",
                    help="a fine-tuning method (full, lora, qlora, adapter, prefix, prompt, ia3, or any registered "
                         "one), or all of them (default: %(default)s)")

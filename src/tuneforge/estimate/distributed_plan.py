@@ -133,7 +133,8 @@ def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device:
     engine = engine_of(tree)
     processes = int(tree.get("num_processes", 1))
     machines = int(tree.get("num_machines", 1))
-    est = estimate_memory(config.model, config.method, config.data.max_length, config.batch_size,
+    shape = resolve_shape(config.model, trust_remote_code=config.trust_remote_code)
+    est = estimate_memory(shape, config.method, config.data.max_length, config.batch_size,
                           gradient_checkpointing=config.gradient_checkpointing, attention=config.attention,
                           dtype=dtype, device=device, settings=method_sections(config))
     n = max(1, processes)
@@ -141,7 +142,7 @@ def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device:
     if engine == "DDP":
         grads = 2 * grads
     elif engine in ("FSDP", "ZeRO-3"):
-        layers = resolve_shape(config.model).num_layers
+        layers = shape.num_layers
         weights = weights // n + 2 * weights // max(1, layers)
         grads, optim = grads // n, optim // n
     elif engine == "ZeRO-2":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tuneforge.config import RunConfig
 from tuneforge.estimate.memory import MemoryEstimate, estimable_methods, estimate_memory
+from tuneforge.estimate.shapes import resolve_shape
 from tuneforge.methods.registry import get_method, settings_sections
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -116,12 +117,13 @@ def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str 
     methods = [config.method] + ([record.leaner] if record.leaner else [])
     checkpointing = [False, True] if not config.gradient_checkpointing else [True]
     plan = Plan(budget, None, margin=margin)
+    shape = resolve_shape(config.model, trust_remote_code=config.trust_remote_code)
     for method in methods:
         for ckpt in checkpointing:
             if not _trains(config, method, ckpt):
                 continue
             for batch, accumulation in splits:
-                estimate = estimate_memory(config.model, method, config.data.max_length, batch,
+                estimate = estimate_memory(shape, method, config.data.max_length, batch,
                                            gradient_checkpointing=ckpt, attention=config.attention,
                                            dtype=dtype, device=device, settings=method_sections(config))
                 candidate = Candidate(method, batch, accumulation, ckpt, estimate, device)

@@ -111,9 +111,11 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     )
 
 
-def resolve_shape(spec: str | ModelShape) -> ModelShape:
+def resolve_shape(spec: str | ModelShape, trust_remote_code: bool = False) -> ModelShape:
     """``7b``/``13b``/``70b``/``llama-3.2-1b``/``llama-3.1-8b``/``smollm2-135m`` without any download, else a model
-    spec of :func:`tuneforge.models.registry.resolve_model` whose ``config.json`` is read (weights are never loaded)."""
+    spec of :func:`tuneforge.models.registry.resolve_model` whose ``config.json`` is read (weights are never loaded).
+    A model whose config names its own code is refused in one line unless ``trust_remote_code`` (the run's key,
+    ``tuneforge estimate --trust-remote-code``)."""
     if isinstance(spec, ModelShape):
         return spec
     key = spec.strip().lower()
@@ -123,6 +125,9 @@ def resolve_shape(spec: str | ModelShape) -> ModelShape:
     from transformers import AutoConfig
 
     from tuneforge.models.registry import resolve_model
+    from tuneforge.models.remote_code import check_remote_code
 
-    config = AutoConfig.from_pretrained(resolve_model(spec))
+    path = resolve_model(spec)
+    check_remote_code(spec, path, trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return replace(shape_from_config(config, name=spec))

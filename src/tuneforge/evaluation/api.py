@@ -463,7 +463,8 @@ def _paired(col_scores: dict[str, dict[str, list[float]]], settings: EvalSetting
 
 def _losses(loaded: Any, config: RunConfig, test: TestSet, cache: dict, settings: EvalSettings,
             tuned_model: Any) -> dict:
-    examples = heldout.tokenize_heldout(test.examples, loaded.tokenizer, config.data.train_on, config.data.max_length)
+    examples = heldout.tokenize_heldout(test.examples, loaded.tokenizer, config.data.train_on, config.data.max_length,
+                                        config.data.train_reasoning)
     out = {}
     with _base_model(loaded, config, cache) as (model, method):
         sums, tokens = heldout.example_losses(model, examples, method)

@@ -45,10 +45,12 @@ def loss_and_perplexity(sums: list[float], tokens: list[int], resamples: int = 1
 
 
 def tokenize_heldout(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, train_on: str = "assistant",
-                     max_length: int = 4096) -> list[TokenizedExample]:
+                     max_length: int = 4096, train_reasoning: bool = True) -> list[TokenizedExample]:
+    """The held-out examples as training tokenizes them: the same rendering and loss mask (``train_on``,
+    ``train_reasoning``: reasoning the run did not train is context here too), cut to ``max_length``."""
     out = []
     for ex in examples:
-        tok = tokenize_example(ex, tokenizer, train_on)
+        tok = tokenize_example(ex, tokenizer, train_on, train_reasoning)
         out.append(TokenizedExample(tok.input_ids[:max_length], tok.trained[:max_length]))
     return [t for t in out if t.num_trained]
 

@@ -529,7 +529,8 @@ def _rounded_state_dict(model_dir: Path, quant: str) -> dict[str, Any]:
     return out
 
 
-def _load_gguf_model(gguf_file: Path, merged_dir: Path, arch: GGUFArchitecture, report: ExportReport) -> Any:
+def _load_gguf_model(gguf_file: Path, merged_dir: Path, arch: GGUFArchitecture, report: ExportReport,
+                     trust_remote_code: bool = False) -> Any:
     """transformers' model from ``gguf_file``. For llama its config comes from the file; for gemma3 from
     ``merged_dir`` (transformers reads neither its sliding-window pattern nor its local RoPE base from a GGUF),
     and every size transformers does read from the file must equal that config's."""
@@ -540,7 +541,7 @@ def _load_gguf_model(gguf_file: Path, merged_dir: Path, arch: GGUFArchitecture, 
     if arch is not LLAMA:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(str(merged_dir))
+        config = AutoConfig.from_pretrained(str(merged_dir), trust_remote_code=trust_remote_code)
         read = load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"]
         for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "rms_norm_eps", "sliding_window", "vocab_size",
@@ -553,8 +554,9 @@ def _load_gguf_model(gguf_file: Path, merged_dir: Path, arch: GGUFArchitecture, 
 
 
 def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompts: list[str],
-               max_new_tokens: int = 8) -> ExportReport:
-    """Load ``gguf_file`` with transformers and compare it with the merged folder (see the module docstring)."""
+               max_new_tokens: int = 8, trust_remote_code: bool = False) -> ExportReport:
+    """Load ``gguf_file`` with transformers and compare it with the merged folder (see the module docstring);
+    ``trust_remote_code``: the run's own setting, for a merged folder whose model ships its own code."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -563,10 +565,11 @@ def check_gguf(gguf_file: str | Path, merged_dir: str | Path, quant: str, prompt
     gguf_file, merged_dir = Path(gguf_file), Path(merged_dir)
     report = ExportReport(str(gguf_file), quant, checked=True)
     arch = gguf_architecture(json.loads((merged_dir / "config.json").read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust_remote_code)
     loaded_tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    loaded = _load_gguf_model(gguf_file, merged_dir, arch, report)
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    loaded = _load_gguf_model(gguf_file, merged_dir, arch, report, trust_remote_code)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
+                                                  trust_remote_code=trust_remote_code).eval()
     rounded = copy.deepcopy(merged)
     missing, unexpected = rounded.load_state_dict(_rounded_state_dict(merged_dir, quant), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
@@ -623,12 +626,15 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
     """
     from tuneforge.export.merge import DEFAULT_PROMPTS, _refuse, merge_adapter
     from tuneforge.export.package import _run_files
-    from tuneforge.runs import RunDir, verify_base_model
+    from tuneforge.models.remote_code import check_remote_code
+    from tuneforge.runs import RunDir, run_trusts_remote_code, verify_base_model
 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     run_dir = Path(run_dir)
     config, method, _ = _run_files(run_dir, allow_regressed)
+    trust = run_trusts_remote_code(run_dir, config.trust_remote_code)
+    check_remote_code(str(run_dir), run_dir, trust)        # a full fine-tune of a model with its own code
     out = Path(out_file) if out_file else RunDir(run_dir).export_dir / f"{run_dir.resolve().name}-{quant}.gguf"
     prompts = list(check_prompts or DEFAULT_PROMPTS)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -641,9 +647,9 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
             merged_dir = Path(tmp) / "merged"
             log.info("merging %s (fp32) before writing GGUF", run_dir)
             merge_adapter(config.model, run_dir, merged_dir, dtype="fp32", method=config.method,
-                          check_prompts=prompts[:1], tokenizer_dir=run_dir)
+                          check_prompts=prompts[:1], tokenizer_dir=run_dir, trust_remote_code=trust)
         types = write_gguf(merged_dir, out, quant, name=run_dir.resolve().name)
-        report = check_gguf(out, merged_dir, quant, prompts, max_new_tokens) if check else \
+        report = check_gguf(out, merged_dir, quant, prompts, max_new_tokens, trust) if check else \
             ExportReport(str(out), quant)
         if not method.is_full_model:
             shutil.rmtree(merged_dir, ignore_errors=True)

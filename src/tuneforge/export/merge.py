@@ -129,25 +129,27 @@ def _refuse(method_name: str) -> None:
                             "(tuneforge.methods.load_trained).")
 
 
-def _load_tokenizer(model_spec: str, tokenizer_dir: str | Path | None):
+def _load_tokenizer(model_spec: str, tokenizer_dir: str | Path | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from tuneforge.models.loading import load_tokenizer
 
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        from tuneforge.models.remote_code import check_remote_code
+
+        check_remote_code(str(tokenizer_dir), tokenizer_dir, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-    return load_tokenizer(model_spec)
+    return load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
 
 
 def _encode(tokenizer, prompt: str) -> torch.Tensor:
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        from tuneforge.data.rendering import prompt_ids
+
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])     # with the run's template_kwargs
     else:
         ids = tokenizer(prompt)["input_ids"]
     return torch.tensor([list(ids)])
@@ -162,7 +164,7 @@ def _greedy(model, ids: torch.Tensor, tokenizer, max_new_tokens: int) -> list[in
 
 @torch.no_grad()
 def _merge_and_reference(model_spec: str, adapter_dir: str | Path, tokenizer, prompts: list[str], dtype: str,
-                         max_new_tokens: int) -> tuple[torch.nn.Module, _Reference]:
+                         max_new_tokens: int, trust_remote_code: bool = False) -> tuple[torch.nn.Module, _Reference]:
     """Merge in fp32 and measure it: returns the merged model (in ``dtype``) and the reference numbers.
 
     1. unmerged = base (fp32) + adapter: reference logits and greedy tokens;
@@ -174,7 +176,8 @@ def _merge_and_reference(model_spec: str, adapter_dir: str | Path, tokenizer, pr
 
     from tuneforge.models.loading import load_model
 
-    unmerged = PeftModel.from_pretrained(load_model(model_spec, dtype=torch.float32), str(adapter_dir)).eval()
+    base = load_model(model_spec, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    unmerged = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     ids = [_encode(tokenizer, p) for p in prompts]
     ref = [unmerged(input_ids=i, use_cache=False).logits[0].float() for i in ids]
     greedy = [_greedy(unmerged, i, tokenizer, max_new_tokens) for i in ids]
@@ -204,7 +207,7 @@ def _saved_dtypes(folder: Path) -> set[torch.dtype]:
 
 @torch.no_grad()
 def _check(merged_dir: Path, reference: _Reference, method: str, dtype: str, tokenizer,
-           max_new_tokens: int, out_name: str) -> MergeReport:
+           max_new_tokens: int, out_name: str, trust_remote_code: bool = False) -> MergeReport:
     from transformers import AutoModelForCausalLM
 
     report = MergeReport(method=method, dtype=dtype, out_dir=out_name)
@@ -218,7 +221,8 @@ def _check(merged_dir: Path, reference: _Reference, method: str, dtype: str, tok
     if reference.merge_error > RELATIVE_FLOOR * scale:
         report.problems.append(f"the fp32 merge differs from the unmerged model by {reference.merge_error:.3g} "
                                f"(> {RELATIVE_FLOOR * scale:.3g}): peft's merge is wrong for this adapter")
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=compute).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=compute,
+                                                  trust_remote_code=trust_remote_code).eval()
     for prompt, ids, ref, ref_greedy in zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy,
                                             strict=True):
         logits = merged(input_ids=ids, use_cache=False).logits[0].float()
@@ -251,7 +255,8 @@ def _fix_generation_config(model, tokenizer) -> None:
 
 def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
                   method: str | None = None, check_prompts: list[str] | None = None,
-                  tokenizer_dir: str | Path | None = None, max_new_tokens: int = 8) -> MergeReport:
+                  tokenizer_dir: str | Path | None = None, max_new_tokens: int = 8,
+                  trust_remote_code: bool = False) -> MergeReport:
     """Fold the adapter in ``adapter_dir`` into the base ``model_spec_or_path``; save to ``out_dir``; check it.
 
     Args:
@@ -264,6 +269,8 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
             ``prompt`` and ``full`` are refused with :class:`NotMergeableError`.
         check_prompts: prompts for the check (default: three short questions, chat-formatted).
         tokenizer_dir: where the run saved its tokenizer (default: the base model's).
+        trust_remote_code: the run's own setting (``run.json``); a base model with its own code is refused
+            without it.
 
     Returns the :class:`MergeReport`; raises :class:`MergeCheckError` (leaving ``<out_dir>.partial``) if the
     merged model does not match the unmerged one.
@@ -273,10 +280,11 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
     torch_dtype = _torch_dtype(dtype)  # fail on a bad dtype before any work
     model_spec = str(model_spec_or_path)
     out_dir = Path(out_dir)
-    tokenizer = _load_tokenizer(model_spec, tokenizer_dir)
+    tokenizer = _load_tokenizer(model_spec, tokenizer_dir, trust_remote_code)
 
     merged, reference = _merge_and_reference(model_spec, adapter_dir, tokenizer,
-                                             list(check_prompts or DEFAULT_PROMPTS), dtype, max_new_tokens)
+                                             list(check_prompts or DEFAULT_PROMPTS), dtype, max_new_tokens,
+                                             trust_remote_code)
     merged.config.dtype = torch_dtype
     _fix_generation_config(merged, tokenizer)
 
@@ -292,7 +300,7 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
         shutil.copy(template, partial / "chat_template.jinja")
     del merged
 
-    report = _check(partial, reference, method, dtype, tokenizer, max_new_tokens, str(out_dir))
+    report = _check(partial, reference, method, dtype, tokenizer, max_new_tokens, str(out_dir), trust_remote_code)
     (partial / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     log.info("%s", report)
     if not report.passed:
@@ -305,17 +313,19 @@ def merge_adapter(model_spec_or_path: str | Path, adapter_dir: str | Path, out_d
 
 def verify_merge(merged_dir: str | Path, model_spec_or_path: str | Path, adapter_dir: str | Path,
                  dtype: str | None = None, check_prompts: list[str] | None = None,
-                 max_new_tokens: int = 8) -> MergeReport:
+                 max_new_tokens: int = 8, trust_remote_code: bool = False) -> MergeReport:
     """Re-run the merge check on an existing merged folder; raise :class:`MergeCheckError` if it fails."""
     merged_dir = Path(merged_dir)
     if dtype is None:
         names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
         found = _saved_dtypes(merged_dir)
         dtype = names.get(next(iter(found)), "fp32") if len(found) == 1 else "fp32"
-    tokenizer = _load_tokenizer(str(model_spec_or_path), merged_dir)
+    tokenizer = _load_tokenizer(str(model_spec_or_path), merged_dir, trust_remote_code)
     _, reference = _merge_and_reference(str(model_spec_or_path), adapter_dir, tokenizer,
-                                        list(check_prompts or DEFAULT_PROMPTS), dtype, max_new_tokens)
-    report = _check(merged_dir, reference, saved_method(adapter_dir), dtype, tokenizer, max_new_tokens, str(merged_dir))
+                                        list(check_prompts or DEFAULT_PROMPTS), dtype, max_new_tokens,
+                                        trust_remote_code)
+    report = _check(merged_dir, reference, saved_method(adapter_dir), dtype, tokenizer, max_new_tokens, str(merged_dir),
+                    trust_remote_code)
     log.info("%s", report)
     if not report.passed:
         raise MergeCheckError(str(report))
@@ -326,7 +336,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
               check_prompts: list[str] | None = None) -> MergeReport:
     """Merge the adapter of a finished run or a package (``config.yaml``, adapter files, tokenizer at its top)."""
     from tuneforge.config import load_config
-    from tuneforge.runs import RunDir, verify_base_model
+    from tuneforge.runs import RunDir, run_trusts_remote_code, verify_base_model
 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
@@ -338,4 +348,5 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
     if not run.adapter_config.is_file():
         raise FileNotFoundError(f"{run_dir} has no adapter_config.json: the run did not save an adapter")
     return merge_adapter(config.model, run_dir, out_dir, dtype=dtype, method=config.method,
-                         check_prompts=check_prompts, tokenizer_dir=run_dir)
+                         check_prompts=check_prompts, tokenizer_dir=run_dir,
+                         trust_remote_code=run_trusts_remote_code(run_dir, config.trust_remote_code))

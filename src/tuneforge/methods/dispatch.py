@@ -39,14 +39,19 @@ def apply_method(model: PreTrainedModel, config: RunConfig, tokenizer: Any = Non
 
 def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     ) -> PreTrainedModel:
-    """The base model as ``config.method`` wants it (QLoRA: quantized while loading; else plain)."""
+    """The base model as ``config.method`` wants it (QLoRA: quantized while loading; else plain). A model that
+    ships its own code is refused here, for every method, unless ``config.trust_remote_code``."""
+    from tuneforge.models.registry import resolve_model
+    from tuneforge.models.remote_code import check_remote_code
+
+    trust = bool(getattr(config, "trust_remote_code", False))
+    check_remote_code(config.model, resolve_model(config.model), trust)
     method = _method(config)
     if method.load_base is not None:
         return method.load_base(config, dtype, device)
     from tuneforge.models.loading import load_model
 
-    return load_model(config.model, dtype=dtype, device=device,
-                      trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
+    return load_model(config.model, dtype=dtype, device=device, trust_remote_code=trust)
 
 
 def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: torch.Tensor,

@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge.runs.base_model import BaseModelMismatch, base_model_record, base_model_sha256, verify_base_model
+from tuneforge.runs.base_model import (
+    BaseModelMismatch,
+    base_model_record,
+    base_model_sha256,
+    run_trusts_remote_code,
+    verify_base_model,
+)
 from tuneforge.runs.errors import NewerSchemaError, NotARunError
 from tuneforge.runs.layout import RunDir
 from tuneforge.runs.records import (
@@ -39,7 +45,8 @@ _LOADING = ("LoadedModel", "load_base", "load_run")
 
 __all__ = ["SCHEMA_VERSION", "BaseModelMismatch", "BaseModelRecord", "DataFile", "EvalReport", "ExampleCounts",
            "NewerSchemaError", "NotARunError", "PackageManifest", "RunDir", "RunRecord", "TemplateRecord",
-           "base_model_record", "base_model_sha256", "data_fingerprints", "library_versions", "verify_base_model",
+           "base_model_record", "base_model_sha256", "data_fingerprints", "library_versions", "run_trusts_remote_code",
+           "verify_base_model",
            *_LOADING]
 
 

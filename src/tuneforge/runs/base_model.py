@@ -73,3 +73,15 @@ def verify_base_model(adapter_dir: str | Path, base_model_path: str | Path) -> N
         return
     raise BaseModelMismatch(f"{adapter_dir} was trained on base model sha256 {expected}, but {base_model_path} "
                             f"has sha256 {actual}: load it onto the base model it was trained on")
+
+
+def run_trusts_remote_code(run_dir: str | Path, config_value: bool = False) -> bool:
+    """Whether the run (or package) in ``run_dir`` opted in to ``trust_remote_code``: ``run.json``'s record, else
+    its ``config.yaml``'s value (``config_value``). Loading its base model again (load, merge, export, serve) uses
+    this and nothing else, so a run that did not opt in never runs a model's own code."""
+    from tuneforge.runs.records import RunRecord
+
+    record = RunRecord.load(run_dir)
+    if record is not None and record.trust_remote_code is not None:
+        return bool(record.trust_remote_code)
+    return bool(config_value)

@@ -13,13 +13,13 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.config import RunConfig, load_config
-from tuneforge.data.rendering import prompt_ids
+from tuneforge.data.rendering import prompt_ids, set_template_kwargs
 from tuneforge.data.templates import end_of_turn_ids
 from tuneforge.methods import load_base_model, load_trained, method_generate
 from tuneforge.methods.registry import Generates
 from tuneforge.models.dtype import pick_device, pick_dtype
 from tuneforge.models.loading import load_model, load_tokenizer
-from tuneforge.runs.base_model import verify_base_model
+from tuneforge.runs.base_model import run_trusts_remote_code, verify_base_model
 from tuneforge.runs.layout import RunDir
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,15 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedModel:
                                 "train one with `tuneforge train`")
     config = load_config(run.config, check_files=False)
     verify_base_model(run.path, config.model)  # a package (tuneforge.json) refuses another base model
+    config.trust_remote_code = run_trusts_remote_code(run.path, config.trust_remote_code)   # the run's own choice
     dev = pick_device(device if device != "auto" else config.device)
     torch_dtype, _ = pick_dtype(config.dtype, dev)
     base = load_base_model(config, dtype=torch_dtype, device=dev)
     model = load_trained(base, run.path, config).to(dev)
     # the tokenizer and chat template used in training (template:), saved with the run
     tokenizer = AutoTokenizer.from_pretrained(run.path, trust_remote_code=config.trust_remote_code)
+    if config.template_kwargs:          # saved with the tokenizer too; the config's are the run's
+        set_template_kwargs(tokenizer, config.template_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, config)

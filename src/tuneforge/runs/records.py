@@ -176,12 +176,14 @@ class BaseModelRecord(Part):
 
 class TemplateRecord(Part):
     """``run.json``'s ``template``: the ``template:`` the run trained with (``auto``, a built-in name or a file),
-    where its text came from (``tokenizer``, ``builtin``, ``file``; ``none``: no template) and the text's sha256.
-    The text itself is the run's saved tokenizer's (``chat_template.jinja``)."""
+    where its text came from (``tokenizer``, ``builtin``, ``file``; ``none``: no template), the text's sha256 and
+    ``kwargs``, the ``template_kwargs:`` it rendered with (absent: none). The text itself is the run's saved
+    tokenizer's (``chat_template.jinja``)."""
 
     name: str | None = None
     source: str | None = None
     sha256: str | None = None
+    kwargs: dict[str, Any] | None = None
 
 
 class DataFile(Part):

@@ -239,8 +239,17 @@ class AdapterRegistry:
         if (folder / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
+            from tuneforge.errors import ConfigError
+            from tuneforge.models.remote_code import check_remote_code
+            from tuneforge.runs import run_trusts_remote_code
+
+            trust = run_trusts_remote_code(folder)          # the adapter's run's own choice (run.json)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(folder)
+                check_remote_code(str(folder), folder, trust)
+            except ConfigError as e:
+                raise AdapterLoadError(str(e)) from None
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
             except Exception as e:
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise AdapterLoadError(f"{folder}: its tokenizer does not load ({reason})") from None

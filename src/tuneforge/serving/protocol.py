@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_DEPTH = 32                       # JSON nesting a request body may have (a chat request needs 4)
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1   # what torch.Generator.manual_seed accepts
@@ -110,6 +110,15 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = Field(None, max_length=0)
     logprobs: Literal[False] | None = None          # not implemented: refused rather than ignored
+    # vLLM's extra parameter: arguments of the chat template (over the adapter's run's template_kwargs)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, v: Any) -> Any:
+        from tuneforge.data.templates import check_template_kwargs
+
+        return None if v is None else check_template_kwargs(v, "chat_template_kwargs")
 
     def conversation(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

@@ -117,6 +117,24 @@ class ServeConfig(BaseModel):
         return cls.model_validate(data)
 
 
+def base_trusts_remote_code(config: ServeConfig, base_path: Path | None) -> bool:
+    """Whether the base model may run its own code: only when every adapter served was trained by a run that set
+    ``trust_remote_code: true`` (its ``run.json``); a base that needs it otherwise is refused in one line."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.models.remote_code import remote_code_classes
+    from tuneforge.runs import run_trusts_remote_code
+
+    if base_path is None or not remote_code_classes(base_path):
+        return False
+    refused = [name for name, path in config.adapters.items() if not run_trusts_remote_code(path)]
+    if refused or not config.adapters:
+        why = f"adapter(s) {', '.join(refused)} were not trained" if refused else "no adapter served was trained"
+        raise ConfigError(f"base: {config.base!r} runs its own Python code on load "
+                          f"({', '.join(remote_code_classes(base_path)[:3])}); serve runs it only for adapters whose "
+                          f"runs set trust_remote_code: true, and {why} with it")
+    return True
+
+
 class Server:
     """The model, the engine thread and the FastAPI app around them.
 
@@ -137,13 +155,14 @@ class Server:
         for path in config.adapters.values():        # a wrong folder fails before the model loads
             adapter_kind(path)
             check_base(path, base_path)
+        trust = base_trusts_remote_code(config, base_path)
         if model is None:
             from tuneforge.models.dtype import pick_device, pick_dtype
 
             dev = pick_device(config.device)
             dtype, _ = pick_dtype(config.dtype, dev)
-            model = load_model(config.base, dtype=dtype, device=dev)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.base)
+            model = load_model(config.base, dtype=dtype, device=dev, trust_remote_code=trust)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.base, trust_remote_code=trust)
         self.metrics = ServerMetrics()
         self.registry = AdapterRegistry(AdapterSet(model, base_path, lora_kernel=config.lora_kernel),
                                         max_loaded=config.max_loaded_adapters)
@@ -249,9 +268,11 @@ class Server:
         entry = self.registry.get(adapter) if adapter else None
         return entry.tokenizer if entry is not None and entry.tokenizer is not None else self.tokenizer
 
-    def chat_prompt_ids(self, adapter: str | None, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, adapter: str | None, messages: list[dict],
+                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of ``messages`` plus the generation prompt, rendered with the adapter's own chat template
-        (the one saved with its run: what training rendered), else the base model's."""
+        (the one saved with its run: what training rendered, with its run's ``template_kwargs``), else the base
+        model's; ``template_kwargs`` (a request's ``chat_template_kwargs``) override the run's."""
         from tuneforge.data.rendering import prompt_ids
 
         tok = self.tokenizer_for(adapter)
@@ -259,7 +280,7 @@ class Server:
             raise APIError(400, f"messages: {adapter or self.base_name} has no chat template (a base model, or an "
                            "adapter trained without one): send a raw prompt to /v1/completions", param="messages")
         try:
-            return prompt_ids(tok, messages)
+            return prompt_ids(tok, messages, template_kwargs)
         except Exception as e:   # a template that rejects the conversation (roles out of order, ...)
             raise APIError(400, f"messages: the chat template refused them ({str(e).splitlines()[0][:200]})",
                            param="messages") from None
@@ -422,7 +443,7 @@ class Server:
             user(request)
             body = P.parse_body(P.ChatCompletionRequest, await request.body())
             adapter = self.resolve_model(body.model)
-            prompt = self.chat_prompt_ids(adapter, body.conversation())
+            prompt = self.chat_prompt_ids(adapter, body.conversation(), body.chat_template_kwargs)
             max_tokens = body.limit() or cfg.default_max_tokens
             self._check_lengths(prompt, max_tokens, "messages")
             gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),

@@ -35,6 +35,7 @@ from transformers import get_scheduler
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
+from tuneforge.data.rendering import set_template_kwargs
 from tuneforge.data.templates import apply_template
 from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
@@ -273,7 +274,9 @@ class TrainingRecipe:
         # the chat template of the run (template:): rendering, the token cache and every saved tokenizer use it
         self.template = apply_template(self.tokenizer, config.template, config.model,
                                        needs_chat=config.task != "pretrain" and config.data.format != "text")
-        log.info("chat template: %s (%s)%s", config.template, self.template.source,
+        set_template_kwargs(self.tokenizer, config.template_kwargs)     # saved with the tokenizer, like the template
+        log.info("chat template: %s (%s)%s%s", config.template, self.template.source,
+                 f" with {config.template_kwargs}" if config.template_kwargs else "",
                  "; trust_remote_code: true" if config.trust_remote_code else "")
         with dist.main_process_first():            # the main process fills the tokenized-data cache
             self.data = data = self.objective.prepare_data(config, self.tokenizer)
@@ -786,7 +789,7 @@ class TrainingRecipe:
         RunRecord(
             tuneforge_run=1,
             base_model=base_model_record(config.model, resolve_model(config.model)),
-            template=TemplateRecord(**self.template.record()),
+            template=TemplateRecord(**self.template.record(), kwargs=config.template_kwargs or None),
             trust_remote_code=config.trust_remote_code,
             method=config.method,
             task=config.task,

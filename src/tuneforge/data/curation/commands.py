@@ -165,7 +165,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
         config = CurationConfig(format=args.format or "auto", columns=_columns(args.columns))
         model = None if args.estimate else args.model
-        stats = compute_stats(args.file, model=model, max_length=args.max_length, config=config)
+        template, kwargs = _template_options(args)
+        stats = compute_stats(args.file, model=model, max_length=args.max_length, config=config, template=template,
+                              template_kwargs=kwargs)
         out = Path(args.out) if args.out else Path.cwd() / (Path(args.file).name.split(".")[0] + "_lengths.png")
         if out.suffix.lower() != ".png":
             out = out / "lengths.png"
@@ -173,6 +175,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats.to_dict(), indent=2, default=str) if args.json else stats.summary())
         return 0
     return _run(run, args)
+
+
+def _template_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any] | None]:
+    """``--template`` and ``--template-kwargs`` checked as the run config checks ``template:`` and
+    ``template_kwargs:`` (ConfigError, one line naming the option)."""
+    from tuneforge.data.templates import check_template_kwargs, check_template_value
+    from tuneforge.errors import ConfigError
+
+    if args.template is None:
+        if args.template_kwargs is not None:
+            raise ConfigError("--template-kwargs: give --template too (the template they are passed to)")
+        return None, None
+    if args.estimate:
+        raise ConfigError("--template: counts with a template need the tokenizer; drop --estimate")
+    try:
+        check_template_value(args.template)
+    except ValueError as e:
+        raise ConfigError(f"--template: {e}") from None
+    kwargs = None
+    if args.template_kwargs is not None:
+        try:
+            kwargs = check_template_kwargs(json.loads(args.template_kwargs), "--template-kwargs")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--template-kwargs: not JSON ({e.msg}); write e.g. '{{\"enable_thinking\": false}}'") \
+                from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return args.template, kwargs
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -217,6 +247,11 @@ def add_curation_commands(data_subparsers: Any) -> None:
     _add_data_options(s)
     s.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer for token counts")
     s.add_argument("--estimate", action="store_true", help="estimate tokens from characters (no tokenizer)")
+    s.add_argument("--template", default=None, metavar="TEMPLATE",
+                   help="count as a run with this template: trains (auto, a built-in such as gemma, or a .jinja file): "
+                        "the same tokens, and the share of them trained")
+    s.add_argument("--template-kwargs", default=None, metavar="JSON",
+                   help="with --template: the run's template_kwargs, e.g. '{\"enable_thinking\": false}'")
     s.add_argument("--max-length", type=int, default=None, help="count records longer than this")
     s.add_argument("--out", default=None,
                    help="histogram PNG path or folder (default: ./<file stem>_lengths.png)")

@@ -8,7 +8,10 @@ from characters. Only the lengths (4 bytes a record) and small counters are kept
 * ``turns``: conversations by number of messages (chat data);
 * ``labels``: counts of each distinct final answer when there are few (classification-like data:
   at most ``max_label_values`` distinct answers of at most 64 characters), else None;
-* ``over_max_length``: records longer than ``max_length`` (training would drop or truncate them).
+* ``over_max_length``: records longer than ``max_length`` (training would drop or truncate them);
+* ``trained_tokens`` of ``tokens`` (with ``template``: ``tuneforge data stats --template``): the records
+  tokenized exactly as a run with that ``template:`` (and ``template_kwargs:``) trains on them, and how many of
+  their tokens are trained (the answers; a record training would reject is counted as rendered, untrained).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tuneforge.data.curation.clean import AnswerLabels, chunked
 from tuneforge.data.curation.config import CurationConfig
 from tuneforge.data.curation.validation import check_record
 from tuneforge.data.loaders import iter_records
-from tuneforge.data.token_count import LengthCounter, make_counter
+from tuneforge.data.token_count import LengthCounter, TokenizerCounter, make_counter
 from tuneforge.models.registry import DEFAULT_MODEL
 
 PERCENTILES = (50, 90, 95, 99)
@@ -47,6 +50,8 @@ class DatasetStats:
     max_length: int | None = None
     over_max_length: int = 0
     histogram: str | None = None
+    tokens: int | None = None
+    trained_tokens: int | None = None
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +68,9 @@ class DatasetStats:
         if self.max_length is not None:
             share = self.over_max_length / self.valid if self.valid else 0.0
             lines.append(f"longer than max_length {self.max_length}: {self.over_max_length} ({share:.1%})")
+        if self.tokens:
+            lines.append(f"trained tokens: {self.trained_tokens} of {self.tokens} "
+                         f"({(self.trained_tokens or 0) / self.tokens:.1%}, as training with this template)")
         if self.turns:
             lines.append("messages per conversation: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.turns.items())))
         if self.labels:
@@ -76,11 +84,13 @@ class DatasetStats:
 
 def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_length: int | None = None,
                   config: CurationConfig | None = None, counter: LengthCounter | None = None,
-                  chunk_size: int = 512, max_label_values: int = 20) -> DatasetStats:
-    """Statistics of the usable records of ``path`` (see the module docstring)."""
+                  chunk_size: int = 512, max_label_values: int = 20, template: str | None = None,
+                  template_kwargs: dict[str, Any] | None = None) -> DatasetStats:
+    """Statistics of the usable records of ``path`` (see the module docstring); ``template``: count with the chat
+    template a run with ``template:`` would use (needs ``model``)."""
     config = (config or CurationConfig()).model_copy(update={"actions": {c: "off" for c in (
         "short_answer", "repeats_prompt", "refusal", "placeholder", "control_chars", "non_text", "pii")}})
-    counter = counter or make_counter(model, config.chars_per_token)
+    counter = counter or make_counter(model, config.chars_per_token, template, template_kwargs)
     stats = DatasetStats(path=str(path), unit=counter.unit, max_length=max_length)
     lengths, label_ids = array("I"), array("i")
     labels = AnswerLabels(max_label_values)
@@ -103,6 +113,8 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
             label_ids.append(labels.id(c.label) if c.kind == "chat" else -1)
         stats.valid += len(usable)
     stats.invalid = stats.records - stats.valid
+    if isinstance(counter, TokenizerCounter) and counter.training:
+        stats.tokens, stats.trained_tokens = counter.counted_tokens, counter.trained_tokens
     stats.formats = dict(formats)
     stats.turns = dict(sorted(turns.items()))
     lens = np.frombuffer(lengths, dtype=np.uint32).copy() if len(lengths) else np.zeros(0, np.uint32)

@@ -8,6 +8,7 @@ from tuneforge.data.templates.resolve import (
     ChosenTemplate,
     apply_template,
     builtin_text,
+    check_template_kwargs,
     check_template_value,
     end_of_turn_ids,
     is_template_file,
@@ -15,4 +16,4 @@ from tuneforge.data.templates.resolve import (
 )
 
 __all__ = ["BUILTINS", "CHOICES", "Builtin", "ChosenTemplate", "apply_template", "builtin_text",
-           "check_template_value", "end_of_turn_ids", "is_template_file", "read_template_file"]
+           "check_template_kwargs", "check_template_value", "end_of_turn_ids", "is_template_file", "read_template_file"]

@@ -183,6 +183,35 @@ def apply_template(tokenizer: Any, value: str, model: str = "the model", needs_c
     return ChosenTemplate(value, source, _sha256(text))
 
 
+# arguments apply_chat_template sets itself: a template_kwargs entry may not replace them
+_RESERVED_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                              "continue_final_message", "tokenize", "chat_template", "return_dict",
+                              "return_assistant_tokens_mask", "bos_token", "eos_token"})
+
+
+def check_template_kwargs(value: Any, key: str = "template_kwargs") -> dict[str, Any]:
+    """``value`` as chat template arguments (a mapping of names to JSON values, e.g. ``{enable_thinking: false}``);
+    ValueError in one line naming ``key`` otherwise. A name the template does not use is harmless (ignored)."""
+    import json
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping of chat template arguments (e.g. {{enable_thinking: false}}), "
+                         f"not {type(value).__name__} {value!r:.60}")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{key}: {name!r} is not a template variable name (letters, digits, _)")
+        if name in _RESERVED_KWARGS:
+            raise ValueError(f"{key}: {name!r} is set by tuneforge itself; remove it")
+        try:
+            json.dumps(item, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: {name!r} must be a JSON value (string, number, boolean, list, mapping, "
+                             f"null), not {type(item).__name__}") from None
+    return dict(value)
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

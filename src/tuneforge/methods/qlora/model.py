@@ -82,7 +82,7 @@ def bnb_quantization_config(cfg: QuantConfig, compute_dtype: torch.dtype):
 
 
 def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu") -> PreTrainedModel:
+                         device: str | torch.device = "cpu", trust_remote_code: bool = False) -> PreTrainedModel:
     """Load ``model`` (a spec of :func:`tuneforge.models.registry.resolve_model`) with quantized linears.
 
     transformers quantizes layer by layer while loading, so the full-precision model never sits in
@@ -95,7 +95,7 @@ def load_quantized_model(model: str, cfg: QuantConfig, compute_dtype: torch.dtyp
     device = torch.device(device)
     loaded = from_pretrained_attention(      # SDPA, or eager for a class without it (Gemma 2)
         resolve_model(str(model)), quantization_config=bnb_quantization_config(cfg, compute_dtype),
-        dtype=compute_dtype, device_map={"": str(device)},
+        dtype=compute_dtype, device_map={"": str(device)}, trust_remote_code=trust_remote_code,
     )
     if device.type == "cpu":
         release_checkpoint_mapping_(loaded)
@@ -119,7 +119,8 @@ def one_cpu_kernel_(model: nn.Module) -> None:
 
 def load_base(config: RunConfig, dtype: torch.dtype, device: str | torch.device) -> PreTrainedModel:
     """The registry's ``load_base``: ``config.model`` quantized while loading, computing in ``qlora.compute_dtype``."""
-    return load_quantized_model(config.model, config.qlora, resolve_compute_dtype(config.qlora, dtype), device)
+    return load_quantized_model(config.model, config.qlora, resolve_compute_dtype(config.qlora, dtype), device,
+                                trust_remote_code=config.trust_remote_code)
 
 
 def release_checkpoint_mapping_(model: nn.Module) -> None:
