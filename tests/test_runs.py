@@ -174,7 +174,8 @@ def test_importing_runs_does_not_import_torch():
 
 
 # keys the writers added after the fixture was made (each with its issue): optional in a version-1 file
-ADDED_SINCE_V1 = {"RunRecord": {"template", "trust_remote_code"}}          # #24: the chat template, remote code
+# #24: the chat template, remote code, the learning rate trained with (and whether it was the method's default)
+ADDED_SINCE_V1 = {"RunRecord": {"template", "trust_remote_code", "learning_rate", "learning_rate_default"}}
 
 
 def test_a_new_run_writes_todays_keys_plus_schema_version(tmp_path):

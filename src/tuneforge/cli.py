@@ -58,8 +58,9 @@ def cmd_train(args) -> int:
 def cmd_init(args) -> int:
     from tuneforge.own_data import write_init_config
 
-    out, task = write_init_config(args.data, args.out or f"{Path(args.data).stem}.yaml", force=args.force)
-    print(f"wrote {out} (task: {task}); read it, then: tuneforge train {out}")
+    out, task = write_init_config(args.data, args.out or f"{Path(args.data).stem}.yaml", force=args.force,
+                                  method=args.method)
+    print(f"wrote {out} (task: {task}, method: {args.method}); read it, then: tuneforge train {out}")
     return 0
 
 
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("data", help="your training file (.jsonl, .json, .csv, .parquet)")
     i.add_argument("--out", help="config to write (default: <data file name>.yaml in the current folder)")
     i.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    i.add_argument("--method", default="lora", help="the method the config trains (full, lora, qlora, adapter, "
+                   "prefix, prompt, ia3), with its settings sections and its learning rate")
     i.set_defaults(func=cmd_init)
 
     q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")

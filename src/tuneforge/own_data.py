@@ -53,10 +53,51 @@ def detect_task(path: str | Path, columns: dict[str, str] | None = None) -> tupl
     return tasks.most_common(1)[0][0], formats
 
 
+LORA_RECIPE_LEARNING_RATE = 1e-3
+"""The recipe's learning rate for a method with no measured default of its own (:attr:`Method.learning_rate_source`
+empty): measured for LoRA with this recipe (docs/guides/own-data.md, "How the defaults were chosen")."""
+
+_LORA_SECTION = """
+lora:
+  r: 16
+  alpha: 32
+  dropout: 0.05
+  target_modules: all-linear
+"""
+
+
+def recipe_learning_rate(method: str) -> tuple[float, str]:
+    """The learning rate ``tuneforge init`` writes for ``method`` and where it comes from: the method's own
+    default where it was measured (:attr:`Method.learning_rate_source`), else the LoRA recipe's measured 1e-3."""
+    from tuneforge.methods.registry import get_method
+
+    record = get_method(method)
+    if record.learning_rate_source:
+        return record.learning_rate, f"method {method}'s default, measured: {record.learning_rate_source}"
+    return LORA_RECIPE_LEARNING_RATE, "measured for LoRA with this recipe: docs/guides/own-data.md"
+
+
+def _method_sections(method: str) -> str:
+    """The settings sections ``method`` reads, with their defaults (LoRA's as the recipe chose them)."""
+    from tuneforge.methods.registry import get_method
+
+    recipe_method = RunConfig.model_fields["method"].default        # the method the recipe was measured with
+    recipe = get_method(recipe_method)
+    # the recipe's method and its leaner variant (which trains the same settings: QLoRA) get the recipe's section
+    same_settings = method in (recipe_method, recipe.leaner)
+    text = _LORA_SECTION if same_settings else ""
+    for key, model in get_method(method).settings.items():
+        if not (same_settings and key in recipe.settings):
+            text += "\n" + yaml.safe_dump({key: model().model_dump(mode="json")}, sort_keys=False)
+    return text
+
+
 def own_data_config_text(data: str | Path, task: str = "sft", output_dir: str | None = None,
-                         model: str = DEFAULT_MODEL) -> str:
-    """The commented run config for the user's file ``data`` (a YAML text; every key is a real setting)."""
+                         model: str = DEFAULT_MODEL, method: str = "lora") -> str:
+    """The commented run config for the user's file ``data`` training ``method`` (a YAML text; every key is a real
+    setting)."""
     output_dir = output_dir or f"runs/{Path(data).stem}"
+    lr, lr_source = recipe_learning_rate(method)
     preference = """
 preference:                  # chosen/rejected pairs (task: preference)
   loss: sigmoid              # DPO; also ipo, hinge, robust, simpo, orpo
@@ -65,7 +106,7 @@ preference:                  # chosen/rejected pairs (task: preference)
     return f"""# A tuneforge run config for {Path(data).name} (written by `tuneforge init`; every key is documented in
 # docs/reference/config.md). Train with `tuneforge train THIS_FILE`; override a key with --set KEY=VALUE.
 model: {model}
-method: lora                 # full, lora (use_dora/use_rslora), qlora, adapter, prefix, prompt, ia3
+method: {method:<21}# full, lora (use_dora/use_rslora), qlora, adapter, prefix, prompt, ia3
 task: {task}                 # sft (chat/instruction records), pretrain (text), preference (chosen/rejected)
 output_dir: {output_dir}
 seed: 0
@@ -78,14 +119,8 @@ data:
   val_max_examples: 200
   train_on: assistant        # loss on the answers (and their end-of-turn token) only; `all` for everything
   max_length: 1024           # tokens; longer examples go to rejects.jsonl (too_long: truncate to keep them)
-
-lora:
-  r: 16
-  alpha: 32
-  dropout: 0.05
-  target_modules: all-linear
-{preference}
-learning_rate: 1.0e-3        # LoRA on a small model; full fine-tuning wants ~1e-5
+{_method_sections(method)}{preference}
+learning_rate: {yaml.safe_dump(lr).splitlines()[0]:<14}# {lr_source}
 lr_scheduler: cosine
 warmup_ratio: 0.05
 batch_size: 4                # examples per optimizer step, packed into one padding-free row
@@ -100,29 +135,50 @@ keep_best: true              # the run ends with the weights of its best validat
 """
 
 
+def _method_of(overrides: list[str] | None) -> str:
+    """The method a ``--set method=...`` override names (the last one wins), else ``lora``."""
+    named = [o.split("=", 1)[1].strip() for o in overrides or [] if o.split("=", 1)[0].strip() == "method"]
+    return named[-1] if named else "lora"
+
+
+def _check_method(method: str) -> None:
+    from tuneforge.methods.registry import get_method
+
+    try:
+        get_method(method)
+    except ValueError as e:
+        raise ConfigError(f"method: {e}") from None
+
+
 def own_data_config(data: str | Path, overrides: list[str] | None = None, validation: str | None = None,
                     task: str | None = None) -> RunConfig:
-    """The run config :func:`own_data_config_text` writes for ``data``, validated, with ``overrides``."""
+    """The run config :func:`own_data_config_text` writes for ``data``, validated, with ``overrides``; a
+    ``method=...`` override writes that method's config (its sections and learning rate), as ``tuneforge init
+    --method`` does."""
     path = Path(data)
     if not path.is_file():
         raise ConfigError(f"{data}: data file not found")
     task = task or detect_task(path)[0]
-    tree = yaml.safe_load(own_data_config_text(path, task))
+    method = _method_of(overrides)
+    _check_method(method)
+    tree = yaml.safe_load(own_data_config_text(path, task, method=method))
     if validation:
         tree["data"]["validation"] = validation
     return load_config(data=tree, overrides=overrides)
 
 
-def write_init_config(data: str | Path, out: str | Path, force: bool = False) -> tuple[Path, str]:
-    """Write the commented config for ``data`` to ``out`` (refusing to overwrite unless ``force``); checks
-    that it loads. Returns the path and the task chosen."""
+def write_init_config(data: str | Path, out: str | Path, force: bool = False, method: str = "lora"
+                      ) -> tuple[Path, str]:
+    """Write the commented config for ``data`` training ``method`` to ``out`` (refusing to overwrite unless
+    ``force``); checks that it loads. Returns the path and the task chosen."""
+    _check_method(method)
     out = Path(out)
     if out.exists() and not force:
         raise ConfigError(f"{out} exists: choose another --out, or --force to overwrite it")
     if not Path(data).is_file():
         raise ConfigError(f"{data}: data file not found")
     task, _ = detect_task(data)
-    text = own_data_config_text(data, task)
+    text = own_data_config_text(data, task, method=method)
     load_config(data=yaml.safe_load(text))          # what we write must load
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tuneforge import deprecations
@@ -73,7 +73,11 @@ class RunConfig(Settings):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     # optimisation
-    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
+    learning_rate: float = Field(
+        None, gt=0, description="peak learning rate (AdamW); unset: the method's default, full 1e-4 (measured: "
+        "benchmarks/results/full_ft_lr_sweep_cpu_2026-12-03.txt), every other method 2e-4. run.json records the "
+        "value and whether it was the default")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after the warmup")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up linearly")
@@ -140,6 +144,8 @@ class RunConfig(Settings):
         [], description="experiment trackers beside metrics.jsonl (accelerate's): tensorboard, wandb, mlflow")
     progress: bool = Field(True, description="progress bars (tokens/s, loss, ETA)")
 
+    _learning_rate_default: bool = PrivateAttr(False)
+
     if TYPE_CHECKING:  # method sections (config.lora, config.qlora, ...) come from the registry
         def __getattr__(self, name: str) -> Any: ...
 
@@ -152,6 +158,8 @@ class RunConfig(Settings):
         from tuneforge.methods.registry import settings_sections
 
         data = dict(data)
+        if "learning_rate" in data and data["learning_rate"] is None:
+            del data["learning_rate"]                   # null: the method's default, as when unset
         errors: list[InitErrorDetails] = []
         for key, model in settings_sections().items():
             raw = data.get(key)
@@ -190,6 +198,34 @@ class RunConfig(Settings):
 
         get_method(v)   # raises "unknown method 'lorra' (did you mean 'lora'?); methods: ..."
         return v
+
+    @model_validator(mode="after")
+    def _method_learning_rate(self) -> "RunConfig":
+        """An unset ``learning_rate`` is the method's default (:attr:`Method.learning_rate`), again after the
+        method changes (``auto_fit``); a value the config sets (or one assigned later) always wins."""
+        from tuneforge.methods.registry import get_method
+
+        if "learning_rate" in self.model_fields_set and self.learning_rate is not None:
+            self._learning_rate_default = False
+        else:       # assigned straight into __dict__: validate_assignment would validate again, in a loop
+            self.__dict__["learning_rate"] = get_method(self.method).learning_rate
+            self._learning_rate_default = True
+        return self
+
+    @property
+    def learning_rate_is_default(self) -> bool:
+        """``learning_rate`` is the method's default: the config did not set it."""
+        return self._learning_rate_default
+
+    def learning_rate_origin(self) -> str:
+        """Where ``learning_rate`` comes from, for the log: the run config, or the method's default and its source."""
+        if not self._learning_rate_default:
+            return "set in the run config"
+        from tuneforge.methods.registry import get_method
+
+        source = get_method(self.method).learning_rate_source
+        return (f"method {self.method}'s default, measured: {source}" if source else
+                "the general default; not measured for this method")
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
@@ -392,4 +428,11 @@ def _resolve_file(value: str, base: Path) -> Path | None:
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, every key resolved; a default learning rate says so in a comment on its line."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if not config.learning_rate_is_default:
+        return text
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("learning_rate:"))
+    lines[at] = f"{lines[at].rstrip()}  # {config.learning_rate_origin()}\n"
+    return "".join(lines)

@@ -73,6 +73,10 @@ class Runtimes:
     gguf_lora: Callable[[dict[str, Any]], list[str]] | None = None
 
 
+DEFAULT_LEARNING_RATE = 2e-4
+"""The learning rate of a method that declares none of its own (:attr:`Method.learning_rate`)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """What tuneforge needs to know about a fine-tuning method.
@@ -114,6 +118,11 @@ class Method:
         runtimes: which runtimes outside tuneforge load its saved adapter (:class:`Runtimes`; default: none).
         merge_reversible: merging into the weights in memory can be undone exactly (evaluation scores merged,
             checked); False for QLoRA (merging into 4-bit weights is lossy). Unused when not mergeable.
+        learning_rate: the peak learning rate a run of this method trains with when its config sets none
+            (``RunConfig.learning_rate`` unset); default :data:`DEFAULT_LEARNING_RATE`.
+        learning_rate_source: where :attr:`learning_rate` was measured (a file under ``benchmarks/results/``), for
+            the log, the run's ``config.yaml`` and ``tuneforge init``'s comment; "" (the general default): not
+            measured for this method, and ``tuneforge init`` writes its LoRA recipe's measured rate instead.
     """
 
     name: str
@@ -139,7 +148,8 @@ class Method:
     serving: Callable[[ServingHost], MethodServing] | None = None
     runtimes: Runtimes = Runtimes()
     merge_reversible: bool = True
-
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    learning_rate_source: str = ""
 
 _METHODS: dict[str, Method] = {}
 _SETTINGS: dict[str, type[BaseModel]] = {}

@@ -19,7 +19,8 @@ Nothing is lost or changed: keys this tuneforge does not know are kept (``model_
 the known ones; a key missing from a file stays missing on save (only the fields a file or a writer set are
 written), and numbers stay as written (an ``int`` stays an ``int``). So ``load -> save`` gives the same JSON
 plus ``schema_version``, and the writers write the same keys and values as before plus ``schema_version`` (and
-the keys added since, optional in older files: ``run.json``'s ``template`` and ``trust_remote_code``).
+the keys added since, optional in older files: ``run.json``'s ``template``, ``trust_remote_code``,
+``learning_rate`` and ``learning_rate_default``).
 Saving is atomic: a hidden temporary file beside the destination, then one ``os.replace``.
 """
 
@@ -239,6 +240,8 @@ class RunRecord(Record):
     trust_remote_code: bool | None = None
     method: str | None = None
     task: str | None = None
+    learning_rate: Number | None = None
+    learning_rate_default: bool | None = None
     data: list[DataFile] | None = None
     examples: ExampleCounts | None = None
     seed: int | None = None

@@ -295,6 +295,7 @@ class TrainingRecipe:
         self.trainable, self.total = count_parameters(model)      # before ZeRO-3 partitions the parameters
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
+        log.info("learning rate %g (%s)", config.learning_rate, config.learning_rate_origin())
         # the engine wraps the model (several processes: forward, LM head and loss inside its wrapper) and builds
         # the optimizer in the order it needs (FSDP2 over the shards; DeepSpeed takes it along)
         optimizer = dist.prepare(model, self.objective, config, make_optimizer)
@@ -793,6 +794,8 @@ class TrainingRecipe:
             trust_remote_code=config.trust_remote_code,
             method=config.method,
             task=config.task,
+            learning_rate=config.learning_rate,
+            learning_rate_default=config.learning_rate_is_default,
             data=data_fingerprints([config.data.train, config.data.validation]),
             examples=ExampleCounts(train=len(data.train), validation=len(data.validation), rejected=len(data.rejects),
                                    truncated=data.truncated, formats=data.formats),

@@ -30,4 +30,6 @@ register_method(Method(
     settings={"full": FullConfig}, apply=_apply,
     load_trained=load_full, saved_types=("full",), is_full_model=True,
     not_mergeable_reason="the run saved complete weights: there is no adapter to merge; use the run's model folder",
+    # the best held-out tickets of 5e-6 .. 2e-4 (benchmarks/full_ft_lr_sweep.py); not measured for long runs
+    learning_rate=1e-4, learning_rate_source="benchmarks/results/full_ft_lr_sweep_cpu_2026-12-03.txt",
 ))
