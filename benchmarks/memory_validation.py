@@ -3,6 +3,7 @@
     python benchmarks/memory_validation.py                       # the default grid, all 7 methods (~35 min on 1 core)
     python benchmarks/memory_validation.py --methods lora --points 512x1 512x4
     python benchmarks/memory_validation.py --points 512x4:ckpt   # with gradient checkpointing
+    python benchmarks/memory_validation.py --model gemma3-270m --methods lora full --points 128x1 256x1
 
 Each measurement runs in a fresh subprocess with one thread. The child imports everything (torch,
 transformers, peft, bitsandbytes, tuneforge), records its resident memory (VmRSS) as the baseline, then
@@ -70,7 +71,7 @@ def child(method: str, seq: int, batch: int, ckpt: bool) -> dict:
     resolve_model(MODEL)  # converts once, cached; not part of the measurement
     config = RunConfig.model_validate(run_config(method, ckpt))
     g = torch.Generator().manual_seed(0)
-    examples = [TokenizedExample(torch.randint(0, 49152, (seq,), generator=g).tolist(), [True] * seq)
+    examples = [TokenizedExample(torch.randint(0, 32000, (seq,), generator=g).tolist(), [True] * seq)
                 for _ in range(batch)]
     row = pack(examples)
     baseline = _status_kib("VmRSS")
@@ -129,6 +130,7 @@ def parse_point(text: str) -> tuple[int, int, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MODEL
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     from tuneforge.estimate.memory import estimable_methods
 
@@ -137,15 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmap-threshold", type=int, default=65536,
                    help="MALLOC_MMAP_THRESHOLD_ for the children (bytes); 0 = glibc's default dynamic threshold")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--model", default=MODEL, help="model spec (default: %(default)s)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    MODEL = args.model
     if args.child:
         method, seq, batch, ckpt = json.loads(args.child)
         print(json.dumps(child(method, seq, batch, ckpt)))
         return 0
 
     rows = []
-    print(f"SmolLM2-135M, fp32, CPU, 1 thread, MALLOC_MMAP_THRESHOLD_="
+    print(f"{MODEL}, fp32, CPU, 1 thread, MALLOC_MMAP_THRESHOLD_="
           f"{args.mmap_threshold or 'glibc default'}; MiB above the baseline after imports")
     header = (f"{'method':<7}{'seq':>6}{'batch':>6}{'ckpt':>6}{'pred MiB':>10}{'meas MiB':>10}{'error':>8}"
               f"{'  phase':<18}{'load MiB':>9}{'act+logit':>11}{'step s':>9}")
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             env.pop("MALLOC_MMAP_THRESHOLD_", None)
             if args.mmap_threshold:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps([method, seq, batch, ckpt])],
+            out = subprocess.run([sys.executable, __file__, "--model", MODEL, "--child",
+                                  json.dumps([method, seq, batch, ckpt])],
                                  capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(f"{method} {point}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

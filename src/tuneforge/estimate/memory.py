@@ -81,8 +81,18 @@ Logits: with ``logits_to_keep`` the LM head runs on the ``K`` target positions o
 which backward turns into the gradient in place; the most is held at the end of the forward, the logits
 and their log-probabilities: ``8*K*V`` bytes in fp32, ``(a + 8)*K*V`` with ``a``-byte logits (their fp32
 copy too). When the fp32 logits would pass 256 MiB the trainer's chunked loss
-(:mod:`tuneforge.kernels.chunked_loss`) holds one chunk of 1024 positions at a time instead:
-``12*1024*V + 4*K``.
+(:mod:`tuneforge.kernels.chunked_loss`) holds one chunk at a time instead: ``12*c*V + 4*K`` with ``c`` its
+``chunk_positions(V)`` (1024 positions, fewer where their fp32 logits pass 256 MiB: 256 for Gemma 3's 262k
+vocabulary), only for the model types it applies to (Llama, Mistral, Qwen2/3, Gemma 3 without final
+soft-capping); Gemma 2, Phi-3, Qwen3-MoE and GPT-NeoX keep the plain loss.
+
+Families (:data:`tuneforge.estimate.shapes.FAMILIES`): the block above plus ``extra`` per token per layer:
+Gemma 2/3's two more norms (``2n``), Qwen3's and Gemma 3's query/key norms (``a*(q + kv) + 4*(H + KV)``;
+exact against ``saved_tensors_hooks`` for Gemma 3 in ``tests/test_estimate_families.py``); biases and fused
+projections save nothing more; a non-gated MLP (GPT-NeoX) saves ``a*I`` (``2a*I`` trained); an MoE layer
+holds every expert's weights but saves activations of the ``k`` active experts only:
+``k*3a*I_moe + 4E + k*(a*d + 4)`` (``+ k*(a*d + a*I_moe)`` trained) (not exact: the per-expert gathers
+also save routing indices, whose sizes depend on the routing).
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::
@@ -111,6 +121,9 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTIONS = ("packed_sdpa", "sdpa")
 CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.kernels.chunked_loss
+# model types the trainer's chunked loss applies to (chunked_loss.PLAIN_LM_HEAD_TYPES and Gemma 3 while its
+# final_logit_softcapping is unset, as in its released configs); the others keep the plain loss
+CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
 # validation subtracts the process's memory before the model loads, so the term is 0 there.
 DEFAULT_OVERHEAD = {"cpu": 0, "cuda": int(0.75 * GIB)}
@@ -191,10 +204,22 @@ def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str 
     a = act_bytes
     masked = explicit_mask or (packed and attention == "sdpa")
     kv = q if (masked and shape.num_kv_heads != shape.num_heads) else shape.kv_width   # repeat_kv under a mask
+    norm = a * d + 4 if fused_rms_norm else 4 * d + 4
+    extra = (shape.norms_per_layer - 2) * norm
+    if shape.qk_norm:     # each head's q and k normalized before RoPE: the norm saves its input and rstd
+        width, rows = shape.q_width + shape.kv_width, shape.num_heads + shape.num_kv_heads
+        extra += (a if fused_rms_norm else 4) * width + 4 * rows
+    mlp, mlp_trained = (3 * a * i if shape.gated_mlp else a * i), a * i
+    if shape.num_experts:   # per-layer average over dense and MoE layers (every layer of the released configs)
+        k, im, e = shape.experts_per_tok, shape.moe_intermediate_size, shape.num_experts
+        moe, moe_trained = 3 * a * im * k + 4 * e + k * (a * d + 4), k * (a * d + a * im)
+        L = shape.num_layers
+        mlp = (shape.moe_layers * moe + shape.dense_layers * mlp) // L
+        mlp_trained = (shape.moe_layers * moe_trained + shape.dense_layers * mlp_trained) // L
     return BlockActivations(
-        norm=a * d + 4 if fused_rms_norm else 4 * d + 4, norm_weight=0 if fused_rms_norm else a * d,
-        attention=a * (2 * q + 2 * kv) + 4 * h, o_copy=a * q if (packed and not masked) else 0, mlp=3 * a * i,
-        act_bytes=a)
+        norm=norm, norm_weight=0 if fused_rms_norm else a * d,
+        attention=a * (2 * q + 2 * kv) + 4 * h, o_copy=a * q if (packed and not masked) else 0, mlp=mlp,
+        act_bytes=a, extra=extra, mlp_trained=mlp_trained)
 
 
 def method_settings(settings: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -338,7 +363,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
               "packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
               "packed row, per-example sdpa: no mask" if batch > 1 else "one example per row: no mask")
     notes.append(f"activations: {per_layer:,} B per token per layer saved for backward ({layout})")
-    if chunked_loss == "on" or (chunked_loss == "auto" and 4 * K * V > CHUNKED_LOSS_BUDGET):
+    chunkable = shape.model_type in CHUNKED_LOSS_TYPES
+    if chunkable and (chunked_loss == "on" or (chunked_loss == "auto" and 4 * K * V > CHUNKED_LOSS_BUDGET)):
         chunk = min(K, CHUNKED_LOSS_CHUNK, max(64, CHUNKED_LOSS_BUDGET // (4 * V)))   # chunk_positions
         logits = 12 * chunk * V + 4 * K  # one chunk's logits, probabilities and gradient; one lse a position
         if terms.trains_head:

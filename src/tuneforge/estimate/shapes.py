@@ -9,6 +9,19 @@ follow the Llama block (no biases unless the config says so):
 * embeddings ``V*d``, final norm ``d``, and ``lm_head`` ``d*V`` unless tied to the embeddings.
 
 Llama-2-7B: 6,738,415,616; SmolLM2-135M: 134,515,008 (tied embeddings counted once).
+
+Other families (:data:`FAMILIES`, read from ``model_type`` by :func:`shape_from_config`), each counted exactly
+(``tests/test_estimate_families.py`` against the tiny model of every family and Gemma 3 270M's checkpoint):
+
+* Gemma 2/3: four RMSNorms per block (``norms_per_layer = 4``), Gemma 3 adds query/key norms (``2*hd``);
+  GELU-tanh gated MLP (same shapes as SwiGLU), ``head_dim`` apart from ``d/H``, tied embeddings.
+  Gemma 3 270M: 268,098,176 (262,144 x 640 tied embeddings are 63% of it).
+* Qwen2: biases on q, k, v; Qwen3: query/key norms.
+* Phi-3: fused ``qkv_proj`` (``d x (q + 2kv)``) and ``gate_up_proj`` (``d x 2I``): same counts, fewer linears.
+* Qwen3-MoE: per MoE layer ``E`` experts of ``3*d*I_moe`` (all in memory) and a router ``E*d``; attention as
+  Qwen3. The experts are parameters, not ``nn.Linear``: LoRA ``all-linear`` adapts the attention only.
+* GPT-NeoX: LayerNorm with bias (``2d`` per norm), fused ``query_key_value`` with bias, biased ``dense``,
+  non-gated MLP ``d x I``, ``I x d`` with biases.
 """
 
 from __future__ import annotations
@@ -27,8 +40,24 @@ class ModelShape:
     vocab_size: int
     head_dim: int | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False      # biases on q, k, v
     mlp_bias: bool = False
+    model_type: str = "llama"
+    o_bias: bool = False              # bias on the attention's output projection
+    norms_per_layer: int = 2
+    norm_bias: bool = False           # LayerNorm (GPT-NeoX) rather than RMSNorm
+    qk_norm: bool = False             # RMSNorm over each head's query and key (Qwen3, Gemma 3)
+    gated_mlp: bool = True            # down(act(gate(x)) * up(x)); False: down(act(up(x)))
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    num_experts: int = 0              # MoE: experts per MoE layer (0: dense)
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: int = 0               # layers whose MLP is the MoE block
+
+    @property
+    def dense_layers(self) -> int:
+        return self.num_layers - self.moe_layers
 
     @property
     def hd(self) -> int:
@@ -44,23 +73,62 @@ class ModelShape:
         """``KV * hd``: width of the key and of the value projection."""
         return self.num_kv_heads * self.hd
 
-    def linears(self) -> list[tuple[str, int, int]]:
-        """``(name, d_in, d_out)`` of the seven linear layers of one decoder block."""
-        d, i = self.hidden_size, self.intermediate_size
-        return [("q_proj", d, self.q_width), ("k_proj", d, self.kv_width), ("v_proj", d, self.kv_width),
-                ("o_proj", self.q_width, d), ("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d)]
+    def attention_linears(self) -> list[tuple[str, int, int]]:
+        d, q, kv = self.hidden_size, self.q_width, self.kv_width
+        qkv = [("qkv_proj", d, q + 2 * kv)] if self.fused_qkv else [("q_proj", d, q), ("k_proj", d, kv),
+                                                                     ("v_proj", d, kv)]
+        return qkv + [("o_proj", q, d)]
 
-    def linear_params_per_layer(self) -> int:
-        """Weights (and biases) of the seven linear layers of one block."""
-        total = sum(d_in * d_out for _, d_in, d_out in self.linears())
-        if self.attention_bias:
-            total += 2 * self.q_width + 2 * self.kv_width
-        if self.mlp_bias:
-            total += 2 * self.intermediate_size + self.hidden_size
+    def mlp_linears(self) -> list[tuple[str, int, int]]:
+        d, i = self.hidden_size, self.intermediate_size
+        if not self.gated_mlp:
+            return [("up_proj", d, i), ("down_proj", i, d)]
+        gate_up = [("gate_up_proj", d, 2 * i)] if self.fused_gate_up else [("gate_proj", d, i), ("up_proj", d, i)]
+        return gate_up + [("down_proj", i, d)]
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """``(name, d_in, d_out)`` of the ``nn.Linear`` layers of one dense decoder block (an MoE block's experts
+        are parameters, not linears: :meth:`layer_linears`)."""
+        return self.attention_linears() + self.mlp_linears()
+
+    def layer_linears(self) -> list[list[tuple[str, int, int]]]:
+        """The linears of each layer (MoE layers: the attention's only)."""
+        return ([self.linears()] * self.dense_layers) + ([self.attention_linears()] * self.moe_layers)
+
+    def _biases(self, mlp: bool) -> int:
+        d, i = self.hidden_size, self.intermediate_size
+        total = (self.q_width + 2 * self.kv_width if self.attention_bias else 0) + (d if self.o_bias else 0)
+        if mlp and self.mlp_bias:
+            total += (2 * i if self.gated_mlp else i) + d
         return total
 
+    def linear_params_per_layer(self) -> int:
+        """Weights (and biases) of the linear layers of one dense block."""
+        return sum(d_in * d_out for _, d_in, d_out in self.linears()) + self._biases(mlp=True)
+
+    def norm_params_per_layer(self) -> int:
+        """The block's norms (``2d`` each with LayerNorm's bias) and query/key norms."""
+        return self.norms_per_layer * self.hidden_size * (2 if self.norm_bias else 1) + (
+            2 * self.hd if self.qk_norm else 0)
+
+    def moe_params_per_layer(self) -> int:
+        """An MoE layer's experts (all of them: every expert's weights are in memory) and router."""
+        e, d = self.num_experts, self.hidden_size
+        return e * 3 * d * self.moe_intermediate_size + e * d
+
     def params_per_layer(self) -> int:
-        return self.linear_params_per_layer() + 2 * self.hidden_size
+        """One dense layer."""
+        return self.linear_params_per_layer() + self.norm_params_per_layer()
+
+    def decoder_params(self) -> int:
+        moe = (sum(a * b for _, a, b in self.attention_linears()) + self._biases(mlp=False)
+               + self.norm_params_per_layer() + self.moe_params_per_layer())
+        return self.dense_layers * self.params_per_layer() + self.moe_layers * moe
+
+    def quantizable_params(self) -> int:
+        """The decoder linears' weights and biases (what QLoRA stores in 4 bits)."""
+        moe = sum(a * b for _, a, b in self.attention_linears()) + self._biases(mlp=False)
+        return self.dense_layers * self.linear_params_per_layer() + self.moe_layers * moe
 
     def embedding_params(self) -> int:
         """Input embeddings plus the ``lm_head`` when it is not tied to them."""
@@ -68,11 +136,12 @@ class ModelShape:
 
     def num_parameters(self) -> int:
         """All parameters, tied embeddings counted once."""
-        return self.num_layers * self.params_per_layer() + self.embedding_params() + self.hidden_size
+        final_norm = self.hidden_size * (2 if self.norm_bias else 1)
+        return self.decoder_params() + self.embedding_params() + final_norm
 
     def lora_parameters(self, r: int) -> int:
         """LoRA ``all-linear`` (every decoder linear, not ``lm_head``): ``r * (d_in + d_out)`` each."""
-        return self.num_layers * sum(r * (d_in + d_out) for _, d_in, d_out in self.linears())
+        return sum(r * (d_in + d_out) for layer in self.layer_linears() for _, d_in, d_out in layer)
 
 
 # Llama-2 (7B/13B/70B), Llama-3.x and SmolLM2 shapes from their published config.json files.
@@ -88,14 +157,43 @@ ALIASES = {"llama-2-7b": "7b", "llama-2-13b": "13b", "llama-2-70b": "70b", "llam
            "llama2-70b": "70b"}
 
 
+# model_type -> what sets its block apart from Llama's (the fields of ModelShape)
+FAMILIES: dict[str, dict] = {
+    "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
+    "gemma": {}, "gemma2": {"norms_per_layer": 4}, "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
+    "phi3": {"fused_qkv": True, "fused_gate_up": True}, "qwen3_moe": {"qk_norm": True},
+    "gpt_neox": {"attention_bias": True, "o_bias": True, "mlp_bias": True, "norm_bias": True, "gated_mlp": False,
+                 "fused_qkv": True},
+}
+
+
+def _moe_fields(config) -> dict:
+    experts = getattr(config, "num_experts", 0) or 0
+    if not experts:
+        return {}
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    moe = sum(1 for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    return {"num_experts": experts, "experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size, "moe_layers": moe}
+
+
 def shape_from_config(config, name: str = "model") -> ModelShape:
-    """The shape of a transformers config of a Llama-like decoder (Llama, Mistral, Qwen2, SmolLM2, ...)."""
+    """The shape of a transformers config of a decoder of a supported family (:data:`FAMILIES`: Llama, Mistral,
+    Qwen2/3, Qwen3-MoE, Gemma 1/2/3, Phi-3, GPT-NeoX); ``ValueError`` naming ``model_type`` for any other."""
+    model_type = str(getattr(config, "model_type", None))
+    if model_type not in FAMILIES:
+        raise ValueError(f"{name}: model_type {model_type!r} is not one the estimator knows the block of; supported: "
+                         f"{', '.join(FAMILIES)}")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
                if getattr(config, k, None) is None]
     if missing:
-        raise ValueError(f"{name}: config.json lacks {', '.join(missing)}: the estimator needs a Llama-like decoder "
-                         f"(model_type {getattr(config, 'model_type', '?')!r})")
+        raise ValueError(f"{name}: config.json lacks {', '.join(missing)} (model_type {model_type!r})")
     heads = config.num_attention_heads
+    family = dict(FAMILIES[model_type])
+    if model_type not in ("qwen2", "gpt_neox"):
+        family["attention_bias"] = bool(getattr(config, "attention_bias", False))
+        family["o_bias"] = family["attention_bias"] and model_type != "phi3"
     return ModelShape(
         name=name,
         hidden_size=config.hidden_size,
@@ -106,8 +204,8 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
         vocab_size=config.vocab_size,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        attention_bias=bool(getattr(config, "attention_bias", False)),
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        **{"mlp_bias": bool(getattr(config, "mlp_bias", False)), **family, "model_type": model_type},
+        **_moe_fields(config),
     )
 
 

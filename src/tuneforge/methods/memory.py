@@ -61,6 +61,10 @@ class Shape(Protocol):
 
     def linear_params_per_layer(self) -> int: ...
 
+    def layer_linears(self) -> list[list[tuple[str, int, int]]]: ...
+
+    def quantizable_params(self) -> int: ...
+
     def num_parameters(self) -> int: ...
 
 
@@ -77,8 +81,14 @@ class BlockActivations:
             is ``q`` where k and v are repeated to every head: a dense mask, an explicit one).
         o_copy: the o projection's input when tuneforge's per-example attention concatenated it (``a*q``,
             packed rows) and something keeps it uncast; 0 otherwise.
-        mlp: SwiGLU with frozen weights: ``gate(x)``, ``silu(.)`` and ``up(.)``: ``3a*I``.
+        mlp: SwiGLU with frozen weights: ``gate(x)``, ``silu(.)`` and ``up(.)``: ``3a*I`` (non-gated MLP:
+            the activation's input, ``a*I``; MoE: ``k`` active experts' ``3a*I_moe`` + router probabilities
+            ``4E`` + each expert's output and routing weight ``k*(a*d + 4)``).
         act_bytes: ``a``.
+        extra: what the family adds to a frozen block: norms beyond two (Gemma 2/3: ``2n``) and query/key norms
+            (``a*(q + kv) + 4*(H + KV)``).
+        mlp_trained: what the MLP saves on top when its weights train (the input of ``down``, ``a*I``; MoE:
+            ``k*(a*d + a*I_moe)``, the gathered input and the product of each active expert).
     """
 
     norm: int
@@ -87,11 +97,13 @@ class BlockActivations:
     o_copy: int
     mlp: int
     act_bytes: int
+    extra: int = 0
+    mlp_trained: int = 0
 
     @property
     def frozen(self) -> int:
         """A block whose weights are all frozen and through which the gradient still flows."""
-        return 2 * self.norm + self.attention + self.mlp
+        return 2 * self.norm + self.attention + self.mlp + self.extra
 
 
 @dataclass(frozen=True)

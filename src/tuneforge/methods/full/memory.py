@@ -19,9 +19,10 @@ from tuneforge.methods.memory import MemoryInputs, MemoryTerms, base_weight_byte
 
 def full_memory(inputs: MemoryInputs) -> MemoryTerms:
     shape, w = inputs.shape, inputs.dtype_bytes
-    d, i = shape.hidden_size, shape.intermediate_size
+    d = shape.hidden_size
     block = inputs.block(w)
-    per_token = 2 * (block.norm + block.norm_weight + w * d) + block.attention + block.mlp + w * i + block.o_copy
+    per_token = (2 * (block.norm + block.norm_weight + w * d) + block.attention + block.mlp + block.mlp_trained
+                 + block.o_copy + block.extra)
     total = shape.num_parameters()
     # the embedding backward builds a dense V x d gradient and autograd adds it to the tied lm_head's out of
     # place: two V x d temporaries beside the gradients at the end of backward (measured: a tied 49152 x 576

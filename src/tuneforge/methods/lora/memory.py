@@ -28,9 +28,10 @@ ADAPTER_BYTES = 4      # peft keeps adapters in fp32
 
 
 def lora_parameters(inputs: MemoryInputs, r: int, dora: bool = False) -> int:
-    """``r*(d_in + d_out)`` per decoder linear (+ ``d_out`` for DoRA's magnitude), over all layers."""
-    per_layer = sum(r * (d_in + d_out) + (d_out if dora else 0) for _, d_in, d_out in inputs.shape.linears())
-    return inputs.shape.num_layers * per_layer
+    """``r*(d_in + d_out)`` per decoder linear (+ ``d_out`` for DoRA's magnitude), over all layers (an MoE
+    layer's linears are its attention's)."""
+    return sum(r * (d_in + d_out) + (d_out if dora else 0)
+               for layer in inputs.shape.layer_linears() for _, d_in, d_out in layer)
 
 
 def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
@@ -49,7 +50,7 @@ def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
     else:
         adapters = b * (2 * d + i) if a == b else b * widths
     saves_o_input = a == b and (cfg.dropout == 0 or cfg.fused_forward)
-    return block.frozen + adapters + 7 * b * cfg.r + (block.o_copy if saves_o_input else 0)
+    return block.frozen + adapters + len(shape.linears()) * b * cfg.r + (block.o_copy if saves_o_input else 0)
 
 
 def lora_terms(inputs: MemoryInputs, cfg: Any, base_weights: int, act_bytes: int, note: str) -> MemoryTerms:

@@ -26,7 +26,7 @@ def quantized_weight_bytes(inputs: MemoryInputs, double_quant: bool) -> int:
     """The base as QLoRA stores it: NF4 linears with their block statistics, the rest in fp32."""
     shape = inputs.shape
     layers = shape.num_layers
-    linear = layers * shape.linear_params_per_layer()
+    linear = shape.quantizable_params()
     blocks = math.ceil(linear / NF4_BLOCK)
     if double_quant:
         stats = blocks * 1 + math.ceil(blocks / 256) * 4 + layers * len(shape.linears()) * 256 * 4

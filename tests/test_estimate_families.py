@@ -1,0 +1,106 @@
+"""The estimator for every supported family: exact parameter counts (each tiny model of
+``tests/_architectures.py`` and Gemma 3 270M's config) and, for Gemma 3, the bytes autograd saves per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from _architectures import FAMILIES
+from tuneforge.estimate.memory import activation_bytes_per_token_layer
+from tuneforge.estimate.shapes import shape_from_config
+
+# Gemma 3 270M's released config (as converted into the cache); 268,098,176 is the sum of the tensor sizes in
+# its model.safetensors (236 tensors, the tied 262,144 x 640 embedding counted once)
+GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                   tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=512)
+
+
+def _config(family: str, vocab: int = 1000):
+    config = FAMILIES[family]()
+    config.vocab_size, config.pad_token_id = vocab, 0
+    return config
+
+
+def _count(config) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum({id(p): p.numel() for p in model.parameters()}.values())   # tied weights once
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parameter_count_of_every_family_equals_its_tiny_model(family):
+    config = _config(family)
+    assert shape_from_config(config, family).num_parameters() == _count(config)
+
+
+def test_parameter_count_of_gemma3_270m_equals_its_checkpoint():
+    config = AutoConfig.for_model(**GEMMA3_270M)
+    shape = shape_from_config(config, "gemma3-270m")
+    assert shape.num_parameters() == _count(config) == 268_098_176
+
+
+def test_moe_counts_every_experts_weights():
+    config = _config("qwen3-moe")
+    shape = shape_from_config(config)
+    one_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    assert shape.moe_params_per_layer() == config.num_experts * (one_expert + config.hidden_size)
+    config.num_experts = 8
+    assert shape_from_config(config).num_parameters() == _count(config)
+
+
+def test_an_unsupported_model_type_is_refused_in_one_line():
+    config = AutoConfig.for_model("gpt2")
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not one the estimator knows"):
+        shape_from_config(config, "gpt2")
+
+
+def _saved_bytes_of_layer(model, method: str, layer: int, seq: int, head_dim: int) -> int:
+    """Bytes autograd saves inside decoder layer ``layer`` (parameters and the shared RoPE cos/sin excluded)."""
+    from tuneforge.data.packing import pack
+    from tuneforge.data.rendering import TokenizedExample
+    from tuneforge.methods.loss import packed_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    row = pack([TokenizedExample(torch.randint(0, 1000, (seq,), generator=g).tolist(), [True] * seq)])
+    target = next(m for name, m in model.named_modules() if name.endswith("model.layers"))[layer]
+    inside = [False]
+    target.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    target.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack_hook(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in skip:
+            return t
+        if not inside[0] or (t.dim() == 4 and t.shape[1] == 1 and t.shape[-1] == head_dim):
+            skip.add(ptr)
+            return t
+        seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        packed_loss_sum(model, row, method)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gemma3_block_formula_matches_the_tensors_autograd_saves(method):
+    from tuneforge.config import RunConfig
+    from tuneforge.methods import apply_method
+    from tuneforge.training.trainer import prepare_for_training
+
+    config = _config("gemma3")
+    shape = shape_from_config(config, "gemma3")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    run = RunConfig.model_validate({"method": method, "data": {"train": "x"}, "lora": {"r": 4, "dropout": 0.05}})
+    model = apply_method(model, run)
+    prepare_for_training(model, run)   # packed attention, fused (Gemma) RMSNorm, as the trainer
+    seq = 16     # layer 1 is a full-attention layer (layer 0 slides over 4 tokens, under a band mask)
+    measured = _saved_bytes_of_layer(model, method, layer=1, seq=seq, head_dim=config.head_dim)
+    predicted = seq * activation_bytes_per_token_layer(shape, method, 4, False, lora_r=4, lora_dropout=0.05)
+    assert measured == predicted
