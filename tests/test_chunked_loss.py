@@ -85,3 +85,44 @@ def test_the_estimator_models_the_same_chunking():
     from tuneforge.estimate.memory import CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK  # torch-free copies
 
     assert (CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK) == (chunked_loss.DEFAULT_BUDGET_BYTES, chunked_loss.DEFAULT_CHUNK)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_per_example_sums_and_their_gradients_equal_the_plain_ones(head_trains):
+    """Per-example sums under unequal upstream weights: the hidden states' gradient computed in the forward and scaled
+    per example (head frozen), or the head's recomputed in backward (head trained: its gradient needs the weights)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).requires_grad_(head_trains)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    segment = torch.tensor([0] * 9 + [1] * 5 + [2] * 9)
+    weights = torch.tensor([0.5, -2.0, 3.0])
+    results = []
+    for chunked in (True, False):
+        hidden.grad = None
+        head.zero_grad()
+        if chunked:
+            sums = chunked_cross_entropy_sum(hidden, head, targets, chunk=4, segment=segment, n=3)
+        else:
+            per_token = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+            sums = torch.zeros(3).index_add(0, segment, per_token)
+        (sums * weights).sum().backward()
+        results.append([sums.detach(), hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()
+                                                                 if p.grad is not None])
+    assert len(results[0]) == (4 if head_trains else 2)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_gradients_come_from_the_forward_without_a_second_head_matmul(monkeypatch):
+    """A plain sum's backward only scales what the forward computed: the LM head runs once per chunk in all."""
+    calls = []
+    original = chunked_loss._logits
+    monkeypatch.setattr(chunked_loss, "_logits", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    loss = chunked_cross_entropy_sum(hidden, head, torch.randint(0, 50, (23,)), chunk=8)
+    assert len(calls) == 3
+    loss.backward()
+    assert len(calls) == 3 and hidden.grad is not None and head.weight.grad is not None

@@ -3,10 +3,13 @@
 The plain loss keeps, for ``K`` trained positions and a vocabulary of ``V``, the fp32 logits, their
 log-softmax and, in backward, their gradient: about ``12 * K * V`` bytes (1.2 GiB for SmolLM2's 49k
 vocabulary at K = 2048; 9.7 GiB at K = 16k). :class:`ChunkedLMHeadLoss` computes
-``sum_k (logsumexp(h_k W^T) - h_k . w_{t_k})`` chunk by chunk, saves only the hidden states and one
-log-sum-exp per position, and recomputes each chunk's logits in backward (the idea of Liger-Kernel's
-fused linear cross-entropy, in plain torch). Memory: ``~8 * chunk * V`` bytes; cost: one more LM-head
-matmul over the K positions (about 6% of a SmolLM2 step when every token is trained). A chunk holds at most
+``sum_k (logsumexp(h_k W^T) - h_k . w_{t_k})`` chunk by chunk and, when backward will need them, the
+gradients too, while each chunk's logits exist (Liger-Kernel's fused linear cross-entropy, in plain torch):
+backward then only scales them by the upstream gradient, and the LM head runs the same matmuls as the plain
+loss. Memory: ``~8 * chunk * V`` bytes, plus the head's fp32 gradient when it trains. Per-example sums of a
+trained head (whose gradient needs each example's upstream weight) keep the hidden states and one
+log-sum-exp per position and recompute each chunk's logits in backward: one more LM-head matmul over the K
+positions. A chunk holds at most
 1024 positions and at most ``budget`` bytes of fp32 logits (:func:`chunk_positions`): 1024 for SmolLM2's 49k
 vocabulary, 256 for Gemma 3's 262k.
 
@@ -42,44 +45,82 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 chunk: int, segment: torch.Tensor | None = None, n: int = 0) -> torch.Tensor:
         """The scalar sum, or with ``segment [K]`` (example of each position) the per-example sums ``[n]``."""
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # The gradients in the forward, as Liger-Kernel's fused linear cross-entropy does: each chunk's d loss / d
+        # logits is used while its logits exist, so backward only scales (no second LM-head matmul over the
+        # targets). Not for per-example sums of a trained head: its gradient would need each example's weight.
+        early = (need_h or need_w or need_b) and (segment is None or not (need_w or need_b))
+        lse = None if early else torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros(() if segment is None else (n,), dtype=torch.float32, device=hidden.device)
+        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b) if early else None
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s:s + chunk], weight, bias)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            losses = lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            losses = chunk_lse - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
             if segment is None:
                 total += losses.sum()
             else:
                 total.index_add_(0, segment[s:s + chunk], losses)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, segment)
-        ctx.chunk = chunk
+            if grads is not None:
+                grads.add(s, hidden[s:s + chunk], logits.sub_(chunk_lse[:, None]).exp_(), targets[s:s + chunk])
+            else:
+                lse[s:s + chunk] = chunk_lse
+        ctx.chunk, ctx.early = chunk, grads is not None
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        if grads is not None:
+            ctx.save_for_backward(grads.h, grads.w, grads.b, segment)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, segment)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
+        if ctx.early:
+            grad_h, grad_w, grad_b, segment = ctx.saved_tensors
+            if grad_h is not None:
+                grad_h = grad_h * (grad_total if segment is None else grad_total[segment][:, None]).to(grad_h.dtype)
+            scale = grad_total.float()          # in place below: no second (V, d) buffer (one backward per graph)
+            return (grad_h, None if grad_w is None else grad_w.mul_(scale).to(ctx.weight_dtype),
+                    None if grad_b is None else grad_b.mul_(scale).to(ctx.bias_dtype), None, None, None, None)
         hidden, weight, bias, targets, lse, segment = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s:s + ctx.chunk]
             probs = (_logits(h, weight, bias) - lse[s:s + ctx.chunk, None]).exp_()     # softmax
-            rows = torch.arange(h.shape[0], device=h.device)
-            probs[rows, targets[s:s + ctx.chunk]] -= 1.0                                # d loss / d logits
             probs *= grad_total if segment is None else grad_total[segment[s:s + ctx.chunk]][:, None]
-            g = probs.to(weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
-            if grad_h is not None:
-                grad_h[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
-            if grad_w is not None and weight.dtype == torch.float32:   # in place: no (V, d) temporary a chunk
-                grad_w.addmm_(g.t(), h.to(weight.dtype))
-            elif grad_w is not None:             # bf16/fp16 head: its matmul's rounding, as the plain path
-                grad_w += (g.t() @ h.to(weight.dtype)).float()
-            if need_b:
-                grad_b += g.sum(0, dtype=torch.float32)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+            grads.add(s, h, probs, targets[s:s + ctx.chunk], scale=grad_total if segment is None else
+                      grad_total[segment[s:s + ctx.chunk]])
+        return (grads.h, None if grads.w is None else grads.w.to(weight.dtype),
+                None if grads.b is None else grads.b.to(bias.dtype), None, None, None, None)
+
+
+class _Grads:
+    """The LM head's input, weight and bias gradients, accumulated chunk by chunk from each chunk's softmax."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, need_h: bool,
+                 need_w: bool, need_b: bool) -> None:
+        self.weight = weight
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None \
+            else None
+
+    def add(self, s: int, h: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,
+            scale: torch.Tensor | None = None) -> None:
+        """Add the chunk starting at position ``s``: ``probs`` its softmax (times ``scale``, the upstream gradient,
+        when given), turned in place into d loss / d logits."""
+        rows = torch.arange(h.shape[0], device=h.device)
+        probs[rows, targets] -= 1.0 if scale is None else scale
+        g = probs.to(self.weight.dtype)          # as the plain path: the logits' gradient in the head's dtype
+        if self.h is not None:
+            self.h[s:s + h.shape[0]] = (g @ self.weight).to(self.h.dtype)
+        if self.w is not None and self.weight.dtype == torch.float32:   # in place: no (V, d) temporary a chunk
+            self.w.addmm_(g.t(), h.to(self.weight.dtype))
+        elif self.w is not None:             # bf16/fp16 head: its matmul's rounding, as the plain path
+            self.w += (g.t() @ h.to(self.weight.dtype)).float()
+        if self.b is not None:
+            self.b += g.sum(0, dtype=torch.float32)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
