@@ -63,7 +63,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 total.index_add_(0, segment[s:s + chunk], losses)
             if grads is not None:
                 grads.add(s, hidden[s:s + chunk], logits.sub_(chunk_lse[:, None]).exp_(), targets[s:s + chunk])
-            else:
+            elif lse is not None:
                 lse[s:s + chunk] = chunk_lse
         ctx.chunk, ctx.early = chunk, grads is not None
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
