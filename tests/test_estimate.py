@@ -98,14 +98,14 @@ def test_weights_gradients_and_optimizer_states_match_tensor_bytes_after_a_step(
         assert est.weights == weights
 
 
-def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int) -> int:
+def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int, vocab: int = 49152) -> int:
     """Bytes of the tensors autograd saves inside decoder layer ``layer`` (parameters and RoPE cos/sin excluded)."""
     from tuneforge.data.packing import pack
     from tuneforge.data.rendering import TokenizedExample
     from tuneforge.methods.loss import packed_loss_sum
 
     g = torch.Generator().manual_seed(0)
-    row = pack([TokenizedExample(torch.randint(0, 49152, (seq,), generator=g).tolist(), [True] * seq)
+    row = pack([TokenizedExample(torch.randint(0, vocab, (seq,), generator=g).tolist(), [True] * seq)
                 for _ in range(batch)])
     decoder = next(m for name, m in model.named_modules() if name.endswith("model.layers"))
     target = decoder[layer]

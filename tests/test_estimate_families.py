@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from _architectures import FAMILIES
+from test_estimate import _saved_bytes_of_layer
 from tuneforge.estimate.memory import activation_bytes_per_token_layer
 from tuneforge.estimate.shapes import shape_from_config
 
@@ -57,36 +58,6 @@ def test_an_unsupported_model_type_is_refused_in_one_line():
         shape_from_config(config, "gpt2")
 
 
-def _saved_bytes_of_layer(model, method: str, layer: int, seq: int, head_dim: int) -> int:
-    """Bytes autograd saves inside decoder layer ``layer`` (parameters and the shared RoPE cos/sin excluded)."""
-    from tuneforge.data.packing import pack
-    from tuneforge.data.rendering import TokenizedExample
-    from tuneforge.methods.loss import packed_loss_sum
-
-    g = torch.Generator().manual_seed(0)
-    row = pack([TokenizedExample(torch.randint(0, 1000, (seq,), generator=g).tolist(), [True] * seq)])
-    target = next(m for name, m in model.named_modules() if name.endswith("model.layers"))[layer]
-    inside = [False]
-    target.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
-    target.register_forward_hook(lambda *_: inside.__setitem__(0, False))
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack_hook(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in skip:
-            return t
-        if not inside[0] or (t.dim() == 4 and t.shape[1] == 1 and t.shape[-1] == head_dim):
-            skip.add(ptr)
-            return t
-        seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        packed_loss_sum(model, row, method)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_gemma3_block_formula_matches_the_tensors_autograd_saves(method):
     from tuneforge.config import RunConfig
@@ -101,6 +72,6 @@ def test_gemma3_block_formula_matches_the_tensors_autograd_saves(method):
     model = apply_method(model, run)
     prepare_for_training(model, run)   # packed attention, fused (Gemma) RMSNorm, as the trainer
     seq = 16     # layer 1 is a full-attention layer (layer 0 slides over 4 tokens, under a band mask)
-    measured = _saved_bytes_of_layer(model, method, layer=1, seq=seq, head_dim=config.head_dim)
+    measured = _saved_bytes_of_layer(model, method, layer=1, batch=1, seq=seq, vocab=1000)
     predicted = seq * activation_bytes_per_token_layer(shape, method, 4, False, lora_r=4, lora_dropout=0.05)
     assert measured == predicted
