@@ -58,7 +58,8 @@ def test_a_nan_loss_stops_naming_step_examples_and_causes_and_keeps_the_checkpoi
         train(_config(tiny_model_dir, data, out))
     message = str(err.value)
     assert message.startswith("step 2: loss nan") and "train examples #" in message and "Ticket" in message
-    assert "learning_rate=0.0002" in message and "fp16" in message and "on_nonfinite: skip" in message
+    assert "learning_rate=0.0002" in message and "on_nonfinite: skip" in message
+    assert "fp16" not in message          # an fp32 run: fp16 overflow is not among its causes (test_precision)
     ckpt = CheckpointDir(out / "checkpoints")
     assert ckpt.current_step("last") == 1 and str(ckpt.current("last")) in message
     weights = load_file(ckpt.current("last") / "trainable.safetensors")

@@ -175,7 +175,9 @@ def test_importing_runs_does_not_import_torch():
 
 # keys the writers added after the fixture was made (each with its issue): optional in a version-1 file
 # #24: the chat template, remote code, the learning rate trained with (and whether it was the method's default)
-ADDED_SINCE_V1 = {"RunRecord": {"template", "trust_remote_code", "learning_rate", "learning_rate_default"}}
+# #25: the precision mode (and the loss scaler's skipped steps, null but under fp16-mixed)
+ADDED_SINCE_V1 = {"RunRecord": {"template", "trust_remote_code", "learning_rate", "learning_rate_default",
+                                "precision", "scaler_skipped_steps"}}
 
 
 def test_a_new_run_writes_todays_keys_plus_schema_version(tmp_path):

@@ -129,7 +129,13 @@ class RunConfig(Settings):
     # hardware
     device: str = Field("auto", description="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="weights and compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU")
+        "auto", description="the base model's weights as stored; auto: what precision computes in (fp32 master "
+        "weights for full fine-tuning in a mixed mode)")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = Field(
+        "auto", description="fp32; bf16-mixed (autocast to bf16, fp32 trained weights and optimizer states); "
+        "bf16-true (bf16 weights; full fine-tuning with Kahan-compensated updates); fp16-mixed (autocast and "
+        "dynamic loss scaling; GPUs only). Adapters stay fp32. auto: bf16-mixed on GPUs with bf16, fp16-mixed on "
+        "those without, fp32 on CPUs")
     attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
         "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
     fused_rms_norm: bool = Field(

@@ -224,7 +224,9 @@ class RunRecord(Record):
 
     The fields, in the order they are written: ``base_model`` (spec and fingerprint), ``template`` (the chat
     template trained with), ``trust_remote_code``, ``method``, ``task``,
-    ``data`` (files and sha256), ``examples``, ``seed``, ``device``, ``dtype`` and ``dtype_reason``, ``steps``,
+    ``data`` (files and sha256), ``examples``, ``seed``, ``device``, ``dtype`` and ``dtype_reason``,
+    ``precision`` (mode, the dtype of base and trained weights, autocast, loss scaling; ``scaler_skipped_steps``
+    under fp16-mixed), ``steps``,
     parameter counts, ``final_train_loss``, ``eval_metric``, ``best_eval_loss``, ``best_step``,
     ``base_eval_loss`` (the model before training), ``weights_from_step``, ``status`` (``ok`` or
     ``regressed``) and ``problems``, tokens seen, times in seconds, ``processes``, ``eval_examples`` and the
@@ -248,6 +250,8 @@ class RunRecord(Record):
     device: str | None = None
     dtype: str | None = None
     dtype_reason: str | None = None
+    precision: dict[str, Any] | None = None
+    scaler_skipped_steps: int | None = None
     steps: int | None = None
     trainable_params: int | None = None
     total_params: int | None = None

@@ -56,6 +56,7 @@ class TrainState:
     bad_evals: int = 0
     metrics_rows: int = 0
     skipped_steps: int = 0                    # steps whose loss or gradients were not finite
+    scaler_skipped_steps: int = 0             # fp16-mixed: steps the gradient scaler skipped (overflow)
     first_loss: float | None = None           # the divergence check's yardstick
     diverging_steps: int = 0
     collapsed_steps: int = 0                  # consecutive steps at a uniform guess or with zero gradients
@@ -65,6 +66,7 @@ class TrainState:
     fingerprint: dict[str, Any] = field(default_factory=dict)   # what a resumed run must match (config, data)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)
+    precision: Any = field(default=None, repr=False, compare=False)     # training/precision.py: the loss scaler's state
 
     def counters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
@@ -74,7 +76,8 @@ class TrainState:
         if optimizer_state is None and self.optimizer is not None:
             optimizer_state = self.optimizer.state_dict()
         return {"counters": self.counters(), "rng": rng_state(), "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.precision.state_dict() if self.precision is not None else None}
 
     def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True,
                         load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -85,6 +88,8 @@ class TrainState:
             (load_optimizer or self.optimizer.load_state_dict)(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision is not None:
+            self.precision.load_state_dict(state.get("scaler"))
         if restore_rng:
             set_rng_state(state["rng"])
 

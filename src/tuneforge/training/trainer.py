@@ -39,12 +39,13 @@ from tuneforge.data.rendering import set_template_kwargs
 from tuneforge.data.templates import apply_template
 from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
+from tuneforge.kernels.compensated_adamw import CompensatedAdamW
 from tuneforge.kernels.optimizer import adamw
 from tuneforge.kernels.packed_attention import NAME as PACKED_ATTENTION
 from tuneforge.kernels.packed_attention import set_attention
 from tuneforge.kernels.rms_norm import fuse_rms_norm
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled
-from tuneforge.models.dtype import pick_device, pick_dtype
+from tuneforge.models.dtype import pick_device
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
 from tuneforge.runs import (
@@ -60,6 +61,7 @@ from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import setup_distributed
 from tuneforge.training.metrics import MetricsLog, plot_loss_curve
 from tuneforge.training.objectives import get_objective
+from tuneforge.training.precision import Precision, PrecisionPlan, cast_trained, resolve_precision
 from tuneforge.training.state import STATE_FILE, TrainState, fingerprint_differences, read_state
 from tuneforge.training.trackers import Trackers
 
@@ -122,13 +124,31 @@ def prepare_for_training(model: torch.nn.Module, config: RunConfig, reentrant: b
     model.train()
 
 
-def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter], compensated: bool = False,
+                   ) -> torch.optim.Optimizer:
     """The optimizer :func:`train` steps: the method's own (QLoRA's ``qlora.optimizer``), else AdamW (fused where
-    torch can)."""
+    torch can); ``compensated``: bf16 weights trained without an fp32 copy (``precision: bf16-true`` full
+    fine-tuning), AdamW with Kahan-compensated updates."""
     method = get_method(config.method)
     if method.make_optimizer is not None:
         return method.make_optimizer(config, params)
+    if compensated:
+        return CompensatedAdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def precision_plan(config: RunConfig, device: torch.device, by_engine: bool = False) -> PrecisionPlan:
+    """The run's :class:`PrecisionPlan` (``precision:``, ``dtype:``, the method), decided before any weights load.
+    ``by_engine``: FSDP2 and DeepSpeed apply the accelerate config's ``mixed_precision`` themselves, so tuneforge's
+    own stays fp32 (any other ``precision:`` refused)."""
+    full = get_method(config.method).is_full_model
+    if by_engine:
+        if config.precision not in ("auto", "fp32"):
+            raise ConfigError(f"precision: {config.precision} under this engine (FSDP2 / DeepSpeed): it applies mixed "
+                              "precision itself: set mixed_precision in the accelerate config and precision: auto")
+        plan = resolve_precision("fp32", config.dtype if config.dtype != "auto" else "fp32", device, full)
+        return PrecisionPlan(**{**plan.__dict__, "reason": "the engine's own mixed precision (accelerate config)"})
+    return resolve_precision(config.precision, config.dtype, device, full)
 
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -207,6 +227,14 @@ def _without_resumable_changes(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _added_since(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the keys added to the run config since it was saved (``precision``, say) filled in
+    from ``now`` where ``now`` has their defaults: the checkpoint trained with what those defaults do."""
+    fields = RunConfig.model_fields
+    added = {k: v for k, v in now.items() if k not in saved and k in fields and v == fields[k].get_default()}
+    return {**saved, **added}
+
+
 MIN_FREE_BYTES = 256 * 2**20
 MIN_EVAL_EXAMPLES = 32     # eval_share never shrinks validation below this many examples
 
@@ -267,8 +295,10 @@ class TrainingRecipe:
         _configure_cpu(config.threads)
 
         self.device = dist.device() or pick_device(config.device)
-        self.dtype, self.dtype_reason = pick_dtype(config.dtype, self.device)
-        log.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."), self.dtype_reason)
+        self.plan = plan = precision_plan(config, self.device, by_engine=dist.precision_by_engine)
+        self.dtype, self.dtype_reason = plan.base_dtype, plan.reason
+        dist.precision = self.precision = Precision(plan, self.device)
+        log.info("device %s, precision %s", self.device, plan.describe())
 
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         # the chat template of the run (template:): rendering, the token cache and every saved tokenizer use it
@@ -290,15 +320,18 @@ class TrainingRecipe:
         # the collapse check's mark: the loss of a uniform guess over the vocabulary (SFT, pretraining)
         self.uniform_loss = self.objective.uniform_loss(getattr(base.config, "vocab_size", None))
         self.model = model = apply_method(base, config, self.tokenizer)
+        cast_trained(model, plan)                 # adapters fp32 on a bf16 / fp16 / 4-bit base
         prepare_for_training(model, config, reentrant=dist.reentrant_checkpointing)
-        self.objective.before_training(model, data, config, self.device)   # e.g. reference log-probs, from the base
+        with self.precision.autocast():           # e.g. reference log-probs, from the base
+            self.objective.before_training(model, data, config, self.device)
         self.trainable, self.total = count_parameters(model)      # before ZeRO-3 partitions the parameters
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
                  100 * self.trainable / self.total)
         log.info("learning rate %g (%s)", config.learning_rate, config.learning_rate_origin())
         # the engine wraps the model (several processes: forward, LM head and loss inside its wrapper) and builds
         # the optimizer in the order it needs (FSDP2 over the shards; DeepSpeed takes it along)
-        optimizer = dist.prepare(model, self.objective, config, make_optimizer)
+        optimizer = dist.prepare(model, self.objective, config,
+                                 lambda c, params: make_optimizer(c, params, compensated=plan.compensated))
         self.steps = total_steps(config, len(data.train), dist.world)
         per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
@@ -312,7 +345,8 @@ class TrainingRecipe:
         self.val_batches = list(self.objective.micro_batches(
             self.val_examples, config.eval_batch_size or 4 * config.batch_size, config.seed, 0, shuffle=False))
         self.eval_seconds = self.base_eval_seconds = 0.0
-        self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint())
+        self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint(),
+                                precision=self.precision)
         if self.resume:
             self._resume()             # last: it restores the RNG streams that set-up has drawn from
         self.metrics = MetricsLog(self.layout.metrics if dist.is_main else None,
@@ -418,7 +452,8 @@ class TrainingRecipe:
         folder, saved = self._resumable_checkpoint()
         self._check_engine(folder, saved.get("optimizer") or {})      # first: an engine changes config defaults too
         then = dict(saved["counters"]["fingerprint"])
-        then["config"] = _without_resumable_changes(dict(then.get("config", {})))   # checkpoints from before
+        then["config"] = _added_since(_without_resumable_changes(dict(then.get("config", {}))),
+                                      self.state.fingerprint["config"])    # checkpoints from before
         changed = fingerprint_differences(then, self.state.fingerprint)
         if MICRO_BATCHES_PER_STEP in changed:
             was = saved["counters"]["fingerprint"].get(MICRO_BATCHES_PER_STEP)
@@ -493,10 +528,22 @@ class TrainingRecipe:
         # the whole gradient's norm, clipped (max_norm inf: measured for the finiteness check, nothing scaled);
         # DeepSpeed's engine has clipped and stepped already (or skipped a non-finite step)
         grad_norm = dist.clip_grad_norm(config.max_grad_norm or math.inf)
+        scaled = self.precision.scaler is not None
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
-        if finite:
+        scaler_skipped = False
+        if scaled and math.isfinite(step_loss) and not finite:
+            # fp16-mixed: gradients that overflowed at this loss scale are the scaler's to handle (it skips the step
+            # and halves the scale), not the NaN guard's, until the scale itself has collapsed
             dist.optimizer_step()
+            scaler_skipped = True
+            state.scaler_skipped_steps += 1
+            self._check_scale(batches, step_loss)
+        elif finite:
+            dist.optimizer_step()
+            scaler_skipped = self.precision.last_skipped
+            state.scaler_skipped_steps += scaler_skipped
         else:
+            self.precision.skip()
             self._non_finite(batches, step_loss, float(grad_norm))
         state.scheduler.step()
         dist.zero_grad()
@@ -509,19 +556,42 @@ class TrainingRecipe:
         if finite:
             state.last_loss = loss
         row: dict[str, Any] = {
-            "step": state.step, "loss": round(loss, 6) if finite else None, "lr": state.scheduler.get_last_lr()[0],
+            "step": state.step, "loss": round(loss, 6) if finite or scaler_skipped else None,
+            "lr": state.scheduler.get_last_lr()[0],
             "tokens": step_tokens, "trained_tokens": normaliser,
             "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
             "avg_tokens_per_s": round(state.seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
         row.update({k: round(v / max(normaliser, 1), 6) for k, v in sums.items()})
-        if finite:
+        if scaled:
+            row["loss_scale"] = self.precision.loss_scale
+            if scaler_skipped:
+                row["scaler_skipped"] = True
+        if finite and not scaler_skipped:
             row["grad_norm"] = round(float(grad_norm), 4)
             if normaliser > 0:
                 self._check_collapse(row, float(grad_norm))
             self._check_divergence(row)
-        else:
+        elif not finite and not scaler_skipped:
             row["skipped"] = True
         return row
+
+    MIN_LOSS_SCALE = 1.0
+
+    def _check_scale(self, batches: list[PackedBatch], loss: float) -> None:
+        """fp16-mixed: stop when the scaler has backed off below :data:`MIN_LOSS_SCALE`: the gradients overflow
+        fp16 even unscaled, and no number of skipped steps will fix that."""
+        scale = self.precision.loss_scale
+        if scale is None or scale >= self.MIN_LOSS_SCALE:
+            log.info("step %d: gradients overflowed fp16; the scaler skipped the step (loss scale now %g)",
+                     self.state.step + 1, scale)
+            return
+        last = self.checkpoints.current("last")
+        kept = f"the last checkpoint is kept: {last}" if last else "no checkpoint was saved yet (set save_every)"
+        raise NonFiniteLossError(
+            f"step {self.state.step + 1}: the gradients overflow fp16 at every loss scale (scale {scale:g} after "
+            f"{self.state.scaler_skipped_steps} skipped steps; loss {loss:.4g}) on train examples "
+            f"{self._examples_of(batches)}. Use precision: bf16-mixed (GPUs with bf16) or fp32, or lower "
+            f"learning_rate (now {self.config.learning_rate:g}). Training stopped; {kept}.")
 
     def _examples_of(self, batches: list[PackedBatch]) -> str:
         ids = [i for b in batches for i in b.example_ids]
@@ -541,11 +611,11 @@ class TrainingRecipe:
         config, state = self.config, self.state
         state.skipped_steps += 1
         last = self.checkpoints.current("last")
-        dtype = str(self.dtype).removeprefix("torch.")
+        fp16 = ("fp16 overflow (precision fp16-mixed: use bf16-mixed or fp32), " if self.plan.mode == "fp16-mixed"
+                else "")
         what = (f"step {state.step + 1}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (not finite) on train "
                 f"examples {self._examples_of(batches)}. Likely causes: a learning rate too high "
-                f"(learning_rate={config.learning_rate:g}), fp16 overflow (dtype {dtype}: use bf16 or fp32), "
-                "or a bad record among these examples")
+                f"(learning_rate={config.learning_rate:g}), {fp16}or a bad record among these examples")
         if config.on_nonfinite == "skip" and state.skipped_steps <= config.max_skipped_steps:
             log.warning("%s; skipped (%d of at most %d)", what, state.skipped_steps, config.max_skipped_steps)
             return
@@ -588,7 +658,7 @@ class TrainingRecipe:
         state.collapsed_steps = state.collapsed_steps + 1 if signs else 0
         if state.collapsed_steps != config.divergence_steps:
             return
-        overflow = ", fp16 overflow (use bf16 or fp32)" if self.dtype == torch.float16 else ""
+        overflow = ", fp16 overflow (use precision bf16-mixed or fp32)" if self.plan.mode == "fp16-mixed" else ""
         message = (f"step {state.step}: training has collapsed: {' and '.join(signs)}, for {config.divergence_steps} "
                    f"steps in a row. Likely causes: a learning rate far too high (learning_rate="
                    f"{config.learning_rate:g}){overflow}, or no trainable parameter reaching the loss")
@@ -615,7 +685,7 @@ class TrainingRecipe:
         config, state, objective = self.config, self.state, self.objective
         started = time.perf_counter()
         # on every process (FSDP2: inside the sharded model's forward)
-        results = self.dist.run(lambda model: objective.evaluate(model, self.val_batches, self.device, config))
+        results = self.dist.run(lambda model: self._autocast(objective.evaluate, model))
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         score = results[objective.eval_metric]
@@ -631,6 +701,11 @@ class TrainingRecipe:
                  state.best_score, state.best_step)
         return {**{k: round(v, 6) for k, v in results.items()}, "eval_seconds": round(seconds, 3)}
 
+    def _autocast(self, evaluate: Any, model: torch.nn.Module) -> dict[str, float]:
+        """``evaluate(model, ...)`` on the validation batches, in the run's precision (as training computes)."""
+        with self.precision.autocast():
+            return evaluate(model, self.val_batches, self.device, self.config)
+
     def evaluate_base(self) -> None:
         """``eval_base``: the objective's validation metric of the model before the first step, with its method
         disabled where the method can be (so: the base model; full fine-tuning has not changed it yet). The
@@ -641,9 +716,9 @@ class TrainingRecipe:
 
         def run(model: torch.nn.Module) -> dict[str, float]:
             if not can_disable:
-                return objective.evaluate(model, self.val_batches, self.device, config)
+                return self._autocast(objective.evaluate, model)
             with method_disabled(model, config):
-                return objective.evaluate(model, self.val_batches, self.device, config)
+                return self._autocast(objective.evaluate, model)
 
         results = self.dist.run(run)
         seconds = time.perf_counter() - started
@@ -803,6 +878,8 @@ class TrainingRecipe:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             dtype_reason=self.dtype_reason,
+            precision=self.plan.record(),
+            scaler_skipped_steps=self.state.scaler_skipped_steps if self.precision.scaler is not None else None,
             steps=state.step,
             trainable_params=self.trainable,
             total_params=self.total,

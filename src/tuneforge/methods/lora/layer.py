@@ -96,6 +96,8 @@ class _LoraAFunction(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor):
         x, keep, *weights = ctx.saved_tensors
         g = grad_h * (1.0 / (1.0 - ctx.p)) if keep is not None else grad_h
+        if g.dtype != x.dtype:      # autocast's forward computed in bf16/fp16: so does backward (autograd casts back)
+            x, weights = x.to(g.dtype), [w.to(g.dtype) for w in weights]
         if keep is not None and ctx.needs_input_grad[0] and any(ctx.needs_input_grad[2:]):
             keep = keep.to(x.dtype)     # used twice: convert once (a uint8 operand is converted on every use)
         grad_x = None

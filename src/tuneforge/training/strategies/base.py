@@ -27,6 +27,7 @@ from typing import Any, cast
 import torch
 
 from tuneforge.methods import save_trained
+from tuneforge.training.precision import Precision
 
 # how :meth:`Strategy.launch_of` names a run whose optimizer state any process can load (one process, DDP)
 WHOLE = "neither FSDP2 nor DeepSpeed"
@@ -111,6 +112,14 @@ class Strategy(ABC):
         self.rank = rank
         self.world = world
         self.wrapped: torch.nn.Module | None = None     # the engine's wrapper of ObjectiveModule(model); None alone
+        # autocast, loss scaling (training/precision.py); the trainer sets the run's before prepare()
+        self.precision = Precision.fp32()
+
+    @property
+    def precision_by_engine(self) -> bool:
+        """Whether the engine brings its own mixed precision (FSDP2's policy, DeepSpeed's bf16), set in the
+        accelerate config's ``mixed_precision``: tuneforge's ``precision:`` then stays fp32."""
+        return False
 
     @property
     def is_main(self) -> bool:
@@ -165,12 +174,15 @@ class Strategy(ABC):
         None for a micro-batch skipped."""
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the gradient to ``max_norm``; returns the whole gradient's norm (``inf``: measure only)."""
+        """Clip the gradient to ``max_norm`` (unscaled first under loss scaling); returns the whole gradient's norm
+        (``inf``: measure only)."""
+        self.precision.unscale(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
 
     def optimizer_step(self) -> None:
-        """The optimizer's step (called for a finite step only)."""
-        self.optimizer.step()
+        """The optimizer's step (called for a finite loss only; under loss scaling the scaler skips a step whose
+        gradients overflowed: ``precision.last_skipped``)."""
+        self.precision.step(self.optimizer)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,7 +261,8 @@ class Parallel(Strategy):
         # the engine averages gradients over processes: each scales its loss back to the step's sum. Every
         # process runs every micro-batch, also one without a trained token (the engine's collectives need all)
         with self.no_sync(skip=not last):
-            out = cast(torch.nn.Module, self.wrapped)(batch)
+            with self.precision.autocast():
+                out = cast(torch.nn.Module, self.wrapped)(batch)
             self.backward(out.loss_sum * (self.world / normaliser))
         return out
 
@@ -263,7 +276,7 @@ class Parallel(Strategy):
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.backward(loss)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

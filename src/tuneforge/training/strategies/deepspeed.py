@@ -51,6 +51,10 @@ class DeepSpeed(Parallel):
 
     engine = "deepspeed"
 
+    @property
+    def precision_by_engine(self) -> bool:
+        return True
+
     def __init__(self, accelerator: Any, rank: int, world: int, stage: int) -> None:
         super().__init__(accelerator, rank, world)
         self.stage = stage                 # ZeRO's stage: 2 (gradients and optimizer state split), 3 (weights too)

@@ -49,6 +49,10 @@ class FSDP2(Parallel):
     engine = "fsdp2"
 
     @property
+    def precision_by_engine(self) -> bool:
+        return True
+
+    @property
     def launch(self) -> str:
         return "FSDP2"
 

@@ -20,8 +20,9 @@ class SingleProcess(Strategy):
     def forward_backward(self, batch: Any, normaliser: float, last: bool) -> Any:
         if self.objective.normaliser(batch) == 0:         # nothing to learn from (no process waits for it)
             return None
-        out = self.objective.loss(self.model, batch, self.config)
-        (out.loss_sum / normaliser).backward()
+        with self.precision.autocast():
+            out = self.objective.loss(self.model, batch, self.config)
+        self.precision.backward(out.loss_sum / normaliser)
         return out
 
     def barrier(self) -> None:
