@@ -63,6 +63,46 @@ def test_empty_key_in_a_config_file_is_refused(tmp_path, capsys):
     assert err.startswith("tuneforge serve: api_keys: an API key must be non-empty") and len(err.splitlines()) == 1
 
 
+def test_serve_without_base_refuses_adapters_trained_on_different_bases(tmp_path, capsys):
+    for name, model in (("a", "smollm2-135m-instruct"), ("b", "gemma3-270m")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"model: {model}\n")
+    assert main(["serve", "--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on different base models (a: smollm2-135m-instruct, b: gemma3-270m)" in err, err
+    assert "--base MODEL" in err and len(err.splitlines()) == 1
+
+
+def test_serve_without_base_needs_adapters_that_record_one(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert main(["serve", "--adapter", f"p={tmp_path / 'plain'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "adapter p" in err and "records no base model" in err and len(err.splitlines()) == 1
+
+
+def test_serve_without_base_serves_the_base_the_run_records(tiny_model_dir, tmp_path):
+    """`tuneforge serve --adapter NAME=RUN` alone: the run's config names its base, which the server loads and
+    lists; the adapter answers."""
+    from conftest import write_jsonl
+    from tuneforge.config import load_config
+    from tuneforge.training.trainer import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Ticket {i}", "completion": "billing"} for i in range(8)])
+    run = tmp_path / "run"
+    train(load_config(data={"model": str(tiny_model_dir), "data": {"train": str(data)}, "output_dir": str(run),
+                            "max_steps": 1, "batch_size": 4, "progress": False, "eval_base": False,
+                            "lora": {"r": 2}}))
+    served = Served("--adapter", f"tickets={run}")
+    try:
+        models = httpx.get(served.url + "/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == [str(tiny_model_dir), "tickets"]
+        r = httpx.post(served.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tickets", "messages": [{"role": "user", "content": "Ticket 3"}], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    finally:
+        served.kill()
+
+
 class Served:
     """``tuneforge serve`` on a free port, as a subprocess (``python -m tuneforge.cli serve ...``)."""
 

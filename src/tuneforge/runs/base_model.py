@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.runs.records import BaseModelRecord, PackageManifest
@@ -85,3 +86,44 @@ def run_trusts_remote_code(run_dir: str | Path, config_value: bool = False) -> b
     if record is not None and record.trust_remote_code is not None:
         return bool(record.trust_remote_code)
     return bool(config_value)
+
+
+@dataclass(frozen=True)
+class RecordedBase:
+    """The base model a run or package names: ``spec`` (its ``model:``), the base's ``sha256`` where recorded, and
+    the file that said so."""
+
+    spec: str
+    sha256: str | None
+    source: str
+
+
+def recorded_base_model(folder: str | Path) -> RecordedBase | None:
+    """The base model the run or package in ``folder`` was trained on: its ``config.yaml``'s ``model:`` (else
+    ``run.json``'s or ``tuneforge.json``'s record, else a peft adapter's ``base_model_name_or_path``), with the
+    sha256 ``run.json`` or ``tuneforge.json`` recorded. None when the folder names none."""
+    import yaml  # type: ignore[import-untyped]
+
+    from tuneforge.runs.records import RunRecord
+
+    folder = Path(folder)
+    manifest, record = PackageManifest.load(folder), RunRecord.load(folder)
+    sha = manifest.base_sha256() if manifest is not None else record.base_sha256() if record is not None else None
+    config = folder / "config.yaml"
+    if config.is_file():
+        spec = (yaml.safe_load(config.read_text()) or {}).get("model")
+        if isinstance(spec, str) and spec:
+            return RecordedBase(spec, sha, str(config))
+    if record is not None and record.base_model is not None and record.base_model.spec:
+        return RecordedBase(record.base_model.spec, sha, str(RunRecord.path_in(folder)))
+    if manifest is not None and manifest.base_model is not None and manifest.base_model.name:
+        return RecordedBase(manifest.base_model.name, sha, str(PackageManifest.path_in(folder)))
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            spec = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(spec, str) and spec:
+            return RecordedBase(spec, None, str(adapter_config))
+    return None

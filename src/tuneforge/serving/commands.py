@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +22,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                     "admin endpoints /v1/load_lora_adapter and /v1/unload_lora_adapter.")
     p.add_argument("--config", metavar="YAML",
                    help="serve config: the flags' keys (base, adapters: {name: path}, ...)")
-    p.add_argument("--base", help="base model: built-in name, folder or .gguf")
+    p.add_argument("--base", help="base model: built-in name, folder or .gguf (default: the one the adapters' runs "
+                                  "and packages record)")
     p.add_argument("--base-name", help="the base model's id in /v1/models (default: --base)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter to serve as model NAME: a run folder, a package or a peft adapter (repeatable)")
@@ -79,16 +84,45 @@ def serve_config_from_args(args: argparse.Namespace):
         "graceful_timeout": args.graceful_timeout,
     }
     if args.config:
-        config = ServeConfig.from_yaml(args.config, **overrides)
-        data = config.model_dump()
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config}: a serve config is a mapping of keys (base, adapters, ...)")
+        data.update({k: v for k, v in overrides.items() if v is not None})
     else:
-        if not args.base:
-            raise ValueError("--base is required (or --config with a `base:` key)")
         data = {k: v for k, v in overrides.items() if v is not None}
-    data["adapters"] = {**data.get("adapters", {}), **adapters}
+    data["adapters"] = {**(data.get("adapters") or {}), **adapters}
+    if not data.get("base"):
+        data["base"] = base_from_adapters(data["adapters"])
     data["pinned"] = list(dict.fromkeys([*data.get("pinned", []), *args.pin]))
     data["api_keys"] = list(dict.fromkeys([*data.get("api_keys", []), *args.api_key, *env_keys]))
     return ServeConfig.model_validate(data)
+
+
+def base_from_adapters(adapters: dict[str, str]) -> str:
+    """No ``--base``: the base model the adapters' runs and packages record (all the same one, by sha256 where
+    recorded, else by name); one line when none is given, one names none, or they disagree."""
+    from tuneforge.runs.base_model import recorded_base_model
+
+    if not adapters:
+        raise ValueError("--base is required (or --config with a `base:` key, or --adapter NAME=RUN: a run or "
+                         "package names its base model)")
+    found = {}
+    for name, path in adapters.items():
+        recorded = recorded_base_model(path) if Path(path).is_dir() else None
+        if recorded is None:
+            raise ValueError(f"--base is required: adapter {name} ({path}) records no base model (not a tuneforge "
+                             "run or package); pass --base MODEL")
+        found[name] = recorded
+    if len({b.sha256 or b.spec for b in found.values()}) > 1:
+        named = ", ".join(f"{n}: {b.spec}" + (f" (sha256 {b.sha256[:12]})" if b.sha256 else "")
+                          for n, b in found.items())
+        raise ValueError(f"--base is required: the adapters were trained on different base models ({named}); pass "
+                         "--base MODEL and serve the others from another server")
+    name, first = next(iter(found.items()))
+    log.info("base model %s, as adapter %s records (%s)", first.spec, name, first.source)
+    return first.spec
 
 
 def _is_loopback(host: str) -> bool:
