@@ -44,6 +44,18 @@ def test_two_process_ddp_equals_one_process(shared_runs):
     assert len(two) == 5
 
 
+@pytest.mark.timeout(900)
+def test_two_process_ddp_equals_one_process_under_bf16_mixed(shared_runs):
+    """The precision seam under DDP (training/precision.py): autocast inside the wrapped forward, the same bf16
+    micro-batches as one process, fp32 gradients reduced."""
+    settings = {"precision": "bf16-mixed"}
+    one_dir, (two_dir, _) = shared_runs.one_process(**settings), shared_runs.launched("ddp", _ddp, **settings)
+    assert_same_steps(metrics(one_dir), metrics(two_dir))
+    assert_same_weights(load_file(str(one_dir / "adapter_model.safetensors")),
+                        load_file(str(two_dir / "adapter_model.safetensors")), 1e-5)
+    assert json.loads((two_dir / "run.json").read_text())["precision"]["autocast_dtype"] == "bf16"
+
+
 def test_fsdp_without_gpus_is_refused_not_run_as_independent_processes(tiny_model_dir, tmp_path):
     """On CPUs accelerate runs an FSDP request as DDP (device cpu) or as independent processes (device auto)."""
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Ticket: parcel late", "completion": "shipping"}] * 8)
