@@ -75,17 +75,27 @@ def synthetic_long(conversations: list[list[dict]], tokenizer, length: int, n: i
 # ------------------------------------------------------------------------------------------------ model
 
 
-def model_folder(model: str, random_init_shape: str | None) -> Path:
+def bench_shapes() -> dict:
+    """Shapes only the bench knows: ``tiny`` (2 layers of width 64), what the GPU check's CPU dry run trains in
+    place of the 1B shape (``benchmarks/gpu_check.sh --dry-run``)."""
+    from tuneforge.estimate.shapes import ModelShape
+
+    return {"tiny": ModelShape("tiny", 64, 128, 2, 4, 2, 0, head_dim=16, tie_word_embeddings=True)}
+
+
+def model_folder(model: str, random_init_shape: str | None, device: str = "cpu") -> Path:
     """A local HF folder: ``model`` resolved by tuneforge, or a randomly initialised model of a named shape
-    (e.g. ``llama-3.2-1b``, from :data:`tuneforge.estimate.shapes.NAMED_SHAPES`) with ``model``'s tokenizer,
-    saved once under ``~/.cache/tuneforge/bench-models`` (bf16 safetensors)."""
+    (e.g. ``llama-3.2-1b``, from :data:`tuneforge.estimate.shapes.NAMED_SHAPES`, or :func:`bench_shapes`) with
+    ``model``'s tokenizer (``model`` may be a folder holding only a config and a tokenizer), saved once under
+    ``~/.cache/tuneforge/bench-models`` (bf16 safetensors). The weights are drawn on ``device`` (a 1B shape
+    takes a minute on a CPU, a second on a GPU)."""
     from tuneforge.fileutil import cache_dir
     from tuneforge.models.registry import resolve_model
 
     source = Path(resolve_model(model))
     if not random_init_shape:
         return source
-    target = cache_dir() / "bench-models" / f"{random_init_shape}-random"
+    target = cache_dir() / "bench-models" / f"{random_init_shape}-{source.name}-random"
     if (target / "config.json").is_file():
         return target
     import torch
@@ -93,7 +103,7 @@ def model_folder(model: str, random_init_shape: str | None) -> Path:
 
     from tuneforge.estimate.shapes import resolve_shape
 
-    s = resolve_shape(random_init_shape)
+    s = bench_shapes().get(random_init_shape) or resolve_shape(random_init_shape)
     tokenizer = AutoTokenizer.from_pretrained(source)
     config = LlamaConfig(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                          num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
@@ -103,11 +113,15 @@ def model_folder(model: str, random_init_shape: str | None) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model_ = LlamaForCausalLM(config).to(torch.bfloat16)
-    tmp = target.with_name(target.name + ".tmp")
+    with torch.device(device):
+        model_ = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model_.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
+    del model_
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()     # the recipes' processes get the whole card
     return target
 
 
@@ -150,7 +164,8 @@ COLUMNS = [("recipe", "recipe", "{}"), ("examples_per_step", "ex/step", "{:.1f}"
            ("real_tokens_per_step", "tok/step", "{:.0f}"), ("real_tok_s", "real tok/s", "{:.0f}"),
            ("trained_tok_s", "trained tok/s", "{:.0f}"), ("s_per_step", "s/step", "{:.2f}"),
            ("first_step_s", "step 1 s", "{:.2f}"), ("peak_mem_mib", "peak MiB", "{:.0f}"),
-           ("mfu", "MFU", "{:.1%}"), ("loss_last", "loss (last 3)", "{:.3f}"), ("template", "template", "{}")]
+           ("mfu", "MFU", "{:.1%}"), ("mfu_6n", "MFU 6N", "{:.1%}"), ("loss_last", "loss (last 3)", "{:.3f}"),
+           ("template", "template", "{}")]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -11,14 +11,15 @@ that carry a loss, i.e. labels that survive the causal shift), examples, and los
   ``first_step_s``: step 1 alone. A step's duration is the time between consecutive step ends, so it
   includes fetching and collating the batch.
 * ``real_tok_s`` / ``trained_tok_s``: tokens of steps 2..N over their total duration.
-* ``peak_mem``: peak resident set (``VmHWM``) of the whole child on CPU, ``torch.cuda.max_memory_allocated``
-  on a GPU.
-* ``mfu``: model FLOPs per second over the matmul peak measured on this machine. Convention: a LoRA
-  step does ``4 * N * real_tokens`` FLOPs (forward ``2N``, backward through the frozen weights to
-  their inputs ``2N``; LoRA's own FLOPs and attention's ``T^2`` term are left out), with ``N`` every
-  parameter of the base model (tied embeddings once, standing for the LM head). Padding is never
-  counted, so work wasted on pads or on an LM head over non-target positions lowers MFU; for every
-  recipe on the same data the FLOPs per real token are the same, so MFU ratios equal throughput ratios.
+* ``peak_mem``: peak resident set (``VmHWM``) of the whole child on CPU; on a GPU the child's
+  ``torch.cuda.max_memory_allocated`` (tensors; ``peak_reserved_mib``: ``max_memory_reserved``, what the caching
+  allocator held, closer to what ``nvidia-smi`` shows).
+* ``mfu``: model FLOPs per second over the peak FLOP/s. The parent passes the FLOPs per real token and the peak
+  (``flops.py``: ``4 N_mm + 12 L d_attn S`` for LoRA, PaLM's ``6 N_mm + ...`` as ``mfu_6n``; the datasheet's dense
+  bf16 rate on a known GPU, else the matmul rate measured here). Without them (old callers) the convention is
+  ``4 * N * real_tokens`` with ``N`` every base parameter and no attention term. Padding is never counted, so work
+  wasted on pads or on an LM head over non-target positions lowers MFU; for every recipe on the same data the
+  FLOPs per real token are the same, so MFU ratios equal throughput ratios.
 * ``template``: the chat template the recipe rendered with, as it was given to it; ``rendered``: the examples
   and tokens of the bench data as the recipe tokenized it (each example cut at ``max_length``), checked by the
   parent against one reference rendering (``templates.py``) so every row trains on the same token sequences.
@@ -174,6 +175,8 @@ def write_result(path: str | Path, recipe: str, log: StepLog, device: str, n_par
                  **extra) -> None:
     out = {"recipe": recipe, "device": device, "n_params": n_params, "steps": log.steps,
            "peak_mem_bytes": peak_memory_bytes(device), "versions": versions, "pid": os.getpid(), **extra}
+    if device.startswith("cuda"):
+        out.update(peak_reserved_bytes=int(torch.cuda.max_memory_reserved()), gpu=torch.cuda.get_device_name())
     Path(path).write_text(json.dumps(out, indent=1))
 
 
@@ -189,7 +192,8 @@ def versions_of(*dists: str) -> dict[str, str | None]:
     return out
 
 
-def summarize(result: dict, peak_gflops: float) -> dict:
+def summarize(result: dict, peak_gflops: float, flops_per_token: float | None = None,
+              flops_per_token_6n: float | None = None) -> dict:
     """One table row from a child's result (see the module docstring for the definitions)."""
     steps = result["steps"]
     if len(steps) < 2:
@@ -199,7 +203,8 @@ def summarize(result: dict, peak_gflops: float) -> dict:
     tokens = sum(s["tokens"] for s in rest)
     trained = sum(s["trained_tokens"] for s in rest)
     losses = [s["loss"] for s in steps if s["loss"] is not None]
-    flops_per_s = 4 * result["n_params"] * tokens / dt
+    fpt = flops_per_token if flops_per_token is not None else 4 * result["n_params"]
+    flops_per_s = fpt * tokens / dt
     return {
         "recipe": result["recipe"],
         "versions": result.get("versions", {}),
@@ -212,7 +217,13 @@ def summarize(result: dict, peak_gflops: float) -> dict:
         "s_per_step_median": round(statistics.median(b["end_s"] - a["end_s"] for a, b in zip(steps, rest)), 3),
         "first_step_s": round(steps[0]["end_s"], 3),
         "peak_mem_mib": round(result["peak_mem_bytes"] / 2 ** 20, 1),
-        "mfu": round(flops_per_s / (peak_gflops * 1e9), 4),
+        "mfu": round(flops_per_s / (peak_gflops * 1e9), 6),
+        "mfu_6n": (round(flops_per_token_6n * tokens / dt / (peak_gflops * 1e9), 6)
+                   if flops_per_token_6n is not None else None),
+        "flops_per_token": fpt,
+        "peak_reserved_mib": (round(result["peak_reserved_bytes"] / 2 ** 20, 1)
+                              if "peak_reserved_bytes" in result else None),
+        "gpu": result.get("gpu"),
         "loss_last": round(sum(losses[-LAST_STEPS_FOR_LOSS:]) / len(losses[-LAST_STEPS_FOR_LOSS:]), 4) if losses else None,
         "loss_curve": losses,
         "notes": result.get("notes", ""),

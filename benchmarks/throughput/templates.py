@@ -82,8 +82,11 @@ def reference_rendering(model: Path, text: str, conversations: list[list[dict]],
     tokenizer.chat_template = text
     lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"])
                for c in conversations]
-    return {"examples": len(lengths), "tokens": sum(min(n, max_length) for n in lengths),
-            "untruncated_tokens": sum(lengths), "truncated_examples": sum(n > max_length for n in lengths)}
+    capped = [min(n, max_length) for n in lengths]
+    return {"examples": len(lengths), "tokens": sum(capped),
+            "untruncated_tokens": sum(lengths), "truncated_examples": sum(n > max_length for n in lengths),
+            # the span a token attends over, sum(n^2) / sum(n) (the attention term of flops.py)
+            "attention_span": round(sum(n * n for n in capped) / max(sum(capped), 1), 2)}
 
 
 def check_lines(rows: list[dict], reference: dict) -> list[str]:

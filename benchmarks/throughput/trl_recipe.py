@@ -1,9 +1,11 @@
 """TRL: ``SFTTrainer`` with ``packing=True`` (best-fit-decreasing bins of ``max_length``, padding-free).
 
 The data is conversational prompt-completion (``prompt``: the turns before the answer, ``completion``: the
-assistant answer), so TRL's completion-only loss trains the answer tokens only. By default fp32 and no
-gradient checkpointing, like the other recipes; ``options.trl_defaults`` keeps TRL's own defaults (bf16 and
-gradient checkpointing). The chat template is the parent's (``spec["template"]``), given as a user gives TRL
+assistant answer), so TRL's completion-only loss trains the answer tokens only. By default fp32 on a CPU (bf16
+weights and ``bf16=True`` autocast on a GPU) and no gradient checkpointing, like the other recipes;
+``options.trl_defaults`` keeps TRL's own defaults (bf16 and gradient checkpointing); ``options.liger`` adds
+``use_liger_kernel=True`` (Liger's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy: ``liger-kernel`` in TRL's
+environment and a CUDA device). The chat template is the parent's (``spec["template"]``), given as a user gives TRL
 one: ``SFTConfig(chat_template_path=...)`` on a ``.jinja`` file holding the text.
 ``per_device_train_batch_size = batch`` packed bins per step, so a step holds up to ``batch * max_length``
 tokens: usually more examples than the other recipes' ``batch``. Runs inside TRL's own virtual environment:
@@ -38,6 +40,8 @@ def main(spec_path: str, out_path: str) -> None:
     # TRL refuses max_length with padding_free and no packing (it would not truncate): the GPTeacher bench
     # examples are shorter than max_length anyway; tuneforge truncates the rare longer one
     template_path = common.template_file(spec)
+    if options.get("liger"):
+        kwargs.update(use_liger_kernel=True)
     args = SFTConfig(**kwargs, max_length=spec["max_length"] if packing == "bfd" else None, packing=packing == "bfd",
                      padding_free=True, completion_only_loss=True, chat_template_path=template_path)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -59,10 +63,12 @@ def main(spec_path: str, out_path: str) -> None:
     trainer.train()
     if options.get("save_adapter"):
         trainer.model.save_pretrained(options["save_adapter"])
-    measure.write_result(out_path, "trl" if not options.get("trl_defaults") else "trl-defaults", log, spec["device"],
-                         n_params, measure.versions_of("trl", "torch", "transformers", "peft"),
+    label = "trl-defaults" if options.get("trl_defaults") else "trl-liger" if options.get("liger") else "trl"
+    measure.write_result(out_path, label, log, spec["device"],
+                         n_params, measure.versions_of("trl", "torch", "transformers", "peft", "liger-kernel"),
                          notes=f"packing={packing}, completion-only loss, gradient_checkpointing="
-                               f"{trainer.args.gradient_checkpointing}, bf16={trainer.args.bf16}",
+                               f"{trainer.args.gradient_checkpointing}, bf16={trainer.args.bf16}, "
+                               f"use_liger_kernel={trainer.args.use_liger_kernel}",
                          template=f"{(spec.get('template') or {}).get('name', 'auto')} "
                                   f"({'chat_template_path' if template_path else 'tokenizer'})",
                          rendered=common.rendered(lengths, spec["max_length"]))

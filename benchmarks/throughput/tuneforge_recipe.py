@@ -20,8 +20,21 @@ import measure  # noqa: E402
 
 
 def run_config(spec: dict) -> dict:
-    """The tuneforge run config equivalent to the bench spec."""
+    """The tuneforge run config equivalent to the bench spec, then ``spec["tuneforge_config"]`` (the bench's
+    ``--tuneforge-set KEY=VALUE``: e.g. ``precision`` or ``kernels``; a dotted key sets a nested one) and a
+    spec's own ``options.config``."""
     options = spec.get("options", {})
+    config = _base_config(spec, options)
+    for key, value in {**(spec.get("tuneforge_config") or {}), **(options.get("config") or {})}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config
+
+
+def _base_config(spec: dict, options: dict) -> dict:
     return {
         "model": spec["model"], "template": (spec.get("template") or {}).get("name", "auto"), "method": "lora",
         "output_dir": str(Path(spec["work_dir"]) / "run"),

@@ -36,6 +36,10 @@ class VenvSpec:
 
 TRL = VenvSpec("trl", ("trl==1.16.0", "peft==0.21.2", "transformers==5.23.0", "accelerate", "datasets"),
                ("torch", "trl", "peft", "transformers", "accelerate", "datasets"))
+# TRL on a GPU: the same, plus Liger's Triton kernels (use_liger_kernel=True: the trl-liger row). A venv of its own
+# so the CPU bench's TRL venv is not rebuilt. On a Linux GPU machine pip's torch wheel is the CUDA build.
+LIGER = "liger-kernel==0.8.5"
+TRL_GPU = VenvSpec("trl-gpu", (*TRL.packages, LIGER), (*TRL.report, "liger-kernel"))
 # pip resolves torchvision 0.28 (a CUDA build: its ops fail to load against torch+cpu) and torchaudio 2.11
 # (no release for torch 2.13): both are removed; text SFT needs neither (llamafactory_recipe.py stubs the
 # `import torchaudio` of LLaMA-Factory's multimodal plugin).
@@ -57,7 +61,7 @@ LLAMACPP = VenvSpec("llamacpp", ("llama-cpp-python==0.3.36", "numpy"), ("llama_c
 LM_EVAL = VenvSpec("lm-eval", ("lm-eval==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3", "accelerate"),
                    ("torch", "lm-eval", "transformers", "tokenizers", "datasets", "accelerate"))
 
-SPECS = {spec.name: spec for spec in (TRL, LLAMAFACTORY, LLAMACPP, LM_EVAL)}
+SPECS = {spec.name: spec for spec in (TRL, TRL_GPU, LLAMAFACTORY, LLAMACPP, LM_EVAL)}
 
 
 def venv_root() -> Path:
