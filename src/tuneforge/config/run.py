@@ -136,14 +136,20 @@ class RunConfig(Settings):
         "bf16-true (bf16 weights; full fine-tuning with Kahan-compensated updates); fp16-mixed (autocast and "
         "dynamic loss scaling; GPUs only). Adapters stay fp32. auto: bf16-mixed on GPUs with bf16, fp16-mixed on "
         "those without, fp32 on CPUs")
-    attention: Literal["packed_sdpa", "sdpa", "eager"] = Field(
-        "packed_sdpa", description="packed_sdpa: causal SDPA per example of a packed row (no T x T mask)")
+    attention: Literal["packed_sdpa", "flash_varlen", "sdpa", "eager"] = Field(
+        "packed_sdpa", description="packed_sdpa: causal attention per example of a packed row (no T x T mask): "
+                                   "flash-attn's varlen kernel on CUDA when installed, else SDPA per example; "
+                                   "flash_varlen: require flash-attn on CUDA")
     fused_rms_norm: bool = Field(
         True, description="RMSNorm forward and backward as one autograd function "
                           "(same values, fewer passes, less saved)")
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto", description="cross-entropy in chunks of positions, never holding the (K, V) logits; "
                             "auto: when they would exceed 256 MiB")
+    kernels: Literal["auto", "tuneforge", "liger"] = Field(
+        "auto", description="auto: Liger-Kernel's RMSNorm, SwiGLU/GeGLU and fused linear cross-entropy on CUDA when "
+                            "liger-kernel is installed, else tuneforge's fused RMSNorm and chunked loss; liger: "
+                            "require them (CUDA); tuneforge: never Liger")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's)")
     log_every: int = Field(1, ge=1, description="steps between rows of metrics.jsonl (validation rows always)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(

@@ -17,7 +17,9 @@ vocabulary, 256 for Gemma 3's 262k.
 rows keep the faster plain path) and only for model types whose forward applies nothing to the logits
 after the LM head (no soft-capping or scaling): Gemma 3 qualifies while its ``final_logit_softcapping`` is
 unset (its released configs), Gemma 2 (soft-capped) does not; a model it does not apply to is told in one log
-line, once per model type.
+line, once per model type. With ``kernels:`` choosing Liger (CUDA, :mod:`tuneforge.kernels.select`) the head is
+marked and its summed loss goes through Liger's fused linear cross-entropy at every length instead
+(:mod:`tuneforge.kernels.liger`); ``chunked_loss: off`` still keeps the plain loss.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import contextlib
 import logging
 
 import torch
+
+from tuneforge.kernels.liger import liger_cross_entropy_sum, uses_liger_loss
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,8 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head: torch.nn.Linear, ta
     """Summed fp32 cross-entropy of ``lm_head(hidden)`` against ``targets``, without the full logits; with
     ``segment [K]`` (the example of each position) the per-example sums ``[n]`` instead. ``chunk``: positions
     per chunk (default :func:`chunk_positions` of the head's vocabulary)."""
+    if segment is None and uses_liger_loss(lm_head):     # kernels: liger on CUDA (kernels/select.py)
+        return liger_cross_entropy_sum(hidden, lm_head, targets)
     chunk = chunk or chunk_positions(lm_head.out_features)
     return ChunkedLMHeadLoss.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk, segment, n)
 
@@ -179,6 +185,8 @@ def use_chunked_loss(model: torch.nn.Module, num_targets: int, mode: str = "auto
     if head is None:
         return False
     owner, name = head
+    if uses_liger_loss(getattr(owner, name)):    # Liger's fused linear cross-entropy: at every length
+        return True
     return mode == "on" or 4 * num_targets * getattr(owner, name).out_features > budget
 
 

@@ -20,6 +20,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "tuneforge_packed_sdpa"
+# flash-attention's varlen kernel on CUDA over the same rows (kernels/flash_varlen.py registers it)
+VARLEN_NAME = "tuneforge_packed_varlen"
+PACKED_NAMES = frozenset({NAME, VARLEN_NAME})
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -90,9 +93,10 @@ def base_pretrained(model: torch.nn.Module) -> PreTrainedModel | None:
 
 
 def uses_packed_attention(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or the transformers model inside a wrapper) runs :func:`packed_sdpa_attention`."""
+    """Whether ``model`` (or the transformers model inside a wrapper) runs :func:`packed_sdpa_attention` (or
+    its flash-attention varlen form)."""
     base = base_pretrained(model)
-    return base is not None and base.config._attn_implementation == NAME
+    return base is not None and base.config._attn_implementation in PACKED_NAMES
 
 
 def set_attention(model: torch.nn.Module, implementation: str) -> str:

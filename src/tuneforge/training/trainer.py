@@ -41,9 +41,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
 from tuneforge.kernels.compensated_adamw import CompensatedAdamW
 from tuneforge.kernels.optimizer import adamw
-from tuneforge.kernels.packed_attention import NAME as PACKED_ATTENTION
-from tuneforge.kernels.packed_attention import set_attention
-from tuneforge.kernels.rms_norm import fuse_rms_norm
+from tuneforge.kernels.select import apply_kernels, check_kernels
 from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled
 from tuneforge.models.dtype import pick_device
 from tuneforge.models.loading import flush_denormals, load_tokenizer
@@ -110,12 +108,10 @@ class _GradientCheckpointing(Protocol):
 
 def prepare_for_training(model: torch.nn.Module, config: RunConfig, reentrant: bool = False) -> None:
     """What :func:`train` does to a model after ``apply_method``: its attention (``config.attention``), the
-    one-function RMSNorm (``config.fused_rms_norm``), activation checkpointing, training mode. ``reentrant``:
-    torch's reentrant checkpointing (DeepSpeed ZeRO-3, whose parameter gathering changes what the non-reentrant
-    kind sees saved between forward and recomputation)."""
-    set_attention(model, PACKED_ATTENTION if config.attention == "packed_sdpa" else config.attention)
-    if config.fused_rms_norm:
-        fuse_rms_norm(model)
+    one-function RMSNorm (``config.fused_rms_norm``) or Liger's kernels (``config.kernels``), activation
+    checkpointing, training mode. ``reentrant``: torch's reentrant checkpointing (DeepSpeed ZeRO-3, whose parameter
+    gathering changes what the non-reentrant kind sees saved between forward and recomputation)."""
+    apply_kernels(model, config)       # attention, RMSNorm/MLP/loss kernels for the model's device (kernels/select.py)
     if config.gradient_checkpointing:
         hf_model = cast(_GradientCheckpointing, model)
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -299,6 +295,7 @@ class TrainingRecipe:
         self.dtype, self.dtype_reason = plan.base_dtype, plan.reason
         dist.precision = self.precision = Precision(plan, self.device)
         log.info("device %s, precision %s", self.device, plan.describe())
+        check_kernels(config, self.device)           # attention: flash_varlen / kernels: liger this machine lacks
 
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         # the chat template of the run (template:): rendering, the token cache and every saved tokenizer use it
