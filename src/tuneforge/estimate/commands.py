@@ -49,6 +49,7 @@ def _check_section(section: str, model, values: dict) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from tuneforge.errors import ConfigError
     from tuneforge.estimate.memory import estimable_methods, estimate_memory, seeds_table
+    from tuneforge.estimate.precision import mode_for
     from tuneforge.estimate.shapes import resolve_shape
     from tuneforge.methods.registry import settings_sections
 
@@ -63,21 +64,37 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for section, values in settings.items():
         _check_section(section, settings_sections()[section], values)
     methods = estimable_methods() if args.method == "all" else [args.method]
+    precision = args.precision
+    if args.master_weights:
+        import sys
+
+        print("warning: --master-weights is deprecated: use --precision bf16-mixed (fp32 master weights and optimizer "
+              "states, autocast to bf16)", file=sys.stderr)
+        if precision == "auto":
+            precision = mode_for(args.dtype or "bf16", None, True, args.device)
+    if precision == "auto" and args.dtype is None:
+        precision = mode_for(None, None, device=args.device)     # what tuneforge train picks on the device
     try:
         shape = resolve_shape(args.model, trust_remote_code=args.trust_remote_code)
         estimates = [estimate_memory(shape, method, args.seq, args.batch,
                                      gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
                                      lora_dropout=args.lora_dropout, attention=args.attention, dtype=args.dtype,
                                      trained_fraction=args.trained_fraction,
-                                     master_weights=args.master_weights, optimizer=args.optimizer,
+                                     precision=precision, optimizer=args.optimizer,
                                      optimizer_impl=args.optimizer_impl, device=args.device, settings=settings)
                      for method in methods]
     except ValueError as e:            # an unknown method, one without memory terms, a setting out of range
-        raise ConfigError(str(e).splitlines()[0]) from e
+        message = str(e).splitlines()[0]
+        if message.startswith("dtype ") and " with precision " in message:
+            message = "--" + message.replace(" with precision ", " with --precision ", 1).replace("(leave dtype unset)",
+                                                                                               "(leave --dtype unset)")
+        raise ConfigError(message) from e
     if args.json:
         print(json.dumps([{**{name.replace(" ", "_"): value for name, value in e.rows()}, "peak": e.peak,
-                           "peak_phase": e.peak_phase, "method": e.method, "model": e.model, "seq": e.seq,
-                           "batch": e.batch, "trainable_params": e.trainable_params, "total_params": e.total_params}
+                           "peak_phase": e.peak_phase,
+                           "precision": e.precision, "dtypes": e.dtypes, "method": e.method, "model": e.model,
+                           "seq": e.seq, "batch": e.batch, "trainable_params": e.trainable_params,
+                           "total_params": e.total_params}
                           for e in estimates], indent=2))
         return 0
     print("\n\n".join(e.table() for e in estimates))
@@ -106,15 +123,17 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--lora-dropout", type=float, default=None, help="lora.dropout (default: the lora section's, 0.05)")
     e.add_argument("--attention", default="packed_sdpa", choices=["packed_sdpa", "sdpa"],
                    help="packed rows: per-example attention (tuneforge's default) or the dense block mask")
-    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="weights and activations (default: %(default)s; tuneforge trains in fp32 on CPUs without bf16)")
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"],
+                   help="the run's precision: mode (default: auto, what tuneforge train picks: bf16-mixed on a GPU, "
+                        "fp32 on a CPU; with --dtype, by the dtype: fp32, bf16-true, fp16-mixed)")
+    e.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="the base weights' storage (dtype:), with --precision auto picks the mode as train does")
     e.add_argument("--trained-fraction", type=float, default=1.0,
                    help="share of tokens with a loss, sizes the logits (default: %(default)s; ~0.3 for chat SFT)")
     e.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="sets the runtime overhead, dropout mask size and optimizer default (default: %(default)s)")
     e.add_argument("--master-weights", action="store_true",
-                   help="full: AdamW updates an fp32 master copy (classic mixed precision; "
-                        "not what `tuneforge train` does)")
+                   help="deprecated: use --precision bf16-mixed (fp32 master weights and optimizer states)")
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     e.add_argument("--optimizer-impl", default=None, choices=["for-loop", "foreach", "fused"],
                    help="default: torch's default for the device (for-loop on cpu, foreach on cuda)")

@@ -125,8 +125,23 @@ def engine_of(tree: dict) -> str:
     return "single"
 
 
-def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device: str = "cuda") -> DistributedPlan:
-    """Per-device memory and batch of ``config`` launched with the accelerate config ``tree``."""
+ENGINE_PRECISION = {"bf16": "bf16-mixed", "fp16": "fp16-mixed"}
+
+
+def launch_precision(config: RunConfig, tree: dict, engine: str, device: str) -> str:
+    """The precision mode a launch trains in: FSDP and DeepSpeed apply the accelerate config's ``mixed_precision``
+    themselves (fp32 master weights under bf16/fp16), one process and DDP tuneforge's ``precision:`` (as
+    ``training/precision.py`` resolves it on ``device``)."""
+    if engine not in ("single", "DDP"):
+        return ENGINE_PRECISION.get(str(tree.get("mixed_precision", "no")), "fp32")
+    from tuneforge.estimate.precision import mode_for
+
+    return mode_for(None if config.dtype == "auto" else config.dtype, config.precision, device=device)
+
+
+def plan_distributed(config: RunConfig, tree: dict, dtype: str | None = None, device: str = "cuda") -> DistributedPlan:
+    """Per-device memory and batch of ``config`` launched with the accelerate config ``tree``, in the precision
+    mode the launch trains in (:func:`launch_precision`; ``dtype``: the base weights', default the mode's)."""
     if get_method(config.method).memory is None:
         raise ConfigError(f"method {config.method!r}: the memory estimator models {', '.join(estimable_methods())} "
                           "only (a method declares its terms in its record's `memory`)")
@@ -136,7 +151,8 @@ def plan_distributed(config: RunConfig, tree: dict, dtype: str = "bf16", device:
     shape = resolve_shape(config.model, trust_remote_code=config.trust_remote_code)
     est = estimate_memory(shape, config.method, config.data.max_length, config.batch_size,
                           gradient_checkpointing=config.gradient_checkpointing, attention=config.attention,
-                          dtype=dtype, device=device, settings=method_sections(config))
+                          dtype=dtype, device=device, settings=method_sections(config),
+                          precision=launch_precision(config, tree, engine, device))
     n = max(1, processes)
     weights, grads, optim = est.weights, est.gradients, est.optimizer_states
     if engine == "DDP":

@@ -21,9 +21,19 @@ Static memory
   blocks with double quant); embeddings, norms and an untied ``lm_head`` stay unquantized and peft's
   ``prepare_model_for_kbit_training`` upcasts them to fp32.
 * gradients: one per trainable parameter, in its dtype.
-* optimizer: AdamW keeps ``m`` and ``v`` in the dtype of the tensor it updates (torch's behaviour), so 8 B
-  per LoRA parameter and ``2*a`` per full-tuning parameter; with ``master_weights`` (classic mixed
-  precision) the optimizer updates an fp32 copy: 4 + 8 = 12 B per parameter. ``adamw_8bit``: 2 B.
+* optimizer: AdamW keeps ``m`` and ``v`` in the dtype of the tensor it updates (torch's behaviour): 8 B per
+  fp32 trained parameter. ``adamw_8bit``: 2 B.
+
+Precision (``precision``, :mod:`tuneforge.estimate.precision`): the mode says which dtype each term is in.
+Trained parameters, their gradients and AdamW's moments are fp32 in every mode (16 B per trained parameter with
+its weight), except full fine-tuning under ``bf16-true``: bf16 weights and gradients, fp32 moments and a bf16
+compensation buffer (Kahan-compensated AdamW, a for-loop step holding six fp32 copies of the largest tensor):
+2 + 2 + 8 + 2 = 14 B. Under ``bf16-mixed`` / ``fp16-mixed`` full fine-tuning loads the model in fp32 (the master
+weights: no separate copy) and autocast's ``c``-byte copies of every weight (saved for backward and cached until
+the forward ends) count with the activations; adapter methods keep the frozen base in the compute dtype. What
+autocast saves per token is the method's (checked exactly in ``tests/test_estimate_precision.py`` for full, LoRA's
+fused forward, adapter, IA3, prefix and prompt; QLoRA, DoRA and peft's LoRA forward use the no-autocast formula
+in the base's dtype, and the estimate says so).
 
 Activations saved for backward, per token and per decoder layer (derived op by op from the Llama block
 in transformers with SDPA, counting tensors autograd saves; checked exactly against
@@ -113,6 +123,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tuneforge.estimate.precision import PrecisionBytes, mode_for, precision_bytes
 from tuneforge.estimate.shapes import ModelShape, resolve_shape
 from tuneforge.methods.memory import BlockActivations, MemoryInputs, MemoryTerms
 from tuneforge.methods.registry import get_method, methods, settings_sections
@@ -147,6 +158,8 @@ class MemoryEstimate:
     total_params: int
     assumptions: list[str] = field(default_factory=list)
     load_peak: int = 0      # the most while loading the base (QLoRA on CPU: above ``weights``); 0: ``weights``
+    precision: str = "fp32"
+    dtypes: dict[str, str] = field(default_factory=dict)   # row -> which dtype it is in and why
 
     def __post_init__(self) -> None:
         self.load_peak = max(self.load_peak, self.weights)
@@ -174,10 +187,11 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """A plain-text table of the components and the peak, in GiB."""
-        head = (f"{self.model}  method={self.method}  seq={self.seq}  batch={self.batch}  "
+        head = (f"{self.model}  method={self.method}  precision={self.precision}  seq={self.seq}  batch={self.batch}  "
                 f"trainable={self.trainable_params:,} of {self.total_params:,}")
         lines = [head, "-" * len(head)]
-        lines += [f"  {name:<28}{_gib(value):>10}" for name, value in self.rows()]
+        lines += [f"  {name:<28}{_gib(value):>10}" + (f"  {self.dtypes[name]}" if self.dtypes.get(name) else "")
+                  for name, value in self.rows()]
         lines.append(f"  {'peak (' + self.peak_phase + ')':<28}{_gib(self.peak):>10}")
         lines.append("  peak = weights + optimizer + overhead "
                      "+ max(activations + logits, gradients + step temporaries)")
@@ -198,6 +212,8 @@ def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str 
                 fused_rms_norm: bool = True, explicit_mask: bool = False) -> BlockActivations:
     """What one Llama decoder block saves for backward per token, by part (the module docstring's derivation);
     ``explicit_mask``: attention under a mask the caller passes (transformers repeats k and v to every head)."""
+    if attention == "flash_varlen":      # flash-attn varlen saves what per-example SDPA saves (q, k, v, out, lse)
+        attention = "packed_sdpa"
     if attention not in ATTENTIONS:
         raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
     d, i, q, h = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.num_heads
@@ -237,14 +253,21 @@ def method_settings(settings: Mapping[str, Any] | None = None, **overrides: Any)
 
 def memory_inputs(shape: ModelShape, settings: Mapping[str, Any], dtype: str, seq: int, batch: int,
                   attention: str = "packed_sdpa", device: str = "cpu", fused_rms_norm: bool = True,
-                  dtype_bytes: int | None = None) -> MemoryInputs:
+                  dtype_bytes: int | None = None, precision: str = "fp32",
+                  autocast_bytes: int | None = None) -> MemoryInputs:
     """What a method's ``memory`` hook is asked with: this shape and row, ``settings`` from :func:`method_settings`
-    (``dtype_bytes``: default ``DTYPE_BYTES[dtype]``)."""
+    (``dtype_bytes``: default ``DTYPE_BYTES[dtype]``; ``dtype``: the base's under ``precision``;
+    ``autocast_bytes``: the compute dtype's under autocast)."""
     def block(act_bytes: int, explicit_mask: bool = False) -> BlockActivations:
         return llama_block(shape, act_bytes, batch > 1, attention, fused_rms_norm, explicit_mask)
 
     return MemoryInputs(shape, settings, dtype, DTYPE_BYTES[dtype] if dtype_bytes is None else dtype_bytes, seq, batch,
-                        attention, device, block)
+                        attention, device, block, precision, autocast_bytes)
+
+
+def precision_of(method: str, precision: str) -> PrecisionBytes:
+    """``precision``'s dtypes for ``method`` (a full fine-tune when its record's ``is_full_model``)."""
+    return precision_bytes(precision, get_method(method).is_full_model)
 
 
 def method_terms(method: str, inputs: MemoryInputs) -> MemoryTerms:
@@ -260,14 +283,19 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
                                      lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
                                      attention: str = "packed_sdpa", fused_forward: bool = True,
                                      shared_dropout_mask: bool = True, fused_rms_norm: bool = True,
-                                     settings: Mapping[str, Any] | None = None) -> int:
+                                     settings: Mapping[str, Any] | None = None, precision: str | None = None) -> int:
     """Bytes one decoder layer of ``method`` saves for backward per token (without the ``a*T`` mask term of dense
-    ``sdpa``), for a base loaded with ``act_bytes`` per element; ``packed``: several examples in the row."""
+    ``sdpa``), for a base loaded with ``act_bytes`` per element; ``packed``: several examples in the row.
+    ``precision``: a mode (its base dtype replaces ``act_bytes``; the mixed modes compute under autocast)."""
     sections = method_settings(settings, lora={"r": lora_r, "dropout": lora_dropout, "fused_forward": fused_forward,
                                                "shared_dropout_mask": shared_dropout_mask})
+    mode, autocast = "fp32", None
+    if precision is not None:
+        pb = precision_of(method, precision)
+        mode, act_bytes, autocast = pb.mode, pb.base_bytes, pb.autocast_bytes
     dtype = {4: "fp32", 2: "bf16"}.get(act_bytes, f"{act_bytes}-byte")
     inputs = memory_inputs(shape, sections, dtype, 1, 2 if packed else 1, attention, device, fused_rms_norm,
-                           dtype_bytes=act_bytes)
+                           dtype_bytes=act_bytes, precision=mode, autocast_bytes=autocast)
     return method_terms(method, inputs).per_token_layer
 
 
@@ -276,17 +304,19 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
                     lora_dropout: float | None = None, fused_forward: bool | None = None,
                     shared_dropout_mask: bool | None = None, attention: str = "packed_sdpa",
                     fused_rms_norm: bool = True, chunked_loss: str = "auto",
-                    dtype: str = "bf16", trained_fraction: float = 1.0, master_weights: bool = False,
+                    dtype: str | None = None, trained_fraction: float = 1.0, master_weights: bool = False,
                     optimizer: str = "adamw", optimizer_impl: str | None = None, double_quant: bool | None = None,
                     device: str = "cuda", overhead: int | None = None,
-                    settings: Mapping[str, Any] | None = None) -> MemoryEstimate:
+                    settings: Mapping[str, Any] | None = None, precision: str | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step of ``method`` on ``shape`` (see the module docstring).
 
     ``seq``: tokens per example; ``batch``: examples packed into one row (``T = seq*batch`` tokens);
     ``trained_fraction``: share of the ``T`` tokens with a loss (1.0 for raw text; ~0.3 for chat SFT on
-    the assistant turns). ``dtype``: weights and activations (``bf16`` on GPUs; tuneforge trains in fp32 on
-    CPUs without native bf16). ``master_weights``: full tuning keeps an fp32 copy that AdamW updates
-    (classic mixed precision; ``tuneforge train`` does not). ``optimizer_impl``: ``for-loop``,
+    the assistant turns). ``precision``: the ``precision:`` mode (``fp32``, ``bf16-mixed``, ``bf16-true``,
+    ``fp16-mixed``, or ``auto``: by ``dtype``, as ``precision: auto`` with ``dtype:`` set trains: fp32 -> fp32,
+    bf16 -> bf16-true, fp16 -> fp16-mixed); without it ``dtype`` (the base's storage, default bf16) picks as
+    ``auto`` does. ``dtype`` with an explicit mode must be the base dtype the mode stores. ``master_weights``
+    (deprecated: use ``precision="bf16-mixed"``): the mixed mode of ``dtype``. ``optimizer_impl``: ``for-loop``,
     ``foreach`` or ``fused`` (default: ``fused``, as ``tuneforge train``).
     ``attention``: ``packed_sdpa`` (tuneforge's per-example attention) or ``sdpa`` (dense block mask);
     ``fused_rms_norm``, ``chunked_loss``: as the run config's keys (``auto``: chunked when the fp32 logits
@@ -297,8 +327,14 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     """
     shape = resolve_shape(shape)
     get_method(method)
-    if dtype not in DTYPE_BYTES:
+    if dtype is not None and dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    explicit = precision not in (None, "auto")
+    mode = mode_for(dtype if (dtype or precision is not None) else "bf16", precision, master_weights, device)
+    pb = precision_of(method, mode)
+    if explicit and dtype is not None and dtype != pb.base:
+        raise ValueError(f"dtype {dtype} with precision {mode}: {mode} stores {method}'s base weights in {pb.base} "
+                         "(leave dtype unset)")
     if device not in DEFAULT_OVERHEAD:
         raise ValueError(f"device {device!r}: use cpu or cuda")
     if attention not in ATTENTIONS:
@@ -313,8 +349,11 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     sections = method_settings(settings, lora={"r": lora_r, "dropout": lora_dropout, "fused_forward": fused_forward,
                                                "shared_dropout_mask": shared_dropout_mask},
                                qlora={"double_quant": double_quant})
-    terms = method_terms(method, memory_inputs(shape, sections, dtype, seq, batch, attention, device, fused_rms_norm))
+    terms = method_terms(method, memory_inputs(shape, sections, pb.base, seq, batch, attention, device, fused_rms_norm,
+                                               precision=mode, autocast_bytes=pb.autocast_bytes))
     a = terms.act_bytes
+    c = pb.autocast_bytes           # autocast's compute dtype (None: none)
+    compute = pb.autocast or pb.base
     d, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
     T = seq * batch
     tokens = T + terms.extra_tokens     # what the decoder layers see
@@ -323,21 +362,40 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
 
     # --- weights, gradients, optimizer
     trainable = terms.trainable_params
-    master = master_weights and terms.master_copy
     grad_bytes = terms.param_bytes
-    state_bytes = 4 if master else terms.param_bytes
-    if terms.master_copy:
-        notes.append("AdamW updates an fp32 master copy" if master else "AdamW states in the parameter dtype")
+    # torch's AdamW keeps m and v in the trained tensor's dtype (fp32 in every mode); bf16-true full fine-tuning's
+    # Kahan-compensated AdamW keeps them in fp32 beside bf16 weights, plus a compensation buffer in their dtype
+    state_bytes = 4 if pb.compensated else terms.param_bytes
+    compensation = trainable * terms.param_bytes if pb.compensated else 0
     gradients = trainable * grad_bytes
-    copy = trainable * 4 if master else 0
+    trained = pb.trained if terms.param_bytes == pb.trained_bytes else _dtype_name(terms.param_bytes)
     if optimizer == "adamw":
-        optimizer_states = trainable * 2 * state_bytes + copy
+        optimizer_states = trainable * 2 * state_bytes + compensation
+        states = f"AdamW m, v {_dtype_name(state_bytes)}"
     else:
-        optimizer_states = trainable * 2 + copy
+        optimizer_states = trainable * 2 + compensation
+        states = "8-bit AdamW m, v"
         notes.append("8-bit AdamW (bitsandbytes): 2 B/param of state")
-    notes.append(f"AdamW, {optimizer_impl} step")
+    if pb.compensated:
+        states += f" + compensation {trained} ({mode}: Kahan-compensated AdamW, no fp32 copy)"
+        notes.append("Kahan-compensated AdamW (bf16-true full fine-tuning): a for-loop step, six fp32 copies of the "
+                     "largest tensor at once")
+    else:
+        notes.append(f"AdamW, {optimizer_impl} step")
+    full = get_method(method).is_full_model
+    if full and mode.endswith("-mixed"):
+        weights_dtype = f"fp32: the master weights ({mode}; autocast computes in {pb.autocast})"
+    elif full:
+        weights_dtype = pb.base if mode == "fp32" else f"{pb.base} ({mode})"
+    else:
+        weights_dtype = f"base {pb.base}{'' if mode == 'fp32' else f' ({mode})'} + trained {trained}"
+    if method == "qlora":
+        weights_dtype = f"base NF4 + fp32 embeddings and norms, adapters fp32 ({mode})"
+    grads_dtype = trained if mode == "fp32" else f"{trained} ({mode}: as the trained parameters)"
 
-    if optimizer_impl == "fused" or optimizer == "adamw_8bit":
+    if pb.compensated:
+        step_temporaries = 6 * 4 * terms.largest_trainable   # grad, denom, weight, update, p.float(), their difference
+    elif optimizer_impl == "fused" or optimizer == "adamw_8bit":
         step_temporaries = 0
     elif optimizer_impl == "foreach":
         step_temporaries = trainable * state_bytes
@@ -348,10 +406,10 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     # --- activations
     per_layer = terms.per_token_layer
     dense = batch > 1 and attention == "sdpa" and not terms.explicit_mask
-    mask_per_layer = a * tokens * tokens if dense else 0
+    mask_per_layer = (c or a) * tokens * tokens if dense else 0     # SDPA's float mask, cast by autocast too
     shared = tokens * tokens if dense else 0  # the bool block-causal mask transformers builds once
     shared += 2 * tokens * shape.hd * a + 8 * T + terms.shared  # RoPE cos/sin, token ids, the method's own
-    head = tokens * 4 * d + ((T * a * d + K * d * a) if terms.trains_head else 0)
+    head = tokens * 4 * d + ((T * a * d + K * d * (c or a)) if terms.trains_head else 0)
     working = tokens * a * (3 * shape.intermediate_size + 2 * d)
     if gradient_checkpointing:
         activations = (tokens * L * a * d + tokens * per_layer + terms.per_layer + mask_per_layer + working
@@ -359,6 +417,20 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         notes.append("gradient checkpointing: layer inputs kept, one layer recomputed at a time")
     else:
         activations = L * (tokens * per_layer + terms.per_layer + mask_per_layer) + shared + head
+    activations += terms.weight_casts
+    if terms.weight_casts:
+        notes.append(f"autocast's {pb.autocast} weight copies: {_gib(terms.weight_casts)} (saved for backward and "
+                     "held by autocast's cast cache until the forward ends, with checkpointing too)")
+    if c is None:
+        where = "" if mode == "fp32" else f"{mode}, "
+        acts_dtype = f"{pb.base if a == pb.base_bytes else _dtype_name(a)} ({where}no autocast)"
+    elif terms.autocast_checked:
+        acts_dtype = (f"{pb.autocast} under autocast ({mode}; norm inputs{' and the residual stream' if a == 4 else ''}"
+                      ", softmax statistics fp32)" + (f", + {pb.autocast} weight copies" if terms.weight_casts else ""))
+    else:
+        acts_dtype = f"{_dtype_name(a)}: the no-autocast formula ({mode}; not checked under autocast for {method})"
+        notes.append(f"activations under autocast not checked for {method}: the {_dtype_name(a)} formula without "
+                     "autocast")
     layout = ("attention under the method's own mask" if terms.explicit_mask else
               "packed row, dense sdpa: T x T mask per layer, k/v repeated" if dense else
               "packed row, per-example sdpa: no mask" if batch > 1 else "one example per row: no mask")
@@ -371,7 +443,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
             logits += 4 * V * d           # the fp32 lm_head gradient accumulated over the chunks
         notes.append(f"chunked loss: logits of {chunk:,} positions at a time (K = {K:,} target positions)")
     else:
-        per_logit = 8 if a == 4 else 8 + a      # logits (+ their fp32 copy) and fp32 log-probabilities
+        la = c or a                              # the logits' bytes: autocast's matmul output, else the stream's
+        per_logit = 8 if la == 4 else 8 + la    # logits (+ their fp32 copy) and fp32 log-probabilities
         logits = per_logit * K * V
         if terms.trains_head:
             logits = max(logits, 4 * K * V + V * d * grad_bytes)  # lm_head's gradient arrives while 4KV is alive
@@ -380,9 +453,19 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
     overhead = DEFAULT_OVERHEAD[device] if overhead is None else overhead
     if overhead:
         notes.append(f"runtime overhead {_gib(overhead)} ({device})")
+    logits_dtype = (f"{compute} logits + fp32 copy and log-probabilities" if (c or a) != 4 else
+                    "fp32 logits and log-probabilities")
+    dtypes = {"weights": weights_dtype, "gradients": grads_dtype, "optimizer states": f"{states}",
+              "activations": acts_dtype, "logits": logits_dtype}
+    notes.insert(0, f"precision {mode}: base weights {pb.base}, trained parameters {trained}, "
+                    + (f"autocast to {pb.autocast}" if c else "no autocast"))
     return MemoryEstimate(shape.name, method, seq, batch, terms.weights, gradients, optimizer_states, activations,
                           logits, step_temporaries, overhead, trainable, shape.num_parameters(), notes,
-                          load_peak=terms.load_peak or 0)
+                          load_peak=terms.load_peak or 0, precision=mode, dtypes=dtypes)
+
+
+def _dtype_name(nbytes: int) -> str:
+    return {4: "fp32", 2: "bf16", 1: "8-bit"}.get(nbytes, f"{nbytes}-byte")
 
 
 SEED_MODELS = ("7b", "13b", "70b")
@@ -396,17 +479,19 @@ def seeds_table(seq: int = 512, batch: int = 1, lora_r: int = 16, names: list[st
     lines = [header, "-" * len(header)]
     for model in SEED_MODELS:
         for method in names or estimable_methods():
-            e = estimate_memory(model, method, seq, batch, gradient_checkpointing=True, lora_r=lora_r, dtype="bf16",
-                                master_weights=True, optimizer_impl="fused", device="cuda")
+            e = estimate_memory(model, method, seq, batch, gradient_checkpointing=True, lora_r=lora_r,
+                                precision="bf16-mixed", optimizer_impl="fused", device="cuda")
             other = e.overhead + (e.step_temporaries if e.peak_phase == "optimizer step" else 0)
             vals = [e.weights, e.gradients, e.optimizer_states, e.activations, e.logits, other]
             lines.append(f"{e.model:<12}{method:<9}{vals[0] / GIB:>10.1f}"
                          + "".join(f"{v / GIB:>9.1f}" for v in vals[1:]) + f"{e.peak / GIB:>10.1f}")
     lines.append("")
-    lines.append("GiB. Assumptions: one GPU; bf16 weights (QLoRA: NF4 + double quant, embeddings fp32, fp32 "
-                 "activations); full tuning keeps bf16 gradients and an fp32 master copy + AdamW m, v in fp32 "
-                 f"(16 B/param); the other methods train fp32 parameters with fp32 gradients and states over a frozen "
-                 f"base, each with its section's defaults (LoRA r={lora_r} on all 7 linears, dropout 0.05); "
+    lines.append("GiB. Assumptions: one GPU, precision bf16-mixed (tuneforge's default there); full tuning loads "
+                 "fp32 master weights with fp32 gradients and AdamW m, v (16 B/param) and autocast's bf16 copies of "
+                 "the weights (2 B/param, with the activations); the other methods keep a frozen bf16 base (QLoRA: "
+                 "NF4 + double quant, embeddings fp32, fp32 activations) and train fp32 parameters with fp32 "
+                 f"gradients and states, each with its section's defaults (LoRA r={lora_r} on all 7 linears, "
+                 "dropout 0.05); "
                  f"AdamW fused (no step temporaries); seq {seq}, batch {batch}, every token trained, gradient "
                  "checkpointing on; 0.75 GiB CUDA context. peak = weights + optimizer + other + max(activations "
                  "+ logits, gradients).")

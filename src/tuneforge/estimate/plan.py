@@ -74,6 +74,7 @@ class Plan:
     chosen: Candidate | None
     tried: list[Candidate] = field(default_factory=list)
     margin: float = DEFAULT_MARGIN
+    precision: str = ""         # the precision: mode the candidates are estimated in, and why
 
     @property
     def usable(self) -> int:
@@ -91,7 +92,10 @@ class Plan:
 
     def table(self) -> str:
         lines = [f"memory budget {self.budget / 2**30:.2f} GiB, of which {self.usable / 2**30:.2f} GiB may be "
-                 f"predicted ({self.margin:.0%} kept for the estimator's error); candidates, fastest first:",
+                 f"predicted ({self.margin:.0%} kept for the estimator's error); candidates, fastest first:"]
+        if self.precision:
+            lines.insert(0, f"precision {self.precision}")
+        lines += [
                  "| method | micro-batch | accumulation | checkpointing | predicted peak GiB | fits |",
                  "|---|---|---|---|---|---|"]
         for c in self.tried:
@@ -105,9 +109,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str = "fp32",
-                margin: float = DEFAULT_MARGIN) -> Plan:
-    """The fastest way to train ``config`` within ``budget`` bytes of peak memory (see the module docstring)."""
+def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str | None = "fp32",
+                margin: float = DEFAULT_MARGIN, precision: str | None = None, why: str = "") -> Plan:
+    """The fastest way to train ``config`` within ``budget`` bytes of peak memory (see the module docstring);
+    ``precision``: the run's mode (its dtypes replace ``dtype``; ``why``: how it was chosen, for the table)."""
     record = get_method(config.method)
     if record.memory is None:
         raise ValueError(f"method {config.method!r}: the memory estimator models {', '.join(estimable_methods())} "
@@ -116,6 +121,8 @@ def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str 
     splits = [(b, effective // b) for b in range(effective, 0, -1) if effective % b == 0]
     methods = [config.method] + ([record.leaner] if record.leaner else [])
     checkpointing = [False, True] if not config.gradient_checkpointing else [True]
+    if precision is not None:
+        dtype = None
     plan = Plan(budget, None, margin=margin)
     shape = resolve_shape(config.model, trust_remote_code=config.trust_remote_code)
     for method in methods:
@@ -125,13 +132,23 @@ def plan_memory(config: RunConfig, budget: int, device: str = "cpu", dtype: str 
             for batch, accumulation in splits:
                 estimate = estimate_memory(shape, method, config.data.max_length, batch,
                                            gradient_checkpointing=ckpt, attention=config.attention,
-                                           dtype=dtype, device=device, settings=method_sections(config))
+                                           dtype=dtype, device=device, settings=method_sections(config),
+                                           precision=precision)
+                if not plan.precision:
+                    plan.precision = _describe(estimate, why)
                 candidate = Candidate(method, batch, accumulation, ckpt, estimate, device)
                 plan.tried.append(candidate)
                 if candidate.peak <= plan.usable:
                     plan.chosen = candidate
                     return plan
     return plan
+
+
+def _describe(estimate: MemoryEstimate, why: str) -> str:
+    """``bf16-mixed (weights fp32: the master weights ...; activations bf16 under autocast ...)``."""
+    parts = [f"weights {estimate.dtypes['weights']}", f"optimizer {estimate.dtypes['optimizer states']}",
+             f"activations {estimate.dtypes['activations']}"]
+    return f"{estimate.precision}{' (' + why + ')' if why else ''}: " + "; ".join(parts)
 
 
 def _trains(config: RunConfig, method: str, gradient_checkpointing: bool) -> bool:
@@ -165,16 +182,15 @@ def device_memory(device: str) -> int:
 
 
 def plan_for_config(config: RunConfig, budget: int | None = None) -> Plan:
-    """:func:`plan_memory` on the device and dtype ``config`` trains with (``budget``: default
-    ``config.memory_budget``, else :func:`device_memory`)."""
-    import torch
-
-    from tuneforge.models.dtype import pick_device, pick_dtype
+    """:func:`plan_memory` on the device and in the precision ``config`` trains with (``precision:`` and ``dtype:``
+    through :func:`~tuneforge.training.precision.resolve_precision` on the config's device, which refuses an
+    impossible combination in one line; ``budget``: default ``config.memory_budget``, else :func:`device_memory`)."""
+    from tuneforge.models.dtype import pick_device
+    from tuneforge.training.precision import resolve_precision
 
     device = pick_device(config.device)
-    dtype, _ = pick_dtype(config.dtype, device)
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    mode = resolve_precision(config.precision, config.dtype, device, get_method(config.method).is_full_model)
     kind = "cuda" if device.type == "cuda" else "cpu"
     if budget is None:
         budget = parse_memory(config.memory_budget) if config.memory_budget else device_memory(kind)
-    return plan_memory(config, budget, device=kind, dtype=names.get(dtype, "fp32"))
+    return plan_memory(config, budget, device=kind, precision=mode.mode, why=mode.reason)

@@ -121,6 +121,11 @@ class MemoryInputs:
         block: ``(a, explicit_mask=False) -> BlockActivations`` of this shape and row for activations of ``a``
             bytes; ``explicit_mask``: attention under a mask passed in (k, v repeated to every head, no
             per-example split), as a prefix's.
+        precision: the run's ``precision:`` mode (``fp32``, ``bf16-mixed``, ``bf16-true``, ``fp16-mixed``;
+            :mod:`tuneforge.estimate.precision`); ``dtype`` is already the base's dtype under it (fp32 for a full
+            fine-tune in a mixed mode: the master weights).
+        autocast_bytes: ``c``, the bytes of the dtype ``torch.autocast`` computes matrix products in (2 under
+            ``bf16-mixed`` / ``fp16-mixed``); None without autocast.
     """
 
     shape: Shape
@@ -132,6 +137,8 @@ class MemoryInputs:
     attention: str
     device: str
     block: Callable[..., BlockActivations]
+    precision: str = "fp32"
+    autocast_bytes: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -162,12 +169,18 @@ class MemoryTerms:
             tuneforge's per-example attention nor transformers' block mask runs.
         trains_head: the final norm and the LM head train (their inputs are saved, the head's gradient arrives
             while the logits are alive).
-        master_copy: with ``master_weights``, AdamW updates an fp32 copy of the trained parameters (full tuning
-            in 16 bits); False where they are fp32 already.
+        master_copy: the method trains the base's own weights (full tuning): under a mixed ``precision:`` they
+            load in fp32 (the master weights), under ``bf16-true`` a Kahan-compensated AdamW updates them
+            (informational: the estimator reads the method record's ``is_full_model``).
         step_floor: the least memory beside the gradients at the end of backward (a tied embedding's two
             ``V x d`` gradient temporaries).
         load_peak: the most memory while loading the base, where it exceeds ``weights`` (QLoRA quantizing on
             CPU); None: ``weights``.
+        weight_casts: bytes of the copies ``torch.autocast`` makes of fp32 weights that require a gradient (in
+            the compute dtype), whole model: each is saved for the input's gradient and kept by autocast's cast
+            cache until the forward ends (with gradient checkpointing too); 0 without autocast.
+        autocast_checked: the activation terms were checked under autocast (else the no-autocast formula is used
+            with the base's dtype, and the estimate says so).
         notes: the assumptions, one line each.
     """
 
@@ -185,6 +198,8 @@ class MemoryTerms:
     master_copy: bool = False
     step_floor: int = 0
     load_peak: int | None = None
+    weight_casts: int = 0
+    autocast_checked: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

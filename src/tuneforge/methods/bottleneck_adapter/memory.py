@@ -13,6 +13,12 @@ frozen block, each adapter saves (``y`` the sub-layer's output, computed in fp32
 
 So ``4d + 4b + 4b [gelu, silu or dropout] + m*b [dropout]`` per adapter, checked exactly against the tensors
 autograd saves (``tests/test_estimate_methods.py``).
+
+Under autocast (``bf16-mixed`` / ``fp16-mixed``, ``c`` the compute dtype's bytes) ``W_down`` gets ``y`` cast back
+to ``c`` and both products come out in ``c``: ``c*d + c*b + c*b [gelu, silu or dropout] + m*b [dropout]`` per
+adapter (``m = c`` on CPU: the float mask is in the activation's dtype), and each adapter's two weights are copied to
+``c`` (saved for backward; their biases' copies only cached): ``c*(2*d*b + b + d)`` per adapter. Checked exactly
+against ``saved_tensors_hooks`` under ``torch.autocast`` (``tests/test_estimate_precision.py``).
 """
 
 from __future__ import annotations
@@ -28,12 +34,16 @@ def adapter_memory(inputs: MemoryInputs) -> MemoryTerms:
     d, b = shape.hidden_size, cfg.bottleneck
     per_layer = len(cfg.placement)
     trainable = shape.num_layers * per_layer * (2 * d * b + b + d)
-    mask = (4 if inputs.device == "cpu" else 1) * b if cfg.dropout > 0 else 0
-    second = 4 * b if (cfg.nonlinearity in SAVES_INPUT or cfg.dropout > 0) else 0
-    adapters = per_layer * (4 * d + 4 * b + second + mask)
+    c = inputs.autocast_bytes
+    e = c or 4          # the adapter's activations: fp32 without autocast, the compute dtype under it
+    mask = (e if inputs.device == "cpu" else 1) * b if cfg.dropout > 0 else 0
+    second = e * b if (cfg.nonlinearity in SAVES_INPUT or cfg.dropout > 0) else 0
+    adapters = per_layer * (e * d + e * b + second + mask)
+    casts = 0 if c is None else c * trainable
     a = inputs.dtype_bytes
     return MemoryTerms(
         trainable_params=trainable, weights=base_weight_bytes(inputs) + 4 * trainable, param_bytes=4,
         largest_trainable=d * b, act_bytes=a, per_token_layer=inputs.block(a).frozen + adapters,
+        weight_casts=casts, autocast_checked=True,
         notes=(f"bottleneck adapters b={b} ({cfg.nonlinearity}) after {' and '.join(cfg.placement)} in every layer "
                f"(fp32) over a frozen {inputs.dtype} base",))

@@ -36,7 +36,8 @@ def ia3_memory(inputs: MemoryInputs) -> MemoryTerms:
             params, saved = params + d_out, saved + a * d_out
     largest = max((d_in if name in feedforward else d_out) for name, d_in, d_out in shape.linears()
                   if name in targets) if params else 0
-    return MemoryTerms(
+    return MemoryTerms(  # the same under autocast: checked in tests/test_estimate_precision.py
+        autocast_checked=True,
         trainable_params=shape.num_layers * params, weights=base_weight_bytes(inputs) + 4 * shape.num_layers * params,
         param_bytes=4, largest_trainable=largest, act_bytes=a, per_token_layer=inputs.block(a).frozen + saved,
         per_layer=4 * params,

@@ -14,6 +14,12 @@ down) and their rank-``r`` outputs (``7*b*r``):
   (``m = b`` on CPU, a float mask; ``m = 1`` on CUDA, a bool mask);
 * peft's forward without dropout: ``b*(2d + I)`` when ``a = b``, else ``b*(5d + q + I)``.
 
+Under autocast (``bf16-mixed`` / ``fp16-mixed``; the base in the compute dtype, ``c`` bytes) the fused forward
+saves the same, except that the rank-``r`` outputs come out of autocast's matmul in ``c`` (``7*c*r``); each
+``B``'s ``c`` copy (autocast's cast of a leaf weight, ``c*r*d_out`` per linear) is saved for ``h``'s gradient.
+Checked exactly against ``saved_tensors_hooks`` under ``torch.autocast`` (``tests/test_estimate_precision.py``);
+peft's forward under autocast is not checked.
+
 ``target_modules`` other than ``all-linear`` and DoRA's extra terms are not modelled (DoRA adds its magnitude
 vectors, ``d_out`` per linear, to the trained parameters).
 """
@@ -50,16 +56,21 @@ def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
     else:
         adapters = b * (2 * d + i) if a == b else b * widths
     saves_o_input = a == b and (cfg.dropout == 0 or cfg.fused_forward)
-    return block.frozen + adapters + len(shape.linears()) * b * cfg.r + (block.o_copy if saves_o_input else 0)
+    ranks = inputs.autocast_bytes or b     # the rank-r outputs: autocast's compute dtype, else the adapters'
+    return block.frozen + adapters + len(shape.linears()) * ranks * cfg.r + (block.o_copy if saves_o_input else 0)
 
 
 def lora_terms(inputs: MemoryInputs, cfg: Any, base_weights: int, act_bytes: int, note: str) -> MemoryTerms:
     """LoRA ``cfg`` over a frozen base of ``base_weights`` bytes with activations of ``act_bytes``."""
     trainable = lora_parameters(inputs, cfg.r, cfg.use_dora)
     largest = max(cfg.r * max(d_in, d_out) for _, d_in, d_out in inputs.shape.linears())
+    c = inputs.autocast_bytes
+    casts = 0 if c is None else c * sum(cfg.r * d_out for layer in inputs.shape.layer_linears()
+                                        for _, _, d_out in layer)     # each B's copy in the compute dtype
     return MemoryTerms(
         trainable_params=trainable, weights=base_weights + trainable * ADAPTER_BYTES, param_bytes=ADAPTER_BYTES,
         largest_trainable=largest, act_bytes=act_bytes, per_token_layer=lora_block_bytes(inputs, cfg, act_bytes),
+        weight_casts=casts, autocast_checked=cfg.fused_forward and not cfg.use_dora,
         notes=(note,) + (("DoRA: its magnitude vectors train; its forward's extra activations are not modelled",)
                          if cfg.use_dora else ()))
 

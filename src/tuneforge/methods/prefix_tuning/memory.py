@@ -28,7 +28,8 @@ def prefix_memory(inputs: MemoryInputs) -> MemoryTerms:
         encoder = 4 * P * (kv + e)            # the MLP's inputs: the embeddings and tanh's output
     else:
         trainable, largest, encoder = prefix, prefix, 0
-    return MemoryTerms(
+    return MemoryTerms(  # the same under autocast: checked in tests/test_estimate_precision.py
+        autocast_checked=True,
         trainable_params=trainable, weights=base_weight_bytes(inputs) + 4 * trainable, param_bytes=4,
         largest_trainable=largest, act_bytes=a, per_token_layer=inputs.block(a, explicit_mask=True).frozen,
         per_layer=2 * a * P * shape.q_width, shared=a * T * (P + T) + encoder, explicit_mask=True,

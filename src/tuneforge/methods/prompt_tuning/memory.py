@@ -17,7 +17,8 @@ def prompt_memory(inputs: MemoryInputs) -> MemoryTerms:
     P = inputs.settings["prompt"].num_virtual_tokens
     d = inputs.shape.hidden_size
     a = inputs.dtype_bytes
-    return MemoryTerms(
+    return MemoryTerms(  # the same under autocast: checked in tests/test_estimate_precision.py
+        autocast_checked=True,
         trainable_params=P * d, weights=base_weight_bytes(inputs) + 4 * P * d, param_bytes=4, largest_trainable=P * d,
         act_bytes=a, per_token_layer=inputs.block(a).frozen, extra_tokens=inputs.batch * P,
         notes=(f"soft prompt of {P} fp32 embeddings before each of the {inputs.batch} examples of the row, "
