@@ -114,7 +114,7 @@ def cmd_data_preview(args) -> int:
     from tuneforge.models.loading import load_tokenizer
 
     cfg = DataConfig(train=args.file, format=args.format, train_on=args.train_on, system_prompt=args.system,
-                     columns=dict(c.split("=", 1) for c in args.columns))
+                     columns=dict(c.split("=", 1) for c in args.columns), tools=args.tools)
     try:
         check_template_value(args.template)
     except ValueError as e:
@@ -141,8 +141,15 @@ def cmd_plan(args) -> int:
     except ValueError as e:
         print(f"error: --memory: {e}", file=sys.stderr)
         return 2
+    from tuneforge.methods import get_method
+    from tuneforge.models.dtype import pick_device
+    from tuneforge.training.precision import resolve_precision
+
+    # the precision as training resolves it (an impossible combination: one line, exit 2, as `tuneforge train`)
+    resolved = resolve_precision(config.precision, config.dtype, pick_device(config.device),
+                                 get_method(config.method).is_full_model)
     try:
-        plan = plan_for_config(config, budget)
+        plan = plan_for_config(config, budget, precision=(resolved.mode, resolved.reason))
     except ValueError as e:        # a method the estimator does not model
         _error(f"error: {e}")
         return 2
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN")
     pv.add_argument("--train-on", default="assistant", choices=["assistant", "all"])
     pv.add_argument("--system", default=None, help="system prompt to add")
+    pv.add_argument("--tools", default=None, metavar="JSON",
+                    help="a JSON file of tool definitions for every record (as data.tools)")
     pv.add_argument("--no-color", action="store_true")
     pv.set_defaults(func=cmd_data_preview)
     add_curation_commands(dsub)

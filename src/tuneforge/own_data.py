@@ -26,8 +26,8 @@ from tuneforge.models.registry import DEFAULT_MODEL
 
 SAMPLE_RECORDS = 200      # records read to pick the task
 
-_TASK_OF_FORMAT = {"messages": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "pretrain",
-                   "preference": "preference"}
+_TASK_OF_FORMAT = {"messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft",
+                   "text": "pretrain", "preference": "preference"}
 
 
 def detect_task(path: str | Path, columns: dict[str, str] | None = None) -> tuple[str, Counter]:
@@ -45,7 +45,8 @@ def detect_task(path: str | Path, columns: dict[str, str] | None = None) -> tupl
     known = Counter({f: c for f, c in formats.items() if f != "unknown"})
     if not known:
         raise DataError(f"{path}: none of the first {sum(formats.values())} records has a format tuneforge reads "
-                        "(fields messages; instruction + output; prompt + completion; text; chosen + rejected); "
+                        "(fields messages; conversations; instruction + output; prompt + completion; text; "
+                        "chosen + rejected); "
                         "map your column names with data.columns, e.g. --set data.columns.prompt=question")
     tasks = Counter()
     for fmt, count in known.items():

@@ -399,7 +399,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(format_validation_error(e, source)) from None
     if check_files:
         base = Path(path).parent if path else Path(".")
-        for key in ("train", "validation"):
+        for key in ("train", "validation", "tools"):
             value = getattr(config.data, key)
             if value is None:
                 continue

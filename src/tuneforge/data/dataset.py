@@ -35,6 +35,7 @@ from tuneforge.data.rejects import (
 )
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 from tuneforge.data.settings import DataConfig
+from tuneforge.data.tools import TOOL_CHECKS, load_tools_file
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ TRAINING_CHECKS: dict[str, str] = {     # the ``check`` of each reason a trainin
     "mixed_kinds": "record is of another kind (chat / text / preference) than the run's task trains",
     "missing_field": "a required field of the format is missing",
     "wrong_type": "a field has the wrong type",
-    "unknown_role": "a message role other than system/user/assistant",
+    "unknown_role": "a message role other than system/user/assistant/tool",
     "turn_order": "no assistant turn, or the conversation does not end with one",
     "empty_answer": "an assistant turn / text is empty",
     "preference_pair": "a preference pair (chosen/rejected) in SFT data",
+    **TOOL_CHECKS,
     "chat_template": "the chat template refuses the conversation, or drops or changes an assistant answer",
     "too_long": "longer than data.max_length tokens with data.too_long: drop",
     "no_trained_tokens": "no token left to train on (the answer was truncated away)",
@@ -75,6 +77,7 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     """
     out = LoadedFile()
     kind = task_kind(task, cfg.format)
+    tools = data_tools(cfg)
     for rec in iter_records(path):
         if rec.data is None:
             error = rec.error or "unreadable"
@@ -90,7 +93,7 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
             out.rejects.append(Reject.of(rec, [("mixed_kinds", mismatch)]))
             continue
         try:
-            example = to_example(data, fmt, cfg.system_prompt)
+            example = to_example(data, fmt, cfg.system_prompt, tools)
         except RecordError as e:
             out.rejects.append(Reject.of(rec, [(e.check, f"{fmt}: {e}")]))
             continue
@@ -99,6 +102,18 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
         out.examples.append(example)
         out.formats[fmt] = out.formats.get(fmt, 0) + 1
     return out
+
+
+def data_tools(cfg: DataConfig) -> list[dict] | None:
+    """The tools of ``data.tools`` (normalised), or None; a file that cannot be used is a ConfigError."""
+    from tuneforge.errors import ConfigError
+
+    if cfg.tools is None:
+        return None
+    try:
+        return load_tools_file(cfg.tools)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -159,7 +174,7 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     return out, truncated
 
 
-RENDER_VERSION = 4  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
+RENDER_VERSION = 5  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
@@ -173,8 +188,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
     from tuneforge.fileutil import file_sha256
 
-    settings = cfg.model_dump(mode="json", exclude={"train", "validation"})
+    settings = cfg.model_dump(mode="json", exclude={"train", "validation", "tools"})
     key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
+           "tools": file_sha256(cfg.tools) if cfg.tools else None,
            "train": file_sha256(cfg.train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)

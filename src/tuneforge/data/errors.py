@@ -1,9 +1,21 @@
-"""The errors of data that cannot be used at all (as opposed to single records, which become rejects).
+"""The errors of data that cannot be used at all (as opposed to single records, which become rejects:
+:class:`RecordError`).
 
-Both are one-line messages naming the file (and line) and what to do; the CLI prints them as ``error: ...``.
+:class:`DataError` and :class:`DataFileError` are one-line messages naming the file (and line) and what to do;
+the CLI prints them as ``error: ...``.
 """
 
 from __future__ import annotations
+
+
+class RecordError(ValueError):
+    """A record that does not fit its format; the message says what is wrong, ``check`` names the problem
+    (``missing_field``, ``wrong_type``, ``unknown_role``, ``turn_order``, ``empty_answer``, ...: the names
+    curation uses, see :data:`tuneforge.data.curation.config.CHECKS`). The record becomes a reject."""
+
+    def __init__(self, message: str, check: str = "invalid_record"):
+        super().__init__(message)
+        self.check = check
 
 
 class DataError(ValueError):

@@ -6,6 +6,7 @@ Formats (canonical field names; ``columns`` in the config maps them to other col
 format              fields                                       becomes
 ==================  ===========================================  =====================
 ``messages``        ``messages``: [{role, content}, ...]         the messages as given
+``sharegpt``        ``conversations``: [{from, value}, ...]      the messages (LLaMA-Factory's layout)
 ``alpaca``          ``instruction``, ``input`` (optional), ``output``  user / assistant
 ``prompt_completion`` ``prompt``, ``completion``                 user / assistant
 ``text``            ``text``                                     raw text (no template)
@@ -13,8 +14,10 @@ format              fields                                       becomes
 ==================  ===========================================  =====================
 
 A normalised SFT example is :class:`Example` with either ``messages`` or ``text`` set; an assistant message
-keeps its ``reasoning_content`` (the chat template renders it, see :mod:`tuneforge.data.turn_spans`). The names of
-the formats are defined here once (:data:`FORMATS` and the ``Literal`` types for configs).
+keeps its ``reasoning_content`` (the chat template renders it, see :mod:`tuneforge.data.turn_spans`). A chat
+record may use tools (``tools``, assistant ``tool_calls``, ``tool`` messages, ShareGPT ``function_call`` /
+``observation`` turns): :mod:`tuneforge.data.tools` normalises and checks them, and the example keeps ``tools``.
+The names of the formats are defined here once (:data:`FORMATS` and the ``Literal`` types for configs).
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-ChatFormat = Literal["messages", "alpaca", "prompt_completion"]   # become user/assistant turns
+from tuneforge.data.errors import RecordError  # noqa: F401  (the data modules import it from here)
+from tuneforge.data.tools import check_conversation, from_sharegpt, normalise_calls, normalise_tools
+
+ChatFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion"]   # become user/assistant turns
 SftFormat = Literal[ChatFormat, "text"]                           # what training reads
 Format = Literal[SftFormat, "preference"]                         # what curation reads
 CHAT_FORMATS: tuple[str, ...] = get_args(ChatFormat)
 SFT_FORMATS: tuple[str, ...] = get_args(SftFormat)
 FORMATS: tuple[str, ...] = get_args(Format)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMAT_FIELDS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "preference": ("chosen", "rejected"),
@@ -38,7 +45,8 @@ FORMAT_FIELDS = {
 }
 KINDS: dict[str, str] = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 TASK_KINDS = {"sft": "chat", "pretrain": "text", "preference": "preference"}   # the kind of record each task trains
-CANONICAL_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
+CANONICAL_FIELDS = ("messages", "conversations", "tools",
+                    "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
 
 
 def check_columns(columns: dict[str, str], key: str = "columns") -> dict[str, str]:
@@ -54,20 +62,11 @@ def check_columns(columns: dict[str, str], key: str = "columns") -> dict[str, st
     return columns
 
 
-class RecordError(ValueError):
-    """A record that does not fit its format; the message says what is wrong, ``check`` names the problem
-    (``missing_field``, ``wrong_type``, ``unknown_role``, ``turn_order``, ``empty_answer``, ...: the names
-    curation uses, see :data:`tuneforge.data.curation.config.CHECKS`)."""
-
-    def __init__(self, message: str, check: str = "invalid_record"):
-        super().__init__(message)
-        self.check = check
-
-
 @dataclass
 class Example:
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None     # OpenAI function definitions (tool records only)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,7 +100,7 @@ def kind_mismatch(fmt: str, kind: str) -> str | None:
 
 
 # A preference pair may carry a prompt or instruction too: it is recognised before the chat formats.
-_DETECTION_ORDER = ("messages", "preference", "alpaca", "prompt_completion", "text")
+_DETECTION_ORDER = ("messages", "preference", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
@@ -123,7 +122,7 @@ def _text_field(record: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
-def normalise_messages(messages: Any) -> list[dict[str, str]]:
+def normalise_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise RecordError("field 'messages' must be a non-empty list of {role, content} objects", "wrong_type")
     out = []
@@ -133,9 +132,23 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RecordError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}", "unknown_role")
+        calls = m.get("tool_calls")
+        if content is None and calls and role == "assistant":     # OpenAI: a call-only turn has content null
+            content = ""
         if not isinstance(content, str):
             raise RecordError(f"messages[{i}].content must be a string, got {type(content).__name__}", "wrong_type")
-        message = {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            if role != "assistant":
+                raise RecordError(f"messages[{i}].tool_calls are only for assistant turns", "wrong_type")
+            message["tool_calls"] = normalise_calls(calls, f"messages[{i}]")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise RecordError(f"messages[{i}].tool_call_id must be a string", "wrong_type")
+            message["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
         reasoning = m.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
@@ -146,13 +159,17 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = None) -> Example:
-    """Normalise ``record`` (already column-renamed) of format ``fmt`` into an :class:`Example`.
+def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = None,
+               tools: list[dict[str, Any]] | None = None) -> Example:
+    """Normalise ``record`` (already column-renamed) of format ``fmt`` into an :class:`Example`; ``tools``: the data
+    set's (``data.tools``, normalised), used when the record has none of its own.
 
     Raises :class:`RecordError` naming the field that is wrong.
     """
     if fmt == "messages":
         messages = normalise_messages(record.get("messages"))
+    elif fmt == "sharegpt":
+        messages = normalise_messages(from_sharegpt(record.get("conversations"), record.get("system")))
     elif fmt == "alpaca":
         instruction = _text_field(record, "instruction")
         extra = _text_field(record, "input", required=False)
@@ -177,6 +194,10 @@ def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = Non
     if messages[-1]["role"] != "assistant":
         raise RecordError("conversation must end with an assistant turn", "turn_order")
     for m in messages:
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise RecordError("an assistant turn is empty", "empty_answer")
-    return Example(messages=messages)
+    if record.get("tools") is not None:
+        tools = normalise_tools(record["tools"])
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        check_conversation(messages, tools)
+    return Example(messages=messages, tools=tools or None)

@@ -1,11 +1,14 @@
-"""Show exactly what the model learns: rendered examples with the trained tokens marked."""
+"""Show exactly what the model learns: rendered examples with the trained tokens marked.
+
+A record with tools says so above its rendering (its tools, its calls per tool, its tool results); the rendering
+shows the tool list, the calls (trained, marked) and the results (never trained) as the template writes them."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.data.dataset import load_examples
-from tuneforge.data.formats import RecordError
+from tuneforge.data.formats import Example, RecordError
 from tuneforge.data.preference import is_preference_file, load_pairs, tokenize_pair
 from tuneforge.data.rejects import Reason, Reject
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
@@ -44,13 +47,27 @@ def preview(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | Non
     for example in loaded.examples[:n]:
         tok = tokenize_example(example, tokenizer, cfg.train_on, cfg.train_reasoning)
         blocks.append(f"--- {example.meta['where']}  ({len(tok)} tokens, {tok.num_trained} trained)\n"
-                      + mark_trained(tok, tokenizer, color))
+                      + tool_summary(example) + mark_trained(tok, tokenizer, color))
     summary = (f"{len(loaded.examples)} usable records ({', '.join(f'{k}: {v}' for k, v in loaded.formats.items())}), "
                f"{len(loaded.rejects)} rejected; trained tokens shown as [[...]]")
     if loaded.rejects:
         r = loaded.rejects[0]
         summary += f"\nfirst rejected: {r.source}:{r.line}: {r.reason}"
     return "\n\n".join(blocks + [summary])
+
+
+def tool_summary(example: Example) -> str:
+    """One line on the tools of ``example`` (empty when it has none)."""
+    calls: dict[str, int] = {}
+    for m in example.messages or []:
+        for call in m.get("tool_calls") or []:
+            calls[call["function"]["name"]] = calls.get(call["function"]["name"], 0) + 1
+    results = sum(m["role"] == "tool" for m in example.messages or [])
+    if not example.tools and not calls:
+        return ""
+    names = ", ".join(t["function"]["name"] for t in example.tools or []) or "none"
+    made = ", ".join(f"{k} x{v}" for k, v in calls.items()) or "none"
+    return f"[tools: {names}; calls: {made}; tool results: {results} (never trained)]\n"
 
 
 def preview_pairs(file: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig | None = None, n: int = 3,

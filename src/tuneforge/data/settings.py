@@ -26,6 +26,8 @@ class DataConfig(Settings):
                                                                    "record (messages, alpaca, prompt_completion, text)")
     columns: dict[str, str] = Field({}, description="your column names for the format's fields, e.g. "
                                                     "{prompt: question, completion: answer}")
+    tools: str | None = Field(None, description="a JSON file holding one list of tool definitions (OpenAI function "
+                              "schemas) for every record; a record's own tools replace it")
     system_prompt: str | None = Field(None, description="a system message put first in every record that has none")
     train_on: Literal["assistant", "all"] = Field("assistant", description="the tokens trained: the assistant "
                                                   "turns (with their end-of-turn token), or every token")

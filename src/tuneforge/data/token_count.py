@@ -27,8 +27,10 @@ class LengthCounter(Protocol):
     def count(self, records: list[dict[str, Any]]) -> list[int]: ...
 
 
-def _messages_chars(messages: list[dict[str, str]]) -> int:
-    return sum(len(m["content"]) for m in messages)
+def _messages_chars(messages: list[dict[str, Any]]) -> int:
+    from tuneforge.data.tools import message_text
+
+    return sum(len(message_text(m)) for m in messages)
 
 
 class CharEstimate:
@@ -39,10 +41,13 @@ class CharEstimate:
         self.unit = f"tokens (estimated: {chars_per_token:g} characters a token)"
 
     def _one(self, record: dict[str, Any]) -> int:
+        from tuneforge.data.tools import tools_block
+
         cpt = self.chars_per_token
         if "messages" in record:
             m = record["messages"]
-            return math.ceil(_messages_chars(m) / cpt) + self.per_turn * len(m)
+            tools = len(tools_block(record["tools"])) if record.get("tools") else 0
+            return math.ceil((_messages_chars(m) + tools) / cpt) + self.per_turn * len(m)
         if "text" in record:
             return math.ceil(len(record["text"]) / cpt) + 1
         prompt = record.get("prompt") or ""
@@ -73,11 +78,11 @@ class TokenizerCounter:
         self.training, self.train_reasoning = training, train_reasoning
         self.trained_tokens = self.counted_tokens = 0      # training=True: sums over every record counted
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.has_template:
             from tuneforge.data.rendering import render_chat
 
-            return render_chat(self.tokenizer, messages, False)
+            return render_chat(self.tokenizer, messages, False, tools=tools)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
     def _as_trained(self, record: dict[str, Any]) -> int | None:
@@ -86,7 +91,7 @@ class TokenizerCounter:
         from tuneforge.data.rendering import tokenize_example
 
         if "messages" in record and self.has_template:
-            example = Example(messages=record["messages"])
+            example = Example(messages=record["messages"], tools=record.get("tools"))
         elif "text" in record:
             example = Example(text=record["text"])
         else:
@@ -101,7 +106,7 @@ class TokenizerCounter:
 
     def _texts(self, record: dict[str, Any]) -> list[str]:
         if "messages" in record:
-            return [self._render(record["messages"])]
+            return [self._render(record["messages"], record.get("tools"))]
         if "text" in record:
             return [record["text"]]
         prompt = record.get("prompt")

@@ -21,6 +21,13 @@ Reasoning: a message's ``reasoning_content``, or a ``<think>...</think>`` block 
 it in a ``<think>`` block of the last turns only; a template that knows no reasoning prints a ``<think>``
 block in the content verbatim, and drops ``reasoning_content``).
 
+Tool calls, where the template renders them itself (``tool_calls`` passed to a template that knows tools): each
+call's function name is a sentinel too, so the calls are located like answers. Such a turn's trained span starts
+where the assistant's part starts (after ``header``, the template's generation prompt, e.g.
+``<|im_start|>assistant\n``; at its first located part without one) and ends with the first end-of-turn marker
+after its last part, so the template's call syntax and the arguments are trained with the names. (Templates
+without tool support get the calls as text, :func:`tuneforge.data.tools.to_builtin`: they are answers.)
+
 Each :class:`TurnSpan` is the answer (with whitespace the template kept), the reasoning where rendered, and
 the end-of-turn marker that follows the answer (:func:`end_marker_after`): the first of the tokenizer's EOS
 and :data:`END_MARKERS` after only whitespace.
@@ -98,7 +105,7 @@ class _Slots:
         strings = [str(v) for m in messages for v in m.values() if v is not None]
         self.open, self.close = next((o, c) for o, c in _SENTINEL_PAIRS if not any(o in s or c in s for s in strings))
         self.candidates: list[list[str]] = []      # slot n -> the texts it may stand for, longest first
-        self.owner: list[tuple[int, str, str]] = []   # slot n -> (message index, "answer"|"reasoning", lead|core|trail)
+        self.owner: list[tuple[int, str, str]] = []   # slot n -> (message index, "answer"|"reasoning"|"call", part)
 
     def pattern(self) -> re.Pattern[str]:
         return re.compile(re.escape(self.open) + r"(\d+)" + re.escape(self.close))
@@ -124,9 +131,15 @@ class _Slots:
 
     def message(self, message: dict[str, Any], index: int, label: str) -> dict[str, Any]:
         reasoning, answer = split_reasoning(message)
+        calls = message.get("tool_calls") or []
+        out = dict(message)
+        if calls:
+            out["tool_calls"] = [{**c, "function": {**c["function"], "name": self._slot(
+                [c["function"]["name"]], (index, "call", "core"))}} for c in calls]
+            if not answer.strip():
+                return out
         if not answer.strip():
             raise RecordError(f"{label}: reasoning but no answer after it", "empty_answer")
-        out = dict(message)
         if "reasoning_content" in message and message["reasoning_content"] is not None:
             out["reasoning_content"] = self.part(message["reasoning_content"], index, "reasoning")
             out["content"] = self.part(answer, index, "answer")
@@ -167,7 +180,7 @@ def _fill(text: str, pieces: list[str], slots: list[int], candidates: list[list[
     return found if walk(0, 0) else None
 
 
-def turn_spans(render: Any, messages: list[dict[str, Any]], markers: tuple[str, ...]
+def turn_spans(render: Any, messages: list[dict[str, Any]], markers: tuple[str, ...], header: str | None = None
                ) -> tuple[str, list[TurnSpan]]:
     """The rendered conversation and one :class:`TurnSpan` per assistant message, in order.
 
@@ -184,8 +197,8 @@ def turn_spans(render: Any, messages: list[dict[str, Any]], markers: tuple[str, 
     pieces, order = cut[0::2], [int(n) for n in cut[1::2]]
     for n, (index, kind, part) in enumerate(slots.owner):
         seen = order.count(n)
-        if kind == "answer" and part == "core" and seen == 0:
-            raise RecordError(f"the chat template drops {labels[index]}: its answer is not in the rendering",
+        if kind in ("answer", "call") and part == "core" and seen == 0:
+            raise RecordError(f"the chat template drops {labels[index]}: its {kind} is not in the rendering",
                               "chat_template")
         if seen > 1:
             raise RecordError(f"the chat template renders {labels[index]} more than once: which copy the model "
@@ -202,8 +215,12 @@ def turn_spans(render: Any, messages: list[dict[str, Any]], markers: tuple[str, 
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        parts = located[(index, "answer")]
+        calls = located.get((index, "call"))
+        parts = located.get((index, "answer"), []) + (calls or [])
         answer = (min(s for s, _ in parts), max(e for _, e in parts))
+        if calls:
+            spans.append(_call_turn(text, answer, markers, header, spans[-1].end if spans else 0))
+            continue
         reasoning = None
         think_start = None
         if (index, "reasoning") in located:
@@ -214,6 +231,22 @@ def turn_spans(render: Any, messages: list[dict[str, Any]], markers: tuple[str, 
         end = end_marker_after(text, answer[1], markers)
         spans.append(TurnSpan(answer, reasoning, think_start, end if end is not None else answer[1], end is not None))
     return text, spans
+
+
+def _call_turn(text: str, parts: tuple[int, int], markers: tuple[str, ...], header: str | None, after: int
+               ) -> TurnSpan:
+    """The span of a turn whose calls the template rendered: from the end of the last ``header`` (or of ``header``
+    without its trailing whitespace) before its first part (not before ``after``, the previous turn's end) to the
+    first end marker after its last part."""
+    start, last = parts
+    for opening in dict.fromkeys((header, (header or "").rstrip())):     # as generated, or with its blank eaten
+        at = text.rfind(opening, after, start) if opening else -1
+        if at >= 0:
+            start = at + len(opening)
+            break
+    ends = [at + len(m) for m in markers if m and (at := text.find(m, last)) >= 0]
+    end = min(ends) if ends else last
+    return TurnSpan((start, last), None, None, end, bool(ends))
 
 
 def _render(render: Any, messages: list[dict[str, Any]]) -> str:

@@ -389,8 +389,8 @@ def estimate_memory(shape: ModelShape | str, method: str, seq: int, batch: int =
         weights_dtype = pb.base if mode == "fp32" else f"{pb.base} ({mode})"
     else:
         weights_dtype = f"base {pb.base}{'' if mode == 'fp32' else f' ({mode})'} + trained {trained}"
-    if method == "qlora":
-        weights_dtype = f"base NF4 + fp32 embeddings and norms, adapters fp32 ({mode})"
+    if terms.weights_dtype:
+        weights_dtype = f"{terms.weights_dtype} ({mode})"
     grads_dtype = trained if mode == "fp32" else f"{trained} ({mode}: as the trained parameters)"
 
     if pb.compensated:

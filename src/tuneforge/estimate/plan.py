@@ -181,16 +181,20 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def plan_for_config(config: RunConfig, budget: int | None = None) -> Plan:
-    """:func:`plan_memory` on the device and in the precision ``config`` trains with (``precision:`` and ``dtype:``
-    through :func:`~tuneforge.training.precision.resolve_precision` on the config's device, which refuses an
-    impossible combination in one line; ``budget``: default ``config.memory_budget``, else :func:`device_memory`)."""
+def plan_for_config(config: RunConfig, budget: int | None = None, precision: tuple[str, str] | None = None) -> Plan:
+    """:func:`plan_memory` on the device and in the precision ``config`` trains with. ``precision``: ``(mode, why)``
+    as training resolved it (:func:`tuneforge.training.precision.resolve_precision`, which refuses an impossible
+    combination in one line: ``tuneforge plan`` and ``auto_fit`` pass it); None: the mode
+    :func:`~tuneforge.estimate.precision.mode_for` mirrors. ``budget``: default ``config.memory_budget``, else
+    :func:`device_memory`."""
+    from tuneforge.estimate.precision import mode_for
     from tuneforge.models.dtype import pick_device
-    from tuneforge.training.precision import resolve_precision
 
     device = pick_device(config.device)
-    mode = resolve_precision(config.precision, config.dtype, device, get_method(config.method).is_full_model)
     kind = "cuda" if device.type == "cuda" else "cpu"
+    if precision is None:
+        precision = (mode_for(None if config.dtype == "auto" else config.dtype, config.precision, device=kind),
+                     "as configured" if config.precision != "auto" else "auto")
     if budget is None:
         budget = parse_memory(config.memory_budget) if config.memory_budget else device_memory(kind)
-    return plan_memory(config, budget, device=kind, precision=mode.mode, why=mode.reason)
+    return plan_memory(config, budget, device=kind, precision=precision[0], why=precision[1])

@@ -181,6 +181,8 @@ class MemoryTerms:
             cache until the forward ends (with gradient checkpointing too); 0 without autocast.
         autocast_checked: the activation terms were checked under autocast (else the no-autocast formula is used
             with the base's dtype, and the estimate says so).
+        weights_dtype: how the method stores the base, in words, where the precision mode does not say it (QLoRA's
+            NF4 base); None: the mode's dtypes.
         notes: the assumptions, one line each.
     """
 
@@ -200,6 +202,7 @@ class MemoryTerms:
     load_peak: int | None = None
     weight_casts: int = 0
     autocast_checked: bool = False
+    weights_dtype: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -385,7 +385,8 @@ class TrainingRecipe:
         """``auto_fit``: apply :func:`tuneforge.estimate.plan.plan_for_config`'s choice to the config."""
         from tuneforge.estimate.plan import plan_for_config
 
-        plan = plan_for_config(self.config)
+        resolved = precision_plan(self.config, pick_device(self.config.device))
+        plan = plan_for_config(self.config, precision=(resolved.mode, resolved.reason))
         log.info("auto_fit:\n%s", plan.table())
         if plan.chosen is None:
             raise ConfigError(f"auto_fit: nothing fits in {plan.budget / 2**30:.2f} GiB (smallest predicted peak "

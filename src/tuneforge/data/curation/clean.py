@@ -323,7 +323,7 @@ def _truncate(clean: dict[str, Any], tokens: int, counter: LengthCounter, config
         answer = answer[: len(answer) - cut]
         total_chars -= cut
         if key == "messages":
-            clean = {"messages": clean["messages"][:-1] + [{"role": "assistant", "content": answer}]}
+            clean = {**clean, "messages": clean["messages"][:-1] + [{**clean["messages"][-1], "content": answer}]}
         else:
             clean = {"text": answer}
         tokens = counter.count([clean])[0]

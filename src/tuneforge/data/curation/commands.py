@@ -23,6 +23,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="declare the format instead of detecting it")
     p.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
                    help="map canonical fields to your column names, e.g. instruction=question output=answer")
+    p.add_argument("--tools", default=None, metavar="JSON",
+                   help="a JSON file of tool definitions for every record (as data.tools; a record's own replace it)")
 
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             for name in filter(None, (s.strip() for s in item.split(","))):
                 actions[name] = action
     overrides: dict[str, Any] = {
-        "format": args.format, "model": getattr(args, "model", None), "too_long": getattr(args, "too_long", None),
+        "format": args.format, "tools": getattr(args, "tools", None),
+        "model": getattr(args, "model", None), "too_long": getattr(args, "too_long", None),
         "max_length": getattr(args, "max_length", None), "min_answer_chars": getattr(args, "min_answer_chars", None),
         "near_dup_threshold": getattr(args, "near_dup_threshold", None),
         "min_examples": getattr(args, "min_examples", None), "actions": actions,
@@ -163,7 +166,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         from tuneforge.data.curation.config import CurationConfig
         from tuneforge.data.curation.stats import compute_stats, plot_histogram
 
-        config = CurationConfig(format=args.format or "auto", columns=_columns(args.columns))
+        config = CurationConfig(format=args.format or "auto", columns=_columns(args.columns), tools=args.tools)
         model = None if args.estimate else args.model
         template, kwargs = _template_options(args)
         stats = compute_stats(args.file, model=model, max_length=args.max_length, config=config, template=template,

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneforge.data.formats import Format, check_columns
+from tuneforge.data.tools import TOOL_CHECKS
 
 Action = Literal["reject", "warn", "off"]
 
@@ -45,12 +46,13 @@ CHECKS: dict[str, CheckInfo] = {c.name: c for c in [
     CheckInfo("unknown_format", "structure", "reject", True, "record has the fields of no known format"),
     CheckInfo("missing_field", "structure", "reject", True, "a required field of the format is missing"),
     CheckInfo("wrong_type", "structure", "reject", True, "a field has the wrong type"),
-    CheckInfo("unknown_role", "structure", "reject", True, "a message role other than system/user/assistant"),
+    CheckInfo("unknown_role", "structure", "reject", True, "a message role other than system/user/assistant/tool"),
     CheckInfo("turn_order", "structure", "reject", True,
               "system not first, two turns of one role in a row, or no final assistant turn"),
     CheckInfo("empty_answer", "structure", "reject", True, "an assistant turn / completion / text is empty"),
     CheckInfo("mixed_kinds", "structure", "reject", True,
               "record is of another kind (chat / text / preference) than the rest of the data"),
+    *(CheckInfo(name, "structure", "reject", True, description) for name, description in TOOL_CHECKS.items()),
     CheckInfo("empty_turn", "structure", "reject", False, "a user or system turn is empty"),
     CheckInfo("identical_pair", "structure", "reject", False, "preference pair with chosen == rejected"),
     CheckInfo("short_answer", "length", "warn", False, "answer shorter than min_answer_chars"),
@@ -89,6 +91,7 @@ class CurationConfig(BaseModel):
 
     format: Literal["auto", Format] = "auto"
     columns: dict[str, str] = {}
+    tools: str | None = Field(None, description="a JSON file of tool definitions for every record (as data.tools)")
     model: str | None = Field(None, description="tokenizer for exact token counts; None: estimate from characters")
     chars_per_token: float = Field(4.5, gt=0, description="character estimate of token counts when model is None")
     max_length: int | None = Field(2048, ge=8, description="tokens; None disables the too_long check")

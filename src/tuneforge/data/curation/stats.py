@@ -8,6 +8,7 @@ from characters. Only the lengths (4 bytes a record) and small counters are kept
 * ``turns``: conversations by number of messages (chat data);
 * ``labels``: counts of each distinct final answer when there are few (classification-like data:
   at most ``max_label_values`` distinct answers of at most 64 characters), else None;
+* ``tool_calls``: calls per tool name over the usable records (tool-calling data; empty otherwise);
 * ``over_max_length``: records longer than ``max_length`` (training would drop or truncate them);
 * ``trained_tokens`` of ``tokens`` (with ``template``: ``tuneforge data stats --template``): the records
   tokenized exactly as a run with that ``template:`` (and ``template_kwargs:``) trains on them, and how many of
@@ -46,6 +47,7 @@ class DatasetStats:
     percentiles: dict[str, int] = field(default_factory=dict)
     mean: float = 0.0
     turns: dict[int, int] = field(default_factory=dict)
+    tool_calls: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] | None = None
     max_length: int | None = None
     over_max_length: int = 0
@@ -73,6 +75,8 @@ class DatasetStats:
                          f"({(self.trained_tokens or 0) / self.tokens:.1%}, as training with this template)")
         if self.turns:
             lines.append("messages per conversation: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.turns.items())))
+        if self.tool_calls:
+            lines.append("tool calls: " + ", ".join(f"{k} {v}" for k, v in self.tool_calls.items()))
         if self.labels:
             total = sum(self.labels.values())
             top = list(self.labels.items())[:20]
@@ -95,6 +99,7 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
     lengths, label_ids = array("I"), array("i")
     labels = AnswerLabels(max_label_values)
     turns: Counter = Counter()
+    tool_calls: Counter = Counter()
     formats: Counter = Counter()
     for chunk in chunked(iter_records(path), chunk_size):
         checked = [check_record(r, config) for r in chunk]
@@ -110,6 +115,8 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
         for c in usable:
             if "messages" in c.clean:
                 turns[len(c.clean["messages"])] += 1
+                tool_calls.update(call["function"]["name"] for m in c.clean["messages"]
+                                  for call in m.get("tool_calls") or [])
             label_ids.append(labels.id(c.label) if c.kind == "chat" else -1)
         stats.valid += len(usable)
     stats.invalid = stats.records - stats.valid
@@ -117,6 +124,7 @@ def compute_stats(path: str | Path, model: str | None = DEFAULT_MODEL, max_lengt
         stats.tokens, stats.trained_tokens = counter.counted_tokens, counter.trained_tokens
     stats.formats = dict(formats)
     stats.turns = dict(sorted(turns.items()))
+    stats.tool_calls = dict(sorted(tool_calls.items(), key=lambda kv: (-kv[1], kv[0])))
     lens = np.frombuffer(lengths, dtype=np.uint32).copy() if len(lengths) else np.zeros(0, np.uint32)
     stats.lengths = lens
     if len(lens):

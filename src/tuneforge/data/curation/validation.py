@@ -13,6 +13,7 @@ the normalised messages, so what ``clean`` writes is exactly what training reads
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from tuneforge.data.curation import quality
@@ -27,6 +28,12 @@ from tuneforge.data.formats import (
     to_example,
 )
 from tuneforge.data.loaders import RawRecord, error_check
+from tuneforge.data.tools import has_tool_content, load_tools_file, message_text
+
+
+@lru_cache(maxsize=4)
+def _tools_file(path: str) -> list[dict[str, Any]]:
+    return load_tools_file(path, "tools")
 
 
 @dataclass
@@ -195,10 +202,19 @@ def check_record(raw: RawRecord, config: CurationConfig) -> Checked:
         return out
     out.format, out.kind = fmt, KINDS[fmt]
 
-    if fmt == "messages":
+    tools = _tools_file(config.tools) if config.tools else None
+    if fmt == "sharegpt" or (fmt == "messages" and (has_tool_content(rec.get("messages"))
+                                                    or rec.get("tools") is not None)):
+        try:                                      # tool records: formats.py and tools.py are the reference
+            example = to_example(rec, fmt, tools=tools)
+        except RecordError as e:
+            out.add(e.check, str(e))
+        else:
+            out.clean = {"messages": example.messages, **({"tools": example.tools} if example.tools else {})}
+    elif fmt == "messages":
         turns = _check_messages(rec.get("messages"), out)
         if turns is not None:
-            out.clean = {"messages": turns}
+            out.clean = {"messages": turns, **({"tools": tools} if tools else {})}
     elif fmt in ("alpaca", "prompt_completion"):
         prompt_key, answer_key = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
         prompt = _string_field(rec, prompt_key, out)
@@ -233,11 +249,11 @@ def _quality(out: Checked, config: CurationConfig) -> None:
     clean = out.clean
     if "messages" in clean:
         turns = clean["messages"]
-        answer = turns[-1]["content"]
-        answers = "\n".join(t["content"] for t in turns if t["role"] == "assistant")
+        answer = message_text(turns[-1])
+        answers = "\n".join(message_text(t) for t in turns if t["role"] == "assistant")
         prompts = "\n".join(t["content"] for t in turns if t["role"] != "assistant")
         last_prompt = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
-        dedup = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+        dedup = "\n".join(f"{t['role']}: {message_text(t)}" for t in turns)
         out.label = answer
     elif "text" in clean:
         answer = answers = dedup = clean["text"]

@@ -41,4 +41,6 @@ def qlora_memory(inputs: MemoryInputs) -> MemoryTerms:
             f"upcast to fp32 by peft; LoRA r={lora.r} all-linear in fp32; activations fp32")
     terms = lora_terms(inputs, lora, quantized_weight_bytes(inputs, quant.double_quant), 4, note)
     load_peak = 4 * inputs.shape.num_parameters() + terms.weights if inputs.device == "cpu" else None
-    return replace(terms, load_peak=load_peak, autocast_checked=False)   # bitsandbytes under autocast: not checked
+    # bitsandbytes under autocast: not checked
+    return replace(terms, load_peak=load_peak, autocast_checked=False,
+                   weights_dtype="base NF4 + fp32 embeddings and norms, adapters fp32")
