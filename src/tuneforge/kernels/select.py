@@ -77,22 +77,19 @@ def check_kernels(config: RunConfig, device: torch.device | str) -> None:
     """Refuse (:class:`ConfigError`, one line naming the key) what ``attention``/``kernels`` ask for and this
     machine cannot run: called before any weights load."""
     device = torch.device(device)
-    if config.attention == "flash_varlen":
+    # (key, value that needs CUDA and a library, the library's status, its name, how to install it, what else to use)
+    needs = (("attention", "flash_varlen", flash_attn_status, "flash-attn", FLASH_INSTALL,
+              "attention: packed_sdpa", " (the same packed attention, SDPA per example)"),
+             ("kernels", "liger", liger_status, "liger-kernel", LIGER_INSTALL, "kernels: auto or tuneforge", ""))
+    for key, value, status, library, install, instead, why_instead in needs:
+        if getattr(config, key) != value:
+            continue
         if device.type != "cuda":
-            raise ConfigError(f"attention: flash_varlen runs on CUDA only (this run is on {device.type}); "
-                              "use attention: packed_sdpa (the same packed attention, SDPA per example)")
-        module, why = flash_attn_status()
+            raise ConfigError(f"{key}: {value} runs on CUDA only (this run is on {device.type}); use "
+                              f"{instead}{why_instead}")
+        module, why = status()
         if module is None:
-            raise ConfigError(f"attention: flash_varlen needs flash-attn, which is {why}; {FLASH_INSTALL}, "
-                              "or use attention: packed_sdpa")
-    if config.kernels == "liger":
-        if device.type != "cuda":
-            raise ConfigError(f"kernels: liger runs on CUDA only (this run is on {device.type}); "
-                              "use kernels: auto or tuneforge")
-        module, why = liger_status()
-        if module is None:
-            raise ConfigError(f"kernels: liger needs liger-kernel, which is {why}; {LIGER_INSTALL}, "
-                              "or use kernels: auto or tuneforge")
+            raise ConfigError(f"{key}: {value} needs {library}, which is {why}; {install}, or use {instead}")
 
 
 def choose_attention(attention: str, device: torch.device | str) -> tuple[str, str]:
