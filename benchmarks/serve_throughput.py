@@ -9,7 +9,9 @@ Configurations (issue 16):
 * (d) ``transformers serve --continuous-batching`` on the base model (transformers' own server); when it cannot
   run here the table says why;
 * (e) ``tuneforge serve`` on the base model alone (the row to hold against (d));
-* (f) as (a) with ``lora_kernel: stacked`` (two batched matmuls per layer instead of peft's per-adapter loop).
+* (f) as (a) with ``lora_kernel: stacked`` (two batched matmuls per layer instead of peft's per-adapter loop);
+* (g) with ``--guided``: as (e), every request with ``response_format`` ``json_schema`` (:data:`GUIDED_SCHEMA`, a
+  ticket triage object): the cost of guided decoding, (g)/(e) in tokens/s (issue 26's target: >= 0.9x).
 
 Every configuration gets the same ``--requests`` chat requests from ``--concurrency`` clients (the official
 ``openai`` async client), greedy, ``--max-tokens`` each (``ignore_eos`` where the server takes it; the table
@@ -18,6 +20,7 @@ counts the tokens the servers report). Targets with 32 clients: (a) >= 4x (b) in
 
     python benchmarks/serve_throughput.py                          # SmolLM2-135M, 8 LoRA r=16 adapters
     python benchmarks/serve_throughput.py --model tiny --requests 16 --concurrency 4 --max-tokens 8   # smoke
+    python benchmarks/serve_throughput.py --configs e --guided     # guided decoding against free decoding
 
 Adapters are random LoRA weights (r=16, all linear layers): throughput does not depend on what they learned.
 """
@@ -79,8 +82,15 @@ def tiny_model(out: Path) -> str:
     return str(out)
 
 
-# ------------------------------------------------------------------------------------------- load generator
+GUIDED_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "required": ["category", "urgency", "summary", "steps"],
+                 "properties": {"category": {"enum": ["billing", "shipping", "bug", "feature", "account", "other"]},
+                                "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
+                                "summary": {"type": "string"},
+                                "steps": {"type": "array", "items": {"type": "string"}}}}
 
+
+# ------------------------------------------------------------------------------------------- load generator
 async def _drive(url: str, models: list[str], args: argparse.Namespace, extra: dict) -> dict:
     import openai
 
@@ -137,7 +147,7 @@ def drive(url: str, models: list[str], args: argparse.Namespace, extra: dict | N
 # ----------------------------------------------------------------------------------------- configurations
 
 def run_ours(args: argparse.Namespace, adapters: dict[str, str], models: list[str], lora_kernel: str = "peft",
-             ) -> dict:
+             extra: dict | None = None) -> dict:
     from tuneforge.serving.server import ServeConfig, Server, ServerThread
 
     config = ServeConfig(base=args.base, base_name="base", adapters=adapters, max_batch=args.max_batch,
@@ -145,8 +155,8 @@ def run_ours(args: argparse.Namespace, adapters: dict[str, str], models: list[st
                          api_keys=[args.api_key], device=args.device, lora_kernel=lora_kernel)
     server = Server(config)
     with ServerThread(server.app) as thread:
-        drive(thread.url, models, _warmup(args))
-        result = drive(thread.url, models, args, {"ignore_eos": True})
+        drive(thread.url, models, _warmup(args), extra)
+        result = drive(thread.url, models, args, {"ignore_eos": True, **(extra or {})})
     server.shutdown()
     result["largest_batch"] = server.engine.max_rows_seen
     return result
@@ -270,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="a,b,c,d,e,f", help="which configurations to run (comma-separated)")
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--guided", action="store_true", help="also (g): (e) with response_format json_schema on every "
+                                                          "request (guided decoding), and (e) for comparison")
     args = p.parse_args(argv)
     args.api_key = "bench"
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     args.base = tiny_model(work / "tiny") if args.model == "tiny" else args.model
-    wanted = set(args.configs.split(","))
+    wanted = set(args.configs.split(",")) | ({"e", "g"} if args.guided else set())
     print(f"base {args.model}, {args.adapters} adapters (LoRA r={args.rank}), {args.requests} requests from "
           f"{args.concurrency} clients, {args.max_tokens} tokens each", flush=True)
     adapters = make_adapters(args.base, work / "adapters", args.adapters, args.rank)
@@ -287,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "e": ("(e) tuneforge, base model", lambda: run_ours(args, {}, ["base"])),
         "f": (f"(f) tuneforge, {args.adapters} adapters mixed, stacked LoRA kernel",
               lambda: run_ours(args, adapters, list(adapters), "stacked")),
+        "g": ("(g) tuneforge, base model, response_format json_schema (guided)",
+              lambda: run_ours(args, {}, ["base"], extra={"response_format": {
+                  "type": "json_schema", "json_schema": {"name": "triage", "schema": GUIDED_SCHEMA}}})),
     }
     results = {}
     for key, (label, fn) in runs.items():
@@ -311,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return "n/a"
         return f"{rx['tokens_per_s'] / ry['tokens_per_s']:.2f}x"
     print(f"\n(a)/(b) = {ratio('a', 'b')} (target >= 4x); (a)/(c) = {ratio('a', 'c')} (target >= 0.8x); "
-          f"(e)/(d) = {ratio('e', 'd')} (target >= 1x); (f)/(b) = {ratio('f', 'b')}, (f)/(c) = {ratio('f', 'c')}")
+          f"(e)/(d) = {ratio('e', 'd')} (target >= 1x); (f)/(b) = {ratio('f', 'b')}, (f)/(c) = {ratio('f', 'c')}"
+          + (f"; guided (g)/(e) = {ratio('g', 'e')} (target >= 0.9x)" if "g" in results else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

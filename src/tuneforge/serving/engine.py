@@ -12,6 +12,11 @@ One thread owns the model. Each iteration of its loop:
    :meth:`~tuneforge.serving.adapters.AdapterSet.forward`), samples, streams the text, and drops finished rows
    from the batch and the cache.
 
+A row may carry a grammar (``Request.guide``, :mod:`tuneforge.serving.guided`: a ``response_format``): before
+sampling, its logits are masked to the tokens the grammar allows (the other rows' logits untouched), the guide
+advances with each emitted token, and the row finishes with ``"stop"`` once the grammar is complete or at an EOS
+token (offered only where the grammar accepts).
+
 Rows compute what they would alone: padding is masked out and positions are per row (tested: a request's
 tokens in a busy batch equal its tokens alone). Text goes back through ``Request.sink`` callbacks, called on
 the engine thread: ``("token", text, n_tokens)``, then ``("done", finish_reason, usage)`` or
@@ -75,6 +80,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False                 # vLLM's extension: always generate max_tokens (benchmarks)
     sink: Sink = lambda event: None
+    guide: Any = None                        # a grammar the answer must match (serving.guided.Guide), or None
     keep_logits: bool = False                # record each step's logits in ``logits`` (tests)
     logits: list[torch.Tensor] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
@@ -508,6 +514,19 @@ class Engine:
         """Sample one token for each of ``rows`` (logits ``[n, V]``), stream text, retire finished rows; a row
         whose sampling, text or sink raises fails alone."""
         probs = logits.float()
+        guided = [(i, row.req.guide) for i, row in enumerate(rows) if row.req.guide is not None and not row.done]
+        if guided:                               # guided rows: -inf where their grammar forbids the token
+            from tuneforge.serving.guided import apply_masks
+
+            probs = probs.clone() if probs is logits else probs
+            try:
+                apply_masks(probs, guided)
+            except Exception:                    # a guide that raises: find it, row by row, below
+                for i, guide in guided:
+                    try:
+                        apply_masks(probs, [(i, guide)])
+                    except Exception as e:
+                        rows[i].req.guide = _Broken(e)
         greedy = probs.argmax(-1).tolist()
         now = time.perf_counter()
         finished = []
@@ -534,12 +553,19 @@ class Engine:
             row.first_token_at = now
         if row.req.cancelled:
             return "cancelled"
+        guide = row.req.guide
+        if isinstance(guide, _Broken):
+            raise guide.error
         tok = greedy if row.req.temperature <= 0 else self._sample(row, logits)
-        if tok in self.eos_ids and not row.req.ignore_eos:
-            return "stop"
+        if tok in self.eos_ids and (not row.req.ignore_eos or guide is not None):
+            return "stop"                        # a guided row is offered EOS only where its grammar accepts
+        if guide is not None:
+            guide.consume(tok)
         row.tokens.append(tok)
         reason = self._stream(row)
         row.stopped_by_string = reason == "stop"
+        if reason is None and guide is not None and guide.complete:
+            reason = "stop"                      # the grammar admits nothing more: the answer is whole
         if reason is None and (len(row.tokens) >= row.req.max_tokens or row.pos >= self.max_context):
             reason = "length"
         return reason
@@ -635,6 +661,13 @@ class Engine:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self._mask = mask[:, first:]
+
+
+class _Broken:
+    """The guide of a row whose mask computation raised: the row fails alone (500) when it is sampled."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def _merge_caches(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -79,6 +79,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormatText(_Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                    description="a JSON Schema; the answer is JSON that validates against it")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
+                           Field(discriminator="type")]
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -95,6 +120,8 @@ class _Sampling(_Strict):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0)
     frequency_penalty: float | None = Field(None, ge=0, le=0)
+    # text (the default), or JSON constrained while decoding (serving/guided.py; serve's guided_decoding)
+    response_format: ResponseFormat | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -215,7 +242,7 @@ def _check_json_tree(data: Any) -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             if not value.isascii() and _has_lone_surrogate(value):
-                field = ".".join(str(p) for p in path) or "body"
+                field = _field_name(path)
                 raise APIError(400, f"{field}: holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), "
                                "which is not text: send valid Unicode", param=field, code="invalid_value")
             continue
@@ -228,6 +255,14 @@ def _check_json_tree(data: Any) -> None:
                 if isinstance(key, str) and not key.isascii() and _has_lone_surrogate(key):
                     stack.append((key, path))
                 stack.append((item, (*path, key)))
+
+
+def _field_name(path: tuple) -> str:
+    """``a.b.0`` of a path into the body; a key that is not printable on one line (``"\\n"``, a lone surrogate,
+    ...) in JSON's escaped form, so that the name stays one line of valid text."""
+    parts = [str(p) if str(p).isprintable() and not _has_lone_surrogate(str(p)) else json.dumps(str(p))
+             for p in path]
+    return ".".join(parts) or "body"
 
 
 def _has_lone_surrogate(text: str) -> bool:

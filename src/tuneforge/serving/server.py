@@ -52,6 +52,7 @@ from tuneforge.serving import protocol as P
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, adapter_kind, check_base
 from tuneforge.serving.engine import Engine, EngineStopped, InvalidRequest
 from tuneforge.serving.engine import Request as GenRequest
+from tuneforge.serving.guided import JSON_OBJECT_SCHEMA, GrammarError, Grammars, Guide, json_schema_grammar
 from tuneforge.serving.metrics import ServerMetrics
 from tuneforge.serving.protocol import APIError
 from tuneforge.serving.security import BodyLimit, adapter_path_under, check_admin, check_user
@@ -86,6 +87,9 @@ class ServeConfig(BaseModel):
         "stacked", description="how LoRA rows of different adapters share a forward: stacked (two batched matmuls "
                                "per layer; 1.3x peft's on 8 mixed adapters, benchmarks/serve_throughput.py) or "
                                "peft's adapter_names (one small matmul pair per adapter per layer)")
+    guided_decoding: bool = Field(
+        True, description="honour response_format json_object / json_schema by masking each such request's logits "
+                          "with its schema's grammar (llguidance); false: such requests are answered 400")
     graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM lets in-flight requests run on; "
                                                             "those still running then end with finish_reason length")
 
@@ -174,6 +178,8 @@ class Server:
         self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished)
         for tok in [self.tokenizer] + [entry.tokenizer for entry in self.registry.entries.values()]:
             self._stop_at_end_of_turn(tok)
+        # response_format's grammars, compiled on a guided request's arrival (the tokenizer's too, on the first)
+        self.grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
         self.metrics.bind(lambda: len(self.registry.loaded), lambda: self.engine.running, lambda: self.engine.waiting)
         self.in_flight = 0
         self.draining = False
@@ -313,6 +319,24 @@ class Server:
                 param = prompt_param if e.param == "prompt" else e.param
                 raise APIError(400, f"{param}: {e.detail}", param=param, code="invalid_value") from None
 
+    def guides(self, response_format: Any, count: int) -> list[Guide | None]:
+        """``count`` guides of a request's ``response_format`` (``None`` each for text): its grammar compiled (or
+        found in the cache) now, before the request joins a batch; :class:`APIError` 400 naming the field."""
+        kind = getattr(response_format, "type", "text")
+        if kind == "text":
+            return [None] * count
+        if not self.config.guided_decoding:
+            raise APIError(400, f"response_format: {kind} needs guided decoding, which this server has off "
+                           "(tuneforge serve --guided-decoding on); send response_format text, or ask its operator",
+                           param="response_format", code="guided_decoding_off")
+        param = "response_format.json_schema.schema" if kind == "json_schema" else "response_format"
+        try:
+            schema = response_format.json_schema.schema_ if kind == "json_schema" else JSON_OBJECT_SCHEMA
+            grammar = json_schema_grammar(schema, param)
+            return [self.grammars.guide(grammar, param) for _ in range(count)]
+        except GrammarError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_schema") from None
+
     def _admit(self) -> None:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
@@ -449,6 +473,7 @@ class Server:
             gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                              body.ignore_eos)
             self._validate([gen], "messages")
+            (gen.guide,) = await asyncio.to_thread(self.guides, body.response_format, 1)
             self._admit()
             return await self._respond_chat(request, body, gen)
 
@@ -466,6 +491,9 @@ class Server:
             gens = [GenRequest(ids, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                                body.ignore_eos) for ids in prompts]
             self._validate(gens, "prompt")
+            for gen, guide in zip(gens, await asyncio.to_thread(self.guides, body.response_format, len(gens)),
+                                  strict=True):
+                gen.guide = guide
             self._admit()
             return await self._respond_completion(request, body, gens)
 
