@@ -3,7 +3,7 @@
 Requests are validated strictly (a string where a number belongs is an error, not coerced) and every error
 becomes OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with ``param`` naming the field.
 Fields OpenAI defines that tuneforge does not implement are refused when set to anything but their default
-(``n > 1``, ``logprobs``, ``tools``), never silently ignored; unknown fields are ignored, as OpenAI's
+(``n > 1``, ``logprobs``), never silently ignored; unknown fields are ignored, as OpenAI's
 compatible servers do.
 
 :func:`parse_body` is the one door a request body comes through; whatever the bytes, it returns a validated
@@ -22,12 +22,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_DEPTH = 32                       # JSON nesting a request body may have (a chat request needs 4)
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1   # what torch.Generator.manual_seed accepts
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class APIError(Exception):
@@ -66,12 +66,43 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None       # an assistant turn's calls (earlier turns of an agent loop)
+    tool_call_id: str | None = None                # a tool result: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_content_may_be_left_out(cls, data: Any) -> Any:
+        # an assistant turn that calls tools may leave its content out or null (OpenAI's shape); any other turn
+        # must give it (a missing content is "Field required" at messages.N.content)
+        if isinstance(data, dict) and data.get("role") == "assistant" and "content" not in data:
+            data = {**data, "content": None}
+        return data
+
+    @field_validator("content")
+    @classmethod
+    def _content_not_null(cls, content: Any, info: Any) -> Any:
+        if content is None and info.data.get("role") != "assistant":
+            raise ValueError("must be a string or a list of text parts (only an assistant turn may be null)")
+        return content
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -135,7 +166,9 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = Field(None, max_length=0)
+    tools: list[Any] | None = Field(None, max_length=128, description="function definitions (OpenAI's shape)")
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     logprobs: Literal[False] | None = None          # not implemented: refused rather than ignored
     # vLLM's extra parameter: arguments of the chat template (over the adapter's run's template_kwargs)
     chat_template_kwargs: dict[str, Any] | None = None
@@ -148,7 +181,36 @@ class ChatCompletionRequest(_Sampling):
         return None if v is None else check_template_kwargs(v, "chat_template_kwargs")
 
     def conversation(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as tuneforge's data shapes them (calls' arguments as objects, results with their call's
+        id); APIError 400 naming the message for a result that answers no call or arguments that are not JSON."""
+        from tuneforge.data.errors import RecordError
+        from tuneforge.data.tools import check_conversation, normalise_calls
+
+        out: list[dict] = []
+        for i, m in enumerate(self.messages):
+            message: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.role != "assistant" and m.tool_calls:
+                raise APIError(400, f"messages.{i}.tool_calls: only an assistant message makes calls",
+                               param=f"messages.{i}.tool_calls")
+            try:
+                if m.tool_calls:
+                    message["tool_calls"] = normalise_calls([c.model_dump() for c in m.tool_calls],
+                                                            f"messages.{i}")
+            except RecordError as e:
+                raise APIError(400, str(e), param=f"messages.{i}.tool_calls") from None
+            if m.role == "tool":
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in out):
+            # the history's consistency only: any tool a call names is accepted here, with any arguments
+            named = {c["function"]["name"] for m in out for c in m.get("tool_calls") or []}
+            try:
+                check_conversation(out, [{"function": {"name": n, "parameters": {}}} for n in named])
+            except RecordError as e:
+                where = str(e).split(" ", 1)[0].replace("[", ".").replace("]", "")
+                raise APIError(400, str(e).replace("messages[", "messages.").replace("]", "", 1),
+                               param=where if where.startswith("messages") else "messages") from None
+        return out
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -199,10 +261,15 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
     return chunk
 
 
-def chat_response(rid: str, model: str, created: int, text: str, finish_reason: str, usage: dict) -> dict:
+def chat_response(rid: str, model: str, created: int, text: str | None, finish_reason: str, usage: dict,
+                  tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
+    message: dict = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
             "usage": usage}
 
 
@@ -320,15 +387,28 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = Field(None, description="a leading <think> block of the answer, apart")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    finish_reason: FinishReason
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -392,15 +472,24 @@ class Health(BaseModel):
     loaded_adapters: list[str]
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str] | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    finish_reason: FinishReason | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -52,10 +52,18 @@ from tuneforge.serving import protocol as P
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, adapter_kind, check_base
 from tuneforge.serving.engine import Engine, EngineStopped, InvalidRequest
 from tuneforge.serving.engine import Request as GenRequest
-from tuneforge.serving.guided import JSON_OBJECT_SCHEMA, GrammarError, Grammars, Guide, json_schema_grammar
+from tuneforge.serving.guided import (
+    JSON_OBJECT_SCHEMA,
+    GrammarError,
+    Grammars,
+    Guide,
+    json_schema_grammar,
+    lark_grammar,
+)
 from tuneforge.serving.metrics import ServerMetrics
 from tuneforge.serving.protocol import APIError
 from tuneforge.serving.security import BodyLimit, adapter_path_under, check_admin, check_user
+from tuneforge.serving.tool_calls import OutputSplitter, openai_calls, request_tools, split_answer, tool_call_grammar
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +283,7 @@ class Server:
         return entry.tokenizer if entry is not None and entry.tokenizer is not None else self.tokenizer
 
     def chat_prompt_ids(self, adapter: str | None, messages: list[dict],
-                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                        template_kwargs: dict[str, Any] | None = None, tools: list[dict] | None = None) -> list[int]:
         """Token ids of ``messages`` plus the generation prompt, rendered with the adapter's own chat template
         (the one saved with its run: what training rendered, with its run's ``template_kwargs``), else the base
         model's; ``template_kwargs`` (a request's ``chat_template_kwargs``) override the run's."""
@@ -286,7 +294,7 @@ class Server:
             raise APIError(400, f"messages: {adapter or self.base_name} has no chat template (a base model, or an "
                            "adapter trained without one): send a raw prompt to /v1/completions", param="messages")
         try:
-            return prompt_ids(tok, messages, template_kwargs)
+            return prompt_ids(tok, messages, template_kwargs, tools=tools)
         except Exception as e:   # a template that rejects the conversation (roles out of order, ...)
             raise APIError(400, f"messages: the chat template refused them ({str(e).splitlines()[0][:200]})",
                            param="messages") from None
@@ -336,6 +344,22 @@ class Server:
             return [self.grammars.guide(grammar, param) for _ in range(count)]
         except GrammarError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_schema") from None
+
+    def tool_guide(self, tools: list[dict], forced: str, parallel: bool, response_format: Any) -> Guide:
+        """The guide that forces a call (``tool_choice`` required or named), its arguments valid against the tool's
+        parameters; refused with guided decoding off, or beside a ``response_format`` other than text."""
+        if getattr(response_format, "type", "text") != "text":
+            raise APIError(400, "response_format: a forced tool call (tool_choice required or a function) is the "
+                           "answer's format already; send response_format text", param="response_format")
+        if not self.config.guided_decoding:
+            raise APIError(400, "tool_choice: forcing a call needs guided decoding, which this server has off "
+                           "(tuneforge serve --guided-decoding on); use tool_choice auto", param="tool_choice",
+                           code="guided_decoding_off")
+        try:
+            return self.grammars.guide(lark_grammar(tool_call_grammar(tools, forced, parallel)), "tools")
+        except (GrammarError, ValueError) as e:
+            raise APIError(400, f"tools: the parameters cannot be enforced ({str(e).splitlines()[0][:200]})",
+                           param="tools", code="invalid_schema") from None
 
     def _admit(self) -> None:
         if self.draining:
@@ -467,15 +491,20 @@ class Server:
             user(request)
             body = P.parse_body(P.ChatCompletionRequest, await request.body())
             adapter = self.resolve_model(body.model)
-            prompt = self.chat_prompt_ids(adapter, body.conversation(), body.chat_template_kwargs)
+            tools, forced = request_tools(body.tools, body.tool_choice)
+            prompt = self.chat_prompt_ids(adapter, body.conversation(), body.chat_template_kwargs, tools)
             max_tokens = body.limit() or cfg.default_max_tokens
             self._check_lengths(prompt, max_tokens, "messages")
             gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                              body.ignore_eos)
             self._validate([gen], "messages")
-            (gen.guide,) = await asyncio.to_thread(self.guides, body.response_format, 1)
+            if forced is not None and tools is not None:       # tool_choice required or named: the call is forced
+                gen.guide = await asyncio.to_thread(self.tool_guide, tools, forced, body.parallel_tool_calls,
+                                                    body.response_format)
+            else:
+                (gen.guide,) = await asyncio.to_thread(self.guides, body.response_format, 1)
             self._admit()
-            return await self._respond_chat(request, body, gen)
+            return await self._respond_chat(request, body, gen, tools is not None)
 
         @app.post("/v1/completions", response_model=None, openapi_extra=P.openapi_body(P.CompletionRequest),
                   responses=answers(P.CompletionResponse, 400, 401, 404, 413, 429, 500, 503,
@@ -558,25 +587,45 @@ class Server:
                 return
             time.sleep(0.02)
 
-    async def _respond_chat(self, request: Request, body: P.ChatCompletionRequest, gen: GenRequest) -> Response:
+    async def _respond_chat(self, request: Request, body: P.ChatCompletionRequest, gen: GenRequest,
+                            tools: bool = False) -> Response:
+        """The answer: a leading ``<think>`` block as ``reasoning_content``; with ``tools``, its ``<tool_call>``
+        blocks as ``tool_calls`` (``finish_reason: tool_calls``), anything that does not parse left as content."""
         rid, created, model = P.new_id("chatcmpl"), P.now(), body.model
+        parallel = body.parallel_tool_calls
         self.in_flight += 1
         if not body.stream:
             try:
                 [(text, reason, usage)] = await self._collect_all(request, [gen])
             finally:
                 self.in_flight -= 1
-            return JSONResponse(P.chat_response(rid, model, created, text, reason, usage))
+            reasoning, content, calls = split_answer(text, tools)
+            out_calls = openai_calls(calls, parallel) if calls else None
+            if out_calls and reason == "stop":
+                reason = "tool_calls"
+            return JSONResponse(P.chat_response(rid, model, created, content if content or not out_calls else None,
+                                                reason, usage, out_calls, reasoning))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
+            splitter = OutputSplitter(tools)
             try:
                 yield _sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
                 async for ev in self._generate(gen):
                     if ev[0] == "token":
-                        yield _sse(P.chat_chunk(rid, model, created, {"content": ev[1]}))
+                        for delta in splitter.feed(ev[1]):
+                            yield _sse(P.chat_chunk(rid, model, created, delta))
                     elif ev[0] == "done":
-                        yield _sse(P.chat_chunk(rid, model, created, {}, ev[1]))
+                        rest, calls = splitter.finish()
+                        for delta in rest:
+                            yield _sse(P.chat_chunk(rid, model, created, delta))
+                        reason = ev[1]
+                        if calls:
+                            # each call in one delta (name and the whole arguments), as OpenAI's clients accumulate
+                            for i, call in enumerate(openai_calls(calls, parallel)):
+                                yield _sse(P.chat_chunk(rid, model, created, {"tool_calls": [{"index": i, **call}]}))
+                            reason = "tool_calls" if reason == "stop" else reason
+                        yield _sse(P.chat_chunk(rid, model, created, {}, reason))
                         if include_usage:
                             yield _sse(P.chat_chunk(rid, model, created, {}, usage=ev[2]))
                     else:
