@@ -6,7 +6,8 @@ before anything is written. Then the tuned model loads once; the base columns ru
 the method disabled (``methods.method_disabled``: no second copy in memory), or on a separately loaded
 base for methods that change the base weights (``full``). Each column answers the same prompts with
 batched greedy generation; every metric gets a bootstrap interval, and tuned minus each baseline a paired
-bootstrap. The report is written to ``<run>/eval/`` (or ``out``) atomically (:mod:`.report`).
+bootstrap. Tool records (:mod:`.tool_eval`) get their tools in every column's prompt and a ``tool_calls``
+block of call scores per column. The report is written to ``<run>/eval/`` (or ``out``) atomically (:mod:`.report`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tuneforge.config import RunConfig, load_config
 from tuneforge.config.eval import BASE_COLUMNS, EvalSettings, check_columns
 from tuneforge.data.dataset import DataError, load_examples
 from tuneforge.data.formats import Example
-from tuneforge.evaluation import bootstrap, failures, generation, heldout
+from tuneforge.evaluation import bootstrap, failures, generation, heldout, tool_eval
 from tuneforge.evaluation import columns as cols
 from tuneforge.evaluation import forgetting as forget
 from tuneforge.evaluation.metrics import MetricError, MetricSet, check_schema, confusion, normalise_label, per_label
@@ -78,6 +79,15 @@ class TestSet:
     def references(self) -> list[str]:
         return [ex.messages[-1]["content"] for ex in self.examples]
 
+    @property
+    def tools(self) -> list[list[dict] | None]:
+        """Each prompt's tool definitions (the record's or ``data.tools``; None: none)."""
+        return [ex.tools for ex in self.examples]
+
+    @property
+    def has_tools(self) -> bool:
+        return any(tool_eval.is_tool_record(ex) for ex in self.examples)
+
 
 # ------------------------------------------------------------------------------------------- inputs
 
@@ -103,9 +113,10 @@ def load_test_set(name: str, file: str | Path, config: RunConfig, max_examples: 
         raise EvalError(f"{r.source}:{r.line}: test record unusable: {r.reason}{more}; fix or remove it")
     for ex in loaded.examples:
         msgs = ex.messages or []
-        if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
-            raise EvalError(f"{ex.meta.get('where', path)}: test record unusable: it must end with a user turn and "
-                            "the reference assistant answer")
+        before = ("user", "tool") if tool_eval.is_tool_record(ex) else ("user",)
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] not in before:
+            raise EvalError(f"{ex.meta.get('where', path)}: test record unusable: it must end with a user turn (or, "
+                            "with tools, tool results) and the reference assistant answer")
     if not loaded.examples:
         raise EvalError(f"test file {path}: no records")
     return TestSet(name, str(path), loaded.examples[:max_examples])
@@ -139,17 +150,18 @@ def _base_model(loaded: Any, config: RunConfig, cache: dict) -> Iterator[tuple[t
 # -------------------------------------------------------------------------------------------- scoring
 
 
-def _column_rows(test: TestSet, answers: generation.Generations, scores: dict[str, list[float]],
+def _column_rows(test: TestSet, texts: list[str], answers: generation.Generations, scores: dict[str, list[float]],
                  key: str) -> list[dict]:
     return [{"index": i, "prompt": p[-1]["content"], "reference": r, "answer": a, "stopped": s,
              "correct": bool(scores[key][i])}
-            for i, (p, r, a, s) in enumerate(zip(test.prompts, test.references, answers.texts, answers.stopped,
+            for i, (p, r, a, s) in enumerate(zip(test.prompts, test.references, texts, answers.stopped,
                                                  strict=True))]
 
 
 def _score_column(test: TestSet, gens: generation.Generations, metric_set: MetricSet, rules: failures.FormatRules,
                   settings: EvalSettings, main_metric: str) -> tuple[dict, dict[str, list[float]]]:
-    scores = metric_set.score(gens.texts, test.references)
+    texts = tool_eval.content_texts(test.examples, gens.texts)     # a tool record's answer without its calls
+    scores = metric_set.score(texts, test.references)
     seed, resamples = settings.seed, settings.bootstrap_resamples
     out: dict[str, Any] = {
         "metrics": {m: bootstrap.interval(v, resamples, seed=seed).to_dict() for m, v in scores.items()},
@@ -159,10 +171,10 @@ def _score_column(test: TestSet, gens: generation.Generations, metric_set: Metri
         "seconds": gens.seconds,
         "stopped": sum(gens.stopped) / max(len(gens.stopped), 1),
     }
-    rows = _column_rows(test, gens, scores, main_metric)
+    rows = _column_rows(test, texts, gens, scores, main_metric)
     out["failures"] = failures.analyse(rows, rules)
     if metric_set.labels:
-        table = confusion(gens.texts, test.references, metric_set.labels)
+        table = confusion(texts, test.references, metric_set.labels)
         out["confusion"] = table
         out["per_label"] = per_label(table)
     out["answers"] = gens.texts
@@ -171,10 +183,10 @@ def _score_column(test: TestSet, gens: generation.Generations, metric_set: Metri
 
 
 def _variability(model: torch.nn.Module, tokenizer: Any, method: str | None, prompts: list[list[dict]],
-                 settings: EvalSettings, max_new_tokens: int) -> dict:
+                 settings: EvalSettings, max_new_tokens: int, tools: list[list[dict] | None] | None = None) -> dict:
     """n samples per prompt at temperature T: distinct answers / n, and the share agreeing with the majority."""
     samples = [generation.generate(model, tokenizer, prompts, method, max_new_tokens, settings.batch_size,
-                                   temperature=settings.temperature, seed=settings.seed + s).texts
+                                   temperature=settings.temperature, seed=settings.seed + s, tools=tools).texts
                for s in range(settings.samples)]
     distinct, agreement = [], []
     for i in range(len(prompts)):
@@ -341,10 +353,14 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     log.info("loading %s", run_dir)
     loaded = load_run(run_dir)
     tokenizer, cache = loaded.tokenizer, {}
+    if settings.max_new_tokens is None:     # room for the longest reference call: a cut call scores as no call
+        longest = max(tool_eval.longest_reference_tokens(tokenizer, t.examples) for t in test_sets)
+        max_new = max(max_new, longest + tool_eval.MARGIN_TOKENS if longest else 0)
     from tuneforge.data.rendering import prompt_ids
     from tuneforge.evaluation.merged import merged_for_scoring
 
-    probe = torch.tensor([prompt_ids(tokenizer, test_sets[0].prompts[0])], device=loaded.device)
+    probe = torch.tensor([prompt_ids(tokenizer, test_sets[0].prompts[0], tools=test_sets[0].tools[0])],
+                         device=loaded.device)
     merge_record: dict[str, Any] = {"merged": False}
 
     def tuned_model() -> contextlib.AbstractContextManager[bool]:
@@ -357,24 +373,30 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     for test in test_sets:
         per_col: dict[str, dict] = {}
         col_scores: dict[str, dict[str, list[float]]] = {}
+        call_scores: dict[str, dict[str, list[float]]] = {}
         for column in wanted:
             prompts = cols.build_prompts(column, test.prompts, shots, retriever, settings.rag_k)
             bar.set_postfix(set=test.name, column=column)
             if column in BASE_COLUMNS:
                 with _base_model(loaded, config, cache) as (model, method):
                     gens = generation.generate(model, tokenizer, prompts, method, max_new, settings.batch_size,
-                                               progress=bar.update)
+                                               progress=bar.update, tools=test.tools)
             else:
                 with tuned_model():
                     gens = generation.generate(loaded.model, tokenizer, prompts, config.method, max_new,
-                                               settings.batch_size, progress=bar.update)
+                                               settings.batch_size, progress=bar.update, tools=test.tools)
             per_col[column], col_scores[column] = _score_column(test, gens, metric_set, rules, settings, main_metric)
+            if test.has_tools:
+                per_col[column]["tool_calls"], call_scores[column] = tool_eval.column_block(
+                    test.examples, gens.texts, settings.seed, settings.bootstrap_resamples)
             if column in ("rag", "tuned+rag"):
                 per_col[column]["context_example"] = prompts[0][-1]["content"] if prompts else ""
         entry: dict[str, Any] = {"file": test.file, "sha256": file_sha256(test.file), "n": len(test.examples),
                                  "columns": per_col, "prompts": [p[-1]["content"] for p in test.prompts],
                                  "references": test.references}
         entry["paired"] = _paired(col_scores, settings)
+        if call_scores:
+            entry["paired_tool_calls"] = _paired(call_scores, settings)
         entry["loss"] = _losses(loaded, config, test, cache, settings, tuned_model)
         report["sets"][test.name] = entry
     bar.close()
@@ -382,10 +404,11 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     if settings.samples:
         log.info("output variability: %d samples at temperature %s", settings.samples, settings.temperature)
         prompts = test_sets[0].prompts[:settings.variability_examples]
+        tools = test_sets[0].tools[:settings.variability_examples]
         with _base_model(loaded, config, cache) as (model, method):
-            base_var = _variability(model, tokenizer, method, prompts, settings, max_new)
+            base_var = _variability(model, tokenizer, method, prompts, settings, max_new, tools)
         with tuned_model():
-            tuned_var = _variability(loaded.model, tokenizer, config.method, prompts, settings, max_new)
+            tuned_var = _variability(loaded.model, tokenizer, config.method, prompts, settings, max_new, tools)
         report["variability"] = {"base": base_var, "tuned": tuned_var}
 
     if questions is not None:

@@ -5,6 +5,9 @@
   inserted as earlier user/assistant turns after the system prompt: what prompting alone achieves.
 * ``rag`` / ``tuned+rag``: the top-k BM25 passages of the docs folder for the last user turn, prepended
   to that turn as ``Context:`` lines.
+
+Tool records (:mod:`.tool_eval`) keep their tools in every column (the generator renders them); few-shot examples
+keep their own calls and tool results, rendered in the same format.
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ def with_fewshot(conversation: list[dict], shots: list[list[dict]]) -> list[dict
     system = [m for m in conversation[:1] if m["role"] == "system"]
     turns = []
     for shot in shots:
-        turns += [m for m in shot if m["role"] in ("user", "assistant")]
+        turns += [m for m in shot if m["role"] in ("user", "assistant", "tool")]   # calls and results kept
     return system + turns + conversation[len(system):]
 
 
+def last_user(conversation: list[dict]) -> int:
+    """The index of the last user turn (a tool record's prompt may end with tool results after it)."""
+    return max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=len(conversation) - 1)
+
+
 def with_context(conversation: list[dict], passages: list[str]) -> list[dict]:
-    last = conversation[-1]
+    i = last_user(conversation)
+    turn = conversation[i]
     context = "\n".join(f"- {p}" for p in passages)
-    return conversation[:-1] + [{**last, "content": f"Context:\n{context}\n\n{last['content']}"}]
+    return [*conversation[:i], {**turn, "content": f"Context:\n{context}\n\n{turn['content']}"}, *conversation[i + 1:]]
 
 
 def build_prompts(column: str, prompts: list[list[dict]], shots: list[list[dict]] | None = None,
@@ -42,4 +51,4 @@ def build_prompts(column: str, prompts: list[list[dict]], shots: list[list[dict]
         return [with_fewshot(p, shots or []) for p in prompts]
     if retriever is None:
         raise ValueError(f"column {column!r} needs a docs folder (--docs DIR or eval.docs)")
-    return [with_context(p, [x.text for x in retriever.top(p[-1]["content"], rag_k)]) for p in prompts]
+    return [with_context(p, [x.text for x in retriever.top(p[last_user(p)]["content"], rag_k)]) for p in prompts]

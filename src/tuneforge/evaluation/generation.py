@@ -4,8 +4,10 @@ Prompts are sorted by token length (longest first) so that each batch pads littl
 every row's last prompt token sits at the same position and generation starts together, and decoded
 with transformers' KV cache (``use_cache=True``). Answers come back in the original order with, per
 prompt, the prompt's token count, the tokens generated up to and including the end-of-turn token, and
-whether it stopped before ``max_new_tokens``. Greedy (``temperature == 0``) output equals a
-one-prompt-at-a-time ``generate`` loop (tested); sampling is seeded once per call.
+whether it stopped before ``max_new_tokens``. ``tools`` (one list or None per conversation) are rendered into
+that conversation's prompt as at training; a tool call ends with its turn (``</tool_call>`` is no end token),
+and the call markers survive decoding even where the tokenizer marks them special. Greedy (``temperature == 0``)
+output equals a one-prompt-at-a-time ``generate`` loop (tested); sampling is seeded once per call.
 """
 
 from __future__ import annotations
@@ -43,17 +45,37 @@ def _end_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return {i for i in (*end_of_turn_ids(tokenizer), im_end) if i is not None}
 
 
+def _decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], bool], str]:
+    """``decode(ids, tools)``: text without special tokens, except the tool-call markers when ``tools``."""
+    from tuneforge.data.tools import CALL_CLOSE, CALL_OPEN
+
+    vocab = tokenizer.get_vocab()
+    markers = {vocab[m] for m in (CALL_OPEN, CALL_CLOSE) if m in vocab}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    dropped = special - markers
+
+    def decode(ids: list[int], tools: bool) -> str:
+        if not tools or not markers:
+            return tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return tokenizer.decode([t for t in ids if t not in dropped], skip_special_tokens=False).strip()
+    return decode
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
              method: str | None = None, max_new_tokens: int = 32, batch_size: int = 16, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, progress: Callable[[int], None] | None = None) -> Generations:
-    """Answer every conversation (messages ending with a user turn) with ``model``.
+             top_p: float = 1.0, seed: int = 0, progress: Callable[[int], None] | None = None,
+             tools: list[list[dict] | None] | None = None) -> Generations:
+    """Answer every conversation (messages ending with a user turn, or a tool record's results) with ``model``.
 
+    ``tools``: per conversation, the tool definitions its prompt renders (None: none).
     ``method``: the run's method name for :func:`tuneforge.methods.method_generate` (``None``: a plain model).
     ``progress(n)`` is called after each batch with the number of prompts it answered.
     """
     model.eval()
-    ids = [prompt_ids(tokenizer, conv) for conv in conversations]
+    tools = tools or [None] * len(conversations)
+    ids = [prompt_ids(tokenizer, conv, tools=t) for conv, t in zip(conversations, tools, strict=True)]
+    decode = _decoder(tokenizer)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = _end_ids(tokenizer)
@@ -79,7 +101,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, convers
             kept = row if end is None else row[:end]
             new_tokens[i] = len(row) if end is None else end + 1
             stopped[i] = end is not None
-            texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            texts[i] = decode(kept, bool(tools[i]))
         if progress:
             progress(len(chunk))
     return Generations(texts, [len(x) for x in ids], new_tokens, stopped, time.perf_counter() - start)

@@ -92,6 +92,34 @@ def _paired_rows(report: dict, entry: dict) -> list[list[str]]:
     return rows
 
 
+TOOL_METRIC_NAMES = {"call_rate": "call rate", "tool_name": "tool name", "args_exact": "args exact",
+                     "args_valid": "args valid", "args_f1": "args F1"}
+
+
+def tool_call_rows(entry: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The tool-call table of a set (columns x metrics with intervals, then failure counts), or None."""
+    from tuneforge.evaluation.tool_calls import CATEGORIES, METRICS
+
+    blocks = {n: c["tool_calls"] for n, c in entry["columns"].items() if c.get("tool_calls")}
+    if not blocks:
+        return None
+    header = ["column", "examples", "needing a call", *(TOOL_METRIC_NAMES[m] for m in METRICS), *CATEGORIES]
+    rows = [[n, str(b["examples"]), str(b["needing_a_call"]), *(_pct(b[m]) for m in METRICS),
+             *(str(b["failures"][c]) for c in CATEGORIES)] for n, b in blocks.items()]
+    return header, rows
+
+
+def _paired_tool_rows(entry: dict) -> list[list[str]]:
+    return [[pair, TOOL_METRIC_NAMES.get(m, m), _signed_pct(iv), f"{iv['p_not_better']:.3f}"]
+            for pair, metrics in entry.get("paired_tool_calls", {}).items() for m, iv in metrics.items()
+            if iv["n"]]
+
+
+TOOL_NOTE = ("Tool calls (records with tools; the answer's calls in the built-in format against the reference's; "
+             "tool name, args exact and args F1 over the examples needing a call, args valid over those that call; "
+             "then wrong examples by failure category):")
+
+
 def _forgetting_rows(f: dict) -> list[list[str]]:
     gt = f["general_text"]
     return [["MMLU cloze acc", _pct(f["base"]), _pct(f["tuned"]),
@@ -116,6 +144,12 @@ def to_markdown(report: dict) -> str:
         if entry["paired"]:
             out += ["Paired bootstrap (same prompts):", "",
                     _md_table(["comparison", "metric", "difference", "P(not better)"], _paired_rows(report, entry)), ""]
+        tool_table = tool_call_rows(entry)
+        if tool_table:
+            out += [TOOL_NOTE, "", _md_table(*tool_table), ""]
+            if _paired_tool_rows(entry):
+                out += [_md_table(["comparison", "metric", "difference", "P(not better)"], _paired_tool_rows(entry)),
+                        ""]
         out += ["Failures (wrong answers by category):", ""]
         cats = sorted({c for col in entry["columns"].values() for c in col["failures"]["counts"]})
         out += [_md_table(["column", "wrong", *cats],
@@ -328,6 +362,13 @@ def to_html(report: dict) -> str:
             body.append("<h3>Paired bootstrap: tuned minus each baseline, same prompts</h3>"
                         + _html_table(["comparison", "metric", "difference", "P(not better)"],
                                       _paired_rows(report, entry)))
+        tool_table = tool_call_rows(entry)
+        if tool_table:
+            body.append(f"<h3>Tool calls</h3><p class='meta'>{_e(TOOL_NOTE)}</p><div class='scroll'>"
+                        + _html_table(*tool_table, cls="tools") + "</div>")
+            if _paired_tool_rows(entry):
+                body.append(_html_table(["comparison", "metric", "difference", "P(not better)"],
+                                        _paired_tool_rows(entry), cls="tools-paired"))
         if "confusion" in entry["columns"].get("tuned", {}):
             table = entry["columns"]["tuned"]["confusion"]
             labels = list(next(iter(table.values())))

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneforge.evaluation.bootstrap import interval
+from tuneforge.evaluation.bootstrap import RESAMPLES, interval
 
 NO_CALL = "no call where one was needed"
 UNWANTED_CALL = "call where none was"
@@ -152,12 +152,12 @@ def tool_validators(tools: Sequence[dict[str, Any]]) -> dict[str, Callable[[Any]
     return out
 
 
-def summarise(scores: Sequence[CallScore], seed: int = 0) -> dict[str, Any]:
+def summarise(scores: Sequence[CallScore], seed: int = 0, resamples: int = RESAMPLES) -> dict[str, Any]:
     """Each metric's mean and 95% bootstrap interval over the examples it applies to, and the failure counts."""
     out: dict[str, Any] = {}
     for metric in METRICS:
         values = [v for s in scores if (v := getattr(s, metric)) is not None]
-        out[metric] = interval(values, seed=seed).to_dict() if values else None
+        out[metric] = interval(values, resamples, seed=seed).to_dict() if values else None
     out["failures"] = {c: sum(s.category == c for s in scores) for c in CATEGORIES}
     out["examples"] = len(scores)
     out["needing_a_call"] = sum(s.tool_name is not None for s in scores)
