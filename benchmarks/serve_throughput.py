@@ -12,6 +12,9 @@ Configurations (issue 16):
 * (f) as (a) with ``lora_kernel: stacked`` (two batched matmuls per layer instead of peft's per-adapter loop);
 * (g) with ``--guided``: as (e), every request with ``response_format`` ``json_schema`` (:data:`GUIDED_SCHEMA`, a
   ticket triage object): the cost of guided decoding, (g)/(e) in tokens/s (issue 26's target: >= 0.9x).
+* (t) with ``--tools``: as (e), every request with ``tools`` (:data:`BENCH_TOOLS`, three functions; ``tool_choice``
+  auto): the cost of tools in every request (rendered into the prompt, the answer parsed), (t)/(e) in tokens/s
+  (issue 26's target: >= 0.9x).
 
 Every configuration gets the same ``--requests`` chat requests from ``--concurrency`` clients (the official
 ``openai`` async client), greedy, ``--max-tokens`` each (``ignore_eos`` where the server takes it; the table
@@ -21,6 +24,7 @@ counts the tokens the servers report). Targets with 32 clients: (a) >= 4x (b) in
     python benchmarks/serve_throughput.py                          # SmolLM2-135M, 8 LoRA r=16 adapters
     python benchmarks/serve_throughput.py --model tiny --requests 16 --concurrency 4 --max-tokens 8   # smoke
     python benchmarks/serve_throughput.py --configs e --guided     # guided decoding against free decoding
+    python benchmarks/serve_throughput.py --configs e --tools      # tools in every request against none
 
 Adapters are random LoRA weights (r=16, all linear layers): throughput does not depend on what they learned.
 """
@@ -267,6 +271,21 @@ def _warmup(args: argparse.Namespace) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------- main
 
+BENCH_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                                          "required": ["city"]}}},
+    {"type": "function", "function": {"name": "refund_order", "description": "Refund an order",
+                                      "parameters": {"type": "object", "properties": {
+                                          "order_id": {"type": "string"}, "reason": {"type": "string"}},
+                                          "required": ["order_id"]}}},
+    {"type": "function", "function": {"name": "search_docs", "description": "Search the help centre",
+                                      "parameters": {"type": "object", "properties": {
+                                          "query": {"type": "string"}}, "required": ["query"]}}},
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model, or `tiny` for a smoke run")
@@ -282,11 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--guided", action="store_true", help="also (g): (e) with response_format json_schema on every "
                                                           "request (guided decoding), and (e) for comparison")
+    p.add_argument("--tools", action="store_true", help="also (t): (e) with tools on every request (tool_choice "
+                                                         "auto), and (e) for comparison")
     args = p.parse_args(argv)
     args.api_key = "bench"
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     args.base = tiny_model(work / "tiny") if args.model == "tiny" else args.model
-    wanted = set(args.configs.split(",")) | ({"e", "g"} if args.guided else set())
+    wanted = (set(args.configs.split(",")) | ({"e", "g"} if args.guided else set())
+              | ({"e", "t"} if args.tools else set()))
     print(f"base {args.model}, {args.adapters} adapters (LoRA r={args.rank}), {args.requests} requests from "
           f"{args.concurrency} clients, {args.max_tokens} tokens each", flush=True)
     adapters = make_adapters(args.base, work / "adapters", args.adapters, args.rank)
@@ -302,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "g": ("(g) tuneforge, base model, response_format json_schema (guided)",
               lambda: run_ours(args, {}, ["base"], extra={"response_format": {
                   "type": "json_schema", "json_schema": {"name": "triage", "schema": GUIDED_SCHEMA}}})),
+        "t": ("(t) tuneforge, base model, tools on every request (tool_choice auto)",
+              lambda: run_ours(args, {}, ["base"], extra={"tools": BENCH_TOOLS})),
     }
     results = {}
     for key, (label, fn) in runs.items():
@@ -327,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"{rx['tokens_per_s'] / ry['tokens_per_s']:.2f}x"
     print(f"\n(a)/(b) = {ratio('a', 'b')} (target >= 4x); (a)/(c) = {ratio('a', 'c')} (target >= 0.8x); "
           f"(e)/(d) = {ratio('e', 'd')} (target >= 1x); (f)/(b) = {ratio('f', 'b')}, (f)/(c) = {ratio('f', 'c')}"
-          + (f"; guided (g)/(e) = {ratio('g', 'e')} (target >= 0.9x)" if "g" in results else ""))
+          + (f"; guided (g)/(e) = {ratio('g', 'e')} (target >= 0.9x)" if "g" in results else "")
+          + (f"; tools (t)/(e) = {ratio('t', 'e')} (target >= 0.9x)" if "t" in results else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
