@@ -77,6 +77,46 @@ def test_flash_varlen_equals_per_example_sdpa_outputs_and_gradients(monkeypatch,
         torch.testing.assert_close(a, b, **BF16)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_torchs_varlen_attention_equals_per_example_sdpa(monkeypatch, window, kv_heads):
+    """``attention: flash_varlen`` without flash-attn: torch's own varlen attention (torch >= 2.10) through
+    :func:`flash_varlen.torch_varlen`, outputs and gradients against per-example SDPA."""
+    if not flash_varlen.torch_varlen_available():
+        pytest.skip("this torch has no varlen attention")
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return flash_varlen.torch_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(flash_varlen, "varlen_function", lambda: counted)
+    monkeypatch.setattr(flash_varlen, "supports_softcap", lambda: False)
+    torch.manual_seed(0)
+    lengths, H, D = (37, 5, 90), 4, 64
+    T = sum(lengths)
+    q = torch.randn(1, H, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(CUDA)
+    cu = torch.tensor([0, 37, 42, 132], device=CUDA)
+    module = torch.nn.Module().eval()
+    g = torch.randn(1, T, H, D, device=CUDA, dtype=torch.bfloat16)
+    results = []
+    for fn in (packed_sdpa_attention, flash_varlen.packed_varlen_attention):
+        for t in (q, k, v):
+            t.grad = None
+        out, _ = fn(module, q, k, v, None, scaling=D ** -0.5, position_ids=pos, sliding_window=window,
+                    cu_seq_lens_q=cu)
+        out.backward(g)
+        results.append((out.detach().float(), [x.float() for x in _grads((q, k, v))]))
+    (ref, ref_grads), (got, grads) = results
+    assert len(calls) == 1
+    torch.testing.assert_close(got, ref, **BF16)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **BF16)
+
+
 @pytest.mark.parametrize("family", ["llama3", "mistral", "gemma2", "gemma3"])
 def test_a_model_on_flash_varlen_equals_packed_sdpa(monkeypatch, tokenizer, family):
     """Logits and LoRA gradients of a packed row, bf16, flash varlen vs packed SDPA (windows, soft caps, GQA)."""

@@ -29,9 +29,10 @@ FAKE_FLASH = types.SimpleNamespace(__version__="2.7.4", flash_attn_varlen_func=l
 FAKE_LIGER = types.SimpleNamespace(__version__="0.8.5")
 
 
-def _present(monkeypatch, flash=None, liger=None):
+def _present(monkeypatch, flash=None, liger=None, torch_varlen=False):
     monkeypatch.setattr(select, "flash_attn_status", lambda: (flash, "") if flash else (None, "not installed"))
     monkeypatch.setattr(select, "liger_status", lambda: (liger, "") if liger else (None, "not installed"))
+    monkeypatch.setattr(flash_varlen, "torch_varlen_available", lambda: torch_varlen)
 
 
 # ------------------------------------------------------------------------------------------ the choice
@@ -75,6 +76,40 @@ def test_what_this_machine_cannot_run_is_refused_in_one_line(monkeypatch, sectio
     with pytest.raises(ConfigError) as e:
         select.check_kernels(run_config("lora", sections), device)
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_flash_varlen_without_flash_attn_takes_torchs_varlen_attention(monkeypatch):
+    """``attention: flash_varlen`` on CUDA without flash-attn: torch's own varlen attention (torch >= 2.10), named in
+    the log line; the default ``packed_sdpa`` does not take it (not yet run on a GPU)."""
+    _present(monkeypatch, torch_varlen=True)
+    select.check_kernels(run_config("lora", {"attention": "flash_varlen"}), CUDA)
+    name, line = select.choose_attention("flash_varlen", CUDA)
+    assert name == flash_varlen.NAME and line.startswith(f"packed attention: torch {torch.__version__}'s varlen "
+                                                         "attention (flash-attn not installed)"), line
+    assert select.choose_attention("packed_sdpa", CUDA)[0] == PACKED_SDPA
+
+
+def test_torch_varlen_speaks_flash_attns_convention(monkeypatch):
+    """:func:`flash_varlen.torch_varlen` maps flash-attn's arguments onto torch's ``varlen_attn``: causal as window
+    ``(-1, 0)``, a sliding window as ``(left, 0)``, grouped-query heads, the scale; dropout refused."""
+    import torch.nn.attention.varlen as tv
+
+    seen = {}
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        seen.update(kwargs, shapes=(q.shape, k.shape), max=(max_q, max_k))
+        return q
+
+    monkeypatch.setattr(tv, "varlen_attn", fake)
+    q, k = torch.zeros(10, 4, 8), torch.zeros(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    flash_varlen.torch_varlen(q, k, k, cu, cu, 6, 6, softmax_scale=0.5, causal=True)
+    assert seen == {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True, "shapes": (q.shape, k.shape),
+                    "max": (6, 6)}
+    flash_varlen.torch_varlen(q, q, q, cu, cu, 6, 6, causal=True, window_size=(3, 0))
+    assert seen["window_size"] == (3, 0) and seen["enable_gqa"] is False
+    with pytest.raises(ValueError, match="without dropout"):
+        flash_varlen.torch_varlen(q, q, q, cu, cu, 6, 6, dropout_p=0.1)
 
 
 def test_what_is_installed_on_cuda_is_accepted(monkeypatch):

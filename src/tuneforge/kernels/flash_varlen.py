@@ -10,7 +10,10 @@ query attention natively. Anything flash-attn cannot take (not CUDA, fp32, head 
 older flash-attn) and anything that is not a plain packed row goes to :func:`packed_sdpa_attention` as before;
 each such reason is logged once.
 
-flash-attn is imported on the first call that needs it, never at import time (it has no CPU build).
+flash-attn is imported on the first call that needs it, never at import time (it has no CPU build). Without it,
+``attention: flash_varlen`` takes torch's own varlen attention (``torch.nn.attention.varlen.varlen_attn``, torch
+2.10 and later: flash-attention built into torch, with its backward) through :func:`torch_varlen`, which speaks
+flash-attn's calling convention; it has no soft cap and no dropout, so those calls fall back as above.
 """
 
 from __future__ import annotations
@@ -31,11 +34,39 @@ MAX_HEAD_DIM = 256           # flash-attn 2's kernels: head sizes up to 256
 _told: set[str] = set()
 
 
+def torch_varlen_available() -> bool:
+    """Whether this torch has its own varlen attention (``torch.nn.attention.varlen.varlen_attn``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                 softmax_scale: float | None = None, causal: bool = True,
+                 window_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """flash-attn's ``flash_attn_varlen_func`` (the arguments :func:`packed_varlen_attention` passes) through torch's
+    ``varlen_attn``: ``[T, H, D]`` tensors, int32 boundaries, ``window_size=(left, 0)`` causal with a window."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout_p or not causal:
+        raise ValueError("torch's varlen attention: causal and without dropout only")
+    left = window_size[0] if window_size is not None else -1
+    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                       window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+
+
 @functools.cache
 def varlen_function() -> Any:
-    """flash-attn's ``flash_attn_varlen_func`` (imported here, once)."""
-    from flash_attn import flash_attn_varlen_func
-
+    """flash-attn's ``flash_attn_varlen_func`` (imported here, once), else :func:`torch_varlen`."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        if torch_varlen_available():
+            return torch_varlen
+        raise
     return flash_attn_varlen_func
 
 
@@ -52,7 +83,7 @@ def _fallback_reason(query: torch.Tensor, softcap: float | None) -> str | None:
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head size {query.shape[-1]} > {MAX_HEAD_DIM}"
     if softcap is not None and not supports_softcap():
-        return "soft-capped scores need flash-attn >= 2.6"
+        return "soft-capped scores need flash-attn >= 2.6 (torch's varlen attention has no soft cap)"
     return None
 
 
@@ -89,6 +120,8 @@ def packed_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: t
                  and query.shape[2] == key.shape[2])
     softcap = kwargs.get("softcap")
     reason = _fallback_reason(query, softcap) if plain_row else None
+    if reason is None and plain_row and dropout and module.training and varlen_function() is torch_varlen:
+        reason = "attention dropout (torch's varlen attention has none)"
     if not plain_row or reason is not None:
         if reason is not None and reason not in _told:
             _told.add(reason)

@@ -56,6 +56,17 @@ def flash_attn_status() -> tuple[Any, str]:
     return module, why
 
 
+def varlen_status() -> tuple[str | None, str]:
+    """``(what runs attention: flash_varlen, "")``: flash-attn's varlen kernel (its version), else torch's own varlen
+    attention (torch >= 2.10); ``(None, why not)`` when neither is there."""
+    module, why = flash_attn_status()
+    if module is not None:
+        return f"flash-attn {_version(module, 'flash-attn')} varlen", ""
+    if flash_varlen.torch_varlen_available():
+        return f"torch {torch.__version__}'s varlen attention (flash-attn {why})", ""
+    return None, f"flash-attn {why}, and torch {torch.__version__} has no varlen attention (2.10 and later have it)"
+
+
 def liger_status() -> tuple[Any, str]:
     """``(liger_kernel module, "")`` when it imports, else ``(None, why not)``."""
     return _import("liger_kernel")
@@ -78,7 +89,7 @@ def check_kernels(config: RunConfig, device: torch.device | str) -> None:
     machine cannot run: called before any weights load."""
     device = torch.device(device)
     # (key, value that needs CUDA and a library, the library's status, its name, how to install it, what else to use)
-    needs = (("attention", "flash_varlen", flash_attn_status, "flash-attn", FLASH_INSTALL,
+    needs = (("attention", "flash_varlen", varlen_status, "flash-attn or torch's varlen attention", FLASH_INSTALL,
               "attention: packed_sdpa", " (the same packed attention, SDPA per example)"),
              ("kernels", "liger", liger_status, "liger-kernel", LIGER_INSTALL, "kernels: auto or tuneforge", ""))
     for key, value, status, library, install, instead, why_instead in needs:
@@ -105,8 +116,12 @@ def choose_attention(attention: str, device: torch.device | str) -> tuple[str, s
             return flash_varlen.NAME, (f"packed attention: flash-attn {_version(module, 'flash-attn')} varlen on "
                                        f"{device}")
         why = f"flash-attn {why}"
-    if attention == "flash_varlen":        # check_kernels refuses this before the weights load
-        raise ConfigError(f"attention: flash_varlen: {why}; use attention: packed_sdpa")
+    if attention == "flash_varlen":
+        backend, missing = varlen_status() if device.type == "cuda" else (None, why)
+        if backend is not None:
+            return flash_varlen.NAME, f"packed attention: {backend} on {device}"
+        # check_kernels refuses this before the weights load
+        raise ConfigError(f"attention: flash_varlen: {missing}; use attention: packed_sdpa")
     return PACKED_SDPA, f"packed attention: SDPA per example ({why})"
 
 
