@@ -54,8 +54,9 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
     if dropout_p or not causal:
         raise ValueError("torch's varlen attention: causal and without dropout only")
     left = window_size[0] if window_size is not None else -1
-    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
-                       window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+    out = varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                      window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+    return out[0] if isinstance(out, tuple) else out        # (out, lse) only when return_aux asks for it
 
 
 @functools.cache
