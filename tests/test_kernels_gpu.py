@@ -46,12 +46,9 @@ def _grads(tensors):
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_flash_varlen_equals_per_example_sdpa_outputs_and_gradients(monkeypatch, window, softcap, kv_heads):
-    calls = _counting_varlen(monkeypatch)
-    if softcap is not None and not flash_varlen.supports_softcap():
-        pytest.skip("this flash-attn has no softcap (2.6+)")
+def _varlen_against_sdpa(kv_heads: int, **kwargs) -> None:
+    """A packed row of 3 examples (bf16, GQA with ``kv_heads``): the varlen path's outputs and q/k/v gradients
+    equal per-example SDPA's (``kwargs``: the module's attention arguments, a window or a soft cap)."""
     torch.manual_seed(0)
     lengths, H, D = (37, 5, 90), 4, 64
     T = sum(lengths)
@@ -61,20 +58,29 @@ def test_flash_varlen_equals_per_example_sdpa_outputs_and_gradients(monkeypatch,
     pos = torch.cat([torch.arange(n) for n in lengths])[None].to(CUDA)
     cu = torch.tensor([0, 37, 42, 132], device=CUDA)
     module = torch.nn.Module().eval()
-    kwargs = {"sliding_window": window, "softcap": softcap, "cu_seq_lens_q": cu}
     g = torch.randn(1, T, H, D, device=CUDA, dtype=torch.bfloat16)
     results = []
     for fn in (packed_sdpa_attention, flash_varlen.packed_varlen_attention):
         for t in (q, k, v):
             t.grad = None
-        out, _ = fn(module, q, k, v, None, scaling=D ** -0.5, position_ids=pos, **kwargs)
+        out, _ = fn(module, q, k, v, None, scaling=D ** -0.5, position_ids=pos, cu_seq_lens_q=cu, **kwargs)
         out.backward(g)
         results.append((out.detach().float(), [x.float() for x in _grads((q, k, v))]))
     (ref, ref_grads), (got, grads) = results
-    assert len(calls) == 1 and got.shape == (1, T, H, D)
+    assert got.shape == (1, T, H, D)
     torch.testing.assert_close(got, ref, **BF16)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, **BF16)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_flash_varlen_equals_per_example_sdpa_outputs_and_gradients(monkeypatch, window, softcap, kv_heads):
+    calls = _counting_varlen(monkeypatch)
+    if softcap is not None and not flash_varlen.supports_softcap():
+        pytest.skip("this flash-attn has no softcap (2.6+)")
+    _varlen_against_sdpa(kv_heads, sliding_window=window, softcap=softcap)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -92,29 +98,8 @@ def test_torchs_varlen_attention_equals_per_example_sdpa(monkeypatch, window, kv
 
     monkeypatch.setattr(flash_varlen, "varlen_function", lambda: counted)
     monkeypatch.setattr(flash_varlen, "supports_softcap", lambda: False)
-    torch.manual_seed(0)
-    lengths, H, D = (37, 5, 90), 4, 64
-    T = sum(lengths)
-    q = torch.randn(1, H, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, kv_heads, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, kv_heads, T, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(CUDA)
-    cu = torch.tensor([0, 37, 42, 132], device=CUDA)
-    module = torch.nn.Module().eval()
-    g = torch.randn(1, T, H, D, device=CUDA, dtype=torch.bfloat16)
-    results = []
-    for fn in (packed_sdpa_attention, flash_varlen.packed_varlen_attention):
-        for t in (q, k, v):
-            t.grad = None
-        out, _ = fn(module, q, k, v, None, scaling=D ** -0.5, position_ids=pos, sliding_window=window,
-                    cu_seq_lens_q=cu)
-        out.backward(g)
-        results.append((out.detach().float(), [x.float() for x in _grads((q, k, v))]))
-    (ref, ref_grads), (got, grads) = results
+    _varlen_against_sdpa(kv_heads, sliding_window=window)
     assert len(calls) == 1
-    torch.testing.assert_close(got, ref, **BF16)
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **BF16)
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "gemma2", "gemma3"])
