@@ -47,6 +47,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                            ("--max-body-bytes", "request body limit (1 MiB)"),
                            ("--max-concurrent", "requests in flight; more get 429 (256)")):
         p.add_argument(flag, type=int, default=None, help=helptext)
+    p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="MIB",
+                   help="memory for cached prompt prefixes (system turn, tools, earlier turns), reused by later "
+                        "requests that start the same way (1024); 0 turns prefix caching off")
     p.add_argument("--guided-decoding", choices=("on", "off"), default=None,
                    help="honour a request's response_format json_object / json_schema by constraining its tokens "
                         "to the schema (on, the default); off: such requests are answered 400")
@@ -84,7 +87,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "max_batch": args.max_batch, "max_loaded_adapters": args.max_loaded_adapters,
         "max_input_tokens": args.max_input_tokens, "max_output_tokens": args.max_output_tokens,
         "max_body_bytes": args.max_body_bytes, "max_concurrent": args.max_concurrent, "lora_kernel": args.lora_kernel,
-        "graceful_timeout": args.graceful_timeout,
+        "graceful_timeout": args.graceful_timeout, "prefix_cache_mb": args.prefix_cache_mb,
         "guided_decoding": None if args.guided_decoding is None else args.guided_decoding == "on",
     }
     if args.config:

@@ -57,9 +57,11 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from tuneforge.models.transformers_compat import cache_argument
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, NoAdapterSlot
+from tuneforge.serving.prefix_cache import PrefixCache
 from tuneforge.serving.protocol import SEED_MAX, SEED_MIN
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class _Row:
     req: Request
     pos: int                                 # position id of the next token fed
     virtual: int = 0                         # prefix / soft-prompt length in this row's cache
+    cached: int = 0                          # prompt tokens served from the prefix cache (usage: cached_tokens)
     tokens: list[int] = field(default_factory=list)
     text: str = ""                           # decoded so far (whole characters)
     sent: int = 0                            # characters of ``text`` already streamed
@@ -137,11 +140,13 @@ class Engine:
         eos_ids: token ids that end an answer (default: the tokenizer's and the generation config's EOS).
         max_context: most positions a row may reach (default: the model's ``max_position_embeddings``).
         on_finish: called with ``(request, usage, ttft, latency, finish_reason)`` for metrics.
+        prefix_cache_bytes: memory for the KV entries of prompts' leading blocks, reused by later prompts that
+            start the same way (:mod:`tuneforge.serving.prefix_cache`); 0 turns prefix caching off.
     """
 
     def __init__(self, registry: AdapterRegistry, tokenizer: PreTrainedTokenizerBase, max_batch: int = 32,
                  max_prefill_tokens: int = 8192, eos_ids: set[int] | None = None, max_context: int | None = None,
-                 on_finish: Callable[..., None] | None = None) -> None:
+                 on_finish: Callable[..., None] | None = None, prefix_cache_bytes: int = 1 << 30) -> None:
         self.registry = registry
         self.set: AdapterSet = registry.set
         self.tokenizer = tokenizer
@@ -151,6 +156,7 @@ class Engine:
         self.max_context = max_context or int(getattr(self.set.base.config, "max_position_embeddings", 2048))
         self.on_finish = on_finish
         self.cache_kw = cache_argument(self.set.base)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._waiting: deque[Request] = deque()
         self._commands: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
@@ -310,9 +316,13 @@ class Engine:
             except queue.Empty:
                 return
             try:
-                done.put((True, fn()))
+                result = fn()
             except Exception as e:
                 done.put((False, e))
+                continue
+            finally:                        # an adapter unloaded: its cached prefixes go (its key never returns)
+                self.prefix_cache.drop_owners({"base"} | {a.key for a in self.set.adapters.values()})
+            done.put((True, result))
 
     def _admit(self) -> None:
         new: list[Request] = []
@@ -394,34 +404,108 @@ class Engine:
     def _prefill(self, reqs: list[Request]) -> None:
         plain = [r for r in reqs if not self._virtual_tokens(r)]
         virtual = [r for r in reqs if self._virtual_tokens(r)]
-        chunks: list[list[Request]] = [[]]
-        for req in plain:
-            chunk = chunks[-1]
-            width = max([len(r.prompt_ids) for r in chunk] + [len(req.prompt_ids)])
-            if chunk and width * (len(chunk) + 1) > self.max_prefill_tokens:
-                chunks.append([])
-            chunks[-1].append(req)
+        if self.prefix_cache.enabled and len(plain) > 1:
+            self._warm_shared(plain)
+        # rows that start from cached blocks prefill apart from rows that do not: a chunk pads to its longest rest
+        rest = {id(r): len(r.prompt_ids) - self.prefix_cache.match(self._owner(r), r.prompt_ids) for r in plain}
+        cached = [r for r in plain if rest[id(r)] < len(r.prompt_ids)]
+        chunks: list[list[Request]] = []
+        for part in (cached, [r for r in plain if rest[id(r)] == len(r.prompt_ids)]):
+            chunks.append([])
+            for req in part:
+                chunk = chunks[-1]
+                width = max([rest[id(r)] for r in chunk] + [rest[id(req)]])
+                if chunk and width * (len(chunk) + 1) > self.max_prefill_tokens:
+                    chunks.append([])
+                chunks[-1].append(req)
         groups = [(c, self._prefill_plain) for c in chunks if c] + [([r], self._prefill_virtual) for r in virtual]
         for group, compute in groups:
             for part in self._isolated(group, compute, self._fail_request):
                 self._join(*part)
+
+    def _owner(self, req: Request) -> str:
+        """Whose KV a request's prompt makes: the base model's, or its adapter's (this load of it)."""
+        return "base" if req.adapter is None else self.set.adapters[req.adapter].key
+
+    def _warm_shared(self, reqs: list[Request]) -> None:
+        """Requests admitted together that share leading blocks not cached yet (the same system turn and tools):
+        compute the shared part once, so that each of them prefills only the rest."""
+        by_owner: dict[tuple[str, str | None], list[list[int]]] = {}
+        for req in reqs:
+            by_owner.setdefault((self._owner(req), req.adapter), []).append(req.prompt_ids)
+        block = self.prefix_cache.block
+        wanted: dict[tuple, tuple[str | None, list[int]]] = {}
+        for (owner, adapter), prompts in by_owner.items():
+            prompts.sort()
+            for a, b in zip(prompts, prompts[1:], strict=False):
+                limit = min(len(a), len(b)) - 1
+                same = 0
+                while same < limit and a[same] == b[same]:
+                    same += 1
+                same -= same % block
+                if same > max(self.prefix_cache.match(owner, a), self.prefix_cache.match(owner, b)):
+                    wanted[(owner, tuple(a[:same]))] = (adapter, a[:same])
+        for adapter, ids in sorted(wanted.values(), key=lambda item: len(item[1])):
+            try:
+                self._compute([(adapter, ids)], count=False)
+            except Exception as e:            # the requests prefill in full instead (and fail alone if they must)
+                log.warning("computing a shared prompt prefix failed (%s)", _brief(e))
 
     def _virtual_tokens(self, req: Request) -> int:
         adapter = self.set.adapters.get(req.adapter) if req.adapter else None
         return adapter.num_virtual_tokens if adapter is not None else 0
 
     def _prefill_plain(self, reqs: list[Request]) -> tuple:
+        cache, mask, logits, hits = self._compute([(r.adapter, r.prompt_ids) for r in reqs])
+        rows = [_Row(r, pos=len(r.prompt_ids), cached=n) for r, n in zip(reqs, hits, strict=True)]
+        return rows, cache, mask, logits
+
+    def _compute(self, prompts: list[tuple[str | None, list[int]]], count: bool = True,
+                 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[int]]:
+        """Prefill ``prompts`` (adapter, token ids) in one forward: each row's cached leading blocks go into the KV
+        cache as they are, the rest is computed (left-padded), and its new full blocks are cached.
+
+        Row ``i``'s columns: ``[padding][its n_i cached entries][padding][its computed tokens]``; the attention mask
+        marks the real ones and position ids continue from ``n_i``. ``(cache, mask [R, L], last logits [R, V],
+        [n_i])``."""
         dev = self.set.device
-        width = max(len(r.prompt_ids) for r in reqs)
+        owners = ["base" if a is None else self.set.adapters[a].key for a, _ in prompts]
+        found = [self.prefix_cache.blocks(o, ids, count=count) for o, (_, ids) in zip(owners, prompts, strict=True)]
+        hits = [n for n, _ in found]
+        rests = [ids[n:] for n, (_, ids) in zip(hits, prompts, strict=True)]
+        P, S = max(hits), max(len(r) for r in rests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=dev)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self._forward([r.adapter for r in reqs], input_ids=ids, attention_mask=mask, position_ids=positions,
+        ids = torch.tensor([[pad] * (S - len(r)) + r for r in rests], device=dev)
+        rest_mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rests], device=dev)
+        positions = (rest_mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(hits, device=dev)[:, None]
+        if P:
+            # one buffer for every layer's keys and values, room for the rest and the first decode steps after the
+            # cached columns: the blocks are copied once, and the forward appends in place (no concatenation)
+            kv = next(blocks[0] for _, blocks in found if blocks)
+            block = self.prefix_cache.block
+            past = kv.new_empty((kv.shape[0], 2, len(prompts), kv.shape[2], P + S + _RoomyLayer.room, kv.shape[4]))
+            for i, (n, blocks) in enumerate(found):
+                past[:, :, i, :, :P - n] = 0                     # padding: masked, but never garbage (0 * NaN)
+                for j, b in enumerate(blocks):
+                    past[:, :, i, :, P - n + j * block:P - n + (j + 1) * block] = b
+            cache = DynamicCache()
+            cache.layers = [_RoomyLayer.over(layer[0], layer[1], P) for layer in past]
+            cached_mask = torch.tensor([[0] * (P - n) + [1] * n for n in hits], device=dev)
+            mask = torch.cat([cached_mask, rest_mask], 1)
+        else:
+            cache, mask = DynamicCache(), rest_mask
+            cache.layer_class_to_replicate = _RoomyLayer
+        out = self._forward([a for a, _ in prompts], input_ids=ids, attention_mask=mask, position_ids=positions,
                             **{self.cache_kw: cache})
-        rows = [_Row(r, pos=len(r.prompt_ids)) for r in reqs]
-        return rows, cache, mask, out.logits[:, -1]
+        if self.prefix_cache.enabled:
+            layers = _kv_layers(cache)
+            for i, (owner, (_, prompt), n, rest) in enumerate(zip(owners, prompts, hits, rests, strict=True)):
+                if len(prompt) // self.prefix_cache.block > n // self.prefix_cache.block:
+                    lo = P + S - len(rest)
+                    new = torch.stack([torch.stack([layer.keys[i, :, lo:], layer.values[i, :, lo:]])
+                                       for layer in layers])
+                    self.prefix_cache.insert(owner, prompt, new, start=n)
+        return cache, mask, out.logits[:, -1], hits
 
     def _prefill_virtual(self, reqs: list[Request]) -> tuple:
         (req,) = reqs
@@ -491,6 +575,7 @@ class Engine:
             cache = DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index])
                                                  for layer in _kv_layers(self._cache)])
             mask = self._mask[index]
+        _give_room(cache)
         width = mask.shape[1]
         last = torch.tensor([[r.tokens[-1]] for r in rows], device=dev)
         positions = torch.tensor([[r.pos] for r in rows], device=dev)
@@ -621,7 +706,8 @@ class Engine:
             self._detokenize(row, final=True)
             self._send(row, len(row.text))
         usage = {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": len(row.tokens),
-                 "total_tokens": len(row.req.prompt_ids) + len(row.tokens)}
+                 "total_tokens": len(row.req.prompt_ids) + len(row.tokens),
+                 "prompt_tokens_details": {"cached_tokens": row.cached}}
         now = time.perf_counter()
         ttft = None if row.first_token_at is None else row.first_token_at - row.req.arrived
         if self.on_finish is not None:
@@ -680,6 +766,59 @@ def _merge_caches(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicC
         la.values = torch.cat([_left_pad(la.values, L), _left_pad(lb.values, L)], 0)
     mask = torch.cat([torch.nn.functional.pad(mask_a, (L - La, 0)), torch.nn.functional.pad(mask_b, (L - Lb, 0))], 0)
     return cache_a, mask
+
+
+class _RoomyLayer(DynamicLayer):
+    """A full-attention cache layer that appends into spare room instead of concatenating.
+
+    transformers' ``DynamicLayer.update`` is ``torch.cat``: every decode step copies the whole batch's KV, which
+    costs as much as the model's matmuls once prompts are a few hundred tokens long (a tools block, a cached
+    prefix). Here ``keys`` / ``values`` are views ``[:, :, :L]`` of buffers with :attr:`room` spare columns; a step
+    writes its column in place, and only a full buffer (every ``room`` steps) is copied. The engine's own edits
+    (indexing rows, trimming or padding columns, merging batches) replace ``keys`` with a new tensor; the next
+    update sees it is no longer a view of the buffer and copies it into a new one."""
+
+    room = 64
+
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> _RoomyLayer:
+        """A layer holding the first ``length`` columns of the buffers ``keys`` / ``values`` ``[B, H, size, D]``."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._buf = (keys, values)
+        layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        L, n = (keys.shape[2] if keys.dim() == 4 else 0), key_states.shape[2]
+        buf: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_buf", None)
+        if (buf is None or keys.dim() != 4 or keys.data_ptr() != buf[0].data_ptr()
+                or values.data_ptr() != buf[1].data_ptr() or keys.stride() != buf[0].stride()
+                or keys.shape[:2] != key_states.shape[:2] or L + n > buf[0].shape[2]):
+            size = L + n + self.room
+            k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[3]))
+            v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[3]))
+            if L:
+                k[:, :, :L], v[:, :, :L] = keys, values
+            buf = self._buf = (k, v)
+        buf[0][:, :, L:L + n] = key_states
+        buf[1][:, :, L:L + n] = value_states
+        self.keys, self.values = buf[0][:, :, :L + n], buf[1][:, :, :L + n]
+        return self.keys, self.values
+
+
+def _give_room(cache: DynamicCache) -> None:
+    """Make ``cache``'s full-attention layers :class:`_RoomyLayer` (same tensors; later steps append in place)."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            roomy = _RoomyLayer()
+            roomy.__dict__.update(layer.__dict__)
+            cache.layers[i] = roomy
 
 
 def _kv_layers(cache: DynamicCache) -> list[Any]:

@@ -95,6 +95,9 @@ class ServeConfig(BaseModel):
         "stacked", description="how LoRA rows of different adapters share a forward: stacked (two batched matmuls "
                                "per layer; 1.3x peft's on 8 mixed adapters, benchmarks/serve_throughput.py) or "
                                "peft's adapter_names (one small matmul pair per adapter per layer)")
+    prefix_cache_mb: int = Field(
+        1024, ge=0, description="memory (MiB) for the KV entries of prompts' leading 16-token blocks, reused by "
+                                "later prompts that start the same way (system turn, tools, earlier turns); 0: off")
     guided_decoding: bool = Field(
         True, description="honour response_format json_object / json_schema by masking each such request's logits "
                           "with its schema's grammar (llguidance); false: such requests are answered 400")
@@ -183,12 +186,14 @@ class Server:
         unknown = [n for n in config.pinned if n not in config.adapters]
         if unknown:
             raise ValueError(f"pinned adapters {unknown} are not among the adapters ({', '.join(config.adapters)})")
-        self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished)
+        self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished,
+                             prefix_cache_bytes=config.prefix_cache_mb << 20)
         for tok in [self.tokenizer] + [entry.tokenizer for entry in self.registry.entries.values()]:
             self._stop_at_end_of_turn(tok)
         # response_format's grammars, compiled on a guided request's arrival (the tokenizer's too, on the first)
         self.grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
-        self.metrics.bind(lambda: len(self.registry.loaded), lambda: self.engine.running, lambda: self.engine.waiting)
+        self.metrics.bind(lambda: len(self.registry.loaded), lambda: self.engine.running, lambda: self.engine.waiting,
+                          lambda: self.engine.prefix_cache.bytes)
         self.in_flight = 0
         self.draining = False
         self._unloading: set[str] = set()
@@ -647,6 +652,8 @@ class Server:
             choices = [{"index": i, "text": (body.prompts()[i] if body.echo else "") + text, "finish_reason": reason,
                         "logprobs": None} for i, (text, reason, _) in enumerate(results)]
             usage = {k: sum(r[2][k] for r in results) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": sum(r[2].get("prompt_tokens_details", {}).get("cached_tokens", 0) for r in results)}
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                  "choices": choices, "usage": usage})
 
