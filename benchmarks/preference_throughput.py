@@ -135,7 +135,8 @@ def run_tuneforge(spec: dict, out_path: str) -> None:
                           "trained_tokens": 0, "examples": 2 * row["trained_tokens"], "loss": row["loss"]})
     measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
                          measure.versions_of("tuneforge", "torch", "transformers", "peft"), ref_s=timed["ref_s"],
-                         notes="packed pairs, no padding, reference precomputed once (timed in ref_s)")
+                         notes="packed pairs, no padding, reference computed once per pair when first used "
+                               "(inside the steps' time; ref_s: what is computed before step 1)")
 
 
 # ------------------------------------------------------------------------------------------ parent
