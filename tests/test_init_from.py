@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from _method_helpers import HAS_BNB
 from conftest import MODEL, write_jsonl
 from test_preference import rule_pairs
 from tuneforge.config import load_config
@@ -29,8 +30,13 @@ LN2 = math.log(2)
 
 # each method's SFT settings (no dropout: at step 0 the policy in training mode is then the SFT model exactly)
 SFT_SECTIONS = {"lora": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, "ia3": {},
-                "prefix": {"prefix": {"num_virtual_tokens": 4}},
-                "adapter": {"adapter": {"bottleneck": 8, "dropout": 0.0}}}
+                "prefix": {"prefix": {"num_virtual_tokens": 4}}, "prompt": {"prompt": {"num_virtual_tokens": 4}},
+                "adapter": {"adapter": {"bottleneck": 8, "dropout": 0.0}},
+                "qlora": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}
+# (method, the SFT run's sections) of each case; DoRA and rsLoRA are LoRA settings the run keeps
+CASES = {**{m: (m, {}) for m in SFT_SECTIONS},
+         "dora": ("lora", {"lora": {"r": 4, "dropout": 0.0, "use_dora": True}}),
+         "rslora": ("lora", {"lora": {"r": 4, "dropout": 0.0, "use_rslora": True}})}
 COMMON = {"progress": False, "eval_share": None, "warmup_ratio": 0.0, "lr_scheduler": "constant",
           "on_divergence": "off", "keep_best": False}
 
@@ -97,14 +103,17 @@ def _logps(model, config, pairs) -> torch.Tensor:
     return torch.stack([chosen, rejected], dim=1)
 
 
-@pytest.mark.parametrize("method", list(SFT_SECTIONS))
-def test_preference_from_an_sft_run_starts_at_and_is_referenced_to_the_sft_model(method, sft_run, tiny_model_dir,
+@pytest.mark.parametrize("case", list(CASES))
+def test_preference_from_an_sft_run_starts_at_and_is_referenced_to_the_sft_model(case, sft_run, tiny_model_dir,
                                                                                  tmp_path):
-    sft_dir = sft_run(method)
+    method, sections = CASES[case]
+    if method == "qlora" and not HAS_BNB:
+        pytest.skip("bitsandbytes not installed")
+    sft_dir = sft_run(method, **sections)
     recipe = recipe_for(pref_config(tiny_model_dir, tmp_path, sft_dir, method))    # no method section: the run's
     sft = load_run(sft_dir, device="cpu")                 # the SFT model as eval and serving load it
     model, config = recipe.model, recipe.config
-    for key in get_method(method).settings:
+    for key in [*get_method(method).settings, *get_method(method).reads]:       # the run's settings, taken
         assert config.section(key) == sft.config.section(key)
     batch = recipe._next_micro_batches(1)[0]
     # step 0: the policy is the SFT model, logit for logit
@@ -135,7 +144,7 @@ def test_preference_from_an_sft_run_starts_at_and_is_referenced_to_the_sft_model
     # the continued run is an ordinary run of the method: it loads as serving and eval load it
     continued = load_run(result.run_dir, device="cpu")
     torch.testing.assert_close(_logps(continued.model, continued.config, used[:4]), _logps(model, config, used[:4]),
-                               rtol=0, atol=1e-5)
+                               rtol=1e-6, atol=1e-5)
 
 
 def test_sft_continues_from_an_sft_run_at_its_validation_loss(sft_run, tiny_model_dir, tmp_path):
