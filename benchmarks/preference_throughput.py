@@ -9,8 +9,8 @@ learning rate, cosine schedule and number of steps, in fp32 on ``--threads`` thr
   padded batches (TRL 1.16 turns ``padding_free`` off for DPO).
 * **tuneforge**: the pairs of a step packed into one padding-free row, the LM head only on answer tokens,
   the reference log-probs computed once per pair with the adapter disabled, when the pair is first used
-  (inside the steps' time; before 2026-12 all before step 1, counted as ``ref_s`` and added to the total:
-  ``ref_s`` is now what is computed before step 1, none for LoRA).
+  (inside the steps' time; ``ref_s``, added to the total, is what is computed before step 1: none for LoRA.
+  ``results/preference_cpu_2026-12-02.json`` was measured when every pair was computed before step 1).
 
 The data are HH dialogues split at the last ``"\\n\\nAssistant:"`` (tuneforge's split), written once as TRL's
 conversational format (``prompt`` messages, ``chosen`` / ``rejected`` assistant turns) that both read;
