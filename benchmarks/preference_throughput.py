@@ -8,8 +8,9 @@ learning rate, cosine schedule and number of steps, in fp32 on ``--threads`` thr
   disabled, computed by a second forward at every step (``precompute_ref_log_probs=False``, its default),
   padded batches (TRL 1.16 turns ``padding_free`` off for DPO).
 * **tuneforge**: the pairs of a step packed into one padding-free row, the LM head only on answer tokens,
-  the reference log-probs precomputed once before training with the adapter disabled. That pass is
-  counted in tuneforge's time (``ref_s``, added to its total).
+  the reference log-probs computed once per pair with the adapter disabled, when the pair is first used
+  (inside the steps' time; ``ref_s``, added to the total, is what is computed before step 1: none for LoRA.
+  ``results/preference_cpu_2026-12-02.json`` was measured when every pair was computed before step 1).
 
 The data are HH dialogues split at the last ``"\\n\\nAssistant:"`` (tuneforge's split), written once as TRL's
 conversational format (``prompt`` messages, ``chosen`` / ``rejected`` assistant turns) that both read;
@@ -135,7 +136,8 @@ def run_tuneforge(spec: dict, out_path: str) -> None:
                           "trained_tokens": 0, "examples": 2 * row["trained_tokens"], "loss": row["loss"]})
     measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
                          measure.versions_of("tuneforge", "torch", "transformers", "peft"), ref_s=timed["ref_s"],
-                         notes="packed pairs, no padding, reference precomputed once (timed in ref_s)")
+                         notes="packed pairs, no padding, reference computed once per pair when first used "
+                               "(inside the steps' time; ref_s: what is computed before step 1)")
 
 
 # ------------------------------------------------------------------------------------------ parent

@@ -1,6 +1,7 @@
 """Preference training (``task: preference``) on a tiny model, against references: ln 2 and zero rewards at
 step 0, packed pairs == each sequence alone, precomputed == on-the-fly reference, 8 x 1 == 2 x 4
-accumulation, and every method of the support matrix training through it."""
+accumulation, and every method of the support matrix training through it. The reference computed on demand:
+``test_preference_reference.py``; a run from an SFT run (``init_from``): ``test_init_from.py``."""
 
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ def test_reference_pass_has_dropout_off_and_restores_training_mode(tiny_model, t
     refs = []
     for seed in (1, 2):
         torch.manual_seed(seed)
+        for pair in pairs:                         # computed again, not taken from the cache
+            pair.reference = None
         PreferenceObjective("preference").before_training(model, PreparedData(pairs, [], [], {}), config,
                                                           torch.device("cpu"))
         refs.append([p.reference for p in pairs])
@@ -221,11 +224,13 @@ def test_full_fine_tuning_on_the_fly_reference_is_refused(tiny_model_dir, tmp_pa
 
 
 def test_resume_continues_a_preference_run_exactly(tiny_model_dir, tmp_path):
-    common = {"max_steps": 4, "lora": {"dropout": 0.1}, "eval_every": 2}
+    # 6 train pairs, 3 micro-batches an epoch: the resumed steps 4-6 are the 2nd epoch, whose pairs' reference
+    # log-probs the uninterrupted run had cached in the 1st and the resumed one computes again (in other rows)
+    common = {"rows": rule_pairs(8), "max_steps": 6, "lora": {"dropout": 0.1}, "eval_every": 2, "on_divergence": "off"}
     whole = train(config_for(tiny_model_dir, tmp_path, name="whole", **common))
     config = config_for(tiny_model_dir, tmp_path, name="cut", **common)
-    recipe = recipe_for(config)                       # two steps, a checkpoint, then the process "dies"
-    for _ in range(2):
+    recipe = recipe_for(config)                       # three steps, a checkpoint, then the process "dies"
+    for _ in range(3):
         row = recipe.train_step()
         if recipe.state.step % recipe.eval_every == 0:
             row.update(recipe.evaluate())
@@ -233,8 +238,8 @@ def test_resume_continues_a_preference_run_exactly(tiny_model_dir, tmp_path):
         recipe.state.metrics_rows += 1
     recipe.save_checkpoint("last")
     recipe.metrics.close()
-    resumed = train(config, resume=True)             # the reference is recomputed from the base, then weights load
-    assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4]
+    resumed = train(config, resume=True)             # the reference cache starts empty: computed again on demand
+    assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(whole.metrics, resumed.metrics, strict=True):
         for key in ("loss", "rewards/margins", "eval_loss"):
             if key in a:
@@ -245,7 +250,7 @@ def test_an_sft_adapter_as_the_model_is_refused_naming_the_fix(tiny_model_dir, t
     adapter = tmp_path / "sft-run"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="is an adapter .*merge it first") as e:
+    with pytest.raises(ConfigError, match="is an adapter .*set init_from: ") as e:
         config_for(tiny_model_dir, tmp_path, model=str(adapter))
     assert len(str(e.value).splitlines()) == 1
 

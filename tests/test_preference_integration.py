@@ -49,10 +49,11 @@ def test_rule_is_learnt_and_followed_in_greedy_generation(tmp_path, real_model_p
         "warmup_ratio": 0.0, "eval_every": 4, "eval_share": None, "preference": {"beta": 0.1}})
     recipe = TrainingRecipe(config)
     recipe.setup()
-    # "chance" before training: how often the base model itself prefers the chosen answer (its reference log-probs)
+    recipe.fit()
+    # "chance": how often the base model itself prefers the chosen answer (its reference log-probs, computed once for
+    # the held-out pairs at the first evaluation)
     base_prefers = sum(p.reference[0] > p.reference[1] for p in recipe.data.validation) / len(recipe.data.validation)
     print(f"\nbase model prefers the chosen answer on {base_prefers:.2f} of held-out pairs")
-    recipe.fit()
     result = recipe.finish()
     evals = [r for r in result.metrics if "eval_loss" in r]
     first = result.metrics[0]

@@ -38,7 +38,9 @@ class PreferenceConfig(Settings):
     sft_weight: float | None = Field(None, ge=0, description="weight of the chosen answer's mean token NLL added "
                                                             "to each pair's loss; default 1 for orpo, else 0")
     reference: Literal["precomputed", "on_the_fly"] = Field(
-        "precomputed", description="reference log-probs: one no-grad pass before training, or a forward per step")
+        "precomputed", description="reference log-probs: precomputed: once per pair, no grad, the first time the "
+        "pair is used (a training step or the first evaluation), then cached on it (full fine-tuning: every pair "
+        "before step 1); on_the_fly: a reference forward for every micro-batch")
 
 
 class RunConfig(Settings):
@@ -64,6 +66,11 @@ class RunConfig(Settings):
                            "off: such a model is refused in one line. Logged, and recorded in run.json")
     method: str = Field("lora", description="full, lora, qlora, adapter, prefix, prompt or ia3; its settings are "
                                             "under the key of that name")
+    init_from: str | None = Field(
+        None, description="a run directory or package (tuneforge package) of an adapter method whose trained adapter "
+        "this run loads and keeps training: the same method, with the run's method settings (a value set here that "
+        "differs is refused) and on the run's base model (model:); with task: preference the reference is that run's "
+        "model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: instead")
     task: Literal["sft", "pretrain", "preference"] = Field(
         "sft", description="sft (chat/instruction records), pretrain (raw text) or preference (chosen/rejected pairs)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
@@ -107,7 +114,8 @@ class RunConfig(Settings):
                                                        "--resume falls back to an older one when the newest is damaged")
     keep_best: bool = Field(True, description="the checkpoint with the best validation becomes the run's output")
     eval_base: bool = Field(True, description="validate the model before the first step (its method disabled: the "
-                                              "base model), the yardstick of the end-of-run check (on_divergence)")
+                                              "base model; with init_from: the init run's model), the yardstick of the "
+                                              "end-of-run check (on_divergence)")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many validations "
                                                                         "without improvement")
     on_nonfinite: Literal["stop", "skip"] = Field(
@@ -264,9 +272,9 @@ class RunConfig(Settings):
             raise ValueError("task 'preference' reads chosen/rejected pairs: leave data.format 'auto'")
         folder = Path(self.model).expanduser()
         if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-            raise ValueError(f"model {self.model!r} is an adapter (an SFT run?): its preference reference must be "
-                             "that SFT model, not the bare base; merge it first (`tuneforge merge RUN --out DIR`) and "
-                             "set model: to the merged folder")
+            raise ValueError(f"model {self.model!r} is an adapter (an SFT run?), not a model: set init_from: "
+                             f"{self.model} to continue its adapter (the reference is then that SFT model) and model: "
+                             "to its base model")
         from tuneforge.methods.registry import get_method
 
         pref, method = self.preference, get_method(self.method)
@@ -416,6 +424,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                                   f"tried from the current folder and from {base}/)")
             config.eval.data = str(resolved)
         _check_template_file(config, base, source)
+        if config.init_from:        # a folder: from the current folder, then the config's (what it holds: training)
+            folder = next((c for c in (Path(config.init_from).expanduser(), base / config.init_from) if c.is_dir()),
+                          None)
+            if folder is None:
+                raise ConfigError(f"{source}: 'init_from': folder {config.init_from!r} not found (relative paths are "
+                                  f"tried from the current folder and from {base}/)")
+            config.init_from = str(folder.resolve())
     return config
 
 

@@ -12,6 +12,7 @@ from tuneforge.methods.dispatch import (
                                         count_parameters,
                                         load_base_model,
                                         load_trained,
+                                        load_weights_into,
                                         mergeable_methods,
                                         method_disabled,
                                         method_forward,
@@ -24,6 +25,6 @@ from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import Method, get_method, method_names, register_method, unregister_method
 
 __all__ = ["Method", "NotMergeableError", "apply_method", "count_parameters", "get_method", "load_base_model",
-           "load_trained", "mergeable_methods", "method_disabled", "method_forward", "method_generate",
-           "method_names", "not_mergeable_methods", "register_method", "save_trained", "saved_method",
-           "unregister_method"]
+           "load_trained", "load_weights_into", "mergeable_methods", "method_disabled", "method_forward",
+           "method_generate", "method_names", "not_mergeable_methods", "register_method", "save_trained",
+           "saved_method", "unregister_method"]

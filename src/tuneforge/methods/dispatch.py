@@ -88,15 +88,27 @@ def method_generate(model: Generates, config: RunConfig | str | None, **kwargs: 
     return model.generate(**kwargs)
 
 
+_DISABLED = "_tuneforge_method_disabled"
+
+
 @contextlib.contextmanager
 def method_disabled(model: torch.nn.Module, config: RunConfig | str) -> Iterator[None]:
-    """Within the block ``model`` computes exactly its base model (the method's ``disable``)."""
+    """Within the block ``model`` computes exactly its base model (the method's ``disable``). Nested blocks are
+    safe: an inner one (a reference pass inside the evaluation of the base model) leaves the method disabled when
+    it ends, whatever the method's own ``disable`` would do."""
     method = _method(config)
     if method.disable is None:
         raise ValueError(f"method {method.name!r} cannot be disabled: it changes the base weights themselves "
                          "(keep a separate copy of the base model as the reference)")
-    with method.disable(model):
+    if getattr(model, _DISABLED, False):
         yield
+        return
+    with method.disable(model):
+        setattr(model, _DISABLED, True)
+        try:
+            yield
+        finally:
+            setattr(model, _DISABLED, False)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -153,6 +165,16 @@ def load_trained(base: torch.nn.Module, adapter_dir: str | Path, config: RunConf
     """
     method = get_method(config.method if config is not None else saved_method(adapter_dir))
     return method.load_trained(base, adapter_dir, is_trainable=is_trainable)
+
+
+def load_weights_into(model: torch.nn.Module, folder: str | Path, config: RunConfig) -> None:
+    """``init_from``: the weights a run of ``config.method`` saved in ``folder``, copied exactly into ``model`` (what
+    :func:`apply_method` made with that run's settings), which then trains them. ``ValueError`` with one line when
+    the method cannot continue a run or the weights do not fit."""
+    method = _method(config)
+    if method.load_weights is None:
+        raise ValueError(f"method {method.name!r} cannot continue from a run's saved weights")
+    method.load_weights(model, Path(folder))
 
 
 def mergeable_methods() -> tuple[str, ...]:

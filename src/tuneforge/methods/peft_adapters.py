@@ -26,6 +26,40 @@ def load_peft_adapter(base: torch.nn.Module, folder: str | Path, is_trainable: b
     return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
 
 
+def load_peft_weights_into(model: PeftModel, folder: Path) -> None:
+    """``init_from``: the adapter peft saved in ``folder``, copied into the active adapter of ``model`` (made by the
+    method's ``apply`` with the same settings): every saved tensor must meet one of the adapter's, of the same
+    shape, and read back equal once loaded (so nothing is left at its initial value); ``ValueError`` naming the
+    first tensor that does not fit."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    name = model.active_adapter
+    assert isinstance(name, str)
+    saved = load_peft_weights(str(folder), device="cpu")
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    problem = _misfit(saved, expected)
+    if problem:
+        raise ValueError(f"{folder}: {problem}")
+    set_peft_model_state_dict(model, saved, adapter_name=name)
+    loaded = get_peft_model_state_dict(model, adapter_name=name)
+    for key, tensor in saved.items():
+        if not torch.equal(loaded[key].detach().cpu(), tensor.to(loaded[key].dtype)):
+            raise ValueError(f"{folder}: tensor {key} did not load into the model as saved")
+
+
+def _misfit(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """What keeps ``saved`` tensors from being ``expected``'s, in words; "" when they fit."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        return (f"its tensors are not this model's adapter ({len(missing)} missing, e.g. {missing[:1]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:1]}): trained with other settings or another model")
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            return (f"tensor {key} has shape {tuple(tensor.shape)}, this model's {tuple(expected[key].shape)}: "
+                    "trained with other settings or another model")
+    return ""
+
+
 def peft_disabled(model: AdapterSwitch) -> contextlib.AbstractContextManager:
     """peft's ``disable_adapter()``: the LoRA/IA3 layers compute the base layer alone."""
     return model.disable_adapter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # as ``Any`` and each method annotates its own functions with its own type.
 Apply = Callable[["PreTrainedModel", "RunConfig", Any], torch.nn.Module]
 LoadTrained = Callable[..., torch.nn.Module]          # (base, folder, is_trainable=False) -> model
+LoadWeights = Callable[[Any, Path], None]               # (the model apply made, folder) -> None
 LoadBase = Callable[["RunConfig", torch.dtype, "str | torch.device"], "PreTrainedModel"]
 Forward = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
 Disable = Callable[[Any], contextlib.AbstractContextManager]
@@ -85,9 +87,14 @@ class Method:
         name: the value of ``method:`` in the run config.
         summary: one line for listings and errors.
         settings: run-config sections this method owns, ``{key: pydantic model}`` (``{"lora": LoraConfig}``);
-            a method may also read another method's section (``qlora`` reads ``lora``).
+            a method may also read another method's section (``qlora`` reads ``lora``: :attr:`reads`).
+        reads: the other methods' sections it reads (``qlora``: ``("lora",)``).
         apply: ``(base model, run config, tokenizer) -> trainable model`` (base weights frozen unless full).
         load_trained: ``(base, folder, is_trainable=False) -> model``: what :attr:`save` wrote, onto a fresh base.
+        load_weights: ``(model, folder) -> None``: the weights a run of this method saved in ``folder``, copied
+            exactly into ``model``, which ``apply`` made with that run's settings (``init_from``: the run's adapter
+            keeps training); ``ValueError`` with one line naming the tensor when they do not fit. None: a run of
+            this method cannot be continued that way (full fine-tuning: its folder is a model, for ``model:``).
         saved_types: values of ``peft_type`` / ``adapter_type`` in ``adapter_config.json`` that mean this
             method (``("LORA",)``); ``("full",)`` for a full model folder.
         load_base: ``(config, dtype, device) -> base model`` when the method needs a special one (QLoRA
@@ -131,6 +138,8 @@ class Method:
     apply: Apply
     load_trained: LoadTrained
     saved_types: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    load_weights: LoadWeights | None = None
     load_base: LoadBase | None = None
     forward: Forward | None = None
     generate: Callable[..., Any] | None = None

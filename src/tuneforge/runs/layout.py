@@ -23,6 +23,7 @@ REPORT = "report.json"              # the evaluation report: :class:`tuneforge.r
 EXPORT = "export"                   # tuneforge export without --out
 MANIFEST = "tuneforge.json"         # a package's manifest: :class:`tuneforge.runs.records.PackageManifest`
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"   # every adapter method's trained tensors (peft's name)
 MODEL_CONFIG = "config.json"        # a full model's transformers config
 
 
@@ -92,6 +93,10 @@ class RunDir:
     @property
     def adapter_config(self) -> Path:
         return self.path / ADAPTER_CONFIG
+
+    @property
+    def adapter_weights(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
 
     @property
     def model_config(self) -> Path:

@@ -20,7 +20,7 @@ the known ones; a key missing from a file stays missing on save (only the fields
 written), and numbers stay as written (an ``int`` stays an ``int``). So ``load -> save`` gives the same JSON
 plus ``schema_version``, and the writers write the same keys and values as before plus ``schema_version`` (and
 the keys added since, optional in older files: ``run.json``'s ``template``, ``trust_remote_code``,
-``learning_rate`` and ``learning_rate_default``).
+``learning_rate``, ``learning_rate_default`` and ``init_from``).
 Saving is atomic: a hidden temporary file beside the destination, then one ``os.replace``.
 """
 
@@ -206,6 +206,16 @@ class ExampleCounts(Part):
     formats: dict[str, int] | None = None
 
 
+class InitFromRecord(Part):
+    """``run.json``'s ``init_from``: the run or package whose adapter the run started from (``init_from:``): its
+    ``path``, ``method``, ``task`` and the sha256 of its ``adapter_model.safetensors`` (None where it has none)."""
+
+    path: str | None = None
+    method: str | None = None
+    task: str | None = None
+    adapter_sha256: str | None = None
+
+
 class PackageBaseModel(Part):
     """``tuneforge.json``'s ``base_model``: the ``model:`` of the run, its sha256, the Hub id for the card and the
     base model's licence/terms files that the package carries (``terms``: their names in the package)."""
@@ -223,7 +233,8 @@ class RunRecord(Record):
     """``run.json``: what produced a run and how it went (written once, at the end of training).
 
     The fields, in the order they are written: ``base_model`` (spec and fingerprint), ``template`` (the chat
-    template trained with), ``trust_remote_code``, ``method``, ``task``,
+    template trained with), ``trust_remote_code``, ``method``, ``task``, ``init_from`` (only in a run that
+    continued another run's adapter: :class:`InitFromRecord`),
     ``data`` (files and sha256), ``examples``, ``seed``, ``device``, ``dtype`` and ``dtype_reason``,
     ``precision`` (mode, the dtype of base and trained weights, autocast, loss scaling; ``scaler_skipped_steps``
     under fp16-mixed), ``steps``,
@@ -242,6 +253,7 @@ class RunRecord(Record):
     trust_remote_code: bool | None = None
     method: str | None = None
     task: str | None = None
+    init_from: InitFromRecord | None = None
     learning_rate: Number | None = None
     learning_rate_default: bool | None = None
     data: list[DataFile] | None = None

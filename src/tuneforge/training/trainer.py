@@ -42,7 +42,14 @@ from tuneforge.fileutil import file_sha256
 from tuneforge.kernels.compensated_adamw import CompensatedAdamW
 from tuneforge.kernels.optimizer import adamw
 from tuneforge.kernels.select import apply_kernels, check_kernels
-from tuneforge.methods import apply_method, count_parameters, get_method, load_base_model, method_disabled
+from tuneforge.methods import (
+    apply_method,
+    count_parameters,
+    get_method,
+    load_base_model,
+    load_weights_into,
+    method_disabled,
+)
 from tuneforge.models.dtype import pick_device
 from tuneforge.models.loading import flush_denormals, load_tokenizer
 from tuneforge.models.registry import resolve_model
@@ -54,6 +61,7 @@ from tuneforge.runs import (
     data_fingerprints,
     library_versions,
 )
+from tuneforge.runs.init_from import InitRun, resolve_init_from
 from tuneforge.runs.layout import RunDir
 from tuneforge.training.checkpoint import Candidate, CheckpointDir, copy_files
 from tuneforge.training.distributed import setup_distributed
@@ -150,7 +158,8 @@ def precision_plan(config: RunConfig, device: torch.device, by_engine: bool = Fa
 TRAINABLE_FILE = "trainable.safetensors"
 # config keys that may differ when a run is resumed (they change how it reports, not what it computes, or where its
 # files are: a run is known by its config and its data's content, so a moved run folder or data file resumes)
-RESUMABLE_CHANGES = ("progress", "threads", "output_dir", "keep_checkpoints", "data.train", "data.validation")
+RESUMABLE_CHANGES = ("progress", "threads", "output_dir", "keep_checkpoints", "data.train", "data.validation",
+                     "init_from")
 MICRO_BATCHES_PER_STEP = "micro_batches_per_step"   # fingerprint key: gradient_accumulation_steps x processes
 
 
@@ -266,6 +275,7 @@ class TrainingRecipe:
         self._stream: Iterator[PackedBatch] | None = None
         self._stream_at: tuple[int, int] = (-1, -1)
         self.objective = get_objective(config.task)
+        self.init: InitRun | None = None       # init_from's run, once setup() has read it
         self.run_dir = Path(config.output_dir)
         self.layout = RunDir(self.run_dir)
         self.checkpoints = CheckpointDir(self.layout.checkpoints)
@@ -282,6 +292,9 @@ class TrainingRecipe:
         if config.auto_fit:
             self._fit_to_memory()
         dist.check(config)                          # what the engine does not train yet: one line
+        # init_from: the run whose adapter this one continues, checked (and its method settings taken) before any
+        # model loads (runs/init_from.py)
+        self.init = resolve_init_from(config)
         if dist.is_main:
             self.layout.config.write_text(dump_config(config))
             for stale in self.checkpoints.clean_stale():
@@ -318,8 +331,15 @@ class TrainingRecipe:
         self.uniform_loss = self.objective.uniform_loss(getattr(base.config, "vocab_size", None))
         self.model = model = apply_method(base, config, self.tokenizer)
         cast_trained(model, plan)                 # adapters fp32 on a bf16 / fp16 / 4-bit base
+        if self.init is not None:                 # the init run's adapter, exactly, in the adapter apply made
+            try:
+                load_weights_into(model, self.init.path, config)
+            except ValueError as e:
+                raise ConfigError(f"init_from: {e}") from None
+            log.info("init_from: continuing the %s adapter of %s (adapter sha256 %s)", self.init.method,
+                     self.init.path, (self.init.adapter_sha256 or "unknown")[:12])
         prepare_for_training(model, config, reentrant=dist.reentrant_checkpointing)
-        with self.precision.autocast():           # e.g. reference log-probs, from the base
+        with self.precision.autocast():           # e.g. the frozen init adapter, full fine-tuning's reference
             self.objective.before_training(model, data, config, self.device)
         self.trainable, self.total = count_parameters(model)      # before ZeRO-3 partitions the parameters
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}",
@@ -401,13 +421,15 @@ class TrainingRecipe:
     def _fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues: the config (but for
         :data:`RESUMABLE_CHANGES`, and the accumulation, compared as accumulation x processes) and the content of
-        the data files."""
+        the data files (and of the ``init_from`` run's adapter)."""
         config = _without_resumable_changes(self.config.model_dump(mode="json"))
         # every process draws a step's accumulation x processes micro-batches from one seeded stream: the data order
         # depends on the product only, so a run may resume on other processes with the accumulation to match
         config.pop("gradient_accumulation_steps")
         data = {"train": file_sha256(self.config.data.train),
                 "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
+        if self.init is not None:       # the run continued: by its adapter's content, wherever it is now
+            data["init_from"] = self.init.adapter_sha256 or str(self.init.path)
         return {"config": config, "data": data,
                 MICRO_BATCHES_PER_STEP: self.config.gradient_accumulation_steps * self.dist.world}
 
@@ -706,11 +728,12 @@ class TrainingRecipe:
 
     def evaluate_base(self) -> None:
         """``eval_base``: the objective's validation metric of the model before the first step, with its method
-        disabled where the method can be (so: the base model; full fine-tuning has not changed it yet). The
-        end-of-run check compares the final validation with it; it is not a candidate for the best checkpoint."""
+        disabled where the method can be (so: the base model; full fine-tuning has not changed it yet); with
+        ``init_from``, the model as it is (the init run's model, where this run starts). The end-of-run check
+        compares the final validation with it; it is not a candidate for the best checkpoint."""
         config, objective = self.config, self.objective
         started = time.perf_counter()
-        can_disable = get_method(config.method).disable is not None
+        can_disable = get_method(config.method).disable is not None and self.init is None
 
         def run(model: torch.nn.Module) -> dict[str, float]:
             if not can_disable:
@@ -766,6 +789,7 @@ class TrainingRecipe:
             handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._loop()
+            self.objective.after_training()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -860,7 +884,7 @@ class TrainingRecipe:
                         title=f"{config.method} on {Path(config.data.train).name}")
         data = self.data
         best_score = None if state.best_step is None else state.best_score
-        RunRecord(
+        record = RunRecord(
             tuneforge_run=1,
             base_model=base_model_record(config.model, resolve_model(config.model)),
             template=TemplateRecord(**self.template.record(), kwargs=config.template_kwargs or None),
@@ -897,7 +921,10 @@ class TrainingRecipe:
             base_eval_seconds=round(self.base_eval_seconds, 3),
             eval_examples=len(self.val_examples),
             versions=library_versions(),
-        ).save(self.run_dir)
+        )
+        if self.init is not None:            # only in a run that continued another: written after task
+            record.init_from = self.init.record()
+        record.save(self.run_dir)
         self.dist.barrier()
         if problems:
             if config.on_divergence == "stop":

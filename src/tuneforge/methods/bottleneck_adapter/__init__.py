@@ -38,6 +38,10 @@ def _load_trained(base: PreTrainedModel, folder: str | Path, is_trainable: bool 
     return BottleneckAdapterModel.from_pretrained(base, folder, is_trainable=is_trainable)
 
 
+def _load_weights(model: BottleneckAdapterModel, folder: Path) -> None:
+    model.load_weights(folder)
+
+
 def _disable(model: BottleneckAdapterModel) -> contextlib.AbstractContextManager:
     return model.disable_adapter()
 
@@ -46,7 +50,7 @@ register_method(Method(
     name="adapter", summary="bottleneck MLPs after attention and/or MLP (ours)",
     memory=adapter_memory, engines=frozenset({"single", "ddp"}),
     settings={"adapter": BottleneckAdapterConfig}, apply=_apply,
-    load_trained=_load_trained,
+    load_trained=_load_trained, load_weights=_load_weights,
     saved_types=(ADAPTER_TYPE,),
     not_mergeable_reason="a bottleneck adapter has a nonlinearity between its projections",
     disable=_disable, serving=BottleneckServing,

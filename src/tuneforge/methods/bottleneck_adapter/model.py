@@ -132,23 +132,39 @@ class BottleneckAdapterModel(nn.Module):
         """Add the adapter saved in ``folder`` under ``adapter_name`` (not made active: call :meth:`set_adapter`)."""
         folder = Path(folder)
         self.add_adapter(adapter_name, BottleneckAdapterConfig.load(folder))
+        try:
+            self.load_weights(folder, adapter_name)
+        except ValueError:
+            self.delete_adapter(adapter_name)
+            raise
+        for _, param in self._adapter_parameters(adapter_name):
+            param.requires_grad_(is_trainable)
+
+    def load_weights(self, folder: str | Path, adapter_name: str | None = None) -> None:
+        """Copy the adapter saved in ``folder`` into the existing adapter ``adapter_name`` (default: the active
+        one); every saved tensor must meet one of the adapter's with the same shape, and every one of the adapter's
+        must be saved (``ValueError`` otherwise, the adapter unchanged)."""
+        folder = Path(folder)
+        adapter_name = adapter_name or self.active_adapter or DEFAULT_ADAPTER
         saved = load_file(str(folder / WEIGHTS_NAME))
-        params = {key: p for n, p in self.base_model.named_parameters()
-                  if (key := _saved_key(n, adapter_name)) is not None}
+        params = dict(self._adapter_parameters(adapter_name))
         missing = sorted(set(params) - set(saved))
         unexpected = sorted(set(saved) - set(params))
         if missing or unexpected:
-            self.delete_adapter(adapter_name)
             raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this base model: missing={missing[:4]} "
                              f"unexpected={unexpected[:4]} (was it trained on a different model?)")
+        for key, tensor in saved.items():
+            if params[key].shape != tensor.shape:
+                raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} != model shape "
+                                 f"{tuple(params[key].shape)}")
         with torch.no_grad():
             for key, tensor in saved.items():
-                param = params[key]
-                if param.shape != tensor.shape:
-                    self.delete_adapter(adapter_name)
-                    raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-                param.copy_(tensor)
-                param.requires_grad_(is_trainable)
+                params[key].copy_(tensor)
+
+    def _adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of adapter ``adapter_name``, keyed as saved (without the name)."""
+        return [(key, p) for n, p in self.base_model.named_parameters()
+                if (key := _saved_key(n, adapter_name)) is not None]
 
     # ----------------------------------------------------------------------------------- inference
 

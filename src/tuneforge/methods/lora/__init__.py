@@ -13,7 +13,7 @@ from tuneforge.methods.lora.export import gguf_lora_problems, vllm_support
 from tuneforge.methods.lora.memory import lora_memory
 from tuneforge.methods.lora.model import apply_lora
 from tuneforge.methods.lora.serving import LoraServing
-from tuneforge.methods.peft_adapters import load_peft_adapter, peft_disabled
+from tuneforge.methods.peft_adapters import load_peft_adapter, load_peft_weights_into, peft_disabled
 from tuneforge.methods.registry import Method, Runtimes, register_method
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ register_method(Method(
     name="lora", summary="B A per target linear (+ DoRA magnitude, rsLoRA scaling)",
     memory=lora_memory, engines=frozenset({"single", "ddp", "fsdp2", "deepspeed"}), leaner="qlora",
     settings={"lora": LoraConfig}, apply=_apply,
-    load_trained=load_peft_adapter, saved_types=("LORA",), mergeable=True, disable=peft_disabled,
+    load_trained=load_peft_adapter, load_weights=load_peft_weights_into, saved_types=("LORA",),
+    mergeable=True, disable=peft_disabled,
     mixed_batches=True,
     serving=LoraServing, runtimes=Runtimes(vllm=vllm_support, gguf_lora=gguf_lora_problems),
 ))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tuneforge.errors import ConfigError
-from tuneforge.methods.peft_adapters import load_peft_adapter, virtual_tokens_disabled
+from tuneforge.methods.peft_adapters import load_peft_adapter, load_peft_weights_into, virtual_tokens_disabled
 from tuneforge.methods.prefix_tuning.config import PrefixConfig
 from tuneforge.methods.prefix_tuning.memory import prefix_memory
 from tuneforge.methods.prefix_tuning.model import apply_prefix, forward_for_loss, generate
@@ -16,6 +16,9 @@ from tuneforge.methods.prefix_tuning.serving import PrefixServing
 from tuneforge.methods.registry import Method, register_method
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
     from tuneforge.config import RunConfig
@@ -51,11 +54,21 @@ def _check_config(config: RunConfig) -> None:
                          "under activation checkpointing; set gradient_checkpointing: false (or use prompt tuning)")
 
 
+def _load_weights(model: PeftModel, folder: Path) -> None:
+    """``init_from``: a saved prefix into the model's; a run with ``reparameterize: true`` saved the prefix its MLP
+    made, not the MLP, so it cannot continue as it trained."""
+    if model.active_peft_config.prefix_projection:
+        raise ValueError(f"{folder}: prefix.reparameterize: true saves only the prefix its MLP made, not the MLP: "
+                         "such a run cannot continue training; train a new prefix from model: instead")
+    load_peft_weights_into(model, folder)
+
+
 register_method(Method(
     name="prefix", summary="per-layer key/value prefixes",
     memory=prefix_memory, engines=frozenset({"single", "ddp"}), check_config=_check_config,
     settings={"prefix": PrefixConfig}, apply=_apply,
-    load_trained=load_peft_adapter, saved_types=("PREFIX_TUNING",), forward=forward_for_loss, generate=generate,
+    load_trained=load_peft_adapter, load_weights=_load_weights, saved_types=("PREFIX_TUNING",),
+    forward=forward_for_loss, generate=generate,
     not_mergeable_reason="prefix tuning adds key/value vectors, not a change of weights",
     disable=virtual_tokens_disabled, serving=PrefixServing,
 ))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from tuneforge.methods.peft_adapters import load_peft_adapter, virtual_tokens_disabled
+from tuneforge.methods.peft_adapters import load_peft_adapter, load_peft_weights_into, virtual_tokens_disabled
 from tuneforge.methods.prompt_tuning.config import PromptConfig
 from tuneforge.methods.prompt_tuning.memory import prompt_memory
 from tuneforge.methods.prompt_tuning.model import apply_prompt, forward_for_loss, generate
@@ -31,7 +31,8 @@ register_method(Method(
     memory=prompt_memory, engines=frozenset({"single", "ddp"}),
     settings={"prompt": PromptConfig},
     apply=_apply,
-    load_trained=load_peft_adapter, saved_types=("PROMPT_TUNING",), forward=forward_for_loss, generate=generate,
+    load_trained=load_peft_adapter, load_weights=load_peft_weights_into, saved_types=("PROMPT_TUNING",),
+    forward=forward_for_loss, generate=generate,
     not_mergeable_reason="prompt tuning adds input embeddings, not a change of weights",
     disable=virtual_tokens_disabled, serving=PromptServing,
 ))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tuneforge.methods.lora.export import gguf_lora_problems, vllm_support
-from tuneforge.methods.peft_adapters import load_peft_adapter, peft_disabled
+from tuneforge.methods.peft_adapters import load_peft_adapter, load_peft_weights_into, peft_disabled
 from tuneforge.methods.qlora.config import QuantConfig
 from tuneforge.methods.qlora.memory import qlora_memory
 from tuneforge.methods.qlora.model import apply_qlora, load_base, make_optimizer
@@ -41,9 +41,9 @@ register_method(Method(
     memory=qlora_memory, engines=frozenset({"single", "ddp"}), check_config=_check_config,
     engine_notes={"fsdp2": "4-bit weights lose their quantisation state when FSDP2 gathers them; train QLoRA with "
                            "DDP (distributed_type MULTI_GPU) or on one GPU"},
-    settings={"qlora": QuantConfig},
+    settings={"qlora": QuantConfig}, reads=("lora",),
     apply=_apply,
-    load_trained=load_peft_adapter, saved_types=(), load_base=load_base,
+    load_trained=load_peft_adapter, load_weights=load_peft_weights_into, saved_types=(), load_base=load_base,
     make_optimizer=_make_optimizer,
     mergeable=True, disable=peft_disabled, mixed_batches=True,
     # its adapter is saved as LoRA (peft_type LORA): the server loads it through the lora record's serving

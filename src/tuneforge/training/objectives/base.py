@@ -61,6 +61,10 @@ class Objective:
         """Called once the model is set up, before the first step (and before a resumed run loads its trained
         weights): e.g. a preference objective's reference log-probabilities. Default: nothing."""
 
+    def after_training(self) -> None:
+        """Called once the loop has ended (not after an interruption): e.g. a summary for the log. Default:
+        nothing."""
+
     def normaliser(self, batch: PackedBatch) -> float:
         """Units this micro-batch contributes to the step's normaliser, known before any forward."""
         raise NotImplementedError

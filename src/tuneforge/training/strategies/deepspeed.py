@@ -86,6 +86,9 @@ class DeepSpeed(Parallel):
         if config.task not in DEEPSPEED_TASKS:
             raise ConfigError(f"task {config.task} with DeepSpeed is not tested yet (DeepSpeed trains tasks "
                               f"{' and '.join(DEEPSPEED_TASKS)}); train it with DDP (distributed_type MULTI_GPU)")
+        if config.init_from:
+            raise ConfigError(f"init_from with {zero} is not tested yet; train it with DDP (distributed_type "
+                              "MULTI_GPU) or on one process")
         if self.stage == 3 and config.lora.use_dora:
             raise ConfigError(f"lora.use_dora with {zero} is not tested yet (DoRA reads the partitioned base "
                               "weights outside their forward); use ZeRO-2, DDP or FSDP2")

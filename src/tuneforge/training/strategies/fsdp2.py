@@ -72,6 +72,9 @@ class FSDP2(Parallel):
         if config.task not in FSDP2_TASKS:
             raise ConfigError(f"task {config.task} with FSDP2 is not tested yet (FSDP2 trains tasks "
                               f"{' and '.join(FSDP2_TASKS)}); train it with DDP (distributed_type MULTI_GPU)")
+        if config.init_from:
+            raise ConfigError("init_from with FSDP2 is not tested yet (the adapter loads before the model is "
+                              "sharded); train it with DDP (distributed_type MULTI_GPU) or on one process")
 
     def setup(self, build_optimizer: BuildOptimizer) -> torch.optim.Optimizer:
         # the model half of Accelerator.prepare(model, optimizer) under FSDP2 (its prepare_model refuses FSDP2):
