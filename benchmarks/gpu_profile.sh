@@ -54,7 +54,7 @@ for cfg in "${CONFIGS[@]}"; do
   for pair in "${pairs[@]}"; do [[ -n $pair ]] && set_args+=(--set "$pair"); done
   echo "===== profile $label (batch $batch ${sets:-defaults}), ${budget}s left"
   timeout $((budget < 120 ? budget : 120)) "$PY" benchmarks/throughput/profile_train.py --model "$MODEL" \
-    --random-init-shape "$SHAPE" --data "$DATA" --device "$DEVICE" --batch "$batch" --steps 6 --max-length 1024 \
+    --random-init-shape "$SHAPE" --data "$DATA" --device "$DEVICE" --batch "$batch" --steps ${PROFILE_STEPS:-6} --max-length 1024 \
     --label "$label" --out "$OUT/prof-$label" "${set_args[@]}" >"$OUT/prof-$label.log" 2>&1
   echo "exit $?"
   grep -E "SUMMARY|Error|error:" "$OUT/prof-$label.log" | tail -5
@@ -78,5 +78,5 @@ bench_set=()
 IFS=, read -ra pairs <<<"$BENCH_SET"
 for pair in "${pairs[@]}"; do [[ -n $pair ]] && bench_set+=(--tuneforge-set "$pair"); done
 bench "tuneforge-b$BENCH_BATCH" "$BENCH_BATCH" --recipes tuneforge "${bench_set[@]}"
-bench trl-b16 16 --recipes trl --trl-liger
+[[ -z ${SKIP_TRL:-} ]] && bench trl-b16 16 --recipes trl --trl-liger
 echo "total $(($(date +%s) - t0)) s"

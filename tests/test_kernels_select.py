@@ -91,23 +91,34 @@ def test_flash_varlen_without_flash_attn_takes_torchs_varlen_attention(monkeypat
 
 def test_torch_varlen_speaks_flash_attns_convention(monkeypatch):
     """:func:`flash_varlen.torch_varlen` maps flash-attn's arguments onto torch's ``varlen_attn``: causal as window
-    ``(-1, 0)``, a sliding window as ``(left, 0)``, grouped-query heads, the scale; dropout refused."""
+    ``(-1, 0)``, a sliding window as ``(left, 0)``, grouped-query heads (``enable_gqa`` where torch has it, 2.12 on;
+    torch 2.10-2.11's has none, so each key/value head is repeated for its group), the scale; dropout refused."""
     import torch.nn.attention.varlen as tv
 
     seen = {}
 
-    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
-        seen.update(kwargs, shapes=(q.shape, k.shape), max=(max_q, max_k))
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        seen.update(scale=scale, window_size=window_size, enable_gqa=enable_gqa, shapes=(q.shape, k.shape, v.shape),
+                    max=(max_q, max_k), k=k)
         return q
 
+    def fake_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return fake(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
     monkeypatch.setattr(tv, "varlen_attn", fake)
-    q, k = torch.zeros(10, 4, 8), torch.zeros(10, 2, 8)
+    q, k = torch.zeros(10, 4, 8), torch.arange(10 * 2 * 8.0).reshape(10, 2, 8)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     flash_varlen.torch_varlen(q, k, k, cu, cu, 6, 6, softmax_scale=0.5, causal=True)
-    assert seen == {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True, "shapes": (q.shape, k.shape),
-                    "max": (6, 6)}
+    assert {key: v for key, v in seen.items() if key != "k"} == {
+        "scale": 0.5, "window_size": (-1, 0), "enable_gqa": True, "shapes": (q.shape, k.shape, k.shape),
+        "max": (6, 6)}
     flash_varlen.torch_varlen(q, q, q, cu, cu, 6, 6, causal=True, window_size=(3, 0))
     assert seen["window_size"] == (3, 0) and seen["enable_gqa"] is False
+    monkeypatch.setattr(tv, "varlen_attn", fake_2_11)
+    flash_varlen.torch_varlen(q, k, k, cu, cu, 6, 6, softmax_scale=0.5, causal=True)
+    assert seen["shapes"] == (q.shape, q.shape, q.shape) and seen["enable_gqa"] is False
+    # query heads 0, 1 read key/value head 0; heads 2, 3 head 1 (grouped-query attention's order)
+    assert torch.equal(seen["k"], k[:, [0, 0, 1, 1]])
     with pytest.raises(ValueError, match="without dropout"):
         flash_varlen.torch_varlen(q, q, q, cu, cu, 6, 6, dropout_p=0.1)
 

@@ -54,9 +54,23 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
     if dropout_p or not causal:
         raise ValueError("torch's varlen attention: causal and without dropout only")
     left = window_size[0] if window_size is not None else -1
+    gqa: dict[str, bool] = {}
+    if k.shape[1] != q.shape[1]:
+        if _takes_gqa(varlen_attn):
+            gqa["enable_gqa"] = True
+        else:               # torch 2.10-2.11's varlen_attn has no enable_gqa: each key/value head serves its group
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     out = varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
-                      window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+                      window_size=(left, 0), **gqa)
     return out[0] if isinstance(out, tuple) else out        # (out, lse) only when return_aux asks for it
+
+
+@functools.cache
+def _takes_gqa(varlen_attn: Any) -> bool:
+    """Whether torch's ``varlen_attn`` has ``enable_gqa`` (2.12 and later); else :func:`torch_varlen` repeats the
+    key/value heads itself."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 @functools.cache

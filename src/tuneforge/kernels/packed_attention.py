@@ -14,8 +14,11 @@ packed training row (an explicit mask, a KV cache, prefix tokens, batch > 1) fal
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -50,11 +53,26 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     p = dropout if module.training else 0.0
     # split, not slices: a slice's backward writes its gradient into a zero-filled full-length tensor,
     # split's backward concatenates once (-16% attention time for 4 examples)
-    outs = [_example_attention(q, k, v, scaling, p, window, softcap)
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)]
+    with _without_cudnn(query.device):
+        outs = [_example_attention(q, k, v, scaling, p, window, softcap)
+                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
+                                   strict=True)]
     if len(outs) == 1:
         return outs[0].transpose(1, 2).contiguous(), None
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None   # one copy, already [1, T, H, D]
+
+
+def _without_cudnn(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, SDPA without its cuDNN backend: cuDNN builds an execution plan for every new sequence length (on an
+    H200 with torch 2.11, 4 ms of CPU per forward call and 3 ms per backward, measured with
+    ``benchmarks/throughput/profile_train.py``), and every example of a packed row has its own length. Flash (then
+    memory-efficient, then math) attention have no per-shape set-up. Elsewhere: nothing changes."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(_NO_CUDNN)
+
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None, dropout: float,
