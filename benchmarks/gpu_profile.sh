@@ -46,6 +46,7 @@ CONFIGS=("$@")
 ((${#CONFIGS[@]})) || CONFIGS=("b16-sdpa:16:" "b16-varlen:16:attention=flash_varlen" "b80-varlen:80:attention=flash_varlen"
   "b80-varlen-ckpt:80:attention=flash_varlen,gradient_checkpointing=true")
 for cfg in "${CONFIGS[@]}"; do
+  [[ $cfg == none ]] && continue      # `gpu_profile.sh none`: the benches only
   IFS=: read -r label batch sets <<<"$cfg"
   budget=$(left)
   ((budget < 40)) && { echo "skip $label: budget spent"; continue; }

@@ -78,15 +78,21 @@ def test_what_this_machine_cannot_run_is_refused_in_one_line(monkeypatch, sectio
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_flash_varlen_without_flash_attn_takes_torchs_varlen_attention(monkeypatch):
-    """``attention: flash_varlen`` on CUDA without flash-attn: torch's own varlen attention (torch >= 2.10), named in
-    the log line; the default ``packed_sdpa`` does not take it (not yet run on a GPU)."""
+@pytest.mark.parametrize("attention", ["flash_varlen", "packed_sdpa"])
+def test_without_flash_attn_cuda_takes_torchs_varlen_attention(monkeypatch, attention):
+    """On CUDA without flash-attn, ``attention: flash_varlen`` and the default ``packed_sdpa`` alike take torch's own
+    varlen attention (torch >= 2.10; 1.8x SDPA per example on an H200), named in the log line; without it the
+    default falls back to SDPA per example, and on a CPU nothing changes."""
     _present(monkeypatch, torch_varlen=True)
-    select.check_kernels(run_config("lora", {"attention": "flash_varlen"}), CUDA)
-    name, line = select.choose_attention("flash_varlen", CUDA)
+    select.check_kernels(run_config("lora", {"attention": attention}), CUDA)
+    name, line = select.choose_attention(attention, CUDA)
     assert name == flash_varlen.NAME and line.startswith(f"packed attention: torch {torch.__version__}'s varlen "
                                                          "attention (flash-attn not installed)"), line
-    assert select.choose_attention("packed_sdpa", CUDA)[0] == PACKED_SDPA
+    if attention == "packed_sdpa":
+        assert select.choose_attention(attention, CPU)[0] == PACKED_SDPA
+        _present(monkeypatch, torch_varlen=False)
+        name, line = select.choose_attention(attention, CUDA)
+        assert name == PACKED_SDPA and "SDPA per example (flash-attn not installed)" in line, line
 
 
 def test_torch_varlen_speaks_flash_attns_convention(monkeypatch):

@@ -146,7 +146,8 @@ class RunConfig(Settings):
         "those without, fp32 on CPUs")
     attention: Literal["packed_sdpa", "flash_varlen", "sdpa", "eager"] = Field(
         "packed_sdpa", description="packed_sdpa: causal attention per example of a packed row (no T x T mask): "
-                                   "flash-attn's varlen kernel on CUDA when installed, else SDPA per example; "
+                                   "on CUDA one varlen kernel per layer (flash-attn's, else torch >= 2.10's "
+                                   "own), else SDPA per example; "
                                    "flash_varlen: one varlen kernel call per layer on CUDA (flash-attn's, else "
                                    "torch >= 2.10's own)")
     fused_rms_norm: bool = Field(
