@@ -216,7 +216,7 @@ def _check_chunk(chunk: list[RawRecord] | _Lines, config: CurationConfig, index_
         index = _WORKER_INDEX.get(index_params)
         if index is None:
             index = _WORKER_INDEX[index_params] = DuplicateIndex(*index_params)
-        hashes = (rows, *index.hashes([checked[i].dedup_text for i in rows]))
+        hashes = (rows, index.hashes([checked[i].dedup_text for i in rows]))
     if counter is not None and rows:
         for i, n in zip(rows, counter.count([checked[i].clean for i in rows]), strict=False):
             checked[i].tokens = n
@@ -443,10 +443,9 @@ def _index_kept(index: DuplicateIndex, texts: list[str], rows: list[int], hashes
     if hashes is None:
         index.add(texts)
         return
-    hashed_rows, exact, sig, bands = hashes
+    hashed_rows, computed = hashes
     at = {r: k for k, r in enumerate(hashed_rows)}
-    sel = np.array([at[p] for p in rows], dtype=np.int64)
-    index.add_hashes(exact[sel], None if sig is None else sig[sel], None if bands is None else bands[sel])
+    index.add_hashes(computed.take(np.array([at[p] for p in rows], dtype=np.int64)))
 
 
 class _OriginalLines:
@@ -488,7 +487,7 @@ class _Curation:
         self.kind = None if config.format == "auto" else KINDS[config.format]
         self.index_params = _index_params(config, has_against)
         if self.index_params is not None and self.index_params[0]:
-            self.index_params += (_template_stop(files, config),)
+            self.index_params += (_template_stop(files, config), config.short_text_words, config.short_text_ngrams)
         self.index = DuplicateIndex(*self.index_params) if self.index_params is not None else None
         self.n_read = 0
         self.sources: list[str] = []
@@ -681,7 +680,8 @@ class _Curation:
         if action == "off":
             return
         message = (f"{d.kind} duplicate of {self.where(d.of)}"
-                   + ("" if d.kind == "exact" else f" (similarity {d.similarity:.2f})")
+                   + ("" if d.kind == "exact" else f" (similarity {d.similarity:.2f}"
+                      + (f" of word 1- to {self.config.short_text_ngrams}-grams: short text)" if d.short else ")"))
                    + (" in the --against data" if d.leak else ""))
         self.tally.add(check, self.where(i), message, action == "reject")
         if action == "reject":

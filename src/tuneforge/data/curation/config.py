@@ -105,6 +105,10 @@ class CurationConfig(BaseModel):
     template_share: float = Field(
         0.1, ge=0, le=1, description="word n-grams in at least this share of the records are template text (a shared "
         "system prompt, tool list, preamble) and do not make records near duplicates; 0 turns this off")
+    short_text_words: int = Field(
+        40, ge=0, description="records with fewer words than this (template text not counted) are compared on their "
+        "word 1- to short_text_ngrams-grams, which see a word added to a short text; 0: shingle_words for every record")
+    short_text_ngrams: int = Field(3, ge=1, le=5, description="short records: n-grams of 1 to this many words")
     template_sample: int = Field(5000, ge=100, description="records (the first ones) the template share is measured on")
     mask_pii: bool = False
     min_examples: int = Field(500, ge=0)
