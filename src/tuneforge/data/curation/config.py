@@ -62,6 +62,9 @@ CHECKS: dict[str, CheckInfo] = {c.name: c for c in [
     CheckInfo("near_duplicate", "duplicates", "reject", False,
               "MinHash similarity >= near_dup_threshold to an earlier record"),
     CheckInfo("leakage", "duplicates", "reject", False, "exact or near duplicate of a record in an --against file"),
+    CheckInfo("conflicting_labels", "duplicates", "warn", False,
+              "same prompt as another record (case, spaces, a final .?! ignored), another final answer; "
+              "reject keeps the majority answer (a tie: the first in file order)"),
     CheckInfo("repeats_prompt", "quality", "warn", False, "the answer repeats or copies the prompt"),
     CheckInfo("refusal", "quality", "warn", False, "boilerplate refusal ('As an AI language model ...')"),
     CheckInfo("placeholder", "quality", "warn", False,

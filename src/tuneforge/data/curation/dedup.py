@@ -18,8 +18,10 @@ Near duplicates: MinHash over word ``shingle``-grams, then LSH banding.
 * Short texts are compared on word 1- to 3-grams together. Word 3-grams alone see "Hi, " + a seven-word
   question with a one-word answer as 0.7 similar to the record without it (``user: hi, ...``: 7 of the 10
   3-grams shared). A record with fewer than ``short_words`` words of content (words not covered by a
-  template shingle, see below; the turn labels ``user:``/``assistant:`` left out) gets a MinHash of the 1-,
-  2- and 3-grams (``short_ngrams``) of those words instead: there the same insertion leaves 21 of 24 n-grams
+  template shingle, see below) gets a MinHash of the 1-, 2- and 3-grams (``short_ngrams``) of its words
+  instead (of its content words when the whole text is longer, as behind a shared preamble; the turn labels
+  ``user:``/``assistant:`` left out; frequent phrases of short texts such as "how do I" are not a template
+  there: the text as it is is compared). There the same insertion leaves 21 of 24 n-grams
   shared (0.875), while a word replaced in the middle leaves 15 of 27 (0.56), so distinct short questions
   one word apart stay apart (character 4-grams, tried first, put such pairs at 0.80-0.86; see
   ``benchmarks/curation_short_dups.py``). Such a record is only compared with other short records.
@@ -212,7 +214,9 @@ class MinHasher:
         content words.
 
         Content words: the words not covered by a template (stop) n-gram; a text all template keeps all its
-        words; turn labels (``user:``...) are left out of the short-text n-grams.
+        words. The short-text n-grams are those of every word of a text under ``short_words`` words, and of
+        the content words of a longer one (a shared preamble before a short question); turn labels
+        (``user:``...) are left out.
         """
         n = len(texts)
         empty = np.zeros((n, self.num_perm), np.uint32), np.zeros((n, self.bands), np.uint32)
@@ -246,10 +250,11 @@ class MinHasher:
             starts = np.r_[0, np.cumsum(counts)[:-1]]
             content_words = []
             for i in by_short.tolist():
-                ws = texts[i].encode("utf-8", "surrogatepass").split() if real[i] < self.shingle else words[i]
-                cov = covered[starts[i]:starts[i] + counts[i]].tolist() if real[i] >= self.shingle else []
-                if any(cov) and not all(cov):
-                    ws = [w for w, c in zip(ws, cov, strict=True) if not c]
+                if real[i] < self.short_words:             # short as it is: every word counts
+                    ws = texts[i].encode("utf-8", "surrogatepass").split()
+                else:                                      # short without its template text: that text goes
+                    cov = covered[starts[i]:starts[i] + counts[i]].tolist()
+                    ws = [w for w, c in zip(words[i], cov, strict=True) if not c]
                 content_words.append([w for w in ws if w not in _ROLES] or ws)
             csig = self._minhash(*self.short_shingles(content_words))
             cbands = self.band_hashes(csig)
