@@ -472,3 +472,127 @@ def test_near_duplicates_do_not_chain():
     res = idx.find()
     assert set(res.duplicates) == {1} and res.duplicates[1].of == 0      # B goes for A; C stays
     assert res.clusters == [[0, 1]]
+
+
+# ---------------------------------------------------------------- short records: word 1- to 3-grams
+
+OPENERS = ["how do i {v} a {a} {n}", "can you help me {v} my {n}", "is it safe to {v} a {n} {p}",
+           "what is the best way to {v} {n}s", "why does my {n} keep {g}", "should i {v} my {a} {n} every week"]
+SLOTS = {"v": ["clean", "fix", "paint", "sell", "store", "wash", "repair", "move", "rent", "test", "fold", "dry"],
+         "a": ["red", "cheap", "wooden", "broken", "heavy", "small", "vintage", "electric", "leather", "rusty"],
+         "n": ["bike", "laptop", "sofa", "kettle", "guitar", "window", "printer", "tent", "fridge", "phone", "boat",
+               "lamp", "ladder", "drone", "carpet", "piano", "camera", "oven", "scooter", "desk"],
+         "p": ["at home", "in winter", "online", "at night", "indoors"],
+         "g": ["beeping", "leaking", "overheating", "rattling", "squeaking"]}
+
+
+def short_questions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` distinct 5-9-word questions from templates with slots (many one word apart), answer: the template."""
+    import random
+
+    rng = random.Random(seed)
+    out: dict[str, str] = {}
+    while len(out) < n:
+        t = rng.randrange(len(OPENERS))
+        q = OPENERS[t].format(**{k: rng.choice(v) for k, v in SLOTS.items()})
+        out.setdefault(q[0].upper() + q[1:] + "?", f"intent_{t}")
+    return list(out.items())
+
+
+def test_hi_copies_of_short_questions_are_near_duplicates_and_distinct_ones_are_not(tmp_path):
+    pairs = short_questions(400)
+    copies = list(range(0, 400, 5))                                  # 80 planted "Hi, " copies, after all originals
+    rows = [{"instruction": q, "output": a} for q, a in pairs]
+    rows += [{"instruction": "Hi, " + pairs[i][0], "output": pairs[i][1]} for i in copies]
+    path = write_jsonl(tmp_path / "short.jsonl", rows)
+    clean_files(path, tmp_path / "out", CurationConfig(min_examples=0))
+    rejects = {r["line"]: r["reasons"][0] for r in lines(tmp_path / "out" / "rejects.jsonl")}
+    caught = sum(1 for k, i in enumerate(copies) if rejects.get(401 + k, {}).get("check") == "near_duplicate"
+                 and f"short.jsonl:{i + 1} " in rejects[401 + k]["message"])
+    flagged = sum(1 for line in rejects if line <= 400)
+    assert caught >= 0.9 * len(copies) and flagged <= 4, (caught, flagged)
+    assert "word 1- to 3-grams: short text" in next(iter(rejects.values()))["message"]
+    # word 3-grams alone (the behaviour before) miss most of them
+    before = clean_files(path, tmp_path / "before", CurationConfig(min_examples=0, short_text_words=0))
+    assert before.rejected_by.get("near_duplicate", 0) < 0.3 * len(copies)
+
+
+def _long(rng: np.random.Generator, words: int) -> str:
+    return " ".join(f"w{k}" for k in rng.integers(0, 5000, words))
+
+
+def test_long_records_keep_word_shingles():
+    rng = np.random.default_rng(3)
+    texts = [_long(rng, 60) for _ in range(40)] + [_long(rng, 300) for _ in range(5)]
+    texts += [" ".join(t.split()[:30] + ["changed"] + t.split()[31:]) for t in texts[:10]]
+    split = MinHasher(short_words=40).split_signatures(texts)
+    sig, bands = MinHasher().signatures(texts)
+    assert (split.kind == 0).all() and (split.sig == sig).all() and (split.bands == bands).all()
+    found = []
+    for short_words in (0, 40):
+        idx = DuplicateIndex(threshold=0.7, short_words=short_words)
+        idx.add(texts)
+        found.append({i: (d.of, d.similarity, d.short) for i, d in idx.find().duplicates.items()})
+    assert found[0] == found[1] and len(found[0]) == 10
+
+
+def test_short_and_long_records_meet_at_the_boundary():
+    rng = np.random.default_rng(4)
+    base = _long(rng, 39)                        # short: 1- to 3-grams; its copy with two more words has both
+    longer = "hi there " + base
+    mh = MinHasher(short_words=40)
+    assert mh.split_signatures([base, longer]).kind.tolist() == [1, 2]
+    idx = DuplicateIndex(short_words=40)
+    idx.add([base, longer] + [_long(rng, 39) for _ in range(20)])
+    dup = idx.find().duplicates
+    assert set(dup) == {1} and dup[1].of == 0 and dup[1].short
+
+
+# ---------------------------------------------------------------- conflicting labels
+
+def _conflict_rows() -> list[dict]:
+    return [
+        {"instruction": "What is 2+2?", "output": "Four."},                 # 1  prompt P, answer four
+        {"instruction": "what is  2+2", "output": "Five"},                  # 2  P, five: the minority
+        {"instruction": "Is the sky green?", "output": "No"},               # 3  prompt Q, no (first of a tie)
+        {"instruction": "WHAT IS 2+2?", "output": "four"},                  # 4  P, four again (same answer)
+        {"instruction": "Is the sky green?", "output": "Yes"},              # 5  Q, yes: tie, after the first
+        {"instruction": "Name a colour.", "output": "Blue is a colour."},   # 6  alone
+    ]
+
+
+def test_conflicting_labels_warn_with_both_lines(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", _conflict_rows())
+    report = check_files(path, CurationConfig(min_examples=0))
+    assert report.checks["conflicting_labels"] == {"action": "warn", "found": 2, "rejected": 0}
+    examples = {e["where"]: e["message"] for e in report.examples["conflicting_labels"]}
+    assert set(examples) == {f"{path}:2", f"{path}:5"}
+    assert examples[f"{path}:2"].startswith(f"same prompt as {path}:1,") and "2 give the majority" in \
+        examples[f"{path}:2"]
+    assert examples[f"{path}:5"].startswith(f"same prompt as {path}:3,") and "tied" in examples[f"{path}:5"]
+    assert report.conflicts == [{"answers": [{"records": 2, "at": [f"{path}:1", f"{path}:4"]},
+                                             {"records": 1, "at": [f"{path}:2"]}]},
+                                {"answers": [{"records": 1, "at": [f"{path}:3"]}, {"records": 1, "at": [f"{path}:5"]}]}]
+    assert report.rejected == 0
+
+
+def test_conflicting_labels_reject_keeps_the_majority(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", _conflict_rows())
+    cfg = CurationConfig(min_examples=0, actions={"conflicting_labels": "reject"})
+    one = clean_files(path, tmp_path / "a", cfg)
+    two = clean_files(path, tmp_path / "b", cfg, workers=2, chunk_size=2)
+    rejects = lines(tmp_path / "a" / "rejects.jsonl")
+    assert [(r["line"], r["reasons"][0]["check"]) for r in rejects] == [(2, "conflicting_labels"),
+                                                                        (5, "conflicting_labels")]
+    assert rejects[0]["record"] == _conflict_rows()[1] and f"{path}:1" in rejects[0]["reasons"][0]["message"]
+    kept = [c["messages"][1]["content"] for c in lines(tmp_path / "a" / "clean.jsonl")]
+    assert kept == ["Four.", "No", "four", "Blue is a colour."]
+    assert one.rejected_by == {"conflicting_labels": 2} and one.clean == 4
+    for name in ("clean.jsonl", "rejects.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert two.rejected_by == one.rejected_by
+    # a duplicate is not a second vote: P's "four" twice as exact duplicates -> one vote, a tie, the first kept
+    rows = _conflict_rows()[:2] + [{"instruction": "What is 2+2?", "output": "Four."}]
+    r = clean_files(write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d", cfg)
+    assert r.rejected_by == {"exact_duplicate": 1, "conflicting_labels": 1}
+    assert data_main(["check", str(path), "--reject", "conflicting_labels", "--min-examples", "0"]) == 1

@@ -38,6 +38,7 @@ import numpy as np
 
 from tuneforge.data import jsonio
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfig
+from tuneforge.data.curation.conflicts import find_conflicts
 from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex, template_shingles
 from tuneforge.data.curation.validation import Checked, Issue, check_record, mask_record
 from tuneforge.data.formats import KINDS, kind_mismatch
@@ -72,6 +73,7 @@ class CurationReport:
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     rejected_by: dict[str, int] = field(default_factory=dict)
     duplicate_clusters: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)   # prompts with several answers, kept first
     lengths: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, int] | None = None
     dataset_warnings: list[dict[str, str]] = field(default_factory=list)
@@ -108,6 +110,8 @@ class CurationReport:
             lines.append(f"lengths ({ln['unit']}): p50 {ln['p50']}, p90 {ln['p90']}, p99 {ln['p99']}, max {ln['max']}")
         if self.duplicate_clusters:
             lines.append(f"duplicate clusters: {len(self.duplicate_clusters)} listed in the report")
+        if self.conflicts:
+            lines.append(f"prompts with conflicting answers: {len(self.conflicts)} listed in the report")
         for w in self.dataset_warnings:
             lines.append(f"warning [{w['check']}]: {w['message']}")
         for name, path in self.outputs.items():
@@ -216,7 +220,7 @@ def _check_chunk(chunk: list[RawRecord] | _Lines, config: CurationConfig, index_
         index = _WORKER_INDEX.get(index_params)
         if index is None:
             index = _WORKER_INDEX[index_params] = DuplicateIndex(*index_params)
-        hashes = (rows, *index.hashes([checked[i].dedup_text for i in rows]))
+        hashes = (rows, index.hashes([checked[i].dedup_text for i in rows]))
     if counter is not None and rows:
         for i, n in zip(rows, counter.count([checked[i].clean for i in rows]), strict=False):
             checked[i].tokens = n
@@ -230,7 +234,7 @@ def _check_chunk(chunk: list[RawRecord] | _Lines, config: CurationConfig, index_
                 line = None
         label = c.label if c.label is None or len(c.label.strip()) <= _LABEL_MAX_CHARS else _LONG_LABEL
         slim.append((c.format, c.kind, [(i.check, i.message) for i in c.issues], line, label, c.pii,
-                     c.tokens, c.clean is not None, c.raw.data is not None))
+                     c.tokens, c.conflict, c.clean is not None, c.raw.data is not None))
     return slim, hashes
 
 
@@ -281,9 +285,9 @@ def _rejoin(chunk: list[RawRecord] | _Lines, future: Any) -> tuple[list[Checked]
     else:
         raws = chunk
     checked = []
-    for raw, (fmt, kind, issues, line, label, pii, tokens, has_clean, _) in zip(raws, slim, strict=False):
+    for raw, (fmt, kind, issues, line, label, pii, tokens, conflict, has_clean, _) in zip(raws, slim, strict=False):
         checked.append(Checked(raw, fmt, kind, _REMOTE if has_clean else None, [Issue(*i) for i in issues],
-                               label=label, pii=pii, tokens=tokens, line=line))
+                               label=label, pii=pii, tokens=tokens, line=line, conflict=conflict))
     return checked, hashes
 
 
@@ -443,10 +447,9 @@ def _index_kept(index: DuplicateIndex, texts: list[str], rows: list[int], hashes
     if hashes is None:
         index.add(texts)
         return
-    hashed_rows, exact, sig, bands = hashes
+    hashed_rows, computed = hashes
     at = {r: k for k, r in enumerate(hashed_rows)}
-    sel = np.array([at[p] for p in rows], dtype=np.int64)
-    index.add_hashes(exact[sel], None if sig is None else sig[sel], None if bands is None else bands[sel])
+    index.add_hashes(computed.take(np.array([at[p] for p in rows], dtype=np.int64)))
 
 
 class _OriginalLines:
@@ -488,12 +491,13 @@ class _Curation:
         self.kind = None if config.format == "auto" else KINDS[config.format]
         self.index_params = _index_params(config, has_against)
         if self.index_params is not None and self.index_params[0]:
-            self.index_params += (_template_stop(files, config),)
+            self.index_params += (_template_stop(files, config), config.short_text_words, config.short_text_ngrams)
         self.index = DuplicateIndex(*self.index_params) if self.index_params is not None else None
         self.n_read = 0
         self.sources: list[str] = []
         self.where_file, self.where_line = array("H"), array("q")    # of each kept record
         self.lengths, self.label_ids = array("I"), array("i")
+        self.prompt_keys, self.answer_keys = array("Q"), array("Q")   # conflicting_labels (0: no prompt)
         self.labels = AnswerLabels(config.max_label_values)
         self.ref_where: list[str] = []                               # of each --against record in the index
         self.dropped = np.zeros(0, dtype=bool)                       # kept records found to be duplicates
@@ -628,6 +632,9 @@ class _Curation:
         self.where_line.append(c.raw.line)
         self.lengths.append(min(c.tokens, 2**32 - 1))
         self.label_ids.append(self.labels.id(c.label) if c.kind == "chat" else -1)
+        prompt, answer = c.conflict or (0, 0)
+        self.prompt_keys.append(prompt)
+        self.answer_keys.append(answer)
         if self.kind != "chat":
             self.labels.active = False
 
@@ -657,7 +664,8 @@ class _Curation:
 
     def find_duplicates(self) -> None:
         """Exact and near duplicates and leaks in one pass over the index: tally them, mark the rejected
-        ones in ``dropped``, list the first 200 clusters; settle the clean and rejected counts."""
+        ones in ``dropped``, list the first 200 clusters; then conflicting labels among the records left
+        (:meth:`find_conflicts`); settle the clean and rejected counts."""
         n_train = len(self.where_file)
         self.dropped = np.zeros(n_train, dtype=bool)
         if self.index is not None:
@@ -669,6 +677,7 @@ class _Curation:
                     "kind": kind, "size": len(members), "first": self.where(members[0]),
                     "first_is_reference": members[0] >= n_train,
                     "members": [self.where(m) for m in members[1:21]]})
+        self.find_conflicts()
         n_dropped = int(self.dropped.sum())
         self.report.rejected += n_dropped
         self.report.clean = n_train - n_dropped
@@ -681,12 +690,38 @@ class _Curation:
         if action == "off":
             return
         message = (f"{d.kind} duplicate of {self.where(d.of)}"
-                   + ("" if d.kind == "exact" else f" (similarity {d.similarity:.2f})")
+                   + ("" if d.kind == "exact" else f" (similarity {d.similarity:.2f}"
+                      + (f" of word 1- to {self.config.short_text_ngrams}-grams: short text)" if d.short else ")"))
                    + (" in the --against data" if d.leak else ""))
         self.tally.add(check, self.where(i), message, action == "reject")
         if action == "reject":
             self.dropped[i] = True
             self.drop_reason[i] = (check, message)
+
+    def find_conflicts(self) -> None:
+        """``conflicting_labels`` (:mod:`tuneforge.data.curation.conflicts`): each kept record whose prompt has a
+        majority answer other than its own is tallied with the line of that answer's first record, and
+        dropped when the check rejects; the first 200 prompts are listed in ``report.conflicts``."""
+        action = self.act("conflicting_labels")
+        if action == "off" or not len(self.where_file):
+            return
+        prompts = np.frombuffer(self.prompt_keys, dtype=np.uint64)
+        answers = np.frombuffer(self.answer_keys, dtype=np.uint64)
+        for conflict in find_conflicts(prompts, answers, ~self.dropped):
+            kept = conflict.kept
+            rule = "the majority answer" if len(kept) > len(conflict.answers[1]) else "tied: the first answer"
+            for i in conflict.others:
+                mine = next(len(a) for a in conflict.answers if i in a)
+                message = (f"same prompt as {self.where(kept[0])}, another answer ({mine} of "
+                           f"{sum(map(len, conflict.answers))} records give this one; {len(kept)} give "
+                           f"{rule}, kept)")
+                self.tally.add("conflicting_labels", self.where(i), message, action == "reject")
+                if action == "reject":
+                    self.dropped[i] = True
+                    self.drop_reason[i] = ("conflicting_labels", message)
+            if len(self.report.conflicts) < 200:
+                self.report.conflicts.append({"answers": [{"records": len(a), "at": [self.where(i) for i in a[:20]]}
+                                                          for a in conflict.answers]})
 
     # ---------------------------------------------------------------- stage 3: outputs
 

@@ -62,6 +62,9 @@ CHECKS: dict[str, CheckInfo] = {c.name: c for c in [
     CheckInfo("near_duplicate", "duplicates", "reject", False,
               "MinHash similarity >= near_dup_threshold to an earlier record"),
     CheckInfo("leakage", "duplicates", "reject", False, "exact or near duplicate of a record in an --against file"),
+    CheckInfo("conflicting_labels", "duplicates", "warn", False,
+              "same prompt as another record (case, spaces, a final .?! ignored), another final answer; "
+              "reject keeps the majority answer (a tie: the first in file order)"),
     CheckInfo("repeats_prompt", "quality", "warn", False, "the answer repeats or copies the prompt"),
     CheckInfo("refusal", "quality", "warn", False, "boilerplate refusal ('As an AI language model ...')"),
     CheckInfo("placeholder", "quality", "warn", False,
@@ -105,6 +108,10 @@ class CurationConfig(BaseModel):
     template_share: float = Field(
         0.1, ge=0, le=1, description="word n-grams in at least this share of the records are template text (a shared "
         "system prompt, tool list, preamble) and do not make records near duplicates; 0 turns this off")
+    short_text_words: int = Field(
+        40, ge=0, description="records with fewer words than this (template text not counted) are compared on their "
+        "word 1- to short_text_ngrams-grams, which see a word added to a short text; 0: shingle_words for every record")
+    short_text_ngrams: int = Field(3, ge=1, le=5, description="short records: n-grams of 1 to this many words")
     template_sample: int = Field(5000, ge=100, description="records (the first ones) the template share is measured on")
     mask_pii: bool = False
     min_examples: int = Field(500, ge=0)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tuneforge.data.curation import quality
 from tuneforge.data.curation.config import CurationConfig
+from tuneforge.data.curation.conflicts import conflict_keys
 from tuneforge.data.formats import (
     FORMAT_FIELDS,
     KINDS,
@@ -55,6 +56,7 @@ class Checked:
     pii: dict[str, int] = field(default_factory=dict)
     tokens: int = 0                         # token count (set by the pipeline)
     line: str | None = None                 # ``clean`` as a JSON line, when already serialised
+    conflict: tuple[int, int] | None = None  # chat: hashes of the prompt and the final answer (conflicting_labels)
 
     @property
     def where(self) -> str:
@@ -255,6 +257,8 @@ def _quality(out: Checked, config: CurationConfig) -> None:
         last_prompt = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
         dedup = "\n".join(f"{t['role']}: {message_text(t)}" for t in turns)
         out.label = answer
+        if config.action("conflicting_labels") != "off":
+            out.conflict = conflict_keys(turns[:-1], answer)
     elif "text" in clean:
         answer = answers = dedup = clean["text"]
         prompts = last_prompt = ""
