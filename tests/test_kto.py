@@ -272,3 +272,14 @@ def test_records_without_labels_fail_in_one_line_naming_the_file_and_exit_2(tiny
                       "progress: false\n")
     assert main(["train", str(config)]) == 2
     assert "no usable KTO records" in capsys.readouterr().err
+
+
+def test_own_data_picks_kto_for_labelled_completions_and_its_config_loads(tmp_path):
+    from tuneforge.own_data import detect_task, own_data_config
+
+    labelled = write_jsonl(tmp_path / "feedback.jsonl", rule_records(6))
+    unlabelled = write_jsonl(tmp_path / "sft.jsonl", [{k: v for k, v in r.items() if k != "label"}
+                                                      for r in rule_records(6)])
+    assert detect_task(labelled)[0] == "kto" and detect_task(unlabelled)[0] == "sft"
+    config = own_data_config(labelled, [])
+    assert config.task == "kto" and config.kto.loss == "kto" and config.batch_size >= 2
