@@ -27,7 +27,7 @@ from tuneforge.models.registry import DEFAULT_MODEL
 SAMPLE_RECORDS = 200      # records read to pick the task
 
 _TASK_OF_FORMAT = {"messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft",
-                   "text": "pretrain", "preference": "preference"}
+                   "text": "pretrain", "preference": "preference", "kto": "kto"}
 
 
 def detect_task(path: str | Path, columns: dict[str, str] | None = None) -> tuple[str, Counter]:
@@ -41,6 +41,8 @@ def detect_task(path: str | Path, columns: dict[str, str] | None = None) -> tupl
             record = rename_columns(raw.data, columns)
             # chosen/rejected make a pair even beside a `messages` field (UltraFeedback-binarized files)
             fmt = "preference" if "chosen" in record and "rejected" in record else detect_format(record)
+            if fmt == "prompt_completion" and "label" in record:       # thumbs up / down: KTO, never SFT on both
+                fmt = "kto"
             formats[fmt or "unknown"] += 1
     known = Counter({f: c for f, c in formats.items() if f != "unknown"})
     if not known:
@@ -103,12 +105,19 @@ def own_data_config_text(data: str | Path, task: str = "sft", output_dir: str | 
 preference:                  # chosen/rejected pairs (task: preference)
   loss: sigmoid              # DPO; also ipo, hinge, robust, simpo, orpo
   beta: 0.1
-""" if task == "preference" else ""
+""" if task == "preference" else """
+kto:                         # completions labelled desirable or not (task: kto)
+  loss: kto                  # or apo_zero_unpaired (no KL term)
+  beta: 0.1
+  desirable_weight: 1.0      # with unbalanced labels: see docs/guides/preference.md, KTO
+  undesirable_weight: 1.0
+""" if task == "kto" else ""
     return f"""# A tuneforge run config for {Path(data).name} (written by `tuneforge init`; every key is documented in
 # docs/reference/config.md). Train with `tuneforge train THIS_FILE`; override a key with --set KEY=VALUE.
 model: {model}
 method: {method:<21}# full, lora (use_dora/use_rslora), qlora, adapter, prefix, prompt, ia3
-task: {task}                 # sft (chat/instruction records), pretrain (text), preference (chosen/rejected)
+task: {task}                 # sft (chat/instruction records), pretrain (text), preference (chosen/rejected),
+                             # kto (prompt/completion/label)
 output_dir: {output_dir}
 seed: 0
 

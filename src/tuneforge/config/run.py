@@ -43,6 +43,25 @@ class PreferenceConfig(Settings):
         "before step 1); on_the_fly: a reference forward for every micro-batch")
 
 
+class KTOConfig(Settings):
+    """``kto:``: how ``task: kto`` trains on single completions labelled desirable or not (thumbs up / down; see
+    :func:`tuneforge.training.preference_losses.kto_loss`). A section of its own rather than keys of
+    ``preference:``: that section's losses and their knobs (label smoothing, SimPO's gamma, the SFT term) are pair
+    losses that mean nothing without pairs, and KTO's weights mean nothing with them; each task's section lists
+    only what applies to it. The defaults are TRL's ``KTOConfig``'s."""
+    loss: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto (the KTO paper's loss, with the KL estimate from mismatched pairs of each micro-batch) "
+        "or apo_zero_unpaired (APO-zero, no KL term)")
+    beta: float = Field(0.1, gt=0, description="KTO's beta: how far the policy may move from the reference")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of a desirable example's loss; with unbalanced "
+                                    "labels keep desirable_weight x desirable / (undesirable_weight x undesirable) "
+                                    "between 1 and 4/3 (the paper's advice; the run logs the range)")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of an undesirable example's loss")
+    reference: Literal["precomputed", "on_the_fly"] = Field(
+        "precomputed", description="reference log-probs of each example's own completion: as preference.reference "
+        "(the mismatched pairs' reference log-probs, which change with every micro-batch, are computed in each step)")
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -69,15 +88,18 @@ class RunConfig(Settings):
     init_from: str | None = Field(
         None, description="a run directory or package (tuneforge package) of an adapter method whose trained adapter "
         "this run loads and keeps training: the same method, with the run's method settings (a value set here that "
-        "differs is refused) and on the run's base model (model:); with task: preference the reference is that run's "
-        "model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: instead")
-    task: Literal["sft", "pretrain", "preference"] = Field(
-        "sft", description="sft (chat/instruction records), pretrain (raw text) or preference (chosen/rejected pairs)")
+        "differs is refused) and on the run's base model (model:); with task: preference or kto the reference is "
+        "that run's model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: "
+        "instead")
+    task: Literal["sft", "pretrain", "preference", "kto"] = Field(
+        "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs) "
+        "or kto (prompt/completion records labelled desirable or not)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
     seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
     data: DataConfig = Field(description="the training data and how it is read")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
 
     # optimisation
     # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
@@ -258,7 +280,7 @@ class RunConfig(Settings):
         check = get_method(self.method).check_config      # the method's own combinations (qlora: compute_dtype)
         if check is not None:
             check(self)
-        if self.task == "preference":
+        if self.task in ("preference", "kto"):
             self._check_preference()
         if self.report_to:
             from tuneforge.config.trackers import check_trackers
@@ -269,8 +291,11 @@ class RunConfig(Settings):
         return self
 
     def _check_preference(self) -> None:
+        """``task: preference`` and ``task: kto``: the data format, and what the reference model needs."""
+        task = self.task
         if self.data.format != "auto":
-            raise ValueError("task 'preference' reads chosen/rejected pairs: leave data.format 'auto'")
+            what = "chosen/rejected pairs" if task == "preference" else "prompt/completion/label records"
+            raise ValueError(f"task {task!r} reads {what}: leave data.format 'auto'")
         folder = Path(self.model).expanduser()
         if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
             raise ValueError(f"model {self.model!r} is an adapter (an SFT run?), not a model: set init_from: "
@@ -278,10 +303,25 @@ class RunConfig(Settings):
                              "to its base model")
         from tuneforge.methods.registry import get_method
 
-        pref, method = self.preference, get_method(self.method)
+        method = get_method(self.method)
+        why = (f"{method.name} fine-tuning keeps no copy of the base" if method.is_full_model
+               else f"method {method.name} cannot be")
+        if task == "kto":
+            kto = self.kto
+            fixed = method.disable is None and not self.init_from       # no reference model beside the policy
+            if fixed and kto.loss == "kto":
+                raise ValueError(f"kto.loss 'kto' estimates its KL term with the reference model in every step (the "
+                                 f"mismatched pairs change with each micro-batch), which needs a method that can be "
+                                 f"disabled; {why}: use an adapter method (lora, ...) or kto.loss: apo_zero_unpaired")
+            if kto.loss == "kto" and self.batch_size < 2:
+                raise ValueError("kto.loss 'kto' estimates its KL term from the other examples of a micro-batch: set "
+                                 "batch_size to 2 or more")
+            if fixed and kto.reference == "on_the_fly":
+                raise ValueError(f"kto.reference 'on_the_fly' needs a method that can be disabled; {why}: use "
+                                 "kto.reference: precomputed")
+            return
+        pref = self.preference
         if method.disable is None and pref.reference == "on_the_fly" and pref.loss not in ("simpo", "orpo"):
-            why = (f"{method.name} fine-tuning keeps no copy of the base" if method.is_full_model
-                   else f"method {method.name} cannot be")
             raise ValueError(f"preference.reference 'on_the_fly' needs a method that can be disabled; {why}: use "
                              "preference.reference: precomputed")
 

@@ -46,7 +46,8 @@ FORMAT_FIELDS = {
 KINDS: dict[str, str] = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 TASK_KINDS = {"sft": "chat", "pretrain": "text", "preference": "preference"}   # the kind of record each task trains
 CANONICAL_FIELDS = ("messages", "conversations", "tools",
-                    "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected")
+                    "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected",
+                    "label")
 
 
 def check_columns(columns: dict[str, str], key: str = "columns") -> dict[str, str]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -116,7 +116,8 @@ def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str
     return prompt, chosen[c_at + len(HH_ASSISTANT):].strip(), rejected[r_at + len(HH_ASSISTANT):].strip()
 
 
-def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+def prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    """A record's ``prompt`` as chat messages: a message list, an HH dialogue, or one user turn (also KTO's)."""
     if isinstance(prompt, list):
         return normalise_messages(prompt)
     if not isinstance(prompt, str):
@@ -144,7 +145,7 @@ def to_preference(record: dict[str, Any], system_prompt: str | None = None) -> P
             messages, chosen_text, rejected_text = split_hh(chosen, rejected)
             fmt = "hh_dialogue"
         else:
-            messages, chosen_text, rejected_text, fmt = _prompt_messages(prompt), chosen, rejected, "preference_text"
+            messages, chosen_text, rejected_text, fmt = prompt_messages(prompt), chosen, rejected, "preference_text"
         chosen_turn = {"role": "assistant", "content": chosen_text}
         rejected_turn = {"role": "assistant", "content": rejected_text}
     elif isinstance(chosen, list) and isinstance(rejected, list):
@@ -156,14 +157,14 @@ def to_preference(record: dict[str, Any], system_prompt: str | None = None) -> P
             if prompt is None:
                 raise RecordError("'chosen' and 'rejected' hold only the answers: add the conversation before "
                                   "them as 'prompt'", "missing_field")
-            messages = _prompt_messages(prompt)
+            messages = prompt_messages(prompt)
         else:
             if c_msgs[:-1] != r_msgs[:-1]:
                 raise RecordError("'chosen' and 'rejected' differ before their last turn: not one prompt with two "
                                   "answers", "prompt_mismatch")
             messages = c_msgs[:-1]
             if prompt is not None and not messages:
-                messages = _prompt_messages(prompt)
+                messages = prompt_messages(prompt)
         chosen_turn, rejected_turn, fmt = c_msgs[-1], r_msgs[-1], "preference_messages"
     else:
         raise RecordError("'chosen' and 'rejected' must both be strings or both be message lists, got "
@@ -203,7 +204,7 @@ def tokenize_side(prompt: list[dict[str, str]], answer: dict[str, str],
                                              train_reasoning))
 
 
-def _fit(tok: TokenizedExample, side: str, cfg: DataConfig) -> tuple[TokenizedExample, bool]:
+def fit_to_length(tok: TokenizedExample, side: str, cfg: DataConfig) -> tuple[TokenizedExample, bool]:
     """``tok`` within ``cfg.max_length`` (``data.too_long``), and whether it was truncated."""
     if len(tok) <= cfg.max_length:
         return tok, False
@@ -228,7 +229,7 @@ def tokenize_pair(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase
         tok = tokenize_side(example.prompt, answer, tokenizer, cfg.train_reasoning)
         if tok.num_trained == 0:
             raise RecordError(f"the {side} answer has no tokens after the chat template", "empty_answer")
-        tok, cut = _fit(tok, side, cfg)
+        tok, cut = fit_to_length(tok, side, cfg)
         sides.append(tok)
         truncated = truncated or cut
     return TokenizedPair.of(*sides), truncated
@@ -289,6 +290,24 @@ def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer:
     return out, truncated
 
 
+T = TypeVar("T")
+
+
+def split_validation(train: list[T], validation: list[T] | None, cfg: DataConfig, seed: int) -> tuple[list[T], list[T]]:
+    """(train, validation) records of a run: ``validation`` (from ``cfg.validation``) when given, else
+    ``cfg.val_fraction`` of ``train`` held out with ``seed`` (at most ``cfg.val_max_examples``, as SFT's split)."""
+    if validation is not None:
+        return train, validation
+    if cfg.val_fraction <= 0 or len(train) < 2:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * cfg.val_fraction))
+    cap = getattr(cfg, "val_max_examples", None)
+    held_out = set(order[:n_val if cap is None else min(n_val, cap)])
+    return ([e for i, e in enumerate(train) if i not in held_out], [e for i, e in enumerate(train) if i in held_out])
+
+
 PREFERENCE_RENDER_VERSION = 3  # bump when rendering or the cached payload changes
 
 
@@ -312,20 +331,10 @@ def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     train_file = load_pairs(cfg.train, cfg)
     rejects = list(train_file.rejects)
-    if cfg.validation:
-        val_file = load_pairs(cfg.validation, cfg)
-        rejects += val_file.rejects
-        train_examples, val_examples = train_file.examples, val_file.examples
-    elif cfg.val_fraction > 0 and len(train_file.examples) >= 2:
-        order = list(range(len(train_file.examples)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(len(order) * cfg.val_fraction))
-        cap = getattr(cfg, "val_max_examples", None)           # as SFT's split: at most this many held out
-        held_out = set(order[:n_val if cap is None else min(n_val, cap)])
-        train_examples = [e for i, e in enumerate(train_file.examples) if i not in held_out]
-        val_examples = [e for i, e in enumerate(train_file.examples) if i in held_out]
-    else:
-        train_examples, val_examples = train_file.examples, []
+    val_file = load_pairs(cfg.validation, cfg) if cfg.validation else None
+    rejects += val_file.rejects if val_file else []
+    train_examples, val_examples = split_validation(train_file.examples, val_file.examples if val_file else None,
+                                                    cfg, seed)
     train, truncated = tokenize_pairs(train_examples, tokenizer, cfg, rejects)
     validation, truncated_val = tokenize_pairs(val_examples, tokenizer, cfg, rejects)
     if not train:

@@ -9,6 +9,10 @@ Each function returns the **per-pair** losses ``[n]``; the objective sums them a
 the pairs of the whole optimizer step, so the loss is the mean over pairs. The formulas are TRL 1.16's
 (``DPOTrainer`` for sigmoid/ipo/hinge/robust, ``CPOTrainer`` for simpo, ``ORPOTrainer`` for orpo),
 checked against TRL's own code to 1e-6 in ``tests/test_preference_trl.py``.
+
+KTO (``task: kto``) has no pairs: :func:`kto_loss` takes one completion per example with a label (desirable or
+not) and the batch's KL estimate :func:`kl_estimate`; TRL 1.16's ``KTOTrainer._compute_loss``, checked in
+``tests/test_kto.py``.
 """
 
 from __future__ import annotations
@@ -105,3 +109,50 @@ def preference_loss(loss: str, chosen: torch.Tensor, rejected: torch.Tensor, ref
     if sft_weight:
         losses = losses - sft_weight * chosen_avg
     return losses, chosen_rewards, rejected_rewards
+
+
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+def mismatched_partners(k: int) -> list[int]:
+    """KTO's mismatched pairs of a batch of ``k`` examples: prompt ``i`` with completion ``(i - 1) mod k``, i.e. the
+    completions rotated by one, ``[k - 1, 0, 1, ..., k - 2]`` (TRL's ``[c[-1]] + c[:-1]``). The mismatched
+    completions are the batch's own, paired with other prompts (the paper's advice); ``k == 1`` pairs an example with
+    itself."""
+    return [(i - 1) % k for i in range(k)]
+
+
+def kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z0`` (Ethayarajh et al. 2024, eq. 7 and sec. 4.1): the batch's estimate of
+    ``KL(pi || pi_ref)``, the mean over its mismatched pairs ``(x_i, y_j)`` of ``log pi(y_j|x_i) - log
+    pi_ref(y_j|x_i)`` (``[k]`` each), clamped at 0 and detached: a fp32 scalar no gradient flows through."""
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss: str = "kto",
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example losses ``[n]``, rewards ``[n]``, detached) of ``n`` completions with summed log-probabilities
+    ``logps`` (``ref_logps`` the reference's) and labels ``desirable`` (``[n]`` bool).
+
+    With ``r = logps - ref_logps`` and ``z0 = kl`` (:func:`kl_estimate`):
+
+    - ``kto`` (eq. 7 of the KTO paper): desirable ``w_d * (1 - sigma(beta (r - z0)))``, undesirable
+      ``w_u * (1 - sigma(beta (z0 - r)))``;
+    - ``apo_zero_unpaired`` (APO-zero, D'Oosterlinck et al. 2024, unpaired; no KL term): desirable
+      ``w_d * (1 - sigma(beta r))``, undesirable ``w_u * sigma(beta r)``.
+
+    The reward of a completion is ``beta * r``. The objective sums the losses and divides by the examples of the
+    optimizer step: TRL's ``losses.nanmean()``.
+    """
+    ratio = logps - ref_logps
+    if loss == "kto":
+        desirable_losses = 1 - torch.sigmoid(beta * (ratio - kl))
+        undesirable_losses = 1 - torch.sigmoid(beta * (kl - ratio))
+    elif loss == "apo_zero_unpaired":
+        desirable_losses = 1 - torch.sigmoid(beta * ratio)
+        undesirable_losses = torch.sigmoid(beta * ratio)
+    else:
+        raise ValueError(f"unknown KTO loss {loss!r}; losses: {', '.join(KTO_LOSSES)}")
+    losses = torch.where(desirable, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+    return losses, beta * ratio.detach()

@@ -581,7 +581,7 @@ class TrainingRecipe:
             "tokens": step_tokens, "trained_tokens": normaliser,
             "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
             "avg_tokens_per_s": round(state.seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
-        row.update({k: round(v / max(normaliser, 1), 6) for k, v in sums.items()})
+        row.update({k: round(v, 6) for k, v in objective.mean_metrics(sums, normaliser).items()})
         if scaled:
             row["loss_scale"] = self.precision.loss_scale
             if scaler_skipped:

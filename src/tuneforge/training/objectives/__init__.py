@@ -10,16 +10,18 @@ does not know which objective runs. ``task:`` in the run config selects one:
 | ``sft``    | :class:`CausalLMObjective`          | token cross-entropy / trained (assistant) tokens |
 | ``pretrain`` | :class:`CausalLMObjective`        | token cross-entropy / all tokens               |
 | ``preference`` | :class:`PreferenceObjective`    | DPO-family loss summed over pairs / pairs      |
+| ``kto``    | :class:`KTOObjective`               | KTO loss summed over labelled examples / examples |
 """
 
 from __future__ import annotations
 
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
+from tuneforge.training.objectives.kto import KTOObjective
 from tuneforge.training.objectives.preference import PreferenceObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
-                                          "preference": PreferenceObjective}
+                                          "preference": PreferenceObjective, "kto": KTOObjective}
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -35,5 +37,5 @@ def get_objective(task: str) -> Objective:
     return OBJECTIVES[task](task)
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PreferenceObjective", "get_objective",
-           "register_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "KTOObjective", "Objective", "ObjectiveOutput", "PreferenceObjective",
+           "get_objective", "register_objective"]

@@ -21,8 +21,9 @@ class ObjectiveOutput:
     ``loss_sum``: fp32 scalar, a *sum* over the micro-batch's units (tokens, pairs, ...); the loop divides
     it by the normaliser of the whole optimizer step, so gradient accumulation equals one big batch.
     ``normaliser``: this micro-batch's units (the same number :meth:`Objective.normaliser` gave).
-    ``metrics``: sums to be added over the step's micro-batches and divided by the step's normaliser
-    when logged (e.g. a preference objective's chosen-minus-rejected reward margin).
+    ``metrics``: sums to be added over the step's micro-batches and turned into the logged values by
+    :meth:`Objective.mean_metrics` (by default divided by the step's normaliser: e.g. a preference objective's
+    chosen-minus-rejected reward margin).
     """
 
     loss_sum: torch.Tensor
@@ -77,6 +78,12 @@ class Objective:
                  config: RunConfig) -> dict[str, float]:
         """Validation metrics, including :attr:`eval_metric`; the model is in eval mode, no grad."""
         raise NotImplementedError
+
+    def mean_metrics(self, sums: dict[str, float], normaliser: float) -> dict[str, float]:
+        """The logged metrics of a step (or a validation pass) from the sums of its micro-batches'
+        :attr:`ObjectiveOutput.metrics` and its normaliser. Default: each sum divided by the normaliser (a mean per
+        token or pair); an objective whose metrics are means over other counts (KTO: per label) overrides it."""
+        return {key: value / max(normaliser, 1) for key, value in sums.items()}
 
     def uniform_loss(self, vocab_size: int | None) -> float | None:
         """The training loss of a model that has collapsed to a uniform guess (the collapse check's mark);
