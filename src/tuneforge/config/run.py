@@ -43,6 +43,15 @@ class PreferenceConfig(Settings):
         "before step 1); on_the_fly: a reference forward for every micro-batch")
 
 
+class RewardConfig(Settings):
+    """``reward:``: how ``task: reward`` trains a reward model (a scalar head on the model) on chosen/rejected pairs
+    (see :mod:`tuneforge.training.reward_losses`); a pair's ``margin`` field, where the data has one, is subtracted
+    from its reward difference."""
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="adds this x (reward_chosen + reward_rejected)^2 to each pair's loss, keeping the "
+        "rewards centred on 0 (TRL's center_rewards_coefficient; 0.01 is the usual value); unset: no such term")
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -71,13 +80,15 @@ class RunConfig(Settings):
         "this run loads and keeps training: the same method, with the run's method settings (a value set here that "
         "differs is refused) and on the run's base model (model:); with task: preference the reference is that run's "
         "model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: instead")
-    task: Literal["sft", "pretrain", "preference"] = Field(
-        "sft", description="sft (chat/instruction records), pretrain (raw text) or preference (chosen/rejected pairs)")
+    task: Literal["sft", "pretrain", "preference", "reward"] = Field(
+        "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs) "
+        "or reward (a reward model: a scalar head trained on chosen/rejected pairs)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
     seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
     data: DataConfig = Field(description="the training data and how it is read")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     # optimisation
     # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
@@ -257,7 +268,7 @@ class RunConfig(Settings):
         check = get_method(self.method).check_config      # the method's own combinations (qlora: compute_dtype)
         if check is not None:
             check(self)
-        if self.task == "preference":
+        if self.task in ("preference", "reward"):
             self._check_preference()
         if self.report_to:
             from tuneforge.config.trackers import check_trackers
@@ -269,12 +280,14 @@ class RunConfig(Settings):
 
     def _check_preference(self) -> None:
         if self.data.format != "auto":
-            raise ValueError("task 'preference' reads chosen/rejected pairs: leave data.format 'auto'")
+            raise ValueError(f"task {self.task!r} reads chosen/rejected pairs: leave data.format 'auto'")
         folder = Path(self.model).expanduser()
         if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
             raise ValueError(f"model {self.model!r} is an adapter (an SFT run?), not a model: set init_from: "
                              f"{self.model} to continue its adapter (the reference is then that SFT model) and model: "
                              "to its base model")
+        if self.task != "preference":
+            return
         from tuneforge.methods.registry import get_method
 
         pref, method = self.preference, get_method(self.method)

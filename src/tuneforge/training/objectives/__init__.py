@@ -10,6 +10,7 @@ does not know which objective runs. ``task:`` in the run config selects one:
 | ``sft``    | :class:`CausalLMObjective`          | token cross-entropy / trained (assistant) tokens |
 | ``pretrain`` | :class:`CausalLMObjective`        | token cross-entropy / all tokens               |
 | ``preference`` | :class:`PreferenceObjective`    | DPO-family loss summed over pairs / pairs      |
+| ``reward`` | :class:`RewardObjective`            | Bradley-Terry loss summed over pairs / pairs   |
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
 from tuneforge.training.objectives.preference import PreferenceObjective
+from tuneforge.training.objectives.reward import RewardObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
                                           "preference": PreferenceObjective}
+OBJECTIVES["reward"] = RewardObjective
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -35,5 +38,5 @@ def get_objective(task: str) -> Objective:
     return OBJECTIVES[task](task)
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PreferenceObjective", "get_objective",
-           "register_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PreferenceObjective", "RewardObjective",
+           "get_objective", "register_objective"]
