@@ -25,7 +25,8 @@ one ends, which packing turns into two examples of one row (``training/objective
 Pairs that cannot be trained go to rejects, each with one reason: a record of another kind (a chat or text
 record: ``mixed_kinds``, as ``tuneforge data clean`` says), a missing field, chosen == rejected,
 an empty answer, prompts that differ between the two sides, a ``margin`` that is not a number, a side over
-``data.max_length`` (``drop``), or an answer truncated away (``truncate``). No usable pair at all is a :class:`DataError`.
+``data.max_length`` (``drop``), or an answer truncated away (``truncate``). No usable pair at all is a
+:class:`DataError`.
 """
 
 from __future__ import annotations
