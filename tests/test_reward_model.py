@@ -127,6 +127,14 @@ def test_lora_reward_model_learns_saves_and_scores_the_same_after_loading(tmp_pa
     acc = rm.pairwise_accuracy(config.data.validation)
     assert acc["pairs"] == 24 and abs(acc["accuracy"].value - evals[-1]["eval_accuracy"]) < 1e-9
     assert acc["accuracy"].low <= acc["accuracy"].value <= acc["accuracy"].high
+    # tuneforge eval on the run: the same accuracy, with its interval, in report.json
+    from tuneforge.evaluation.api import evaluate
+
+    report = evaluate(run, progress=False).report
+    test = report["sets"]["test"]
+    assert report["main_metric"] == "pairwise_accuracy" and test["n"] == 24
+    assert test["pairwise_accuracy"] == acc["accuracy"].to_dict()
+    assert json.loads((run / "eval" / "report.json").read_text())["sets"]["test"]["n"] == 24
 
 
 def test_full_fine_tuning_reward_model_saves_its_head_with_the_model(tmp_path, tiny_model_dir):

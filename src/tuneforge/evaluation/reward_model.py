@@ -121,3 +121,47 @@ class RewardModel:
         return {"pairs": len(pairs), "rejected": len(rejects), "accuracy": accuracy,
                 "margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
                 "chosen": chosen, "rejected_rewards": rejected}
+
+
+def evaluate_reward(run_dir: str | Path, file: str | Path, out_dir: str | Path, max_examples: int | None = None,
+                    batch_size: int = 16, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """``tuneforge eval`` on a reward run: the held-out pairwise accuracy of the pairs in ``file`` (the first
+    ``max_examples``) with its 95% bootstrap interval, written as ``report.json`` / ``report.md`` / ``report.html``
+    in ``out_dir``; returns the report. The generation columns of a causal LM's evaluation do not apply."""
+    from tuneforge.fileutil import file_sha256
+    from tuneforge.runs.records import EvalReport
+
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"test file {path}: not found")
+    rm = RewardModel.from_run(run_dir)
+    if max_examples is not None:
+        lines = [line for line in path.read_text().splitlines() if line.strip()][:max_examples]
+        path = Path(out_dir) / f".{path.stem}.first-{max_examples}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{line}\n" for line in lines))
+    result = rm.pairwise_accuracy(path, batch_size, resamples, seed)
+    acc: Interval = result["accuracy"]
+    report = {"tuneforge_eval": 1, "run": str(run_dir), "main_metric": "pairwise_accuracy", "columns": ["tuned"],
+              "sets": {"test": {"file": str(file), "sha256": file_sha256(str(file)), "n": result["pairs"],
+                                "rejected": result["rejected"], "pairwise_accuracy": acc.to_dict(),
+                                "mean_margin": result["margin"]}},
+              "metadata": {"task": "reward", "bootstrap_resamples": resamples, "seed": seed}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    EvalReport.model_validate(report).write(out / "report.json")
+    text = reward_table(report)
+    (out / "report.md").write_text(f"# Reward model evaluation\n\nRun: `{run_dir}`\n\n{text}\n")
+    (out / "report.html").write_text(f"<html><body><h1>Reward model evaluation</h1><pre>{text}</pre></body></html>\n")
+    if path != Path(file):
+        path.unlink()
+    return report
+
+
+def reward_table(report: dict[str, Any], set_name: str = "test") -> str:
+    """The pairwise accuracy of a reward run's report as a Markdown table."""
+    entry = report["sets"][set_name]
+    acc = entry["pairwise_accuracy"]
+    return ("| pairs | pairwise accuracy | 95% interval | mean margin | rejected |\n|---|---|---|---|---|\n"
+            f"| {entry['n']} | {100 * acc['value']:.1f}% | {100 * acc['low']:.1f}-{100 * acc['high']:.1f}% | "
+            f"{entry['mean_margin']:.3f} | {entry['rejected']} |")

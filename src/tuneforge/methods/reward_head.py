@@ -18,6 +18,7 @@ made them), so every method's forward (prefix and prompt tuning's packed forward
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
