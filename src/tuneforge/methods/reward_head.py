@@ -32,7 +32,7 @@ HEAD_ATTR = "score"
 
 
 def hidden_size(model: torch.nn.Module) -> int:
-    config = model.config
+    config: Any = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.hidden_size)
 
