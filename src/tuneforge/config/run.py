@@ -62,6 +62,15 @@ class KTOConfig(Settings):
         "(the mismatched pairs' reference log-probs, which change with every micro-batch, are computed in each step)")
 
 
+class RewardConfig(Settings):
+    """``reward:``: how ``task: reward`` trains a reward model (a scalar head on the model) on chosen/rejected pairs
+    (see :mod:`tuneforge.training.reward_losses`); a pair's ``margin`` field, where the data has one, is subtracted
+    from its reward difference."""
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="adds this x (reward_chosen + reward_rejected)^2 to each pair's loss, keeping the "
+        "rewards centred on 0 (TRL's center_rewards_coefficient; 0.01 is the usual value); unset: no such term")
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -91,15 +100,17 @@ class RunConfig(Settings):
         "differs is refused) and on the run's base model (model:); with task: preference or kto the reference is "
         "that run's model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: "
         "instead")
-    task: Literal["sft", "pretrain", "preference", "kto"] = Field(
-        "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs) "
-        "or kto (prompt/completion records labelled desirable or not)")
+    task: Literal["sft", "pretrain", "preference", "kto", "reward"] = Field(
+        "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs), "
+        "kto (prompt/completion records labelled desirable or not) or reward (a reward model: a scalar head trained "
+        "on chosen/rejected pairs)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
     seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
     data: DataConfig = Field(description="the training data and how it is read")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     kto: KTOConfig = Field(default_factory=KTOConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     # optimisation
     # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
@@ -280,7 +291,7 @@ class RunConfig(Settings):
         check = get_method(self.method).check_config      # the method's own combinations (qlora: compute_dtype)
         if check is not None:
             check(self)
-        if self.task in ("preference", "kto"):
+        if self.task in ("preference", "kto", "reward"):
             self._check_preference()
         if self.report_to:
             from tuneforge.config.trackers import check_trackers
@@ -291,16 +302,18 @@ class RunConfig(Settings):
         return self
 
     def _check_preference(self) -> None:
-        """``task: preference`` and ``task: kto``: the data format, and what the reference model needs."""
+        """``task: preference``, ``kto`` and ``reward``: the data format, and what the reference model needs."""
         task = self.task
         if self.data.format != "auto":
-            what = "chosen/rejected pairs" if task == "preference" else "prompt/completion/label records"
+            what = "prompt/completion/label records" if task == "kto" else "chosen/rejected pairs"
             raise ValueError(f"task {task!r} reads {what}: leave data.format 'auto'")
         folder = Path(self.model).expanduser()
         if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
             raise ValueError(f"model {self.model!r} is an adapter (an SFT run?), not a model: set init_from: "
                              f"{self.model} to continue its adapter (the reference is then that SFT model) and model: "
                              "to its base model")
+        if task == "reward":        # no reference model
+            return
         from tuneforge.methods.registry import get_method
 
         method = get_method(self.method)

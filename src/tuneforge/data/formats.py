@@ -45,6 +45,7 @@ FORMAT_FIELDS = {
 }
 KINDS: dict[str, str] = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 TASK_KINDS = {"sft": "chat", "pretrain": "text", "preference": "preference"}   # the kind of record each task trains
+TASK_KINDS["reward"] = "preference"                                              # a reward model's pairs
 CANONICAL_FIELDS = ("messages", "conversations", "tools",
                     "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected",
                     "label")

@@ -12,6 +12,9 @@ Accepted records (field names as in ``data.columns``):
   conversations ending in the assistant reply (they must share every turn but the last), or just the
   assistant reply with the conversation so far in ``prompt`` (a string or a message list).
 
+Any of them may carry a numeric ``margin`` (how much better the chosen answer is), kept on the pair for the reward
+model's loss (``task: reward``); the DPO family ignores it.
+
 Each side is ``prompt + answer`` rendered with the model's chat template through SFT's path
 (:func:`tuneforge.data.rendering.tokenize_example`: no added special tokens, so no doubled BOS; the
 template's end-of-turn token closes the answer, EOS appended only when the template has none), and only
@@ -21,12 +24,14 @@ one ends, which packing turns into two examples of one row (``training/objective
 
 Pairs that cannot be trained go to rejects, each with one reason: a record of another kind (a chat or text
 record: ``mixed_kinds``, as ``tuneforge data clean`` says), a missing field, chosen == rejected,
-an empty answer, prompts that differ between the two sides, a side over ``data.max_length`` (``drop``),
-or an answer truncated away (``truncate``). No usable pair at all is a :class:`DataError`.
+an empty answer, prompts that differ between the two sides, a ``margin`` that is not a number, a side over
+``data.max_length`` (``drop``), or an answer truncated away (``truncate``). No usable pair at all is a
+:class:`DataError`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -63,16 +68,20 @@ class PreferenceExample:
     rejected: dict[str, str]
     format: str
     meta: dict[str, Any] = field(default_factory=dict)
+    margin: float | None = None
 
 
 @dataclass
 class TokenizedPair(TokenizedExample):
     """The chosen sequence followed by the rejected one (``input_ids[:split]`` and ``input_ids[split:]``), each
     ``prompt + answer`` on its own; ``trained`` marks each side's answer tokens. ``reference``: the reference
-    model's log-probabilities of the two answers (set before training; None for reference-free losses)."""
+    model's log-probabilities of the two answers (set before training; None for reference-free losses).
+    ``margin``: the record's ``margin`` (how much better the chosen answer is, which the reward model's loss
+    subtracts), None when it has none."""
 
     split: int = 0
     reference: tuple[float, float] | None = None
+    margin: float | None = None
 
     @classmethod
     def of(cls, chosen: TokenizedExample, rejected: TokenizedExample) -> TokenizedPair:
@@ -180,7 +189,16 @@ def to_preference(record: dict[str, Any], system_prompt: str | None = None) -> P
         raise RecordError("'chosen' and 'rejected' answers are identical: the pair teaches nothing", "identical_pair")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    return PreferenceExample(messages, chosen_turn, rejected_turn, fmt)
+    return PreferenceExample(messages, chosen_turn, rejected_turn, fmt, margin=_margin(record.get("margin")))
+
+
+def _margin(value: Any) -> float | None:
+    """A record's optional ``margin``: a finite number (task: reward subtracts it from the reward difference)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"field 'margin' must be a finite number, got {value!r}", "wrong_type")
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
@@ -232,7 +250,9 @@ def tokenize_pair(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase
         tok, cut = fit_to_length(tok, side, cfg)
         sides.append(tok)
         truncated = truncated or cut
-    return TokenizedPair.of(*sides), truncated
+    pair = TokenizedPair.of(*sides)
+    pair.margin = example.margin
+    return pair, truncated
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -308,7 +328,7 @@ def split_validation(train: list[T], validation: list[T] | None, cfg: DataConfig
     return ([e for i, e in enumerate(train) if i not in held_out], [e for i, e in enumerate(train) if i in held_out])
 
 
-PREFERENCE_RENDER_VERSION = 3  # bump when rendering or the cached payload changes
+PREFERENCE_RENDER_VERSION = 4  # bump when rendering or the cached payload changes
 
 
 def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
@@ -349,14 +369,16 @@ def _payload(data: PreparedData) -> dict:
     payload = data.to_payload()
     for part in ("train", "validation"):
         payload[f"{part}_split"] = [p.split for p in getattr(data, part) if isinstance(p, TokenizedPair)]
+        payload[f"{part}_margin"] = [p.margin for p in getattr(data, part) if isinstance(p, TokenizedPair)]
     return payload
 
 
 def _from_payload(payload: dict) -> PreparedData:
     data = PreparedData.from_payload(payload)
     for part in ("train", "validation"):
-        pairs = [TokenizedPair(e.input_ids, e.trained, split)
-                 for e, split in zip(getattr(data, part), payload[f"{part}_split"], strict=True)]
+        pairs = [TokenizedPair(e.input_ids, e.trained, split, margin=margin)
+                 for e, split, margin in zip(getattr(data, part), payload[f"{part}_split"], payload[f"{part}_margin"],
+                                             strict=True)]
         setattr(data, part, pairs)
     return data
 

@@ -57,6 +57,10 @@ class EvalResult:
     def table(self, set_name: str = "test") -> str:
         from tuneforge.evaluation.report import main_table_md
 
+        if self.report.get("main_metric") == "pairwise_accuracy":       # a reward model's report
+            from tuneforge.evaluation.reward_model import reward_table
+
+            return reward_table(self.report, set_name)
         return main_table_md(self.report, set_name)
 
     @property
@@ -335,6 +339,15 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
 
         settings = settings.model_copy(update={"judge": JudgeSettings(url=judge)})
     out_dir = Path(out) if out else RunDir(run_dir).eval_dir
+    if config.task == "reward":       # a reward model: held-out pairwise accuracy, no generation
+        from tuneforge.evaluation.reward_model import evaluate_reward
+
+        try:
+            return EvalResult(out_dir, evaluate_reward(run_dir, default_test_file(config, settings), out_dir,
+                                                       settings.max_examples, settings.batch_size,
+                                                       settings.bootstrap_resamples, settings.seed))
+        except ValueError as e:
+            raise EvalError(str(e)) from None
 
     # ---- every input checked before any model loads
     inp = check_inputs(config, settings)

@@ -54,7 +54,7 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
     if dropout_p or not causal:
         raise ValueError("torch's varlen attention: causal and without dropout only")
     left = window_size[0] if window_size is not None else -1
-    gqa: dict[str, bool] = {}
+    gqa: dict[str, Any] = {}
     if k.shape[1] != q.shape[1]:
         if _takes_gqa(varlen_attn):
             gqa["enable_gqa"] = True

@@ -758,6 +758,7 @@ class TrainingRecipe:
 
         def write(folder: Path) -> None:
             gathered.save_model(folder)
+            self.objective.save(gathered.model, folder)       # e.g. a reward model's head
             self.tokenizer.save_pretrained(folder)
             if with_state:
                 self.state.save(folder, optimizer_state=gathered.optimizer)

@@ -11,6 +11,7 @@ does not know which objective runs. ``task:`` in the run config selects one:
 | ``pretrain`` | :class:`CausalLMObjective`        | token cross-entropy / all tokens               |
 | ``preference`` | :class:`PreferenceObjective`    | DPO-family loss summed over pairs / pairs      |
 | ``kto``    | :class:`KTOObjective`               | KTO loss summed over labelled examples / examples |
+| ``reward`` | :class:`RewardObjective`            | Bradley-Terry loss summed over pairs / pairs   |
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
 from tuneforge.training.objectives.kto import KTOObjective
 from tuneforge.training.objectives.preference import PreferenceObjective
+from tuneforge.training.objectives.reward import RewardObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
-                                          "preference": PreferenceObjective, "kto": KTOObjective}
+                                          "preference": PreferenceObjective, "kto": KTOObjective,
+                                          "reward": RewardObjective}
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -38,4 +41,4 @@ def get_objective(task: str) -> Objective:
 
 
 __all__ = ["OBJECTIVES", "CausalLMObjective", "KTOObjective", "Objective", "ObjectiveOutput", "PreferenceObjective",
-           "get_objective", "register_objective"]
+           "RewardObjective", "get_objective", "register_objective"]

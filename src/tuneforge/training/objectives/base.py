@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,10 @@ class Objective:
                         device: torch.device) -> None:
         """Called once the model is set up, before the first step (and before a resumed run loads its trained
         weights): e.g. a preference objective's reference log-probabilities. Default: nothing."""
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write what the objective adds to the model into a checkpoint ``folder``, beside the method's files (a
+        reward model's head). Called in every checkpoint, on the main process. Default: nothing."""
 
     def after_training(self) -> None:
         """Called once the loop has ended (not after an interruption): e.g. a summary for the log. Default:
