@@ -78,7 +78,8 @@ class DeepSpeed(Parallel):
 
     def check(self, config: Any) -> None:
         """Refuse, with one line, what DeepSpeed is not proven to train (a method whose record does not list
-        ``deepspeed``, :data:`DEEPSPEED_TASKS`, ...); ZeRO-3 turns ``chunked_loss: auto`` off."""
+        ``deepspeed``, :data:`DEEPSPEED_TASKS`, ...); ZeRO-3 turns ``chunked_loss: auto`` and
+        ``lora.shared_dropout_mask`` off."""
         from tuneforge.errors import ConfigError
 
         zero = f"DeepSpeed ZeRO-{self.stage}"
@@ -92,6 +93,13 @@ class DeepSpeed(Parallel):
         if self.stage == 3 and config.lora.use_dora:
             raise ConfigError(f"lora.use_dora with {zero} is not tested yet (DoRA reads the partitioned base "
                               "weights outside their forward); use ZeRO-2, DDP or FSDP2")
+        if self.stage == 3 and config.method == "lora" and config.lora.shared_dropout_mask:
+            # ZeRO-3's module hooks hand q/k/v (gate/up) each its own input tensor, so a shared group stops sharing
+            # during the first step (methods/lora/layer.py): a resumed run's first step would then be computed
+            # otherwise than the uninterrupted run's (1-ulp differences, measured), and resume would not be exact
+            config.lora.shared_dropout_mask = False
+            if self.is_main:
+                log.info("%s: lora.shared_dropout_mask -> false (its hooks give each projection its own input)", zero)
         if self.stage == 3 and config.chunked_loss != "off":
             if config.chunked_loss == "on":
                 raise ConfigError(f"chunked_loss: on with {zero}: the chunked loss uses the LM head's weight outside "
