@@ -33,7 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from tuneforge.data.dataset import DataError, PreparedData
 from tuneforge.data.formats import KINDS, RecordError, detect_format, normalise_messages, rename_columns
 from tuneforge.data.loaders import RawRecord, error_check, iter_records
-from tuneforge.data.preference import fit_to_length, prompt_messages, split_validation, to_preference, tokenize_side
+from tuneforge.data.preference import (
+    fit_to_length,
+    prompt_messages,
+    split_validation,
+    to_preference,
+    tokenize_each,
+    tokenize_side,
+)
 from tuneforge.data.rejects import Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample
 from tuneforge.data.settings import DataConfig
@@ -182,20 +189,6 @@ def load_kto(path: str, cfg: DataConfig) -> tuple[list[tuple[KTORecord, RawRecor
     return examples, rejects, formats
 
 
-def _tokenize_all(loaded: list[tuple[KTORecord, RawRecord]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                  rejects: list[Reject]) -> tuple[list[KTOExample], int]:
-    out, truncated = [], 0
-    for example, raw in loaded:
-        try:
-            tok, cut = tokenize_kto(example, tokenizer, cfg)
-        except RecordError as e:
-            rejects.append(Reject.of(raw, [(e.check, str(e))]))
-            continue
-        truncated += cut
-        out.append(tok)
-    return out, truncated
-
-
 KTO_RENDER_VERSION = 1  # bump when rendering or the cached payload changes
 
 
@@ -229,8 +222,11 @@ def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
         by_line.setdefault((item[1].source, item[1].line), []).append(item)
     given = [val_examples] if val_examples is not None else None
     train_groups, val_groups = split_validation(list(by_line.values()), given, cfg, seed)
-    train, truncated = _tokenize_all([e for g in train_groups for e in g], tokenizer, cfg, rejects)
-    validation, truncated_val = _tokenize_all([e for g in val_groups for e in g], tokenizer, cfg, rejects)
+    def tokenize(example: KTORecord) -> tuple[KTOExample, bool]:
+        return tokenize_kto(example, tokenizer, cfg)
+
+    train, truncated = tokenize_each([e for g in train_groups for e in g], tokenize, rejects)
+    validation, truncated_val = tokenize_each([e for g in val_groups for e in g], tokenize, rejects)
     if not train:
         first = rejects[0] if rejects else None
         hint = f"; first problem: {first.source}:{first.line}: {first.reason}" if first else ""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -295,22 +296,30 @@ def load_pairs(path: str, cfg: DataConfig) -> LoadedPairs:
     return out
 
 
-def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer: PreTrainedTokenizerBase,
-                   cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedPair], int]:
-    """(pairs, how many were truncated); unusable pairs go to ``rejects``."""
+T = TypeVar("T")
+E = TypeVar("E")
+
+
+def tokenize_each(loaded: list[tuple[E, RawRecord]], tokenize: Callable[[E], tuple[T, bool]],
+                  rejects: list[Reject]) -> tuple[list[T], int]:
+    """``tokenize`` each loaded record: (the tokenized ones, how many were truncated); a record it cannot tokenize
+    (a :class:`RecordError`) goes to ``rejects`` with the reason."""
     out, truncated = [], 0
     for example, raw in loaded:
         try:
-            pair, cut = tokenize_pair(example, tokenizer, cfg)
+            tokenized, cut = tokenize(example)
         except RecordError as e:
             rejects.append(Reject.of(raw, [(e.check, str(e))]))
             continue
         truncated += cut
-        out.append(pair)
+        out.append(tokenized)
     return out, truncated
 
 
-T = TypeVar("T")
+def tokenize_pairs(loaded: list[tuple[PreferenceExample, RawRecord]], tokenizer: PreTrainedTokenizerBase,
+                   cfg: DataConfig, rejects: list[Reject]) -> tuple[list[TokenizedPair], int]:
+    """(pairs, how many were truncated); unusable pairs go to ``rejects``."""
+    return tokenize_each(loaded, lambda example: tokenize_pair(example, tokenizer, cfg), rejects)
 
 
 def split_validation(train: list[T], validation: list[T] | None, cfg: DataConfig, seed: int) -> tuple[list[T], list[T]]:
