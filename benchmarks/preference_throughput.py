@@ -1,4 +1,6 @@
-"""Preference training side by side: TRL's ``DPOTrainer`` vs tuneforge (``task: preference``), same pairs.
+"""Preference training side by side: TRL's ``DPOTrainer`` vs tuneforge (``task: preference``), same pairs; with
+``--task kto`` TRL's ``KTOTrainer`` vs ``task: kto`` (each pair as two labelled completions, thumbs up / down), with
+``--task reward`` TRL's ``RewardTrainer`` (a sequence-classification head, peft LoRA) vs ``task: reward``.
 
 Both train LoRA (r=16, alpha=32, dropout 0, all linear layers) with the sigmoid (DPO) loss, beta 0.1, on
 the same model, the same ``--pairs`` pairs a step from the Anthropic HH harmless file, the same max length,
@@ -21,6 +23,8 @@ seconds per step, peak resident memory (``VmHWM``), and the loss curve, and writ
 
     python benchmarks/preference_throughput.py --steps 20 --pairs 4 --max-length 512 --threads 2
     python benchmarks/preference_throughput.py --model TINY_FOLDER --steps 2 --pairs 2 --max-length 256  # smoke
+    python benchmarks/preference_throughput.py --task kto --steps 10 --pairs 4     # 8 labelled completions a step
+    python benchmarks/preference_throughput.py --task reward --steps 10 --pairs 4
 
 Do not read timings taken while other processes share the cores.
 """
@@ -68,6 +72,10 @@ def write_pairs(model: str, data: Path, n: int, max_length: int, out: Path) -> d
     if len(rows) < n:
         raise SystemExit(f"{data}: only {len(rows)} pairs fit max length {max_length}; need {n}")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the same pairs as KTO's unpaired records: the chosen answer desirable, the rejected one not (pair order kept)
+    out.with_name("kto.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}) + "\n"
+        for r in rows for side in ("chosen", "rejected")))
     return {"pairs": n, "tokens": tokens}
 
 
@@ -101,21 +109,86 @@ def run_trl(spec: dict, out_path: str) -> None:
                          ref_s=0.0, notes="DPOTrainer, padded, reference = adapter disabled, a forward per step")
 
 
+def run_trl_kto(spec: dict, out_path: str) -> None:
+    """TRL's KTOTrainer (inside TRL's venv): ``2 * pairs`` labelled completions a step."""
+    measure.set_threads(spec["threads"])
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    kwargs = common.training_args_kwargs(dict(spec, batch=2 * spec["pairs"]))
+    args = KTOConfig(**kwargs, gradient_checkpointing=False, max_length=2 * spec["max_length"], beta=spec["beta"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=common.torch_dtype(spec),
+                                                 attn_implementation="sdpa")
+    n_params = measure.count_params(model)
+    log = measure.StepLog()
+    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(common.read_jsonl(spec["kto_file"])),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                target_modules="all-linear", task_type="CAUSAL_LM"),
+                         callbacks=[measure.trainer_probe(log)])
+    trainer.train()
+    for row in log.steps:
+        row["examples"] = 2 * spec["pairs"]
+    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
+                                                                                               "transformers", "peft"),
+                         ref_s=0.0, notes="KTOTrainer, padded, reference = adapter disabled, KL from mismatched "
+                                          "completions each step")
+
+
+def run_trl_reward(spec: dict, out_path: str) -> None:
+    """TRL's RewardTrainer (inside TRL's venv): a sequence-classification head on the model, peft LoRA."""
+    measure.set_threads(spec["threads"])
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    kwargs = common.training_args_kwargs(dict(spec, batch=spec["pairs"]))
+    args = RewardConfig(**kwargs, gradient_checkpointing=False, max_length=2 * spec["max_length"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1,
+                                                               dtype=common.torch_dtype(spec),
+                                                               attn_implementation="sdpa")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    n_params = measure.count_params(model)
+    log = measure.StepLog()
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+            for r in common.read_jsonl(spec["pairs_file"])]
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                            peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                   target_modules="all-linear", task_type="SEQ_CLS"),
+                            callbacks=[measure.trainer_probe(log)])
+    trainer.train()
+    for row in log.steps:
+        row["examples"] = 2 * spec["pairs"]
+    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
+                                                                                               "transformers", "peft"),
+                         ref_s=0.0, notes="RewardTrainer, padded, chosen and rejected in one batch")
+
+
 def run_tuneforge(spec: dict, out_path: str) -> None:
     """tuneforge's preference objective (in our venv); the reference pass is timed and counted."""
     measure.set_threads(spec["threads"])
     from tuneforge.config import RunConfig
     from tuneforge.training.trainer import TrainingRecipe
 
+    task = spec.get("task", "dpo")
+    by_task = {"dpo": {"task": "preference", "batch_size": spec["pairs"],
+                       "preference": {"loss": "sigmoid", "beta": spec["beta"]}},
+               "kto": {"task": "kto", "batch_size": 2 * spec["pairs"], "kto": {"loss": "kto", "beta": spec["beta"]}},
+               "reward": {"task": "reward", "batch_size": spec["pairs"]}}[task]
     config = RunConfig.model_validate({
-        "model": spec["model"], "method": "lora", "task": "preference",
-        "output_dir": str(Path(spec["work_dir"]) / "run"), "seed": spec["seed"], "batch_size": spec["pairs"],
+        "model": spec["model"], "method": "lora", **by_task,
+        "output_dir": str(Path(spec["work_dir"]) / "run"), "seed": spec["seed"],
         "max_steps": spec["steps"], "learning_rate": spec["lr"],
         "lr_scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
-        "data": {"train": spec["pairs_file"], "val_fraction": 0.0, "max_length": spec["max_length"],
-                 "too_long": "truncate"},
+        "data": {"train": spec["kto_file"] if task == "kto" else spec["pairs_file"], "val_fraction": 0.0,
+                 "max_length": (2 if task == "kto" else 1) * spec["max_length"], "too_long": "truncate"},
         "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "target_modules": "all-linear"},
-        "preference": {"loss": "sigmoid", "beta": spec["beta"]}, "dtype": spec["dtype"], "device": spec["device"],
+        "dtype": spec["dtype"], "device": spec["device"],
         "threads": spec["threads"], "progress": False, "log_every": 1, "keep_best": False})
     recipe = TrainingRecipe(config)
     timed = {"ref_s": 0.0}
@@ -131,9 +204,9 @@ def run_tuneforge(spec: dict, out_path: str) -> None:
     recipe.fit()
     result = recipe.finish()
     log = measure.StepLog()
-    for row in result.metrics:
-        log.steps.append({"step": row["step"], "end_s": row["elapsed_s"], "tokens": row["tokens"],
-                          "trained_tokens": 0, "examples": 2 * row["trained_tokens"], "loss": row["loss"]})
+    for row in result.metrics:     # the normaliser (trained_tokens): pairs, KTO: labelled completions
+        log.steps.append({"step": row["step"], "end_s": row["elapsed_s"], "tokens": row["tokens"], "trained_tokens": 0,
+                          "examples": row["trained_tokens"] * (1 if task == "kto" else 2), "loss": row["loss"]})
     measure.write_result(out_path, "tuneforge", log, spec["device"], result.total_params - result.trainable_params,
                          measure.versions_of("tuneforge", "torch", "transformers", "peft"), ref_s=timed["ref_s"],
                          notes="packed pairs, no padding, reference computed once per pair when first used "
@@ -189,6 +262,9 @@ def run_child(python: str, recipe: str, spec: dict, work: Path, timeout: float) 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=["dpo", "kto", "reward"], default="dpo",
+                   help="dpo: DPOTrainer vs task preference; kto: KTOTrainer vs task kto (each pair as two labelled "
+                        "completions); reward: RewardTrainer vs task reward")
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or local HF folder")
     p.add_argument("--data", default=str(HH))
     p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
@@ -210,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         recipe, spec_path, out_path = sys.argv[2:5]
         spec = common.load_spec(spec_path)
-        (run_trl if recipe == "trl" else run_tuneforge)(spec, out_path)
+        trl = {"dpo": run_trl, "kto": run_trl_kto, "reward": run_trl_reward}[spec.get("task", "dpo")]
+        (trl if recipe == "trl" else run_tuneforge)(spec, out_path)
         return 0
     args = parse_args(argv)
     from tuneforge.models.registry import resolve_model
@@ -222,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     info = write_pairs(model, Path(args.data), args.pairs * args.steps, args.max_length, pairs_file)
     print(f"{info['pairs']} HH pairs ({info['tokens']} tokens, both sides) fitting {args.max_length} tokens a side; "
           f"{args.pairs} pairs/step x {args.steps} steps, {args.threads} threads", flush=True)
-    spec = {"model": model, "pairs_file": str(pairs_file), "pairs": args.pairs, "steps": args.steps,
+    spec = {"model": model, "task": args.task, "pairs_file": str(pairs_file),
+            "kto_file": str(pairs_file.with_name("kto.jsonl")), "pairs": args.pairs, "steps": args.steps,
             "max_length": args.max_length, "lr": args.lr, "beta": args.beta, "threads": args.threads,
             "device": "cpu", "dtype": "fp32", "seed": args.seed}
     rows = [run_child(sys.executable, "tuneforge", spec, work / "tuneforge", args.timeout)]
