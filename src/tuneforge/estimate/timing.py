@@ -135,7 +135,7 @@ class Throughput:
         source: in words (``measured: 3 steps on this machine (cpu), the first left out`` or ``H100 ...``).
         peak_tflops, mfu: the table mode's peak (dense bf16 TFLOP/s) and MFU; None when measured.
         overhead_s: seconds the run spends once, outside its steps (measured: set-up, the first step's excess).
-        step_seconds: measured: each step's seconds, the warm-up step first.
+        step_seconds, step_tokens: measured: each step's seconds and tokens, the warm-up step first.
     """
 
     tokens_per_s: float
@@ -144,6 +144,7 @@ class Throughput:
     mfu: float | None = None
     overhead_s: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
 
 
 def gpu_throughput(gpu: str, flops: FlopsPerToken, mfu: float = DEFAULT_MFU,
@@ -180,7 +181,7 @@ def measure_throughput(config: RunConfig, steps: int = MEASURE_STEPS, workdir: s
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
         overrides = [f"output_dir={run_dir}", f"max_steps={steps}", "log_every=1", "eval_base=false",
-                     "eval_every=1000000", "save_every=null", "progress=false", "report_to=[]", "on_divergence=off",
+                     "eval_every=1000000", "save_every=null", "progress=false", "report_to=[]", "on_divergence=warn",
                      "auto_fit=false"]
         command = [sys.executable, "-m", "tuneforge.cli", "train", str(config_file)]
         for item in overrides:
@@ -200,9 +201,9 @@ def measure_throughput(config: RunConfig, steps: int = MEASURE_STEPS, workdir: s
     timed = seconds[1:]
     tok_s = sum(r["tokens"] for r in rows[1:]) / sum(timed)
     overhead = max(0.0, wall - eval_s - sum(timed) - sum(r["tokens"] for r in rows[:1]) / tok_s)
-    device = "cuda" if config.device == "cuda" else config.device
-    return Throughput(tok_s, f"measured: {len(timed)} steps of this config on this machine (device {device}), "
-                             f"the first step left out", overhead_s=overhead, step_seconds=seconds)
+    return Throughput(tok_s, f"measured: {len(timed)} steps of this config on this machine (device: "
+                             f"{config.device}), the first step left out", overhead_s=overhead, step_seconds=seconds,
+                      step_tokens=[r["tokens"] for r in rows])
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class TimeEstimate:
 
     def line(self) -> str:
         """One line for ``tuneforge plan``."""
-        cost = f", {self.cost:.2f} at {self.price_per_hour:g}/hour" if self.cost is not None else ""
+        cost = f", {_money(self.cost)} at {self.price_per_hour:g}/hour" if self.cost is not None else ""
         return (f"time: {self.tokens.tokens:,.0f} tokens x {self.flops.total / 1e9:.2f} GFLOPs/token = "
                 f"{self.total_flops / 1e12:,.1f} TFLOPs; {_duration(self.seconds)} ({self.hours:.2f} h){cost} "
                 f"[{self.throughput.source}]")
@@ -264,7 +265,7 @@ class TimeEstimate:
                   if self.throughput.overhead_s else []),
                 ("total", f"{_duration(self.seconds)} = {self.hours:.3f} hours")]
         if self.cost is not None:
-            rows.append(("cost", f"{self.cost:.2f} at {self.price_per_hour:g} an hour"))
+            rows.append(("cost", f"{_money(self.cost)} at {self.price_per_hour:g} an hour"))
         return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +274,10 @@ class TimeEstimate:
                 "total_flops": self.total_flops, "throughput": asdict(self.throughput),
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "seconds": self.seconds,
                 "hours": self.hours, "price_per_hour": self.price_per_hour, "cost": self.cost}
+
+
+def _money(amount: float) -> str:
+    return f"{amount:.2f}" if amount >= 1 else f"{amount:.4f}"
 
 
 def _duration(seconds: float) -> str:
@@ -303,3 +308,31 @@ def estimate_time(config: RunConfig, gpu: str | None = None, mfu: float = DEFAUL
     throughput = (gpu_throughput(gpu, flops, mfu, peak_tflops) if gpu or peak_tflops
                   else measure_throughput(config, measure_steps))
     return TimeEstimate(tokens, flops, throughput, price_per_hour, model=config.model, method=method)
+
+
+def plan_line(config: RunConfig, method: str, gradient_checkpointing: bool, gpu: str | None = None,
+              mfu: float = DEFAULT_MFU, price_per_hour: float | None = None, device: str = "cpu") -> str:
+    """``tuneforge plan``'s time line for the chosen candidate: on ``gpu`` (default: the CUDA device's row of the
+    table, when it has one); on a CPU (or a GPU not in the table) the tokens and FLOPs, and how to measure."""
+    if gpu is None and device == "cuda":
+        import torch
+
+        from tuneforge.estimate.flops import GPU_PEAK_BF16_DENSE_TFLOPS, gpu_key
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+        gpu = next((gpu_key(k) for k, _, _ in GPU_PEAK_BF16_DENSE_TFLOPS if k.lower() in name.lower()), None)
+    try:
+        tokens = count_tokens(config)
+    except (ValueError, OSError) as e:
+        return f"time: not estimated ({str(e).splitlines()[0]})"
+    if gpu is None:
+        from tuneforge.methods.registry import settings_sections
+
+        shape = resolve_shape(config.model, trust_remote_code=config.trust_remote_code)
+        sections = {key: config.section(key) for key in settings_sections()}
+        flops = method_flops(shape, method, tokens.span, sections, gradient_checkpointing)
+        return (f"time: {tokens.tokens:,.0f} tokens x {flops.total / 1e9:.2f} GFLOPs/token = "
+                f"{tokens.tokens * flops.total / 1e12:,.1f} TFLOPs; hours: `tuneforge estimate --time --config "
+                f"CONFIG` measures this machine, or give --gpu")
+    return estimate_time(config, gpu=gpu, mfu=mfu, price_per_hour=price_per_hour, tokens=tokens,
+                         gradient_checkpointing=gradient_checkpointing, method=method).line()
