@@ -27,7 +27,7 @@ def test_flops_per_token_by_hand_lora_and_full():
     attention = 12 * 2 * 8 * span                                # 12 L d_attn S = 1920
     # full: 6 N_mm + attention (PaLM's 6N)
     full = method_flops(TINY, "full", span)
-    assert full.total == 6 * 1408 + 1920 == 10368
+    assert attention == 1920 and full.total == 6 * 1408 + attention == 10368
     # LoRA r=2 on every linear: A (r x d_in) and B (d_out x r) per linear; 4 N_mm + 6 P_lora + attention
     lora_params = 2 * 2 * sum(d_in + d_out for d_in, d_out in [(8, 8), (8, 4), (8, 4), (8, 8), (8, 16), (8, 16),
                                                                 (16, 8)])      # 2 layers x r x (d_in + d_out)

@@ -205,7 +205,7 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="with --time: a peak of your own (TFLOP/s), for a GPU not in the table")
     t.add_argument("--price-per-hour", type=float, default=None, help="with --time: the machine's price an hour")
-    t.add_argument("--measure-steps", type=int, default=4,
+    t.add_argument("--measure-steps", type=int, default=6,
                    help="without --gpu: real steps to time on this machine, the first left out (default: %(default)s)")
     e.set_defaults(func=cmd_estimate)
     return e

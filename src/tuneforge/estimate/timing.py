@@ -46,7 +46,7 @@ from tuneforge.estimate.shapes import resolve_shape
 DEFAULT_MFU = 0.20
 MFU_SOURCE = ("tuneforge's LoRA step on an H200, 1B shape: 20.3% (benchmarks/results/gpu_profile_2026-12-04.txt); "
               "not measured for full fine-tuning or other GPUs")
-MEASURE_STEPS = 4
+MEASURE_STEPS = 6
 MIN_EVAL_EXAMPLES = 32     # as the trainer's: eval_share never shrinks validation below this many examples
 
 
