@@ -23,8 +23,8 @@ MFU ratios equal real-tokens/s ratios.
 
 **Peak FLOP/s**: ``--peak-tflops`` when given; on a GPU the dense BF16 Tensor Core rate of its NVIDIA datasheet
 (``tuneforge.estimate.flops.GPU_PEAK_BF16_DENSE_TFLOPS``: the datasheets print the rate with 2:4 sparsity,
-marked ``*``, and say the dense rate is half of it); else (a CPU, or a GPU not in the table) the best rate of a large matmul measured on
-the machine (``measure.matmul_peak_gflops``).
+marked ``*``, and say the dense rate is half of it); else (a CPU, or a GPU not in the table) the best rate of a
+large matmul measured on the machine (``measure.matmul_peak_gflops``).
 
 ``MFU = real tokens/s * FLOPs per token / peak FLOP/s``.
 """
