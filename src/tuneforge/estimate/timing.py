@@ -86,8 +86,8 @@ def count_tokens(config: RunConfig) -> TrainingTokens:
     from tuneforge.models.loading import load_tokenizer
 
     if config.task not in ("sft", "pretrain"):
-        raise ValueError(f"task {config.task}: tokens are counted for sft and pretrain runs only; give --tokens N "
-                         "(the tokens a run trains) with --gpu")
+        raise ValueError(f"task {config.task}: --time counts the tokens of sft and pretrain runs only (pairs and "
+                         "reference passes are not modelled yet)")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     apply_template(tokenizer, config.template, config.model,
                    needs_chat=config.task != "pretrain" and config.data.format != "text")
