@@ -131,6 +131,9 @@ def cmd_plan(args) -> int:
     from tuneforge.estimate.plan import parse_memory, plan_for_config
 
     config = load_config(args.config, args.set)
+    from tuneforge.estimate.commands import check_price_and_gpu
+
+    check_price_and_gpu(args.price_per_hour, args.mfu, args.gpu)
     if args.accelerate_config:
         from tuneforge.estimate.distributed_plan import plan_distributed, read_accelerate_config
 
@@ -154,6 +157,12 @@ def cmd_plan(args) -> int:
         _error(f"error: {e}")
         return 2
     print(plan.table())
+    if plan.chosen:
+        from tuneforge.estimate.timing import plan_line
+
+        chosen = plan.chosen
+        print(plan_line(config, chosen.method, chosen.gradient_checkpointing, gpu=args.gpu, mfu=args.mfu,
+                        price_per_hour=args.price_per_hour, device=chosen.device))
     return 0 if plan.chosen else 1
 
 
@@ -239,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--accelerate-config", metavar="FILE",
                     help="dry run of a multi-device launch with this accelerate config: engine, world size, "
                          "per-device micro-batch, global batch and memory per device (no GPU needed)")
+    pl.add_argument("--gpu", default=None, help="the time line: hours on this GPU of the peak table (h100, a100, l4, "
+                                                "...; default: this machine's GPU, when in the table)")
+    pl.add_argument("--mfu", type=float, default=0.20, help="the time line: share of the GPU's peak (default: "
+                                                            "%(default)s, see tuneforge estimate --time)")
+    pl.add_argument("--price-per-hour", type=float, default=None, help="the time line: the machine's price an hour")
     pl.set_defaults(func=cmd_plan)
     return p
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -344,6 +345,13 @@ class RunConfig(Settings):
         if not isinstance(value, BaseModel):
             raise KeyError(f"no method settings section {key!r}")
         return value
+
+    def optimizer_steps(self, num_train: int, world: int = 1) -> int:
+        """Optimizer steps the run takes over ``num_train`` training units: ``max_steps``, else ``epochs`` passes of
+        ``batch_size x gradient_accumulation_steps x world`` units a step (the last step of an epoch may be short)."""
+        per_step = self.batch_size * self.gradient_accumulation_steps * world
+        steps_per_epoch = max(1, math.ceil(num_train / per_step))
+        return self.max_steps or max(1, math.ceil(self.epochs * steps_per_epoch))
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -53,6 +53,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from tuneforge.estimate.shapes import resolve_shape
     from tuneforge.methods.registry import settings_sections
 
+    if args.time:
+        return cmd_estimate_time(args)
     if args.seeds_table:
         print(seeds_table(seq=args.seq, batch=args.batch, lora_r=args.lora_r or 16))
         return 0
@@ -101,6 +103,53 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_price_and_gpu(price_per_hour: float | None, mfu: float, gpu: str | None) -> None:
+    """Refuse a negative price, an MFU outside (0, 1] or a GPU the peak table lacks (naming the closest) in one
+    line, before anything loads (``estimate --time``, ``plan``)."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.estimate.flops import gpu_peak
+
+    if price_per_hour is not None and price_per_hour < 0:
+        raise ConfigError(f"--price-per-hour {price_per_hour:g}: give a price of 0 or more (per hour of the machine)")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu:g}: give the share of the peak a run reaches, above 0 and at most 1 (e.g. 0.2)")
+    if gpu:
+        try:
+            gpu_peak(gpu)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_time_flags(args: argparse.Namespace) -> None:
+    """Refuse bad ``--time`` input in one line (before any tokenizer or model loads)."""
+    from tuneforge.errors import ConfigError
+
+    check_price_and_gpu(args.price_per_hour, args.mfu, None if args.peak_tflops is not None else args.gpu)
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops {args.peak_tflops:g}: give a positive TFLOP/s")
+    if args.measure_steps < 2:
+        raise ConfigError(f"--measure-steps {args.measure_steps}: at least 2 (the first step is warm-up, left out)")
+    if not args.config:
+        raise ConfigError("--time: give --config RUN.yaml (the run whose tokens are counted)")
+
+
+def cmd_estimate_time(args: argparse.Namespace) -> int:
+    """``tuneforge estimate --time --config RUN.yaml``: :func:`tuneforge.estimate.timing.estimate_time`."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.estimate.timing import estimate_time
+
+    _check_time_flags(args)
+    config = load_config(args.config, args.override)
+    try:
+        estimate = estimate_time(config, gpu=args.gpu, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                                 price_per_hour=args.price_per_hour, measure_steps=args.measure_steps)
+    except (ValueError, RuntimeError) as e:       # data that leaves nothing, a task not counted, a failed measure
+        raise ConfigError(str(e).splitlines()[0]) from None
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
+    return 0
+
+
 def add_estimate_command(subparsers) -> argparse.ArgumentParser:
     """Register ``estimate`` on the top-level ``tuneforge`` subparsers; return its parser."""
     e = subparsers.add_parser("estimate",
@@ -139,6 +188,24 @@ def add_estimate_command(subparsers) -> argparse.ArgumentParser:
                    help="default: torch's default for the device (for-loop on cpu, foreach on cuda)")
     e.add_argument("--seeds-table", action="store_true",
                    help="print the Llama-2 7B/13B/70B x every method table with its assumptions")
-    e.add_argument("--json", action="store_true", help="print bytes as JSON")
+    e.add_argument("--json", action="store_true", help="print bytes (with --time: tokens, FLOPs, hours) as JSON")
+    t = e.add_argument_group("time and cost (--time)")
+    t.add_argument("--time", action="store_true",
+                   help="predict the run's hours (and cost) instead of its memory: tokens the config trains x the "
+                        "method's FLOPs per token / a throughput measured here (a few steps) or a GPU's (--gpu)")
+    t.add_argument("--config", help="with --time: the run config (YAML) whose data and steps are counted")
+    t.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --time: override a key of --config, as train's --set (repeatable)")
+    t.add_argument("--gpu", default=None,
+                   help="with --time: a GPU of the peak table (h200, h200-nvl, h100, h100-pcie, h100-nvl, a100, "
+                        "l40s, l4, a10) instead of measuring on this machine")
+    t.add_argument("--mfu", type=float, default=0.20,
+                   help="with --gpu: the share of the peak the run reaches (default: %(default)s, tuneforge's LoRA "
+                        "step on an H200, benchmarks/results/gpu_profile_2026-12-04.txt)")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="with --time: a peak of your own (TFLOP/s), for a GPU not in the table")
+    t.add_argument("--price-per-hour", type=float, default=None, help="with --time: the machine's price an hour")
+    t.add_argument("--measure-steps", type=int, default=6,
+                   help="without --gpu: real steps to time on this machine, the first left out (default: %(default)s)")
     e.set_defaults(func=cmd_estimate)
     return e

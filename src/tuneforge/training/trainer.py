@@ -100,9 +100,8 @@ def _configure_cpu(threads: int | None) -> None:
 
 
 def total_steps(config: RunConfig, num_train: int, world: int = 1) -> int:
-    per_step = config.batch_size * config.gradient_accumulation_steps * world
-    steps_per_epoch = max(1, math.ceil(num_train / per_step))
-    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    """:meth:`RunConfig.optimizer_steps` (``tuneforge estimate --time`` counts the same steps)."""
+    return config.optimizer_steps(num_train, world)
 
 
 class _GradientCheckpointing(Protocol):
