@@ -4,6 +4,7 @@ holds, the HTML in headless Chromium, bad input as one line and exit 2 with noth
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -107,10 +108,35 @@ def test_html_is_self_contained_and_renders_the_table_in_chromium(report, tmp_pa
     dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert "<table class=\"main\">" in dom and "tuned+rag" in dom and "label acc" in dom
     assert dom.count("data-row=\"1\"") == 12         # the side-by-side viewer: 6 prompts of each set
+    assert dom.count("class=\"metric-chart\"") == 2    # the main metric's chart, one per set
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *flags, "--window-size=1280,2400", f"--screenshot={shot}", url], capture_output=True,
                    timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_the_metric_chart_draws_each_columns_value_and_interval(report):
+    """Each column's bar ends at its main-metric value and its whisker spans its interval, on one 0-100% axis: the
+    chart's geometry read back against report.json's numbers."""
+    from tuneforge.evaluation.report import metric_chart_svg
+
+    r = report.report
+    entry = r["sets"]["test"]
+    svg = metric_chart_svg(entry, r["main_metric"], "label acc", width=560)
+    bars = re.findall(r"<rect class='bar' data-column='([^']+)' data-value='([^']+)' x='(\d+)' y='\d+' "
+                      r"width='([\d.]+)'", svg)
+    whiskers = re.findall(r"data-low='([^']+)' data-high='([^']+)' stroke='[^']+'><line x1='([\d.]+)' "
+                          r"x2='([\d.]+)'", svg)
+    assert [b[0] for b in bars] == list(entry["columns"]) and len(whiskers) == len(bars)
+    for (name, value, x0, width), (low, high, lo_x, hi_x) in zip(bars, whiskers, strict=True):
+        iv = entry["columns"][name]["metrics"][r["main_metric"]]
+        assert float(value) == iv["value"] and (float(low), float(high)) == (iv["low"], iv["high"])
+        scale = 560 - 96 - 56          # the plot's width: 100%
+        assert float(width) == pytest.approx(iv["value"] * scale, abs=0.06)
+        assert float(lo_x) == pytest.approx(int(x0) + iv["low"] * scale, abs=0.06)
+        assert float(hi_x) == pytest.approx(int(x0) + iv["high"] * scale, abs=0.06)
+    html = (report.out_dir / "report.html").read_text()
+    assert html.count("class='metric-chart'") == len(r["sets"])
 
 
 def test_a_failed_write_leaves_the_previous_report(report, monkeypatch):

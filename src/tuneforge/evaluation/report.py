@@ -305,6 +305,41 @@ def loss_curve_svg(rows: list[dict], width: int = 560, height: int = 220) -> str
     return "".join(parts) + legend
 
 
+def metric_chart_svg(entry: dict, metric: str, label: str, width: int = 560, bar: int = 18) -> str:
+    """The set's ``metric`` per column as horizontal bars on a 0-100% axis, each with its 95% interval as a whisker
+    (inline SVG: the page still opens offline). Each bar and whisker carries its numbers as ``data-`` attributes."""
+    columns = [(name, col["metrics"][metric]) for name, col in entry["columns"].items() if metric in col["metrics"]]
+    if not columns:
+        return ""
+    pad_l, pad_r, pad_t, gap = 96, 56, 18, 10
+    plot = width - pad_l - pad_r
+    height = pad_t + len(columns) * (bar + gap) + 22
+
+    def x(v: float) -> float:
+        return pad_l + max(0.0, min(1.0, v)) * plot
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='metric-chart' width='{width}' height='{height}' "
+             f"role='img' aria-label='{_e(label)} per column'><rect width='100%' height='100%' fill='#fff'/>"]
+    for k in range(5):
+        px = x(k / 4)
+        parts.append(f"<line x1='{px:.1f}' x2='{px:.1f}' y1='{pad_t - 6}' y2='{height - 20}' stroke='#eef1f5'/>"
+                     f"<text x='{px:.1f}' y='{height - 6}' text-anchor='middle'>{25 * k}%</text>")
+    for i, (name, iv) in enumerate(columns):
+        y = pad_t + i * (bar + gap)
+        mid = y + bar / 2
+        lo, hi = x(iv["low"]), x(iv["high"])
+        parts.append(f"<text x='{pad_l - 6}' y='{mid + 4:.1f}' text-anchor='end'>{_e(name)}</text>"
+                     f"<rect class='bar' data-column='{_e(name)}' data-value='{iv['value']}' x='{pad_l}' y='{y}' "
+                     f"width='{x(iv['value']) - pad_l:.1f}' height='{bar}' fill='#9db7ea'/>"
+                     f"<g class='whisker' data-low='{iv['low']}' data-high='{iv['high']}' stroke='#1d2230'>"
+                     f"<line x1='{lo:.1f}' x2='{hi:.1f}' y1='{mid:.1f}' y2='{mid:.1f}'/>"
+                     f"<line x1='{lo:.1f}' x2='{lo:.1f}' y1='{mid - 5:.1f}' y2='{mid + 5:.1f}'/>"
+                     f"<line x1='{hi:.1f}' x2='{hi:.1f}' y1='{mid - 5:.1f}' y2='{mid + 5:.1f}'/></g>"
+                     f"<text x='{max(hi, x(iv['value'])) + 4:.1f}' y='{mid + 4:.1f}'>{100 * iv['value']:.1f}%</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _viewer(report: dict, name: str, entry: dict, limit: int) -> str:
     cols = entry["columns"]
     left = "base" if "base" in cols else next(iter(cols))
@@ -356,6 +391,10 @@ def to_html(report: dict) -> str:
         best = max(range(len(scores)), key=lambda i: scores[i]) if scores else None
         body.append(f"<h2>{_e(name)}: {entry['n']} examples <span class='muted'>({_e(entry['file'])})</span></h2>")
         body.append("<div class='scroll'>" + _main_table_html(report, name, best) + "</div>")
+        if main:
+            label = METRIC_NAMES.get(main, main)
+            body.append(f"<h3>{_e(label)} per column, with its 95% interval</h3>"
+                        + metric_chart_svg(entry, main, label))
         body.append("<h3>Held-out loss and perplexity</h3>"
                     + _html_table(["model", "loss", "perplexity", "tokens"], _loss_rows(entry)))
         if entry["paired"]:
