@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def test_sweep_trains_each_point_once_and_resumes(tmp_path, tiny_model_dir):
     assert points[1]["adapter_mib"] > points[0]["adapter_mib"] and points[0]["peak_rss_mib"] > 100
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
     assert "| lora.r=2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    page = (tmp_path / "sweep" / "sweep.html").read_text()    # the table and the plot inline: opens offline
+    assert page.count("<tr><td>lora.r=") == 2 and "<svg" in page and "<image" not in page
+    assert not re.search(r"(href|src)=[\"']https?:", page) and "<metadata>" not in page
     mtime = (tmp_path / "sweep" / "lora.r-2" / "run.json").stat().st_mtime_ns
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done before, kept") == 2

@@ -76,7 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(points))
-    print(f"sweep folder: {folder} (sweep.md, sweep.json, sweep.png)")
+    print(f"sweep folder: {folder} (sweep.md, sweep.json, sweep.png, sweep.html)")
     return 0 if all(p.quality is not None for p in points) else 1
 
 

@@ -11,6 +11,8 @@ seconds, peak memory (RSS of the training process) and the adapter's size on dis
 
 from __future__ import annotations
 
+import html
+import io
 import itertools
 import json
 import logging
@@ -97,7 +99,8 @@ def _collect(point: Point, run_dir: Path) -> None:
 def sweep(config_path: str | Path, grid: list[str], out: str | Path | None = None, overrides: list[str] | None = None,
           eval_args: list[str] | None = None) -> tuple[Path, list[Point]]:
     """Train and evaluate every grid point (skipping finished ones); write ``sweep.md``, ``sweep.json`` and
-    ``sweep.png`` in the sweep folder and return it with the points."""
+    ``sweep.png`` (and ``sweep.html``: the table and the plot as inline SVG) in the sweep folder and return it
+    with the points."""
     from tuneforge.config import load_config
 
     combos = parse_grid(grid)
@@ -189,4 +192,30 @@ def write_summary(folder: Path, points: list[Point]) -> None:
     fig.suptitle("quality against cost")
     fig.tight_layout()
     fig.savefig(folder / "sweep.png", dpi=110)
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")        # glyphs as paths: the page needs no font and no network
     plt.close(fig)
+    (folder / "sweep.html").write_text(summary_html(points, svg.getvalue()))
+
+
+def summary_html(points: list[Point], plot_svg: str) -> str:
+    """The sweep's table and its quality-against-cost plot (inline SVG) as one page that opens offline."""
+    def cell(v: object) -> str:
+        return html.escape("n/a" if v is None else str(v))
+
+    rows = []
+    for p in points:
+        q = ("n/a" if p.quality is None or p.quality_low is None or p.quality_high is None
+             else f"{100 * p.quality:.1f}% [{100 * p.quality_low:.1f}, {100 * p.quality_high:.1f}]")
+        rows.append("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in (
+            " ".join(p.overrides), q, p.trainable_params, p.train_seconds, p.peak_rss_mib, p.adapter_mib,
+            p.status)) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("point", "quality [95% CI]", "trainable params", "train s",
+                                              "peak RSS MiB", "adapter MiB", "status"))
+    plot = plot_svg[plot_svg.find("<svg"):]           # without the XML prolog and doctype
+    plot = re.sub(r"<metadata>.*?</metadata>", "", plot, flags=re.S)      # matplotlib's RDF block (a date, names)
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tuneforge sweep</title><style>"
+            "body{font:14px system-ui,sans-serif;margin:24px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #d6dbe4;padding:4px 8px}th{background:#eef1f5}</style></head><body>"
+            f"<h1>Sweep: quality against cost</h1><table class='sweep'><thead><tr>{head}</tr></thead><tbody>"
+            f"{''.join(rows)}</tbody></table><div class='plot'>{plot}</div></body></html>")
