@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,8 @@ class ToolCallFormat:
     way; ``parse``: text -> ``(content, calls)``; ``forced``: ``(parallel, lit)`` -> the Lark rules of the
     forced answer, one call being rule ``body`` (``lit(marker)``: the marker as a Lark terminal);
     ``arguments_key``: the key of a call's arguments in its JSON; ``renders``: the built-in rendering writes calls
-    this way (only Hermes).
+    this way (only Hermes); ``new_call_id``: a fresh id for a parsed call, of the kind the format's templates take
+    back (Mistral's refuse any but 9 letters and digits).
     """
 
     name: str
@@ -75,6 +77,7 @@ class ToolCallFormat:
     leading_json: bool = False
     tokens: tuple[str, ...] = ()
     renders: bool = False
+    new_call_id: Callable[[], str] = lambda: f"call_{uuid.uuid4().hex[:24]}"
 
     def call_start(self, text: str, fresh: bool) -> tuple[int, int]:
         """``(start, held)``: where calls begin in ``text`` (-1: nowhere yet) and, when nowhere, how many trailing
@@ -234,7 +237,8 @@ FORMATS: dict[str, ToolCallFormat] = {
         tokens=(CALL_OPEN, CALL_CLOSE), renders=True),
     "mistral": ToolCallFormat(
         "mistral", (MISTRAL_OPEN,), detect=lambda s: MISTRAL_OPEN in s, parse=_marked_lists(MISTRAL_OPEN, True),
-        forced=_list_rules(MISTRAL_OPEN), tokens=(MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID)),
+        forced=_list_rules(MISTRAL_OPEN), tokens=(MISTRAL_OPEN, MISTRAL_ARGS, MISTRAL_CALL_ID),
+        new_call_id=lambda: uuid.uuid4().hex[:9]),
     "llama3_json": ToolCallFormat(
         "llama3_json", (PYTHON_TAG,), detect=_llama_detect, parse=parse_llama3_json, forced=_llama_rules,
         arguments_key="parameters", leading_json=True, tokens=(PYTHON_TAG,)),
@@ -285,9 +289,3 @@ def special_marker_ids(tokenizer: Any, fmt: ToolCallFormat) -> dict[str, int]:
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special = {t.content: i for i, t in decoder.items() if getattr(t, "special", False)}
     return {m: special[m] for m in fmt.tokens if m in special}
-
-
-def kept_token_ids(tokenizer: Any, fmt: ToolCallFormat) -> set[int]:
-    """The ids of ``fmt``'s marker tokens in ``tokenizer``'s vocabulary (special or not): decoding keeps them."""
-    vocab = tokenizer.get_vocab()
-    return {vocab[m] for m in fmt.tokens if m in vocab}

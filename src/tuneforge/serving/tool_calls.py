@@ -18,7 +18,6 @@ call (and the forced grammar allows one).
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from tuneforge.data.errors import RecordError
@@ -79,9 +78,11 @@ def tool_call_grammar(tools: list[dict[str, Any]], forced: str, parallel: bool, 
     return fmt.forced(parallel, lit) + f"body: %json {json.dumps(schema)}\n"
 
 
-def openai_calls(calls: list[dict[str, Any]], parallel: bool = True) -> list[dict[str, Any]]:
-    """Parsed calls (``{"name", "arguments"}``) in OpenAI's shape, each with a fresh id; one without ``parallel``."""
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+def openai_calls(calls: list[dict[str, Any]], parallel: bool = True, fmt: ToolCallFormat = HERMES
+                 ) -> list[dict[str, Any]]:
+    """Parsed calls (``{"name", "arguments"}``) in OpenAI's shape, each with a fresh id (``fmt``'s kind: Mistral's
+    templates take only 9 letters and digits); one without ``parallel``."""
+    return [{"id": fmt.new_call_id(), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in (calls if parallel else calls[:1])]
 
