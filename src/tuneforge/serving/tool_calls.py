@@ -129,8 +129,9 @@ class OutputSplitter:
                 if self.tools:
                     start, keep = self.fmt.call_start(self.pending, self.fresh)
                     if start >= 0:
-                        if self.pending[:start]:
-                            out.append({"content": self.pending[:start]})
+                        before = self.pending[:start]
+                        if before and not (self.fresh and before.isspace()):   # blanks before a first call: none
+                            out.append({"content": before})
                         self.pending, self.phase = self.pending[start:], "calls"
                         return out
                 else:
