@@ -328,3 +328,17 @@ def test_eval_scores_calls_in_the_run_s_format(tokenizer):
     ids = tok(texts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert generation._decoder(tok, fmt)(ids, True) == texts[0]
     assert generation._decoder(tok)(ids, True) == texts[0].replace("[TOOL_CALLS]", "")   # Hermes drops it
+
+
+def test_training_refuses_a_format_its_template_does_not_render(tmp_path, tiny_model_dir):
+    import tuneforge
+    from conftest import write_jsonl
+    from tuneforge.errors import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                                 {"role": "assistant", "content": "Hello"}]}] * 4)
+    (tmp_path / "config.yaml").write_text(json.dumps({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False,
+        "data": {"train": str(train), "tool_call_format": "mistral"}}))
+    with pytest.raises(ConfigError, match=r"^data.tool_call_format: mistral needs a chat template that renders"):
+        tuneforge.train(tuneforge.load_config(str(tmp_path / "config.yaml")))
