@@ -28,6 +28,12 @@ class DataConfig(Settings):
                                                     "{prompt: question, completion: answer}")
     tools: str | None = Field(None, description="a JSON file holding one list of tool definitions (OpenAI function "
                               "schemas) for every record; a record's own tools replace it")
+    tool_call_format: Literal["auto", "hermes", "mistral", "llama3_json", "granite"] = Field(
+        "auto", description="the format the model writes tool calls in, which tuneforge eval parses (tuneforge serve "
+        "detects it from the saved template or takes --tool-call-format): auto (detected from the chat template: "
+        "<tool_call> hermes, [TOOL_CALLS] mistral, <|python_tag|> or a \"parameters\" instruction llama3_json, "
+        "<|tool_call|> granite; a template that knows no tools gets the built-in hermes rendering), or one of them "
+        "(anything but hermes needs a template that renders tools itself)")
     system_prompt: str | None = Field(None, description="a system message put first in every record that has none")
     train_on: Literal["assistant", "all"] = Field("assistant", description="the tokens trained: the assistant "
                                                   "turns (with their end-of-turn token), or every token")

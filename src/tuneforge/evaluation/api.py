@@ -29,6 +29,8 @@ from tuneforge.config import RunConfig, load_config
 from tuneforge.config.eval import BASE_COLUMNS, EvalSettings, check_columns
 from tuneforge.data.dataset import DataError, load_examples
 from tuneforge.data.formats import Example
+from tuneforge.data.tool_formats import HERMES, ToolCallFormat
+from tuneforge.data.tool_formats import resolve as resolve_tool_format
 from tuneforge.evaluation import bootstrap, failures, generation, heldout, tool_eval
 from tuneforge.evaluation import columns as cols
 from tuneforge.evaluation import forgetting as forget
@@ -163,8 +165,9 @@ def _column_rows(test: TestSet, texts: list[str], answers: generation.Generation
 
 
 def _score_column(test: TestSet, gens: generation.Generations, metric_set: MetricSet, rules: failures.FormatRules,
-                  settings: EvalSettings, main_metric: str) -> tuple[dict, dict[str, list[float]]]:
-    texts = tool_eval.content_texts(test.examples, gens.texts)     # a tool record's answer without its calls
+                  settings: EvalSettings, main_metric: str, fmt: ToolCallFormat = HERMES
+                  ) -> tuple[dict, dict[str, list[float]]]:
+    texts = tool_eval.content_texts(test.examples, gens.texts, fmt)   # a tool record's answer without its calls
     scores = metric_set.score(texts, test.references)
     seed, resamples = settings.seed, settings.bootstrap_resamples
     out: dict[str, Any] = {
@@ -366,6 +369,10 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
     log.info("loading %s", run_dir)
     loaded = load_run(run_dir)
     tokenizer, cache = loaded.tokenizer, {}
+    try:            # the format the answers' tool calls are read in (the run's data.tool_call_format)
+        fmt = resolve_tool_format(config.data.tool_call_format, tokenizer.chat_template)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     if settings.max_new_tokens is None:     # room for the longest reference call: a cut call scores as no call
         longest = max(tool_eval.longest_reference_tokens(tokenizer, t.examples) for t in test_sets)
         max_new = max(max_new, longest + tool_eval.MARGIN_TOKENS if longest else 0)
@@ -393,15 +400,17 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
             if column in BASE_COLUMNS:
                 with _base_model(loaded, config, cache) as (model, method):
                     gens = generation.generate(model, tokenizer, prompts, method, max_new, settings.batch_size,
-                                               progress=bar.update, tools=test.tools)
+                                               progress=bar.update, tools=test.tools, tool_format=fmt)
             else:
                 with tuned_model():
                     gens = generation.generate(loaded.model, tokenizer, prompts, config.method, max_new,
-                                               settings.batch_size, progress=bar.update, tools=test.tools)
-            per_col[column], col_scores[column] = _score_column(test, gens, metric_set, rules, settings, main_metric)
+                                               settings.batch_size, progress=bar.update, tools=test.tools,
+                                               tool_format=fmt)
+            per_col[column], col_scores[column] = _score_column(test, gens, metric_set, rules, settings, main_metric,
+                                                                fmt)
             if test.has_tools:
                 per_col[column]["tool_calls"], call_scores[column] = tool_eval.column_block(
-                    test.examples, gens.texts, settings.seed, settings.bootstrap_resamples)
+                    test.examples, gens.texts, settings.seed, settings.bootstrap_resamples, fmt)
             if column in ("rag", "tuned+rag"):
                 per_col[column]["context_example"] = prompts[0][-1]["content"] if prompts else ""
         entry: dict[str, Any] = {"file": test.file, "sha256": file_sha256(test.file), "n": len(test.examples),

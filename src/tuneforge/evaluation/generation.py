@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.data.rendering import prompt_ids
+from tuneforge.data.tool_formats import HERMES, ToolCallFormat
 from tuneforge.methods import method_generate
 
 
@@ -45,12 +46,10 @@ def _end_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return {i for i in (*end_of_turn_ids(tokenizer), im_end) if i is not None}
 
 
-def _decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], bool], str]:
-    """``decode(ids, tools)``: text without special tokens, except the tool-call markers when ``tools``."""
-    from tuneforge.data.tools import CALL_CLOSE, CALL_OPEN
-
+def _decoder(tokenizer: PreTrainedTokenizerBase, fmt: ToolCallFormat = HERMES) -> Callable[[list[int], bool], str]:
+    """``decode(ids, tools)``: text without special tokens, except ``fmt``'s tool-call markers when ``tools``."""
     vocab = tokenizer.get_vocab()
-    markers = {vocab[m] for m in (CALL_OPEN, CALL_CLOSE) if m in vocab}
+    markers = {vocab[m] for m in fmt.tokens if m in vocab}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     dropped = special - markers
 
@@ -65,17 +64,18 @@ def _decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], bool], 
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
              method: str | None = None, max_new_tokens: int = 32, batch_size: int = 16, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, progress: Callable[[int], None] | None = None,
-             tools: list[list[dict] | None] | None = None) -> Generations:
+             tools: list[list[dict] | None] | None = None, tool_format: ToolCallFormat = HERMES) -> Generations:
     """Answer every conversation (messages ending with a user turn, or a tool record's results) with ``model``.
 
-    ``tools``: per conversation, the tool definitions its prompt renders (None: none).
+    ``tools``: per conversation, the tool definitions its prompt renders (None: none); ``tool_format``: the format
+    the answers write calls in (its marker tokens stay in the text of a conversation with tools).
     ``method``: the run's method name for :func:`tuneforge.methods.method_generate` (``None``: a plain model).
     ``progress(n)`` is called after each batch with the number of prompts it answered.
     """
     model.eval()
     tools = tools or [None] * len(conversations)
     ids = [prompt_ids(tokenizer, conv, tools=t) for conv, t in zip(conversations, tools, strict=True)]
-    decode = _decoder(tokenizer)
+    decode = _decoder(tokenizer, tool_format)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = _end_ids(tokenizer)

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from tuneforge.data.tool_formats import TOOL_CALL_FORMATS
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--guided-decoding", choices=("on", "off"), default=None,
                    help="honour a request's response_format json_object / json_schema by constraining its tokens "
                         "to the schema (on, the default); off: such requests are answered 400")
+    p.add_argument("--tool-call-format", choices=("auto", *TOOL_CALL_FORMATS), default=None,
+                   help="the format models write tool calls in, parsed into tool_calls and forced by tool_choice "
+                        "(auto, the default: detected from each model's chat template)")
     p.add_argument("--graceful-timeout", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may run on before they are cut short with "
                         "finish_reason length (60); /health answers 503 meanwhile, then the server exits 0")
@@ -89,6 +94,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "max_body_bytes": args.max_body_bytes, "max_concurrent": args.max_concurrent, "lora_kernel": args.lora_kernel,
         "graceful_timeout": args.graceful_timeout, "prefix_cache_mb": args.prefix_cache_mb,
         "guided_decoding": None if args.guided_decoding is None else args.guided_decoding == "on",
+        "tool_call_format": args.tool_call_format,
     }
     if args.config:
         import yaml

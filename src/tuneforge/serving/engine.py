@@ -83,6 +83,7 @@ class Request:
     ignore_eos: bool = False                 # vLLM's extension: always generate max_tokens (benchmarks)
     sink: Sink = lambda event: None
     guide: Any = None                        # a grammar the answer must match (serving.guided.Guide), or None
+    keep_tokens: frozenset[int] = frozenset()   # special tokens decoded as text (a tool call format's markers)
     keep_logits: bool = False                # record each step's logits in ``logits`` (tests)
     logits: list[torch.Tensor] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
@@ -157,6 +158,7 @@ class Engine:
         self.on_finish = on_finish
         self.cache_kw = cache_argument(self.set.base)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._special_ids: set[int] | None = None       # the tokenizer's special tokens (see _text)
         self._waiting: deque[Request] = deque()
         self._commands: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
@@ -671,12 +673,22 @@ class Engine:
         """Append the text of ``row``'s new tokens to ``row.text``, decoding only a window of recent tokens (as
         vLLM and TGI do: the window keeps merges across token boundaries right) and holding back a half
         multi-byte character until its other bytes arrive (``final``: flush it)."""
-        window = row.tokens[row.prefix_offset:]
-        before = str(self.tokenizer.decode(row.tokens[row.prefix_offset:row.read_offset], skip_special_tokens=True))
-        after = str(self.tokenizer.decode(window, skip_special_tokens=True))
+        before = self._text(row.tokens[row.prefix_offset:row.read_offset], row.req.keep_tokens)
+        after = self._text(row.tokens[row.prefix_offset:], row.req.keep_tokens)
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             row.text += after[len(before):]
             row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
+
+    def _text(self, ids: list[int], keep: frozenset[int]) -> str:
+        """``ids`` as text without special tokens, except those in ``keep``."""
+        if not keep:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        if self._special_ids is None:
+            tok = self.tokenizer
+            self._special_ids = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items()
+                                                             if t.special}
+        return str(self.tokenizer.decode([i for i in ids if i in keep or i not in self._special_ids],
+                                         skip_special_tokens=False))
 
     def _stream(self, row: _Row) -> str | None:
         """Send the newly decoded text of ``row``; ``"stop"`` when a stop string appeared (text cut before it)."""

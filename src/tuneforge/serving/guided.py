@@ -17,8 +17,9 @@ Three pieces:
 
 Grammar sources are llguidance's own format, so any constraint it can express composes: a JSON Schema
 (:func:`json_schema_grammar`), any JSON object (:data:`JSON_OBJECT_SCHEMA`), or a Lark grammar
-(:func:`lark_grammar`). A tool call (later) is one Lark grammar: literal ``<tool_call>`` and ``</tool_call>``
-around ``%json{...}`` of ``{"name": {"const": tool}, "arguments": <its parameters schema>}``, ``anyOf`` the tools;
+(:func:`lark_grammar`). A forced tool call is one Lark grammar in the model's tool call format
+(:func:`tuneforge.serving.tool_calls.tool_call_grammar`; for Hermes, literal ``<tool_call>`` and ``</tool_call>``
+around ``%json{...}`` of ``{"name": {"const": tool}, "arguments": <its parameters schema>}``, ``anyOf`` the tools);
 it goes through :meth:`Grammars.guide` like a response format.
 """
 

@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tuneforge.data.tool_formats import FORMATS, HERMES, ToolCallFormat, detect, special_marker_ids
 from tuneforge.serving import protocol as P
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, adapter_kind, check_base
 from tuneforge.serving.engine import Engine, EngineStopped, InvalidRequest
@@ -101,6 +102,10 @@ class ServeConfig(BaseModel):
     guided_decoding: bool = Field(
         True, description="honour response_format json_object / json_schema by masking each such request's logits "
                           "with its schema's grammar (llguidance); false: such requests are answered 400")
+    tool_call_format: Literal["auto", "hermes", "mistral", "llama3_json", "granite"] = Field(
+        "auto", description="the format models write tool calls in (parsed into tool_calls, forced by tool_choice "
+                            "required or named): auto (detected from each model's chat template: the adapter's "
+                            "own, else the base's), hermes, mistral, llama3_json or granite")
     graceful_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM lets in-flight requests run on; "
                                                             "those still running then end with finish_reason length")
 
@@ -287,6 +292,13 @@ class Server:
         entry = self.registry.get(adapter) if adapter else None
         return entry.tokenizer if entry is not None and entry.tokenizer is not None else self.tokenizer
 
+    def tool_format(self, adapter: str | None) -> ToolCallFormat:
+        """The format ``adapter``'s (None: the base model's) answers write calls in: ``tool_call_format``, or
+        detected from its chat template (the one its prompts are rendered with)."""
+        chosen = self.config.tool_call_format
+        return FORMATS[chosen] if chosen != "auto" else detect(getattr(self.tokenizer_for(adapter), "chat_template",
+                                                                       None))
+
     def chat_prompt_ids(self, adapter: str | None, messages: list[dict],
                         template_kwargs: dict[str, Any] | None = None, tools: list[dict] | None = None) -> list[int]:
         """Token ids of ``messages`` plus the generation prompt, rendered with the adapter's own chat template
@@ -350,7 +362,8 @@ class Server:
         except GrammarError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_schema") from None
 
-    def tool_guide(self, tools: list[dict], forced: str, parallel: bool, response_format: Any) -> Guide:
+    def tool_guide(self, tools: list[dict], forced: str, parallel: bool, response_format: Any,
+                   fmt: ToolCallFormat = HERMES) -> Guide:
         """The guide that forces a call (``tool_choice`` required or named), its arguments valid against the tool's
         parameters; refused with guided decoding off, or beside a ``response_format`` other than text."""
         if getattr(response_format, "type", "text") != "text":
@@ -361,7 +374,8 @@ class Server:
                            "(tuneforge serve --guided-decoding on); use tool_choice auto", param="tool_choice",
                            code="guided_decoding_off")
         try:
-            return self.grammars.guide(lark_grammar(tool_call_grammar(tools, forced, parallel)), "tools")
+            grammar = tool_call_grammar(tools, forced, parallel, fmt, special_marker_ids(self.tokenizer, fmt))
+            return self.grammars.guide(lark_grammar(grammar), "tools")
         except (GrammarError, ValueError) as e:
             raise APIError(400, f"tools: the parameters cannot be enforced ({str(e).splitlines()[0][:200]})",
                            param="tools", code="invalid_schema") from None
@@ -503,13 +517,16 @@ class Server:
             gen = GenRequest(prompt, adapter, max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(),
                              body.ignore_eos)
             self._validate([gen], "messages")
-            if forced is not None and tools is not None:       # tool_choice required or named: the call is forced
+            fmt = self.tool_format(adapter) if tools is not None else None
+            if fmt is not None:           # the format's markers stay in the text, special tokens or not
+                gen.keep_tokens = frozenset(special_marker_ids(self.tokenizer, fmt).values())
+            if forced is not None and fmt is not None and tools is not None:   # required or named: a forced call
                 gen.guide = await asyncio.to_thread(self.tool_guide, tools, forced, body.parallel_tool_calls,
-                                                    body.response_format)
+                                                    body.response_format, fmt)
             else:
                 (gen.guide,) = await asyncio.to_thread(self.guides, body.response_format, 1)
             self._admit()
-            return await self._respond_chat(request, body, gen, tools is not None)
+            return await self._respond_chat(request, body, gen, fmt)
 
         @app.post("/v1/completions", response_model=None, openapi_extra=P.openapi_body(P.CompletionRequest),
                   responses=answers(P.CompletionResponse, 400, 401, 404, 413, 429, 500, 503,
@@ -593,9 +610,11 @@ class Server:
             time.sleep(0.02)
 
     async def _respond_chat(self, request: Request, body: P.ChatCompletionRequest, gen: GenRequest,
-                            tools: bool = False) -> Response:
-        """The answer: a leading ``<think>`` block as ``reasoning_content``; with ``tools``, its ``<tool_call>``
-        blocks as ``tool_calls`` (``finish_reason: tool_calls``), anything that does not parse left as content."""
+                            fmt: ToolCallFormat | None = None) -> Response:
+        """The answer: a leading ``<think>`` block as ``reasoning_content``; with a tool call format ``fmt`` (the
+        request has tools), its calls as ``tool_calls`` (``finish_reason: tool_calls``), anything that does not
+        parse left as content."""
+        tools = fmt is not None
         rid, created, model = P.new_id("chatcmpl"), P.now(), body.model
         parallel = body.parallel_tool_calls
         self.in_flight += 1
@@ -604,8 +623,8 @@ class Server:
                 [(text, reason, usage)] = await self._collect_all(request, [gen])
             finally:
                 self.in_flight -= 1
-            reasoning, content, calls = split_answer(text, tools)
-            out_calls = openai_calls(calls, parallel) if calls else None
+            reasoning, content, calls = split_answer(text, tools, fmt or HERMES)
+            out_calls = openai_calls(calls, parallel, fmt or HERMES) if calls else None
             if out_calls and reason == "stop":
                 reason = "tool_calls"
             return JSONResponse(P.chat_response(rid, model, created, content if content or not out_calls else None,
@@ -613,7 +632,7 @@ class Server:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            splitter = OutputSplitter(tools)
+            splitter = OutputSplitter(tools, fmt or HERMES)
             try:
                 yield _sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
                 async for ev in self._generate(gen):
@@ -627,7 +646,7 @@ class Server:
                         reason = ev[1]
                         if calls:
                             # each call in one delta (name and the whole arguments), as OpenAI's clients accumulate
-                            for i, call in enumerate(openai_calls(calls, parallel)):
+                            for i, call in enumerate(openai_calls(calls, parallel, fmt or HERMES)):
                                 yield _sse(P.chat_chunk(rid, model, created, {"tool_calls": [{"index": i, **call}]}))
                             reason = "tool_calls" if reason == "stop" else reason
                         yield _sse(P.chat_chunk(rid, model, created, {}, reason))

@@ -1,12 +1,13 @@
 """Tools in chat completions: checking ``tools`` / ``tool_choice``, the grammar that forces a call, and reading the
 model's output back into OpenAI's ``tool_calls`` and ``reasoning_content``.
 
-The model writes calls in the format it was trained on (:mod:`tuneforge.data.tools`: ``<tool_call>{"name": ...,
-"arguments": {...}}</tool_call>`` blocks, the built-in Hermes format, or the same blocks from a template that
-renders tools itself), after an optional leading ``<think>...</think>`` block. :class:`OutputSplitter` splits
-the text as it streams: reasoning deltas while inside the ``<think>`` block, content deltas until a
-``<tool_call>`` could begin (text that may be the start of one is held back), and at the end the held text
-parsed into calls; a block that does not parse is returned as content, never an error.
+The model writes calls in the format its chat template taught it (:mod:`tuneforge.data.tool_formats`: Hermes'
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, the built-in rendering's, or Mistral's,
+Llama 3's, Granite's where the template renders tools itself), after an optional leading ``<think>...</think>``
+block. :class:`OutputSplitter` splits the text as it streams: reasoning deltas while inside the ``<think>``
+block, content deltas until a call could begin (text that may be the start of the format's marker is held
+back), and at the end the held text parsed into calls; a block that does not parse is returned as content,
+never an error.
 
 ``tool_choice``: ``auto`` (the model decides; its calls are parsed), ``none`` (the tools are not shown and nothing
 is parsed), ``required`` (a call to one of the tools is forced by the grammar: :func:`tool_call_grammar`), or
@@ -17,11 +18,11 @@ call (and the forced grammar allows one).
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from tuneforge.data.errors import RecordError
-from tuneforge.data.tools import CALL_CLOSE, CALL_OPEN, normalise_tools, parse_tool_calls
+from tuneforge.data.tool_formats import HERMES, ToolCallFormat, held_prefix
+from tuneforge.data.tools import normalise_tools
 from tuneforge.data.turn_spans import THINK_CLOSE, THINK_OPEN
 from tuneforge.serving.protocol import APIError
 
@@ -57,47 +58,46 @@ def request_tools(tools: list[Any] | None, tool_choice: Any) -> tuple[list[dict[
     return defined, None
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], forced: str, parallel: bool) -> str:
-    """A Lark grammar (llguidance's, JSON Schemas inside ``%json``) of one call block (more with ``parallel``) to the
-    ``forced`` tool (``"*"``: any of ``tools``), its arguments valid against the tool's parameters."""
+def tool_call_grammar(tools: list[dict[str, Any]], forced: str, parallel: bool, fmt: ToolCallFormat = HERMES,
+                      special: dict[str, int] | None = None) -> str:
+    """A Lark grammar (llguidance's, JSON Schemas inside ``%json``) of the answer that calls the ``forced`` tool
+    (``"*"``: any of ``tools``; more calls with ``parallel``) in ``fmt``, its arguments valid against the tool's
+    parameters. ``special``: marker text -> token id for markers the vocabulary holds as special tokens
+    (:func:`~tuneforge.data.tool_formats.special_marker_ids`): matched as that token, ``<[id]>``."""
     from tuneforge.serving.guided import JSON_OPTIONS
 
     chosen = [t for t in tools if forced in ("*", t["function"]["name"])]
+    key = fmt.arguments_key
     bodies = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                "arguments": t["function"]["parameters"]},
-               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+                                                key: t["function"]["parameters"]},
+               "required": ["name", key], "additionalProperties": False} for t in chosen]
     schema = {**(bodies[0] if len(bodies) == 1 else {"anyOf": bodies}), "x-guidance": JSON_OPTIONS}
-    repeat = ' ("\\n" call)*' if parallel else ""
-    return (f"start: call{repeat}\n"
-            f"call: {json.dumps(CALL_OPEN + chr(10))} body {json.dumps(chr(10) + CALL_CLOSE)}\n"
-            f"body: %json {json.dumps(schema)}\n")
+
+    def lit(text: str) -> str:
+        return f"<[{special[text]}]>" if special and text in special else json.dumps(text)
+    return fmt.forced(parallel, lit) + f"body: %json {json.dumps(schema)}\n"
 
 
-def openai_calls(calls: list[dict[str, Any]], parallel: bool = True) -> list[dict[str, Any]]:
-    """Parsed calls (``{"name", "arguments"}``) in OpenAI's shape, each with a fresh id; one without ``parallel``."""
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+def openai_calls(calls: list[dict[str, Any]], parallel: bool = True, fmt: ToolCallFormat = HERMES
+                 ) -> list[dict[str, Any]]:
+    """Parsed calls (``{"name", "arguments"}``) in OpenAI's shape, each with a fresh id (``fmt``'s kind: Mistral's
+    templates take only 9 letters and digits); one without ``parallel``."""
+    return [{"id": fmt.new_call_id(), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in (calls if parallel else calls[:1])]
 
 
-def _held_prefix(text: str, marker: str) -> int:
-    """The length of the longest suffix of ``text`` that is a proper prefix of ``marker`` (text to hold back: it
-    may be the start of the marker)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
-
-
 class OutputSplitter:
     """A chat answer as it streams, split into ``reasoning_content`` and ``content`` deltas and, at the end, tool
-    calls (``tools``: parse ``<tool_call>`` blocks). :meth:`feed` takes the next piece of text and returns the
-    deltas that can be sent; :meth:`finish` the rest and the calls."""
+    calls (``tools``: parse calls in ``fmt``, from where one begins). :meth:`feed` takes the next piece of text and
+    returns the deltas that can be sent; :meth:`finish` the rest and the calls."""
 
-    def __init__(self, tools: bool) -> None:
+    def __init__(self, tools: bool, fmt: ToolCallFormat = HERMES) -> None:
         self.tools = tools
+        self.fmt = fmt
         self.phase = "start"          # start -> reasoning -> content (-> calls: everything held for parsing)
         self.pending = ""             # text not sent yet
+        self.fresh = True             # no content sent yet (Llama's calls are an answer that opens with "{")
 
     def feed(self, text: str) -> list[dict[str, str]]:
         self.pending += text
@@ -119,7 +119,7 @@ class OutputSplitter:
                         out.append({"reasoning_content": self.pending[:end]})
                     self.pending, self.phase = self.pending[end + len(THINK_CLOSE):].lstrip(), "content"
                     continue
-                keep = _held_prefix(self.pending, THINK_CLOSE)
+                keep = held_prefix(self.pending, THINK_CLOSE)
                 sendable = self.pending[:len(self.pending) - keep]
                 if sendable:
                     out.append({"reasoning_content": sendable})
@@ -127,18 +127,19 @@ class OutputSplitter:
                 return out
             if self.phase == "content":
                 if self.tools:
-                    start = self.pending.find(CALL_OPEN)
+                    start, keep = self.fmt.call_start(self.pending, self.fresh)
                     if start >= 0:
-                        if self.pending[:start]:
-                            out.append({"content": self.pending[:start]})
+                        before = self.pending[:start]
+                        if before and not (self.fresh and before.isspace()):   # blanks before a first call: none
+                            out.append({"content": before})
                         self.pending, self.phase = self.pending[start:], "calls"
                         return out
-                    keep = _held_prefix(self.pending, CALL_OPEN)
                 else:
                     keep = 0
                 sendable = self.pending[:len(self.pending) - keep]
                 if sendable:
                     out.append({"content": sendable})
+                    self.fresh = False
                 self.pending = self.pending[len(sendable):]
                 return out
             return out             # calls: held until finish
@@ -149,14 +150,14 @@ class OutputSplitter:
         if self.phase == "reasoning":
             return ([{"reasoning_content": rest}] if rest else []), []
         if self.phase == "calls":
-            content, calls = parse_tool_calls(rest)
+            content, calls = self.fmt.parse(rest)
             return ([{"content": content}] if content else []), calls
         return ([{"content": rest}] if rest else []), []
 
 
-def split_answer(text: str, tools: bool) -> tuple[str | None, str, list[dict[str, Any]]]:
+def split_answer(text: str, tools: bool, fmt: ToolCallFormat = HERMES) -> tuple[str | None, str, list[dict[str, Any]]]:
     """``(reasoning, content, calls)`` of a whole answer (what :class:`OutputSplitter` streams)."""
-    splitter = OutputSplitter(tools)
+    splitter = OutputSplitter(tools, fmt)
     deltas = splitter.feed(text)
     rest, calls = splitter.finish()
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas + rest)

@@ -37,6 +37,7 @@ from tuneforge.data.dataset import write_rejects
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.data.rendering import set_template_kwargs
 from tuneforge.data.templates import apply_template
+from tuneforge.data.tool_formats import resolve as resolve_tool_format
 from tuneforge.errors import ConfigError
 from tuneforge.fileutil import file_sha256
 from tuneforge.kernels.compensated_adamw import CompensatedAdamW
@@ -314,6 +315,10 @@ class TrainingRecipe:
         self.template = apply_template(self.tokenizer, config.template, config.model,
                                        needs_chat=config.task != "pretrain" and config.data.format != "text")
         set_template_kwargs(self.tokenizer, config.template_kwargs)     # saved with the tokenizer, like the template
+        try:        # the format the run's tool calls are written in: one the template (or the built-in) renders
+            resolve_tool_format(config.data.tool_call_format, self.tokenizer.chat_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         log.info("chat template: %s (%s)%s%s", config.template, self.template.source,
                  f" with {config.template_kwargs}" if config.template_kwargs else "",
                  "; trust_remote_code: true" if config.trust_remote_code else "")
