@@ -93,7 +93,7 @@ class DeepSpeed(Parallel):
         if self.stage == 3 and config.lora.use_dora:
             raise ConfigError(f"lora.use_dora with {zero} is not tested yet (DoRA reads the partitioned base "
                               "weights outside their forward); use ZeRO-2, DDP or FSDP2")
-        if self.stage == 3 and config.method == "lora" and config.lora.shared_dropout_mask:
+        if self.stage == 3 and config.lora.shared_dropout_mask:     # read by the LoRA layers only
             # ZeRO-3's module hooks hand q/k/v (gate/up) each its own input tensor, so a shared group stops sharing
             # during the first step (methods/lora/layer.py): a resumed run's first step would then be computed
             # otherwise than the uninterrupted run's (1-ulp differences, measured), and resume would not be exact
