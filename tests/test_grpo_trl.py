@@ -90,7 +90,7 @@ def _ours(step: dict) -> tuple[float, list[dict]]:
         s, u = loss_sum(tok.loss, mb["mask"], step["loss_type"], step["max_completion_length"])
         total, units = total + float(s), units + u
         mask = mb["mask"]
-        mean = lambda x: float((x.double() * mask).sum() / mask.sum())  # noqa: E731
+        mean = lambda x, mask=mask: float((x.double() * mask).sum() / mask.sum())  # noqa: E731
         logged = {"clip_ratio/low_mean": mean(tok.low_clipped), "clip_ratio/high_mean": mean(tok.high_clipped),
                   "clip_ratio/region_mean": mean(tok.low_clipped | tok.high_clipped)}
         if tok.kl is not None:
