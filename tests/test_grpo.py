@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
 from safetensors.torch import load_file
 
+from conftest import write_jsonl
 from tuneforge.cli import main as cli_main
 from tuneforge.config import load_config
 from tuneforge.data.dataset import DataError

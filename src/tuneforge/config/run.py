@@ -76,7 +76,8 @@ class RewardSpec(Settings):
     what each reads)."""
     name: str = Field(description="a built-in (exact_match, normalized_match, label_match, regex, json_valid, "
                       "json_schema, length_penalty, reward_model) or a Python function as module:function (called "
-                      "as f(prompts, completions, **fields, **options), returning one float or None per completion)")
+                      "as f(prompts, completions, **fields, **options), returning one float or None per completion; "
+                      "its options.needs lists the record fields it reads, checked on every record before training)")
     weight: float = Field(1.0, description="its weight in the summed reward")
     options: dict[str, Any] = Field(default_factory=dict, description="the function's settings (e.g. regex: "
                                     "{pattern: ...}; json_schema: {schema: ...}; reward_model: {run: DIR})")
@@ -108,8 +109,8 @@ class GRPOConfig(Settings):
         "(DAPO's dynamic sampling, without refilling the batch); unset: on for loss_type dapo, else off")
     rewards: list[RewardSpec] = Field(default_factory=list, description="the reward functions, summed with their "
                                       "weights; at least one")
-    log_samples: int = Field(2, ge=0, description="completions (with their rewards) written to samples.jsonl in the "
-                             "run directory per step")
+    log_samples: int = Field(2, ge=0, description="completions (with their rewards) of each micro-batch's samples "
+                             "written to samples.jsonl in the run directory")
 
     def drops_zero_variance(self) -> bool:
         return self.dynamic_sampling if self.dynamic_sampling is not None else self.loss_type == "dapo"

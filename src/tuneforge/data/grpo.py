@@ -18,7 +18,7 @@ its generation prompt); no token of it is trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ def to_prompt(record: dict[str, Any], system_prompt: str | None = None) -> tuple
     return messages, fields
 
 
-def load_prompts(path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, needs: dict[str, Sequence[str]],
+def load_prompts(path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, needs: Mapping[str, Sequence[str]],
                  max_prompt: int) -> tuple[list[GRPOPrompt], list[Reject]]:
     """(prompts, rejects) of ``path``. ``needs``: reward name -> the record fields it reads; ``max_prompt``: the
     longest prompt in tokens."""
@@ -94,7 +94,7 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     return out, rejects
 
 
-def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, needs: dict[str, Sequence[str]],
+def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, needs: Mapping[str, Sequence[str]],
                     max_completion_length: int) -> PreparedData:
     """Train and validation prompts (validation: ``cfg.validation``, or ``cfg.val_fraction`` split off with
     ``seed``). Raises :class:`DataError` when no record is usable, naming the first problem."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -25,6 +25,7 @@ from tuneforge.data.packing import PackedBatch
 from tuneforge.evaluation.generation import _decoder, _end_ids
 from tuneforge.methods import method_generate
 from tuneforge.methods.dispatch import method_forward
+from tuneforge.methods.registry import Generates
 
 if TYPE_CHECKING:
     from tuneforge.config import RunConfig
@@ -67,7 +68,7 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
     model.eval()
     try:
         with seeded(seed, device):
-            out = method_generate(model, config, input_ids=input_ids, attention_mask=attention,
+            out = method_generate(cast(Generates, model), config, input_ids=input_ids, attention_mask=attention,
                                   max_new_tokens=grpo.max_completion_length, eos_token_id=sorted(ends),
                                   pad_token_id=pad, use_cache=True, **sampling)
     finally:
