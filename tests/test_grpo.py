@@ -247,3 +247,29 @@ def test_config_checks(tiny_model_dir, tmp_path, reward_module):
         grpo_config(tiny_model_dir, tmp_path, reward_module, method="full", grpo={"beta": 0.1})
     with pytest.raises(ConfigError, match="loss_type"):
         grpo_config(tiny_model_dir, tmp_path, reward_module, grpo={"loss_type": "ppo"})
+
+
+def test_the_reward_model_reward_scores_as_the_reward_model_api(tiny_model_dir, tmp_path):
+    """The reward_model reward (built below the stages) gives RewardModel.score's numbers for the same texts."""
+    from tuneforge.config.run import RewardSpec
+    from tuneforge.evaluation.reward_model import RewardModel
+
+    pairs = [{"prompt": f"Tell me about {w}.", "chosen": f"{w} is fine banana", "rejected": f"{w}?"}
+             for w in ("apple", "river", "stone", "cloud")]
+    config = load_config(data={
+        "task": "reward", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "rm"), "progress": False,
+        "device": "cpu", "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "val_fraction": 0,
+                                  "system_prompt": "Be brief."},
+        "batch_size": 2, "max_steps": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0, "eval_share": None})
+    run = train(config).run_dir
+    reward = build_rewards([RewardSpec(name="reward_model", options={"run": str(run), "batch_size": 3})])[0]
+    messages = [[{"role": "user", "content": p["prompt"]}] for p in pairs]
+    texts = [p["chosen"] for p in pairs]
+    ours = reward(messages, texts, {})
+    theirs = RewardModel.from_run(run).score(messages, texts)
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    assert len({round(x, 4) for x in ours}) > 1
+    sft = tmp_path / "not-a-run"
+    sft.mkdir()
+    with pytest.raises(RewardError, match="not a tuneforge run directory"):
+        build_rewards([RewardSpec(name="reward_model", options={"run": str(sft)})])

@@ -233,18 +233,50 @@ def _import(name: str) -> RewardFn:
 
 
 def _reward_model(options: dict[str, Any]) -> RewardFn:
-    from tuneforge.evaluation.reward_model import NotARewardRun, RewardModel
+    """The scores of a ``task: reward`` run, computed as :class:`tuneforge.evaluation.reward_model.RewardModel`
+    computes them (each prompt + completion rendered as training rendered a pair's side, the run's head read at the
+    last token of packed rows). Built here from the layers below the stages (a stage imports no other), and tested
+    equal to ``RewardModel.score`` (``tests/test_grpo.py``)."""
+    import torch
 
-    run = options.get("run")
-    if not run:
+    from tuneforge.config import load_config
+    from tuneforge.data.packing import pack
+    from tuneforge.data.preference import tokenize_side
+    from tuneforge.methods.reward_head import load_score_head, packed_rewards
+    from tuneforge.runs import load_run
+    from tuneforge.runs.layout import RunDir
+
+    if not options.get("run"):
         raise RewardError("grpo.rewards: reward_model needs options.run (a task: reward run directory)")
-    try:
-        model = RewardModel.from_run(run, device=options.get("device", "auto"))
-    except NotARewardRun as e:
-        raise RewardError(f"grpo.rewards: reward_model: {e}") from None
+    run = RunDir(options["run"])
+    if not run.config.is_file():
+        raise RewardError(f"grpo.rewards: reward_model: {run.path} is not a tuneforge run directory (no config.yaml)")
+    task = load_config(run.config, check_files=False).task
+    if task != "reward":
+        raise RewardError(f"grpo.rewards: reward_model: {run.path} is a task: {task} run, not a reward model (train "
+                          "one with task: reward)")
+    loaded = load_run(run.path, device=options.get("device", "auto"))
+    assert loaded.config is not None
+    config, model, tokenizer = loaded.config, loaded.model, loaded.tokenizer
+    load_score_head(model, run.path)
+    model.eval()
+    device = next(model.parameters()).device
+    per_row = int(options.get("batch_size", 16))
 
+    @torch.no_grad()
     def score(prompts: list[Messages], completions: list[str], **ignored: Any) -> list[float]:
-        return model.score(prompts, completions, batch_size=int(options.get("batch_size", 16)))
+        system = config.data.system_prompt
+        sequences = []
+        for messages, completion in zip(prompts, completions, strict=True):
+            if system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            sequences.append(tokenize_side(messages, {"role": "assistant", "content": completion}, tokenizer,
+                                           config.data.train_reasoning))
+        out: list[float] = []
+        for start in range(0, len(sequences), per_row):
+            batch = pack(sequences[start:start + per_row]).to(device)
+            out += packed_rewards(model, batch, config.method).tolist()
+        return out
     return score
 
 

@@ -5,7 +5,8 @@
 and without grad (the training mode is restored after), with its own seeded RNG (the global streams, e.g. dropout's,
 are left as they were): the same seed and weights give the same completions, which is what makes a resumed run
 sample what the uninterrupted one did. A completion is its tokens up to and including the first end-of-turn token
-(EOS or the template's end of turn), or ``max_new_tokens`` tokens when it did not stop (truncated).
+(EOS or the template's end of turn), or ``max_new_tokens`` tokens when it did not stop (truncated); its text is
+decoded without special tokens (tool-call markers are not kept: GRPO on tool calls is not there yet).
 
 :func:`completion_logps` gives the per-token log-probabilities of the completions of a packed row of
 prompt + completion sequences as ``[n, T]`` (``T`` the longest completion, 0 beyond each), from the logits
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from tuneforge.data.packing import PackedBatch
-from tuneforge.evaluation.generation import _decoder, _end_ids
+from tuneforge.data.templates import end_of_turn_ids
 from tuneforge.methods import method_generate
 from tuneforge.methods.dispatch import method_forward
 from tuneforge.methods.registry import Generates
@@ -39,6 +40,13 @@ class Samples:
     ids: list[list[int]]
     texts: list[str]
     stopped: list[bool]
+
+
+def end_ids(tokenizer: Any) -> set[int]:
+    """The tokens that end a completion: EOS and the chat template's end-of-turn tokens, and ``<|im_end|>`` (as
+    :mod:`tuneforge.evaluation.generation`, which a training module does not import)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return {i for i in (*end_of_turn_ids(tokenizer), im_end) if i is not None}
 
 
 @contextlib.contextmanager
@@ -58,7 +66,7 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
     grpo = config.grpo
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ends = _end_ids(tokenizer)
+    ends = end_ids(tokenizer)
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -73,13 +81,12 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
                                   pad_token_id=pad, use_cache=True, **sampling)
     finally:
         model.train(was_training)
-    decode = _decoder(tokenizer)
     ids, texts, stopped = [], [], []
     for row in out[:, width:].tolist():
         end = next((j for j, t in enumerate(row) if t in ends), None)
         kept = row if end is None else row[:end + 1]
         ids.append(kept)
-        texts.append(decode(kept if end is None else kept[:-1], False))
+        texts.append(tokenizer.decode(kept if end is None else kept[:-1], skip_special_tokens=True).strip())
         stopped.append(end is not None)
     return Samples(ids, texts, stopped)
 
