@@ -72,6 +72,51 @@ class RewardConfig(Settings):
         "rewards centred on 0 (TRL's center_rewards_coefficient; 0.01 is the usual value); unset: no such term")
 
 
+class RewardSpec(Settings):
+    """One reward function of ``grpo.rewards`` (see :mod:`tuneforge.training.grpo_rewards` for the built-ins and
+    what each reads)."""
+    name: str = Field(description="a built-in (exact_match, normalized_match, label_match, regex, json_valid, "
+                      "json_schema, length_penalty, reward_model) or a Python function as module:function (called "
+                      "as f(prompts, completions, **fields, **options), returning one float or None per completion; "
+                      "its options.needs lists the record fields it reads, checked on every record before training)")
+    weight: float = Field(1.0, description="its weight in the summed reward")
+    options: dict[str, Any] = Field(default_factory=dict, description="the function's settings (e.g. regex: "
+                                    "{pattern: ...}; json_schema: {schema: ...}; reward_model: {run: DIR})")
+
+
+class GRPOConfig(Settings):
+    """``grpo:``: how ``task: grpo`` trains with online RL on verifiable rewards (see
+    :mod:`tuneforge.training.objectives.grpo` and :mod:`tuneforge.training.grpo_losses`). Defaults are TRL 1.16's
+    ``GRPOConfig``'s where it has the key (but ``num_generations`` and ``max_completion_length``, smaller here)."""
+    num_generations: int = Field(4, ge=2, description="G: completions sampled per prompt (a group); a micro-batch "
+                                 "of batch_size prompts trains on batch_size x G completions")
+    max_completion_length: int = Field(128, ge=1, description="new tokens sampled per completion at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (also divides the logits of the "
+                               "trained log-probabilities, as TRL)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    beta: float = Field(0.0, ge=0, description="weight of the KL term to the reference model (the method disabled, "
+                        "or the init_from model); 0: no reference forward at all")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clipping range below (and above, unless epsilon_high)")
+    epsilon_high: float | None = Field(None, gt=0, description="clipping range above (DAPO: 0.28); unset: epsilon")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="how token losses are normalised: grpo (per completion, then over completions), bnpo "
+        "(over a micro-batch's tokens), dr_grpo (by max_completion_length), dapo (over the step's tokens)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages divided by the group's reward std, the micro-batch's, or not (Dr. GRPO)")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps on each step's samples (PPO's mu); > 1 keeps "
+                                "the sampling policy's log-probabilities for the ratio")
+    dynamic_sampling: bool | None = Field(
+        None, description="drop groups whose rewards are all equal (their advantages are 0) before the loss "
+        "(DAPO's dynamic sampling, without refilling the batch); unset: on for loss_type dapo, else off")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="the reward functions, summed with their "
+                                      "weights; at least one")
+    log_samples: int = Field(2, ge=0, description="completions (with their rewards) of each micro-batch's samples "
+                             "written to samples.jsonl in the run directory")
+
+    def drops_zero_variance(self) -> bool:
+        return self.dynamic_sampling if self.dynamic_sampling is not None else self.loss_type == "dapo"
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -101,10 +146,10 @@ class RunConfig(Settings):
         "differs is refused) and on the run's base model (model:); with task: preference or kto the reference is "
         "that run's model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: "
         "instead")
-    task: Literal["sft", "pretrain", "preference", "kto", "reward"] = Field(
+    task: Literal["sft", "pretrain", "preference", "kto", "reward", "grpo"] = Field(
         "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs), "
-        "kto (prompt/completion records labelled desirable or not) or reward (a reward model: a scalar head trained "
-        "on chosen/rejected pairs)")
+        "kto (prompt/completion records labelled desirable or not), reward (a reward model: a scalar head trained "
+        "on chosen/rejected pairs) or grpo (online RL: prompts, completions sampled and scored by grpo.rewards)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
     seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
@@ -112,6 +157,7 @@ class RunConfig(Settings):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     kto: KTOConfig = Field(default_factory=KTOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
     # optimisation
     # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
@@ -294,6 +340,8 @@ class RunConfig(Settings):
             check(self)
         if self.task in ("preference", "kto", "reward"):
             self._check_preference()
+        if self.task == "grpo":
+            self._check_grpo()
         if self.report_to:
             from tuneforge.config.trackers import check_trackers
 
@@ -339,6 +387,23 @@ class RunConfig(Settings):
             raise ValueError(f"preference.reference 'on_the_fly' needs a method that can be disabled; {why}: use "
                              "preference.reference: precomputed")
 
+    def _check_grpo(self) -> None:
+        """``task: grpo``: reward functions given, the data format, and a reference model where ``beta`` needs one."""
+        grpo = self.grpo
+        if not grpo.rewards:
+            raise ValueError("task 'grpo' needs reward functions: add grpo.rewards, e.g. [{name: exact_match}] (a "
+                             "built-in) or [{name: mymodule:score}] (a Python function)")
+        if self.data.format != "auto":
+            raise ValueError("task 'grpo' reads prompt records (prompt or messages, plus the fields rewards read): "
+                             "leave data.format 'auto'")
+        from tuneforge.methods.registry import get_method
+
+        method = get_method(self.method)
+        if grpo.beta > 0 and method.disable is None and not self.init_from:
+            raise ValueError(f"grpo.beta {grpo.beta:g} needs a reference model beside the policy in every step, and "
+                             f"method {method.name} cannot be disabled: use an adapter method (lora, ...) or "
+                             "grpo.beta: 0")
+
     def section(self, key: str) -> BaseModel:
         """The method settings section ``key`` (``config.section("lora")`` is ``config.lora``)."""
         value = (self.model_extra or {}).get(key)
@@ -346,11 +411,13 @@ class RunConfig(Settings):
             raise KeyError(f"no method settings section {key!r}")
         return value
 
-    def optimizer_steps(self, num_train: int, world: int = 1) -> int:
+    def optimizer_steps(self, num_train: int, world: int = 1, repeats: int = 1) -> int:
         """Optimizer steps the run takes over ``num_train`` training units: ``max_steps``, else ``epochs`` passes of
-        ``batch_size x gradient_accumulation_steps x world`` units a step (the last step of an epoch may be short)."""
+        ``batch_size x gradient_accumulation_steps x world`` units a step (the last step of an epoch may be short),
+        each micro-batch trained ``repeats`` times in a row (GRPO's ``num_iterations``:
+        :meth:`~tuneforge.training.objectives.base.Objective.repeats`)."""
         per_step = self.batch_size * self.gradient_accumulation_steps * world
-        steps_per_epoch = max(1, math.ceil(num_train / per_step))
+        steps_per_epoch = max(1, math.ceil(num_train / per_step)) * repeats
         return self.max_steps or max(1, math.ceil(self.epochs * steps_per_epoch))
 
 

@@ -100,9 +100,9 @@ def _configure_cpu(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def total_steps(config: RunConfig, num_train: int, world: int = 1) -> int:
+def total_steps(config: RunConfig, num_train: int, world: int = 1, repeats: int = 1) -> int:
     """:meth:`RunConfig.optimizer_steps` (``tuneforge estimate --time`` counts the same steps)."""
-    return config.optimizer_steps(num_train, world)
+    return config.optimizer_steps(num_train, world, repeats)
 
 
 class _GradientCheckpointing(Protocol):
@@ -353,7 +353,7 @@ class TrainingRecipe:
         # the optimizer in the order it needs (FSDP2 over the shards; DeepSpeed takes it along)
         optimizer = dist.prepare(model, self.objective, config,
                                  lambda c, params: make_optimizer(c, params, compensated=plan.compensated))
-        self.steps = total_steps(config, len(data.train), dist.world)
+        self.steps = total_steps(config, len(data.train), dist.world, self.objective.repeats(config))
         per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
                  self.steps * per_step / max(1, len(data.train)), len(data.train),
@@ -515,7 +515,7 @@ class TrainingRecipe:
     def _next_micro_batches(self, n: int) -> list[PackedBatch]:
         """The next ``n`` micro-batches at the state's data cursor (epochs reshuffled), advancing the cursor."""
         state, config = self.state, self.config
-        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size)
+        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size) * self.objective.repeats(config)
         out: list[PackedBatch] = []
         while len(out) < n:
             if state.micro_batch >= per_epoch:
@@ -592,9 +592,10 @@ class TrainingRecipe:
                 row["scaler_skipped"] = True
         if finite and not scaler_skipped:
             row["grad_norm"] = round(float(grad_norm), 4)
-            if normaliser > 0:
-                self._check_collapse(row, float(grad_norm))
-            self._check_divergence(row)
+            if objective.watches_divergence:
+                if normaliser > 0:
+                    self._check_collapse(row, float(grad_norm))
+                self._check_divergence(row)
         elif not finite and not scaler_skipped:
             row["skipped"] = True
         return row

@@ -12,19 +12,21 @@ does not know which objective runs. ``task:`` in the run config selects one:
 | ``preference`` | :class:`PreferenceObjective`    | DPO-family loss summed over pairs / pairs      |
 | ``kto``    | :class:`KTOObjective`               | KTO loss summed over labelled examples / examples |
 | ``reward`` | :class:`RewardObjective`            | Bradley-Terry loss summed over pairs / pairs   |
+| ``grpo``   | :class:`GRPOObjective`              | clipped ratio loss on sampled completions / completions |
 """
 
 from __future__ import annotations
 
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
+from tuneforge.training.objectives.grpo import GRPOObjective
 from tuneforge.training.objectives.kto import KTOObjective
 from tuneforge.training.objectives.preference import PreferenceObjective
 from tuneforge.training.objectives.reward import RewardObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
                                           "preference": PreferenceObjective, "kto": KTOObjective,
-                                          "reward": RewardObjective}
+                                          "reward": RewardObjective, "grpo": GRPOObjective}
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -40,5 +42,5 @@ def get_objective(task: str) -> Objective:
     return OBJECTIVES[task](task)
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "KTOObjective", "Objective", "ObjectiveOutput", "PreferenceObjective",
-           "RewardObjective", "get_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "GRPOObjective", "KTOObjective", "Objective", "ObjectiveOutput",
+           "PreferenceObjective", "RewardObjective", "get_objective", "register_objective"]

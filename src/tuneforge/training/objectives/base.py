@@ -42,6 +42,9 @@ class Objective:
 
     eval_metric: str = "eval_loss"
     higher_is_better: bool = False
+    # whether the loop's divergence and collapse checks apply to this objective's loss (a loss that starts near 0
+    # and changes sign, or a gradient that is exactly 0 while there is nothing to learn yet, as RL's, does not)
+    watches_divergence: bool = True
 
     def __init__(self, task: str) -> None:
         self.task = task
@@ -57,6 +60,11 @@ class Objective:
         from tuneforge.data.packing import micro_batches
 
         return micro_batches(examples, batch_size, seed, epoch, shuffle, start)
+
+    def repeats(self, config: RunConfig) -> int:
+        """How many optimizer steps train on each micro-batch in a row (GRPO's ``num_iterations``): an epoch is this
+        many times ``ceil(examples / batch_size)`` micro-batches. Default: 1."""
+        return 1
 
     def before_training(self, model: torch.nn.Module, data: PreparedData, config: RunConfig,
                         device: torch.device) -> None:

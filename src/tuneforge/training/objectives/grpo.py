@@ -1,0 +1,370 @@
+"""GRPO (``task: grpo``): online RL with verifiable rewards, on padding-free packed rows.
+
+**A step.** A micro-batch is ``batch_size`` prompts (:mod:`tuneforge.data.grpo`). When the loop first asks for its
+normaliser (the loop does so for all of a step's micro-batches before any forward), its *rollout* is made
+(:meth:`GRPOObjective.rollout`): ``G = grpo.num_generations`` completions per prompt sampled with the current
+policy (:func:`tuneforge.training.grpo_rollout.sample`: batched, KV-cached, eval mode, no grad, seeded by
+``(seed, epoch, micro-batch)``), scored by the reward functions (:mod:`tuneforge.training.grpo_rewards`),
+group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row of
+``prompt + completion`` sequences with only the completion tokens trained. With ``grpo.dynamic_sampling`` (on for
+``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter, without
+refilling). The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the
+``init_from`` model, :func:`~tuneforge.training.objectives.reference.reference_model`) and, with
+``num_iterations > 1``, the sampling policy's are computed then, without grad. The loss
+(:func:`~tuneforge.training.grpo_losses.per_token_losses`, :func:`~tuneforge.training.grpo_losses.loss_sum`) then
+runs on the row with grad; with ``num_iterations == 1`` the "old" log-probabilities are the policy's own, detached
+(TRL's shortcut: the ratio is 1 and its gradient the policy gradient).
+
+**num_iterations.** Each block of ``gradient_accumulation_steps`` micro-batches is trained ``num_iterations`` steps
+in a row on the same rollouts (an epoch is that many times longer: :meth:`Objective.repeats`), as TRL's
+``steps_per_generation x num_iterations``. Single process only (the loop draws every process's micro-batches on
+each process: each would sample all of them).
+
+**Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
+the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
+``completions/mean_length``, ``/min_length``, ``/max_length``, ``completions/clipped_ratio`` (share that hit
+``max_completion_length``) of the rollouts trained in the step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``,
+``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over the trained completion tokens. ``samples.jsonl`` in the
+run directory gets ``grpo.log_samples`` completions of each rollout with their rewards. Validation: one greedy
+completion per prompt, ``eval_reward`` (the weighted reward, higher is better) and each function's mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuneforge.data.grpo import GRPOPrompt, prepare_prompts
+from tuneforge.data.packing import PackedBatch, epoch_order, pack
+from tuneforge.data.rendering import TokenizedExample
+from tuneforge.errors import ConfigError
+from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
+from tuneforge.training.grpo_rewards import Reward, build_rewards
+from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
+from tuneforge.training.objectives.base import Objective, ObjectiveOutput
+from tuneforge.training.objectives.reference import FrozenWeights, reference_model
+
+if TYPE_CHECKING:
+    from tuneforge.config import RunConfig
+    from tuneforge.data.dataset import PreparedData
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class Rollout:
+    """A micro-batch's sampled completions, ready to train: ``packed`` (the kept sequences, on the device),
+    ``advantages [k]``, ``ref`` and ``old`` log-probabilities ``[k, T]`` (or None), and the metric sums of all
+    its completions (kept or not)."""
+
+    packed: PackedBatch
+    advantages: torch.Tensor
+    ref: torch.Tensor | None
+    old: torch.Tensor | None
+    metrics: dict[str, float]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.packed.num_examples
+
+
+@dataclass
+class GRPOBatch(PackedBatch):
+    """A micro-batch of prompts; ``key`` names its rollout (``(epoch, micro-batch)``), made on first use."""
+
+    prompts: list[GRPOPrompt] = field(default_factory=list)
+    key: tuple[int, int] = (0, 0)
+    rollout: Rollout | None = None
+    logged: bool = False
+
+    def to(self, device: torch.device | str) -> GRPOBatch:
+        return self            # the rollout is made on the model's device
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rollout.packed.num_tokens if self.rollout is not None else 0
+
+
+def _with_ids(row: PackedBatch, prompts: list[GRPOPrompt], key: tuple[int, int], ids: list[int]) -> GRPOBatch:
+    batch = GRPOBatch(**{f.name: getattr(row, f.name) for f in fields(PackedBatch)}, prompts=prompts, key=key)
+    batch.example_ids = ids
+    return batch
+
+
+def _fields(prompts: Sequence[GRPOPrompt], group: int) -> dict[str, list[Any]]:
+    """The prompt records' other fields, one value per completion (None where a record lacks the key)."""
+    keys = sorted({k for p in prompts for k in p.fields})
+    return {k: [p.fields.get(k) for p in prompts for _ in range(group)] for k in keys}
+
+
+def score(rewards: list[Reward], prompts: Sequence[GRPOPrompt], texts: list[str], ids: list[list[int]],
+          group: int) -> torch.Tensor:
+    """``[n, R]`` fp64 scores (NaN: not applicable) of ``n = len(prompts) x group`` completions (``ids``: their
+    tokens)."""
+    messages = [p.messages for p in prompts for _ in range(group)]
+    extra = {**_fields(prompts, group), "completion_ids": ids, "completion_tokens": [len(i) for i in ids]}
+    columns = [reward(messages, texts, extra) for reward in rewards]
+    return torch.tensor(columns, dtype=torch.float64).T.reshape(len(texts), len(rewards))
+
+
+def _sums(values: torch.Tensor, key: str) -> dict[str, float]:
+    """NaN-free sum, sum of squares and count of ``values`` under ``key``."""
+    kept = values[~torch.isnan(values)]
+    return {f"{key}/sum": float(kept.sum()), f"{key}/sq": float((kept ** 2).sum()), f"{key}/n": float(kept.numel())}
+
+
+def _mean_std(sums: dict[str, float], key: str) -> tuple[float, float] | None:
+    n = sums.get(f"{key}/n", 0.0)
+    if not n:
+        return None
+    mean = sums[f"{key}/sum"] / n
+    var = max(0.0, sums[f"{key}/sq"] / n - mean ** 2) * (n / (n - 1) if n > 1 else 0.0)
+    return mean, math.sqrt(var)
+
+
+class GRPOObjective(Objective):
+    """GRPO (module docstring)."""
+
+    eval_metric = "eval_reward"
+    higher_is_better = True
+    watches_divergence = False       # the loss starts near 0 and changes sign; a zero gradient: nothing to learn yet
+
+    def __init__(self, task: str) -> None:
+        super().__init__(task)
+        self.rewards: list[Reward] = []
+        self.tokenizer: Any = None
+        self.model: torch.nn.Module | None = None
+        self.init_weights: FrozenWeights | None = None
+        self.rollouts: dict[tuple[int, int], Rollout] = {}
+        self.pending: dict[str, float] = {}
+        self.autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16, False)
+        self.samples_path: Path | None = None
+        self.accumulation = 1            # gradient_accumulation_steps: a block of rollouts
+        self.repeats_now = 1             # num_iterations (validation batches: 1)
+        self.config: RunConfig | None = None
+
+    # ---------------------------------------------------------------- data
+
+    def prepare_data(self, config: RunConfig, tokenizer: Any) -> PreparedData:
+        """The reward functions (imported and checked first: a bad one fails before the data is read), then the
+        prompts, each checked for the fields the rewards read."""
+        self.rewards = build_rewards(config.grpo.rewards)
+        self.tokenizer, self.config = tokenizer, config
+        self.accumulation = config.gradient_accumulation_steps
+        needs = {r.name: r.needs for r in self.rewards if r.needs}
+        return prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
+
+    def repeats(self, config: RunConfig) -> int:
+        return config.grpo.num_iterations
+
+    def micro_batches(self, examples: Sequence[Any], batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                      start: int = 0) -> Iterator[PackedBatch]:
+        """Micro-batches of ``batch_size`` prompts in :func:`epoch_order`; training (``shuffle``) repeats each block of
+        ``gradient_accumulation_steps`` of them ``num_iterations`` times (one epoch: that many times longer), from
+        micro-batch ``start`` on. Validation (``shuffle=False``): each once."""
+        order = list(epoch_order(len(examples), batch_size, seed, epoch, shuffle))
+        repeats = self.repeats_now if shuffle else 1
+        block = self.accumulation
+        for m in range(start, len(order) * repeats):
+            g, within = divmod(m, block * repeats)
+            size = min(block, len(order) - g * block)
+            p = g * block + within % size
+            ids = order[p]
+            yield _with_ids(pack([TokenizedExample([0], [False])]), [examples[i] for i in ids], (epoch, p), ids)
+
+    # ---------------------------------------------------------------- set-up
+
+    def before_training(self, model: torch.nn.Module, data: PreparedData, config: RunConfig,
+                        device: torch.device) -> None:
+        """Keep the model (rollouts sample from it) and the run's autocast; the frozen ``init_from`` adapter as the
+        reference (``beta > 0``). Single process only."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise ConfigError("task 'grpo' trains in one process for now: launch it without accelerate/torchrun")
+        self.model, self.config = model, config
+        self.repeats_now = config.grpo.num_iterations
+        self.accumulation = config.gradient_accumulation_steps
+        kind = device.type
+        self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        if config.init_from and config.grpo.beta > 0:
+            self.init_weights = FrozenWeights(model)
+        self.samples_path = Path(config.output_dir) / SAMPLES_FILE
+
+    def _autocast(self) -> Any:
+        kind, dtype, enabled = self.autocast
+        return torch.autocast(kind, dtype=dtype, enabled=enabled)
+
+    # ---------------------------------------------------------------- rollouts
+
+    def rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+        """``batch``'s rollout (made now, or the one made for its key in this block of steps)."""
+        if batch.rollout is not None:
+            return batch.rollout
+        cached = self.rollouts.get(batch.key)
+        if cached is None:
+            if self.repeats_now == 1:
+                self.rollouts.clear()
+            else:       # a new block: the rollouts of the last one are done with
+                block = batch.key[1] // self.accumulation
+                self.rollouts = {k: v for k, v in self.rollouts.items()
+                                 if k[0] == batch.key[0] and k[1] // self.accumulation == block}
+            cached = self.rollouts[batch.key] = self._make_rollout(batch, config)
+        batch.rollout = cached
+        if not batch.logged:
+            batch.logged = True
+            for key, value in cached.metrics.items():
+                self.pending[key] = self.pending.get(key, 0.0) + value
+        return cached
+
+    def _make_rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+        assert self.model is not None, "before_training sets the model"
+        grpo, model, group = config.grpo, self.model, config.grpo.num_generations
+        epoch, index = batch.key
+        seed = (config.seed * 1_000_003 + epoch) * 1_000_033 + index
+        prompts = [p.input_ids for p in batch.prompts for _ in range(group)]
+        with self._autocast():
+            samples = sample(model, self.tokenizer, prompts, config, seed)
+        tokens = [len(ids) for ids in samples.ids]
+        scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, group)
+        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
+        adv = group_advantages(scores, weights, group, grpo.scale_rewards)
+        grouped = adv.rewards.view(-1, group)
+        spread = nanstd(grouped, dim=1)
+        equal = (torch.isnan(spread) | torch.isclose(spread, torch.zeros_like(spread))).repeat_interleave(group)
+        keep = ~equal if grpo.drops_zero_variance() else torch.ones_like(equal)
+        metrics = self._rollout_metrics(scores, adv.rewards, adv.zero_std, tokens, samples.stopped)
+        self._write_samples(batch, samples.texts, scores, adv.rewards, adv.advantages)
+        rows = keep.nonzero()[:, 0].tolist()
+        sequences = [TokenizedExample(prompts[i] + samples.ids[i], [False] * len(prompts[i]) + [True] * tokens[i])
+                     for i in rows]
+        device = next(model.parameters()).device
+        packed = pack(sequences if sequences else [TokenizedExample([0], [False])]).to(device)
+        if not sequences:
+            packed.num_examples = 0
+        advantages = adv.advantages[rows].to(device=device, dtype=torch.float32)
+        ref = old = None
+        if sequences and grpo.beta > 0:
+            with self._autocast(), reference_model(model, config, self.init_weights):
+                ref = completion_logps(model, packed, config)
+        if sequences and grpo.num_iterations > 1:
+            with self._autocast(), torch.no_grad():
+                old = completion_logps(model, packed, config)
+        return Rollout(packed, advantages, ref, old, metrics)
+
+    def _rollout_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor,
+                         tokens: list[int], stopped: list[bool]) -> dict[str, float]:
+        out = {**_sums(rewards, "reward"), "zero_std": float(zero_std.sum()), "completions": float(len(tokens)),
+               "length/sum": float(sum(tokens)), "length/min": float(min(tokens)), "length/max": float(max(tokens)),
+               "clipped": float(sum(not s for s in stopped))}
+        for i, reward in enumerate(self.rewards):
+            out.update(_sums(scores[:, i], f"rewards/{reward.name}"))
+        return out
+
+    def _write_samples(self, batch: GRPOBatch, texts: list[str], scores: torch.Tensor, rewards: torch.Tensor,
+                       advantages: torch.Tensor) -> None:
+        count = self.config.grpo.log_samples if self.config is not None else 0
+        if not count or self.samples_path is None:
+            return
+        group = len(texts) // max(1, len(batch.prompts))
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for i in range(min(count, len(texts))):
+                prompt = batch.prompts[i // group]
+                row = {"epoch": batch.key[0], "micro_batch": batch.key[1], "prompt": prompt.where,
+                       "completion": texts[i], "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
+                       "advantage": float(advantages[i]),
+                       "rewards": {r.name: None if math.isnan(scores[i, j]) else float(scores[i, j])
+                                   for j, r in enumerate(self.rewards)}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # ---------------------------------------------------------------- the loss
+
+    def normaliser(self, batch: PackedBatch) -> float:
+        assert isinstance(batch, GRPOBatch), "task 'grpo' trains on GRPOBatch (GRPOObjective.micro_batches)"
+        assert self.config is not None
+        r = self.rollout(batch, self.config)
+        if r.num_sequences == 0:
+            return 0.0
+        if self.config.grpo.loss_type == "dapo":
+            return float(r.packed.num_loss_tokens)
+        return float(r.num_sequences)
+
+    def loss(self, model: torch.nn.Module, batch: PackedBatch, config: RunConfig) -> ObjectiveOutput:
+        assert isinstance(batch, GRPOBatch)
+        grpo, r = config.grpo, self.rollout(batch, config)
+        logps = completion_logps(model, r.packed, config)
+        mask = completion_mask(r.packed)
+        old = r.old if r.old is not None else logps.detach()
+        tok = per_token_losses(logps, old, r.ref, r.advantages, grpo.beta, grpo.epsilon,
+                               grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon)
+        total, units = loss_sum(tok.loss, mask, grpo.loss_type, grpo.max_completion_length)
+        metrics = {"tokens": float(mask.sum()), "clip/low": float((tok.low_clipped * mask).sum()),
+                   "clip/high": float((tok.high_clipped * mask).sum())}
+        if tok.kl is not None:
+            metrics["kl"] = float((tok.kl.detach() * mask).sum())
+        return ObjectiveOutput(total, units, metrics)
+
+    def mean_metrics(self, sums: dict[str, float], normaliser: float) -> dict[str, float]:
+        """The step's metrics (module docstring): the loss's, over its trained tokens, and the rollouts' trained
+        in this step (then cleared)."""
+        out: dict[str, float] = {}
+        tokens = sums.get("tokens", 0.0)
+        if tokens:
+            out["clip_ratio/low_mean"] = sums["clip/low"] / tokens
+            out["clip_ratio/high_mean"] = sums["clip/high"] / tokens
+            out["clip_ratio/region_mean"] = (sums["clip/low"] + sums["clip/high"]) / tokens
+            if "kl" in sums:
+                out["kl"] = sums["kl"] / tokens
+        out.update(self._rollout_means(self.pending))
+        self.pending = {}
+        return out
+
+    def _rollout_means(self, sums: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        n = sums.get("completions", 0.0)
+        if not n:
+            return out
+        reward = _mean_std(sums, "reward")
+        if reward is not None:
+            out["reward"], out["reward_std"] = reward
+        for r in self.rewards:
+            stats = _mean_std(sums, f"rewards/{r.name}")
+            if stats is not None:
+                out[f"rewards/{r.name}/mean"], out[f"rewards/{r.name}/std"] = stats
+        out["frac_reward_zero_std"] = sums["zero_std"] / n
+        out["completions/mean_length"] = sums["length/sum"] / n
+        out["completions/min_length"] = sums["length/min"]
+        out["completions/max_length"] = sums["length/max"]
+        out["completions/clipped_ratio"] = sums["clipped"] / n
+        return out
+
+    # ---------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: list[PackedBatch], device: torch.device,
+                 config: RunConfig) -> dict[str, float]:
+        """One greedy completion per validation prompt: ``eval_reward`` (the weighted reward's mean) and each
+        function's mean."""
+        totals: dict[str, float] = {}
+        for batch in batches:
+            assert isinstance(batch, GRPOBatch)
+            samples = sample(model, self.tokenizer, [p.input_ids for p in batch.prompts], config, seed=0, greedy=True)
+            scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, 1)
+            weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
+            rewards = (scores * weights).nansum(dim=1)
+            rewards[torch.isnan(scores).all(dim=1)] = torch.nan
+            for key, values in [("reward", rewards)] + [(f"rewards/{r.name}", scores[:, i])
+                                                        for i, r in enumerate(self.rewards)]:
+                for k, v in _sums(values, key).items():
+                    totals[k] = totals.get(k, 0.0) + v
+        out = {}
+        for key in ["reward"] + [f"rewards/{r.name}" for r in self.rewards]:
+            stats = _mean_std(totals, key)
+            name = "eval_reward" if key == "reward" else f"eval_{key}/mean"
+            out[name] = stats[0] if stats is not None else 0.0
+        return out
