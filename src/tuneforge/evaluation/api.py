@@ -473,8 +473,8 @@ def _schema_check(schema: Any) -> Any:
 
 
 def _fewshot_pool(config: RunConfig, settings: EvalSettings) -> list[list[dict]]:
-    train = Path(config.data.train)
-    if not train.is_file():
+    train = Path(config.data.train_paths()[0])       # a mixture: its first source (the run's own data)
+    if not train.exists():
         raise EvalError(f"the fewshot column takes examples from the training file {train}, which is not there "
                         "(drop fewshot from --columns, or restore the file)")
     loaded = load_examples(str(train), config.data, "sft")
