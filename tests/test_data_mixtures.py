@@ -196,7 +196,7 @@ STEPS = 6
 
 
 def _mix_settings(tiny_model_dir, files, out):
-    # tickets 12 train (3 validation) as the anchor with weight 3, general (30 train) weight 1: 16 an epoch, 4
+    # tickets 12 train (4 validation) as the anchor with weight 3, general (30 train) weight 1: 16 an epoch, 4
     # micro-batches of 4; 6 steps of 1 micro-batch cross an epoch boundary
     return _config(tiny_model_dir, [{"path": str(files[0]), "weight": 3}, {"path": str(files[1]), "weight": 1}],
                    out, max_steps=STEPS, eval_every=3, save_every=1)
@@ -290,3 +290,56 @@ def test_a_resumed_mixture_run_is_bitwise_the_uninterrupted_one(tiny_model_dir, 
 
     with pytest.raises(ResumeError, match=r"different data\.train"):
         train(load_config(data=changed), resume=True)
+
+
+# ------------------------------------------------------------------------------------------- data stats
+
+
+def test_data_stats_on_a_run_config_shows_what_each_source_gives_an_epoch(tiny_model_dir, tokenizer, files, tmp_path,
+                                                                          capsys):
+    from tuneforge.cli import main
+
+    settings = _config(tiny_model_dir, [{"path": str(files[0]), "weight": 3}, {"path": str(files[1]), "weight": 1}],
+                       tmp_path / "r")
+    config = tmp_path / "mix.yaml"
+    config.write_text(json.dumps(settings))
+    assert main(["data", "stats", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    by_name = {s["name"]: s for s in report["sources"]}
+    assert [by_name[n]["epoch_examples"] for n in ("tickets", "general")] == [12, 4]
+    # the tokens counted are those of the examples training draws in its first epoch
+    data = prepare_data(load_config(config).data, tokenizer, 5)
+    assert data.mixture is not None
+    draw = data.mixture.epoch_indices(5, 0)
+    general = [i for i in draw if data.mixture.source_of(i) == 1]
+    assert by_name["general"]["epoch_tokens"] == sum(len(data.train[i]) for i in general)
+    assert report["epoch_tokens"] == sum(len(data.train[i]) for i in draw)
+    assert by_name["tickets"]["token_share"] == pytest.approx(by_name["tickets"]["epoch_tokens"] / report["epoch_tokens"])
+    assert main(["data", "stats", str(config)]) == 0
+    table = capsys.readouterr().out
+    assert "tickets" in table and "general" in table and "epoch tokens" in table
+
+
+def test_the_evaluation_report_shows_held_out_loss_per_source(tiny_model_dir, files, tmp_path):
+    from tuneforge.evaluation.api import evaluate
+
+    out = tmp_path / "mix"
+    settings = _config(tiny_model_dir, [{"path": str(files[0]), "weight": 3}, {"path": str(files[1]), "weight": 1}],
+                       out, max_steps=2)
+    train(load_config(data=settings))
+    test = write_jsonl(tmp_path / "test.jsonl", TICKETS[:3])
+    result = evaluate(out, data=str(test), columns=["tuned"], max_examples=3, max_new_tokens=4, progress=False,
+                      out=tmp_path / "eval")
+    sources = result.report["sources"]
+    assert list(sources) == ["tickets", "general"]
+    assert sources["tickets"]["n"] == 4 and sources["general"]["n"] == 10      # val_fraction 0.25 of 16 and 40
+    for entry in sources.values():
+        assert entry["tuned"]["loss"]["value"] > 0 and entry["base"]["tokens"] == entry["tuned"]["tokens"]
+    assert sources["tickets"]["tuned"]["loss"]["value"] != sources["general"]["tuned"]["loss"]["value"]
+    # the tuned model's loss on each source is what training's last validation measured on the same examples
+    last = [r for r in _rows(out) if "eval_loss" in r][-1]
+    for name, entry in sources.items():
+        assert entry["tuned"]["loss"]["value"] == pytest.approx(last[f"eval_loss/{name}"], rel=1e-4)
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Sources" in markdown and "| general |" in markdown
+    assert "<h2>Sources</h2>" in (tmp_path / "eval" / "report.html").read_text()

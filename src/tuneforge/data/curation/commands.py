@@ -162,6 +162,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    if args.file.lower().endswith((".yaml", ".yml")):      # a run config: what each source gives an epoch
+        def mixture(args: argparse.Namespace) -> int:
+            from tuneforge.data import mixture_stats
+
+            stats = mixture_stats.mixture_stats(args.file)
+            print(json.dumps(mixture_stats.to_dict(stats), indent=2) if args.json else mixture_stats.summary(stats))
+            return 0
+        return _run(mixture, args)
+
     def run(args: argparse.Namespace) -> int:
         from tuneforge.data.curation.config import CurationConfig
         from tuneforge.data.curation.stats import compute_stats, plot_histogram
@@ -246,7 +255,8 @@ def add_curation_commands(data_subparsers: Any) -> None:
 
     s = data_subparsers.add_parser("stats",
                                    help="token lengths, turns, answer distribution, truncation at --max-length")
-    s.add_argument("file")
+    s.add_argument("file", help="a data file; or a run config (.yaml): each source of its data.train, in examples "
+                   "and tokens an epoch (a mixture's shares)")
     _add_data_options(s)
     s.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer for token counts")
     s.add_argument("--estimate", action="store_true", help="estimate tokens from characters (no tokenizer)")
