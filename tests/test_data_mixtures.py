@@ -314,7 +314,8 @@ def test_data_stats_on_a_run_config_shows_what_each_source_gives_an_epoch(tiny_m
     general = [i for i in draw if data.mixture.source_of(i) == 1]
     assert by_name["general"]["epoch_tokens"] == sum(len(data.train[i]) for i in general)
     assert report["epoch_tokens"] == sum(len(data.train[i]) for i in draw)
-    assert by_name["tickets"]["token_share"] == pytest.approx(by_name["tickets"]["epoch_tokens"] / report["epoch_tokens"])
+    tickets = by_name["tickets"]
+    assert tickets["token_share"] == pytest.approx(tickets["epoch_tokens"] / report["epoch_tokens"])
     assert main(["data", "stats", str(config)]) == 0
     table = capsys.readouterr().out
     assert "tickets" in table and "general" in table and "epoch tokens" in table

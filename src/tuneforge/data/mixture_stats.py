@@ -65,7 +65,7 @@ def summary(stats: list[SourceStats]) -> str:
                  f"{sum(s.epoch_tokens for s in stats):,}", ""))
     widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
     lines = ["  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [head, *rows]]
+             .rstrip() for r in [head, *rows]]
     return "\n".join(lines)
 
 
