@@ -12,7 +12,6 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
@@ -29,6 +28,7 @@ from tuneforge.data.formats import (
     to_example,
 )
 from tuneforge.data.loaders import RawRecord, data_files, data_sha256, error_check, iter_records
+from tuneforge.data.mixture import Mixture, MixtureSource, examples_per_epoch
 from tuneforge.data.rejects import (
     Reason,
     Reject,
@@ -38,9 +38,6 @@ from tuneforge.data.rejects import (
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 from tuneforge.data.settings import DataConfig
 from tuneforge.data.tools import TOOL_CHECKS, load_tools_file
-
-if TYPE_CHECKING:
-    from tuneforge.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +207,6 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     from tuneforge.fileutil import file_sha256
 
     if cfg.sources is not None:
-        from tuneforge.data.mixture import prepare_mixture
-
         return prepare_mixture(cfg, tokenizer, seed, task, use_cache)
     train = cfg.train_file()
 
@@ -223,6 +218,33 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
     data = PreparedData.from_payload(payload)
     log_rejects(data.rejects, "records")
+    return data
+
+
+def prepare_mixture(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
+                    use_cache: bool = True) -> PreparedData:
+    """Each source prepared as a one-file ``data.train`` (its own cache entry), joined one after another, with the
+    :class:`Mixture` that says how an epoch draws from them."""
+    sources = cfg.sources or []
+    parts = []
+    for s in sources:
+        one = cfg.model_copy(update={"train": s.path, "validation": s.validation,
+                                     "format": s.format if s.format is not None else cfg.format,
+                                     "columns": s.columns if s.columns is not None else cfg.columns})
+        parts.append(prepare_data(one, tokenizer, seed, task, use_cache=use_cache))
+    counts = examples_per_epoch(sources, [len(p.train) for p in parts])
+    data = PreparedData([], [], [], {}, 0)
+    mixture = Mixture()
+    for s, part, count in zip(sources, parts, counts, strict=True):
+        mixture.sources.append(MixtureSource(s.label, s.path, s.weight, s.epochs, len(data.train), len(part.train),
+                                            len(data.validation), len(part.validation), count, part.train_tokens))
+        data.train += part.train
+        data.validation += part.validation
+        data.rejects += part.rejects
+        data.truncated += part.truncated
+        for fmt, n in part.formats.items():
+            data.formats[fmt] = data.formats.get(fmt, 0) + n
+    data.mixture = mixture
     return data
 
 

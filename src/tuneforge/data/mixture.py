@@ -18,14 +18,14 @@ examples each epoch. An epoch's examples (:meth:`Mixture.epoch_indices`) are a p
 and the sources' sizes; the trainer shuffles them by ``(seed, epoch)`` like a one-file epoch
 (:func:`tuneforge.data.packing.epoch_order`), so a resumed run draws what the uninterrupted run drew.
 
-The prepared data (:class:`~tuneforge.data.dataset.PreparedData`) holds every source's training examples one
-source after another (``train``), likewise ``validation``, and :class:`Mixture` says where each source's are.
+:func:`tuneforge.data.dataset.prepare_mixture` prepares the sources (every source's training examples one after
+another in ``train``, likewise ``validation``) and :class:`Mixture` says where each source's are; the checks of a
+list of sources are :func:`tuneforge.data.settings.check_sources`.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,41 +34,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from transformers import PreTrainedTokenizerBase
-
-    from tuneforge.data.dataset import PreparedData
     from tuneforge.data.settings import DataConfig, SourceConfig
 
 T = TypeVar("T")
-
-
-def check_sources(sources: Sequence[SourceConfig]) -> None:
-    """Refuse a mixture that cannot be drawn: one line (ValueError) naming the source and the key."""
-    if not sources:
-        raise ValueError("an empty list of sources: give a file, or at least one {path: FILE} (got [])")
-    seen: dict[str, int] = {}
-    for i, s in enumerate(sources, 1):
-        where = f"source {i} ({s.label})"
-        if s.weight is not None and s.epochs is not None:
-            raise ValueError(f"{where}: give weight or epochs, not both (got weight {s.weight:g}, epochs "
-                             f"{s.epochs:g})")
-        if s.weight is not None and not (math.isfinite(s.weight) and s.weight >= 0):
-            raise ValueError(f"{where}: weight must be a number >= 0 (got {s.weight:g})")
-        if s.epochs is not None and not (math.isfinite(s.epochs) and s.epochs > 0):
-            raise ValueError(f"{where}: epochs must be a number > 0 (got {s.epochs:g}); drop the source to leave it "
-                             "out")
-        if s.label in seen:
-            raise ValueError(f"{where}: the name {s.label!r} is source {seen[s.label]}'s too: set name: on one of "
-                             f"them (got two sources named {s.label!r})")
-        seen[s.label] = i
-    weighted = [s for s in sources if s.weight is not None]
-    total = sum(s.weight for s in weighted if s.weight is not None)
-    if weighted and total <= 0:
-        names = ", ".join(s.label for s in weighted)
-        raise ValueError(f"the weights of {names} sum to 0: give at least one a weight > 0 (got {total:g})")
-    if weighted and len(weighted) < len(sources) and total >= 1:
-        raise ValueError(f"beside sources with epochs, weights are shares of the whole epoch and must sum to less "
-                         f"than 1 (got {total:g}): lower them, or give every source a weight")
 
 
 def examples_per_epoch(sources: Sequence[SourceConfig], sizes: Sequence[int]) -> list[int]:
@@ -155,35 +123,6 @@ class Mixture:
     def validation_of(self, validation: Sequence[T]) -> list[tuple[str, list[T]]]:
         """``validation`` (the prepared data's) cut into each source's examples, as ``(name, examples)``."""
         return [(s.name, list(validation[s.val_start:s.val_start + s.val_size])) for s in self.sources]
-
-
-def prepare_mixture(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
-                    use_cache: bool = True) -> PreparedData:
-    """Each source prepared as a one-file ``data.train`` (its own cache entry), joined one after another, with the
-    :class:`Mixture` that says how an epoch draws from them."""
-    from tuneforge.data.dataset import PreparedData, prepare_data
-
-    sources = cfg.sources or []
-    parts = []
-    for s in sources:
-        one = cfg.model_copy(update={"train": s.path, "validation": s.validation,
-                                     "format": s.format if s.format is not None else cfg.format,
-                                     "columns": s.columns if s.columns is not None else cfg.columns})
-        parts.append(prepare_data(one, tokenizer, seed, task, use_cache=use_cache))
-    counts = examples_per_epoch(sources, [len(p.train) for p in parts])
-    data = PreparedData([], [], [], {}, 0)
-    mixture = Mixture()
-    for s, part, count in zip(sources, parts, counts, strict=True):
-        mixture.sources.append(MixtureSource(s.label, s.path, s.weight, s.epochs, len(data.train), len(part.train),
-                                            len(data.validation), len(part.validation), count, part.train_tokens))
-        data.train += part.train
-        data.validation += part.validation
-        data.rejects += part.rejects
-        data.truncated += part.truncated
-        for fmt, n in part.formats.items():
-            data.formats[fmt] = data.formats.get(fmt, 0) + n
-    data.mixture = mixture
-    return data
 
 
 def resolve_sources(cfg: DataConfig, base: Path, config_name: str) -> None:

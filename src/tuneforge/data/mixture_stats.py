@@ -1,4 +1,5 @@
-"""``tuneforge data stats RUN_CONFIG.yaml``: what each source of a mixture gives training, in examples and tokens.
+"""``tuneforge data stats RUN_CONFIG.yaml`` (the CLI loads the config): what each source of a mixture gives
+training, in examples and tokens.
 
 The run config's data is prepared as training prepares it (:func:`tuneforge.data.dataset.prepare_data`: the
 model's tokenizer, the run's ``template:``, each source's validation split; the token cache is filled for the
@@ -26,16 +27,15 @@ class SourceStats:
     token_share: float          # of the epoch's tokens
 
 
-def mixture_stats(config_path: str | Path) -> list[SourceStats]:
-    """Each source's contribution to an epoch of the run ``config_path`` configures (module docstring)."""
-    from tuneforge.config import load_config
+def mixture_stats(config: Any) -> list[SourceStats]:
+    """Each source's contribution to an epoch of the run ``config`` (a loaded run config) configures (module
+    docstring)."""
     from tuneforge.data.dataset import prepare_data
     from tuneforge.data.mixture import Mixture, MixtureSource
     from tuneforge.data.rendering import set_template_kwargs
     from tuneforge.data.templates import apply_template
     from tuneforge.models.loading import load_tokenizer
 
-    config = load_config(config_path)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     apply_template(tokenizer, config.template, config.model,
                    needs_chat=config.task != "pretrain" and config.data.format != "text")

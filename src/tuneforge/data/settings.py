@@ -9,6 +9,8 @@ says how the sources' weights and epochs make up an epoch).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -86,8 +88,6 @@ class DataConfig(Settings):
     @classmethod
     def _sources(cls, v: str | list[SourceConfig]) -> str | list[SourceConfig]:
         if isinstance(v, list):
-            from tuneforge.data.mixture import check_sources
-
             check_sources(v)
         return v
 
@@ -113,3 +113,32 @@ class DataConfig(Settings):
     def train_paths(self) -> list[str]:
         """Every training path: the file, or each source's path."""
         return [s.path for s in self.train] if isinstance(self.train, list) else [self.train]
+
+
+def check_sources(sources: Sequence[SourceConfig]) -> None:
+    """Refuse a mixture that cannot be drawn: one line (ValueError) naming the source and the key."""
+    if not sources:
+        raise ValueError("an empty list of sources: give a file, or at least one {path: FILE} (got [])")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(sources, 1):
+        where = f"source {i} ({s.label})"
+        if s.weight is not None and s.epochs is not None:
+            raise ValueError(f"{where}: give weight or epochs, not both (got weight {s.weight:g}, epochs "
+                             f"{s.epochs:g})")
+        if s.weight is not None and not (math.isfinite(s.weight) and s.weight >= 0):
+            raise ValueError(f"{where}: weight must be a number >= 0 (got {s.weight:g})")
+        if s.epochs is not None and not (math.isfinite(s.epochs) and s.epochs > 0):
+            raise ValueError(f"{where}: epochs must be a number > 0 (got {s.epochs:g}); drop the source to leave it "
+                             "out")
+        if s.label in seen:
+            raise ValueError(f"{where}: the name {s.label!r} is source {seen[s.label]}'s too: set name: on one of "
+                             f"them (got two sources named {s.label!r})")
+        seen[s.label] = i
+    weighted = [s for s in sources if s.weight is not None]
+    total = sum(s.weight for s in weighted if s.weight is not None)
+    if weighted and total <= 0:
+        names = ", ".join(s.label for s in weighted)
+        raise ValueError(f"the weights of {names} sum to 0: give at least one a weight > 0 (got {total:g})")
+    if weighted and len(weighted) < len(sources) and total >= 1:
+        raise ValueError(f"beside sources with epochs, weights are shares of the whole epoch and must sum to less "
+                         f"than 1 (got {total:g}): lower them, or give every source a weight")

@@ -162,15 +162,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    if args.file.lower().endswith((".yaml", ".yml")):      # a run config: what each source gives an epoch
-        def mixture(args: argparse.Namespace) -> int:
-            from tuneforge.data import mixture_stats
-
-            stats = mixture_stats.mixture_stats(args.file)
-            print(json.dumps(mixture_stats.to_dict(stats), indent=2) if args.json else mixture_stats.summary(stats))
-            return 0
-        return _run(mixture, args)
-
     def run(args: argparse.Namespace) -> int:
         from tuneforge.data.curation.config import CurationConfig
         from tuneforge.data.curation.stats import compute_stats, plot_histogram
