@@ -175,18 +175,23 @@ def test_each_source_is_cached_on_its_own_so_a_new_weight_does_not_tokenize_agai
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.pt"))) == 2
 
 
-def test_a_source_may_be_a_folder_of_files(tiny_model_dir, tokenizer, files, tmp_path):
+def test_a_source_may_be_a_folder_have_its_own_validation_file_and_its_rejects_are_kept(
+        tiny_model_dir, tokenizer, files, tmp_path):
     folder = tmp_path / "general_parts"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", GENERAL[:20])
-    write_jsonl(folder / "b.jsonl", GENERAL[20:])
+    write_jsonl(folder / "b.jsonl", [*GENERAL[20:], "{not json"])
     (folder / "notes.txt").write_text("not data")
-    config = load_config(data=_config(tiny_model_dir, [{"path": str(files[0])}, {"path": str(folder)}],
-                                      tmp_path / "r"))
+    held_out = write_jsonl(tmp_path / "tickets_val.jsonl", TICKETS[:5])
+    config = load_config(data=_config(tiny_model_dir, [{"path": str(files[0]), "validation": str(held_out)},
+                                                       {"path": str(folder)}], tmp_path / "r"))
     data = prepare_data(config.data, tokenizer, config.seed, use_cache=False)
     assert data.mixture is not None
-    general = data.mixture.sources[1]
-    assert general.name == "general_parts" and general.size + general.val_size == 40
+    tickets, general = data.mixture.sources
+    assert (tickets.size, tickets.val_size) == (16, 5)                  # its own validation file: no split
+    assert general.name == "general_parts" and (general.size, general.val_size) == (30, 10)
+    assert [(r.source, r.line, r.reasons[0].check) for r in data.rejects] == [(str(folder / "b.jsonl"), 21,
+                                                                               "not_json")]
 
 
 # ----------------------------------------------------------------------------------------------- training
