@@ -166,6 +166,23 @@ def cmd_plan(args) -> int:
     return 0 if plan.chosen else 1
 
 
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    """``tuneforge data stats``: a data file's statistics; a run config (``.yaml``): what each source of its
+    ``data.train`` gives an epoch, in examples and tokens (:mod:`tuneforge.data.mixture_stats`)."""
+    from tuneforge.data.curation.commands import cmd_stats
+
+    if not args.file.lower().endswith((".yaml", ".yml")):
+        return cmd_stats(args)
+    import json
+
+    from tuneforge.config import load_config
+    from tuneforge.data import mixture_stats
+
+    stats = mixture_stats.mixture_stats(load_config(args.file))
+    print(json.dumps(mixture_stats.to_dict(stats), indent=2) if args.json else mixture_stats.summary(stats))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.curation.commands import add_curation_commands
     from tuneforge.data.formats import SFT_FORMATS
@@ -232,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--no-color", action="store_true")
     pv.set_defaults(func=cmd_data_preview)
     add_curation_commands(dsub)
+    dsub.choices["stats"].set_defaults(func=cmd_data_stats)     # a run config: its mixture's sources
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
     add_merge_command(sub)

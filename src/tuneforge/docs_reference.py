@@ -69,11 +69,20 @@ class ConfigKey:
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model of a section key (``DataConfig``, ``EvalSettings | None``), else None."""
+    """The pydantic model of a section key (``DataConfig``, ``EvalSettings | None``; the items of a list of sections,
+    ``str | list[SourceConfig]``), else None."""
     for candidate in (annotation, *get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
+        if get_origin(candidate) is list and get_args(candidate):
+            inner = _section_model(get_args(candidate)[0])
+            if inner is not None:
+                return inner
     return None
+
+
+def _is_list_of_sections(annotation: Any) -> bool:
+    return any(get_origin(c) is list and _section_model(c) is not None for c in (annotation, *get_args(annotation)))
 
 
 def _type_text(annotation: Any) -> str:
@@ -163,8 +172,8 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> Iterator[ConfigKey]
             description = _summary(section)
         yield ConfigKey(path, _type_text(field.annotation) + _bounds(field), _default_text(field), description,
                         section)
-        if section is not None:
-            yield from config_keys(section, f"{path}.")
+        if section is not None:      # the keys of each item of a list of sections: data.train[].weight
+            yield from config_keys(section, f"{path}[]." if _is_list_of_sections(field.annotation) else f"{path}.")
 
 
 def method_sections() -> dict[str, type[BaseModel]]:
@@ -209,8 +218,10 @@ def config_reference() -> str:
     for path, key in sections.items():
         if path in method_sections():
             continue
-        inner = [k for k in keys if k.path.startswith(f"{path}.") and k.path.count(".") == path.count(".") + 1]
-        lines += ["", f"## `{path}:`", ""]
+        items = f"{path}[]." if any(k.path.startswith(f"{path}[].") for k in keys) else f"{path}."
+        inner = [k for k in keys if k.path.startswith(items) and k.path.count(".") == path.count(".") + 1]
+        lines += ["", f"## `{path}:` (each item of the list)" if items.endswith("[].") else f"## `{path}:`",
+                  ""]
         if key.description:
             lines += [_cell(key.description), ""]
         lines += _table(header, _key_rows(inner))

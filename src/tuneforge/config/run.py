@@ -346,6 +346,9 @@ class RunConfig(Settings):
             from tuneforge.config.trackers import check_trackers
 
             check_trackers(self.report_to)
+        if self.data.sources is not None and self.task not in ("sft", "pretrain"):
+            raise ValueError(f"data.train: a list of sources (a mixture) trains task sft or pretrain; task "
+                             f"{self.task!r} reads one file")
         if self.early_stopping_patience and not (self.data.validation or self.data.val_fraction > 0):
             raise ValueError("early_stopping_patience needs validation data: set data.validation or data.val_fraction")
         return self
@@ -537,9 +540,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(format_validation_error(e, source)) from None
     if check_files:
         base = Path(path).parent if path else Path(".")
+        if config.data.sources is not None:        # a mixture: each source's path (a file or folder) and validation
+            from tuneforge.data.mixture import resolve_sources
+
+            resolve_sources(config.data, base, source)
         for key in ("train", "validation", "tools"):
             value = getattr(config.data, key)
-            if value is None:
+            if value is None or isinstance(value, list):
                 continue
             resolved = _resolve_file(value, base)
             if resolved is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -26,7 +27,8 @@ from tuneforge.data.formats import (
     task_kind,
     to_example,
 )
-from tuneforge.data.loaders import RawRecord, error_check, iter_records
+from tuneforge.data.loaders import RawRecord, data_files, data_sha256, error_check, iter_records
+from tuneforge.data.mixture import Mixture, MixtureSource, examples_per_epoch
 from tuneforge.data.rejects import (
     Reason,
     Reject,
@@ -74,11 +76,12 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     A record of another kind than the task trains (:func:`~tuneforge.data.formats.task_kind`: a text record in
     an SFT run, ...) is rejected as ``mixed_kinds``, as ``tuneforge data clean`` rejects it.
     Each example's ``meta`` holds ``where`` (``file:line``) and ``raw`` (the :class:`RawRecord`, for its reject).
+    ``path`` may be a folder (a mixture's source): its data files are read one after another, by name.
     """
     out = LoadedFile()
     kind = task_kind(task, cfg.format)
     tools = data_tools(cfg)
-    for rec in iter_records(path):
+    for rec in (rec for file in data_files(path) for rec in iter_records(file)):
         if rec.data is None:
             error = rec.error or "unreadable"
             out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
@@ -123,10 +126,24 @@ class PreparedData:
     rejects: list[Reject]
     formats: dict[str, int]
     truncated: int = 0
+    mixture: Mixture | None = None      # data.train as a list of sources: where each source's examples are
 
     @property
     def train_tokens(self) -> int:
         return sum(len(e) for e in self.train)
+
+    @property
+    def epoch_length(self) -> int:
+        """The training examples of one epoch: ``len(train)``, or a mixture's per-epoch draw."""
+        return self.mixture.epoch_length if self.mixture is not None else len(self.train)
+
+    def epoch_examples(self, seed: int, epoch: int) -> tuple[Sequence[TokenizedExample], list[int]]:
+        """The examples epoch ``epoch`` draws from (the trainer shuffles them), and the index into ``train`` of each:
+        ``train`` itself, or a mixture's draw (:meth:`~tuneforge.data.mixture.Mixture.epoch_indices`)."""
+        if self.mixture is None:
+            return self.train, list(range(len(self.train)))
+        indices = self.mixture.epoch_indices(seed, epoch)
+        return [self.train[i] for i in indices], indices
 
     def to_payload(self) -> dict:
         """Plain lists and dicts (what the token cache stores)."""
@@ -183,19 +200,51 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
 
     The cache key holds the data files' SHA-256, the tokenizer's fingerprint (vocabulary, special tokens,
     chat template), every ``data:`` setting, the seed (which decides the split) and the task, so a second
-    run on unchanged data and tokenizer does not tokenize again, and any change does.
+    run on unchanged data and tokenizer does not tokenize again, and any change does. A list of sources in
+    ``data.train`` is a mixture (:func:`tuneforge.data.mixture.prepare_mixture`: each source cached on its own).
     """
     from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
     from tuneforge.fileutil import file_sha256
 
+    if cfg.sources is not None:
+        return prepare_mixture(cfg, tokenizer, seed, task, use_cache)
+    train = cfg.train_file()
+
     settings = cfg.model_dump(mode="json", exclude={"train", "validation", "tools"})
     key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
            "tools": file_sha256(cfg.tools) if cfg.tools else None,
-           "train": file_sha256(cfg.train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
+           "train": data_sha256(train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
     data = PreparedData.from_payload(payload)
     log_rejects(data.rejects, "records")
+    return data
+
+
+def prepare_mixture(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "sft",
+                    use_cache: bool = True) -> PreparedData:
+    """Each source prepared as a one-file ``data.train`` (its own cache entry), joined one after another, with the
+    :class:`Mixture` that says how an epoch draws from them."""
+    sources = cfg.sources or []
+    parts = []
+    for s in sources:
+        one = cfg.model_copy(update={"train": s.path, "validation": s.validation,
+                                     "format": s.format if s.format is not None else cfg.format,
+                                     "columns": s.columns if s.columns is not None else cfg.columns})
+        parts.append(prepare_data(one, tokenizer, seed, task, use_cache=use_cache))
+    counts = examples_per_epoch(sources, [len(p.train) for p in parts])
+    data = PreparedData([], [], [], {}, 0)
+    mixture = Mixture()
+    for s, part, count in zip(sources, parts, counts, strict=True):
+        mixture.sources.append(MixtureSource(s.label, s.path, s.weight, s.epochs, len(data.train), len(part.train),
+                                            len(data.validation), len(part.validation), count, part.train_tokens))
+        data.train += part.train
+        data.validation += part.validation
+        data.rejects += part.rejects
+        data.truncated += part.truncated
+        for fmt, n in part.formats.items():
+            data.formats[fmt] = data.formats.get(fmt, 0) + n
+    data.mixture = mixture
     return data
 
 
@@ -208,7 +257,7 @@ def _warn_if_formats_differ(cfg: DataConfig, train: dict[str, int], validation: 
 
 
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> PreparedData:
-    train_file = load_examples(cfg.train, cfg, task)
+    train_file = load_examples(cfg.train_file(), cfg, task)
     rejects = list(train_file.rejects)
     formats = dict(train_file.formats)
     if not train_file.examples:

@@ -200,7 +200,8 @@ def prepare_kto(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, 
     from tuneforge.fileutil import file_sha256
 
     key = {"render_version": KTO_RENDER_VERSION, "task": "kto", "seed": seed,
-           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}), "train": file_sha256(cfg.train),
+           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
+           "train": file_sha256(cfg.train_file()),
            "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
@@ -211,7 +212,7 @@ def prepare_kto(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, 
 
 
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    train_examples, rejects, formats = load_kto(cfg.train, cfg)
+    train_examples, rejects, formats = load_kto(cfg.train_file(), cfg)
     val_examples = None
     if cfg.validation:
         val_examples, val_rejects, _ = load_kto(cfg.validation, cfg)

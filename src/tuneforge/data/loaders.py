@@ -66,6 +66,39 @@ def data_suffix(path: str | Path) -> str:
     )
 
 
+def data_files(path: str | Path) -> list[Path]:
+    """The data files of ``path``: the file itself, or every supported file directly in a folder, by name (a mixture
+    source may be a folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = []
+    for p in sorted(path.iterdir()):
+        try:
+            if p.is_file() and not p.name.startswith("."):
+                data_suffix(p)
+                files.append(p)
+        except DataFileError:
+            continue
+    if not files:
+        raise DataFileError(f"{path}: a folder with no data file in it ({', '.join(SUPPORTED_SUFFIXES)}, optionally "
+                            ".gz)")
+    return files
+
+
+def data_sha256(path: str | Path) -> str:
+    """The content hash of ``path``: a file's SHA-256; a folder's, the SHA-256 over its :func:`data_files`' names and
+    hashes (a file added, removed or changed changes it)."""
+    import hashlib
+
+    from tuneforge.fileutil import file_sha256
+
+    if not Path(path).is_dir():
+        return file_sha256(path)
+    listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in data_files(path))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def iter_records(path: str | Path) -> Iterator[RawRecord]:
     """Yield every record of ``path`` in file order, streaming where the format allows."""
     path = Path(path)

@@ -348,7 +348,8 @@ def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     from tuneforge.fileutil import file_sha256
 
     key = {"render_version": PREFERENCE_RENDER_VERSION, "task": "preference", "seed": seed,
-           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}), "train": file_sha256(cfg.train),
+           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
+           "train": file_sha256(cfg.train_file()),
            "validation": file_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
@@ -358,7 +359,7 @@ def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 
 
 def _prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    train_file = load_pairs(cfg.train, cfg)
+    train_file = load_pairs(cfg.train_file(), cfg)
     rejects = list(train_file.rejects)
     val_file = load_pairs(cfg.validation, cfg) if cfg.validation else None
     rejects += val_file.rejects if val_file else []

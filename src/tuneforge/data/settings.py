@@ -2,20 +2,59 @@
 
 It lives with the data stage (the run config composes it, as it composes each method's section) so that
 the data stage never imports the run config.
+
+``data.train`` is one file, or a list of :class:`SourceConfig` (a mixture: :mod:`tuneforge.data.mixture`
+says how the sources' weights and epochs make up an epoch).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneforge.data.formats import SftFormat
 from tuneforge.schema import Settings
 
 
+class SourceConfig(Settings):
+    """One source of a mixture (an item of ``data.train``)."""
+
+    path: str = Field(description="the source's data file (.jsonl, .json, .csv, .parquet, also .gz) or a folder of "
+                      "them (every such file in it, by name)")
+    name: str | None = Field(None, description="the source's name in logs, metrics and run.json; default: the file "
+                             "or folder name without its suffixes")
+    weight: float | None = Field(None, description="the source's share of the examples of each epoch (see the "
+                                 "data guide: how weights and epochs make up an epoch); not with epochs")
+    epochs: float | None = Field(None, description="passes over the source in each epoch (fractions: a seeded "
+                                 "subsample, another each epoch); not with weight. Neither set: epochs 1")
+    validation: str | None = Field(None, description="held-out file of this source; default: split off it by "
+                                   "data.val_fraction")
+    format: Literal["auto"] | SftFormat | None = Field(None, description="the source's records' format; default: "
+                                                       "data.format")
+    columns: dict[str, str] | None = Field(None, description="the source's column names for the format's fields; "
+                                           "default: data.columns")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        from tuneforge.data.formats import check_columns
+
+        return None if v is None else check_columns(v, "columns")
+
+    @property
+    def label(self) -> str:
+        """The source's name: ``name``, or the file or folder name up to its first dot."""
+        return self.name or Path(self.path).name.split(".")[0] or self.path
+
+
 class DataConfig(Settings):
-    train: str = Field(description="the training file: .jsonl, .json (array), .csv or .parquet (also .gz)")
+    train: str | list[SourceConfig] = Field(
+        description="the training file: .jsonl, .json (array), .csv or .parquet (also .gz); or a list of sources "
+                    "to mix, each {path, weight or epochs, name, validation, format, columns}")
     validation: str | None = Field(None, description="held-out file of the same task; default: split off train by "
                                                      "val_fraction")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training file held out for validation "
@@ -50,3 +89,62 @@ class DataConfig(Settings):
         from tuneforge.data.formats import check_columns
 
         return check_columns(v, "data.columns")
+
+    @field_validator("train")
+    @classmethod
+    def _sources(cls, v: str | list[SourceConfig]) -> str | list[SourceConfig]:
+        if isinstance(v, list):
+            check_sources(v)
+        return v
+
+    @model_validator(mode="after")
+    def _mixture(self) -> "DataConfig":
+        if isinstance(self.train, list):
+            if self.validation is not None:
+                raise ValueError("data.validation: with a list of sources in data.train, give each source its own "
+                                 "validation file (or leave it to data.val_fraction)")
+        return self
+
+    @property
+    def sources(self) -> list[SourceConfig] | None:
+        """The mixture's sources; None for the one-file form."""
+        return self.train if isinstance(self.train, list) else None
+
+    def train_file(self, what: str = "this") -> str:
+        """The one training file; a mixture is a ValueError naming ``what`` needs one file."""
+        if isinstance(self.train, list):
+            raise ValueError(f"{what} reads one training file: data.train is a list of sources")
+        return self.train
+
+    def train_paths(self) -> list[str]:
+        """Every training path: the file, or each source's path."""
+        return [s.path for s in self.train] if isinstance(self.train, list) else [self.train]
+
+
+def check_sources(sources: Sequence[SourceConfig]) -> None:
+    """Refuse a mixture that cannot be drawn: one line (ValueError) naming the source and the key."""
+    if not sources:
+        raise ValueError("an empty list of sources: give a file, or at least one {path: FILE} (got [])")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(sources, 1):
+        where = f"source {i} ({s.label})"
+        if s.weight is not None and s.epochs is not None:
+            raise ValueError(f"{where}: give weight or epochs, not both (got weight {s.weight:g}, epochs "
+                             f"{s.epochs:g})")
+        if s.weight is not None and not (math.isfinite(s.weight) and s.weight >= 0):
+            raise ValueError(f"{where}: weight must be a number >= 0 (got {s.weight:g})")
+        if s.epochs is not None and not (math.isfinite(s.epochs) and s.epochs > 0):
+            raise ValueError(f"{where}: epochs must be a number > 0 (got {s.epochs:g}); drop the source to leave it "
+                             "out")
+        if s.label in seen:
+            raise ValueError(f"{where}: the name {s.label!r} is source {seen[s.label]}'s too: set name: on one of "
+                             f"them (got two sources named {s.label!r})")
+        seen[s.label] = i
+    weighted = [s for s in sources if s.weight is not None]
+    total = sum(s.weight for s in weighted if s.weight is not None)
+    if weighted and total <= 0:
+        names = ", ".join(s.label for s in weighted)
+        raise ValueError(f"the weights of {names} sum to 0: give at least one a weight > 0 (got {total:g})")
+    if weighted and len(weighted) < len(sources) and total >= 1:
+        raise ValueError(f"beside sources with epochs, weights are shares of the whole epoch and must sum to less "
+                         f"than 1 (got {total:g}): lower them, or give every source a weight")

@@ -129,7 +129,8 @@ def load_test_set(name: str, file: str | Path, config: RunConfig, max_examples: 
 
 
 def default_test_file(config: RunConfig, settings: EvalSettings) -> str:
-    file = settings.data or config.data.validation
+    file = settings.data or config.data.validation or next(       # a mixture: its first source's validation file
+        (src.validation for src in config.data.sources or [] if src.validation), None)
     if not file:
         raise EvalError("no test file: pass --data FILE (or set eval.data in the config)")
     return file
@@ -433,6 +434,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
             tuned_var = _variability(loaded.model, tokenizer, config.method, prompts, settings, max_new, tools)
         report["variability"] = {"base": base_var, "tuned": tuned_var}
 
+    if config.data.sources is not None:        # a mixture: held-out loss on each source's validation examples
+        report["sources"] = _source_losses(loaded, config, cache, settings, tuned_model)
+
     if questions is not None:
         report["forgetting"] = _forgetting(loaded, config, cache, questions, general_text, settings, progress,
                                            tuned_model)
@@ -482,8 +486,8 @@ def _schema_check(schema: Any) -> Any:
 
 
 def _fewshot_pool(config: RunConfig, settings: EvalSettings) -> list[list[dict]]:
-    train = Path(config.data.train)
-    if not train.is_file():
+    train = Path(config.data.train_paths()[0])       # a mixture: its first source (the run's own data)
+    if not train.exists():
         raise EvalError(f"the fewshot column takes examples from the training file {train}, which is not there "
                         "(drop fewshot from --columns, or restore the file)")
     loaded = load_examples(str(train), config.data, "sft")
@@ -517,6 +521,30 @@ def _losses(loaded: Any, config: RunConfig, test: TestSet, cache: dict, settings
     with tuned_model():
         sums, tokens = heldout.example_losses(loaded.model, examples, config.method)
     out["tuned"] = heldout.loss_and_perplexity(sums, tokens, settings.bootstrap_resamples, settings.seed)
+    return out
+
+
+def _source_losses(loaded: Any, config: RunConfig, cache: dict, settings: EvalSettings, tuned_model: Any) -> dict:
+    """A run on a mixture: the base and tuned held-out loss on each source's validation examples, prepared as training
+    prepared them (each source's validation file, or its val_fraction split by the run's seed; the token cache)."""
+    from tuneforge.data.dataset import prepare_data
+
+    try:
+        data = prepare_data(config.data, loaded.tokenizer, config.seed, config.task)
+    except (OSError, ValueError) as e:       # a source moved or removed since training: the rest of the report stays
+        log.warning("held-out loss by source left out: %s", e)
+        return {}
+    r, seed = settings.bootstrap_resamples, settings.seed
+    out: dict[str, Any] = {}
+    for name, examples in (data.mixture.validation_of(data.validation) if data.mixture is not None else []):
+        if not examples:
+            continue
+        with _base_model(loaded, config, cache) as (model, method):
+            base = heldout.loss_and_perplexity(*heldout.example_losses(model, examples, method), r, seed)
+        with tuned_model():
+            tuned = heldout.loss_and_perplexity(*heldout.example_losses(loaded.model, examples, config.method), r,
+                                                seed)
+        out[name] = {"n": len(examples), "base": base, "tuned": tuned}
     return out
 
 

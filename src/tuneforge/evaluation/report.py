@@ -128,6 +128,20 @@ def _forgetting_rows(f: dict) -> list[list[str]]:
             ["general text perplexity", _num(gt["base"]["perplexity"], 2), _num(gt["tuned"]["perplexity"], 2), ""]]
 
 
+SOURCES_NOTE = ("Held-out loss by source (the run's mixture: each source's validation examples, answer tokens, "
+                "token-weighted):")
+
+
+def source_loss_rows(report: dict) -> list[list[str]]:
+    """A mixture's held-out loss of each source: base, tuned, change, examples and tokens."""
+    return [[name, _num(v["base"]["loss"], 4), _num(v["tuned"]["loss"], 4),
+             f"{v['tuned']['loss']['value'] - v['base']['loss']['value']:+.4f}", str(v["n"]), str(v["tuned"]["tokens"])]
+            for name, v in (report.get("sources") or {}).items()]
+
+
+SOURCE_HEAD = ["source", "base loss", "tuned loss", "change", "examples", "tokens"]
+
+
 def to_markdown(report: dict) -> str:
     meta = report.get("metadata", {})
     out = [f"# Evaluation of `{report['run']}`", ""]
@@ -161,6 +175,8 @@ def to_markdown(report: dict) -> str:
                 out.append(f"- {col_name} / {cat}: `{_short(ex['prompt'])}` expected `{_short(ex['reference'])}`, "
                            f"got `{_short(ex['answer'])}`")
         out.append("")
+    if report.get("sources"):
+        out += ["## Sources", "", SOURCES_NOTE, "", _md_table(SOURCE_HEAD, source_loss_rows(report)), ""]
     if "forgetting" in report:
         f = report["forgetting"]
         verdict = "passed" if f["passed"] else "FAILED"
@@ -429,6 +445,9 @@ def to_html(report: dict) -> str:
             body.append("<details class='card'><summary>failure examples</summary>"
                         + _html_table(["column", "category", "prompt", "expected", "got"], examples) + "</details>")
         body.append(_viewer(report, name, entry, settings.get("viewer_examples", 80)))
+    if report.get("sources"):
+        body.append(f"<h2>Sources</h2><p class='meta'>{_e(SOURCES_NOTE)}</p>"
+                    + _html_table(SOURCE_HEAD, source_loss_rows(report)))
     body.append("<h2>Loss curve</h2>" + loss_curve_svg(report.get("loss_curve") or []))
     if "forgetting" in report:
         f = report["forgetting"]

@@ -273,10 +273,12 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
         raise NotARunError(f"{run_dir} holds {', '.join(clash)}, the name of the base model's terms file: rename it")
 
     data = [DataFile(name=Path(str(d.path)).name, path=d.path, role=role, sha256=d.sha256)
-            for d, role in zip(record.data or [], ("train", "validation"), strict=False)]
+            for d, role in zip(record.data or [], ["train"] * len(config.data.train_paths()) + ["validation"],
+                               strict=False)]
     if not data:
         data = [DataFile(name=Path(p).name, path=p, role=role, sha256=file_sha256(p))
-                for p, role in ((config.data.train, "train"), (config.data.validation, "validation"))
+                for p, role in ((*((t, "train") for t in config.data.train_paths()),
+                                 (config.data.validation, "validation")))
                 if p and Path(p).is_file()]
     hyper = {k: v for k, v in config.model_dump(mode="json").items() if k in TRAINING_KEYS and v is not None}
     hyper.update({"method": config.method, **{f"adapter.{k}": v for k, v in settings.items()},

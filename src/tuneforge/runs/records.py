@@ -235,7 +235,10 @@ class RunRecord(Record):
     The fields, in the order they are written: ``base_model`` (spec and fingerprint), ``template`` (the chat
     template trained with), ``trust_remote_code``, ``method``, ``task``, ``init_from`` (only in a run that
     continued another run's adapter: :class:`InitFromRecord`),
-    ``data`` (files and sha256), ``examples``, ``seed``, ``device``, ``dtype`` and ``dtype_reason``,
+    ``data`` (files and sha256), ``examples``, ``sources`` (only in a run on a mixture: each source's ``name``,
+    ``path``, ``weight`` or ``epochs``, ``train_examples``, ``validation_examples``, ``train_tokens``,
+    ``examples_per_epoch``, ``examples_seen`` and ``tokens_seen``), ``seed``, ``device``, ``dtype`` and
+    ``dtype_reason``,
     ``precision`` (mode, the dtype of base and trained weights, autocast, loss scaling; ``scaler_skipped_steps``
     under fp16-mixed), ``steps``,
     parameter counts, ``final_train_loss``, ``eval_metric``, ``best_eval_loss``, ``best_step``,
@@ -258,6 +261,7 @@ class RunRecord(Record):
     learning_rate_default: bool | None = None
     data: list[DataFile] | None = None
     examples: ExampleCounts | None = None
+    sources: list[dict[str, Any]] | None = None
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None

@@ -25,5 +25,10 @@ def library_versions() -> dict[str, str]:
 
 
 def data_fingerprints(paths: list[str | None]) -> list[DataFile]:
-    """``path`` and ``sha256`` of each data file given (None, for a run without validation file, is skipped)."""
-    return [DataFile(path=p, sha256=file_sha256(p)) for p in paths if p]
+    """``path`` and ``sha256`` of each data file given (None, for a run without validation file, is skipped); a
+    folder (a mixture's source) by :func:`tuneforge.data.loaders.data_sha256`."""
+    from pathlib import Path
+
+    from tuneforge.data.loaders import data_sha256
+
+    return [DataFile(path=p, sha256=data_sha256(p) if Path(p).is_dir() else file_sha256(p)) for p in paths if p]

@@ -63,6 +63,8 @@ class TrainState:
     base_score: float | None = None           # validation of the model before training (eval_base)
     first_eval: tuple[int, float] | None = None   # (step, score) of the first validation during training
     last_eval: tuple[int, float] | None = None    # (step, score) of the latest
+    source_examples: dict[str, int] = field(default_factory=dict)   # a mixture: examples drawn from each source
+    source_tokens: dict[str, int] = field(default_factory=dict)     # ... and their tokens
     fingerprint: dict[str, Any] = field(default_factory=dict)   # what a resumed run must match (config, data)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)

@@ -34,6 +34,7 @@ from transformers import get_scheduler
 
 from tuneforge.config import RunConfig, dump_config
 from tuneforge.data.dataset import write_rejects
+from tuneforge.data.loaders import data_sha256
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.data.rendering import set_template_kwargs
 from tuneforge.data.templates import apply_template
@@ -274,6 +275,7 @@ class TrainingRecipe:
         self._signal: int | None = None
         self._stream: Iterator[PackedBatch] | None = None
         self._stream_at: tuple[int, int] = (-1, -1)
+        self._epoch_view: tuple[int, list[int]] = (-1, [])     # (epoch, index into data.train of each example)
         self.objective = get_objective(config.task)
         self.init: InitRun | None = None       # init_from's run, once setup() has read it
         self.run_dir = Path(config.output_dir)
@@ -329,6 +331,10 @@ class TrainingRecipe:
         log.info("data: %d train / %d validation examples (%s), %d train tokens, %d rejected",
                  len(data.train), len(data.validation), ", ".join(f"{k}: {v}" for k, v in data.formats.items()),
                  data.train_tokens, len(data.rejects))
+        if data.mixture is not None:
+            log.info("mixture: %d examples an epoch: %s", data.epoch_length, "; ".join(
+                f"{s.name} {s.per_epoch} of {s.size} ({s.per_epoch / max(1, data.epoch_length):.1%})"
+                for s in data.mixture.sources))
 
         base = load_base_model(config, dtype=self.dtype, device=self.device)
         # the collapse check's mark: the loss of a uniform guess over the vocabulary (SFT, pretraining)
@@ -353,18 +359,19 @@ class TrainingRecipe:
         # the optimizer in the order it needs (FSDP2 over the shards; DeepSpeed takes it along)
         optimizer = dist.prepare(model, self.objective, config,
                                  lambda c, params: make_optimizer(c, params, compensated=plan.compensated))
-        self.steps = total_steps(config, len(data.train), dist.world, self.objective.repeats(config))
+        self.steps = total_steps(config, data.epoch_length, dist.world, self.objective.repeats(config))
         per_step = config.batch_size * config.gradient_accumulation_steps * dist.world
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
-                 self.steps * per_step / max(1, len(data.train)), len(data.train),
+                 self.steps * per_step / max(1, data.epoch_length), data.epoch_length,
                  " (max_steps; set epochs or a larger max_steps to see more of the data)"
-                 if config.max_steps and self.steps * per_step < len(data.train) else "")
+                 if config.max_steps and self.steps * per_step < data.epoch_length else "")
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
         self.eval_every, self.val_examples = self._validation_plan(data)
         self.val_batches = list(self.objective.micro_batches(
             self.val_examples, config.eval_batch_size or 4 * config.batch_size, config.seed, 0, shuffle=False))
+        self.val_sources = self._validation_by_source(data)
         self.eval_seconds = self.base_eval_seconds = 0.0
         self.state = TrainState(optimizer=optimizer, scheduler=scheduler, fingerprint=self._fingerprint(),
                                 precision=self.precision)
@@ -405,6 +412,20 @@ class TrainingRecipe:
                  config.eval_share)
         return every, [examples[i] for i in sorted(order[:keep])]
 
+    def _validation_by_source(self, data: Any) -> list[tuple[str, list]]:
+        """A mixture's validation micro-batches of each source, as ``(name, batches)`` (the examples
+        :meth:`_validation_plan` kept); empty without a mixture."""
+        if data.mixture is None:
+            return []
+        kept = {id(e) for e in self.val_examples}
+        size = self.config.eval_batch_size or 4 * self.config.batch_size
+        out = []
+        for name, examples in data.mixture.validation_of(data.validation):
+            mine = [e for e in examples if id(e) in kept]
+            if mine:
+                out.append((name, list(self.objective.micro_batches(mine, size, self.config.seed, 0, shuffle=False))))
+        return out
+
     def _fit_to_memory(self) -> None:
         """``auto_fit``: apply :func:`tuneforge.estimate.plan.plan_for_config`'s choice to the config."""
         from tuneforge.estimate.plan import plan_for_config
@@ -430,8 +451,13 @@ class TrainingRecipe:
         # every process draws a step's accumulation x processes micro-batches from one seeded stream: the data order
         # depends on the product only, so a run may resume on other processes with the accumulation to match
         config.pop("gradient_accumulation_steps")
-        data = {"train": file_sha256(self.config.data.train),
-                "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
+        sources = self.config.data.sources
+        data: dict[str, Any] = {
+            "train": data_sha256(self.config.data.train_file()) if sources is None else
+            # a mixture: each source's content and what it gives an epoch (its path may change, as a file's may)
+            [{**s.model_dump(mode="json", exclude={"path", "validation", "name"}), "sha256": data_sha256(s.path),
+              "validation": file_sha256(s.validation) if s.validation else None} for s in sources],
+            "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
         if self.init is not None:       # the run continued: by its adapter's content, wherever it is now
             data["init_from"] = self.init.adapter_sha256 or str(self.init.path)
         return {"config": config, "data": data,
@@ -513,21 +539,39 @@ class TrainingRecipe:
     # -------------------------------------------------------------------------------------- fit
 
     def _next_micro_batches(self, n: int) -> list[PackedBatch]:
-        """The next ``n`` micro-batches at the state's data cursor (epochs reshuffled), advancing the cursor."""
+        """The next ``n`` micro-batches at the state's data cursor (epochs reshuffled), advancing the cursor.
+
+        Each batch's ``example_ids`` are indices into ``data.train`` (a mixture's epoch draws from its sources:
+        :meth:`PreparedData.epoch_examples`); a mixture's examples and tokens of each source are counted."""
         state, config = self.state, self.config
-        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size) * self.objective.repeats(config)
+        per_epoch = batches_per_epoch(self.data.epoch_length, config.batch_size) * self.objective.repeats(config)
         out: list[PackedBatch] = []
         while len(out) < n:
             if state.micro_batch >= per_epoch:
                 state.epoch, state.micro_batch = state.epoch + 1, 0
             # one shuffled stream per epoch, opened at the cursor (on resume: mid-epoch), kept across steps
             if self._stream is None or self._stream_at != (state.epoch, state.micro_batch):
-                self._stream = self.objective.micro_batches(self.data.train, config.batch_size, config.seed,
+                examples, indices = self.data.epoch_examples(config.seed, state.epoch)
+                self._epoch_view = (state.epoch, indices)
+                self._stream = self.objective.micro_batches(examples, config.batch_size, config.seed,
                                                             state.epoch, start=state.micro_batch)
-            out.append(next(self._stream))
+            batch = next(self._stream)
+            batch.example_ids = [self._epoch_view[1][i] for i in batch.example_ids]
+            self._count_sources(batch)
+            out.append(batch)
             state.micro_batch += 1
             self._stream_at = (state.epoch, state.micro_batch)
         return out
+
+    def _count_sources(self, batch: PackedBatch) -> None:
+        """A mixture: add ``batch``'s examples and tokens to their sources' counts in the state."""
+        mixture, state = self.data.mixture, self.state
+        if mixture is None:
+            return
+        for i in batch.example_ids:
+            name = mixture.sources[mixture.source_of(i)].name
+            state.source_examples[name] = state.source_examples.get(name, 0) + 1
+            state.source_tokens[name] = state.source_tokens.get(name, 0) + len(self.data.train[i])
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics row."""
@@ -586,6 +630,9 @@ class TrainingRecipe:
             "tokens_per_s": round(step_tokens / max(time.time() - step_start, 1e-9), 1),
             "avg_tokens_per_s": round(state.seen_tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
         row.update({k: round(v, 6) for k, v in objective.mean_metrics(sums, normaliser).items()})
+        if self.data.mixture is not None:          # running totals of each source, as run.json records them
+            row.update({f"examples_seen/{k}": v for k, v in state.source_examples.items()})
+            row.update({f"tokens_seen/{k}": v for k, v in state.source_tokens.items()})
         if scaled:
             row["loss_scale"] = self.precision.loss_scale
             if scaler_skipped:
@@ -727,9 +774,24 @@ class TrainingRecipe:
         return {**{k: round(v, 6) for k, v in results.items()}, "eval_seconds": round(seconds, 3)}
 
     def _autocast(self, evaluate: Any, model: torch.nn.Module) -> dict[str, float]:
-        """``evaluate(model, ...)`` on the validation batches, in the run's precision (as training computes)."""
+        """``evaluate(model, ...)`` on the validation batches, in the run's precision (as training computes).
+
+        A mixture: on each source's batches (``eval_loss/<source>``), the whole's metrics the normaliser-weighted
+        mean of the sources' (the token-weighted loss over them all, as one pass over every batch gives)."""
         with self.precision.autocast():
-            return evaluate(model, self.val_batches, self.device, self.config)
+            if not self.val_sources:
+                return evaluate(model, self.val_batches, self.device, self.config)
+            out: dict[str, float] = {}
+            total: dict[str, float] = {}
+            weight = 0.0
+            for name, batches in self.val_sources:
+                results = evaluate(model, batches, self.device, self.config)
+                w = sum(self.objective.normaliser(b) for b in batches)
+                weight += w
+                for key, value in results.items():
+                    total[key] = total.get(key, 0.0) + value * w
+                    out[f"{key}/{name}"] = value
+            return {**{k: v / max(weight, 1e-12) for k, v in total.items()}, **out}
 
     def evaluate_base(self) -> None:
         """``eval_base``: the objective's validation metric of the model before the first step, with its method
@@ -887,7 +949,7 @@ class TrainingRecipe:
         if output is not None:
             copy_files(output, self.run_dir, skip=(STATE_FILE, TRAINABLE_FILE))
         plot_loss_curve(self.metrics.rows, self.layout.loss_curve,
-                        title=f"{config.method} on {Path(config.data.train).name}")
+                        title=f"{config.method} on {', '.join(Path(p).name for p in config.data.train_paths())}")
         data = self.data
         best_score = None if state.best_step is None else state.best_score
         record = RunRecord(
@@ -899,7 +961,7 @@ class TrainingRecipe:
             task=config.task,
             learning_rate=config.learning_rate,
             learning_rate_default=config.learning_rate_is_default,
-            data=data_fingerprints([config.data.train, config.data.validation]),
+            data=data_fingerprints([*config.data.train_paths(), config.data.validation]),
             examples=ExampleCounts(train=len(data.train), validation=len(data.validation), rejected=len(data.rejects),
                                    truncated=data.truncated, formats=data.formats),
             seed=config.seed,
@@ -928,6 +990,9 @@ class TrainingRecipe:
             eval_examples=len(self.val_examples),
             versions=library_versions(),
         )
+        if data.mixture is not None:         # a mixture: each source, what it gave an epoch and what the run saw
+            record.sources = [{**s.record(), "examples_seen": state.source_examples.get(s.name, 0),
+                               "tokens_seen": state.source_tokens.get(s.name, 0)} for s in data.mixture.sources]
         if self.init is not None:            # only in a run that continued another: written after task
             record.init_from = self.init.record()
         record.save(self.run_dir)

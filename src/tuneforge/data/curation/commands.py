@@ -246,7 +246,8 @@ def add_curation_commands(data_subparsers: Any) -> None:
 
     s = data_subparsers.add_parser("stats",
                                    help="token lengths, turns, answer distribution, truncation at --max-length")
-    s.add_argument("file")
+    s.add_argument("file", help="a data file; or a run config (.yaml): each source of its data.train, in examples "
+                   "and tokens an epoch (a mixture's shares)")
     _add_data_options(s)
     s.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer for token counts")
     s.add_argument("--estimate", action="store_true", help="estimate tokens from characters (no tokenizer)")
