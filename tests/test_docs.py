@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -38,12 +40,19 @@ def test_reference_pages_are_generated_from_the_current_code():
 
 
 def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of ``model``: a section's keys as ``section.key``, the keys of a list of sections' items as
+    ``section[].key`` (``data.train[].weight``, ``grpo.rewards[].name``)."""
     paths = []
     for name, field in model.model_fields.items():
         paths.append(prefix + name)
-        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+        union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        for candidate in (typing.get_args(field.annotation) if union else (field.annotation,)):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 paths += _key_paths(candidate, f"{prefix}{name}.")
+            elif typing.get_origin(candidate) is list:
+                item = typing.get_args(candidate)[0]
+                if isinstance(item, type) and issubclass(item, BaseModel):
+                    paths += _key_paths(item, f"{prefix}{name}[].")
     return paths
 
 
