@@ -82,91 +82,74 @@ def write_pairs(model: str, data: Path, n: int, max_length: int, out: Path) -> d
 # ------------------------------------------------------------------------------------------ children
 
 
+def _train_trl(spec: dict, out_path: str, trainer_cls, args, model, rows: list[dict], task_type: str,
+               examples: int | None, notes: str) -> None:
+    """One TRL trainer with peft LoRA (the bench's settings) on ``rows``, timed; ``examples`` a step when TRL's own
+    count is not the bench's unit (KTO: completions, reward: both sides of a pair)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    n_params = measure.count_params(model)
+    log = measure.StepLog()
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                 target_modules="all-linear", task_type=task_type),
+                          callbacks=[measure.trainer_probe(log)])
+    trainer.train()
+    if examples is not None:
+        for row in log.steps:
+            row["examples"] = examples
+    measure.write_result(out_path, "trl", log, spec["device"], n_params,
+                         measure.versions_of("trl", "torch", "transformers", "peft"), ref_s=0.0, notes=notes)
+
+
+def _trl_model(spec: dict, auto_class_name: str = "AutoModelForCausalLM", **kwargs):
+    import transformers
+
+    return getattr(transformers, auto_class_name).from_pretrained(spec["model"], dtype=common.torch_dtype(spec),
+                                                                  attn_implementation="sdpa", **kwargs)
+
+
 def run_trl(spec: dict, out_path: str) -> None:
     """TRL's DPOTrainer (inside TRL's venv)."""
     measure.set_threads(spec["threads"])
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     kwargs = common.training_args_kwargs(dict(spec, batch=spec["pairs"]))
     args = DPOConfig(**kwargs, gradient_checkpointing=False, max_length=spec["max_length"], beta=spec["beta"],
                      loss_type=["sigmoid"], precompute_ref_log_probs=False)
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=common.torch_dtype(spec),
-                                                 attn_implementation="sdpa")
-    n_params = measure.count_params(model)
-    log = measure.StepLog()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(common.read_jsonl(spec["pairs_file"])),
-                         processing_class=tokenizer,
-                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                                target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[measure.trainer_probe(log)])
-    trainer.train()
-    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
-                                                                                               "transformers", "peft"),
-                         ref_s=0.0, notes="DPOTrainer, padded, reference = adapter disabled, a forward per step")
+    _train_trl(spec, out_path, DPOTrainer, args, _trl_model(spec), common.read_jsonl(spec["pairs_file"]),
+               "CAUSAL_LM", None, "DPOTrainer, padded, reference = adapter disabled, a forward per step")
 
 
 def run_trl_kto(spec: dict, out_path: str) -> None:
     """TRL's KTOTrainer (inside TRL's venv): ``2 * pairs`` labelled completions a step."""
     measure.set_threads(spec["threads"])
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     kwargs = common.training_args_kwargs(dict(spec, batch=2 * spec["pairs"]))
     args = KTOConfig(**kwargs, gradient_checkpointing=False, max_length=2 * spec["max_length"], beta=spec["beta"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=common.torch_dtype(spec),
-                                                 attn_implementation="sdpa")
-    n_params = measure.count_params(model)
-    log = measure.StepLog()
-    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(common.read_jsonl(spec["kto_file"])),
-                         processing_class=tokenizer,
-                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                                target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[measure.trainer_probe(log)])
-    trainer.train()
-    for row in log.steps:
-        row["examples"] = 2 * spec["pairs"]
-    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
-                                                                                               "transformers", "peft"),
-                         ref_s=0.0, notes="KTOTrainer, padded, reference = adapter disabled, KL from mismatched "
-                                          "completions each step")
+    _train_trl(spec, out_path, KTOTrainer, args, _trl_model(spec), common.read_jsonl(spec["kto_file"]), "CAUSAL_LM",
+               2 * spec["pairs"], "KTOTrainer, padded, reference = adapter disabled, KL from mismatched completions "
+                                  "each step")
 
 
 def run_trl_reward(spec: dict, out_path: str) -> None:
     """TRL's RewardTrainer (inside TRL's venv): a sequence-classification head on the model, peft LoRA."""
     measure.set_threads(spec["threads"])
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     kwargs = common.training_args_kwargs(dict(spec, batch=spec["pairs"]))
     args = RewardConfig(**kwargs, gradient_checkpointing=False, max_length=2 * spec["max_length"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1,
-                                                               dtype=common.torch_dtype(spec),
-                                                               attn_implementation="sdpa")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    n_params = measure.count_params(model)
-    log = measure.StepLog()
     rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
             for r in common.read_jsonl(spec["pairs_file"])]
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                            peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                                   target_modules="all-linear", task_type="SEQ_CLS"),
-                            callbacks=[measure.trainer_probe(log)])
-    trainer.train()
-    for row in log.steps:
-        row["examples"] = 2 * spec["pairs"]
-    measure.write_result(out_path, "trl", log, spec["device"], n_params, measure.versions_of("trl", "torch",
-                                                                                               "transformers", "peft"),
-                         ref_s=0.0, notes="RewardTrainer, padded, chosen and rejected in one batch")
+    _train_trl(spec, out_path, RewardTrainer, args, _trl_model(spec, "AutoModelForSequenceClassification",
+                                                               num_labels=1),
+               rows, "SEQ_CLS", 2 * spec["pairs"], "RewardTrainer, padded, chosen and rejected in one batch")
 
 
 def run_tuneforge(spec: dict, out_path: str) -> None:

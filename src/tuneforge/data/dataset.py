@@ -27,7 +27,7 @@ from tuneforge.data.formats import (
     task_kind,
     to_example,
 )
-from tuneforge.data.loaders import RawRecord, data_files, data_sha256, error_check, iter_records
+from tuneforge.data.loaders import RawRecord, data_files, data_sha256, iter_records
 from tuneforge.data.mixture import Mixture, MixtureSource, examples_per_epoch
 from tuneforge.data.rejects import (
     Reason,
@@ -83,8 +83,7 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     tools = data_tools(cfg)
     for rec in (rec for file in data_files(path) for rec in iter_records(file)):
         if rec.data is None:
-            error = rec.error or "unreadable"
-            out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
+            out.rejects.append(Reject.unreadable(rec))
             continue
         data = rename_columns(rec.data, cfg.columns)
         fmt = cfg.format if cfg.format != "auto" else detect_format(data)

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneforge.data.dataset import DataError, PreparedData
 from tuneforge.data.formats import RecordError, normalise_messages, rename_columns
-from tuneforge.data.loaders import error_check, iter_records
+from tuneforge.data.loaders import iter_records
 from tuneforge.data.preference import prompt_messages, split_validation
 from tuneforge.data.rejects import Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample, prompt_ids
@@ -73,8 +73,7 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     rejects: list[Reject] = []
     for rec in iter_records(path):
         if rec.data is None:
-            error = rec.error or "unreadable"
-            rejects.append(Reject.of(rec, [(error_check(error), error)]))
+            rejects.append(Reject.unreadable(rec))
             continue
         record = rename_columns(rec.data, cfg.columns)
         try:

@@ -32,8 +32,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneforge.data.dataset import DataError, PreparedData
 from tuneforge.data.formats import KINDS, RecordError, detect_format, normalise_messages, rename_columns
-from tuneforge.data.loaders import RawRecord, error_check, iter_records
+from tuneforge.data.loaders import RawRecord, iter_records
 from tuneforge.data.preference import (
+    cache_key,
     fit_to_length,
     prompt_messages,
     split_validation,
@@ -168,8 +169,7 @@ def load_kto(path: str, cfg: DataConfig) -> tuple[list[tuple[KTORecord, RawRecor
     formats: dict[str, int] = {}
     for rec in iter_records(path):
         if rec.data is None:
-            error = rec.error or "unreadable"
-            rejects.append(Reject.of(rec, [(error_check(error), error)]))
+            rejects.append(Reject.unreadable(rec))
             continue
         record = rename_columns(rec.data, cfg.columns)
         fmt = detect_format(record)
@@ -196,14 +196,9 @@ def prepare_kto(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, 
     """Train and validation examples of a KTO run (validation: ``cfg.validation``, or ``cfg.val_fraction`` split off
     with ``seed``, records before unpairing so both halves of a pair stay on one side), cached by content hash like
     SFT data. Raises :class:`DataError` when no record is usable."""
-    from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
-    from tuneforge.fileutil import file_sha256
+    from tuneforge.data.token_cache import cached_tokenize
 
-    key = {"render_version": KTO_RENDER_VERSION, "task": "kto", "seed": seed,
-           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
-           "train": file_sha256(cfg.train_file()),
-           "validation": file_sha256(cfg.validation) if cfg.validation else None,
-           "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key = cache_key("kto", KTO_RENDER_VERSION, cfg, tokenizer, seed)
     payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
     data = _from_payload(payload)
     log_rejects(data.rejects, "KTO records")

@@ -50,7 +50,7 @@ from tuneforge.data.formats import (
     normalise_messages,
     rename_columns,
 )
-from tuneforge.data.loaders import RawRecord, error_check, iter_records
+from tuneforge.data.loaders import RawRecord, iter_records
 from tuneforge.data.rejects import Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 from tuneforge.data.settings import DataConfig
@@ -278,8 +278,7 @@ def load_pairs(path: str, cfg: DataConfig) -> LoadedPairs:
     out = LoadedPairs()
     for rec in iter_records(path):
         if rec.data is None:
-            error = rec.error or "unreadable"
-            out.rejects.append(Reject.of(rec, [(error_check(error), error)]))
+            out.rejects.append(Reject.unreadable(rec))
             continue
         record = rename_columns(rec.data, cfg.columns)
         if (mismatch := _other_kind(record)) is not None:
@@ -340,18 +339,26 @@ def split_validation(train: list[T], validation: list[T] | None, cfg: DataConfig
 PREFERENCE_RENDER_VERSION = 4  # bump when rendering or the cached payload changes
 
 
+def cache_key(task: str, version: int, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
+    """The token-cache key of a single-file data set of ``task`` (preference pairs, KTO examples): its rendering
+    ``version``, the data settings, the files' content hashes, the tokenizer and the seed of the split."""
+    from tuneforge.data.token_cache import tokenizer_fingerprint
+    from tuneforge.fileutil import file_sha256
+
+    return {"render_version": version, "task": task, "seed": seed,
+            "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
+            "train": file_sha256(cfg.train_file()),
+            "validation": file_sha256(cfg.validation) if cfg.validation else None,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
 def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                   use_cache: bool = True) -> PreparedData:
     """Train and validation pairs of a run (validation: ``cfg.validation``, or ``cfg.val_fraction`` split off with
     ``seed``), cached by content hash like SFT data. Raises :class:`DataError` when no pair is usable."""
-    from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
-    from tuneforge.fileutil import file_sha256
+    from tuneforge.data.token_cache import cached_tokenize
 
-    key = {"render_version": PREFERENCE_RENDER_VERSION, "task": "preference", "seed": seed,
-           "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
-           "train": file_sha256(cfg.train_file()),
-           "validation": file_sha256(cfg.validation) if cfg.validation else None,
-           "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key = cache_key("preference", PREFERENCE_RENDER_VERSION, cfg, tokenizer, seed)
     payload = cached_tokenize(key, lambda: _payload(_prepare(cfg, tokenizer, seed)), enabled=use_cache)
     data = _from_payload(payload)
     log_rejects(data.rejects, "preference records")

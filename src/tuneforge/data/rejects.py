@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from tuneforge.data.jsonio import dumps_record
-from tuneforge.data.loaders import TRUNCATED_FILE, RawRecord
+from tuneforge.data.loaders import TRUNCATED_FILE, RawRecord, error_check
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class Reject:
     def of(cls, raw: RawRecord, reasons: Iterable[tuple[str, str]]) -> Reject:
         """The reject of a record the loader read (parsed or not)."""
         return cls(raw.source, raw.line, [Reason(*r) for r in reasons], raw.data, raw.raw)
+
+    @classmethod
+    def unreadable(cls, raw: RawRecord) -> Reject:
+        """The reject of a record the loader could not parse (``raw.data`` is None), with the check its error names."""
+        error = raw.error or "unreadable"
+        return cls.of(raw, [(error_check(error), error)])
 
     @property
     def reason(self) -> str:
