@@ -136,6 +136,28 @@ def test_lora_reward_model_learns_saves_and_scores_the_same_after_loading(tmp_pa
     assert test["pairwise_accuracy"] == acc["accuracy"].to_dict()
     assert json.loads((run / "eval" / "report.json").read_text())["sets"]["test"]["n"] == 24
 
+    # a package carries the head and scores the same; serving, merging and GGUF export refuse it in one line
+    from tuneforge.export.gguf import export_gguf
+    from tuneforge.export.gguf_lora import export_gguf_lora
+    from tuneforge.export.merge import merge_run
+    from tuneforge.export.package import package_run
+    from tuneforge.methods.errors import NotMergeableError
+    from tuneforge.serving.adapters import AdapterLoadError, served_method
+
+    package = tmp_path / "pkg"
+    package_run(run, package)
+    assert (package / HEAD_FILE).read_bytes() == (run / HEAD_FILE).read_bytes()
+    assert HEAD_FILE in json.loads((package / "tuneforge.json").read_text())["files"]
+    packaged = RewardModel.from_run(package).score_tokenized(sides, batch_size=5)
+    assert max(abs(a - b) for a, b in zip(packaged, loaded, strict=True)) < 1e-6
+    for folder in (run, package):
+        with pytest.raises(AdapterLoadError, match="reward model .*does not generate"):
+            served_method(folder)
+        for refuse in (lambda f: merge_run(f, tmp_path / "merged"), lambda f: export_gguf(f, tmp_path / "m.gguf"),
+                       lambda f: export_gguf_lora(f, tmp_path / "l.gguf")):
+            with pytest.raises(NotMergeableError, match="reward model"):
+                refuse(folder)
+
 
 def test_full_fine_tuning_reward_model_saves_its_head_with_the_model(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir, "full", max_steps=6, learning_rate=1e-3, eval_every=6,

@@ -624,7 +624,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
     ``<run_dir>/export/<run name>-<quant>.gguf``. Raises :class:`ExportCheckError` when the check fails
     (the file is left in place for inspection).
     """
-    from tuneforge.export.merge import DEFAULT_PROMPTS, _refuse, merge_adapter
+    from tuneforge.export.merge import DEFAULT_PROMPTS, _refuse, merge_adapter, refuse_reward_model
     from tuneforge.export.package import _run_files
     from tuneforge.models.remote_code import check_remote_code
     from tuneforge.runs import RunDir, run_trusts_remote_code, verify_base_model
@@ -632,6 +632,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path | None = None, quant: 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)} (got {quant!r})")
     run_dir = Path(run_dir)
+    refuse_reward_model(run_dir, "a GGUF export")
     config, method, _ = _run_files(run_dir, allow_regressed)
     trust = run_trusts_remote_code(run_dir, config.trust_remote_code)
     check_remote_code(str(run_dir), run_dir, trust)        # a full fine-tune of a model with its own code

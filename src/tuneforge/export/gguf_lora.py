@@ -115,11 +115,13 @@ def write_gguf_lora(adapter_dir: str | Path, base_config: dict[str, Any], out_fi
 
 def export_gguf_lora(run_dir: str | Path, out_file: str | Path | None = None, allow_regressed: bool = False) -> Path:
     """Write the LoRA adapter of a run or package as ``<run_dir>/export/<name>-lora.gguf`` (or ``out_file``)."""
+    from tuneforge.export.merge import refuse_reward_model
     from tuneforge.export.package import _run_files
     from tuneforge.models.registry import resolve_model
     from tuneforge.runs import NotARunError, RunDir, verify_base_model
 
     run_dir = Path(run_dir)
+    refuse_reward_model(run_dir, "a GGUF LoRA export")
     config, method, _ = _run_files(run_dir, allow_regressed)
     if method.is_full_model:
         raise NotARunError(f"{run_dir} is a full fine-tune, not an adapter: export it with --format gguf")

@@ -33,6 +33,7 @@ import torch
 from tuneforge.methods.dispatch import mergeable_methods, saved_method
 from tuneforge.methods.errors import NotMergeableError
 from tuneforge.methods.registry import get_method
+from tuneforge.methods.reward_head import is_reward_model, not_generative
 from tuneforge.models.registry import base_terms_files
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     return DTYPES[dtype]
+
+
+def refuse_reward_model(folder: str | Path, action: str) -> None:
+    """:class:`NotMergeableError` in one line when ``folder`` holds a reward model (its head is not in the LM)."""
+    if is_reward_model(folder):
+        raise NotMergeableError(not_generative(folder, action))
 
 
 def _refuse(method_name: str) -> None:
@@ -343,6 +350,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16",
     if not run.config.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a tuneforge run folder?")
     config = load_config(run.config, check_files=False)
+    refuse_reward_model(run_dir, "merging")
     _refuse(config.method)
     verify_base_model(run_dir, config.model)  # a package (tuneforge.json) refuses another base model
     if not run.adapter_config.is_file():

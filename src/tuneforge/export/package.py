@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge.methods.reward_head import HEAD_FILE, is_reward_model
 from tuneforge.models.registry import base_terms_files
 from tuneforge.runs import (
     BaseModelMismatch,
@@ -265,7 +266,7 @@ def package_run(run_dir: str | Path, out_dir: str | Path, license: str | None = 
         names = [n for n in (*FULL_MODEL_FILES, "model.safetensors.index.json") if (run_dir / n).is_file()]
         names += sorted(p.name for p in run_dir.glob("*.safetensors"))
     else:
-        names = list(ADAPTER_FILES)
+        names = list(ADAPTER_FILES) + ([HEAD_FILE] if is_reward_model(run_dir) else [])   # a reward model's head
     names += [n for n in TOKENIZER_FILES if (run_dir / n).is_file()]
     terms = base_terms_files(config.model)
     clash = [p.name for p in terms if p.name in names]

@@ -31,6 +31,20 @@ HEAD_FILE = "reward_head.safetensors"
 HEAD_ATTR = "score"
 
 
+NOT_GENERATIVE = ("is a reward model (task: reward): it scores text with its head ({file}) and does not generate; "
+                  "{action} would drop the head. Score with tuneforge.evaluation.reward_model.RewardModel.from_run")
+
+
+def is_reward_model(folder: str | Path) -> bool:
+    """Whether ``folder`` (a run, checkpoint or package) holds a reward model's head."""
+    return (Path(folder) / HEAD_FILE).is_file()
+
+
+def not_generative(folder: str | Path, action: str) -> str:
+    """The one-line reason why ``action`` (serving, merging, GGUF export) refuses the reward model in ``folder``."""
+    return f"{folder} " + NOT_GENERATIVE.format(file=HEAD_FILE, action=action)
+
+
 def hidden_size(model: torch.nn.Module) -> int:
     config: Any = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

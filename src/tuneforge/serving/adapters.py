@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tuneforge.methods.registry import Method, method_for_saved_type, methods
+from tuneforge.methods.reward_head import is_reward_model, not_generative
 from tuneforge.methods.serving_hooks import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -68,6 +69,8 @@ def served_method(folder: str | Path) -> Method:
             raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_CONFIG}")
         if not (folder / ADAPTER_WEIGHTS).is_file():
             raise AdapterLoadError(f"{folder} is not an adapter: it has no {ADAPTER_WEIGHTS}")
+        if is_reward_model(folder):
+            raise AdapterLoadError(not_generative(folder, "serving it as a chat adapter"))
         data = json.loads(cfg.read_text())
     except AdapterLoadError:
         raise
