@@ -280,7 +280,8 @@ def test_the_reward_model_reward_scores_as_the_reward_model_api(tiny_model_dir, 
 
 def _kill_settings(tiny_model_dir, tmp_path, name: str) -> dict:
     """6 steps of 2 prompts x 4 completions, a built-in reward that varies between completions of the tiny random
-    model (one of k, q, x, z in the text), LoRA dropout (so the dropout stream must continue too), a checkpoint every step."""
+    model (one of k, q, x, z in the text), LoRA dropout (so the dropout stream must continue too), a checkpoint
+    every step."""
     data = write_jsonl(tmp_path / "kill-prompts.jsonl", prompts(12))
     return {"model": str(tiny_model_dir), "task": "grpo", "output_dir": str(tmp_path / name), "seed": 3,
             "data": {"train": str(data), "val_fraction": 0}, "max_steps": 6, "batch_size": 2, "learning_rate": 3e-2,
