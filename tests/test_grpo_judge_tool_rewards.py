@@ -306,3 +306,22 @@ def test_a_grpo_run_reads_the_reference_from_messages_tool_calls(tiny_model_dir,
     assert result.metrics[0]["rewards/tool_call/mean"] == 0.0
     rejects = (tmp_path / "run" / "rejects.jsonl").read_text()
     assert "missing field 'tool_calls', which reward tool_call reads" in rejects
+
+
+def test_completion_texts_keep_the_formats_marker_tokens(tokenizer):
+    """A vocabulary where ``[TOOL_CALLS]`` is a special token: completion texts keep it when the run's format names
+    it (``keep``), so the Mistral parser finds the call, and drop the other special tokens as before."""
+    import copy
+
+    from tuneforge.data.tool_formats import FORMATS, special_marker_ids
+    from tuneforge.training.grpo_rollout import decode
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    keep = frozenset(special_marker_ids(tok, FORMATS["mistral"]).values())
+    assert len(keep) == 1
+    ids = tok("[TOOL_CALLS]" + json.dumps([WEATHER]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert decode(tok, ids) == json.dumps([WEATHER])                        # without keep: the marker is gone
+    text = decode(tok, ids, keep)
+    assert text == "[TOOL_CALLS]" + json.dumps([WEATHER])                   # kept; the end token still dropped
+    assert FORMATS["mistral"].parse(text)[1] == [WEATHER]
