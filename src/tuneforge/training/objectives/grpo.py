@@ -23,10 +23,12 @@ each process: each would sample all of them).
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
 ``completions/mean_length``, ``/min_length``, ``/max_length``, ``completions/clipped_ratio`` (share that hit
-``max_completion_length``) of the rollouts trained in the step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``,
-``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over the trained completion tokens. ``samples.jsonl`` in the
-run directory gets ``grpo.log_samples`` completions of each rollout with their rewards. Validation: one greedy
-completion per prompt, ``eval_reward`` (the weighted reward, higher is better) and each function's mean.
+``max_completion_length``) of the rollouts trained in the step; counts a reward function hands over
+(``counts()``: the judge's ``failed`` and ``unparseable`` calls) as ``rewards/<name>/<key>``, summed over the
+step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over
+the trained completion tokens. ``samples.jsonl`` in the run directory gets ``grpo.log_samples`` completions of
+each rollout with their rewards. Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
+reward, higher is better) and each function's mean.
 """
 
 from __future__ import annotations
