@@ -273,3 +273,60 @@ def test_the_reward_model_reward_scores_as_the_reward_model_api(tiny_model_dir, 
     sft.mkdir()
     with pytest.raises(RewardError, match="not a tuneforge run directory"):
         build_rewards([RewardSpec(name="reward_model", options={"run": str(sft)})])
+
+
+# ------------------------------------------------------------------------------------------ resume after SIGKILL
+
+
+def _kill_settings(tiny_model_dir, tmp_path, name: str) -> dict:
+    """6 steps of 2 prompts x 4 completions, a built-in reward that varies between completions of the tiny random
+    model (one of k, q, x, z in the text), LoRA dropout (so the dropout stream must continue too), a checkpoint
+    every step."""
+    data = write_jsonl(tmp_path / "kill-prompts.jsonl", prompts(12))
+    return {"model": str(tiny_model_dir), "task": "grpo", "output_dir": str(tmp_path / name), "seed": 3,
+            "data": {"train": str(data), "val_fraction": 0}, "max_steps": 6, "batch_size": 2, "learning_rate": 3e-2,
+            "warmup_ratio": 0.0, "lr_scheduler": "constant", "progress": False, "eval_share": None,
+            "save_every": 1, "keep_best": False, "on_divergence": "off", "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+            "grpo": {"num_generations": 4, "max_completion_length": 8, "temperature": 0.7, "loss_type": "grpo",
+                     "rewards": [{"name": "regex", "options": {"pattern": "[kqxz]"}}]}}
+
+
+def test_a_run_killed_with_sigkill_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    """kill -9 the ``tuneforge train`` process once a step's checkpoint is on disk (the run directory polled), resume
+    with ``--resume``: every step logged once, the same rewards (the sampling RNG continued), and bitwise the adapter
+    of a run never stopped."""
+    import signal
+    import time
+
+    import yaml
+
+    from test_resume import _cli_train
+    from tuneforge.training.checkpoint import CheckpointDir
+
+    whole = train(load_config(data=_kill_settings(tiny_model_dir, tmp_path, "whole")))
+    assert len({r["reward"] for r in whole.metrics}) > 1 and any(r["grad_norm"] > 0 for r in whole.metrics)
+    settings = _kill_settings(tiny_model_dir, tmp_path, "killed")
+    out = Path(settings["output_dir"])
+    config_file = tmp_path / "killed.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    proc = _cli_train(config_file)
+    checkpoints = CheckpointDir(out / "checkpoints")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and (checkpoints.current_step("last") or 0) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    step = checkpoints.current_step("last")
+    assert step is not None and 2 <= step < 6 and not (out / "adapter_model.safetensors").exists(), step
+    resumed = train(load_config(config_file), resume=True)
+    assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(whole.metrics, resumed.metrics, strict=True):
+        for key in ("loss", "reward", "completions/mean_length", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+    wa = load_file(str(whole.run_dir / "adapter_model.safetensors"))
+    wb = load_file(str(out / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    whole_samples = [json.loads(line) for line in (whole.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples == whole_samples          # the killed run's samples after its checkpoint are not kept twice

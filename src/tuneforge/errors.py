@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and what to do."""
+
+
+class RewardError(ConfigError):
+    """A GRPO reward function that cannot be imported or set up, or returned unusable scores (one line naming it)."""

@@ -76,12 +76,14 @@ class RewardSpec(Settings):
     """One reward function of ``grpo.rewards`` (see :mod:`tuneforge.training.grpo_rewards` for the built-ins and
     what each reads)."""
     name: str = Field(description="a built-in (exact_match, normalized_match, label_match, regex, json_valid, "
-                      "json_schema, length_penalty, reward_model) or a Python function as module:function (called "
-                      "as f(prompts, completions, **fields, **options), returning one float or None per completion; "
-                      "its options.needs lists the record fields it reads, checked on every record before training)")
+                      "json_schema, length_penalty, reward_model, judge, tool_call) or a Python function as "
+                      "module:function (called as f(prompts, completions, **fields, **options), returning one float "
+                      "or None per completion; its options.needs lists the record fields it reads, checked on every "
+                      "record before training)")
     weight: float = Field(1.0, description="its weight in the summed reward")
     options: dict[str, Any] = Field(default_factory=dict, description="the function's settings (e.g. regex: "
-                                    "{pattern: ...}; json_schema: {schema: ...}; reward_model: {run: DIR})")
+                                    "{pattern: ...}; json_schema: {schema: ...}; reward_model: {run: DIR}; judge: "
+                                    "{base_url: URL, model: NAME}; tool_call: {weights: {name: 0.3, ...}})")
 
 
 class GRPOConfig(Settings):

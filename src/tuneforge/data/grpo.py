@@ -4,7 +4,10 @@ Accepted records (field names as in ``data.columns``):
 
 * ``prompt``: a string, an HH prompt, or chat messages ending with a user turn;
 * ``messages``: a conversation; when it ends with an assistant turn, that turn is taken off the prompt and its text
-  becomes the record's ``answer`` (unless the record has one), the reference the match rewards compare with.
+  becomes the record's ``answer`` (unless the record has one), the reference the match rewards compare with, and
+  its ``tool_calls`` the record's ``tool_calls`` (unless it has them), the reference of the ``tool_call`` reward.
+
+A record's ``tools`` (OpenAI tool definitions) are rendered into its prompt as training renders them.
 
 Every other field of the record (``answer``, ``label``, a schema, ...) is kept and handed to the reward functions
 (:mod:`tuneforge.training.grpo_rewards`). A record without a field a reward needs goes to rejects
@@ -54,6 +57,8 @@ def to_prompt(record: dict[str, Any], system_prompt: str | None = None) -> tuple
         messages = normalise_messages(record["messages"])
         if messages and messages[-1]["role"] == "assistant":
             fields.setdefault("answer", messages[-1]["content"])
+            if messages[-1].get("tool_calls"):
+                fields.setdefault("tool_calls", messages[-1]["tool_calls"])
             messages = messages[:-1]
     else:
         raise RecordError("missing field 'prompt' (or 'messages'): GRPO samples completions for a prompt",
@@ -82,7 +87,8 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
             if missing:
                 name, key = missing[0]
                 raise RecordError(f"missing field '{key}', which reward {name} reads", "missing_field")
-            ids = prompt_ids(tokenizer, messages)
+            tools = fields.get("tools")
+            ids = prompt_ids(tokenizer, messages, tools=tools if isinstance(tools, list) and tools else None)
             if len(ids) > max_prompt:
                 raise RecordError(f"the prompt has {len(ids)} tokens; at most {max_prompt} leave room for "
                                   "grpo.max_completion_length within data.max_length", "too_long")

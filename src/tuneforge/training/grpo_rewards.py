@@ -25,9 +25,14 @@ Built-ins (``name:``; the record field each reads is an option, ``field``, with 
 ``length_penalty``  ``-max(0, completion_tokens - max_tokens) / max_tokens`` (``max_tokens`` required): 0 up to
                     the limit, -1 at twice it
 ``reward_model``    the score of a ``task: reward`` run (``run: DIR``) for prompt + completion
+``judge``           an LLM's score in [0, 1] through an OpenAI-compatible endpoint
+                    (:mod:`tuneforge.training.grpo_judge`: ``base_url``, ``model``, a template, the parse rule)
+``tool_call``       the completion's tool calls against the record's ``tool_calls``: name, arguments and schema
+                    parts, weighted (:mod:`tuneforge.training.grpo_tool_calls`)
 =================== =========================================================================================
 
-An LLM judge through an OpenAI-compatible endpoint is not built in yet (a ``module:function`` can call one).
+A reward function may have a ``counts()`` method: the counts it returns (e.g. the judge's failed calls) are
+summed over each step and logged as ``rewards/<name>/<key>``.
 """
 
 from __future__ import annotations
@@ -41,17 +46,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tuneforge.errors import ConfigError
+from tuneforge.data.tool_formats import FORMATS, HERMES
+from tuneforge.errors import RewardError
+from tuneforge.training.grpo_judge import JudgeReward
+from tuneforge.training.grpo_tool_calls import ToolCallReward
 
 if TYPE_CHECKING:
     from tuneforge.config.run import RewardSpec
+    from tuneforge.data.tool_formats import ToolCallFormat
 
 Messages = list[dict[str, Any]]
 RewardFn = Callable[..., Sequence[float | None]]
-
-
-class RewardError(ConfigError):
-    """A reward function that cannot be imported or set up, or returned unusable scores (one line naming it)."""
 
 
 def _text(value: Any) -> str:
@@ -171,6 +176,7 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
 BUILTINS: dict[str, RewardFn] = {"exact_match": exact_match, "normalized_match": normalized_match,
                                  "label_match": label_match, "regex": regex, "json_valid": json_valid,
                                  "json_schema": json_schema, "length_penalty": length_penalty}
+OTHERS = ("reward_model", "judge", "tool_call")      # built-ins set up by build_rewards itself
 # the record field each built-in reads (an option names another)
 FIELDS = {"exact_match": ("field", "answer"), "normalized_match": ("field", "answer"),
           "label_match": ("field", "label"), "json_schema": ("schema_field", None)}
@@ -218,7 +224,7 @@ class Reward:
 def _import(name: str) -> RewardFn:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
-        raise RewardError(f"grpo.rewards: {name!r} is neither a built-in ({', '.join([*BUILTINS, 'reward_model'])}) "
+        raise RewardError(f"grpo.rewards: {name!r} is neither a built-in ({', '.join([*BUILTINS, *OTHERS])}) "
                           "nor module:function")
     try:
         module = importlib.import_module(module_name)
@@ -280,13 +286,27 @@ def _reward_model(options: dict[str, Any]) -> RewardFn:
     return score
 
 
-def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
-    """The configured reward functions, imported and checked (:class:`RewardError` in one line)."""
+def build_rewards(specs: Sequence[RewardSpec], tool_format: ToolCallFormat | None = None) -> list[Reward]:
+    """The configured reward functions, imported and checked (:class:`RewardError` in one line). ``tool_format``:
+    the run's tool-call format, which ``tool_call`` reads completions with (unless its ``options.format``; none:
+    Hermes)."""
     out = []
     names: dict[str, int] = {}
     for spec in specs:
         options = dict(spec.options)
-        if spec.name in BUILTINS:
+        fn: RewardFn
+        needs: tuple[str, ...]
+        if spec.name == "judge":
+            judge = JudgeReward(options)
+            fn, needs, options = judge, judge.needs, {}
+        elif spec.name == "tool_call":
+            name = options.get("format")
+            if name is not None and name not in FORMATS:
+                raise RewardError(f"grpo.rewards: tool_call options.format is {name!r}; write one of "
+                                  f"{', '.join(FORMATS)}, or leave it out for the run's data.tool_call_format")
+            tool = ToolCallReward(options, FORMATS[name] if name else tool_format or HERMES)
+            fn, needs, options = tool, tool.needs, {}
+        elif spec.name in BUILTINS:
             _check_options(spec.name, options)
             fn, needs = BUILTINS[spec.name], ()
             if spec.name in FIELDS:

@@ -6,7 +6,8 @@ and without grad (the training mode is restored after), with its own seeded RNG 
 are left as they were): the same seed and weights give the same completions, which is what makes a resumed run
 sample what the uninterrupted one did. A completion is its tokens up to and including the first end-of-turn token
 (EOS or the template's end of turn), or ``max_new_tokens`` tokens when it did not stop (truncated); its text is
-decoded without special tokens (tool-call markers are not kept: GRPO on tool calls is not there yet).
+decoded without special tokens, except the run's tool-call markers (``keep``: e.g. Mistral's ``[TOOL_CALLS]``, so the
+``tool_call`` reward reads calls as serving does).
 
 :func:`completion_logps` gives the per-token log-probabilities of the completions of a packed row of
 prompt + completion sequences as ``[n, T]`` (``T`` the longest completion, 0 beyond each), from the logits
@@ -60,9 +61,10 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], config: RunConfig, seed: int,
-           greedy: bool = False) -> Samples:
+           greedy: bool = False, keep: frozenset[int] = frozenset()) -> Samples:
     """One completion of each of ``prompts`` (token ids; repeat a prompt for several), sampled with
-    ``config.grpo``'s temperature and top_p (``greedy``: the most likely tokens), all in one left-padded batch."""
+    ``config.grpo``'s temperature and top_p (``greedy``: the most likely tokens), all in one left-padded batch;
+    ``keep``: special token ids kept in the texts (the tool-call markers)."""
     grpo = config.grpo
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -86,9 +88,17 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
         end = next((j for j, t in enumerate(row) if t in ends), None)
         kept = row if end is None else row[:end + 1]
         ids.append(kept)
-        texts.append(tokenizer.decode(kept if end is None else kept[:-1], skip_special_tokens=True).strip())
+        texts.append(decode(tokenizer, kept if end is None else kept[:-1], keep))
         stopped.append(end is not None)
     return Samples(ids, texts, stopped)
+
+
+def decode(tokenizer: Any, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+    """``ids`` as stripped text without special tokens, except those in ``keep``."""
+    if not keep:
+        return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return str(tokenizer.decode([i for i in ids if i in keep or i not in special], skip_special_tokens=False)).strip()
 
 
 def completion_logps(model: torch.nn.Module, batch: PackedBatch, config: RunConfig) -> torch.Tensor:

@@ -23,10 +23,12 @@ each process: each would sample all of them).
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
 ``completions/mean_length``, ``/min_length``, ``/max_length``, ``completions/clipped_ratio`` (share that hit
-``max_completion_length``) of the rollouts trained in the step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``,
-``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over the trained completion tokens. ``samples.jsonl`` in the
-run directory gets ``grpo.log_samples`` completions of each rollout with their rewards. Validation: one greedy
-completion per prompt, ``eval_reward`` (the weighted reward, higher is better) and each function's mean.
+``max_completion_length``) of the rollouts trained in the step; counts a reward function hands over
+(``counts()``: the judge's ``failed`` and ``unparseable`` calls) as ``rewards/<name>/<key>``, summed over the
+step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over
+the trained completion tokens. ``samples.jsonl`` in the run directory gets ``grpo.log_samples`` completions of
+each rollout with their rewards. Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
+reward, higher is better) and each function's mean.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ import torch
 from tuneforge.data.grpo import GRPOPrompt, prepare_prompts
 from tuneforge.data.packing import PackedBatch, epoch_order, pack
 from tuneforge.data.rendering import TokenizedExample
+from tuneforge.data.tool_formats import resolve, special_marker_ids
 from tuneforge.errors import ConfigError
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
+from tuneforge.training.grpo_tool_calls import ToolCallReward
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.reference import FrozenWeights, reference_model
 
@@ -119,6 +123,12 @@ def _sums(values: torch.Tensor, key: str) -> dict[str, float]:
     return {f"{key}/sum": float(kept.sum()), f"{key}/sq": float((kept ** 2).sum()), f"{key}/n": float(kept.numel())}
 
 
+def _counts(reward: Reward) -> dict[str, int]:
+    """The counts a reward function hands over (its ``counts()``, e.g. the judge's failed calls), reset there."""
+    counts = getattr(reward.fn, "counts", None)
+    return counts() if callable(counts) else {}
+
+
 def _mean_std(sums: dict[str, float], key: str) -> tuple[float, float] | None:
     n = sums.get(f"{key}/n", 0.0)
     if not n:
@@ -148,13 +158,22 @@ class GRPOObjective(Objective):
         self.accumulation = 1            # gradient_accumulation_steps: a block of rollouts
         self.repeats_now = 1             # num_iterations (validation batches: 1)
         self.config: RunConfig | None = None
+        self.keep: frozenset[int] = frozenset()     # special tokens kept in completion texts (tool-call markers)
 
     # ---------------------------------------------------------------- data
 
     def prepare_data(self, config: RunConfig, tokenizer: Any) -> PreparedData:
         """The reward functions (imported and checked first: a bad one fails before the data is read), then the
         prompts, each checked for the fields the rewards read."""
-        self.rewards = build_rewards(config.grpo.rewards)
+        fmt = None
+        if any(spec.name == "tool_call" for spec in config.grpo.rewards):
+            try:
+                fmt = resolve(config.data.tool_call_format, tokenizer.chat_template)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.rewards = build_rewards(config.grpo.rewards, fmt)
+        called = [r.fn.fmt for r in self.rewards if isinstance(r.fn, ToolCallReward)]
+        self.keep = frozenset(special_marker_ids(tokenizer, called[0]).values()) if called else frozenset()
         self.tokenizer, self.config = tokenizer, config
         self.accumulation = config.gradient_accumulation_steps
         needs = {r.name: r.needs for r in self.rewards if r.needs}
@@ -229,7 +248,7 @@ class GRPOObjective(Objective):
         seed = (config.seed * 1_000_003 + epoch) * 1_000_033 + index
         prompts = [p.input_ids for p in batch.prompts for _ in range(group)]
         with self._autocast():
-            samples = sample(model, self.tokenizer, prompts, config, seed)
+            samples = sample(model, self.tokenizer, prompts, config, seed, keep=self.keep)
         tokens = [len(ids) for ids in samples.ids]
         scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, group)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
@@ -264,6 +283,8 @@ class GRPOObjective(Objective):
                "clipped": float(sum(not s for s in stopped))}
         for i, reward in enumerate(self.rewards):
             out.update(_sums(scores[:, i], f"rewards/{reward.name}"))
+            for key, value in _counts(reward).items():
+                out[f"count/rewards/{reward.name}/{key}"] = float(value)
         return out
 
     def _write_samples(self, batch: GRPOBatch, texts: list[str], scores: torch.Tensor, rewards: torch.Tensor,
@@ -341,6 +362,7 @@ class GRPOObjective(Objective):
         out["completions/min_length"] = sums["length/min"]
         out["completions/max_length"] = sums["length/max"]
         out["completions/clipped_ratio"] = sums["clipped"] / n
+        out.update({key.removeprefix("count/"): value for key, value in sums.items() if key.startswith("count/")})
         return out
 
     # ---------------------------------------------------------------- validation
@@ -353,8 +375,11 @@ class GRPOObjective(Objective):
         totals: dict[str, float] = {}
         for batch in batches:
             assert isinstance(batch, GRPOBatch)
-            samples = sample(model, self.tokenizer, [p.input_ids for p in batch.prompts], config, seed=0, greedy=True)
+            samples = sample(model, self.tokenizer, [p.input_ids for p in batch.prompts], config, seed=0, greedy=True,
+                             keep=self.keep)
             scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, 1)
+            for reward in self.rewards:
+                _counts(reward)             # validation's failed judge calls are not the next step's
             weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
             rewards = (scores * weights).nansum(dim=1)
             rewards[torch.isnan(scores).all(dim=1)] = torch.nan
