@@ -107,8 +107,10 @@ def test_first_run_runs_every_stage_and_records_hashes(first_run):
     state = PipelineState.load(first_run)
     assert state is not None and set(state.stages) == {"curate", "train", "evaluate", "gates", "package"}
     train = state.stages["train"]
-    assert train.inputs["data:pipeline/curated/clean.jsonl"] == state.stages["curate"].outputs["pipeline/curated/clean.jsonl"]
-    assert "eval/report.json" in state.stages["evaluate"].outputs and (first_run / "package" / "tuneforge.json").is_file()
+    clean = "pipeline/curated/clean.jsonl"       # recorded relative to the run: a moved run stays up to date
+    assert train.inputs[f"data:{clean}"] == state.stages["curate"].outputs[clean]
+    assert "eval/report.json" in state.stages["evaluate"].outputs
+    assert (first_run / "package" / "tuneforge.json").is_file()
     assert [g["name"] for g in state.stages["gates"].gates] == ["failures", "min_score", "loss"]
     assert all(g["verdict"] == "passed" for g in state.stages["gates"].gates)
     md = (first_run / "pipeline" / "summary.md").read_text()
@@ -190,3 +192,23 @@ def test_check_pipeline_refuses_a_forgetting_gate_without_the_check():
     config = load_config(str(RECIPES / "quickstart.yaml"), ["pipeline.gates.forgetting={max_drop: 0.01}"])
     with pytest.raises(ConfigError, match="eval.forgetting.enabled"):
         check_pipeline(config, config.pipeline, None, None, [], {})
+
+
+def test_quickstart_is_a_pipeline_run(tmp_path, tiny_model_dir, tickets, capsys):
+    """The quickstart's gates on a random model: tuned beats nothing, so it stops before package with exit 1 (the
+    tables printed); accepted, it packages and prints the pipeline's table; a rerun skips every stage."""
+    out = tmp_path / "quickstart"
+    sets = [f"model={tiny_model_dir}", f"data.train={tickets}", "max_steps=2", "eval_every=1", "progress=false",
+            f"output_dir={out}", "eval.max_examples=4"]
+    argv = ["quickstart", *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "gate beats_baselines failed" in captured.err and "| fewshot" in captured.out and "| rag" in captured.out
+    assert not (out / "package").exists()
+    accept = [a for g in ("beats_baselines", "failures", "min_score") for a in ("--accept-gate", g)]
+    assert main([*argv, *accept, "--reason", "a random tiny model"]) == 0
+    printed = capsys.readouterr().out
+    assert "handwritten: 4 tickets" in printed and "| package | ran |" in printed and "| beats_baselines | accepted |" \
+        in printed
+    assert main(argv) == 0
+    assert "| train | skipped |" in capsys.readouterr().out

@@ -108,7 +108,7 @@ class Gates(Settings):
     forgetting: ForgettingGate | None = None
     failures: FailuresGate | None = None
     min_score: MinScoreGate | None = None
-    loss: LossGate | None = Field(default_factory=LossGate)
+    loss: LossGate | None = Field(default_factory=lambda: LossGate.model_validate({}))
 
 
 GATES = tuple(Gates.model_fields)
@@ -118,11 +118,11 @@ class PipelineSettings(Settings):
     """What ``tuneforge pipeline`` runs (docs/guides/pipeline.md)."""
     stages: list[str] = Field(DEFAULT_STAGES, description="the stages to run, of curate, train, evaluate, gates, "
                                                           "package, export, serve (run in that order)")
-    curate: CurateStage = CurateStage()
-    package: PackageStage = PackageStage()
-    export: ExportStage = ExportStage()
-    serve: ServeStage = ServeStage()
-    gates: Gates = Gates()
+    curate: CurateStage = CurateStage.model_validate({})
+    package: PackageStage = PackageStage.model_validate({})
+    export: ExportStage = ExportStage.model_validate({})
+    serve: ServeStage = ServeStage.model_validate({})
+    gates: Gates = Gates.model_validate({})
 
     @field_validator("stages")
     @classmethod

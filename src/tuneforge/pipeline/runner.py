@@ -115,7 +115,7 @@ def run_pipeline(config: RunConfig, from_stage: str | None = None, until: str | 
     :class:`StageFailed` when a stage fails and :class:`GateFailed` when a gate fails (the summary is written in
     every case).
     """
-    settings = config.pipeline or PipelineSettings()
+    settings = config.pipeline or PipelineSettings.model_validate({})
     accept = dict(accept or {})
     force = set(force)
     check_pipeline(config, settings, from_stage, until, force, accept)

@@ -93,11 +93,11 @@ def outputs_sha256(stage: Stage, ctx: Context) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ curate
 
 
-def _train_files(config: RunConfig) -> list[str]:
+def _train_files(config: RunConfig) -> list[str | Path]:
     return [str(p) for p in config.data.train_paths()] if config.data.sources is None else []
 
 
-def _against(config: RunConfig) -> list[str]:
+def _against(config: RunConfig) -> list[str | Path]:
     files = [config.data.validation, config.eval.data if config.eval else None]
     return [f for f in files if f and Path(f).is_file()]
 
@@ -251,11 +251,12 @@ def export_run(ctx: Context) -> str:
 
 def serve_run(ctx: Context) -> str:
     from tuneforge.serving.commands import base_from_adapters
-    from tuneforge.serving.server import Server, ServeConfig
+    from tuneforge.serving.server import ServeConfig, Server
 
     s = ctx.settings.serve
     adapters = {s.name: str(ctx.shipped())}
-    server = Server(ServeConfig(base=base_from_adapters(adapters), adapters=adapters, host=s.host, port=s.port))
+    server = Server(ServeConfig.model_validate({"base": base_from_adapters(adapters), "adapters": adapters,
+                                                 "host": s.host, "port": s.port}))
     print(f"serving {s.name} on http://{s.host}:{s.port}/v1 (Ctrl-C stops)", flush=True)
     server.run()
     return "stopped"
