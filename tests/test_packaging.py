@@ -116,7 +116,8 @@ def test_installed_quickstart_runs_from_an_empty_folder_and_writes_only_there(in
     before = _files(installed)
     proc = _run(installed, folder, "-m", "tuneforge.cli", "quickstart", "--set", "max_steps=1", "--set",
                 "eval.max_examples=2", "--set", "progress=false", "--accept-gate", "beats_baselines", "--accept-gate",
-                "failures", "--accept-gate", "min_score", "--reason", "one step on two tickets", timeout=900)
+                "failures", "--accept-gate", "min_score", "--accept-gate", "loss", "--reason",
+                "one step on two tickets", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| tuned" in proc.stdout
     assert (folder / "runs" / "quickstart" / "eval" / "report.json").is_file()

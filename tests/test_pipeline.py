@@ -205,10 +205,26 @@ def test_quickstart_is_a_pipeline_run(tmp_path, tiny_model_dir, tickets, capsys)
     captured = capsys.readouterr()
     assert "gate beats_baselines failed" in captured.err and "| fewshot" in captured.out and "| rag" in captured.out
     assert not (out / "package").exists()
-    accept = [a for g in ("beats_baselines", "failures", "min_score") for a in ("--accept-gate", g)]
+    accept = [a for g in ("beats_baselines", "failures", "min_score", "loss") for a in ("--accept-gate", g)]
     assert main([*argv, *accept, "--reason", "a random tiny model"]) == 0
     printed = capsys.readouterr().out
     assert "handwritten: 4 tickets" in printed and "| package | ran |" in printed and "| beats_baselines | accepted |" \
         in printed
     assert main(argv) == 0
     assert "| train | skipped |" in capsys.readouterr().out
+
+
+def test_export_stage_follows_the_package(run_copy, tiny_model_dir, tickets):
+    """Adding export to the stages runs it alone: the earlier stages' inputs do not include the stage list."""
+    stages = "pipeline.stages=[curate,train,evaluate,gates,package,export]"
+    assert main(_args(tiny_model_dir, run_copy, tickets, stages, "pipeline.export.format=gguf-lora")) == 0
+    statuses = _statuses(run_copy)
+    assert statuses.pop("export") == "ran" and set(statuses.values()) == {"skipped"}
+    assert (run_copy / "export" / "run-lora.gguf").stat().st_size > 0
+
+
+def test_serve_stage_listens_on_this_machine_only():
+    from tuneforge.config import load_config
+
+    with pytest.raises(ConfigError, match="this machine only"):
+        load_config(str(RECIPES / "quickstart.yaml"), ["pipeline.serve.host=0.0.0.0"])

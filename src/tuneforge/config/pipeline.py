@@ -54,6 +54,14 @@ class ServeStage(Settings):
                                                "for another host, with --api-key)")
     port: int = Field(8000, ge=1, le=65535)
 
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, v: str) -> str:
+        if v not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"{v!r}: the pipeline serves on this machine only (127.0.0.1, localhost or ::1); for "
+                             "another host run `tuneforge serve --host ... --api-key ...` on the package")
+        return v
+
 
 class BeatsBaselinesGate(Settings):
     """The tuned column beats each baseline on the main metric: paired bootstrap over the same prompts, the share
