@@ -134,7 +134,7 @@ def test_impossible_gate_stops_before_package_and_accepting_records_the_reason(r
     assert len(err.splitlines()) == 1 and "gate min_score failed" in err and "(min 1.01)" in err
     assert str(run_copy / "eval" / "report.html") in err
     assert not (run_copy / "package").exists()
-    assert _statuses(run_copy)["gates"] == "ran"
+    assert _statuses(run_copy)["gates"] == "ran" and _statuses(run_copy)["package"] == "not run"
     assert main(_args(tiny_model_dir, run_copy, tickets, impossible) + ["--accept-gate", "min_score", "--reason",
                                                                         "a random tiny model"]) == 0
     gate = next(g for g in json.loads((run_copy / "pipeline" / "summary.json").read_text())["gates"]

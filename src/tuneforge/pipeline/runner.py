@@ -132,6 +132,9 @@ def run_pipeline(config: RunConfig, from_stage: str | None = None, until: str | 
     stopped: str | None = None
 
     def save() -> tuple[Path, Path]:
+        if stopped:         # the stages a stop left out are listed too
+            done = {r.name for r in rows}
+            rows.extend(StageRow(n, "not run") for n in selected if n not in done)
         state.stages = records
         state.save(run.path)
         return write_summary(run.pipeline_dir, rows, gates, run.path, stopped)
