@@ -115,6 +115,9 @@ def test_first_run_runs_every_stage_and_records_hashes(first_run):
     assert all(g["verdict"] == "passed" for g in state.stages["gates"].gates)
     md = (first_run / "pipeline" / "summary.md").read_text()
     assert "| curate | ran |" in md and "| min_score | passed |" in md
+    page = (first_run / "eval" / "report.html").read_text()      # the report's own sections, then the pipeline's
+    assert page.index("<h2>Loss curve</h2>") < page.index("<h2>Pipeline</h2>")
+    assert "<td>min_score</td><td>passed</td>" in page and "<td>package</td><td>ran</td>" in page
 
 
 def test_rerun_skips_every_stage_quickly(run_copy, tiny_model_dir, tickets, capsys):

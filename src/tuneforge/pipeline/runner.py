@@ -25,7 +25,7 @@ from tuneforge.pipeline.errors import GateFailed, StageFailed
 from tuneforge.pipeline.gates import GateResult
 from tuneforge.pipeline.hashing import path_sha256
 from tuneforge.pipeline.stages import STAGE_TABLE, Context, Stage, outputs_sha256, where
-from tuneforge.pipeline.summary import StageRow, table, write_summary
+from tuneforge.pipeline.summary import StageRow, add_to_report_html, table, write_summary
 from tuneforge.runs import PipelineState, RunDir, StageRecord
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def run_pipeline(config: RunConfig, from_stage: str | None = None, until: str | 
             rows.extend(StageRow(n, "not run") for n in selected if n not in done)
         state.stages = records
         state.save(run.path)
+        add_to_report_html(run.eval_dir, rows, gates, run.path, stopped)
         return write_summary(run.pipeline_dir, rows, gates, run.path, stopped)
 
     for i, name in enumerate(selected):

@@ -171,7 +171,8 @@ def evaluate_inputs(ctx: Context) -> dict[str, str]:
 
 
 def evaluate_outputs(ctx: Context) -> list[Path]:
-    return [ctx.run.eval_dir / n for n in ("report.json", "report.md", "report.html")]
+    """report.json and report.md; report.html is rendered from report.json, and the pipeline adds its section to it."""
+    return [ctx.run.eval_dir / n for n in ("report.json", "report.md")]
 
 
 def evaluate_run(ctx: Context) -> str:

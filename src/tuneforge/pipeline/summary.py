@@ -6,7 +6,9 @@ markdown table printed at the end of ``tuneforge pipeline`` and ``tuneforge quic
 
 from __future__ import annotations
 
+import html
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,3 +81,42 @@ def write_summary(out_dir: Path, stages: list[StageRow], gates: list[GateResult]
     json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     md_path.write_text("\n".join(md))
     return json_path, md_path
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table class='pipeline'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_section(stages: list[StageRow], gates: list[GateResult], run_dir: Path, stopped: str | None) -> str:
+    """The pipeline's stages and gates as HTML tables (escaped), for the evaluation report's Pipeline section."""
+    rows = [[s.name, s.status, f"{s.seconds:.1f}",
+             ", ".join(f"{_rel(p, run_dir)} ({_short(h)})" for p, h in s.outputs.items()), s.note] for s in stages]
+    out = f"<p class='meta'>{html.escape(stopped or 'finished')} · summary: pipeline/summary.md</p>"
+    out += _html_table(["stage", "status", "seconds", "outputs (sha256)", "note"], rows)
+    if gates:
+        out += _html_table(["gate", "verdict", "threshold", "numbers"],
+                           [[g.name, g.verdict, g.threshold,
+                             g.detail + (f" (accepted: {g.accepted})" if g.accepted and not g.passed else "")]
+                            for g in gates])
+    return out
+
+
+def add_to_report_html(report_dir: Path, stages: list[StageRow], gates: list[GateResult], run_dir: Path,
+                       stopped: str | None) -> Path | None:
+    """Rewrite ``report.html`` from ``report.json`` with a Pipeline section (None when there is no report).
+    ``report.html`` is rendered from ``report.json``, so the evaluate stage records only the JSON and the markdown
+    as its outputs: this rewrite does not make it out of date."""
+    from tuneforge.evaluation.report import to_html
+    from tuneforge.runs import EvalReport
+
+    record = EvalReport.load(report_dir.parent) if (report_dir / "report.json").is_file() else None
+    if record is None:
+        return None
+    page = to_html(record.to_dict(), [("Pipeline", html_section(stages, gates, run_dir, stopped))])
+    out = report_dir / "report.html"
+    tmp = out.with_name(f".report.html.tmp-{os.getpid()}")
+    tmp.write_text(page)
+    os.replace(tmp, out)
+    return out
