@@ -110,11 +110,14 @@ def test_print_config_gives_a_config_that_trains_from_any_folder(installed, tmp_
 
 @pytest.mark.integration
 def test_installed_quickstart_runs_from_an_empty_folder_and_writes_only_there(installed, tmp_path):
-    """One step on the real model: the run lands under the current folder; the package is only read."""
+    """One step on the real model: the run lands under the current folder; the package is only read. (One step
+    does not pass the quickstart's gates: they are accepted, as the pipeline lets a user do with a reason.)"""
     folder = _elsewhere(tmp_path)
     before = _files(installed)
     proc = _run(installed, folder, "-m", "tuneforge.cli", "quickstart", "--set", "max_steps=1", "--set",
-                "eval.max_examples=2", "--set", "progress=false", timeout=900)
+                "eval.max_examples=2", "--set", "progress=false", "--accept-gate", "beats_baselines", "--accept-gate",
+                "failures", "--accept-gate", "min_score", "--accept-gate", "loss", "--reason",
+                "one step on two tickets", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| tuned" in proc.stdout
     assert (folder / "runs" / "quickstart" / "eval" / "report.json").is_file()

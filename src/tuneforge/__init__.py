@@ -6,6 +6,7 @@ The Python API under the ``tuneforge`` CLI::
     config = tuneforge.load_config("examples/quickstart.yaml", overrides=["max_steps=3"])
     result = tuneforge.train(config)                      # writes config.output_dir
     print(tuneforge.generate(result.run_dir, "Where is my parcel?"))
+    print(tuneforge.run_pipeline("my.yaml").table())      # curate -> ... -> package, skipping what is up to date
 """
 
 from __future__ import annotations
@@ -50,4 +51,15 @@ def evaluate(run_dir: str, **kwargs):
     return _evaluate(run_dir, **kwargs)
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "train", "generate", "evaluate", "__version__"]
+def run_pipeline(config: "RunConfig | str", overrides: list[str] | None = None, **kwargs):
+    """Run the stages of the config's ``pipeline:`` section (curate -> train -> evaluate -> gates -> package ->
+    export -> serve), skipping those whose inputs did not change; return a ``PipelineResult``. See
+    :func:`tuneforge.pipeline.run_pipeline` for the arguments (``from_stage``, ``until``, ``force``, ``accept``)."""
+    from tuneforge.pipeline import run_pipeline as _run_pipeline
+
+    if isinstance(config, str):
+        config = load_config(config, overrides)
+    return _run_pipeline(config, **kwargs)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "train", "generate", "evaluate", "run_pipeline", "__version__"]

@@ -70,7 +70,18 @@ def cmd_quickstart(args) -> int:
     if args.print_config:
         print(printable_config(args.config), end="")
         return 0
-    run_quickstart(args.config, args.set)
+    from tuneforge.pipeline import GateFailed, StageFailed
+    from tuneforge.pipeline.commands import accepted
+
+    try:
+        run_quickstart(args.config, args.set, accept=accepted(args), from_stage=args.from_stage, until=args.until,
+                       force=args.force)
+    except GateFailed as e:
+        _error(f"tuneforge quickstart: {e}")
+        return 1
+    except StageFailed as e:
+        _error(f"tuneforge quickstart: {e}")
+        return 2
     return 0
 
 
@@ -190,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.evaluation.commands import add_eval_commands
     from tuneforge.export.commands import add_export_command, add_merge_command, add_package_command
     from tuneforge.models.registry import DEFAULT_MODEL
+    from tuneforge.pipeline.commands import add_pipeline_args, add_pipeline_command
     from tuneforge.serving.commands import add_serve_command
 
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate, export and serve language models.")
@@ -215,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "prefix, prompt, ia3), with its settings sections and its learning rate")
     i.set_defaults(func=cmd_init)
 
-    q = sub.add_parser("quickstart", help="train LoRA on the ticket-routing demo and compare base vs tuned")
+    q = sub.add_parser("quickstart", help="curate, train LoRA on the ticket-routing demo, compare base, few-shot, RAG "
+                                          "and tuned, check the gates and package (a pipeline run)")
     q.add_argument("--config", default=None, help="run config (default: the quickstart config shipped with tuneforge)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--print-config", action="store_true",
                    help="print the config with absolute data paths and exit (> my.yaml, then tuneforge train my.yaml)")
+    add_pipeline_args(q)
     q.set_defaults(func=cmd_quickstart)
 
     for name, helptext in (("generate", "generate one answer with a trained run"), ("chat", "chat with a trained run")):
@@ -258,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_estimate_command(sub)
     add_eval_commands(sub)
     add_serve_command(sub)
+    add_pipeline_command(sub)
     pl = sub.add_parser("plan", help="fit a run config to a memory budget (micro-batch, accumulation, "
                                      "checkpointing, QLoRA) with the estimator")
     pl.add_argument("config", help="run config (YAML)")

@@ -20,6 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tuneforge import deprecations
 from tuneforge.config.eval import EvalSettings
+from tuneforge.config.pipeline import PipelineSettings
 from tuneforge.data.settings import DataConfig
 from tuneforge.errors import ConfigError
 from tuneforge.models.registry import DEFAULT_MODEL
@@ -215,6 +216,7 @@ class RunConfig(Settings):
         0.01, ge=0, description="the end-of-run check's slack: the final validation may be this much (relative) "
                                 "worse than its yardsticks")
     eval: EvalSettings | None = None    # tuneforge eval's settings (config/eval.py)
+    pipeline: PipelineSettings | None = None    # tuneforge pipeline's stages and gates (config/pipeline.py)
 
     # hardware
     device: str = Field("auto", description="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")

@@ -382,7 +382,9 @@ def _viewer(report: dict, name: str, entry: dict, limit: int) -> str:
             "</tbody></table>")
 
 
-def to_html(report: dict) -> str:
+def to_html(report: dict, sections: list[tuple[str, str]] | None = None) -> str:
+    """The self-contained HTML report; ``sections``: (title, HTML) pairs appended after the report's own (the
+    pipeline adds its stages and gates this way; their HTML is the caller's, escaped by it)."""
     meta = report.get("metadata", {})
     settings = meta.get("settings", {})
     body = [f"<h1>Evaluation of {_e(report['run'])}</h1>",
@@ -470,6 +472,8 @@ def to_html(report: dict) -> str:
             ["win", "tie", "loss", "position consistency", "unparseable"],
             [[_pct(j["win"]), _pct(j["tie"]), _pct(j["loss"]), f"{100 * j['consistency']:.1f}%",
               f"{100 * j['unparseable']:.1f}%"]]) + f"<p class='meta'>{_e(j['note'])}</p>")
+    for title, section in sections or []:
+        body.append(f"<h2>{_e(title)}</h2>{section}")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tuneforge eval: {_e(report['run'])}"
             f"</title><style>{_CSS}</style><script>{_JS}</script></head><body><main>{''.join(body)}</main></body></html>")
 

@@ -5,7 +5,8 @@ Every stage reads and writes a run (and a package) through this package, never a
 - ``layout.py``: :class:`RunDir`, the path of each file (``config.yaml``, ``run.json``, ``metrics.jsonl``,
   ``checkpoints/``, ``eval/report.json``, ``tuneforge.json``, ...);
 - ``records.py``: :class:`RunRecord` (``run.json``), :class:`PackageManifest` (``tuneforge.json``),
-  :class:`EvalReport` (``eval/report.json``), each with a ``schema_version``; files of older tuneforge
+  :class:`EvalReport` (``eval/report.json``), :class:`PipelineState` (``pipeline/state.json``), each with a
+  ``schema_version``; files of older tuneforge
   (no ``schema_version``) read as version 1, unknown keys kept, newer versions refused in one line;
 - ``base_model.py``: :func:`base_model_sha256`, :func:`base_model_record`, :func:`verify_base_model`;
 - ``versions.py``: :func:`library_versions`, :func:`data_fingerprints`;
@@ -36,7 +37,9 @@ from tuneforge.runs.records import (
     EvalReport,
     ExampleCounts,
     PackageManifest,
+    PipelineState,
     RunRecord,
+    StageRecord,
     TemplateRecord,
 )
 from tuneforge.runs.versions import data_fingerprints, library_versions
@@ -44,7 +47,8 @@ from tuneforge.runs.versions import data_fingerprints, library_versions
 _LOADING = ("LoadedModel", "load_base", "load_run")
 
 __all__ = ["SCHEMA_VERSION", "BaseModelMismatch", "BaseModelRecord", "DataFile", "EvalReport", "ExampleCounts",
-           "NewerSchemaError", "NotARunError", "PackageManifest", "RunDir", "RunRecord", "TemplateRecord",
+           "NewerSchemaError", "NotARunError", "PackageManifest", "PipelineState", "RunDir", "RunRecord", "StageRecord",
+           "TemplateRecord",
            "base_model_record", "base_model_sha256", "data_fingerprints", "library_versions", "run_trusts_remote_code",
            "verify_base_model",
            *_LOADING]

@@ -21,6 +21,8 @@ TRACKING = "tracking"
 EVAL = "eval"                       # tuneforge eval's folder: report.md, report.json, report.html
 REPORT = "report.json"              # the evaluation report: :class:`tuneforge.runs.records.EvalReport`
 EXPORT = "export"                   # tuneforge export without --out
+PIPELINE = "pipeline"                # tuneforge pipeline's folder: state.json, summary.md, summary.json, curated/
+PIPELINE_STATE = "state.json"       # :class:`tuneforge.runs.records.PipelineState`
 MANIFEST = "tuneforge.json"         # a package's manifest: :class:`tuneforge.runs.records.PackageManifest`
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"   # every adapter method's trained tensors (peft's name)
@@ -84,6 +86,15 @@ class RunDir:
     @property
     def export_dir(self) -> Path:
         return self.path / EXPORT
+
+    @property
+    def pipeline_dir(self) -> Path:
+        return self.path / PIPELINE
+
+    @property
+    def pipeline_state(self) -> Path:
+        """``pipeline/state.json``: what each stage of ``tuneforge pipeline`` read, wrote and decided."""
+        return self.path / PIPELINE / PIPELINE_STATE
 
     @property
     def manifest(self) -> Path:

@@ -7,6 +7,7 @@ record                 file                       written by
 :class:`EvalReport`    ``eval/report.json``       ``tuneforge eval`` (its top-level keys; the
                                                   per-set content is the evaluation's)
 :class:`PackageManifest`  ``tuneforge.json``      ``tuneforge package``
+:class:`PipelineState`    ``pipeline/state.json`` ``tuneforge pipeline``
 =====================  =========================  ================================================
 
 Versions: every record has a ``schema_version`` (:data:`SCHEMA_VERSION` today), written first on save. A file
@@ -461,3 +462,33 @@ class EvalReport(Record):
         if not isinstance(f, dict):
             return None
         return ForgettingScores(f.get("questions"), f.get("data"), Score.of(f.get("base")), Score.of(f.get("tuned")))
+
+
+# ------------------------------------------------------------------------------------- pipeline/state.json
+
+
+class StageRecord(Part):
+    """One stage of ``tuneforge pipeline``: ``status`` (``ok``, ``failed`` or ``serving``), ``inputs`` (name ->
+    sha256 of the stage's config section, data files and upstream outputs), ``outputs`` (path -> sha256),
+    ``seconds`` (wall time of its last run), ``finished`` (unix time), ``error`` (a failed stage's reason) and,
+    for the gates stage, ``gates`` (each gate's name, threshold, numbers, verdict, and an acceptance's reason)."""
+
+    status: str | None = None
+    inputs: dict[str, str] | None = None
+    outputs: dict[str, str] | None = None
+    seconds: Number | None = None
+    finished: Number | None = None
+    error: str | None = None
+    gates: list[dict[str, Any]] | None = None
+
+
+class PipelineState(Record):
+    """``pipeline/state.json``: what each stage of ``tuneforge pipeline`` last read and wrote; a rerun skips a
+    stage whose inputs and outputs still have the recorded hashes."""
+
+    FILE: ClassVar[str] = f"{layout.PIPELINE}/{layout.PIPELINE_STATE}"
+    WRITTEN_BY: ClassVar[str] = "tuneforge pipeline"
+    FINAL_NEWLINE: ClassVar[bool] = True
+
+    tuneforge_pipeline: int | None = None
+    stages: dict[str, StageRecord] | None = None
