@@ -151,11 +151,14 @@ class DistillObjective(Objective):
         targets = batch.targets[0, batch.loss_positions]
         chunked = use_chunked_loss(model, targets.numel(), config.chunked_loss)
         teacher = self._teacher_chunks(batch, hidden=chunked)
-        forward = (batch.input_ids, batch.position_ids, batch.loss_positions)
-        boundaries = {"lengths": batch.lengths or None, "cu_seqlens": batch.cu_seqlens}
+
+        def student() -> torch.Tensor:         # the student's forward on the row: [L, V] logits, or [L, H] hidden
+            return method_forward(model, config.method, batch.input_ids, batch.position_ids, batch.loss_positions,
+                                  lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
+
         if chunked:
             with lm_head_bypassed(model) as head:
-                hidden = method_forward(model, config.method, *forward, **boundaries)
+                hidden = student()
             size = chunk_positions(head.out_features)
 
             def part(h: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -167,7 +170,7 @@ class DistillObjective(Objective):
                 e = min(s + size, hidden.shape[0])
                 total = total + checkpoint(part, hidden[s:e], s, e, use_reentrant=False)
             return total
-        logits = method_forward(model, config.method, *forward, **boundaries)
+        logits = student()
         t, support = teacher(0, logits.shape[0])
         return chunk_sums(logits, t, support, targets, beta, temperature)
 
