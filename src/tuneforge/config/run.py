@@ -121,8 +121,8 @@ class DistillConfig(Settings):
     """``distill:``: how ``task: distill`` trains a student on a teacher's token distributions (logit distillation,
     GKD's generalised JSD; see :mod:`tuneforge.training.objectives.distill` and
     :mod:`tuneforge.training.distill_losses`). Each trained (answer) token's loss is
-    ``(1 - alpha) x divergence(teacher, student) + alpha x cross-entropy(answer token)``; the defaults are TRL's
-    ``GKDConfig``'s where it has the key."""
+    ``(1 - alpha) x divergence(teacher, student) + alpha x cross-entropy(answer token)``. ``beta``'s default is
+    TRL's ``GKDConfig``'s; ``temperature``'s is 1 (TRL's 0.9), leaving the teacher's distribution as it is."""
     teacher: str | None = Field(
         None, description="the teacher: a model folder, a built-in model name, or a tuneforge run directory (full or "
         "adapter: loaded as training loads it), frozen and in eval mode; its tokenizer must be the student's")
