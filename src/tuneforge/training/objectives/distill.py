@@ -90,7 +90,7 @@ class DistillObjective(Objective):
 
         assert config.distill.teacher is not None
         check_teacher_tokenizer(tokenizer, config.distill.teacher, config.trust_remote_code)
-        return prepare_data(config.data, tokenizer, config.seed, "sft")
+        return prepare_data(config.data, tokenizer, config.seed, self.task)
 
     def before_training(self, model: torch.nn.Module, data: PreparedData, config: RunConfig,
                         device: torch.device) -> None:
