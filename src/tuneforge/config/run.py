@@ -120,6 +120,33 @@ class GRPOConfig(Settings):
         return self.dynamic_sampling if self.dynamic_sampling is not None else self.loss_type == "dapo"
 
 
+class DistillConfig(Settings):
+    """``distill:``: how ``task: distill`` trains a student on a teacher's token distributions (logit distillation,
+    GKD's generalised JSD; see :mod:`tuneforge.training.objectives.distill` and
+    :mod:`tuneforge.training.distill_losses`). Each trained (answer) token's loss is
+    ``(1 - alpha) x divergence(teacher, student) + alpha x cross-entropy(answer token)``. ``beta``'s default is
+    TRL's ``GKDConfig``'s; ``temperature``'s is 1 (TRL's 0.9), leaving the teacher's distribution as it is."""
+    teacher: str | None = Field(
+        None, description="the teacher: a model folder, a built-in model name, or a tuneforge run directory (full or "
+        "adapter: loaded as training loads it), frozen and in eval mode; its tokenizer must be the student's")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "jsd", description="forward_kl: KL(teacher || student) (GKD's beta 0: the student covers the teacher's "
+        "mass); reverse_kl: KL(student || teacher) (beta 1: mode seeking); jsd: GKD's generalised Jensen-Shannon "
+        "divergence with beta")
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd: GKD's interpolation beta, the mixture "
+                        "beta x teacher + (1 - beta) x student (0 and 1 are forward_kl and reverse_kl)")
+    temperature: float = Field(1.0, gt=0, description="both models' logits are divided by this before the "
+                               "softmax (as TRL's GKD; the loss is not rescaled by temperature^2)")
+    alpha: float = Field(0.0, ge=0, le=1, description="weight of the answer token's cross-entropy (SFT's loss) "
+                         "mixed in: (1 - alpha) x divergence + alpha x cross-entropy")
+    cache_top_k: int | None = Field(
+        None, ge=1, description="unset: the teacher runs on every micro-batch (full vocabulary). k: the teacher's "
+        "top-k log-probs and their token ids at every trained token are computed once before step 1 and kept in "
+        "the token cache (keyed by the teacher's weights and the data), so a second run never runs the teacher; "
+        "the divergence is then over those k tokens, both distributions renormalised on them (exact at k = the "
+        "vocabulary)")
+
+
 class RunConfig(Settings):
     """The run config. Besides the keys below, each registered method owns a section of its settings
     (``lora:``, ``qlora:``, ``adapter:``, ``prefix:``, ``prompt:``, ``ia3:``, ``full:``; see
@@ -149,10 +176,11 @@ class RunConfig(Settings):
         "differs is refused) and on the run's base model (model:); with task: preference or kto the reference is "
         "that run's model (base + its adapter, frozen), not the bare base. A full fine-tune run is given as model: "
         "instead")
-    task: Literal["sft", "pretrain", "preference", "kto", "reward", "grpo"] = Field(
+    task: Literal["sft", "pretrain", "preference", "kto", "reward", "grpo", "distill"] = Field(
         "sft", description="sft (chat/instruction records), pretrain (raw text), preference (chosen/rejected pairs), "
         "kto (prompt/completion records labelled desirable or not), reward (a reward model: a scalar head trained "
-        "on chosen/rejected pairs) or grpo (online RL: prompts, completions sampled and scored by grpo.rewards)")
+        "on chosen/rejected pairs), grpo (online RL: prompts, completions sampled and scored by grpo.rewards) or "
+        "distill (chat/instruction records; the loss on a teacher model's token distributions: distill:)")
     output_dir: str = Field("runs/run", description="the run directory (created; --resume continues the run in it)")
     seed: int = Field(42, description="seeds data order, splits, initialisation and dropout")
 
@@ -161,6 +189,7 @@ class RunConfig(Settings):
     kto: KTOConfig = Field(default_factory=KTOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     # optimisation
     # None until validated: unset (or null), it becomes the method's default (Method.learning_rate)
@@ -346,11 +375,14 @@ class RunConfig(Settings):
             self._check_preference()
         if self.task == "grpo":
             self._check_grpo()
+        if self.task == "distill" and not self.distill.teacher:
+            raise ValueError("task 'distill' needs a teacher: set distill.teacher to a model folder, a built-in "
+                             "model name or a tuneforge run directory")
         if self.report_to:
             from tuneforge.config.trackers import check_trackers
 
             check_trackers(self.report_to)
-        if self.data.sources is not None and self.task not in ("sft", "pretrain"):
+        if self.data.sources is not None and self.task not in ("sft", "pretrain", "distill"):
             raise ValueError(f"data.train: a list of sources (a mixture) trains task sft or pretrain; task "
                              f"{self.task!r} reads one file")
         if self.early_stopping_patience and not (self.data.validation or self.data.val_fraction > 0):
@@ -571,7 +603,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{source}: 'init_from': folder {config.init_from!r} not found (relative paths are "
                                   f"tried from the current folder and from {base}/)")
             config.init_from = str(folder.resolve())
+        if config.task == "distill" and config.distill.teacher:
+            config.distill.teacher = _resolve_teacher(config.distill.teacher, base, source)
     return config
+
+
+def _resolve_teacher(teacher: str, base: Path, source: str) -> str:
+    """``distill.teacher``: a built-in name or hub id as written; a folder (from the current folder, then the
+    config's) as an absolute path; anything else is one line naming the key."""
+    from tuneforge.models.registry import BUILTIN_MODELS
+
+    if teacher in BUILTIN_MODELS:
+        return teacher
+    folder = next((c for c in (Path(teacher).expanduser(), base / teacher) if c.is_dir()), None)
+    if folder is not None:
+        if not ((folder / "config.yaml").is_file() or (folder / "config.json").is_file()):
+            raise ConfigError(f"{source}: 'distill.teacher': {teacher!r} is neither a tuneforge run (config.yaml) nor "
+                              "a Hugging Face model folder (config.json)")
+        return str(folder.resolve())
+    if teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")) and not Path(teacher).suffix:
+        return teacher          # a hub id: loaded where a network exists (offline: one line when it loads)
+    raise ConfigError(f"{source}: 'distill.teacher': {teacher!r} not found: give a model folder, a built-in model "
+                      f"({', '.join(BUILTIN_MODELS)}) or a tuneforge run directory (relative paths are tried from the "
+                      f"current folder and from {base}/)")
 
 
 def _check_template_file(config: RunConfig, base: Path, source: str) -> None:

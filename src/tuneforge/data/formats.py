@@ -46,6 +46,7 @@ FORMAT_FIELDS = {
 KINDS: dict[str, str] = {**dict.fromkeys(CHAT_FORMATS, "chat"), "text": "text", "preference": "preference"}
 TASK_KINDS = {"sft": "chat", "pretrain": "text", "preference": "preference"}   # the kind of record each task trains
 TASK_KINDS["reward"] = "preference"                                              # a reward model's pairs
+TASK_KINDS["distill"] = "chat"                                                   # SFT's records, a teacher's logits
 CANONICAL_FIELDS = ("messages", "conversations", "tools",
                     "instruction", "input", "output", "prompt", "completion", "text", "chosen", "rejected",
                     "label")
@@ -86,7 +87,7 @@ def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> di
 def task_kind(task: str, declared_format: str = "auto") -> str:
     """The kind of record (chat, text, preference) a run of ``task`` trains: the task's, or for SFT the kind of a
     declared ``data.format`` (SFT on ``text`` records is allowed when declared)."""
-    if task == "sft" and declared_format != "auto":
+    if task in ("sft", "distill") and declared_format != "auto":
         return KINDS[declared_format]
     return TASK_KINDS[task]
 

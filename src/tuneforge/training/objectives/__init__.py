@@ -13,12 +13,14 @@ does not know which objective runs. ``task:`` in the run config selects one:
 | ``kto``    | :class:`KTOObjective`               | KTO loss summed over labelled examples / examples |
 | ``reward`` | :class:`RewardObjective`            | Bradley-Terry loss summed over pairs / pairs   |
 | ``grpo``   | :class:`GRPOObjective`              | clipped ratio loss on sampled completions / completions |
+| ``distill`` | :class:`DistillObjective`          | teacher-student divergence (+ alpha x CE) / trained tokens |
 """
 
 from __future__ import annotations
 
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.causal_lm import CausalLMObjective
+from tuneforge.training.objectives.distill import DistillObjective
 from tuneforge.training.objectives.grpo import GRPOObjective
 from tuneforge.training.objectives.kto import KTOObjective
 from tuneforge.training.objectives.preference import PreferenceObjective
@@ -26,7 +28,8 @@ from tuneforge.training.objectives.reward import RewardObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLMObjective, "pretrain": CausalLMObjective,
                                           "preference": PreferenceObjective, "kto": KTOObjective,
-                                          "reward": RewardObjective, "grpo": GRPOObjective}
+                                          "reward": RewardObjective, "grpo": GRPOObjective,
+                                          "distill": DistillObjective}
 
 
 def register_objective(task: str, objective: type[Objective]) -> None:
@@ -42,5 +45,5 @@ def get_objective(task: str) -> Objective:
     return OBJECTIVES[task](task)
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "GRPOObjective", "KTOObjective", "Objective", "ObjectiveOutput",
-           "PreferenceObjective", "RewardObjective", "get_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "DistillObjective", "GRPOObjective", "KTOObjective", "Objective",
+           "ObjectiveOutput", "PreferenceObjective", "RewardObjective", "get_objective", "register_objective"]
