@@ -24,6 +24,7 @@ registry does not know the name and transformers builds no mask (the step's mask
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,14 +58,15 @@ class Plan:
 
     Attributes:
         mask: ``[B, L]``, bool: the rows' own cache entries that are real (padding out), the step's token included.
-        groups: ``(rows, prefix)`` pairs: row indices ``[n]`` (long) of the batch that share ``prefix``.
+        groups: ``(rows, prefix)`` pairs: row indices ``[n]`` (long) of the batch that share ``prefix`` (None:
+            every row of the batch).
     """
 
     mask: torch.Tensor
-    groups: list[tuple[torch.Tensor, SharedPrefix]]
+    groups: list[tuple[torch.Tensor | None, SharedPrefix]]
 
 
-_plan: Plan | None = None          # the step being computed (set by cascade_step, on the engine's one thread)
+_local = threading.local()          # .plan: the step being computed on this thread (set by cascade_step)
 
 
 def cascade_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -72,7 +74,7 @@ def cascade_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       **kwargs) -> tuple[torch.Tensor, None]:
     """``query [B, H, 1, D]``, the rows' own ``key/value [B, H_kv, L, D]`` -> ``[B, 1, H, D]``: attention over
     each row's group prefix (if any) and its own entries, merged by log-sum-exp."""
-    plan = _plan
+    plan: Plan | None = getattr(_local, "plan", None)
     if plan is None or query.shape[2] != 1:
         raise RuntimeError(f"{NAME} attention runs only inside a serving decode step (cascade_step)")
     for name in ("sliding_window", "softcap", "s_aux"):
@@ -84,6 +86,10 @@ def cascade_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out, lse = partial_attention(query, key, value, scale, plan.mask)
     for rows, prefix in plan.groups:
         kv = prefix.kv[layer]                                                  # [2, H_kv, P, D]
+        if rows is None:                                                       # the whole batch: no gather
+            p_out, p_lse = partial_attention(query, kv[0][None], kv[1][None], scale, None)
+            out, lse = merge_partials(out, lse, p_out, p_lse)
+            continue
         p_out, p_lse = partial_attention(query[rows], kv[0][None], kv[1][None], scale, None)
         out[rows], lse[rows] = merge_partials(out[rows], lse[rows], p_out, p_lse)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -161,15 +167,14 @@ def cascade_step(configs: list, plan: Plan) -> Iterator[None]:
     """Run the forwards in the block with :func:`cascade_attention` over ``plan``: the models of ``configs``
     (:func:`model_configs`) switched to it, then back. Not re-entrant, not thread-safe: the serving engine's one
     model thread calls it."""
-    global _plan
     previous = [c._attn_implementation for c in configs]
-    _plan = plan
+    _local.plan = plan
     try:
         for c in configs:
             c._attn_implementation = NAME
         yield
     finally:
-        _plan = None
+        _local.plan = None
         for c, attn in zip(configs, previous, strict=True):
             c._attn_implementation = attn
 

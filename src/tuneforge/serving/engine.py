@@ -12,6 +12,13 @@ One thread owns the model. Each iteration of its loop:
    :meth:`~tuneforge.serving.adapters.AdapterSet.forward`), samples, streams the text, and drops finished rows
    from the batch and the cache.
 
+Rows whose prompt starts with a long cached prefix (:attr:`Engine.cascade_min_tokens`, from the prefix cache) leave
+it out of their own cache: rows with the same prefix and adapter load share one copy
+(:class:`~tuneforge.kernels.cascade_attention.SharedPrefix`, ``_Row.shared``), and decode steps with such rows run
+cascade attention (:mod:`tuneforge.kernels.cascade_attention`: the group's queries against the one prefix, each row
+against its own entries, merged by log-sum-exp). Prefill is unchanged; models with a sliding window or soft-capped
+scores keep every row's whole cache (:attr:`Engine.cascade_off` says why).
+
 A row may carry a grammar (``Request.guide``, :mod:`tuneforge.serving.guided`: a ``response_format``): before
 sampling, its logits are masked to the tokens the grammar allows (the other rows' logits untouched), the guide
 advances with each emitted token, and the row finishes with ``"stop"`` once the grammar is complete or at an EOS
@@ -170,6 +177,8 @@ class Engine:
         self.cache_kw = cache_argument(self.set.base)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.cascade_off: str | None = "turned off" if not cascade else unsupported(self.set.base)
+        if cascade and self.cascade_off:
+            log.info("cascade decode off for this model (%s): every row keeps its whole prompt", self.cascade_off)
         self._attn_configs = model_configs(self.set.base)
         self._special_ids: set[int] | None = None       # the tokenizer's special tokens (see _text)
         self._waiting: deque[Request] = deque()
@@ -630,7 +639,8 @@ class Engine:
                 groups.setdefault(id(r.shared), ([], r.shared))[0].append(i)
         try:
             with (cascade_step(self._attn_configs, Plan(mask.bool(), [
-                    (torch.tensor(index, device=dev), prefix) for index, prefix in groups.values()]))
+                    (None if len(index) == len(rows) else torch.tensor(index, device=dev), prefix)
+                    for index, prefix in groups.values()]))
                   if groups else contextlib.nullcontext()):
                 out = self._forward([r.req.adapter for r in rows], input_ids=last, attention_mask=mask,
                                     position_ids=positions, **{self.cache_kw: cache})
