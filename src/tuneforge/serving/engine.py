@@ -12,6 +12,13 @@ One thread owns the model. Each iteration of its loop:
    :meth:`~tuneforge.serving.adapters.AdapterSet.forward`), samples, streams the text, and drops finished rows
    from the batch and the cache.
 
+Rows whose prompt starts with a long cached prefix (:attr:`Engine.cascade_min_tokens`, from the prefix cache) leave
+it out of their own cache: rows with the same prefix and adapter load share one copy
+(:class:`~tuneforge.kernels.cascade_attention.SharedPrefix`, ``_Row.shared``), and decode steps with such rows run
+cascade attention (:mod:`tuneforge.kernels.cascade_attention`: the group's queries against the one prefix, each row
+against its own entries, merged by log-sum-exp). Prefill is unchanged; models with a sliding window or soft-capped
+scores keep every row's whole cache (:attr:`Engine.cascade_off` says why).
+
 A row may carry a grammar (``Request.guide``, :mod:`tuneforge.serving.guided`: a ``response_format``): before
 sampling, its logits are masked to the tokens the grammar allows (the other rows' logits untouched), the guide
 advances with each emitted token, and the row finishes with ``"stop"`` once the grammar is complete or at an EOS
@@ -45,6 +52,7 @@ One bad row fails alone:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -59,6 +67,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from tuneforge.kernels.cascade_attention import Plan, SharedPrefix, cascade_step, model_configs, unsupported
 from tuneforge.models.transformers_compat import cache_argument
 from tuneforge.serving.adapters import AdapterLoadError, AdapterRegistry, AdapterSet, NoAdapterSlot
 from tuneforge.serving.prefix_cache import PrefixCache
@@ -96,6 +105,7 @@ class _Row:
     pos: int                                 # position id of the next token fed
     virtual: int = 0                         # prefix / soft-prompt length in this row's cache
     cached: int = 0                          # prompt tokens served from the prefix cache (usage: cached_tokens)
+    shared: SharedPrefix | None = None       # the group prefix this row's cache leaves out (cascade decode)
     tokens: list[int] = field(default_factory=list)
     text: str = ""                           # decoded so far (whole characters)
     sent: int = 0                            # characters of ``text`` already streamed
@@ -143,11 +153,19 @@ class Engine:
         on_finish: called with ``(request, usage, ttft, latency, finish_reason)`` for metrics.
         prefix_cache_bytes: memory for the KV entries of prompts' leading blocks, reused by later prompts that
             start the same way (:mod:`tuneforge.serving.prefix_cache`); 0 turns prefix caching off.
+        cascade: rows whose prompt starts with at least :attr:`cascade_min_tokens` cached tokens keep that prefix
+            once per group (:class:`~tuneforge.kernels.cascade_attention.SharedPrefix`, shared by the rows with
+            the same prefix and adapter load) and decode with cascade attention over it
+            (:mod:`tuneforge.kernels.cascade_attention`); off, or where the model cannot use it (a sliding
+            window, soft-capping: :attr:`cascade_off`), every row holds its whole prompt.
     """
+
+    cascade_min_tokens = 64       # a shorter cached prefix stays in the row (a group costs a few ops per layer)
 
     def __init__(self, registry: AdapterRegistry, tokenizer: PreTrainedTokenizerBase, max_batch: int = 32,
                  max_prefill_tokens: int = 8192, eos_ids: set[int] | None = None, max_context: int | None = None,
-                 on_finish: Callable[..., None] | None = None, prefix_cache_bytes: int = 1 << 30) -> None:
+                 on_finish: Callable[..., None] | None = None, prefix_cache_bytes: int = 1 << 30,
+                 cascade: bool = True) -> None:
         self.registry = registry
         self.set: AdapterSet = registry.set
         self.tokenizer = tokenizer
@@ -158,6 +176,10 @@ class Engine:
         self.on_finish = on_finish
         self.cache_kw = cache_argument(self.set.base)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.cascade_off: str | None = "turned off" if not cascade else unsupported(self.set.base)
+        if cascade and self.cascade_off:
+            log.info("cascade decode off for this model (%s): every row keeps its whole prompt", self.cascade_off)
+        self._attn_configs = model_configs(self.set.base)
         self._special_ids: set[int] | None = None       # the tokenizer's special tokens (see _text)
         self._waiting: deque[Request] = deque()
         self._commands: queue.Queue = queue.Queue()
@@ -460,7 +482,36 @@ class Engine:
     def _prefill_plain(self, reqs: list[Request]) -> tuple:
         cache, mask, logits, hits = self._compute([(r.adapter, r.prompt_ids) for r in reqs])
         rows = [_Row(r, pos=len(r.prompt_ids), cached=n) for r, n in zip(reqs, hits, strict=True)]
+        if self.cascade_off is None and max(hits) >= self.cascade_min_tokens:
+            cache, mask = self._share_prefixes(rows, cache, mask, hits)
         return rows, cache, mask, logits
+
+    def _share_prefixes(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, hits: list[int],
+                        ) -> tuple[DynamicCache, torch.Tensor]:
+        """Take the cached prefixes of just-prefilled ``rows`` out of their cache (columns ``[0, P)``, ``P`` the
+        longest hit: :meth:`_compute`'s layout) into one :class:`SharedPrefix` per (owner, prefix tokens), joining
+        a running row's group where one exists; a hit shorter than :attr:`cascade_min_tokens` stays in its row.
+        The rows' cache is copied without the columns no row needs any more: ``(cache, mask)``."""
+        P = max(hits)
+        groups = {r.shared.key: r.shared for r in self._rows if r.shared is not None}
+        layers = _kv_layers(cache)
+        share = [i for i, n in enumerate(hits) if n >= self.cascade_min_tokens]
+        for i in share:
+            n, req = hits[i], rows[i].req
+            key = (self._owner(req), tuple(req.prompt_ids[:n]))
+            if key not in groups:            # one copy of the prefix (every layer), not a view of the batch's
+                groups[key] = SharedPrefix(key, torch.stack([torch.stack([la.keys[i, :, P - n:P],
+                                                                          la.values[i, :, P - n:P]])
+                                                             for la in layers]))
+            rows[i].shared = groups[key]
+        mask = mask.clone()
+        mask[share, :P] = 0
+        first = int(mask.any(0).nonzero()[0].item())      # leading columns that are padding in every row now
+        if first == 0:
+            return cache, mask
+        trimmed = DynamicCache()
+        trimmed.layers = [_RoomyLayer.copy_of(la.keys[:, :, first:], la.values[:, :, first:]) for la in layers]
+        return trimmed, mask[:, first:]
 
     def _compute(self, prompts: list[tuple[str | None, list[int]]], count: bool = True,
                  ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[int]]:
@@ -582,9 +633,17 @@ class Engine:
         last = torch.tensor([[r.tokens[-1]] for r in rows], device=dev)
         positions = torch.tensor([[r.pos] for r in rows], device=dev)
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)], 1)
+        groups: dict[int, tuple[list[int], SharedPrefix]] = {}
+        for i, r in enumerate(rows):
+            if r.shared is not None:
+                groups.setdefault(id(r.shared), ([], r.shared))[0].append(i)
         try:
-            out = self._forward([r.req.adapter for r in rows], input_ids=last, attention_mask=mask,
-                                position_ids=positions, **{self.cache_kw: cache})
+            with (cascade_step(self._attn_configs, Plan(mask.bool(), [
+                    (None if len(index) == len(rows) else torch.tensor(index, device=dev), prefix)
+                    for index, prefix in groups.values()]))
+                  if groups else contextlib.nullcontext()):
+                out = self._forward([r.req.adapter for r in rows], input_ids=last, attention_mask=mask,
+                                    position_ids=positions, **{self.cache_kw: cache})
         except Exception:
             for layer in _kv_layers(cache):          # layers the step reached hold one more entry: drop it
                 if layer.keys is not None and layer.keys.shape[2] > width:
@@ -800,6 +859,15 @@ class _RoomyLayer(DynamicLayer):
         layer._buf = (keys, values)
         layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
         return layer
+
+    @classmethod
+    def copy_of(cls, keys: torch.Tensor, values: torch.Tensor) -> _RoomyLayer:
+        """A layer holding a copy of ``keys`` / ``values`` ``[B, H, L, D]`` (and its room): nothing shared with them."""
+        L = keys.shape[2]
+        k = keys.new_empty((*keys.shape[:2], L + cls.room, keys.shape[3]))
+        v = values.new_empty((*values.shape[:2], L + cls.room, values.shape[3]))
+        k[:, :, :L], v[:, :, :L] = keys, values
+        return cls.over(k, v, L)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
                ) -> tuple[torch.Tensor, torch.Tensor]:
