@@ -1,0 +1,94 @@
+"""The Chat tab: the base model and one or more trained runs answering the same prompt side by side, streaming.
+
+Generation goes through the serving engine (:class:`tuneforge.serving.server.Server`, as ``tuneforge serve``):
+one base model in memory, each run an adapter on it, every column's request decoded in the same batch, each with
+its run's own chat template. The server is built on the first message and kept while the base and the runs stay
+the same.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tuneforge.studio.runs_tab import list_runs
+
+MAX_COLUMNS = 4                 # the base and up to three runs
+BASE = "base"
+
+_servers: dict[tuple, Any] = {}
+
+
+def adapter_runs(folder: str | Path) -> list[str]:
+    """The finished runs under ``folder`` (the ones a column can answer with)."""
+    return [str(r.path) for r in list_runs(folder) if r.status.startswith("finished")]
+
+
+def server_for(base: str, runs: list[str]) -> Any:
+    """The serving engine with ``base`` and ``runs`` as adapters (named by their folder), started; cached."""
+    from tuneforge.serving.server import ServeConfig, Server
+
+    key = (base, tuple(runs))
+    if key not in _servers:
+        for old in list(_servers):
+            _servers.pop(old).engine.stop(drain=False, timeout=5)
+        adapters = {Path(r).name: r for r in runs}
+        _servers[key] = Server(ServeConfig(base=base, adapters=adapters, prefix_cache_mb=0)).start()
+    return _servers[key]
+
+
+def stream_answers(base: str, runs: list[str], prompt: str, max_tokens: int = 64,
+                   temperature: float = 0.0) -> Iterator[list[str]]:
+    """The answers of the base model and of each run to ``prompt``, all as they grow (one list per new token)."""
+    from tuneforge.serving.engine import Request
+
+    server = server_for(base, runs)
+    names: list[str | None] = [None] + [Path(r).name for r in runs]
+    events: queue.Queue = queue.Queue()
+    texts = [""] * len(names)
+    for i, name in enumerate(names):
+        ids = server.chat_prompt_ids(name, [{"role": "user", "content": prompt}])
+        server.engine.submit(Request(ids, adapter=name, max_tokens=max_tokens, temperature=temperature,
+                                     sink=lambda ev, i=i: events.put((i, ev))))
+    open_ = set(range(len(names)))
+    while open_:
+        i, ev = events.get(timeout=600)
+        if ev[0] == "token":
+            texts[i] += ev[1]
+        else:
+            open_.discard(i)
+            if ev[0] == "error":
+                texts[i] += f"\n[error: {ev[1]}]"
+        yield list(texts)
+
+
+def build(folder: str, model: str) -> None:
+    """The tab's components."""
+    import gradio as gr
+
+    with gr.Row():
+        base = gr.Textbox(model, label="base model", elem_id="chat-base", scale=2)
+        runs = gr.Dropdown(adapter_runs(folder), multiselect=True, label="trained runs (adapters), up to 3",
+                           elem_id="chat-runs", scale=3, allow_custom_value=True)
+        refresh = gr.Button("Refresh runs", scale=1)
+    with gr.Row():
+        prompt = gr.Textbox(label="prompt", lines=2, elem_id="chat-prompt", scale=4)
+        max_tokens = gr.Number(48, label="max new tokens", precision=0, minimum=1, maximum=1024, scale=1)
+        send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+    with gr.Row():
+        answers = [gr.Textbox(label=BASE if i == 0 else f"run {i}", lines=6, visible=i == 0,
+                              elem_id=f"chat-answer-{i}") for i in range(MAX_COLUMNS)]
+
+    def on_send(base_model: str, chosen: list[str] | None, text: str, limit: float | None) -> Iterator[list[Any]]:
+        chosen = list(chosen or [])[:MAX_COLUMNS - 1]
+        labels = [BASE] + [Path(r).name for r in chosen]
+        shown = [gr.update(label=labels[i] if i < len(labels) else "", visible=i < len(labels), value="")
+                 for i in range(MAX_COLUMNS)]
+        yield shown
+        for texts in stream_answers(base_model, chosen, text, int(limit or 48)):
+            yield [gr.update(value=texts[i]) if i < len(texts) else gr.update() for i in range(MAX_COLUMNS)]
+
+    send.click(on_send, [base, runs, prompt, max_tokens], answers)
+    refresh.click(lambda: gr.update(choices=adapter_runs(folder)), outputs=runs)
