@@ -75,9 +75,19 @@ def run_status(path: str | Path) -> str:
         except NotARunError:
             return "failed"
         return "finished (regressed)" if record.regressed else "finished"
-    if (run.checkpoints / "last").is_dir():
+    if has_last_checkpoint(run.path):
         return "stopped"
     return "failed"
+
+
+def has_last_checkpoint(path: str | Path) -> bool:
+    """The run has a ``last`` checkpoint (``save_every``, or the one SIGTERM writes) that ``--resume`` continues."""
+    from tuneforge.training.checkpoint import CheckpointDir, PointerUnreadable
+
+    try:
+        return CheckpointDir(RunDir(path).checkpoints).current("last") is not None
+    except PointerUnreadable:
+        return False
 
 
 def _config_tree(run: RunDir) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import yaml
 from tuneforge.config import dump_config
 from tuneforge.studio import process
 from tuneforge.studio.form import FormField, schema_fields, validate
-from tuneforge.studio.runs_tab import last_metrics, list_runs, run_status
+from tuneforge.studio.runs_tab import has_last_checkpoint, last_metrics, list_runs, run_status
 
 STUDIO_CONFIG = "studio.yaml"
 
@@ -64,7 +64,7 @@ def resume_run(folder: str | Path, run_dir: str | Path) -> None:
     config = run_dir / STUDIO_CONFIG if (run_dir / STUDIO_CONFIG).is_file() else run_dir / "config.yaml"
     if not config.is_file():
         raise Refused(f"{run_dir}: no config to resume from (not a run directory)")
-    if not (run_dir / "checkpoints" / "last").is_dir():
+    if not has_last_checkpoint(run_dir):
         raise Refused(f"{run_dir}: no `last` checkpoint to resume from (Stop writes one after the current step)")
     process.start(run_dir, ["train", str(config), "--resume"])
 
@@ -133,12 +133,12 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
 
     from tuneforge.studio.form import _yaml_text
 
-    fields = schema_fields()
     defaults = defaults or {}
     components: list[Any] = []
     groups: dict[str, list[FormField]] = {}
-    for f in fields:
+    for f in schema_fields():
         groups.setdefault(f.section, []).append(f)
+    fields: list[FormField] = []            # in the order of ``components``
     with gr.Row():
         name = gr.Textbox(f"run-{time.strftime('%Y%m%d-%H%M%S')}", label=f"run name (a folder under {folder})",
                           elem_id="train-name", scale=3)
@@ -147,12 +147,24 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
         resume = gr.Button("Resume", elem_id="train-resume", scale=1)
     message = gr.Markdown(elem_id="train-message")
+    with gr.Row():
+        run_pick = gr.Dropdown([str(r.path) for r in list_runs(folder)], label="watching run",
+                               allow_custom_value=True, elem_id="train-run", scale=2)
+        status = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        curve = gr.LinePlot(x="step", y="loss", color="series", label="loss", elem_id="train-curve", height=260,
+                            scale=3)
+        log = gr.Textbox(label="log (studio.log)", lines=10, max_lines=10, elem_id="train-log", autoscroll=True,
+                         scale=2)
+    plan_box = gr.Textbox(label="memory plan (tuneforge plan)", lines=4, elem_id="train-plan")
     order = ["data", ""] + [s for s in groups if s not in ("data", "")]
     for section in order:
         title = {"": "run", "data": "data"}.get(section, section)
-        with gr.Accordion(title, open=section in ("", "data")):
+        opened = ("", "data", str(defaults.get("method", "lora")))    # the default method's section too
+        with gr.Accordion(title, open=section in opened):
             with gr.Row(equal_height=False):
                 for f in groups[section]:
+                    fields.append(f)
                     value = defaults.get(f.key, f.default)
                     value = _yaml_text(value) if f.kind == "text" and not isinstance(value, str) else value
                     kwargs = {"label": f.key, "info": f.description, "elem_id": "cfg-" + f.key.replace(".", "-"),
@@ -163,13 +175,6 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
                         components.append(gr.Dropdown(list(f.choices), value=value, **kwargs))
                     else:
                         components.append(gr.Textbox(value=value, **kwargs))
-    plan_box = gr.Textbox(label="memory plan (tuneforge plan)", lines=6, elem_id="train-plan")
-    with gr.Row():
-        run_pick = gr.Dropdown([str(r.path) for r in list_runs(folder)], label="watching run",
-                               allow_custom_value=True, elem_id="train-run", scale=3)
-        status = gr.Markdown(elem_id="train-status")
-    curve = gr.LinePlot(x="step", y="loss", color="series", label="loss", elem_id="train-curve", height=280)
-    log = gr.Textbox(label="log (studio.log)", lines=10, max_lines=10, elem_id="train-log", autoscroll=True)
 
     def field_updates(errors: dict[str, str]) -> list[Any]:
         return [gr.update(info=("⚠ " + errors[f.key]) if f.key in errors else f.description) for f in fields]
@@ -215,13 +220,14 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
         return f"resumed {Path(run_dir).name}"
 
     def on_tick(run_dir: str | None) -> tuple:
+        picked: Any = gr.update()           # never written back: a Start's choice must not race with a tick
         if not run_dir:
             busy = running_run(folder)
             if busy is None:
-                return gr.update(), "no run chosen", None, ""
-            run_dir = str(busy)
+                return picked, "no run chosen", None, ""
+            run_dir = picked = str(busy)
         p = progress(run_dir)
-        return run_dir, p.line(), loss_frame(p), process.log_tail(run_dir)
+        return picked, p.line(), loss_frame(p), process.log_tail(run_dir)
 
     check.click(on_check, components, [message, plan_box, *components])
     start.click(on_start, [name, *components], [message, run_pick, *components])
