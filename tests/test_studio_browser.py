@@ -198,13 +198,12 @@ def test_chat_answers_with_base_and_run_side_by_side(browser, studio, tmp_path):
         set_field(browser, "chat-prompt", "Hello")
         browser.find_element(By.ID, "chat-send").click()
 
-        def answered(d) -> bool:
-            boxes = [d.find_element(By.CSS_SELECTOR, f"#chat-answer-{i} textarea").get_attribute("value")
-                     for i in (0, 1)]
-            return all(b.strip() for b in boxes)
+        def answered(d) -> bool:        # a random tiny model's answers may be blank: count what streamed
+            return text_of(d, "chat-status").count("done (") == 2
 
         wait_for(browser, answered, 90, "both answers")
         assert "three" in text_of(browser, "chat-answer-1")          # the run's column is labelled with its name
+        assert "error" not in text_of(browser, "chat-status")
         shoot(browser, "chat")
         for name in ("evaluate", "ship"):
             tab(browser, name.capitalize())

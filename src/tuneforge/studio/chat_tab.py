@@ -40,14 +40,17 @@ def server_for(base: str, runs: list[str]) -> Any:
 
 
 def stream_answers(base: str, runs: list[str], prompt: str, max_tokens: int = 64,
-                   temperature: float = 0.0) -> Iterator[list[str]]:
-    """The answers of the base model and of each run to ``prompt``, all as they grow (one list per new token)."""
+                   temperature: float = 0.0) -> Iterator[tuple[list[str], list[str]]]:
+    """The answers of the base model and of each run to ``prompt`` as they grow: ``(texts, states)`` after each
+    new piece, a state being ``generating``, ``done (stop|length), N pieces`` or ``error: ...``."""
     from tuneforge.serving.engine import Request
 
     server = server_for(base, runs)
     names: list[str | None] = [None] + [Path(r).name for r in runs]
     events: queue.Queue = queue.Queue()
     texts = [""] * len(names)
+    pieces = [0] * len(names)
+    states = ["generating"] * len(names)
     for i, name in enumerate(names):
         ids = server.chat_prompt_ids(name, [{"role": "user", "content": prompt}])
         server.engine.submit(Request(ids, adapter=name, max_tokens=max_tokens, temperature=temperature,
@@ -57,11 +60,11 @@ def stream_answers(base: str, runs: list[str], prompt: str, max_tokens: int = 64
         i, ev = events.get(timeout=600)
         if ev[0] == "token":
             texts[i] += ev[1]
+            pieces[i] += 1
         else:
             open_.discard(i)
-            if ev[0] == "error":
-                texts[i] += f"\n[error: {ev[1]}]"
-        yield list(texts)
+            states[i] = f"done ({ev[1]}), {pieces[i]} pieces" if ev[0] == "done" else f"error: {ev[1]}"
+        yield list(texts), list(states)
 
 
 def build(folder: str, model: str) -> None:
@@ -80,15 +83,21 @@ def build(folder: str, model: str) -> None:
     with gr.Row():
         answers = [gr.Textbox(label=BASE if i == 0 else f"run {i}", lines=6, visible=i == 0,
                               elem_id=f"chat-answer-{i}") for i in range(MAX_COLUMNS)]
+    status = gr.Markdown(elem_id="chat-status")
 
     def on_send(base_model: str, chosen: list[str] | None, text: str, limit: float | None) -> Iterator[list[Any]]:
         chosen = list(chosen or [])[:MAX_COLUMNS - 1]
         labels = [BASE] + [Path(r).name for r in chosen]
         shown = [gr.update(label=labels[i] if i < len(labels) else "", visible=i < len(labels), value="")
                  for i in range(MAX_COLUMNS)]
-        yield shown
-        for texts in stream_answers(base_model, chosen, text, int(limit or 48)):
-            yield [gr.update(value=texts[i]) if i < len(texts) else gr.update() for i in range(MAX_COLUMNS)]
+        yield [*shown, "loading the models..."]
+        try:
+            for texts, states in stream_answers(base_model, chosen, text, int(limit or 48)):
+                line = " · ".join(f"{label}: {state}" for label, state in zip(labels, states, strict=True))
+                yield [*(gr.update(value=texts[i]) if i < len(texts) else gr.update() for i in range(MAX_COLUMNS)),
+                       line]
+        except Exception as e:      # a folder that is not a run, a base the run was not trained on: one line
+            yield [*(gr.update() for _ in range(MAX_COLUMNS)), f"**error:** {e}"]
 
-    send.click(on_send, [base, runs, prompt, max_tokens], answers)
+    send.click(on_send, [base, runs, prompt, max_tokens], [*answers, status])
     refresh.click(lambda: gr.update(choices=adapter_runs(folder)), outputs=runs)
