@@ -158,6 +158,7 @@ def test_a_3_step_run_draws_its_loss_curve_and_finishes(browser, studio, tmp_pat
         wait_for(browser, lambda d: "finished" in text_of(d, "train-status"), 90, "the run to finish")
         assert "loss points: 3 train" in text_of(browser, "train-status")
         assert (studio[1] / "three" / "run.json").is_file()
+        time.sleep(1.5)                         # the plot's drawing transition, for the docs' picture
         shoot(browser, "train")
         tab(browser, "Runs")
         browser.find_element(By.ID, "runs-refresh").click()

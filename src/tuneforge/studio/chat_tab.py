@@ -9,7 +9,7 @@ the same.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ def server_for(base: str, runs: list[str]) -> Any:
         for old in list(_servers):
             _servers.pop(old).engine.stop(drain=False, timeout=5)
         adapters = {Path(r).name: r for r in runs}
-        _servers[key] = Server(ServeConfig(base=base, adapters=adapters, prefix_cache_mb=0)).start()
+        config = ServeConfig.model_validate({"base": base, "adapters": adapters, "prefix_cache_mb": 0})
+        _servers[key] = Server(config).start()
     return _servers[key]
 
 
@@ -51,10 +52,13 @@ def stream_answers(base: str, runs: list[str], prompt: str, max_tokens: int = 64
     texts = [""] * len(names)
     pieces = [0] * len(names)
     states = ["generating"] * len(names)
+    def sink_of(i: int) -> Callable[[tuple], None]:
+        return lambda ev: events.put((i, ev))
+
     for i, name in enumerate(names):
         ids = server.chat_prompt_ids(name, [{"role": "user", "content": prompt}])
         server.engine.submit(Request(ids, adapter=name, max_tokens=max_tokens, temperature=temperature,
-                                     sink=lambda ev, i=i: events.put((i, ev))))
+                                     sink=sink_of(i)))
     open_ = set(range(len(names)))
     while open_:
         i, ev = events.get(timeout=600)

@@ -39,7 +39,7 @@ def preview_html(file: str, model: str, n: int = 3) -> str:
 
     tokenizer = load_tokenizer(model)
     apply_template(tokenizer, "auto", model, needs_chat=True)
-    text = preview(file, tokenizer, DataConfig(train=file), n=n, color=True)
+    text = preview(file, tokenizer, DataConfig.model_validate({"train": file}), n=n, color=True)
     marked = (html.escape(text).replace(html.escape(START + "[["), '<mark class="trained">')
               .replace(html.escape("]]" + END), "</mark>"))
     return ('<pre class="tf-preview" style="white-space: pre-wrap">' + marked + "</pre>"
@@ -59,7 +59,7 @@ def inspect_file(file: str, model: str, n: int = 3) -> DataView:
     from tuneforge.data.curation.stats import compute_stats
 
     try:
-        report = check_files(file, CurationConfig(model=model), workers=1)
+        report = check_files(file, CurationConfig.model_validate({"model": model}), workers=1)
     except (ValueError, OSError) as e:         # DataError, CurationConfigError, a missing file: one line each
         return DataView(error=f"{Path(file).name}: {e}")
     checks, rejects = report_rows(report)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from tuneforge.runs.errors import NotARunError
 from tuneforge.runs.layout import RunDir
@@ -52,7 +52,7 @@ def is_run_dir(path: Path) -> bool:
 
 def last_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` (a half-written last line, while training, is skipped)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     metrics = RunDir(path).metrics
     if not metrics.is_file():
         return rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from tuneforge.config import dump_config
 from tuneforge.studio import process
@@ -167,8 +167,8 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
                     fields.append(f)
                     value = defaults.get(f.key, f.default)
                     value = _yaml_text(value) if f.kind == "text" and not isinstance(value, str) else value
-                    kwargs = {"label": f.key, "info": f.description, "elem_id": "cfg-" + f.key.replace(".", "-"),
-                              "min_width": 260}
+                    kwargs: dict[str, Any] = {"label": f.key, "info": f.description, "min_width": 260,
+                                              "elem_id": "cfg-" + f.key.replace(".", "-")}
                     if f.kind == "bool":
                         components.append(gr.Checkbox(value=value, **kwargs))
                     elif f.kind == "choice":
