@@ -112,3 +112,11 @@ def test_a_process_is_found_by_its_pid_file_and_a_second_start_is_refused(tmp_pa
     assert process.stop(run, wait_s=10)
     assert process.read_pid(run) is None and not (run / process.PID_FILE).exists()
     assert run_status(run) == "failed"
+
+
+def test_a_run_name_stays_a_folder_under_the_runs_folder(tmp_path):
+    from tuneforge.studio.train_tab import start_run
+
+    fields = schema_fields()
+    run_dir, errors = start_run(tmp_path, "../elsewhere", fields, _values(fields, data__train=DATA))
+    assert "run name" in errors[""] and not (tmp_path.parent / "elsewhere").exists()

@@ -65,12 +65,12 @@ def build_app(folder: str | Path = "runs", model: str | None = None, data_folder
             if files:
                 defaults["data.train"] = files[0]
             train_tab.build(folder, defaults)
-        with gr.Tab("Chat", id="chat"):
-            chat_tab.build(folder, model)
-        with gr.Tab("Evaluate", id="evaluate"):
-            evaluate_tab.build(folder)
-        with gr.Tab("Ship", id="ship"):
-            ship_tab.build(folder, model)
+        with gr.Tab("Chat", id="chat") as tab:
+            chat_tab.build(folder, model, tab)
+        with gr.Tab("Evaluate", id="evaluate") as tab:
+            evaluate_tab.build(folder, tab)
+        with gr.Tab("Ship", id="ship") as tab:
+            ship_tab.build(folder, model, tab)
     return app
 
 

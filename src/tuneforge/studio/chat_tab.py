@@ -71,8 +71,8 @@ def stream_answers(base: str, runs: list[str], prompt: str, max_tokens: int = 64
         yield list(texts), list(states)
 
 
-def build(folder: str, model: str) -> None:
-    """The tab's components."""
+def build(folder: str, model: str, tab: Any = None) -> None:
+    """The tab's components; ``tab``: its Tab, whose selection refreshes the list of runs."""
     import gradio as gr
 
     with gr.Row():
@@ -105,3 +105,5 @@ def build(folder: str, model: str) -> None:
 
     send.click(on_send, [base, runs, prompt, max_tokens], [*answers, status])
     refresh.click(lambda: gr.update(choices=adapter_runs(folder)), outputs=runs)
+    if tab is not None:
+        tab.select(lambda: gr.update(choices=adapter_runs(folder)), outputs=runs)

@@ -38,7 +38,8 @@ def report_frame(run_dir: str | None, height: int = 700) -> str:
             f'srcdoc="{html.escape(report.read_text(encoding="utf-8"), quote=True)}"></iframe>')
 
 
-def build(folder: str) -> None:
+def build(folder: str, tab: Any = None) -> None:
+    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs."""
     import gradio as gr
 
     def finished() -> list[str]:
@@ -80,4 +81,6 @@ def build(folder: str) -> None:
     run.change(lambda r: report_frame(r), run, report)
     other.change(lambda r: report_frame(r), other, report_other)
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
+    if tab is not None:
+        tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
     gr.Timer(3.0).tick(on_tick, [run, other], [log, report, report_other], show_progress="hidden")

@@ -33,7 +33,8 @@ def snippets(port: int, model: str) -> str:
             f"\"user\", \"content\": \"Hello\"}}]).choices[0].message.content)\n```")
 
 
-def build(folder: str, model: str | None = None) -> None:
+def build(folder: str, model: str | None = None, tab: Any = None) -> None:
+    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs."""
     import gradio as gr
 
     from tuneforge.models.registry import DEFAULT_MODEL
@@ -103,4 +104,6 @@ def build(folder: str, model: str | None = None) -> None:
     start.click(on_serve, [base, adapters, port], serving)
     stop.click(on_stop, outputs=serving)
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
+    if tab is not None:
+        tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
     gr.Timer(3.0).tick(on_tick, run, [ship_log, serve_log], show_progress="hidden")

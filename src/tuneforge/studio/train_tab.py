@@ -11,6 +11,7 @@ Resume while a run under the studio's folder is training is refused.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ def start_run(folder: str | Path, name: str, fields: list[FormField], values: li
     """Validate the form and start ``tuneforge train`` on it in ``folder/name``; ``(run dir, {})`` when it started,
     ``(run dir, errors)`` (:func:`~tuneforge.studio.form.validate`'s) when nothing started. Raises
     :class:`Refused` while another run trains or when ``name`` holds a run already."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        return Path(folder), {"": f"run name {name!r}: use letters, digits, '.', '_' or '-' (a folder under "
+                                  f"{folder})"}
     run_dir = Path(folder) / name
     config, errors = validate(fields, values, str(run_dir))
     if errors:
