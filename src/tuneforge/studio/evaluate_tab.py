@@ -52,7 +52,7 @@ def build(folder: str, tab: Any = None) -> None:
     with gr.Row():
         columns = gr.CheckboxGroup(COLUMNS, value=["base", "tuned"], label="columns")
         data = gr.Textbox(label="test file (default: the config's eval.data, else data.validation)")
-        max_examples = gr.Number(None, label="max examples per set", precision=0, minimum=1)
+        max_examples = gr.Number(0, label="max examples per set (0: all)", precision=0, minimum=0)
         go = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     message = gr.Markdown(elem_id="eval-message")
     log = gr.Textbox(label="log", lines=6, max_lines=6, elem_id="eval-log")

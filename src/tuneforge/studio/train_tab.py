@@ -223,18 +223,23 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
             return f"**refused:** {e}"
         return f"resumed {Path(run_dir).name}"
 
-    def on_tick(run_dir: str | None) -> tuple:
+    def on_tick(run_dir: str | None, seen: str) -> tuple:
+        """The live view; the curve is redrawn only when its points changed (``seen``: the run and its counts),
+        so a finished run's plot stays still."""
         picked: Any = gr.update()           # never written back: a Start's choice must not race with a tick
         if not run_dir:
             busy = running_run(folder)
             if busy is None:
-                return picked, "no run chosen", None, ""
+                return picked, "no run chosen", gr.update(), "", seen
             run_dir = picked = str(busy)
         p = progress(run_dir)
-        return picked, p.line(), loss_frame(p), process.log_tail(run_dir)
+        key = f"{run_dir}:{len(p.train)}:{len(p.validation)}"
+        curve_value = loss_frame(p) if key != seen else gr.update()
+        return picked, p.line(), curve_value, process.log_tail(run_dir), key
 
     check.click(on_check, components, [message, plan_box, *components])
     start.click(on_start, [name, *components], [message, run_pick, *components])
     stop.click(on_stop, run_pick, message)
     resume.click(on_resume, run_pick, message)
-    gr.Timer(refresh_s).tick(on_tick, run_pick, [run_pick, status, curve, log], show_progress="hidden")
+    seen = gr.State("")
+    gr.Timer(refresh_s).tick(on_tick, [run_pick, seen], [run_pick, status, curve, log, seen], show_progress="hidden")
