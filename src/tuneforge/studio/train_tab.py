@@ -12,6 +12,7 @@ Resume while a run under the studio's folder is training is refused.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +124,14 @@ def progress(run_dir: str | Path) -> Progress:
     return p
 
 
-def loss_frame(p: Progress) -> Any:
-    """The loss points as the line plot's table: ``step``, ``loss``, ``series`` (train / validation)."""
-    import pandas as pd
+def loss_plot(p: Progress, out: Path) -> Path:
+    """The loss points drawn as the run's own ``loss_curve.png`` is (:func:`~tuneforge.training.metrics.
+    plot_loss_curve`: train loss per step, validation loss at each evaluation), into the PNG ``out``."""
+    from tuneforge.training.metrics import plot_loss_curve
 
-    rows = [(s, v, "train") for s, v in p.train] + [(s, v, "validation") for s, v in p.validation]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    rows = [{"step": s, "loss": v} for s, v in p.train] + [{"step": s, "eval_loss": v} for s, v in p.validation]
+    plot_loss_curve(rows, out, title="loss (live, from metrics.jsonl)")
+    return out
 
 
 def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float = 1.0) -> None:
@@ -138,6 +141,7 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
     from tuneforge.studio.form import _yaml_text
 
     defaults = defaults or {}
+    plots = Path(tempfile.mkdtemp(prefix="tuneforge-studio-"))        # the live loss plots, one per change
     components: list[Any] = []
     groups: dict[str, list[FormField]] = {}
     for f in schema_fields():
@@ -156,8 +160,8 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
                                allow_custom_value=True, elem_id="train-run", scale=2)
         status = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        curve = gr.LinePlot(x="step", y="loss", color="series", label="loss", elem_id="train-curve", height=260,
-                            scale=3)
+        curve = gr.Image(label="loss", elem_id="train-curve", type="filepath", interactive=False, scale=3,
+                         height=300)
         log = gr.Textbox(label="log (studio.log)", lines=10, max_lines=10, elem_id="train-log", autoscroll=True,
                          scale=2)
     plan_box = gr.Textbox(label="memory plan (tuneforge plan)", lines=4, elem_id="train-plan")
@@ -234,7 +238,9 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
             run_dir = picked = str(busy)
         p = progress(run_dir)
         key = f"{run_dir}:{len(p.train)}:{len(p.validation)}"
-        curve_value = loss_frame(p) if key != seen else gr.update()
+        curve_value = gr.update()
+        if key != seen and (p.train or p.validation):
+            curve_value = str(loss_plot(p, plots / f"loss-{abs(hash(key))}.png"))
         return picked, p.line(), curve_value, process.log_tail(run_dir), key
 
     check.click(on_check, components, [message, plan_box, *components])
