@@ -22,7 +22,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 HEAVY_FIRST = ["test_integration_gemma3", "test_eval_broken_adapter", "test_distributed_deepspeed",
                "test_integration_real_model", "test_architectures", "test_export_gguf", "test_distributed_fsdp",
                "test_resume", "test_preference_integration", "test_distributed", "test_package", "test_eval_report",
-               "test_eval_sweep", "test_estimate_methods", "test_packaging", "test_lm_eval_harness"]
+               "test_eval_sweep", "test_estimate_methods", "test_packaging", "test_lm_eval_harness",
+               "test_studio_browser"]
 
 
 def pytest_collection_modifyitems(items):

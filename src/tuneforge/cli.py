@@ -194,6 +194,21 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``tuneforge ui``: the web studio (:mod:`tuneforge.studio`), needs the ``ui`` extra."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _error("error: tuneforge ui needs Gradio: pip install 'tuneforge[ui]'")
+        return 2
+    from tuneforge.studio.app import launch
+
+    print(f"tuneforge studio on http://{args.host}:{args.port} (runs in {args.runs}); Ctrl-C stops it "
+          "(runs it started keep training)")
+    launch(args.runs, host=args.host, port=args.port, auth=args.auth, model=args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.curation.commands import add_curation_commands
     from tuneforge.data.formats import SFT_FORMATS
@@ -287,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "%(default)s, see tuneforge estimate --time)")
     pl.add_argument("--price-per-hour", type=float, default=None, help="the time line: the machine's price an hour")
     pl.set_defaults(func=cmd_plan)
+
+    u = sub.add_parser("ui", help="the web studio: data, training, chat, evaluation and shipping in a browser "
+                                  "(needs pip install 'tuneforge[ui]')")
+    u.add_argument("--runs", default="runs", help="the folder of run directories the studio shows and trains into")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but this machine needs --auth")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="ask for this login (default: the TUNEFORGE_UI_AUTH environment variable; none: no login)")
+    u.add_argument("--model", default=None, help="the default base model of the forms and the chat "
+                                                 f"(default: {DEFAULT_MODEL})")
+    u.set_defaults(func=cmd_ui)
     return p
 
 

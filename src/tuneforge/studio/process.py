@@ -1,0 +1,101 @@
+"""The processes the studio starts (``tuneforge train``, ``eval``, ``serve``): started detached, found again by the
+pid file they leave in their folder, stopped with SIGTERM.
+
+A training run's folder holds ``studio.pid`` (the pid of ``tuneforge train``) and ``studio.log`` (its output)
+beside what the trainer writes, so a studio closed and opened again finds a run still training. SIGTERM makes
+the trainer finish its step and write the ``last`` checkpoint (``tuneforge train --resume`` continues it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PID_FILE = "studio.pid"
+LOG_FILE = "studio.log"
+
+
+class AlreadyRunning(RuntimeError):
+    """A second start of a process whose folder already has one running."""
+
+
+def tuneforge_command(*args: str) -> list[str]:
+    """``tuneforge ARGS`` as this interpreter runs it (the studio's own installation, whatever PATH holds)."""
+    return [sys.executable, "-m", "tuneforge.cli", *args]
+
+
+def read_pid(folder: str | os.PathLike, name: str = PID_FILE) -> int | None:
+    """The pid recorded in ``folder`` when that process is still alive (a stale file is removed); else None."""
+    path = Path(folder) / name
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if _alive(pid):
+        return pid
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:        # a zombie (our own child, exited, not yet reaped) is not running
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            os.waitpid(pid, os.WNOHANG)
+            return False
+    except (OSError, IndexError, ChildProcessError):
+        pass
+    return True
+
+
+def start(folder: str | os.PathLike, args: list[str], name: str = PID_FILE, log_name: str = LOG_FILE,
+          env: dict[str, str] | None = None) -> int:
+    """Start ``tuneforge ARGS`` in its own session with its output in ``folder/log_name``; record its pid.
+
+    Refused (:class:`AlreadyRunning`) while the process recorded in ``folder`` still runs.
+    """
+    folder = Path(folder)
+    running = read_pid(folder, name)
+    if running is not None:
+        raise AlreadyRunning(f"{folder}: already running (pid {running}); stop it first")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / log_name, "ab") as log:
+        proc = subprocess.Popen(tuneforge_command(*args), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "TUNEFORGE_STUDIO": "1", **(env or {})})
+    (folder / name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop(folder: str | os.PathLike, name: str = PID_FILE, wait_s: float = 0.0) -> bool:
+    """SIGTERM the process recorded in ``folder``; wait up to ``wait_s`` seconds for it to end. False: none ran."""
+    pid = read_pid(folder, name)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and read_pid(folder, name) is not None:
+        time.sleep(0.2)
+    return True
+
+
+def log_tail(folder: str | os.PathLike, lines: int = 30, log_name: str = LOG_FILE) -> str:
+    """The last ``lines`` lines of the process's output (progress bars' carriage returns cut to their last state)."""
+    path = Path(folder) / log_name
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64_000))
+        text = f.read().decode("utf-8", "replace")
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join(shown[-lines:])

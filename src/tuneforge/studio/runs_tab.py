@@ -1,0 +1,175 @@
+"""The Runs tab: every run directory under a folder with its status, method, data, best score and time.
+
+Status comes from the run directory's files alone: ``running`` (its ``studio.pid`` process is alive),
+``finished`` (``run.json`` written; ``finished (regressed)`` when the run ended worse than it started),
+``stopped`` (no process, no ``run.json``, a ``last`` checkpoint that ``Resume`` continues) or ``failed`` (none of
+these; ``studio.log`` says why). A run directory is a folder with ``config.yaml`` or ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+
+from tuneforge.runs.errors import NotARunError
+from tuneforge.runs.layout import RunDir
+from tuneforge.runs.records import EvalReport, RunRecord
+from tuneforge.studio import process
+
+COLUMNS = ["run", "status", "method", "data", "steps", "best score", "time", "gates"]
+PIPELINE_STATE = "pipeline.json"        # `tuneforge pipeline`'s record, where one exists: its gates' verdicts
+
+
+@dataclass
+class RunSummary:
+    """One row of the Runs tab."""
+
+    path: Path
+    status: str
+    method: str = ""
+    data: str = ""
+    steps: int | None = None
+    best_score: str = ""
+    time_s: float | None = None
+    gates: str = ""
+    modified: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> list[Any]:
+        shown_time = "" if self.time_s is None else f"{self.time_s:.0f} s"
+        return [self.path.name, self.status, self.method, self.data, self.steps, self.best_score, shown_time,
+                self.gates]
+
+
+def is_run_dir(path: Path) -> bool:
+    run = RunDir(path)
+    return path.is_dir() and (run.config.is_file() or run.metrics.is_file() or (path / process.PID_FILE).is_file())
+
+
+def last_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (a half-written last line, while training, is skipped)."""
+    rows: list[dict[str, Any]] = []
+    metrics = RunDir(path).metrics
+    if not metrics.is_file():
+        return rows
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run_status(path: str | Path) -> str:
+    """``running``, ``finished``, ``finished (regressed)``, ``stopped`` or ``failed`` (see the module docstring)."""
+    run = RunDir(path)
+    if process.read_pid(run.path) is not None:
+        return "running"
+    if run.record.is_file():
+        try:
+            record = RunRecord.from_file(run.record)
+        except NotARunError:
+            return "failed"
+        return "finished (regressed)" if record.regressed else "finished"
+    if has_last_checkpoint(run.path):
+        return "stopped"
+    return "failed"
+
+
+def has_last_checkpoint(path: str | Path) -> bool:
+    """The run has a ``last`` checkpoint (``save_every``, or the one SIGTERM writes) that ``--resume`` continues."""
+    from tuneforge.training.checkpoint import CheckpointDir, PointerUnreadable
+
+    try:
+        return CheckpointDir(RunDir(path).checkpoints).current("last") is not None
+    except PointerUnreadable:
+        return False
+
+
+def _config_tree(run: RunDir) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _best_score(run: RunDir, record: RunRecord | None) -> str:
+    try:
+        report = EvalReport.load(run.path)
+    except NotARunError:
+        report = None
+    if report is not None and report.main_metric:
+        for scores in report.set_scores():
+            tuned = next((c for c in scores.columns if c != "base"), None)
+            score = scores.columns[tuned].metrics.get(report.main_metric) if tuned else None
+            if score is not None and isinstance(score.value, int | float):
+                return f"{report.main_metric} {score.value:.3f} ({scores.name}, {tuned})"
+    if record is not None and record.best_eval_loss is not None:
+        return f"{record.eval_metric or 'eval_loss'} {record.best_eval_loss:.4f} (step {record.best_step})"
+    return ""
+
+
+def _gates(run: RunDir) -> str:
+    """The pipeline's gates, where ``pipeline.json`` records them: ``name passed``/``name FAILED``."""
+    path = run.path / PIPELINE_STATE
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return ""
+    gates = state.get("gates") if isinstance(state, dict) else None
+    if isinstance(gates, dict):
+        gates = [{"name": k, **(v if isinstance(v, dict) else {"passed": v})} for k, v in gates.items()]
+    if not isinstance(gates, list):
+        return ""
+    return ", ".join(f"{g.get('name')} {'passed' if g.get('passed') else 'FAILED'}" for g in gates
+                     if isinstance(g, dict))
+
+
+def summarize(path: str | Path) -> RunSummary:
+    """The Runs tab's row of one run directory."""
+    run = RunDir(path)
+    try:
+        record = RunRecord.load(run.path)
+    except NotARunError:
+        record = None
+    tree = _config_tree(run)
+    rows = last_metrics(run.path)
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    train = (record.data[0].path if record and record.data else None) or (data or {}).get("train") or ""
+    steps = record.steps if record and record.steps is not None else (rows[-1].get("step") if rows else None)
+    time_s = record.wall_time_s if record and record.wall_time_s is not None else (
+        rows[-1].get("elapsed_s") if rows else None)
+    modified = max((p.stat().st_mtime for p in (run.path, run.metrics, run.record) if p.exists()), default=0.0)
+    return RunSummary(run.path, run_status(run.path), str((record.method if record else None) or tree.get("method")
+                      or ""), Path(str(train)).name if isinstance(train, str) else str(train), steps,
+                      _best_score(run, record), time_s, _gates(run), modified)
+
+
+def list_runs(folder: str | Path) -> list[RunSummary]:
+    """Every run directory directly under ``folder`` (and ``folder`` itself when it is one), newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
+    runs = [summarize(p) for p in candidates if is_run_dir(p)]
+    return sorted(runs, key=lambda r: -r.modified)
+
+
+def table(folder: str | Path) -> list[list[Any]]:
+    return [r.row() for r in list_runs(folder)]
+
+
+def build(folder: str, refresh_s: float = 5.0) -> None:
+    """The tab's components: the table, refreshed every ``refresh_s`` seconds and on the Refresh button."""
+    import gradio as gr
+
+    gr.Markdown(f"Runs under `{folder}`: status from each run directory's files (`studio.pid`, `run.json`, "
+                "`checkpoints/last`); best score from `eval/report.json`, else the best validation loss.")
+    grid = gr.Dataframe(value=lambda: table(folder), headers=COLUMNS, interactive=False, wrap=True,
+                        elem_id="runs-table", every=gr.Timer(refresh_s))
+    gr.Button("Refresh", elem_id="runs-refresh").click(lambda: table(folder), outputs=grid)
