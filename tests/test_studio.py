@@ -101,6 +101,20 @@ def test_run_status_comes_from_the_run_directory(tmp_path):
     assert rows["d"].steps == 1                 # the half-written last row is skipped
 
 
+def test_the_runs_tab_shows_the_gates_tuneforge_pipeline_recorded(tmp_path):
+    from tuneforge.pipeline.gates import GateResult
+    from tuneforge.runs import RunDir
+    from tuneforge.runs.records import PipelineState, StageRecord
+
+    run = _run(tmp_path, "a", **{"run.json": json.dumps({"method": "lora", "steps": 3})})
+    gates = [GateResult("loss", True, "", {}, ""), GateResult("min_score", False, ">= 0.5", {}, "0.3", "demo"),
+             GateResult("failures", False, "<= 5%", {}, "9%")]
+    PipelineState(tuneforge_pipeline=1, stages={"gates": StageRecord(status="ok",
+                                                                     gates=[g.to_dict() for g in gates])}).save(run)
+    assert RunDir(run).pipeline_state.is_file()
+    assert list_runs(tmp_path)[0].gates == "loss passed, min_score accepted, failures FAILED"
+
+
 def test_a_process_is_found_by_its_pid_file_and_a_second_start_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(process, "tuneforge_command", lambda *args: [sys.executable, "-c",
                                                                      "import time; time.sleep(30)"])

@@ -21,7 +21,6 @@ from tuneforge.runs.records import EvalReport, RunRecord
 from tuneforge.studio import process
 
 COLUMNS = ["run", "status", "method", "data", "steps", "best score", "time", "gates"]
-PIPELINE_STATE = "pipeline.json"        # `tuneforge pipeline`'s record, where one exists: its gates' verdicts
 
 
 @dataclass
@@ -115,18 +114,19 @@ def _best_score(run: RunDir, record: RunRecord | None) -> str:
 
 
 def _gates(run: RunDir) -> str:
-    """The pipeline's gates, where ``pipeline.json`` records them: ``name passed``/``name FAILED``."""
-    path = run.path / PIPELINE_STATE
+    """The pipeline's gates, where ``tuneforge pipeline`` recorded them (``pipeline/state.json``, the gates stage):
+    ``name passed`` / ``name accepted`` / ``name FAILED``."""
+    path = run.pipeline_state
     try:
         state = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return ""
-    gates = state.get("gates") if isinstance(state, dict) else None
-    if isinstance(gates, dict):
-        gates = [{"name": k, **(v if isinstance(v, dict) else {"passed": v})} for k, v in gates.items()]
+    stage = (state.get("stages") or {}).get("gates") if isinstance(state, dict) else None
+    gates = stage.get("gates") if isinstance(stage, dict) else None
     if not isinstance(gates, list):
         return ""
-    return ", ".join(f"{g.get('name')} {'passed' if g.get('passed') else 'FAILED'}" for g in gates
+    verdict = {"passed": "passed", "accepted": "accepted", "failed": "FAILED"}
+    return ", ".join(f"{g.get('name')} {verdict.get(str(g.get('verdict')), 'FAILED')}" for g in gates
                      if isinstance(g, dict))
 
 
