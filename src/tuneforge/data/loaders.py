@@ -67,41 +67,37 @@ def data_suffix(path: str | Path) -> str:
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The data files of ``path``: the file itself, or every supported file directly in a folder, by name (a mixture
-    source may be a folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    files = []
-    for p in sorted(path.iterdir()):
-        try:
-            if p.is_file() and not p.name.startswith("."):
-                data_suffix(p)
-                files.append(p)
-        except DataFileError:
-            continue
-    if not files:
-        raise DataFileError(f"{path}: a folder with no data file in it ({', '.join(SUPPORTED_SUFFIXES)}, optionally "
-                            ".gz)")
-    return files
+    """The data files of ``path``: the file itself, or every data file directly in a folder of shards, by name (all
+    of one format: :func:`tuneforge.data.sources.shard_files`). A ``save_to_disk`` folder or a Hub id has none."""
+    from tuneforge.data.sources import source_files
+
+    return source_files(path)
 
 
 def data_sha256(path: str | Path) -> str:
-    """The content hash of ``path``: a file's SHA-256; a folder's, the SHA-256 over its :func:`data_files`' names and
-    hashes (a file added, removed or changed changes it)."""
-    import hashlib
+    """The content hash of ``path``: a file's SHA-256; a folder of shards', the SHA-256 over its :func:`data_files`'
+    names and hashes (a file added, removed or changed changes it); a ``save_to_disk`` folder's or a Hub id's, see
+    :func:`tuneforge.data.sources.source_sha256`."""
+    from tuneforge.data.sources import source_sha256
 
-    from tuneforge.fileutil import file_sha256
-
-    if not Path(path).is_dir():
-        return file_sha256(path)
-    listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in data_files(path))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return source_sha256(path)
 
 
 def iter_records(path: str | Path) -> Iterator[RawRecord]:
-    """Yield every record of ``path`` in file order, streaming where the format allows."""
-    path = Path(path)
+    """Yield every record of ``path`` in file order, streaming where the format allows. ``path`` may also be any
+    source of :mod:`tuneforge.data.sources`: a folder of shards (its files one after another), a ``save_to_disk``
+    folder or a Hub id (rows numbered from 1, the source named with its split)."""
+    from tuneforge.data.sources import iter_dataset_records, parse_source, shard_files
+
+    source = parse_source(path)
+    if source.kind == "shards":
+        for file in shard_files(source.location):
+            yield from iter_records(file)
+        return
+    if source.kind in ("saved", "hub"):
+        yield from iter_dataset_records(source)
+        return
+    path = Path(source.location)
     if not path.is_file():
         raise DataFileError(f"{path}: data file not found")
     suffix = data_suffix(path)
