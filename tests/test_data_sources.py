@@ -16,7 +16,7 @@ from conftest import write_jsonl
 from tuneforge.data.dataset import load_examples, prepare_data
 from tuneforge.data.errors import DataFileError
 from tuneforge.data.loaders import data_sha256, iter_records
-from tuneforge.data.settings import DataConfig, SourceConfig
+from tuneforge.data.settings import DataConfig
 from tuneforge.data.sources import parse_source
 
 ROWS = [{"prompt": f"Ticket {i}: {['charged twice', 'parcel late', 'cannot sign in'][i % 3]}",
@@ -79,7 +79,7 @@ def test_a_config_takes_a_saved_split_and_a_mixture_source_its_split_key(tmp_pat
     saved = tmp_path / "saved"
     _saved_dict(saved)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: smollm2-135m-instruct\ndata:\n  train: saved?split=test\n  validation: saved?split=train\n")
+    cfg.write_text("model: smollm2-135m-instruct\ndata:\n  train: saved?split=test\n  validation: saved?split=train\n")
     config = load_config(cfg)
     assert config.data.train == f"{saved}?split=test"
     data = prepare_data(config.data, tokenizer, seed=0)
@@ -188,3 +188,16 @@ def test_curation_reads_a_saved_dataset(tmp_path):
     assert report.rejected == same.rejected == 1
     [reject] = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert (reject["source"], reject["line"]) == (f"{tmp_path / 's'}?split=train", 6)
+
+
+def test_eval_test_sets_and_run_json_take_a_source_as_a_file(tmp_path):
+    from tuneforge.config.run import RunConfig
+    from tuneforge.evaluation.api import load_test_set
+    from tuneforge.runs.versions import data_fingerprints
+
+    saved = _saved_dict(tmp_path / "dd")
+    config = RunConfig.model_validate({"model": "smollm2-135m-instruct", "data": {"train": saved}})
+    test = load_test_set("test", saved, config, None)
+    assert [e.messages[-1]["content"] for e in test.examples] == [r["completion"] for r in ROWS]
+    [recorded] = data_fingerprints([saved])
+    assert (recorded.path, recorded.sha256) == (saved, data_sha256(saved))
