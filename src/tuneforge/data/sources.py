@@ -89,7 +89,7 @@ def is_hub_id(location: str) -> bool:
     """``hf://...``, or ``owner/name`` with no data suffix that is not a local path."""
     if location.startswith(HUB_PREFIX):
         return True
-    from tuneforge.data.loaders import SUPPORTED_SUFFIXES
+    from tuneforge.data.raw import SUPPORTED_SUFFIXES
 
     lower = location.lower().removesuffix(".gz")
     return (bool(_HUB_ID.match(location)) and not lower.endswith(SUPPORTED_SUFFIXES)
@@ -123,7 +123,7 @@ def parse_source(spec: str | Path) -> Source:
 def shard_files(folder: str | Path) -> list[Path]:
     """The data files directly in ``folder``, sorted by name; none, or more than one format, is a
     :class:`DataFileError` naming the folder (and the formats found)."""
-    from tuneforge.data.loaders import SUPPORTED_SUFFIXES, data_suffix
+    from tuneforge.data.raw import SUPPORTED_SUFFIXES, data_suffix
 
     folder = Path(folder)
     files: dict[str, list[Path]] = {}
@@ -198,7 +198,7 @@ def iter_dataset_records(source: Source) -> Iterator[Any]:
     read in Arrow batches (the values as ``pyarrow``'s ``to_pylist`` gives them, as for ``.parquet``). A column a
     row has no value in (null) is left out of its record: Arrow gives every row every column, so a chat record
     beside alpaca ones would otherwise carry ``instruction: null`` and match no format."""
-    from tuneforge.data.loaders import RawRecord
+    from tuneforge.data.raw import RawRecord
 
     dataset = load_dataset_of(source).with_format("arrow")
     name, index = source.name, 0
@@ -243,7 +243,7 @@ def source_sha256(spec: str | Path) -> str:
 def check_source(spec: str | Path) -> None:
     """Fail before any work: a file that is missing or of an unknown type, an empty or mixed shard folder (the
     ``datasets`` kinds are checked when they are read)."""
-    from tuneforge.data.loaders import data_suffix
+    from tuneforge.data.raw import data_suffix
 
     source = parse_source(spec)
     if source.kind == "file":
