@@ -554,7 +554,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                                   f"the current folder and from {base}/)")
             setattr(config.data, key, str(resolved))
         if config.eval and config.eval.data:
-            resolved = _resolve_file(config.eval.data, base)
+            resolved = _resolve_data(config.eval.data, base)
             if resolved is None:
                 raise ConfigError(f"{source}: 'eval.data': file {config.eval.data!r} not found (relative paths are "
                                   f"tried from the current folder and from {base}/)")
