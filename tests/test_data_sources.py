@@ -201,3 +201,15 @@ def test_eval_test_sets_and_run_json_take_a_source_as_a_file(tmp_path):
     assert [e.messages[-1]["content"] for e in test.examples] == [r["completion"] for r in ROWS]
     [recorded] = data_fingerprints([saved])
     assert (recorded.path, recorded.sha256) == (saved, data_sha256(saved))
+
+
+def test_stats_and_split_name_their_outputs_after_the_source(tmp_path, monkeypatch, capsys):
+    from tuneforge.data.sources import source_stem
+
+    assert [source_stem(s) for s in ("d/saved?split=test", "hf://o/name", "x/a.jsonl.gz", "d/saved")] == [
+        "saved_test", "name", "a", "saved"]
+    monkeypatch.chdir(tmp_path)
+    _saved_dict(tmp_path / "dd")
+    rc, _ = _cli(capsys, "data", "split", "dd?split=test", "--val", "0.25")
+    assert rc == 0
+    assert len((tmp_path / "dd_test_split" / "val.jsonl").read_text().splitlines()) == 5

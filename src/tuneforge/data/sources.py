@@ -64,6 +64,15 @@ class Source:
         return f"{self.location}?{urlencode({k: v for k, v in options.items() if v})}"
 
 
+def source_stem(spec: str | Path) -> str:
+    """A name for files made from ``spec``: the file or folder name (a Hub id's name) up to its first dot, with a
+    split other than ``train`` added (``saved?split=test`` -> ``saved_test``)."""
+    location, options = _split_options(str(spec))
+    stem = Path(location.removeprefix(HUB_PREFIX)).name.split(".")[0] or "data"
+    split = options.get("split")
+    return f"{stem}_{split}" if split and split != "train" else stem
+
+
 def with_options(path: str, split: str | None = None, revision: str | None = None) -> str:
     """``path`` with ``split`` and ``revision`` added as its query (a mixture source's keys)."""
     options = {k: v for k, v in (("split", split), ("revision", revision)) if v}
