@@ -213,3 +213,18 @@ def test_stats_and_split_name_their_outputs_after_the_source(tmp_path, monkeypat
     rc, _ = _cli(capsys, "data", "split", "dd?split=test", "--val", "0.25")
     assert rc == 0
     assert len((tmp_path / "dd_test_split" / "val.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_run_trains_on_a_saved_split_and_records_it_in_run_json(tmp_path, tiny_model_dir, monkeypatch):
+    from tuneforge.config import load_config
+    from tuneforge.training.trainer import train
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    saved = _saved_dict(tmp_path / "dd")
+    settings = {"model": str(tiny_model_dir), "data": {"train": saved, "val_fraction": 0.2},
+                "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 2, "progress": False,
+                "keep_best": False, "lora": {"r": 4, "alpha": 8}}
+    train(load_config(data=settings))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    [data] = record["data"]
+    assert (data["path"], data["sha256"]) == (saved, data_sha256(saved))
