@@ -7,6 +7,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -209,6 +210,62 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    """``tuneforge data generate``: a teacher answers the prompts (:func:`tuneforge.data.teacher.generate_teacher_data`;
+    a URL is an OpenAI-compatible endpoint, anything else a run, package or model folder)."""
+    from tuneforge.data.teacher import OpenAITeacher, generate_teacher_data
+    from tuneforge.errors import ConfigError
+
+    settings = {"temperature": args.temperature, "max_tokens": args.max_tokens, "n": args.n}
+    if args.teacher.startswith(("http://", "https://")):
+        teacher: Any = OpenAITeacher(args.teacher, model=args.model, api_key_env=args.api_key_env,
+                                     timeout_s=args.timeout, **settings)
+    else:
+        from tuneforge.evaluation.local_teacher import LocalTeacher
+
+        if args.model:
+            raise ConfigError("--model names the model of an endpoint (a URL); a local --teacher is the model")
+        teacher = LocalTeacher.from_path(args.teacher, batch_size=args.batch_size, seed=args.seed, **settings)
+    report = generate_teacher_data(teacher, args.prompts, args.out, failures=args.failures,
+                                   concurrency=args.concurrency, retries=args.retries, backoff_s=args.backoff,
+                                   fail_fast=args.fail_fast)
+    print(f"{report.out}: {report.records} records written for {report.answered} prompts ({report.cached} answered "
+          f"before, {report.prompts} in all) in {report.seconds:.1f} s")
+    if report.failures:
+        print(f"{report.failed} prompts failed (each in {report.failures}); run the same command again to ask for "
+              "them again", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_generate_command(dsub: Any) -> None:
+    g = dsub.add_parser("generate", help="have a teacher (an OpenAI-compatible endpoint, a run or a model) answer "
+                        "prompts, as chat training data; a rerun asks only what is missing")
+    g.add_argument("--teacher", required=True, metavar="URL_OR_RUN",
+                   help="an OpenAI-compatible base URL (http://host:8000/v1), or a run directory, package, model "
+                   "folder or model name")
+    g.add_argument("--prompts", required=True, metavar="FILE", help="prompts: records with messages, prompt or "
+                   "instruction (any data path: a file, shards, a save_to_disk folder, a Hub id)")
+    g.add_argument("--out", required=True, metavar="FILE", help="the output .jsonl (appended to: a rerun resumes)")
+    g.add_argument("--failures", default=None, metavar="FILE",
+                   help="prompts that failed, one a line (default: OUT's name with .failures.jsonl)")
+    g.add_argument("--model", default=None, help="the endpoint's model name (default: its only model)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="the environment variable holding the endpoint's key")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--max-tokens", type=int, default=512, help="tokens an answer may have")
+    g.add_argument("--n", type=int, default=1, help="answers a prompt (needs --temperature > 0 for n > 1)")
+    g.add_argument("--concurrency", type=int, default=8, help="calls in flight at once (a local teacher: 1)")
+    g.add_argument("--retries", type=int, default=4, help="retries of a call that fails transiently")
+    g.add_argument("--backoff", type=float, default=1.0, metavar="S",
+                   help="seconds before the first retry, doubled each time (at most 30)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds a call may take (endpoint)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts a batch (local teacher)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (local teacher)")
+    g.add_argument("--fail-fast", action="store_true", help="stop at the first prompt that fails")
+    g.set_defaults(func=cmd_data_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.data.curation.commands import add_curation_commands
     from tuneforge.data.formats import SFT_FORMATS
@@ -278,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--no-color", action="store_true")
     pv.set_defaults(func=cmd_data_preview)
     add_curation_commands(dsub)
+    add_generate_command(dsub)
     dsub.choices["stats"].set_defaults(func=cmd_data_stats)     # a run config: its mixture's sources
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 

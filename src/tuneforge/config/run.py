@@ -584,13 +584,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = getattr(config.data, key)
             if value is None or isinstance(value, list):
                 continue
-            resolved = _resolve_file(value, base)
+            resolved = _resolve_file(value, base) if key == "tools" else _resolve_data(value, base)
             if resolved is None:
                 raise ConfigError(f"{source}: 'data.{key}': file {value!r} not found (relative paths are tried from "
                                   f"the current folder and from {base}/)")
             setattr(config.data, key, str(resolved))
         if config.eval and config.eval.data:
-            resolved = _resolve_file(config.eval.data, base)
+            resolved = _resolve_data(config.eval.data, base)
             if resolved is None:
                 raise ConfigError(f"{source}: 'eval.data': file {config.eval.data!r} not found (relative paths are "
                                   f"tried from the current folder and from {base}/)")
@@ -640,6 +640,13 @@ def _check_template_file(config: RunConfig, base: Path, source: str) -> None:
                           f"the current folder and from {base}/)")
     read_template_file(resolved)        # "FILE:LINE: the template does not parse: ..."
     config.template = str(resolved)
+
+
+def _resolve_data(value: str, base: Path) -> str | None:
+    """A data path (a file, a folder, a Hub id; :mod:`tuneforge.data.sources`) resolved as :func:`_resolve_file`."""
+    from tuneforge.data.sources import resolve_source
+
+    return resolve_source(value, base)
 
 
 def _resolve_file(value: str, base: Path) -> Path | None:

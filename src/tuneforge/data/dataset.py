@@ -27,7 +27,7 @@ from tuneforge.data.formats import (
     task_kind,
     to_example,
 )
-from tuneforge.data.loaders import RawRecord, data_files, data_sha256, iter_records
+from tuneforge.data.loaders import RawRecord, data_sha256, iter_records
 from tuneforge.data.mixture import Mixture, MixtureSource, examples_per_epoch
 from tuneforge.data.rejects import (
     Reason,
@@ -76,12 +76,13 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     A record of another kind than the task trains (:func:`~tuneforge.data.formats.task_kind`: a text record in
     an SFT run, ...) is rejected as ``mixed_kinds``, as ``tuneforge data clean`` rejects it.
     Each example's ``meta`` holds ``where`` (``file:line``) and ``raw`` (the :class:`RawRecord`, for its reject).
-    ``path`` may be a folder (a mixture's source): its data files are read one after another, by name.
+    ``path`` may be any source of :mod:`tuneforge.data.sources` (a folder of shards, a ``save_to_disk`` folder, a Hub
+    id): the same records, numbered by row where there are no lines.
     """
     out = LoadedFile()
     kind = task_kind(task, cfg.format)
     tools = data_tools(cfg)
-    for rec in (rec for file in data_files(path) for rec in iter_records(file)):
+    for rec in iter_records(path):
         if rec.data is None:
             out.rejects.append(Reject.unreadable(rec))
             continue
@@ -212,7 +213,7 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     settings = cfg.model_dump(mode="json", exclude={"train", "validation", "tools"})
     key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
            "tools": file_sha256(cfg.tools) if cfg.tools else None,
-           "train": data_sha256(train), "validation": file_sha256(cfg.validation) if cfg.validation else None,
+           "train": data_sha256(train), "validation": data_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
     data = PreparedData.from_payload(payload)
@@ -227,7 +228,7 @@ def prepare_mixture(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     sources = cfg.sources or []
     parts = []
     for s in sources:
-        one = cfg.model_copy(update={"train": s.path, "validation": s.validation,
+        one = cfg.model_copy(update={"train": s.spec, "validation": s.validation,
                                      "format": s.format if s.format is not None else cfg.format,
                                      "columns": s.columns if s.columns is not None else cfg.columns})
         parts.append(prepare_data(one, tokenizer, seed, task, use_cache=use_cache))
@@ -235,7 +236,7 @@ def prepare_mixture(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     data = PreparedData([], [], [], {}, 0)
     mixture = Mixture()
     for s, part, count in zip(sources, parts, counts, strict=True):
-        mixture.sources.append(MixtureSource(s.label, s.path, s.weight, s.epochs, len(data.train), len(part.train),
+        mixture.sources.append(MixtureSource(s.label, s.spec, s.weight, s.epochs, len(data.train), len(part.train),
                                             len(data.validation), len(part.validation), count, part.train_tokens))
         data.train += part.train
         data.validation += part.validation

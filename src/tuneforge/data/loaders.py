@@ -6,6 +6,9 @@ Nothing is dropped here: a line that is not valid JSON comes out as a :class:`Ra
 ``error`` set, so callers can count it and put it in a rejects file. So does the point where a truncated or
 corrupt ``.gz`` stream breaks off (after every record before it; check ``truncated_file``).
 
+A path that is not a file (a folder of shards, a ``save_to_disk`` folder, a Hub id) is read through
+:mod:`tuneforge.data.sources`.
+
 Lines are numbered as editors number them (:mod:`tuneforge.data.textfile`: a line ends at ``\\n``; a lone ``\\r``
 is part of the line).
 """
@@ -14,29 +17,16 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from tuneforge.data import jsonio
 from tuneforge.data.errors import DataFileError
-from tuneforge.data.textfile import COMPRESSED_SUFFIXES, TRUNCATED, TextFile
+from tuneforge.data.raw import SUPPORTED_SUFFIXES, RawRecord, data_suffix  # noqa: F401  (callers import them here)
+from tuneforge.data.sources import iter_dataset_records, parse_source, shard_files, source_files, source_sha256
+from tuneforge.data.textfile import TRUNCATED, TextFile
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TRUNCATED_FILE = "truncated_file"           # the check of the reject where a compressed stream breaks off
-
-
-@dataclass
-class RawRecord:
-    source: str                  # file path as given
-    line: int                    # 1-based line for jsonl/csv; 1-based element index for json arrays / parquet rows
-    data: dict[str, Any] | None  # the parsed object, None when it could not be parsed
-    raw: str | None = None       # the raw text when it could not be parsed (kept verbatim for rejects)
-    error: str | None = None     # why it could not be parsed
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
 
 
 def error_check(error: str) -> str:
@@ -51,57 +41,32 @@ def error_check(error: str) -> str:
     return "not_json"
 
 
-def data_suffix(path: str | Path) -> str:
-    name = str(path).lower()
-    compressed = name.endswith(COMPRESSED_SUFFIXES)
-    if compressed:
-        name = name[: name.rindex(".")]
-    for suffix in SUPPORTED_SUFFIXES:
-        if name.endswith(suffix):
-            if compressed and suffix == ".parquet":
-                raise DataFileError(f"{path}: parquet compresses its columns itself; give the .parquet file as it is")
-            return suffix
-    raise DataFileError(
-        f"{path}: unsupported data file type; use one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
-    )
-
-
 def data_files(path: str | Path) -> list[Path]:
-    """The data files of ``path``: the file itself, or every supported file directly in a folder, by name (a mixture
-    source may be a folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    files = []
-    for p in sorted(path.iterdir()):
-        try:
-            if p.is_file() and not p.name.startswith("."):
-                data_suffix(p)
-                files.append(p)
-        except DataFileError:
-            continue
-    if not files:
-        raise DataFileError(f"{path}: a folder with no data file in it ({', '.join(SUPPORTED_SUFFIXES)}, optionally "
-                            ".gz)")
-    return files
+    """The data files of ``path``: the file itself, or every data file directly in a folder of shards, by name (all
+    of one format: :func:`tuneforge.data.sources.shard_files`). A ``save_to_disk`` folder or a Hub id has none."""
+    return source_files(path)
 
 
 def data_sha256(path: str | Path) -> str:
-    """The content hash of ``path``: a file's SHA-256; a folder's, the SHA-256 over its :func:`data_files`' names and
-    hashes (a file added, removed or changed changes it)."""
-    import hashlib
-
-    from tuneforge.fileutil import file_sha256
-
-    if not Path(path).is_dir():
-        return file_sha256(path)
-    listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in data_files(path))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    """The content hash of ``path``: a file's SHA-256; a folder of shards', the SHA-256 over its :func:`data_files`'
+    names and hashes (a file added, removed or changed changes it); a ``save_to_disk`` folder's or a Hub id's, see
+    :func:`tuneforge.data.sources.source_sha256`."""
+    return source_sha256(path)
 
 
 def iter_records(path: str | Path) -> Iterator[RawRecord]:
-    """Yield every record of ``path`` in file order, streaming where the format allows."""
-    path = Path(path)
+    """Yield every record of ``path`` in file order, streaming where the format allows. ``path`` may also be any
+    source of :mod:`tuneforge.data.sources`: a folder of shards (its files one after another), a ``save_to_disk``
+    folder or a Hub id (rows numbered from 1, the source named with its split)."""
+    source = parse_source(path)
+    if source.kind == "shards":
+        for file in shard_files(source.location):
+            yield from iter_records(file)
+        return
+    if source.kind in ("saved", "hub"):
+        yield from iter_dataset_records(source)
+        return
+    path = Path(source.location)
     if not path.is_file():
         raise DataFileError(f"{path}: data file not found")
     suffix = data_suffix(path)

@@ -128,22 +128,17 @@ class Mixture:
 def resolve_sources(cfg: DataConfig, base: Path, config_name: str) -> None:
     """Each source's ``path`` (a file or folder) and ``validation`` (a file) resolved from the current folder, then
     ``base`` (the config's folder); one that is in neither is a ConfigError naming the source."""
+    from tuneforge.data.sources import resolve_source
     from tuneforge.errors import ConfigError
 
     for i, s in enumerate(cfg.sources or [], 1):
-        for key, value, folders in (("path", s.path, True), ("validation", s.validation, False)):
+        for key, value in (("path", s.path), ("validation", s.validation)):
             if value is None:
                 continue
-            found = next((c for c in (_expand(value), base / value)
-                          if c.is_file() or (folders and c.is_dir())), None)
+            found = resolve_source(value, base)
             if found is None:
-                kind = "file or folder" if folders else "file"
-                raise ConfigError(f"{config_name}: 'data.train' source {i} ({s.label}): {key}: {kind} {value!r} not "
-                                  f"found (relative paths are tried from the current folder and from {base}/)")
-            setattr(s, key, str(found))
-
-
-def _expand(value: str) -> Path:
-    from pathlib import Path
-
-    return Path(value).expanduser()
+                kind = "file or folder" if key == "path" else "file"
+                raise ConfigError(f"{config_name}: 'data.train' source {i} ({s.label}): {key}: {kind} "
+                                  f"{value!r} not found (relative paths are tried from the current folder and from "
+                                  f"{base}/; a Hub dataset is hf://owner/name)")
+            setattr(s, key, found)

@@ -50,7 +50,7 @@ from tuneforge.data.formats import (
     normalise_messages,
     rename_columns,
 )
-from tuneforge.data.loaders import RawRecord, iter_records
+from tuneforge.data.loaders import RawRecord, data_sha256, iter_records
 from tuneforge.data.rejects import Reject, log_rejects
 from tuneforge.data.rendering import TokenizedExample, tokenize_example
 from tuneforge.data.settings import DataConfig
@@ -343,12 +343,11 @@ def cache_key(task: str, version: int, cfg: DataConfig, tokenizer: PreTrainedTok
     """The token-cache key of a single-file data set of ``task`` (preference pairs, KTO examples): its rendering
     ``version``, the data settings, the files' content hashes, the tokenizer and the seed of the split."""
     from tuneforge.data.token_cache import tokenizer_fingerprint
-    from tuneforge.fileutil import file_sha256
 
     return {"render_version": version, "task": task, "seed": seed,
             "settings": cfg.model_dump(mode="json", exclude={"train", "validation"}),
-            "train": file_sha256(cfg.train_file()),
-            "validation": file_sha256(cfg.validation) if cfg.validation else None,
+            "train": data_sha256(cfg.train_file()),
+            "validation": data_sha256(cfg.validation) if cfg.validation else None,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 

@@ -23,8 +23,13 @@ from tuneforge.schema import Settings
 class SourceConfig(Settings):
     """One source of a mixture (an item of ``data.train``)."""
 
-    path: str = Field(description="the source's data file (.jsonl, .json, .csv, .parquet, also .gz) or a folder of "
-                      "them (every such file in it, by name)")
+    path: str = Field(description="the source's data file (.jsonl, .json, .csv, .parquet, also .gz), a folder of "
+                      "them (every such file in it, by name; one format), a datasets save_to_disk folder, or a Hub "
+                      "dataset id (hf://owner/name or owner/name)")
+    split: str | None = Field(None, description="the split of a save_to_disk DatasetDict or a Hub dataset; default: "
+                              "train")
+    revision: str | None = Field(None, description="the revision (branch, tag or commit) of a Hub dataset; default: "
+                                 "the latest")
     name: str | None = Field(None, description="the source's name in logs, metrics and run.json; default: the file "
                              "or folder name without its suffixes")
     weight: float | None = Field(None, description="the source's share of the examples of each epoch (see the "
@@ -46,17 +51,26 @@ class SourceConfig(Settings):
         return None if v is None else check_columns(v, "columns")
 
     @property
+    def spec(self) -> str:
+        """``path`` with ``split`` and ``revision`` as its query (:func:`tuneforge.data.sources.with_options`)."""
+        from tuneforge.data.sources import with_options
+
+        return with_options(self.path, self.split, self.revision)
+
+    @property
     def label(self) -> str:
         """The source's name: ``name``, or the file or folder name up to its first dot."""
-        return self.name or Path(self.path).name.split(".")[0] or self.path
+        return self.name or Path(self.path.partition("?")[0]).name.split(".")[0] or self.path
 
 
 class DataConfig(Settings):
     train: str | list[SourceConfig] = Field(
-        description="the training file: .jsonl, .json (array), .csv or .parquet (also .gz); or a list of sources "
-                    "to mix, each {path, weight or epochs, name, validation, format, columns}")
-    validation: str | None = Field(None, description="held-out file of the same task; default: split off train by "
-                                                     "val_fraction")
+        description="the training data: a file (.jsonl, .json (array), .csv or .parquet, also .gz), a folder of "
+                    "such shards (one format), a datasets save_to_disk folder or a Hub dataset id (hf://owner/name; "
+                    "options after ?: split=NAME, revision=REF); or a list of sources to mix, each {path, weight or "
+                    "epochs, name, validation, format, columns, split, revision}")
+    validation: str | None = Field(None, description="held-out data of the same task (any path data.train takes, "
+                                   "e.g. hf://owner/name?split=test); default: split off train by val_fraction")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the training file held out for validation "
                                 "when data.validation is not set")
     val_max_examples: int | None = Field(200, ge=1, description="at most this many examples are held out by "
@@ -118,7 +132,7 @@ class DataConfig(Settings):
 
     def train_paths(self) -> list[str]:
         """Every training path: the file, or each source's path."""
-        return [s.path for s in self.train] if isinstance(self.train, list) else [self.train]
+        return [s.spec for s in self.train] if isinstance(self.train, list) else [self.train]
 
 
 def check_sources(sources: Sequence[SourceConfig]) -> None:

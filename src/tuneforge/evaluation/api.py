@@ -29,6 +29,7 @@ from tuneforge.config import RunConfig, load_config
 from tuneforge.config.eval import BASE_COLUMNS, EvalSettings, check_columns
 from tuneforge.data.dataset import DataError, load_examples
 from tuneforge.data.formats import Example
+from tuneforge.data.loaders import data_sha256
 from tuneforge.data.tool_formats import HERMES, ToolCallFormat
 from tuneforge.data.tool_formats import resolve as resolve_tool_format
 from tuneforge.evaluation import bootstrap, failures, generation, heldout, tool_eval
@@ -36,7 +37,6 @@ from tuneforge.evaluation import columns as cols
 from tuneforge.evaluation import forgetting as forget
 from tuneforge.evaluation.metrics import MetricError, MetricSet, check_schema, confusion, normalise_label, per_label
 from tuneforge.evaluation.retrieval import DocsError, Retriever
-from tuneforge.fileutil import file_sha256
 from tuneforge.runs import EvalReport, NotARunError, RunDir, RunRecord
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,14 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def load_test_set(name: str, file: str | Path, config: RunConfig, max_examples: int | None) -> TestSet:
-    """The usable test conversations of ``file``; any unusable record stops with its file and line."""
+    """The usable test conversations of ``file`` (any source :mod:`tuneforge.data.sources` reads: a file, a folder of
+    shards, a ``save_to_disk`` folder, a Hub id); any unusable record stops with its file and line."""
+    from tuneforge.data.sources import parse_source
+
     path = Path(file)
-    if not path.is_file():
+    if parse_source(str(file)).kind == "file" and not path.is_file():
         raise EvalError(f"test file {path}: not found")
-    loaded = load_examples(str(path), config.data, "sft")
+    loaded = load_examples(str(file), config.data, "sft")
     if loaded.rejects:
         r = loaded.rejects[0]
         more = f" (and {len(loaded.rejects) - 1} more)" if len(loaded.rejects) > 1 else ""
@@ -125,7 +128,7 @@ def load_test_set(name: str, file: str | Path, config: RunConfig, max_examples: 
                             "with tools, tool results) and the reference assistant answer")
     if not loaded.examples:
         raise EvalError(f"test file {path}: no records")
-    return TestSet(name, str(path), loaded.examples[:max_examples])
+    return TestSet(name, str(file), loaded.examples[:max_examples])
 
 
 def default_test_file(config: RunConfig, settings: EvalSettings) -> str:
@@ -414,7 +417,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, columns: list[str] | 
                     test.examples, gens.texts, settings.seed, settings.bootstrap_resamples, fmt)
             if column in ("rag", "tuned+rag"):
                 per_col[column]["context_example"] = prompts[0][-1]["content"] if prompts else ""
-        entry: dict[str, Any] = {"file": test.file, "sha256": file_sha256(test.file), "n": len(test.examples),
+        entry: dict[str, Any] = {"file": test.file, "sha256": data_sha256(test.file), "n": len(test.examples),
                                  "columns": per_col, "prompts": [p[-1]["content"] for p in test.prompts],
                                  "references": test.references}
         entry["paired"] = _paired(col_scores, settings)

@@ -7,7 +7,6 @@ import importlib.metadata
 import platform
 import sys
 
-from tuneforge.fileutil import file_sha256
 from tuneforge.runs.records import DataFile
 
 LIBRARIES = ("tuneforge", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
@@ -27,8 +26,7 @@ def library_versions() -> dict[str, str]:
 def data_fingerprints(paths: list[str | None]) -> list[DataFile]:
     """``path`` and ``sha256`` of each data file given (None, for a run without validation file, is skipped); a
     folder (a mixture's source) by :func:`tuneforge.data.loaders.data_sha256`."""
-    from pathlib import Path
 
     from tuneforge.data.loaders import data_sha256
 
-    return [DataFile(path=p, sha256=data_sha256(p) if Path(p).is_dir() else file_sha256(p)) for p in paths if p]
+    return [DataFile(path=p, sha256=data_sha256(p)) for p in paths if p]

@@ -40,7 +40,6 @@ from tuneforge.data.rendering import set_template_kwargs
 from tuneforge.data.templates import apply_template
 from tuneforge.data.tool_formats import resolve as resolve_tool_format
 from tuneforge.errors import ConfigError
-from tuneforge.fileutil import file_sha256
 from tuneforge.kernels.compensated_adamw import CompensatedAdamW
 from tuneforge.kernels.optimizer import adamw
 from tuneforge.kernels.select import apply_kernels, check_kernels
@@ -455,9 +454,9 @@ class TrainingRecipe:
         data: dict[str, Any] = {
             "train": data_sha256(self.config.data.train_file()) if sources is None else
             # a mixture: each source's content and what it gives an epoch (its path may change, as a file's may)
-            [{**s.model_dump(mode="json", exclude={"path", "validation", "name"}), "sha256": data_sha256(s.path),
-              "validation": file_sha256(s.validation) if s.validation else None} for s in sources],
-            "validation": file_sha256(self.config.data.validation) if self.config.data.validation else None}
+            [{**s.model_dump(mode="json", exclude={"path", "validation", "name"}), "sha256": data_sha256(s.spec),
+              "validation": data_sha256(s.validation) if s.validation else None} for s in sources],
+            "validation": data_sha256(self.config.data.validation) if self.config.data.validation else None}
         if self.init is not None:       # the run continued: by its adapter's content, wherever it is now
             data["init_from"] = self.init.adapter_sha256 or str(self.init.path)
         return {"config": config, "data": data,

@@ -43,7 +43,6 @@ from tuneforge.data.curation.dedup import Duplicate, DuplicateIndex, template_sh
 from tuneforge.data.curation.validation import Checked, Issue, check_record, mask_record
 from tuneforge.data.formats import KINDS, kind_mismatch
 from tuneforge.data.loaders import (
-    DataFileError,
     RawRecord,
     data_suffix,
     iter_records,
@@ -253,7 +252,7 @@ def _checked_chunks(file: str, config: CurationConfig, chunk_size: int, pool: An
         return
     from collections import deque
 
-    if data_suffix(file) == ".jsonl":
+    if _is_jsonl(file):
         chunks: Iterable = _jsonl_chunks(file, chunk_size)
     else:
         chunks = chunked(iter_records(file), chunk_size)
@@ -363,9 +362,8 @@ def curate(files: str | Path | list[str | Path], config: CurationConfig | None =
     writing stay in this one); the output is the same as with one.
     """
     config = config or CurationConfig()
-    files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
-    against = [str(f) for f in (against or [])]
-    _require_files(files + against)
+    files = _expand_sources([files] if isinstance(files, (str, Path)) else files)
+    against = _expand_sources(against or [])
     counter = counter or make_counter(config.model, config.chars_per_token)
     run = _Curation(files, config, counter, bool(against), out_dir, chunk_size, progress)
     try:
@@ -380,12 +378,26 @@ def curate(files: str | Path | list[str | Path], config: CurationConfig | None =
     return run.finish()
 
 
-def _require_files(paths: list[str]) -> None:
-    """Fail before any work, not after the first file: every path exists and has a supported suffix."""
+def _expand_sources(paths: list[str | Path]) -> list[str]:
+    """Fail before any work, not after the first file: every path exists and has a supported suffix. A folder of
+    shards is its files (read as files are); a ``save_to_disk`` folder or a Hub id is its name with its split
+    (what its records' ``source`` is, :mod:`tuneforge.data.sources`)."""
+    from tuneforge.data.sources import check_source, parse_source, shard_files
+
+    out: list[str] = []
     for f in paths:
-        if not Path(f).is_file():
-            raise DataFileError(f"{f}: data file not found")
-        data_suffix(f)
+        check_source(f)
+        source = parse_source(f)
+        if source.kind == "shards":
+            out += [str(p) for p in shard_files(source.location)]
+        else:
+            out.append(source.name if source.kind in ("saved", "hub") else str(f))
+    return out
+
+
+def _is_jsonl(file: str) -> bool:
+    """A ``.jsonl`` file (its lines can be re-read by number); not a ``datasets`` source."""
+    return Path(file).is_file() and data_suffix(file) == ".jsonl"
 
 
 def _index_params(config: CurationConfig, has_against: bool) -> tuple | None:
@@ -525,7 +537,7 @@ class _Curation:
         lengths, then each record to ``rejects.jsonl`` or kept (spooled and hashed)."""
         self.sources.append(file)
         file_id = len(self.sources) - 1
-        spool_original = data_suffix(file) != ".jsonl"
+        spool_original = not _is_jsonl(file)
         for checked, hashes in _checked_chunks(file, self.config, self.chunk_size, self.pool, self.workers,
                                                self.index_params, self.remote_counter):
             self.n_read += len(checked)
@@ -732,7 +744,7 @@ class _Curation:
             return
         self.spool_clean.close()
         self.spool_orig.close()
-        spooled = [data_suffix(source) != ".jsonl" for source in self.sources]
+        spooled = [not _is_jsonl(source) for source in self.sources]
         originals = _OriginalLines(self.sources)
         try:
             with open(self.out / _SPOOL_CLEAN, encoding="utf-8") as spool, \

@@ -15,6 +15,7 @@ from typing import Any
 
 from tuneforge.data.curation.config import CHECKS, DATASET_CHECKS, CurationConfigError, load_curation_config
 from tuneforge.data.formats import FORMATS
+from tuneforge.data.sources import source_stem
 from tuneforge.models.registry import DEFAULT_MODEL
 
 
@@ -171,7 +172,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         template, kwargs = _template_options(args)
         stats = compute_stats(args.file, model=model, max_length=args.max_length, config=config, template=template,
                               template_kwargs=kwargs)
-        out = Path(args.out) if args.out else Path.cwd() / (Path(args.file).name.split(".")[0] + "_lengths.png")
+        out = Path(args.out) if args.out else Path.cwd() / (source_stem(args.file) + "_lengths.png")
         if out.suffix.lower() != ".png":
             out = out / "lengths.png"
         plot_histogram(stats, out)

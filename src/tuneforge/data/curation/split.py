@@ -25,6 +25,7 @@ from tuneforge.data import jsonio
 from tuneforge.data.formats import CHAT_FORMATS, RecordError, detect_format, to_example
 from tuneforge.data.loaders import error_check, iter_records
 from tuneforge.data.rejects import Reject, reject_line
+from tuneforge.data.sources import source_stem
 
 
 @dataclass
@@ -76,7 +77,7 @@ def split_file(path: str | Path, val: float = 0.1, seed: int = 0, stratify: str 
     ``out_dir`` defaults to ``./<file stem>_split`` (never next to the input, which may be shared).
     """
     path = Path(path)
-    stem = path.name.split(".")[0]
+    stem = source_stem(path)
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{stem}_split"
     label_ids, label_names, n, parsed = array("i"), {}, 0, array("b")
     for r in iter_records(path):
