@@ -19,7 +19,8 @@ Other families (:data:`FAMILIES`, read from ``model_type`` by :func:`shape_from_
 * Qwen2: biases on q, k, v; Qwen3: query/key norms.
 * Phi-3: fused ``qkv_proj`` (``d x (q + 2kv)``) and ``gate_up_proj`` (``d x 2I``): same counts, fewer linears.
 * Qwen3-MoE: per MoE layer ``E`` experts of ``3*d*I_moe`` (all in memory) and a router ``E*d``; attention as
-  Qwen3. The experts are parameters, not ``nn.Linear``: LoRA ``all-linear`` adapts the attention only.
+  Qwen3. The experts are stacked 3-D parameters (``gate_up_proj: E x 2I_moe x d``, ``down_proj: E x d x I_moe``),
+  not ``nn.Linear``; peft's ``all-linear`` still adapts them (:meth:`ModelShape.lora_targets`).
 * GPT-NeoX: LayerNorm with bias (``2d`` per norm), fused ``query_key_value`` with bias, biased ``dense``,
   non-gated MLP ``d x I``, ``I x d`` with biases.
 """
@@ -95,6 +96,23 @@ class ModelShape:
         """The linears of each layer (MoE layers: the attention's only)."""
         return ([self.linears()] * self.dense_layers) + ([self.attention_linears()] * self.moe_layers)
 
+    def module_name(self, generic: str) -> str:
+        """The family's own name of the linear :meth:`linears` calls ``generic`` (GPT-NeoX: ``query_key_value``,
+        ``dense``, ``dense_h_to_4h``, ``dense_4h_to_h``), as a ``target_modules`` entry names it."""
+        return MODULE_NAMES.get(self.model_type, {}).get(generic, generic)
+
+    def moe_lora_targets(self) -> list[tuple[str, int, int, int, int]]:
+        """What peft's LoRA ``all-linear`` adapts in one MoE layer besides the attention, as
+        ``(name, d_in, d_out, copies, rank_factor)``: ``rank_factor * r * copies * (d_in + d_out)`` parameters each.
+
+        peft (0.21, ``utils/transformers_weight_conversion.py``) turns ``all-linear`` on an MoE into ``target_parameters``
+        for the router's weight (``d -> E``, one ``r``) and the experts' stacked weights, wrapped by
+        ``lora.ParamWrapper`` with ``r * E`` rows (one rank-``r`` pair per expert): ``down_proj`` (``I_moe -> d``)
+        at rank ``r`` and the fused ``gate_up_proj`` (``d -> 2 I_moe``) at rank ``2r`` (its ``rank_pattern``: the
+        gate's and the up projection's ``r`` side by side)."""
+        d, e, im = self.hidden_size, self.num_experts, self.moe_intermediate_size
+        return [("gate", d, e, 1, 1), ("experts.gate_up_proj", d, 2 * im, e, 2), ("experts.down_proj", im, d, e, 1)]
+
     def _biases(self, mlp: bool) -> int:
         d, i = self.hidden_size, self.intermediate_size
         total = (self.q_width + 2 * self.kv_width if self.attention_bias else 0) + (d if self.o_bias else 0)
@@ -140,8 +158,11 @@ class ModelShape:
         return self.decoder_params() + self.embedding_params() + final_norm
 
     def lora_parameters(self, r: int) -> int:
-        """LoRA ``all-linear`` (every decoder linear, not ``lm_head``): ``r * (d_in + d_out)`` each."""
-        return sum(r * (d_in + d_out) for layer in self.layer_linears() for _, d_in, d_out in layer)
+        """LoRA ``all-linear`` (every decoder linear, not ``lm_head``): ``r * (d_in + d_out)`` each; an MoE layer's
+        router and experts as :meth:`moe_lora_targets`."""
+        dense = sum(r * (d_in + d_out) for layer in self.layer_linears() for _, d_in, d_out in layer)
+        moe = sum(f * r * n * (d_in + d_out) for _, d_in, d_out, n, f in self.moe_lora_targets())
+        return dense + (self.moe_layers * moe if self.num_experts else 0)
 
 
 # Llama-2 (7B/13B/70B), Llama-3.x and SmolLM2 shapes from their published config.json files.
@@ -156,6 +177,12 @@ NAMED_SHAPES: dict[str, ModelShape] = {
 ALIASES = {"llama-2-7b": "7b", "llama-2-13b": "13b", "llama-2-70b": "70b", "llama2-7b": "7b", "llama2-13b": "13b",
            "llama2-70b": "70b"}
 
+
+# model_type -> the family's own names of the linears ModelShape.linears() names Llama's way
+MODULE_NAMES: dict[str, dict[str, str]] = {
+    "gpt_neox": {"qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
+                 "down_proj": "dense_4h_to_h"},
+}
 
 # model_type -> what sets its block apart from Llama's (the fields of ModelShape)
 FAMILIES: dict[str, dict] = {

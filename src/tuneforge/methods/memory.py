@@ -67,6 +67,19 @@ class Shape(Protocol):
 
     def num_parameters(self) -> int: ...
 
+    @property
+    def model_type(self) -> str: ...
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def moe_layers(self) -> int: ...
+
+    def module_name(self, generic: str) -> str: ...
+
+    def moe_lora_targets(self) -> list[tuple[str, int, int, int, int]]: ...
+
 
 @dataclass(frozen=True)
 class BlockActivations:

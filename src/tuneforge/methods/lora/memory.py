@@ -33,11 +33,20 @@ from tuneforge.methods.memory import MemoryInputs, MemoryTerms, base_weight_byte
 ADAPTER_BYTES = 4      # peft keeps adapters in fp32
 
 
+def moe_targets(inputs: MemoryInputs) -> list[tuple[str, int, int, int, int]]:
+    """What LoRA adapts in each MoE layer besides the attention (router, stacked experts: ``(name, d_in, d_out,
+    copies, rank_factor)``, :meth:`~tuneforge.estimate.shapes.ModelShape.moe_lora_targets`), for all MoE layers."""
+    shape = inputs.shape
+    return shape.moe_lora_targets() * shape.moe_layers if shape.num_experts else []
+
+
 def lora_parameters(inputs: MemoryInputs, r: int, dora: bool = False) -> int:
-    """``r*(d_in + d_out)`` per decoder linear (+ ``d_out`` for DoRA's magnitude), over all layers (an MoE
-    layer's linears are its attention's)."""
-    return sum(r * (d_in + d_out) + (d_out if dora else 0)
-               for layer in inputs.shape.layer_linears() for _, d_in, d_out in layer)
+    """``r*(d_in + d_out)`` per decoder linear (+ ``d_out`` for DoRA's magnitude), over all layers; in an MoE
+    layer the router and every expert's ``gate_up`` (rank ``2r``) and ``down`` too (peft's ``ParamWrapper``:
+    ``r*E`` rows per stacked weight; DoRA refuses them)."""
+    return (sum(r * (d_in + d_out) + (d_out if dora else 0)
+                for layer in inputs.shape.layer_linears() for _, d_in, d_out in layer)
+            + sum(f * r * n * (d_in + d_out) for _, d_in, d_out, n, f in moe_targets(inputs)))
 
 
 def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
@@ -63,10 +72,12 @@ def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
 def lora_terms(inputs: MemoryInputs, cfg: Any, base_weights: int, act_bytes: int, note: str) -> MemoryTerms:
     """LoRA ``cfg`` over a frozen base of ``base_weights`` bytes with activations of ``act_bytes``."""
     trainable = lora_parameters(inputs, cfg.r, cfg.use_dora)
-    largest = max(cfg.r * max(d_in, d_out) for _, d_in, d_out in inputs.shape.linears())
+    largest = max([cfg.r * max(d_in, d_out) for _, d_in, d_out in inputs.shape.linears()]
+                  + [f * cfg.r * n * max(d_in, d_out) for _, d_in, d_out, n, f in moe_targets(inputs)])
     c = inputs.autocast_bytes
-    casts = 0 if c is None else c * sum(cfg.r * d_out for layer in inputs.shape.layer_linears()
-                                        for _, _, d_out in layer)     # each B's copy in the compute dtype
+    casts = 0 if c is None else c * (sum(cfg.r * d_out for layer in inputs.shape.layer_linears()
+                                         for _, _, d_out in layer)     # each B's copy in the compute dtype
+                                     + sum(f * cfg.r * n * d_out for _, _, d_out, n, f in moe_targets(inputs)))
     return MemoryTerms(
         trainable_params=trainable, weights=base_weights + trainable * ADAPTER_BYTES, param_bytes=ADAPTER_BYTES,
         largest_trainable=largest, act_bytes=act_bytes, per_token_layer=lora_block_bytes(inputs, cfg, act_bytes),
