@@ -55,6 +55,9 @@ class ModelShape:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     moe_layers: int = 0               # layers whose MLP is the MoE block
+    parallel_residual: bool = False   # GPT-NeoX: attention and MLP read the same input (its two norms, one x)
+    eager_attention: bool = False     # transformers' eager attention (Gemma 2: no SDPA path with soft-capping)
+    attn_softcapping: bool = False    # tanh soft-capping of the attention scores (Gemma 2)
 
     @property
     def dense_layers(self) -> int:
@@ -187,7 +190,7 @@ MODULE_NAMES: dict[str, dict[str, str]] = {
 # model_type -> what sets its block apart from Llama's (the fields of ModelShape)
 FAMILIES: dict[str, dict] = {
     "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
-    "gemma": {}, "gemma2": {"norms_per_layer": 4}, "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
+    "gemma": {}, "gemma2": {"norms_per_layer": 4, "eager_attention": True}, "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
     "phi3": {"fused_qkv": True, "fused_gate_up": True}, "qwen3_moe": {"qk_norm": True},
     "gpt_neox": {"attention_bias": True, "o_bias": True, "mlp_bias": True, "norm_bias": True, "gated_mlp": False,
                  "fused_qkv": True},
@@ -233,6 +236,10 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         **{"mlp_bias": bool(getattr(config, "mlp_bias", False)), **family, "model_type": model_type},
         **_moe_fields(config),
+        **({"parallel_residual": bool(getattr(config, "use_parallel_residual", False))}
+           if model_type == "gpt_neox" else {}),
+        **({"attn_softcapping": getattr(config, "attn_logit_softcapping", None) is not None}
+           if model_type == "gemma2" else {}),
     )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge.methods.memory import MemoryInputs, MemoryTerms, base_weight_bytes
+from tuneforge.methods.memory import MemoryInputs, MemoryTerms, base_weight_bytes, moe_block
 
 ADAPTER_BYTES = 4      # peft keeps adapters in fp32
 
@@ -66,7 +66,26 @@ def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
         adapters = b * (2 * d + i) if a == b else b * widths
     saves_o_input = a == b and (cfg.dropout == 0 or cfg.fused_forward)
     ranks = inputs.autocast_bytes or b     # the rank-r outputs: autocast's compute dtype, else the adapters'
-    return block.frozen + adapters + len(shape.linears()) * ranks * cfg.r + (block.o_copy if saves_o_input else 0)
+    dense = adapters + len(shape.linears()) * ranks * cfg.r
+    if not shape.num_experts:
+        return block.frozen + dense + (block.o_copy if saves_o_input else 0)
+    # an MoE layer: LoRA on the attention's 4 linears (the q/k/v group's input, cast when a != b), the router's
+    # input, and what the experts save as trained weights (peft's ParamWrapper computes with W + BA)
+    moe = (b * d if a == b else b * (d + q)) + len(shape.attention_linears()) * ranks * cfg.r + a * d + \
+        moe_block(shape, a)[1]
+    L = shape.num_layers
+    return block.frozen + (shape.moe_layers * moe + shape.dense_layers * dense) // L + \
+        (block.o_copy if saves_o_input else 0)
+
+
+def moe_weight_copies(inputs: MemoryInputs, act_bytes: int) -> int:
+    """Bytes per layer (averaged over all layers) of the ``W + BA`` weights peft's ParamWrapper builds for every MoE
+    layer's router and stacked experts, saved for backward whatever the row's length: ``a*(3E*d*I_moe + d*E)``."""
+    shape = inputs.shape
+    if not shape.num_experts:
+        return 0
+    e, d, im = shape.num_experts, shape.hidden_size, shape.moe_intermediate_size
+    return act_bytes * (3 * e * d * im + d * e) * shape.moe_layers // shape.num_layers
 
 
 def lora_terms(inputs: MemoryInputs, cfg: Any, base_weights: int, act_bytes: int, note: str) -> MemoryTerms:
@@ -81,6 +100,7 @@ def lora_terms(inputs: MemoryInputs, cfg: Any, base_weights: int, act_bytes: int
     return MemoryTerms(
         trainable_params=trainable, weights=base_weights + trainable * ADAPTER_BYTES, param_bytes=ADAPTER_BYTES,
         largest_trainable=largest, act_bytes=act_bytes, per_token_layer=lora_block_bytes(inputs, cfg, act_bytes),
+        per_layer=moe_weight_copies(inputs, act_bytes),
         weight_casts=casts, autocast_checked=cfg.fused_forward and not cfg.use_dora,
         notes=(note,) + (("DoRA: its magnitude vectors train; its forward's extra activations are not modelled",)
                          if cfg.use_dora else ()))
