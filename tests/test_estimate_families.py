@@ -80,11 +80,10 @@ def test_gemma3_block_formula_matches_the_tensors_autograd_saves(method):
 def _adapted(family: str, method: str):
     """The family's tiny fp32 model with ``method`` applied and prepared as the trainer does (LoRA r=4, dropout 0:
     peft refuses dropout on the MoE experts' stacked weights)."""
+    from _architectures import ATTENTION
     from tuneforge.config import RunConfig
     from tuneforge.methods import apply_method
     from tuneforge.training.trainer import prepare_for_training
-
-    from _architectures import ATTENTION
 
     config = _config(family)
     torch.manual_seed(0)

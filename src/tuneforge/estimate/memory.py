@@ -101,8 +101,12 @@ Gemma 2/3's two more norms (``2n``), Qwen3's and Gemma 3's query/key norms (``a*
 exact against ``saved_tensors_hooks`` for Gemma 3 in ``tests/test_estimate_families.py``); biases and fused
 projections save nothing more; a non-gated MLP (GPT-NeoX) saves ``a*I`` (``2a*I`` trained); an MoE layer
 holds every expert's weights but saves activations of the ``k`` active experts only:
-``k*3a*I_moe + 4E + k*(a*d + 4)`` (``+ k*(a*d + a*I_moe)`` trained) (not exact: the per-expert gathers
-also save routing indices, whose sizes depend on the routing).
+``k*3a*I_moe + 4E + k*(a*d + 4) + 32k`` (four int64 index vectors; ``+ k*(a*d + a*I_moe)`` trained; LoRA on the
+experts saves peft's ``W + BA`` copies of every expert's weights once per layer). Phi-3 and Qwen3-MoE keep
+transformers' RMSNorm, GPT-NeoX a LayerNorm (``a*d + 8``; its parallel residual saves one input for both); a fused
+q/k/v keeps its whole output for ``v`` (``+ a*(q + kv)``); Gemma 2's eager attention saves ``3a*q`` and ``a*H*T``
+per score tensor (softmax's, tanh's). Exact for full and IA3 on every tiny family but Mistral (its window's mask)
+in ``tests/test_estimate_families.py``; within 15% for LoRA.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::

@@ -108,11 +108,11 @@ class ModelShape:
         """What peft's LoRA ``all-linear`` adapts in one MoE layer besides the attention, as
         ``(name, d_in, d_out, copies, rank_factor)``: ``rank_factor * r * copies * (d_in + d_out)`` parameters each.
 
-        peft (0.21, ``utils/transformers_weight_conversion.py``) turns ``all-linear`` on an MoE into ``target_parameters``
-        for the router's weight (``d -> E``, one ``r``) and the experts' stacked weights, wrapped by
-        ``lora.ParamWrapper`` with ``r * E`` rows (one rank-``r`` pair per expert): ``down_proj`` (``I_moe -> d``)
-        at rank ``r`` and the fused ``gate_up_proj`` (``d -> 2 I_moe``) at rank ``2r`` (its ``rank_pattern``: the
-        gate's and the up projection's ``r`` side by side)."""
+        peft (0.21, ``utils/transformers_weight_conversion.py``) turns ``all-linear`` on an MoE into
+        ``target_parameters`` for the router's weight (``d -> E``, one ``r``) and the experts' stacked weights,
+        wrapped by ``lora.ParamWrapper`` with ``r * E`` rows (one rank-``r`` pair per expert): ``down_proj``
+        (``I_moe -> d``) at rank ``r`` and the fused ``gate_up_proj`` (``d -> 2 I_moe``) at rank ``2r`` (its
+        ``rank_pattern``: the gate's and the up projection's ``r`` side by side)."""
         d, e, im = self.hidden_size, self.num_experts, self.moe_intermediate_size
         return [("gate", d, e, 1, 1), ("experts.gate_up_proj", d, 2 * im, e, 2), ("experts.down_proj", im, d, e, 1)]
 
@@ -190,7 +190,8 @@ MODULE_NAMES: dict[str, dict[str, str]] = {
 # model_type -> what sets its block apart from Llama's (the fields of ModelShape)
 FAMILIES: dict[str, dict] = {
     "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
-    "gemma": {}, "gemma2": {"norms_per_layer": 4, "eager_attention": True}, "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
+    "gemma": {}, "gemma2": {"norms_per_layer": 4, "eager_attention": True},
+    "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
     "phi3": {"fused_qkv": True, "fused_gate_up": True}, "qwen3_moe": {"qk_norm": True},
     "gpt_neox": {"attention_bias": True, "o_bias": True, "mlp_bias": True, "norm_bias": True, "gated_mlp": False,
                  "fused_qkv": True},
