@@ -105,8 +105,9 @@ holds every expert's weights but saves activations of the ``k`` active experts o
 experts saves peft's ``W + BA`` copies of every expert's weights once per layer). Phi-3 and Qwen3-MoE keep
 transformers' RMSNorm, GPT-NeoX a LayerNorm (``a*d + 8``; its parallel residual saves one input for both); a fused
 q/k/v keeps its whole output for ``v`` (``+ a*(q + kv)``); Gemma 2's eager attention saves ``3a*q`` and ``a*H*T``
-per score tensor (softmax's, tanh's). Exact for full and IA3 on every tiny family but Mistral (its window's mask)
-in ``tests/test_estimate_families.py``; within 15% for LoRA.
+per score tensor (softmax's, tanh's); where the attention copies the o projection's input (fused q/k/v, eager) a
+trained o or its LoRA saves it (``a*q``). Exact for full, LoRA and IA3 on every tiny family but Mistral (its window's
+mask, -1.6%) in ``tests/test_estimate_families.py``.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::
@@ -239,13 +240,13 @@ def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str 
         width, rows = shape.q_width + shape.kv_width, shape.num_heads + shape.num_kv_heads
         extra += (a if fused_rms_norm else 4) * width + 4 * rows
         trained_extra += 0 if fused_rms_norm else a * width    # transformers' norm: the normalized input too
-    attn = a * (2 * q + 2 * kv) + 4 * h
+    attn, o_input = a * (2 * q + 2 * kv) + 4 * h, 0
     if shape.eager_attention:   # q and k, v repeated to H heads, softmax's output (and tanh's under soft-capping)
         attn = 3 * a * q + a * h * seq * (2 if shape.attn_softcapping else 1) + seq   # + the bool mask row
-        trained_extra += a * q
+        o_input = a * q
     elif shape.fused_qkv:   # v is a view of the fused projection's output: SDPA keeps all of it (q + 2kv wide)
         attn += a * (q + kv)
-        trained_extra += a * q      # the o projection's input is a copy
+        o_input = a * q             # the o projection's input is a copy
     mlp, mlp_trained = (3 * a * i if shape.gated_mlp else a * i), a * i
     if shape.num_experts:   # per-layer average over dense and MoE layers (every layer of the released configs)
         moe, moe_trained = moe_block(shape, a)
@@ -255,7 +256,7 @@ def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str 
     return BlockActivations(
         norm=norm, norm_weight=norm_weight,
         attention=attn, o_copy=a * q if (packed and not masked) else 0, mlp=mlp,
-        act_bytes=a, extra=extra, mlp_trained=mlp_trained, trained_extra=trained_extra)
+        act_bytes=a, extra=extra, mlp_trained=mlp_trained, trained_extra=trained_extra, o_input=o_input)
 
 
 def method_settings(settings: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:

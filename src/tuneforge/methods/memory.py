@@ -126,8 +126,9 @@ class BlockActivations:
         mlp_trained: what the MLP saves on top when its weights train (the input of ``down``, ``a*I``; MoE:
             ``k*(a*d + a*I_moe)``, the gathered input and the product of each active expert).
         trained_extra: what else the block saves when its weights train: transformers' query/key norms' normalized
-            inputs (``a*(q + kv)``) and the o projection's input where the family's attention copies it (fused
-            q/k/v, eager attention: ``a*q``).
+            inputs (``a*(q + kv)``).
+        o_input: the o projection's input where the family's attention copies it (fused q/k/v, eager attention:
+            ``a*q``), saved when o's weight trains or its LoRA ``A`` reads it.
     """
 
     norm: int
@@ -139,6 +140,7 @@ class BlockActivations:
     extra: int = 0
     mlp_trained: int = 0
     trained_extra: int = 0
+    o_input: int = 0
 
     @property
     def frozen(self) -> int:

@@ -66,13 +66,13 @@ def lora_block_bytes(inputs: MemoryInputs, cfg: Any, act_bytes: int) -> int:
         adapters = b * (2 * d + i) if a == b else b * widths
     saves_o_input = a == b and (cfg.dropout == 0 or cfg.fused_forward)
     ranks = inputs.autocast_bytes or b     # the rank-r outputs: autocast's compute dtype, else the adapters'
-    dense = adapters + len(shape.linears()) * ranks * cfg.r
+    dense = adapters + len(shape.linears()) * ranks * cfg.r + (block.o_input if saves_o_input else 0)
     if not shape.num_experts:
         return block.frozen + dense + (block.o_copy if saves_o_input else 0)
     # an MoE layer: LoRA on the attention's 4 linears (the q/k/v group's input, cast when a != b), the router's
     # input, and what the experts save as trained weights (peft's ParamWrapper computes with W + BA)
     moe = (b * d if a == b else b * (d + q)) + len(shape.attention_linears()) * ranks * cfg.r + a * d + \
-        moe_block(shape, a)[1]
+        moe_block(shape, a)[1] + (block.o_input if saves_o_input else 0)
     L = shape.num_layers
     return block.frozen + (shape.moe_layers * moe + shape.dense_layers * dense) // L + \
         (block.o_copy if saves_o_input else 0)
