@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method} {point}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             m = json.loads(out.stdout.strip().splitlines()[-1])
-            pred = est.peak / MIB
+            pred = max(est.peak, est.load_peak) / MIB   # VmHWM counts loading too (QLoRA quantizing on CPU)
             err = 100 * (pred - m["peak_mib"]) / m["peak_mib"]
             rows.append({"method": method, "seq": seq, "batch": batch, "ckpt": ckpt, "predicted_mib": round(pred, 1),
                          "measured_mib": round(m["peak_mib"], 1), "error_pct": round(err, 1), **m,

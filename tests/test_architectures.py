@@ -48,23 +48,25 @@ REFUSED: dict[tuple[str, str, str], str] = {
     ("serve_mixed", "qwen3-moe", "lora"): "refused when the server loads it (AdapterLoadError; 400 at request time): "
                                           "LoRA on the MoE experts' stacked weights (peft's ParamWrapper) cannot be "
                                           "mixed per row; serve the merged model",
+    **{(f, "mistral", "prompt"): "refused up front (ConfigError): prompt tuning where every layer slides a window "
+                                 "shorter than the virtual tokens plus data.max_length (the soft prompt drops out of "
+                                 "the window: the tiny Mistral's is 4 tokens; Mistral v0.1's 4096)"
+       for f in FEATURES_WITH_PREFIX},
 }
 PREFIX_REFUSAL = r"^method prefix does not support \w+ \((soft-capped|sliding-window)[^\n]*: use lora, adapter"
+PROMPT_REFUSAL = r"^method prompt on mistral: its sliding window \(4 tokens\) would hide the 4 virtual tokens[^\n]*$"
+REFUSAL = {"prefix": PREFIX_REFUSAL, "prompt": PROMPT_REFUSAL}
 # (feature, family, method) -> reason, for the combinations that do not work (xfail, strict)
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    **{(f, "mistral", "prompt"): "the tiny config's sliding window (4 tokens) hides the 4 virtual tokens from every "
-                                 "trained position: zero gradient, and the collapse check stops the run"
-       for f in ("trains", "save_load")},
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 # the mixed serving parity runs in float64, but transformers' eager attention takes its softmax in float32, where
 # float64's mask minimum is -inf: a left-padded row's padding queries (nothing to attend to) give NaN, which the
 # next layer's cache spreads to the real tokens (0 * NaN). Gemma 2 (eager only) is served in float32
 SERVE_DTYPE = {"gemma2": torch.float32}
 
 
-def _refuses_prefix(family: str, tokenizer) -> None:
-    with pytest.raises(ConfigError, match=PREFIX_REFUSAL):
-        apply_method(build(family, tokenizer), run_config("prefix", METHOD_SECTIONS["prefix"]), tokenizer)
+def _refuses(family: str, method: str, tokenizer) -> None:
+    with pytest.raises(ConfigError, match=REFUSAL[method]):
+        apply_method(build(family, tokenizer), run_config(method, METHOD_SECTIONS[method]), tokenizer)
 
 
 # feature -> (test function name, the methods it runs per family); the table's columns
@@ -140,7 +142,7 @@ def _run(family, method, family_dirs, tmp_path_factory):
 def test_every_method_trains(family, method, family_dirs, tmp_path_factory):
     if ("trains", family, method) in REFUSED:        # the run stops at setup, in one line, before it trains
         recipe = _recipe(method, str(family_dirs[family]), _out(family, method, tmp_path_factory))
-        with pytest.raises(ConfigError, match=PREFIX_REFUSAL):
+        with pytest.raises(ConfigError, match=REFUSAL[method]):
             recipe.setup()
         return
     _, result, moved, trainable = _run(family, method, family_dirs, tmp_path_factory)
@@ -154,7 +156,7 @@ def test_save_and_load_give_identical_logits(family, method, family_dirs, tmp_pa
     from tuneforge.runs import load_run
 
     if ("save_load", family, method) in REFUSED:
-        return _refuses_prefix(family, tokenizer)
+        return _refuses(family, method, tokenizer)
     recipe, result, _, _ = _run(family, method, family_dirs, tmp_path_factory)
     loaded = load_run(result.run_dir, device="cpu")
     ids = torch.tensor([[1, 504, 2520, 30, 1004, 28, 18, 19]])
@@ -174,7 +176,7 @@ def test_packed_row_equals_each_example_alone(family, method, tokenizer):
     """The training forward (tuneforge's packed attention) on a row of 3 examples, longer than the sliding
     windows, equals each example alone through transformers' own attention; and so do the per-example losses."""
     if ("packed", family, method) in REFUSED:
-        return _refuses_prefix(family, tokenizer)
+        return _refuses(family, method, tokenizer)
     config = run_config(method, METHOD_SECTIONS[method])
     model = perturbed(apply_method(build(family, tokenizer), config, tokenizer), max_numel=None
                       if method != "full" else 100_000)
@@ -226,7 +228,7 @@ def test_merge_parity(family, method, family_dirs, tokenizer, tmp_path):
 def test_generation_matches_the_training_forward(family, method, tokenizer):
     """Greedy cached generation (4 tokens) scores each step as the uncached training forward does."""
     if ("generate", family, method) in REFUSED:
-        return _refuses_prefix(family, tokenizer)
+        return _refuses(family, method, tokenizer)
     model = build(family, tokenizer)
     config = "base" if method == "base" else run_config(method, METHOD_SECTIONS[method])
     if method != "base":
@@ -332,8 +334,8 @@ def test_mixed_serving_batch_equals_each_adapter_alone(family, method, family_di
     root = tmp_path_factory.getbasetemp() / "arch-serve" / family
     root.mkdir(parents=True, exist_ok=True)
     if ("serve_mixed", family, method) in REFUSED:
-        if method == "prefix":
-            return _refuses_prefix(family, tokenizer)
+        if method in REFUSAL:
+            return _refuses(family, method, tokenizer)
         return _refused_when_served(family, method, tokenizer, root)
     rows_seen, results = _serving_results(family, str(family_dirs[family]), str(root))
     assert rows_seen >= 2, "the adapters never shared a batch"
@@ -370,3 +372,23 @@ def test_the_table_in_the_docs_matches_this_parametrization():
     expected = {(f, fam, m) for f, (_, methods) in FEATURES.items() for fam in FAMILIES for m in methods}
     assert cells == expected
     assert marked == set(KNOWN_FAILURES) | set(REFUSED), marked ^ (set(KNOWN_FAILURES) | set(REFUSED))
+
+
+@pytest.mark.parametrize("max_length, refused", [(60, False), (61, True)])
+def test_prompt_tuning_is_refused_only_where_the_window_would_hide_the_soft_prompt(tokenizer, max_length, refused):
+    """A window of 64 tokens shows 4 virtual tokens to the first 60 positions: data.max_length 60 trains, 61 stops."""
+    from transformers import AutoModelForCausalLM
+
+    from _architectures import mistral
+
+    config = mistral()
+    config.sliding_window, config.vocab_size = 64, len(tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
+    run = run_config("prompt", {**METHOD_SECTIONS["prompt"], "data": {"train": "x.jsonl", "max_length": max_length}})
+    if refused:
+        with pytest.raises(ConfigError, match=r"^method prompt on mistral: its sliding window \(64 tokens\) would "
+                                              r"hide the 4 virtual tokens from positions past 60; set data.max_length "
+                                              r"to at most 60 or use lora, adapter or ia3$"):
+            apply_method(model, run, tokenizer)
+    else:
+        apply_method(model, run, tokenizer)

@@ -107,19 +107,22 @@ def _saved_bytes_of_layer(model, method: str, layer: int, batch: int, seq: int, 
     g = torch.Generator().manual_seed(0)
     row = pack([TokenizedExample(torch.randint(0, vocab, (seq,), generator=g).tolist(), [True] * seq)
                 for _ in range(batch)])
-    decoder = next(m for name, m in model.named_modules() if name.endswith("model.layers"))
+    decoder = next(m for name, m in model.named_modules() if name.endswith(("model.layers", "gpt_neox.layers")))
     target = decoder[layer]
     inside = [False]
     target.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
     target.register_forward_hook(lambda *_: inside.__setitem__(0, False))
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    rope_dim = int(head_dim * getattr(mc, "rotary_pct", 1.0))     # GPT-NeoX rotates part of each head
 
     def pack_hook(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr in skip:
             return t
-        if not inside[0] or (t.dim() == 4 and t.shape[1] == 1 and t.shape[-1] == model.config.head_dim):
+        if not inside[0] or (t.dim() == 4 and t.shape[1] == 1 and t.shape[-1] == rope_dim):
             skip.add(ptr)  # saved outside the layer (first use elsewhere), or the shared RoPE cos/sin
             return t
         seen[ptr] = t.untyped_storage().nbytes()

@@ -52,6 +52,38 @@ def test_each_builtin_trains_exactly_the_answers_and_their_end_marker(tokenizer,
         assert trained_text(type(result)(prompt, result.trained[:len(prompt)]), tok) == f"{lead}Paris{end}|"
 
 
+LLAMA3_CONVERSATIONS = [
+    TWO_TURNS,
+    [{"role": "system", "content": "  Be brief. "}, *TWO_TURNS],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": " ok\n"}],
+]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"date_string": "04 Dec 2026"}])
+@pytest.mark.parametrize("generation", [False, True])
+@pytest.mark.parametrize("conversation", range(len(LLAMA3_CONVERSATIONS)))
+def test_llama3_builtin_renders_the_official_llama_3_2_template_token_for_token(tokenizer, conversation, generation,
+                                                                                  kwargs):
+    """Against meta-llama/Llama-3.2-3B-Instruct's template (tests/fixtures/chat_templates/llama3.jinja), with the
+    date fixed as the built-in fixes it ("26 Jul 2024", or the run's ``template_kwargs`` date_string): the official
+    one renders today's date under transformers (``strftime_now``), so the date is always passed here."""
+    from test_template_masks import fixture, with_template
+
+    messages = LLAMA3_CONVERSATIONS[conversation]
+    ours = with_builtin(tokenizer, "llama3")
+    official = with_template(tokenizer, fixture("llama3"), list(BUILTINS["llama3"].special_tokens))
+    date = {"date_string": kwargs.get("date_string", "26 Jul 2024")}
+    want = official.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **date)
+    got = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **kwargs)
+    # the built-ins write BOS only for a tokenizer that adds one (SmolLM2's does not): the rest is compared
+    assert want.startswith(official.bos_token) and not got.startswith(ours.bos_token)
+    want = want[len(official.bos_token):]
+    assert got == want
+    assert ours(got, add_special_tokens=False)["input_ids"] == official(want, add_special_tokens=False)["input_ids"]
+    assert f"Cutting Knowledge Date: December 2023\nToday Date: {date['date_string']}\n\n" in got
+
+
 def test_alpaca_is_the_classic_prompt_and_base_is_plain_text(tokenizer):
     alpaca = with_builtin(tokenizer, "alpaca").apply_chat_template(TWO_TURNS[:2], tokenize=False)
     assert alpaca == ("Below is an instruction that describes a task. Write a response that appropriately completes "

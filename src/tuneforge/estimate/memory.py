@@ -101,8 +101,13 @@ Gemma 2/3's two more norms (``2n``), Qwen3's and Gemma 3's query/key norms (``a*
 exact against ``saved_tensors_hooks`` for Gemma 3 in ``tests/test_estimate_families.py``); biases and fused
 projections save nothing more; a non-gated MLP (GPT-NeoX) saves ``a*I`` (``2a*I`` trained); an MoE layer
 holds every expert's weights but saves activations of the ``k`` active experts only:
-``k*3a*I_moe + 4E + k*(a*d + 4)`` (``+ k*(a*d + a*I_moe)`` trained) (not exact: the per-expert gathers
-also save routing indices, whose sizes depend on the routing).
+``k*3a*I_moe + 4E + k*(a*d + 4) + 32k`` (four int64 index vectors; ``+ k*(a*d + a*I_moe)`` trained; LoRA on the
+experts saves peft's ``W + BA`` copies of every expert's weights once per layer). Phi-3 and Qwen3-MoE keep
+transformers' RMSNorm, GPT-NeoX a LayerNorm (``a*d + 8``; its parallel residual saves one input for both); a fused
+q/k/v keeps its whole output for ``v`` (``+ a*(q + kv)``); Gemma 2's eager attention saves ``3a*q`` and ``a*H*T``
+per score tensor (softmax's, tanh's); where the attention copies the o projection's input (fused q/k/v, eager) a
+trained o or its LoRA saves it (``a*q``). Exact for full, LoRA and IA3 on every tiny family but Mistral (its window's
+mask, -1.6%) in ``tests/test_estimate_families.py``.
 
 Peak: gradients are allocated (``zero_grad(set_to_none=True)``) while backward frees activations, and the
 optimizer's temporaries exist only in ``step()``, so::
@@ -125,7 +130,7 @@ from pydantic import BaseModel
 
 from tuneforge.estimate.precision import PrecisionBytes, mode_for, precision_bytes
 from tuneforge.estimate.shapes import ModelShape, resolve_shape
-from tuneforge.methods.memory import BlockActivations, MemoryInputs, MemoryTerms
+from tuneforge.methods.memory import BlockActivations, MemoryInputs, MemoryTerms, moe_block
 from tuneforge.methods.registry import get_method, methods, settings_sections
 
 GIB = 1024 ** 3
@@ -134,6 +139,9 @@ ATTENTIONS = ("packed_sdpa", "sdpa")
 CHUNKED_LOSS_BUDGET, CHUNKED_LOSS_CHUNK = 256 * 2 ** 20, 1024   # as tuneforge.kernels.chunked_loss
 # model types the trainer's chunked loss applies to (chunked_loss.PLAIN_LM_HEAD_TYPES and Gemma 3 while its
 # final_logit_softcapping is unset, as in its released configs); the others keep the plain loss
+# model types whose RMSNorm tuneforge fuses (kernels.rms_norm's PLAIN and GEMMA classes); the others keep
+# transformers' module (its fp32 input and rstd; the normalized input too when the weight trains)
+FUSED_NORM_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
 CHUNKED_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
 # Fixed runtime memory not in any tensor: CUDA context + cuBLAS workspaces on a GPU. On CPU the
 # validation subtracts the process's memory before the model loads, so the term is 0 there.
@@ -209,9 +217,10 @@ def estimable_methods() -> list[str]:
 
 
 def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str = "packed_sdpa",
-                fused_rms_norm: bool = True, explicit_mask: bool = False) -> BlockActivations:
-    """What one Llama decoder block saves for backward per token, by part (the module docstring's derivation);
-    ``explicit_mask``: attention under a mask the caller passes (transformers repeats k and v to every head)."""
+                fused_rms_norm: bool = True, explicit_mask: bool = False, seq: int = 1) -> BlockActivations:
+    """What one Llama decoder block saves for backward per token, by part (the module docstring's derivation, with
+    the families' differences); ``explicit_mask``: attention under a mask the caller passes (transformers repeats k
+    and v to every head); ``seq``: tokens an example attends over (eager attention's ``T x T`` terms)."""
     if attention == "flash_varlen":      # flash-attn varlen saves what per-example SDPA saves (q, k, v, out, lse)
         attention = "packed_sdpa"
     if attention not in ATTENTIONS:
@@ -220,22 +229,34 @@ def llama_block(shape: ModelShape, act_bytes: int, packed: bool, attention: str 
     a = act_bytes
     masked = explicit_mask or (packed and attention == "sdpa")
     kv = q if (masked and shape.num_kv_heads != shape.num_heads) else shape.kv_width   # repeat_kv under a mask
-    norm = a * d + 4 if fused_rms_norm else 4 * d + 4
+    fused_rms_norm = fused_rms_norm and shape.model_type in FUSED_NORM_TYPES   # the others keep transformers'
+    if shape.norm_bias:      # LayerNorm saves x, its mean and rstd; under a parallel residual both norms read one x
+        norm, norm_weight = (a * d // 2 if shape.parallel_residual else a * d) + 8, 0
+    else:
+        norm, norm_weight = (a * d + 4, 0) if fused_rms_norm else (4 * d + 4, a * d)
     extra = (shape.norms_per_layer - 2) * norm
+    trained_extra = 0
     if shape.qk_norm:     # each head's q and k normalized before RoPE: the norm saves its input and rstd
         width, rows = shape.q_width + shape.kv_width, shape.num_heads + shape.num_kv_heads
         extra += (a if fused_rms_norm else 4) * width + 4 * rows
+        trained_extra += 0 if fused_rms_norm else a * width    # transformers' norm: the normalized input too
+    attn, o_input = a * (2 * q + 2 * kv) + 4 * h, 0
+    if shape.eager_attention:   # q and k, v repeated to H heads, softmax's output (and tanh's under soft-capping)
+        attn = 3 * a * q + a * h * seq * (2 if shape.attn_softcapping else 1) + seq   # + the bool mask row
+        o_input = a * q
+    elif shape.fused_qkv:   # v is a view of the fused projection's output: SDPA keeps all of it (q + 2kv wide)
+        attn += a * (q + kv)
+        o_input = a * q             # the o projection's input is a copy
     mlp, mlp_trained = (3 * a * i if shape.gated_mlp else a * i), a * i
     if shape.num_experts:   # per-layer average over dense and MoE layers (every layer of the released configs)
-        k, im, e = shape.experts_per_tok, shape.moe_intermediate_size, shape.num_experts
-        moe, moe_trained = 3 * a * im * k + 4 * e + k * (a * d + 4), k * (a * d + a * im)
+        moe, moe_trained = moe_block(shape, a)
         L = shape.num_layers
         mlp = (shape.moe_layers * moe + shape.dense_layers * mlp) // L
         mlp_trained = (shape.moe_layers * moe_trained + shape.dense_layers * mlp_trained) // L
     return BlockActivations(
-        norm=norm, norm_weight=0 if fused_rms_norm else a * d,
-        attention=a * (2 * q + 2 * kv) + 4 * h, o_copy=a * q if (packed and not masked) else 0, mlp=mlp,
-        act_bytes=a, extra=extra, mlp_trained=mlp_trained)
+        norm=norm, norm_weight=norm_weight,
+        attention=attn, o_copy=a * q if (packed and not masked) else 0, mlp=mlp,
+        act_bytes=a, extra=extra, mlp_trained=mlp_trained, trained_extra=trained_extra, o_input=o_input)
 
 
 def method_settings(settings: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -259,7 +280,8 @@ def memory_inputs(shape: ModelShape, settings: Mapping[str, Any], dtype: str, se
     (``dtype_bytes``: default ``DTYPE_BYTES[dtype]``; ``dtype``: the base's under ``precision``;
     ``autocast_bytes``: the compute dtype's under autocast)."""
     def block(act_bytes: int, explicit_mask: bool = False) -> BlockActivations:
-        return llama_block(shape, act_bytes, batch > 1, attention, fused_rms_norm, explicit_mask)
+        return llama_block(shape, act_bytes, batch > 1, attention, fused_rms_norm, explicit_mask,
+                           seq * batch if batch > 1 else seq)
 
     return MemoryInputs(shape, settings, dtype, DTYPE_BYTES[dtype] if dtype_bytes is None else dtype_bytes, seq, batch,
                         attention, device, block, precision, autocast_bytes)
@@ -283,10 +305,12 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
                                      lora_r: int = 16, lora_dropout: float = 0.05, device: str = "cpu",
                                      attention: str = "packed_sdpa", fused_forward: bool = True,
                                      shared_dropout_mask: bool = True, fused_rms_norm: bool = True,
-                                     settings: Mapping[str, Any] | None = None, precision: str | None = None) -> int:
+                                     settings: Mapping[str, Any] | None = None, precision: str | None = None,
+                                     seq: int = 1) -> int:
     """Bytes one decoder layer of ``method`` saves for backward per token (without the ``a*T`` mask term of dense
     ``sdpa``), for a base loaded with ``act_bytes`` per element; ``packed``: several examples in the row.
-    ``precision``: a mode (its base dtype replaces ``act_bytes``; the mixed modes compute under autocast)."""
+    ``precision``: a mode (its base dtype replaces ``act_bytes``; the mixed modes compute under autocast);
+    ``seq``: tokens per example (eager attention saves ``seq``-long rows of scores per token; 1: none)."""
     sections = method_settings(settings, lora={"r": lora_r, "dropout": lora_dropout, "fused_forward": fused_forward,
                                                "shared_dropout_mask": shared_dropout_mask})
     mode, autocast = "fp32", None
@@ -294,7 +318,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, method: str, act_bytes: 
         pb = precision_of(method, precision)
         mode, act_bytes, autocast = pb.mode, pb.base_bytes, pb.autocast_bytes
     dtype = {4: "fp32", 2: "bf16"}.get(act_bytes, f"{act_bytes}-byte")
-    inputs = memory_inputs(shape, sections, dtype, 1, 2 if packed else 1, attention, device, fused_rms_norm,
+    inputs = memory_inputs(shape, sections, dtype, seq, 2 if packed else 1, attention, device, fused_rms_norm,
                            dtype_bytes=act_bytes, precision=mode, autocast_bytes=autocast)
     return method_terms(method, inputs).per_token_layer
 

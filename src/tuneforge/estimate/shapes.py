@@ -19,7 +19,8 @@ Other families (:data:`FAMILIES`, read from ``model_type`` by :func:`shape_from_
 * Qwen2: biases on q, k, v; Qwen3: query/key norms.
 * Phi-3: fused ``qkv_proj`` (``d x (q + 2kv)``) and ``gate_up_proj`` (``d x 2I``): same counts, fewer linears.
 * Qwen3-MoE: per MoE layer ``E`` experts of ``3*d*I_moe`` (all in memory) and a router ``E*d``; attention as
-  Qwen3. The experts are parameters, not ``nn.Linear``: LoRA ``all-linear`` adapts the attention only.
+  Qwen3. The experts are stacked 3-D parameters (``gate_up_proj: E x 2I_moe x d``, ``down_proj: E x d x I_moe``),
+  not ``nn.Linear``; peft's ``all-linear`` still adapts them (:meth:`ModelShape.lora_targets`).
 * GPT-NeoX: LayerNorm with bias (``2d`` per norm), fused ``query_key_value`` with bias, biased ``dense``,
   non-gated MLP ``d x I``, ``I x d`` with biases.
 """
@@ -54,6 +55,9 @@ class ModelShape:
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     moe_layers: int = 0               # layers whose MLP is the MoE block
+    parallel_residual: bool = False   # GPT-NeoX: attention and MLP read the same input (its two norms, one x)
+    eager_attention: bool = False     # transformers' eager attention (Gemma 2: no SDPA path with soft-capping)
+    attn_softcapping: bool = False    # tanh soft-capping of the attention scores (Gemma 2)
 
     @property
     def dense_layers(self) -> int:
@@ -94,6 +98,23 @@ class ModelShape:
     def layer_linears(self) -> list[list[tuple[str, int, int]]]:
         """The linears of each layer (MoE layers: the attention's only)."""
         return ([self.linears()] * self.dense_layers) + ([self.attention_linears()] * self.moe_layers)
+
+    def module_name(self, generic: str) -> str:
+        """The family's own name of the linear :meth:`linears` calls ``generic`` (GPT-NeoX: ``query_key_value``,
+        ``dense``, ``dense_h_to_4h``, ``dense_4h_to_h``), as a ``target_modules`` entry names it."""
+        return MODULE_NAMES.get(self.model_type, {}).get(generic, generic)
+
+    def moe_lora_targets(self) -> list[tuple[str, int, int, int, int]]:
+        """What peft's LoRA ``all-linear`` adapts in one MoE layer besides the attention, as
+        ``(name, d_in, d_out, copies, rank_factor)``: ``rank_factor * r * copies * (d_in + d_out)`` parameters each.
+
+        peft (0.21, ``utils/transformers_weight_conversion.py``) turns ``all-linear`` on an MoE into
+        ``target_parameters`` for the router's weight (``d -> E``, one ``r``) and the experts' stacked weights,
+        wrapped by ``lora.ParamWrapper`` with ``r * E`` rows (one rank-``r`` pair per expert): ``down_proj``
+        (``I_moe -> d``) at rank ``r`` and the fused ``gate_up_proj`` (``d -> 2 I_moe``) at rank ``2r`` (its
+        ``rank_pattern``: the gate's and the up projection's ``r`` side by side)."""
+        d, e, im = self.hidden_size, self.num_experts, self.moe_intermediate_size
+        return [("gate", d, e, 1, 1), ("experts.gate_up_proj", d, 2 * im, e, 2), ("experts.down_proj", im, d, e, 1)]
 
     def _biases(self, mlp: bool) -> int:
         d, i = self.hidden_size, self.intermediate_size
@@ -140,8 +161,11 @@ class ModelShape:
         return self.decoder_params() + self.embedding_params() + final_norm
 
     def lora_parameters(self, r: int) -> int:
-        """LoRA ``all-linear`` (every decoder linear, not ``lm_head``): ``r * (d_in + d_out)`` each."""
-        return sum(r * (d_in + d_out) for layer in self.layer_linears() for _, d_in, d_out in layer)
+        """LoRA ``all-linear`` (every decoder linear, not ``lm_head``): ``r * (d_in + d_out)`` each; an MoE layer's
+        router and experts as :meth:`moe_lora_targets`."""
+        dense = sum(r * (d_in + d_out) for layer in self.layer_linears() for _, d_in, d_out in layer)
+        moe = sum(f * r * n * (d_in + d_out) for _, d_in, d_out, n, f in self.moe_lora_targets())
+        return dense + (self.moe_layers * moe if self.num_experts else 0)
 
 
 # Llama-2 (7B/13B/70B), Llama-3.x and SmolLM2 shapes from their published config.json files.
@@ -157,10 +181,17 @@ ALIASES = {"llama-2-7b": "7b", "llama-2-13b": "13b", "llama-2-70b": "70b", "llam
            "llama2-70b": "70b"}
 
 
+# model_type -> the family's own names of the linears ModelShape.linears() names Llama's way
+MODULE_NAMES: dict[str, dict[str, str]] = {
+    "gpt_neox": {"qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
+                 "down_proj": "dense_4h_to_h"},
+}
+
 # model_type -> what sets its block apart from Llama's (the fields of ModelShape)
 FAMILIES: dict[str, dict] = {
     "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
-    "gemma": {}, "gemma2": {"norms_per_layer": 4}, "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
+    "gemma": {}, "gemma2": {"norms_per_layer": 4, "eager_attention": True},
+    "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
     "phi3": {"fused_qkv": True, "fused_gate_up": True}, "qwen3_moe": {"qk_norm": True},
     "gpt_neox": {"attention_bias": True, "o_bias": True, "mlp_bias": True, "norm_bias": True, "gated_mlp": False,
                  "fused_qkv": True},
@@ -206,6 +237,10 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         **{"mlp_bias": bool(getattr(config, "mlp_bias", False)), **family, "model_type": model_type},
         **_moe_fields(config),
+        **({"parallel_residual": bool(getattr(config, "use_parallel_residual", False))}
+           if model_type == "gpt_neox" else {}),
+        **({"attn_softcapping": getattr(config, "attn_logit_softcapping", None) is not None}
+           if model_type == "gemma2" else {}),
     )
 
 

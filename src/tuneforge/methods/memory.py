@@ -59,6 +59,17 @@ class Shape(Protocol):
 
     def linears(self) -> list[tuple[str, int, int]]: ...
 
+    def attention_linears(self) -> list[tuple[str, int, int]]: ...
+
+    @property
+    def experts_per_tok(self) -> int: ...
+
+    @property
+    def moe_intermediate_size(self) -> int: ...
+
+    @property
+    def dense_layers(self) -> int: ...
+
     def linear_params_per_layer(self) -> int: ...
 
     def layer_linears(self) -> list[list[tuple[str, int, int]]]: ...
@@ -66,6 +77,31 @@ class Shape(Protocol):
     def quantizable_params(self) -> int: ...
 
     def num_parameters(self) -> int: ...
+
+    @property
+    def model_type(self) -> str: ...
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def moe_layers(self) -> int: ...
+
+    def module_name(self, generic: str) -> str: ...
+
+    def moe_lora_targets(self) -> list[tuple[str, int, int, int, int]]: ...
+
+
+def moe_block(shape: Shape, a: int) -> tuple[int, int]:
+    """Bytes an MoE block (``E`` experts, ``k`` per token, width ``I_moe``) saves per token: frozen, and on top when
+    its experts' weights train (or carry LoRA: peft's ``ParamWrapper`` multiplies by ``W + BA``, so autograd saves
+    what it saves for a trained weight). Frozen: each active expert's ``gate_up`` output (``2a*I_moe``) and
+    ``act(gate)`` (``a*I_moe``), the router's fp32 probabilities (``4E``), each expert's output and routing weight
+    (``k*(a*d + 4)``), and four int64 index vectors of ``k`` per token (the router's top-k, the sort by expert and
+    its inverse, the scatter back). Trained: each active expert's gathered input and ``down``'s input
+    (``k*(a*d + a*I_moe)``). Exact against ``saved_tensors_hooks`` on the tiny Qwen3-MoE."""
+    d, k, im, e = shape.hidden_size, shape.experts_per_tok, shape.moe_intermediate_size, shape.num_experts
+    return 3 * a * im * k + 4 * e + k * (a * d + 4) + 4 * 8 * k, k * (a * d + a * im)
 
 
 @dataclass(frozen=True)
@@ -89,6 +125,10 @@ class BlockActivations:
             (``a*(q + kv) + 4*(H + KV)``).
         mlp_trained: what the MLP saves on top when its weights train (the input of ``down``, ``a*I``; MoE:
             ``k*(a*d + a*I_moe)``, the gathered input and the product of each active expert).
+        trained_extra: what else the block saves when its weights train: transformers' query/key norms' normalized
+            inputs (``a*(q + kv)``).
+        o_input: the o projection's input where the family's attention copies it (fused q/k/v, eager attention:
+            ``a*q``), saved when o's weight trains or its LoRA ``A`` reads it.
     """
 
     norm: int
@@ -99,6 +139,8 @@ class BlockActivations:
     act_bytes: int
     extra: int = 0
     mlp_trained: int = 0
+    trained_extra: int = 0
+    o_input: int = 0
 
     @property
     def frozen(self) -> int:

@@ -38,12 +38,12 @@ def full_memory(inputs: MemoryInputs) -> MemoryTerms:
     if c is None:
         block = inputs.block(w)
         per_token = (2 * (block.norm + block.norm_weight + w * d) + block.attention + block.mlp + block.mlp_trained
-                     + block.o_copy + block.extra)
+                     + block.o_copy + block.extra + block.trained_extra + block.o_input)
     else:
         block, stream = inputs.block(c), inputs.block(w)
         readers = sum(1 for name, _, _ in shape.linears() if name not in ("o_proj", "down_proj"))
         per_token = (2 * (stream.norm + stream.norm_weight) + readers * c * d + block.attention + block.mlp
-                     + block.mlp_trained + block.o_copy + block.extra)
+                     + block.mlp_trained + block.o_copy + block.extra + block.trained_extra + block.o_input)
         casts = c * (sum(d_in * d_out for layer in shape.layer_linears() for _, d_in, d_out in layer)
                      + shape.vocab_size * d)
     total = shape.num_parameters()

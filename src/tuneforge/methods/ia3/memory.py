@@ -15,31 +15,41 @@ from __future__ import annotations
 
 from tuneforge.methods.memory import MemoryInputs, MemoryTerms, base_weight_bytes
 
-DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")     # as methods/ia3/model.py
-DEFAULT_FEEDFORWARD = ("down_proj",)
+DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
+DEFAULT_FEEDFORWARD = ["down_proj"]
+# families whose linears are not named k_proj / v_proj: (attention and feed-forward targets, feed-forward ones)
+FAMILY_TARGETS = {"phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+                  "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])}
+
+
+def ia3_targets(targets: list[str] | None, feedforward: list[str] | None,
+                model_type: str | None) -> tuple[list[str], list[str]]:
+    """The target and feed-forward modules IA3 rescales: the section's, else ``model_type``'s family defaults."""
+    default_targets, default_feedforward = FAMILY_TARGETS.get(model_type or "", (DEFAULT_TARGETS, DEFAULT_FEEDFORWARD))
+    chosen = list(targets or default_targets)
+    ff = list(feedforward) if feedforward is not None else [m for m in default_feedforward if m in chosen]
+    return chosen, ff
 
 
 def ia3_memory(inputs: MemoryInputs) -> MemoryTerms:
     cfg = inputs.settings["ia3"]
     shape = inputs.shape
     a = inputs.dtype_bytes
-    targets = list(cfg.target_modules or DEFAULT_TARGETS)
-    feedforward = (list(cfg.feedforward_modules) if cfg.feedforward_modules is not None
-                   else [m for m in DEFAULT_FEEDFORWARD if m in targets])
-    params = saved = 0
-    for name, d_in, d_out in shape.linears():
-        if name not in targets:
-            continue
-        if name in feedforward:
-            params, saved = params + d_in, saved + 4 * d_in
-        else:
-            params, saved = params + d_out, saved + a * d_out
-    largest = max((d_in if name in feedforward else d_out) for name, d_in, d_out in shape.linears()
-                  if name in targets) if params else 0
+    targets, feedforward = ia3_targets(cfg.target_modules, cfg.feedforward_modules, shape.model_type)
+    params = saved = largest = 0
+    for layer in shape.layer_linears():        # an MoE layer: its attention's (the experts are no nn.Linear)
+        for generic, d_in, d_out in layer:
+            name = shape.module_name(generic)  # the family's own name, as target_modules lists it
+            if name not in targets:
+                continue
+            width = d_in if name in feedforward else d_out
+            params, largest = params + width, max(largest, width)
+            saved += 4 * d_in if name in feedforward else a * d_out
+    layers = shape.num_layers
     return MemoryTerms(  # the same under autocast: checked in tests/test_estimate_precision.py
         autocast_checked=True,
-        trainable_params=shape.num_layers * params, weights=base_weight_bytes(inputs) + 4 * shape.num_layers * params,
-        param_bytes=4, largest_trainable=largest, act_bytes=a, per_token_layer=inputs.block(a).frozen + saved,
-        per_layer=4 * params,
+        trainable_params=params, weights=base_weight_bytes(inputs) + 4 * params,
+        param_bytes=4, largest_trainable=largest, act_bytes=a, per_token_layer=inputs.block(a).frozen + saved // layers,
+        per_layer=4 * params // layers,
         notes=(f"IA3 on {', '.join(targets)} (feed-forward: {', '.join(feedforward) or 'none'}), fp32 vectors over "
                f"a frozen {inputs.dtype} base",))

@@ -15,24 +15,16 @@ from peft import IA3Config as PeftIA3Config
 from peft import get_peft_model
 
 from tuneforge.methods.ia3.config import IA3Config
+from tuneforge.methods.ia3.memory import ia3_targets
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
-DEFAULT_FEEDFORWARD = ["down_proj"]
-# families whose linears are not named k_proj / v_proj: (attention and feed-forward targets, feed-forward ones)
-FAMILY_TARGETS = {"phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
-                  "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])}
-
 
 def peft_ia3_config(cfg: IA3Config, model_type: str | None = None) -> PeftIA3Config:
     """peft's IA3 config; without ``ia3.target_modules``, the defaults of ``model_type``'s family."""
-    default_targets, default_feedforward = FAMILY_TARGETS.get(model_type or "", (DEFAULT_TARGETS, DEFAULT_FEEDFORWARD))
-    targets = cfg.target_modules or default_targets
-    feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else \
-        [m for m in default_feedforward if m in targets]
+    targets, feedforward = ia3_targets(cfg.target_modules, cfg.feedforward_modules, model_type)
     stray = [m for m in feedforward if m not in targets]
     if stray:
         raise ValueError(f"ia3.feedforward_modules {stray} must also be listed in ia3.target_modules ({targets})")
