@@ -16,6 +16,7 @@ Configurations (issue 16):
   auto): the cost of tools in every request (rendered into the prompt, the answer parsed), (t)/(e) in tokens/s
   (issue 26's target: >= 0.9x). The tools block is the same in every request: the prefix cache holds it (the
   warm-up pass fills it, as a running server's earlier requests would);
+* (k) with ``--tools``: as (t) with cascade decode on (rows share one copy of the tools prefix in decode).
 * (u) with ``--tools``: as (t) with the prefix cache off (``prefix_cache_mb: 0``): what the cache saves.
 
 Every configuration gets the same ``--requests`` chat requests from ``--concurrency`` clients (the official
@@ -153,13 +154,13 @@ def drive(url: str, models: list[str], args: argparse.Namespace, extra: dict | N
 # ----------------------------------------------------------------------------------------- configurations
 
 def run_ours(args: argparse.Namespace, adapters: dict[str, str], models: list[str], lora_kernel: str = "peft",
-             extra: dict | None = None, prefix_cache_mb: int = 1024) -> dict:
+             extra: dict | None = None, prefix_cache_mb: int = 1024, cascade: bool = False) -> dict:
     from tuneforge.serving.server import ServeConfig, Server, ServerThread
 
     config = ServeConfig(base=args.base, base_name="base", adapters=adapters, max_batch=args.max_batch,
                          max_loaded_adapters=max(1, len(adapters)), max_output_tokens=max(1024, args.max_tokens),
                          api_keys=[args.api_key], device=args.device, lora_kernel=lora_kernel,
-                         prefix_cache_mb=prefix_cache_mb)
+                         prefix_cache_mb=prefix_cache_mb, cascade_decode=cascade)
     server = Server(config)
     with ServerThread(server.app) as thread:
         drive(thread.url, models, _warmup(args), extra)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     args.base = tiny_model(work / "tiny") if args.model == "tiny" else args.model
     wanted = (set(args.configs.split(",")) | ({"e", "g"} if args.guided else set())
-              | ({"e", "t", "u"} if args.tools else set()))
+              | ({"e", "t", "k", "u"} if args.tools else set()))
     print(f"base {args.model}, {args.adapters} adapters (LoRA r={args.rank}), {args.requests} requests from "
           f"{args.concurrency} clients, {args.max_tokens} tokens each", flush=True)
     adapters = make_adapters(args.base, work / "adapters", args.adapters, args.rank)
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                   "type": "json_schema", "json_schema": {"name": "triage", "schema": GUIDED_SCHEMA}}})),
         "t": ("(t) tuneforge, base model, tools on every request (tool_choice auto)",
               lambda: run_ours(args, {}, ["base"], extra={"tools": BENCH_TOOLS})),
+        "k": ("(k) as (t), cascade decode on",
+              lambda: run_ours(args, {}, ["base"], extra={"tools": BENCH_TOOLS}, cascade=True)),
         "u": ("(u) as (t), prefix cache off",
               lambda: run_ours(args, {}, ["base"], extra={"tools": BENCH_TOOLS}, prefix_cache_mb=0)),
     }
@@ -357,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(a)/(b) = {ratio('a', 'b')} (target >= 4x); (a)/(c) = {ratio('a', 'c')} (target >= 0.8x); "
           f"(e)/(d) = {ratio('e', 'd')} (target >= 1x); (f)/(b) = {ratio('f', 'b')}, (f)/(c) = {ratio('f', 'c')}"
           + (f"; guided (g)/(e) = {ratio('g', 'e')} (target >= 0.9x)" if "g" in results else "")
-          + (f"; tools (t)/(e) = {ratio('t', 'e')} (target >= 0.9x), without the prefix cache (u)/(e) = "
-             f"{ratio('u', 'e')}" if "t" in results else ""))
+          + (f"; tools (t)/(e) = {ratio('t', 'e')} (target >= 0.9x), cascade decode on (k)/(e) = "
+             f"{ratio('k', 'e')}, without the prefix cache (u)/(e) = {ratio('u', 'e')}" if "t" in results else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

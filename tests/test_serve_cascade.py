@@ -208,7 +208,7 @@ def test_models_the_kernel_cannot_compute_keep_the_full_cache(tokenizer, family,
     said = unsupported(model)
     assert (said is None) if reason is None else (reason in said), said
     if reason is not None:
-        assert Engine(AdapterRegistry(AdapterSet(model)), tokenizer).cascade_off == said
+        assert Engine(AdapterRegistry(AdapterSet(model)), tokenizer, cascade=True).cascade_off == said
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gpt-neox", "phi3"])

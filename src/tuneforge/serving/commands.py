@@ -52,6 +52,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="MIB",
                    help="memory for cached prompt prefixes (system turn, tools, earlier turns), reused by later "
                         "requests that start the same way (1024); 0 turns prefix caching off")
+    p.add_argument("--cascade-decode", choices=("on", "off"), default=None,
+                   help="rows sharing a cached prompt prefix decode against one copy of it (off, the default: slower on "
+                        "CPU in benchmarks/serve_throughput.py --tools)")
     p.add_argument("--guided-decoding", choices=("on", "off"), default=None,
                    help="honour a request's response_format json_object / json_schema by constraining its tokens "
                         "to the schema (on, the default); off: such requests are answered 400")
@@ -94,6 +97,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "max_body_bytes": args.max_body_bytes, "max_concurrent": args.max_concurrent, "lora_kernel": args.lora_kernel,
         "graceful_timeout": args.graceful_timeout, "prefix_cache_mb": args.prefix_cache_mb,
         "guided_decoding": None if args.guided_decoding is None else args.guided_decoding == "on",
+        "cascade_decode": None if args.cascade_decode is None else args.cascade_decode == "on",
         "tool_call_format": args.tool_call_format,
     }
     if args.config:

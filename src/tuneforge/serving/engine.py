@@ -165,7 +165,7 @@ class Engine:
     def __init__(self, registry: AdapterRegistry, tokenizer: PreTrainedTokenizerBase, max_batch: int = 32,
                  max_prefill_tokens: int = 8192, eos_ids: set[int] | None = None, max_context: int | None = None,
                  on_finish: Callable[..., None] | None = None, prefix_cache_bytes: int = 1 << 30,
-                 cascade: bool = True) -> None:
+                 cascade: bool = False) -> None:
         self.registry = registry
         self.set: AdapterSet = registry.set
         self.tokenizer = tokenizer

@@ -99,6 +99,12 @@ class ServeConfig(BaseModel):
     prefix_cache_mb: int = Field(
         1024, ge=0, description="memory (MiB) for the KV entries of prompts' leading 16-token blocks, reused by "
                                 "later prompts that start the same way (system turn, tools, earlier turns); 0: off")
+    cascade_decode: bool = Field(
+        False, description="decode rows that share a cached prompt prefix (tools, a system turn) against one copy of "
+                          "it, merging prefix and suffix attention by log-sum-exp (needs the prefix cache; models "
+                          "with sliding windows or soft-capping keep every row's whole cache); false: each row holds "
+                          "its whole prompt. Off by default: on 2 CPU cores it decoded slower than rows holding the whole prompt "
+                          "(benchmarks/results/serve_cascade_cpu_2026-12-04.txt)")
     guided_decoding: bool = Field(
         True, description="honour response_format json_object / json_schema by masking each such request's logits "
                           "with its schema's grammar (llguidance); false: such requests are answered 400")
@@ -192,7 +198,7 @@ class Server:
         if unknown:
             raise ValueError(f"pinned adapters {unknown} are not among the adapters ({', '.join(config.adapters)})")
         self.engine = Engine(self.registry, self.tokenizer, max_batch=config.max_batch, on_finish=self._finished,
-                             prefix_cache_bytes=config.prefix_cache_mb << 20)
+                             prefix_cache_bytes=config.prefix_cache_mb << 20, cascade=config.cascade_decode)
         for tok in [self.tokenizer] + [entry.tokenizer for entry in self.registry.entries.values()]:
             self._stop_at_end_of_turn(tok)
         # response_format's grammars, compiled on a guided request's arrival (the tokenizer's too, on the first)
