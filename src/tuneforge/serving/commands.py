@@ -53,8 +53,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="memory for cached prompt prefixes (system turn, tools, earlier turns), reused by later "
                         "requests that start the same way (1024); 0 turns prefix caching off")
     p.add_argument("--cascade-decode", choices=("on", "off"), default=None,
-                   help="rows sharing a cached prompt prefix decode against one copy of it (off, the default: slower on "
-                        "CPU in benchmarks/serve_throughput.py --tools)")
+                   help="rows sharing a cached prompt prefix decode against one copy of it (off, the default: "
+                        "slower on CPU in benchmarks/serve_throughput.py --tools)")
     p.add_argument("--guided-decoding", choices=("on", "off"), default=None,
                    help="honour a request's response_format json_object / json_schema by constraining its tokens "
                         "to the schema (on, the default); off: such requests are answered 400")

@@ -103,8 +103,8 @@ class ServeConfig(BaseModel):
         False, description="decode rows that share a cached prompt prefix (tools, a system turn) against one copy of "
                           "it, merging prefix and suffix attention by log-sum-exp (needs the prefix cache; models "
                           "with sliding windows or soft-capping keep every row's whole cache); false: each row holds "
-                          "its whole prompt. Off by default: on 2 CPU cores it decoded slower than rows holding the whole prompt "
-                          "(benchmarks/results/serve_cascade_cpu_2026-12-04.txt)")
+                          "its whole prompt. Off by default: on 2 CPU cores it decoded slower than rows holding the "
+                          "whole prompt (benchmarks/results/serve_cascade_cpu_2026-12-04.txt)")
     guided_decoding: bool = Field(
         True, description="honour response_format json_object / json_schema by masking each such request's logits "
                           "with its schema's grammar (llguidance); false: such requests are answered 400")
