@@ -392,3 +392,15 @@ def test_prompt_tuning_is_refused_only_where_the_window_would_hide_the_soft_prom
             apply_method(model, run, tokenizer)
     else:
         apply_method(model, run, tokenizer)
+
+
+def test_lora_dropout_on_moe_experts_is_refused_in_one_line_naming_the_key(tokenizer):
+    """peft adapts an MoE's stacked expert weights as parameters (``ParamWrapper``), which cannot have dropout: the
+    default ``lora.dropout`` 0.05 is refused with the key and the fix, not peft's traceback; 0 trains the experts."""
+    from tuneforge.methods.lora.config import LoraConfig
+    from tuneforge.methods.lora.model import apply_lora
+
+    with pytest.raises(ConfigError, match=r"lora\.dropout: 0\.05 .*qwen3_moe.*set lora\.dropout: 0"):
+        apply_lora(build("qwen3-moe", tokenizer), LoraConfig(dropout=0.05))
+    model = apply_lora(build("qwen3-moe", tokenizer), LoraConfig(dropout=0.0))
+    assert any("experts" in n and p.requires_grad for n, p in model.named_parameters())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from tuneforge.errors import ConfigError
 from tuneforge.methods.lora.config import LoraConfig
 from tuneforge.methods.lora.layer import fuse_lora_forward
 
@@ -39,7 +40,15 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     """peft's LoRA on ``model``, with tuneforge's fused training forward unless ``cfg.fused_forward`` is off."""
-    peft_model = get_peft_model(model, peft_lora_config(cfg))
+    try:
+        peft_model = get_peft_model(model, peft_lora_config(cfg))
+    except ValueError as e:     # peft adapts an MoE's stacked expert weights as parameters: no dropout there
+        if "does not work with lora_dropout" not in str(e):
+            raise
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(f"lora.dropout: {cfg.dropout} cannot apply to {kind}'s expert weights (peft adapts the "
+                          "stacked experts as parameters, where dropout is not possible): set lora.dropout: 0, or "
+                          "leave the experts out with lora.target_modules") from None
     if cfg.fused_forward:
         fuse_lora_forward(peft_model, shared_dropout_mask=cfg.shared_dropout_mask)
     return peft_model
