@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -233,14 +232,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run_child(python: str, recipe: str, spec: dict, work: Path, timeout: float) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "spec.json").write_text(json.dumps(dict(spec, work_dir=str(work))))
-    cmd = [python, __file__, "--child", recipe, str(work / "spec.json"), str(work / "result.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"recipe": recipe, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200]}"}
-    return summarize(json.loads((work / "result.json").read_text()))
+    return common.run_child(__file__, python, recipe, spec, work, timeout, summarize)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,6 +11,8 @@ the parent, ``benchmarks/throughput/templates.py``: ``name``, ``text``, ``lf_tem
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -65,3 +67,18 @@ def rendered(lengths: list[int], max_length: int | None, examples: int | None = 
     """What a recipe tokenized: examples and tokens, each example capped at ``max_length`` (as truncation does)."""
     cap = max_length or max(lengths, default=0)
     return {"examples": len(lengths) if examples is None else examples, "tokens": sum(min(n, cap) for n in lengths)}
+
+
+def run_child(script: str, python: str, recipe: str, spec: dict, work: Path, timeout: float,
+              summarize: Callable[[dict], dict]) -> dict:
+    """Run ``python SCRIPT --child RECIPE SPEC.json RESULT.json`` in ``work`` (the spec gets ``work_dir``) and return
+    ``summarize(result)``, or ``{"recipe", "error"}`` naming the exit code, the last stderr line and the log."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(dict(spec, work_dir=str(work))))
+    cmd = [python, script, "--child", recipe, str(work / "spec.json"), str(work / "result.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (work / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"recipe": recipe, "error": f"exit {proc.returncode}: {last[:200]} (log: {work / 'log.txt'})"}
+    return summarize(json.loads((work / "result.json").read_text()))
