@@ -208,7 +208,11 @@ def test_the_cli_writes_chat_data_that_curation_and_training_take(server, tmp_pa
     capsys.readouterr()
     assert main(["data", "clean", str(out), "--out", str(tmp_path / "clean")]) == 0
     cleaned = _lines(tmp_path / "clean" / "clean.jsonl")
-    assert len(cleaned) == 4 and all(set(r) == {"messages"} for r in cleaned)     # curation ignores metadata
+    assert len(cleaned) == 4 and all(set(r) == {"messages", "metadata"} for r in cleaned)  # provenance kept
+    written = {json.dumps(r["messages"]): r["metadata"] for r in _lines(out)}
+    assert all(written[json.dumps(r["messages"])] == r["metadata"] for r in cleaned)
+    assert prepare_data(DataConfig(train=str(tmp_path / "clean" / "clean.jsonl"), val_fraction=0), tokenizer,
+                        seed=0, use_cache=False).rejects == []
     data = prepare_data(DataConfig(train=str(out), val_fraction=0), tokenizer, seed=0, use_cache=False)
     assert len(data.train) == 4 and not data.rejects
     server.broken = set()

@@ -241,6 +241,8 @@ def check_record(raw: RawRecord, config: CurationConfig) -> Checked:
     else:
         _check_preference(rec, out)
 
+    if out.clean is not None and isinstance(rec.get("metadata"), dict):
+        out.clean["metadata"] = rec["metadata"]   # provenance (e.g. `tuneforge data generate`'s teacher) travels on
     if out.clean is not None:
         _quality(out, config)
     return out
