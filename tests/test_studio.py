@@ -33,7 +33,9 @@ def test_the_cli_refuses_another_host_without_auth(monkeypatch, capsys):
 
     monkeypatch.delenv(AUTH_ENV, raising=False)
     assert main(["ui", "--host", "0.0.0.0"]) == 2
-    assert "--auth user:password" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "--auth user:password" in out.err
+    assert out.out == ""                        # refused before the banner: one line, nothing said to be serving
 
 
 def _values(fields, **changed):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -202,8 +203,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except ImportError:
         _error("error: tuneforge ui needs Gradio: pip install 'tuneforge[ui]'")
         return 2
-    from tuneforge.studio.app import launch
+    from tuneforge.studio.app import AUTH_ENV, check_host, launch, parse_auth
 
+    check_host(args.host, parse_auth(args.auth or os.environ.get(AUTH_ENV)))   # refused before anything is printed
     print(f"tuneforge studio on http://{args.host}:{args.port} (runs in {args.runs}); Ctrl-C stops it "
           "(runs it started keep training)")
     launch(args.runs, host=args.host, port=args.port, auth=args.auth, model=args.model)
