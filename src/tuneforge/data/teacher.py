@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from tuneforge.data.errors import DataError, RecordError
+from tuneforge.endpoints import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +363,4 @@ class OpenAITeacher:
         return out
 
     def is_transient(self, error: BaseException) -> bool:
-        import openai
-
-        if isinstance(error, (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)):
-            return True
-        if isinstance(error, openai.APIStatusError):
-            return error.status_code in (408, 409, 429) or error.status_code >= 500
-        return False
+        return is_transient(error)

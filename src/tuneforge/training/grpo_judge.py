@@ -34,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tuneforge.endpoints import is_transient
 from tuneforge.errors import RewardError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ TEMPLATE = ("Rate how well the response answers the user's request, from 0 (usel
 PLACEHOLDERS = {"prompt", "completion", "reference"}
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _YES_NO = re.compile(r"\[\[\s*(YES|NO)\s*\]\]", re.IGNORECASE)
-RETRIED_STATUS = {408, 409, 429}
 
 
 def placeholders(template: str) -> set[str]:
@@ -74,15 +74,6 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
     if len(turns) == 1:
         return str(turns[0]["content"])
     return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
-
-
-def _retryable(error: Exception) -> bool:
-    import openai
-
-    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):
-        return True
-    status = getattr(error, "status_code", None)
-    return isinstance(status, int) and (status in RETRIED_STATUS or status >= 500)
 
 
 class JudgeReward:
@@ -174,7 +165,7 @@ class JudgeReward:
                                                             max_tokens=self.max_tokens)
                 return reply.choices[0].message.content or ""
             except Exception as e:
-                if attempt == self.retries or not _retryable(e):
+                if attempt == self.retries or not is_transient(e):
                     raise
                 self.sleep(self.backoff_s * 2 ** attempt)
         raise AssertionError("unreachable")
