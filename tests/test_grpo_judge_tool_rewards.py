@@ -64,18 +64,18 @@ class FakeJudge:
                     failing = judge.fail_first.get(text, 0)
                     if failing:
                         judge.fail_first[text] = failing - 1
-                try:
-                    time.sleep(judge.delay)
-                    if failing:
-                        self._send({"error": {"message": "overloaded"}}, status=500)
-                        return
-                    self._send({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
-                                "choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": judge.reply(text)}}],
-                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-                finally:
-                    with lock:
-                        judge.in_flight -= 1
+                time.sleep(judge.delay)
+                # Out of flight before the reply is written: the client may send its next request as soon as it
+                # has read this one, before a ``finally`` here would run (which made ``peak`` one too high).
+                with lock:
+                    judge.in_flight -= 1
+                if failing:
+                    self._send({"error": {"message": "overloaded"}}, status=500)
+                    return
+                self._send({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": judge.reply(text)}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
