@@ -193,6 +193,13 @@ def test_bad_judge_settings_fail_in_one_line(fake, options, says):
         build_rewards([RewardSpec(name="judge", options=merged)])
 
 
+def test_a_second_judge_is_named_as_its_metrics_are(fake):
+    """Two judges in one run log as ``judge`` and ``judge#2``; the second's messages say ``judge#2``."""
+    with pytest.raises(RewardError, match=r"^grpo\.rewards: judge#2 options\.scale is \[10, 0\]"):
+        build_rewards([RewardSpec(name="judge", options={"base_url": fake.url, "model": "judge"}),
+                       RewardSpec(name="judge", options={"base_url": fake.url, "model": "judge", "scale": [10, 0]})])
+
+
 def test_an_endpoint_that_is_not_there_fails_before_the_run():
     with pytest.raises(RewardError, match=r"judge: the endpoint http://127\.0\.0\.1:9/v1 does not answer"):
         build_rewards([RewardSpec(name="judge", options={"base_url": "http://127.0.0.1:9/v1", "model": "m",

@@ -294,10 +294,12 @@ def build_rewards(specs: Sequence[RewardSpec], tool_format: ToolCallFormat | Non
     names: dict[str, int] = {}
     for spec in specs:
         options = dict(spec.options)
+        names[spec.name] = names.get(spec.name, 0) + 1
+        label = spec.name if names[spec.name] == 1 else f"{spec.name}#{names[spec.name]}"
         fn: RewardFn
         needs: tuple[str, ...]
         if spec.name == "judge":
-            judge = JudgeReward(options)
+            judge = JudgeReward(options, name=label)     # its messages name it as its metrics do (judge#2)
             fn, needs, options = judge, judge.needs, {}
         elif spec.name == "tool_call":
             name = options.get("format")
@@ -316,7 +318,5 @@ def build_rewards(specs: Sequence[RewardSpec], tool_format: ToolCallFormat | Non
             fn, needs, options = _reward_model(options), (), {}
         else:
             fn, needs = _import(spec.name), tuple(options.pop("needs", ()) or ())
-        names[spec.name] = names.get(spec.name, 0) + 1
-        label = spec.name if names[spec.name] == 1 else f"{spec.name}#{names[spec.name]}"
         out.append(Reward(label, spec.weight, fn, options, needs))
     return out
