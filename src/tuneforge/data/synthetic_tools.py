@@ -10,7 +10,8 @@ that need two calls in one turn, the rest one call.
 * train / validation records are whole exchanges in OpenAI's shape: user request, assistant ``tool_calls``,
   ``tool`` results (from :func:`run_tool`, fake but deterministic), the assistant's final answer;
 * test records end at the decision ``tuneforge eval`` scores: the reference is the assistant's calls (or its
-  plain answer), and the templates marked held out (the last of each list) appear in test only.
+  plain answer), and the templates marked held out (the last of each list) appear in test only, each drawn with
+  :data:`HELD_OUT_SHARE` of its list's test requests.
 
 ``python -m tuneforge.data.synthetic_tools DIR`` writes ``tools_{train,validation,test}.jsonl`` and ``tools.json``.
 """
@@ -25,6 +26,7 @@ from typing import Any
 SYSTEM_PROMPT = "You are a helpful assistant. Use a tool when the request needs one; otherwise answer directly."
 NO_TOOL_SHARE = 0.15
 PARALLEL_SHARE = 0.10
+HELD_OUT_SHARE = 0.5  # of each test request's template list, how often its held-out (last) phrasing is drawn
 SIZES = {"train": 600, "validation": 100, "test": 150}
 
 UNITS = ["celsius", "fahrenheit"]
@@ -99,41 +101,72 @@ TOPICS = {  # query: the snippet the fake search returns
 }
 
 # Phrasings per tool; the last entry of each list is held out of train and validation (test only).
+# The training lists vary the verb, the word order and how directly the tool is asked for (issue #26: a 135M model
+# trained on "add" / "schedule" alone did not carry "book" over to the calendar, nor "do I need a jacket" to the
+# weather); none of them copies a held-out phrasing or a hand-written request.
 WEATHER = ["What's the weather in {city}?", "How is the weather in {city} right now?",
            "Is it raining in {city}?", "weather {city}", "Can you check the weather for {city}?",
-           "Tell me the current weather in {city}.", "Do I need a jacket in {city} today?"]
+           "Tell me the current weather in {city}.", "Will it rain in {city} later?",
+           "Is it umbrella weather in {city}?", "How hot is it in {city} at the moment?",
+           "Is it cold outside in {city}?", "Is it sunny in {city} today?", "Any snow in {city} right now?",
+           "How are conditions outside in {city}?", "Forecast for {city}?",
+           "Going for a run in {city}: what are the conditions?", "Is it a good beach day in {city}?",
+           "Heading out in {city} soon. How warm is it?", "Do I need a jacket in {city} today?"]
 WEATHER_UNIT = ["What's the temperature in {city} in {unit}?", "Weather in {city}, in {unit} please.",
-                "How warm is it in {city}? Give it in {unit}.", "Check {city}'s weather in {unit} for me."]
+                "How warm is it in {city}? Give it in {unit}.", "Temperature in {city}, {unit}?",
+                "In {unit}, how hot is it in {city}?", "Is it cold in {city}? Answer in {unit}.",
+                "Give me the {city} weather in {unit}.", "Check {city}'s weather in {unit} for me."]
 OP_WORDS = {
     "add": ["What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?", "Sum of {a} and {b}?",
-            "Could you total {a} and {b} for me?"],
+            "Increase {a} by {b}.", "What do {a} and {b} add up to?", "I have {a} and get {b} more. How many now?",
+            "Calculate {a} plus {b}, please.", "Could you total {a} and {b} for me?"],
     "subtract": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "{a} - {b} = ?", "Take {b} away from {a}.",
-                 "How much is left if I take {b} from {a}?"],
+                 "Reduce {a} by {b}.", "Deduct {b} from {a}.", "{a} less {b} is what?",
+                 "Work out {a} minus {b} for me.", "How much is left if I take {b} from {a}?"],
     "multiply": ["What is {a} times {b}?", "Multiply {a} by {b}.", "{a} * {b} = ?",
-                 "What's the product of {a} and {b}?", "How much is {a} multiplied by {b}?"],
+                 "What's the product of {a} and {b}?", "Compute {a} times {b} for me.",
+                 "I need {b} groups of {a}: how many in total?", "What do you get if you multiply {a} and {b}?",
+                 "How much is {a} multiplied by {b}?"],
     "divide": ["What is {a} divided by {b}?", "Divide {a} by {b}.", "{a} / {b} = ?", "How many times does {b} go "
-               "into {a}?", "Split {a} into {b} equal parts: how much is each?"],
+               "into {a}?", "What is {a} over {b}?", "What's the quotient of {a} and {b}?",
+               "Work out {a} divided by {b}.", "Split {a} into {b} equal parts: how much is each?"],
 }
 CONVERT = ["Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?",
            "{value} {from_unit} in {to_unit}?", "What is {value} {from_unit} in {to_unit}?",
+           "Turn {value} {from_unit} into {to_unit}.", "Could you change {value} {from_unit} to {to_unit}?",
+           "{value} {from_unit} equals how many {to_unit}?", "Express {value} {from_unit} in {to_unit}, please.",
+           "What's {value} {from_unit} when written in {to_unit}?",
            "I have {value} {from_unit}. How much is that in {to_unit}?"]
 CALENDAR = ["Add '{title}' to my calendar on {date} at {time}.", "Schedule {title} for {date} at {time}.",
             "Put {title} in my calendar, {date}, {time}.", "Create an event called {title} on {date} at {time}.",
-            "Remind me: {title}, {date} at {time}. Put it in the calendar.",
+            "Remind me: {title}, {date} at {time}. Put it in the calendar.", "Reserve {date} at {time} for {title}.",
+            "Please reserve a slot on {date}, {time}, for {title}.",
+            "Set up an appointment: {title}, {date}, {time}.", "I need a slot for {title} on {date} at {time}.",
+            "Block off {date} at {time} for {title}, please.", "Make a calendar entry: {title} on {date} at {time}.",
+            "Could you note {title} in my diary for {date} at {time}?", "New event: {title}, {date}, {time}.",
+            "{title} on {date} at {time} - please add it to my schedule.", "Arrange {title} on {date} at {time}.",
+            "At {time} on {date} I have {title}; put it in my calendar.",
+            "Can you put {title} on my schedule for {date} at {time}?",
             "Can you book {title} for {time} on {date}?"]
 SEARCH = ["Search the web for {query}.", "Look up {query}.", "Can you google {query}?",
           "Find information about {query}.", "search: {query}", "Do a web search on {query}.",
           "What does the internet say about {query}?", "Please find {query} online.",
+          "Can you look into {query} for me?", "Browse the web for {query}.", "Research {query} on the internet.",
+          "Quick search: {query}", "Find me some pages on {query}.",
           "I'd like to know {query}; please search online."]
 PARALLEL = {
     "weather2": ["What's the weather in {city} and in {city2}?", "Compare the weather in {city} and {city2}.",
-                 "Weather for {city} and {city2}, please.", "How are {city} and {city2} doing weather-wise?"],
+                 "Weather for {city} and {city2}, please.", "Check {city} first, then {city2}: what's the weather?",
+                 "I'm travelling from {city} to {city2}. How's the weather in both?",
+                 "How are {city} and {city2} doing weather-wise?"],
     "weather_convert": ["What's the weather in {city}, and how many {to_unit} is {value} {from_unit}?",
                         "Check the weather in {city} and convert {value} {from_unit} to {to_unit}.",
                         "Two things: weather in {city}, and {value} {from_unit} in {to_unit}.",
+                        "Is it raining in {city}? And turn {value} {from_unit} into {to_unit}.",
                         "Tell me the weather in {city}; also, what is {value} {from_unit} in {to_unit}?"],
     "calc2": ["What is {a} plus {b}, and {c} times {d}?", "Compute {a} + {b} and {c} * {d}.",
-              "Two sums for me: {a} plus {b}; {c} multiplied by {d}.", "I need {a} + {b} and also {c} x {d}."],
+              "Two sums for me: {a} plus {b}; {c} multiplied by {d}.", "Add {a} to {b}, then multiply {c} by {d}.",
+              "Work out {a} plus {b} as well as {c} times {d}.", "I need {a} + {b} and also {c} x {d}."],
 }
 NO_TOOL = [  # (request, answer); each list's last entry is held out for test
     [("Translate '{word}' into {language}.", "'{word}' in {language} is '{translation}'."),
@@ -152,6 +185,10 @@ NO_TOOL = [  # (request, answer); each list's last entry is held out for test
     [("Spell '{adjective}' backwards.", "'{adjective}' backwards is '{backwards}'."),
      ("How many letters are in the word '{adjective}'?", "'{adjective}' has {letters} letters."),
      ("What is the first letter of '{adjective}'?", "The first letter of '{adjective}' is '{first}'.")],
+    [("Thanks for adding {title} to my calendar.", "You're welcome! Anything else I can help with?"),  # a tool's
+     ("I just got back from {city}, what a trip!", "Welcome back! I hope you had a great time in {city}."),  # topic,
+     ("What's your favourite kind of weather?", "I have no favourite, but many people love a mild sunny day."),  # no
+     ("{city} is such a lovely city.", "It is! {city} has a lot to offer.")],  # tool needed
 ]
 TRANSLATIONS = {  # word: (Spanish, French)
     "thank you": ("gracias", "merci"), "good night": ("buenas noches", "bonne nuit"), "cat": ("gato", "chat"),
@@ -222,8 +259,11 @@ def final_answer(name: str, arguments: dict[str, Any], result: dict[str, Any]) -
 # --- requests ----------------------------------------------------------------------------------------------------
 
 def _pick(rng: random.Random, templates: list, held_out: bool):
-    """A template: from all but the last (train, validation) or any, the last twice as likely (test)."""
-    return rng.choice(templates + templates[-1:] if held_out else templates[:-1])
+    """A template: from all but the last (train, validation); in test the last with :data:`HELD_OUT_SHARE`, else
+    one of the others (a fixed share, so that more training phrasings do not thin out the held-out ones)."""
+    if held_out and rng.random() < HELD_OUT_SHARE:
+        return templates[-1]
+    return rng.choice(templates[:-1])
 
 
 def _date(rng: random.Random) -> tuple[str, str]:
@@ -300,10 +340,12 @@ def no_tool(rng: random.Random, held_out: bool) -> tuple[str, str]:
     """A request answered without a tool: (text, answer)."""
     request, answer = _pick(rng, rng.choice(NO_TOOL), held_out)
     word, adjective, n = rng.choice(sorted(TRANSLATIONS)), rng.choice(sorted(SYNONYMS)), rng.randint(1, 300)
+    city, title = rng.choice(CITIES), rng.choice(EVENTS)
     language = rng.choice(["Spanish", "French"])
     slots = {"word": word, "language": language, "translation": TRANSLATIONS[word][language == "French"],
              "adjective": adjective, "synonym": SYNONYMS[adjective], "backwards": adjective[::-1],
-             "letters": len(adjective), "first": adjective[0], "n": n, "parity": "odd" if n % 2 else "even"}
+             "letters": len(adjective), "first": adjective[0], "n": n, "parity": "odd" if n % 2 else "even",
+             "city": city, "title": title}
     return request.format(**slots), answer.format(**slots)
 
 
