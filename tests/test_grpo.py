@@ -134,10 +134,11 @@ def test_num_iterations_trains_each_rollout_several_steps(tiny_model_dir, tmp_pa
 
 
 def test_completion_logps_sum_to_the_per_example_loss(tiny_model_dir, tmp_path, reward_module):
-    """The objective's per-token log-probabilities, laid out ``[n, T]``, are the project's per-example loss."""
+    """The objective's per-token log-probabilities, laid out ``[n, T]``, are the project's per-example loss (on
+    rows with a copy of the prompt per completion; shared-prompt rows equal those: test_grpo_shared_prompt.py)."""
     from tuneforge.training.grpo_rollout import completion_logps, completion_mask
 
-    config = grpo_config(tiny_model_dir, tmp_path, reward_module, grpo={"temperature": 1.0})
+    config = grpo_config(tiny_model_dir, tmp_path, reward_module, grpo={"temperature": 1.0, "share_prompt": False})
     recipe = TrainingRecipe(config)
     recipe.setup()
     batch = recipe._next_micro_batches(1)[0]

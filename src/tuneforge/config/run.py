@@ -111,6 +111,10 @@ class GRPOConfig(Settings):
     dynamic_sampling: bool | None = Field(
         None, description="drop groups whose rewards are all equal (their advantages are 0) before the loss "
         "(DAPO's dynamic sampling, without refilling the batch); unset: on for loss_type dapo, else off")
+    share_prompt: bool = Field(True, description="train each prompt once, followed by its completions, each "
+                               "attending to the prompt and itself (the same loss and gradients as a copy of the "
+                               "prompt per completion, for far fewer tokens); models whose attention is not "
+                               "tuneforge's packed attention, and prefix/prompt tuning, keep a copy per completion")
     rewards: list[RewardSpec] = Field(default_factory=list, description="the reward functions, summed with their "
                                       "weights; at least one")
     log_samples: int = Field(2, ge=0, description="completions (with their rewards) of each micro-batch's samples "

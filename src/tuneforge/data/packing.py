@@ -43,6 +43,10 @@ class PackedBatch:
     cu_seqlens: torch.Tensor | None = None                      # (n + 1,) long: start offsets, then T
     loss_example: torch.Tensor | None = None                    # (L,) long: example index of each loss position
     example_ids: list[int] = field(default_factory=list)        # where each example sits in the data set
+    # shared-prompt rows (:func:`pack_shared_prompts`) only: the target of each loss position (a prompt's last
+    # position predicts the first token of each of its completions, so ``targets[0, loss_positions]`` cannot say)
+    loss_targets: torch.Tensor | None = None                    # (L,) long
+    tree: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per segment: (allowed [n, n] bool, positions [n])
 
     @property
     def num_tokens(self) -> int:
@@ -56,9 +60,10 @@ class PackedBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
+        tree = None if self.tree is None else [(a.to(device), p.to(device)) for a, p in self.tree]
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                            self.loss_positions.to(device), self.num_examples, self.lengths, move(self.cu_seqlens),
-                           move(self.loss_example), self.example_ids)
+                           move(self.loss_example), self.example_ids, move(self.loss_targets), tree)
 
 
 def example_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -112,6 +117,61 @@ def pack(examples: Sequence[TokenizedExample]) -> PackedBatch:
         lengths=lengths,
         cu_seqlens=cu,
         loss_example=example_index(lengths)[loss_positions],
+    )
+
+
+def pack_shared_prompts(groups: Sequence[tuple[list[int], Sequence[list[int]]]]) -> PackedBatch:
+    """One row of ``groups`` of ``(prompt, completions)`` (token ids), each prompt written once and followed by its
+    completions: ``prompt + c_1 + ... + c_k`` is one segment of the row (``lengths``, ``cu_seqlens``), every
+    completion trained on all its tokens.
+
+    Each completion continues the prompt's positions (``P .. P + len(c) - 1``) and attends to the whole prompt and
+    causally to itself, never to its siblings: ``tree`` holds each segment's ``allowed [n, n]`` mask and positions,
+    which :func:`tuneforge.kernels.packed_attention.packed_sdpa_attention` reads (``tuneforge_tree``). This computes
+    what ``pack([prompt + c_i for each i])`` computes (the prompt's keys and values are the same in every copy; its
+    gradient is the copies' sum), for ``P + sum(len(c_i))`` tokens instead of ``k P + sum(len(c_i))``: GRPO's ``G``
+    completions of one prompt (as Prefix Grouper, Liu et al. 2025). The first token of each completion is predicted
+    at the prompt's last position, so ``loss_positions`` repeats it once per completion and ``loss_targets`` gives
+    each loss position's target; examples (``loss_example``) are the completions, in order."""
+    ids: list[int] = []
+    positions: list[int] = []
+    lengths: list[int] = []
+    keep: list[int] = []
+    targets: list[int] = []
+    tree: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for prompt, completions in groups:
+        start, P = len(ids), len(prompt)
+        if P < 1 or any(len(c) < 1 for c in completions):
+            raise ValueError("pack_shared_prompts: every prompt and completion needs at least one token")
+        ids.extend(prompt)
+        positions.extend(range(P))
+        branch = [0] * P                                  # 0: the prompt; i: completion i
+        for i, completion in enumerate(completions, 1):
+            first = len(ids)
+            keep.extend([start + P - 1] + list(range(first, first + len(completion) - 1)))
+            targets.extend(completion)
+            ids.extend(completion)
+            positions.extend(range(P, P + len(completion)))
+            branch.extend([i] * len(completion))
+        n = len(ids) - start
+        lengths.append(n)
+        b = torch.tensor(branch)
+        pos = torch.tensor(positions[start:])
+        allowed = ((b[None, :] == 0) | (b[None, :] == b[:, None])) & (pos[None, :] <= pos[:, None])
+        tree.append((allowed, pos))
+    counts = [len(c) for _, completions in groups for c in completions]
+    cu = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long).unsqueeze(0),
+        position_ids=torch.tensor(positions, dtype=torch.long).unsqueeze(0),
+        targets=torch.full((1, len(ids)), IGNORE, dtype=torch.long),
+        loss_positions=torch.tensor(keep, dtype=torch.long),
+        num_examples=len(counts),
+        lengths=lengths,
+        cu_seqlens=cu,
+        loss_example=example_index(counts),
+        loss_targets=torch.tensor(targets, dtype=torch.long),
+        tree=tree,
     )
 
 

@@ -135,6 +135,8 @@ def packed_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: t
                  and query.shape[2] == key.shape[2])
     softcap = kwargs.get("softcap")
     reason = _fallback_reason(query, softcap) if plain_row else None
+    if reason is None and plain_row and kwargs.get("tuneforge_tree") is not None:
+        reason = "shared-prompt rows (a mask per segment, which the varlen kernel cannot take)"
     if reason is None and plain_row and dropout and module.training and varlen_function() is torch_varlen:
         reason = "attention dropout (torch's varlen attention has none)"
     if not plain_row or reason is not None:

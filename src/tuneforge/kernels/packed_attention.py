@@ -8,8 +8,12 @@ splits the row into its examples (the packed batch's ``cu_seq_lens_q`` when the 
 position restarts) and runs causal SDPA per example, so nothing crosses examples
 and nothing is wasted (a sliding window shorter than an example, Mistral's or Gemma's,
 gets its band mask, and Gemma 2's soft-capped scores are computed by hand). The mask is never built (an
-implementation name unknown to the mask registry makes transformers skip it). Anything that is not a plain
-packed training row (an explicit mask, a KV cache, prefix tokens, batch > 1) falls through to transformers' SDPA.
+implementation name unknown to the mask registry makes transformers skip it). A ``tuneforge_tree`` keyword (GRPO's
+shared-prompt rows, :func:`tuneforge.data.packing.pack_shared_prompts`) gives each example its own boolean mask
+and positions in place of the causal mask (a prompt followed by completions that see it and themselves); it
+travels with the call's keyword arguments, so gradient checkpointing's recomputation gets it too. Anything that is
+not a plain packed training row (an explicit mask, a KV cache, prefix tokens, batch > 1) falls through to
+transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         lengths = [e - s for s, e in zip(starts, starts[1:] + [T], strict=True)]
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     p = dropout if module.training else 0.0
+    tree = kwargs.get("tuneforge_tree")       # shared-prompt rows (data.packing.pack_shared_prompts): masks per segment
+    if tree is not None and len(tree) != len(lengths):
+        raise ValueError(f"tuneforge_tree has {len(tree)} segments; the row has {len(lengths)}")
     # split, not slices: a slice's backward writes its gradient into a zero-filled full-length tensor,
     # split's backward concatenates once (-16% attention time for 4 examples)
     with _without_cudnn(query.device):
-        outs = [_example_attention(q, k, v, scaling, p, window, softcap)
-                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
-                                   strict=True)]
+        outs = [_example_attention(q, k, v, scaling, p, window, softcap, None if tree is None else tree[i])
+                for i, (q, k, v) in enumerate(zip(query.split(lengths, 2), key.split(lengths, 2),
+                                                  value.split(lengths, 2), strict=True))]
     if len(outs) == 1:
         return outs[0].transpose(1, 2).contiguous(), None
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None   # one copy, already [1, T, H, D]
@@ -76,21 +83,29 @@ _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 
 def _example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None, dropout: float,
-                       window: int | None, softcap: float | None) -> torch.Tensor:
+                       window: int | None, softcap: float | None,
+                       tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of one example ``q [1, H, n, D]``, ``k/v [1, H_kv, n, D]`` -> ``[1, H, n, D]``.
 
     ``window`` (Mistral, Gemma 2/3 sliding layers): query ``i`` sees keys ``i - window < j <= i``, as transformers'
     sliding-window mask. ``softcap`` (Gemma 2): scores ``softcap * tanh(q.k * scale / softcap)`` before the
-    softmax (in fp32, as transformers' eager attention), which SDPA cannot do, so computed by hand.
+    softmax (in fp32, as transformers' eager attention), which SDPA cannot do, so computed by hand. ``tree``: a
+    shared-prompt segment's ``(allowed [n, n], positions [n])`` in place of the causal mask (the window then
+    counts positions, not row offsets).
     """
     n, gqa = q.shape[2], q.shape[1] != k.shape[1]
-    if softcap is None and (window is None or window >= n):
+    if tree is None and softcap is None and (window is None or window >= n):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
                                               enable_gqa=gqa)
-    i = torch.arange(n, device=q.device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed &= i[None, :] > i[:, None] - window
+    if tree is not None:
+        allowed, i = tree
+        if window is not None and window < n:
+            allowed = allowed & (i[None, :] > i[:, None] - window)
+    else:
+        i = torch.arange(n, device=q.device)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed &= i[None, :] > i[:, None] - window
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, dropout_p=dropout,
                                               enable_gqa=gqa)

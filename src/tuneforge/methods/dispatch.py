@@ -56,7 +56,8 @@ def load_base_model(config: RunConfig, dtype: torch.dtype = torch.float32, devic
 
 def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: torch.Tensor,
                    position_ids: torch.Tensor, keep_idx: torch.Tensor, lengths: list[int] | None = None,
-                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | None = None,
+                   tree: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Logits ``[K, V]`` at row positions ``keep_idx [K]`` of one packed row ``input_ids [1, T]``.
 
     ``position_ids [1, T]`` restart at 0 for each example; no attention mask is passed, so transformers
@@ -64,16 +65,31 @@ def method_forward(model: torch.nn.Module, config: RunConfig | str, input_ids: t
     them (a :class:`~tuneforge.data.packing.PackedBatch`'s ``lengths`` and ``cu_seqlens``), are handed on
     so that nothing recomputes them: to the method's own forward (prefix and prompt tuning, whose plain
     call cannot keep examples apart), or to tuneforge's packed attention as ``cu_seq_lens_q``.
-    ``config`` may be ``"base"`` for a model without a method.
+    ``config`` may be ``"base"`` for a model without a method. ``tree``: a shared-prompt row's masks
+    (:func:`tuneforge.data.packing.pack_shared_prompts`), for models on tuneforge's packed attention whose method
+    has no forward of its own (:func:`shares_prompts`).
     """
     method = None if config == "base" else _method(config)
+    if tree is not None and not shares_prompts(model, config):
+        raise ValueError("a shared-prompt row needs tuneforge's packed attention and a method without its own "
+                         "forward (shares_prompts)")
     if method is not None and method.forward is not None:
         return method.forward(model, input_ids, position_ids, keep_idx, lengths)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if cu_seqlens is not None and uses_packed_attention(model):
         kwargs["cu_seq_lens_q"] = cu_seqlens
+    if tree is not None:
+        kwargs["tuneforge_tree"] = tree
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep_idx, **kwargs)
     return out.logits.squeeze(0)   # a view: indexing [0] would zero-fill a (1, K, V) gradient in backward
+
+
+def shares_prompts(model: torch.nn.Module, config: RunConfig | str) -> bool:
+    """Whether :func:`method_forward` can compute shared-prompt rows for ``model``: its attention is tuneforge's
+    packed attention (which reads the masks) and the method has no forward of its own (prefix and prompt tuning
+    re-pack rows with their virtual tokens)."""
+    method = None if config == "base" else _method(config)
+    return uses_packed_attention(model) and (method is None or method.forward is None)
 
 
 def method_generate(model: Generates, config: RunConfig | str | None, **kwargs: Any) -> Any:

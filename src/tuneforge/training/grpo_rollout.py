@@ -10,8 +10,9 @@ decoded without special tokens, except the run's tool-call markers (``keep``: e.
 ``tool_call`` reward reads calls as serving does).
 
 :func:`completion_logps` gives the per-token log-probabilities of the completions of a packed row of
-prompt + completion sequences as ``[n, T]`` (``T`` the longest completion, 0 beyond each), from the logits
-divided by the sampling temperature (as TRL).
+prompt + completion sequences (or of prompts each followed by their completions:
+:func:`tuneforge.data.packing.pack_shared_prompts`) as ``[n, T]`` (``T`` the longest completion, 0 beyond each),
+from the logits divided by the sampling temperature (as TRL).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def completion_logps(model: torch.nn.Module, batch: PackedBatch, config: RunConf
     trained tokens), left-aligned, 0 beyond each completion. With grad where the caller has it."""
     assert batch.loss_example is not None
     logits = method_forward(model, config, batch.input_ids, batch.position_ids, batch.loss_positions,
-                            lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens)
+                            lengths=batch.lengths or None, cu_seqlens=batch.cu_seqlens, tree=batch.tree)
     logits = logits.float() / config.grpo.temperature
-    targets = batch.targets[0, batch.loss_positions]
+    targets = batch.loss_targets if batch.loss_targets is not None else batch.targets[0, batch.loss_positions]
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     return to_padded(logps, batch.loss_example, batch.num_examples)
 

@@ -5,8 +5,10 @@ normaliser (the loop does so for all of a step's micro-batches before any forwar
 (:meth:`GRPOObjective.rollout`): ``G = grpo.num_generations`` completions per prompt sampled with the current
 policy (:func:`tuneforge.training.grpo_rollout.sample`: batched, KV-cached, eval mode, no grad, seeded by
 ``(seed, epoch, micro-batch)``), scored by the reward functions (:mod:`tuneforge.training.grpo_rewards`),
-group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row of
-``prompt + completion`` sequences with only the completion tokens trained. With ``grpo.dynamic_sampling`` (on for
+group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row
+with only the completion tokens trained: each prompt once, followed by its completions, each attending to the prompt
+and itself (``grpo.share_prompt``, :func:`tuneforge.data.packing.pack_shared_prompts`), or, for methods and models
+that cannot take that row, one ``prompt + completion`` sequence per completion. With ``grpo.dynamic_sampling`` (on for
 ``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter, without
 refilling). The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the
 ``init_from`` model, :func:`~tuneforge.training.objectives.reference.reference_model`) and, with
@@ -34,6 +36,7 @@ reward, higher is better) and each function's mean.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -43,10 +46,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuneforge.data.grpo import GRPOPrompt, prepare_prompts
-from tuneforge.data.packing import PackedBatch, epoch_order, pack
+from tuneforge.data.packing import PackedBatch, epoch_order, pack, pack_shared_prompts
 from tuneforge.data.rendering import TokenizedExample
 from tuneforge.data.tool_formats import resolve, special_marker_ids
 from tuneforge.errors import ConfigError
+from tuneforge.methods.dispatch import shares_prompts
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
@@ -57,6 +61,8 @@ from tuneforge.training.objectives.reference import FrozenWeights, reference_mod
 if TYPE_CHECKING:
     from tuneforge.config import RunConfig
     from tuneforge.data.dataset import PreparedData
+
+log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -159,6 +165,7 @@ class GRPOObjective(Objective):
         self.repeats_now = 1             # num_iterations (validation batches: 1)
         self.config: RunConfig | None = None
         self.keep: frozenset[int] = frozenset()     # special tokens kept in completion texts (tool-call markers)
+        self.share_prompt = False                   # each prompt once in the trained row (before_training decides)
 
     # ---------------------------------------------------------------- data
 
@@ -214,6 +221,10 @@ class GRPOObjective(Objective):
         if config.init_from and config.grpo.beta > 0:
             self.init_weights = FrozenWeights(model)
         self.samples_path = Path(config.output_dir) / SAMPLES_FILE
+        self.share_prompt = config.grpo.share_prompt and shares_prompts(model, config)
+        if config.grpo.share_prompt and not self.share_prompt:
+            log.info("grpo.share_prompt: each completion trains with its own copy of the prompt (the model's "
+                     "attention is not tuneforge's packed attention, or the method re-packs rows)")
 
     def _autocast(self) -> Any:
         kind, dtype, enabled = self.autocast
@@ -260,21 +271,34 @@ class GRPOObjective(Objective):
         metrics = self._rollout_metrics(scores, adv.rewards, adv.zero_std, tokens, samples.stopped)
         self._write_samples(batch, samples.texts, scores, adv.rewards, adv.advantages)
         rows = keep.nonzero()[:, 0].tolist()
-        sequences = [TokenizedExample(prompts[i] + samples.ids[i], [False] * len(prompts[i]) + [True] * tokens[i])
-                     for i in rows]
         device = next(model.parameters()).device
-        packed = pack(sequences if sequences else [TokenizedExample([0], [False])]).to(device)
-        if not sequences:
-            packed.num_examples = 0
+        packed = self._pack(batch, [(i, samples.ids[i]) for i in rows], group).to(device)
         advantages = adv.advantages[rows].to(device=device, dtype=torch.float32)
         ref = old = None
-        if sequences and grpo.beta > 0:
+        if rows and grpo.beta > 0:
             with self._autocast(), reference_model(model, config, self.init_weights):
                 ref = completion_logps(model, packed, config)
-        if sequences and grpo.num_iterations > 1:
+        if rows and grpo.num_iterations > 1:
             with self._autocast(), torch.no_grad():
                 old = completion_logps(model, packed, config)
         return Rollout(packed, advantages, ref, old, metrics)
+
+    def _pack(self, batch: GRPOBatch, completions: list[tuple[int, list[int]]], group: int) -> PackedBatch:
+        """The trained row of ``completions`` (``(i, ids)``: completion ``i`` of the micro-batch, of prompt
+        ``i // group``, in order): each prompt once, followed by its completions (``grpo.share_prompt``,
+        :func:`pack_shared_prompts`), or ``prompt + completion`` per completion. An empty row has 0 examples."""
+        if not completions:
+            packed = pack([TokenizedExample([0], [False])])
+            packed.num_examples = 0
+            return packed
+        if self.share_prompt:
+            groups: dict[int, list[list[int]]] = {}
+            for i, ids in completions:
+                groups.setdefault(i // group, []).append(ids)
+            return pack_shared_prompts([(batch.prompts[g].input_ids, c) for g, c in groups.items()])
+        return pack([TokenizedExample(batch.prompts[i // group].input_ids + ids,
+                                      [False] * len(batch.prompts[i // group].input_ids) + [True] * len(ids))
+                     for i, ids in completions])
 
     def _rollout_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor,
                          tokens: list[int], stopped: list[bool]) -> dict[str, float]:
