@@ -115,6 +115,10 @@ class GRPOConfig(Settings):
                                "attending to the prompt and itself (the same loss and gradients as a copy of the "
                                "prompt per completion, for far fewer tokens); models whose attention is not "
                                "tuneforge's packed attention, and prefix/prompt tuning, keep a copy per completion")
+    merged_sampling: bool = Field(True, description="sample through merged copies of the LoRA weights (W + s B A: "
+                                  "one matmul per linear instead of three), the trained weights put back untouched "
+                                  "after; costs one copy of the adapted weights while sampling. Plain LoRA only "
+                                  "(not DoRA, QLoRA, modules_to_save or new token rows)")
     rewards: list[RewardSpec] = Field(default_factory=list, description="the reward functions, summed with their "
                                       "weights; at least one")
     log_samples: int = Field(2, ge=0, description="completions (with their rewards) of each micro-batch's samples "

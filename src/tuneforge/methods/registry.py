@@ -125,6 +125,9 @@ class Method:
         runtimes: which runtimes outside tuneforge load its saved adapter (:class:`Runtimes`; default: none).
         merge_reversible: merging into the weights in memory can be undone exactly (evaluation scores merged,
             checked); False for QLoRA (merging into 4-bit weights is lossy). Unused when not mergeable.
+        merged_sampling: ``model -> context manager`` yielding whether, within it, the model computes through
+            merged copies of its weights (faster sampling), the originals put back untouched after (GRPO's rollouts,
+            ``grpo.merged_sampling``); None: sampling always runs the adapter's own forward.
         learning_rate: the peak learning rate a run of this method trains with when its config sets none
             (``RunConfig.learning_rate`` unset); default :data:`DEFAULT_LEARNING_RATE`.
         learning_rate_source: where :attr:`learning_rate` was measured (a file under ``benchmarks/results/``), for
@@ -157,6 +160,7 @@ class Method:
     serving: Callable[[ServingHost], MethodServing] | None = None
     runtimes: Runtimes = Runtimes()
     merge_reversible: bool = True
+    merged_sampling: Callable[[torch.nn.Module], contextlib.AbstractContextManager[bool]] | None = None
     learning_rate: float = DEFAULT_LEARNING_RATE
     learning_rate_source: str = ""
 

@@ -1,7 +1,8 @@
 """GRPO's rollouts: ``G`` completions sampled per prompt with the current policy, scored, packed for training.
 
 :func:`sample` draws the completions with the project's batched, KV-cached generation path
-(:func:`tuneforge.methods.method_generate`, left-padded, as :mod:`tuneforge.evaluation.generation`), in eval mode
+(:func:`tuneforge.methods.method_generate`, left-padded, as :mod:`tuneforge.evaluation.generation`), through the
+method's merged weight copies where it has them (``grpo.merged_sampling``: LoRA's one matmul per linear), in eval mode
 and without grad (the training mode is restored after), with its own seeded RNG (the global streams, e.g. dropout's,
 are left as they were): the same seed and weights give the same completions, which is what makes a resumed run
 sample what the uninterrupted one did. A completion is its tokens up to and including the first end-of-turn token
@@ -28,7 +29,7 @@ from tuneforge.data.packing import PackedBatch
 from tuneforge.data.templates import end_of_turn_ids
 from tuneforge.methods import method_generate
 from tuneforge.methods.dispatch import method_forward
-from tuneforge.methods.registry import Generates
+from tuneforge.methods.registry import Generates, get_method
 
 if TYPE_CHECKING:
     from tuneforge.config import RunConfig
@@ -78,7 +79,7 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
     was_training = model.training
     model.eval()
     try:
-        with seeded(seed, device):
+        with seeded(seed, device), merged_sampling(model, config):
             out = method_generate(cast(Generates, model), config, input_ids=input_ids, attention_mask=attention,
                                   max_new_tokens=grpo.max_completion_length, eos_token_id=sorted(ends),
                                   pad_token_id=pad, use_cache=True, **sampling)
@@ -92,6 +93,15 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], con
         texts.append(decode(tokenizer, kept if end is None else kept[:-1], keep))
         stopped.append(end is not None)
     return Samples(ids, texts, stopped)
+
+
+def merged_sampling(model: torch.nn.Module, config: RunConfig) -> contextlib.AbstractContextManager[bool]:
+    """The method's merged weight copies for sampling (``Method.merged_sampling``, e.g. LoRA's
+    :func:`tuneforge.methods.lora.sampling.merged_copies`) when ``grpo.merged_sampling`` is on; else nothing."""
+    hook = get_method(config.method).merged_sampling
+    if not config.grpo.merged_sampling or hook is None:
+        return contextlib.nullcontext(False)
+    return hook(model)
 
 
 def decode(tokenizer: Any, ids: list[int], keep: frozenset[int] = frozenset()) -> str:

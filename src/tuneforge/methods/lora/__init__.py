@@ -12,6 +12,7 @@ from tuneforge.methods.lora.config import LoraConfig
 from tuneforge.methods.lora.export import gguf_lora_problems, vllm_support
 from tuneforge.methods.lora.memory import lora_memory
 from tuneforge.methods.lora.model import apply_lora
+from tuneforge.methods.lora.sampling import merged_copies
 from tuneforge.methods.lora.serving import LoraServing
 from tuneforge.methods.peft_adapters import load_peft_adapter, load_peft_weights_into, peft_disabled
 from tuneforge.methods.registry import Method, Runtimes, register_method
@@ -34,6 +35,6 @@ register_method(Method(
     settings={"lora": LoraConfig}, apply=_apply,
     load_trained=load_peft_adapter, load_weights=load_peft_weights_into, saved_types=("LORA",),
     mergeable=True, disable=peft_disabled,
-    mixed_batches=True,
+    mixed_batches=True, merged_sampling=merged_copies,
     serving=LoraServing, runtimes=Runtimes(vllm=vllm_support, gguf_lora=gguf_lora_problems),
 ))
