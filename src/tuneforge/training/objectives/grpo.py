@@ -17,8 +17,10 @@ runs on the row with grad; with ``num_iterations == 1`` the "old" log-probabilit
 
 **num_iterations.** Each block of ``gradient_accumulation_steps`` micro-batches is trained ``num_iterations`` steps
 in a row on the same rollouts (an epoch is that many times longer: :meth:`Objective.repeats`), as TRL's
-``steps_per_generation x num_iterations``. Single process only (the loop draws every process's micro-batches on
-each process: each would sample all of them).
+``steps_per_generation x num_iterations``. Every resumable checkpoint keeps the block's rollouts
+(:mod:`tuneforge.training.grpo_saved_rollouts`): a run resumed inside a block trains its remaining steps on them, as
+the uninterrupted run does, instead of sampling anew with the moved policy. Single process only (the loop draws
+every process's micro-batches on each process: each would sample all of them).
 
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
@@ -50,6 +52,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
+from tuneforge.training.grpo_saved_rollouts import ROLLOUTS_FILE, Rollout, load_rollouts, pack_sequences, save_rollouts
 from tuneforge.training.grpo_tool_calls import ToolCallReward
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.reference import FrozenWeights, reference_model
@@ -59,23 +62,6 @@ if TYPE_CHECKING:
     from tuneforge.data.dataset import PreparedData
 
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass
-class Rollout:
-    """A micro-batch's sampled completions, ready to train: ``packed`` (the kept sequences, on the device),
-    ``advantages [k]``, ``ref`` and ``old`` log-probabilities ``[k, T]`` (or None), and the metric sums of all
-    its completions (kept or not)."""
-
-    packed: PackedBatch
-    advantages: torch.Tensor
-    ref: torch.Tensor | None
-    old: torch.Tensor | None
-    metrics: dict[str, float]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.packed.num_examples
 
 
 @dataclass
@@ -215,6 +201,16 @@ class GRPOObjective(Objective):
             self.init_weights = FrozenWeights(model)
         self.samples_path = Path(config.output_dir) / SAMPLES_FILE
 
+    def save_state(self, folder: Path) -> None:
+        """``num_iterations > 1``: the cached rollouts (the current block's) into ``folder``
+        (:mod:`tuneforge.training.grpo_saved_rollouts`), so that a run resumed inside the block trains on them."""
+        if self.repeats_now > 1 and self.rollouts:
+            save_rollouts(self.rollouts, folder / ROLLOUTS_FILE)
+
+    def load_state(self, folder: Path, device: torch.device) -> None:
+        path = folder / ROLLOUTS_FILE
+        self.rollouts = load_rollouts(path, device) if path.is_file() else {}
+
     def _autocast(self) -> Any:
         kind, dtype, enabled = self.autocast
         return torch.autocast(kind, dtype=dtype, enabled=enabled)
@@ -263,9 +259,7 @@ class GRPOObjective(Objective):
         sequences = [TokenizedExample(prompts[i] + samples.ids[i], [False] * len(prompts[i]) + [True] * tokens[i])
                      for i in rows]
         device = next(model.parameters()).device
-        packed = pack(sequences if sequences else [TokenizedExample([0], [False])]).to(device)
-        if not sequences:
-            packed.num_examples = 0
+        packed = pack_sequences(sequences, device)
         advantages = adv.advantages[rows].to(device=device, dtype=torch.float32)
         ref = old = None
         if sequences and grpo.beta > 0:
@@ -274,7 +268,7 @@ class GRPOObjective(Objective):
         if sequences and grpo.num_iterations > 1:
             with self._autocast(), torch.no_grad():
                 old = completion_logps(model, packed, config)
-        return Rollout(packed, advantages, ref, old, metrics)
+        return Rollout(sequences, packed, advantages, ref, old, metrics)
 
     def _rollout_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor,
                          tokens: list[int], stopped: list[bool]) -> dict[str, float]:
