@@ -36,11 +36,12 @@ reward, higher is better) and each function's mean.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -52,7 +53,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
-from tuneforge.training.grpo_saved_rollouts import ROLLOUTS_FILE, Rollout, load_rollouts, pack_sequences, save_rollouts
+from tuneforge.training.grpo_saved_rollouts import ROLLOUTS_FILE, Groups, Rollout, load_rollouts, save_rollouts
 from tuneforge.training.grpo_tool_calls import ToolCallReward
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.reference import FrozenWeights, reference_model
@@ -61,7 +62,22 @@ if TYPE_CHECKING:
     from tuneforge.config import RunConfig
     from tuneforge.data.dataset import PreparedData
 
+log = logging.getLogger(__name__)
+
 SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class _Round:
+    """One generation round of a rollout: ``prompts`` (one per group), the ``n = len(prompts) x G`` completions'
+    token ids, their ``advantages [n]`` (fp64, normalised within the round), whether each group's rewards vary
+    (``varied``), and the round's metric sums."""
+
+    prompts: list[GRPOPrompt]
+    ids: list[list[int]]
+    advantages: torch.Tensor
+    varied: list[bool]
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -115,6 +131,15 @@ def _counts(reward: Reward) -> dict[str, int]:
     return counts() if callable(counts) else {}
 
 
+def _merge(into: dict[str, float], metrics: dict[str, float]) -> None:
+    """Add a rollout's (or round's) metric sums to ``into``: sums added, ``length/min`` and ``/max`` their extreme."""
+    for key, value in metrics.items():
+        if key in into and key in ("length/min", "length/max"):
+            into[key] = min(into[key], value) if key == "length/min" else max(into[key], value)
+        else:
+            into[key] = into.get(key, 0.0) + value
+
+
 def _mean_std(sums: dict[str, float], key: str) -> tuple[float, float] | None:
     n = sums.get(f"{key}/n", 0.0)
     if not n:
@@ -145,6 +170,8 @@ class GRPOObjective(Objective):
         self.repeats_now = 1             # num_iterations (validation batches: 1)
         self.config: RunConfig | None = None
         self.keep: frozenset[int] = frozenset()     # special tokens kept in completion texts (tool-call markers)
+        self.train_prompts: list[GRPOPrompt] = []    # where refill rounds draw from
+        self.warned_refill = False
 
     # ---------------------------------------------------------------- data
 
@@ -163,7 +190,9 @@ class GRPOObjective(Objective):
         self.tokenizer, self.config = tokenizer, config
         self.accumulation = config.gradient_accumulation_steps
         needs = {r.name: r.needs for r in self.rewards if r.needs}
-        return prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
+        data = prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
+        self.train_prompts = cast(list[GRPOPrompt], data.train)
+        return data
 
     def repeats(self, config: RunConfig) -> int:
         return config.grpo.num_iterations
@@ -209,7 +238,7 @@ class GRPOObjective(Objective):
 
     def load_state(self, folder: Path, device: torch.device) -> None:
         path = folder / ROLLOUTS_FILE
-        self.rollouts = load_rollouts(path, device) if path.is_file() else {}
+        self.rollouts = load_rollouts(path, device, self._pack) if path.is_file() else {}
 
     def _autocast(self) -> Any:
         kind, dtype, enabled = self.autocast
@@ -233,42 +262,105 @@ class GRPOObjective(Objective):
         batch.rollout = cached
         if not batch.logged:
             batch.logged = True
-            for key, value in cached.metrics.items():
-                self.pending[key] = self.pending.get(key, 0.0) + value
+            _merge(self.pending, cached.metrics)
         return cached
 
-    def _make_rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+    def _seed(self, key: tuple[int, int], round: int, stream: int = 0) -> int:
+        """The seed of micro-batch ``key``'s generation round ``round`` (0: its own prompts): ``stream`` 0 its
+        sampling, 1 the draw of its refill prompts."""
+        assert self.config is not None
+        epoch, index = key
+        seed = (self.config.seed * 1_000_003 + epoch) * 1_000_033 + index
+        if round == 0 and stream == 0:
+            return seed
+        return (seed * 1_000_037 + 2 * round + stream) % 2 ** 63
+
+    def _sample_round(self, prompts: list[GRPOPrompt], key: tuple[int, int], round: int,
+                      config: RunConfig) -> _Round:
+        """``G`` completions of each of ``prompts``, sampled with round ``round``'s seed, scored and normalised."""
         assert self.model is not None, "before_training sets the model"
-        grpo, model, group = config.grpo, self.model, config.grpo.num_generations
-        epoch, index = batch.key
-        seed = (config.seed * 1_000_003 + epoch) * 1_000_033 + index
-        prompts = [p.input_ids for p in batch.prompts for _ in range(group)]
+        grpo, group = config.grpo, config.grpo.num_generations
+        inputs = [p.input_ids for p in prompts for _ in range(group)]
         with self._autocast():
-            samples = sample(model, self.tokenizer, prompts, config, seed, keep=self.keep)
+            samples = sample(self.model, self.tokenizer, inputs, config, self._seed(key, round), keep=self.keep)
         tokens = [len(ids) for ids in samples.ids]
-        scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, group)
+        scores = score(self.rewards, prompts, samples.texts, samples.ids, group)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         adv = group_advantages(scores, weights, group, grpo.scale_rewards)
-        grouped = adv.rewards.view(-1, group)
-        spread = nanstd(grouped, dim=1)
-        equal = (torch.isnan(spread) | torch.isclose(spread, torch.zeros_like(spread))).repeat_interleave(group)
-        keep = ~equal if grpo.drops_zero_variance() else torch.ones_like(equal)
+        spread = nanstd(adv.rewards.view(-1, group), dim=1)
+        equal = torch.isnan(spread) | torch.isclose(spread, torch.zeros_like(spread))
         metrics = self._rollout_metrics(scores, adv.rewards, adv.zero_std, tokens, samples.stopped)
-        self._write_samples(batch, samples.texts, scores, adv.rewards, adv.advantages)
-        rows = keep.nonzero()[:, 0].tolist()
-        sequences = [TokenizedExample(prompts[i] + samples.ids[i], [False] * len(prompts[i]) + [True] * tokens[i])
-                     for i in rows]
+        self._write_samples(prompts, key, round, samples.texts, scores, adv.rewards, adv.advantages)
+        return _Round(prompts, samples.ids, adv.advantages, [not e for e in equal.tolist()], metrics)
+
+    def _refill_prompts(self, batch: GRPOBatch, round: int, used: set[int]) -> list[GRPOPrompt]:
+        """Refill round ``round``'s ``batch_size`` prompts: the first of a permutation of the training prompts seeded
+        by the micro-batch's key and the round, skipping ``used`` (the micro-batch's and earlier rounds'; added to
+        it) while others remain."""
+        n = len(self.train_prompts)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed(batch.key, round, 1)))
+        fresh = [i for i in order.tolist() if i not in used][:len(batch.prompts)]
+        fresh += order.tolist()[:len(batch.prompts) - len(fresh)]
+        used.update(fresh)
+        return [self.train_prompts[i] for i in fresh]
+
+    def _make_rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+        """Sample, score and pack ``batch``'s rollout (module docstring), refilling filtered groups."""
+        assert self.model is not None, "before_training sets the model"
+        grpo, model, group = config.grpo, self.model, config.grpo.num_generations
+        drops, target = grpo.drops_zero_variance(), len(batch.prompts)
+        rounds = [self._sample_round(batch.prompts, batch.key, 0, config)]
+        kept = sum(rounds[0].varied) if drops else target
+        used = set(batch.example_ids)
+        while kept < target and len(rounds) <= grpo.max_refill_rounds:
+            more = self._refill_prompts(batch, len(rounds), used)
+            rounds.append(self._sample_round(more, batch.key, len(rounds), config))
+            kept += sum(rounds[-1].varied)
+        groups: Groups = []
+        picked: list[torch.Tensor] = []
+        for r in rounds:            # the groups with reward variance (all, without dynamic sampling), up to target
+            rows: list[int] = []
+            for g, prompt in enumerate(r.prompts):
+                if drops and (not r.varied[g] or len(groups) == target):
+                    continue
+                groups.append((prompt.input_ids, r.ids[g * group:(g + 1) * group]))
+                rows.extend(range(g * group, (g + 1) * group))
+            picked.append(r.advantages[rows])
+        metrics: dict[str, float] = {}
+        for r in rounds:
+            _merge(metrics, r.metrics)
+        if drops and grpo.max_refill_rounds:
+            metrics.update({"refill/micro_batches": 1.0, "refill/gen_batches": float(len(rounds)),
+                            "refill/prompts": float(target * (len(rounds) - 1)),
+                            "refill/missing": float(target - len(groups))})
+            if len(groups) < target and not self.warned_refill:
+                self.warned_refill = True
+                log.warning("grpo: micro-batch %d of epoch %d has %d of %d groups with reward variance after "
+                            "grpo.max_refill_rounds %d refill rounds; it trains on those (raise max_refill_rounds, "
+                            "or look at the rewards in samples.jsonl: they may be equal on most prompts). Warned once",
+                            batch.key[1], batch.key[0], len(groups), target, grpo.max_refill_rounds)
         device = next(model.parameters()).device
-        packed = pack_sequences(sequences, device)
-        advantages = adv.advantages[rows].to(device=device, dtype=torch.float32)
+        packed = self._pack(groups).to(device)
+        advantages = torch.cat(picked).to(device=device, dtype=torch.float32)
         ref = old = None
-        if sequences and grpo.beta > 0:
+        if groups and grpo.beta > 0:
             with self._autocast(), reference_model(model, config, self.init_weights):
                 ref = completion_logps(model, packed, config)
-        if sequences and grpo.num_iterations > 1:
+        if groups and grpo.num_iterations > 1:
             with self._autocast(), torch.no_grad():
                 old = completion_logps(model, packed, config)
-        return Rollout(sequences, packed, advantages, ref, old, metrics)
+        return Rollout(groups, packed, advantages, ref, old, metrics)
+
+    @staticmethod
+    def _pack(groups: Groups) -> PackedBatch:
+        """The trained row of ``groups``: ``prompt + completion`` per completion, only the completion trained; no
+        group: a one-token row of 0 examples."""
+        if not groups:
+            packed = pack([TokenizedExample([0], [False])])
+            packed.num_examples = 0
+            return packed
+        return pack([TokenizedExample(prompt + ids, [False] * len(prompt) + [True] * len(ids))
+                     for prompt, completions in groups for ids in completions])
 
     def _rollout_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor,
                          tokens: list[int], stopped: list[bool]) -> dict[str, float]:
@@ -281,17 +373,18 @@ class GRPOObjective(Objective):
                 out[f"count/rewards/{reward.name}/{key}"] = float(value)
         return out
 
-    def _write_samples(self, batch: GRPOBatch, texts: list[str], scores: torch.Tensor, rewards: torch.Tensor,
-                       advantages: torch.Tensor) -> None:
+    def _write_samples(self, prompts: list[GRPOPrompt], key: tuple[int, int], round: int, texts: list[str],
+                       scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
         count = self.config.grpo.log_samples if self.config is not None else 0
         if not count or self.samples_path is None:
             return
-        group = len(texts) // max(1, len(batch.prompts))
+        group = len(texts) // max(1, len(prompts))
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for i in range(min(count, len(texts))):
-                prompt = batch.prompts[i // group]
-                row = {"epoch": batch.key[0], "micro_batch": batch.key[1], "prompt": prompt.where,
-                       "completion": texts[i], "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
+                prompt = prompts[i // group]
+                row = {"epoch": key[0], "micro_batch": key[1], **({"refill_round": round} if round else {}),
+                       "prompt": prompt.where, "completion": texts[i],
+                       "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
                        "advantage": float(advantages[i]),
                        "rewards": {r.name: None if math.isnan(scores[i, j]) else float(scores[i, j])
                                    for j, r in enumerate(self.rewards)}}
@@ -357,6 +450,10 @@ class GRPOObjective(Objective):
         out["completions/max_length"] = sums["length/max"]
         out["completions/clipped_ratio"] = sums["clipped"] / n
         out.update({key.removeprefix("count/"): value for key, value in sums.items() if key.startswith("count/")})
+        if sums.get("refill/micro_batches"):         # dynamic sampling with refill (verl's num_gen_batches)
+            out["num_gen_batches"] = sums["refill/gen_batches"] / sums["refill/micro_batches"]
+            out["refill/prompts"] = sums["refill/prompts"]
+            out["refill/missing_groups"] = sums["refill/missing"]
         return out
 
     # ---------------------------------------------------------------- validation
