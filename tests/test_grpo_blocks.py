@@ -5,6 +5,7 @@ on the groups left (as before refill), and resume stays exact with refill on."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -45,8 +46,8 @@ def refill_config(tiny_model_dir, tmp_path, ids_file, reward: str, name="run", g
 
 
 def _cut_and_resume(config, steps: int):
-    """Train ``steps`` steps of ``config``, save the ``last`` checkpoint, drop the recipe (its rollouts with it),
-    then ``train(config, resume=True)``."""
+    """Train ``steps`` steps of ``config``, save the ``last`` checkpoint, drop the recipe (its rollouts with it), add
+    a line to samples.jsonl as a run killed after that checkpoint would have, then ``train(config, resume=True)``."""
     recipe = TrainingRecipe(config)
     recipe.setup()
     recipe.loop_start = 0.0
@@ -56,6 +57,8 @@ def _cut_and_resume(config, steps: int):
     recipe.save_checkpoint("last")
     recipe.metrics.close()
     del recipe
+    with open(config.output_dir + "/samples.jsonl", "a") as f:    # what a run killed after its checkpoint wrote
+        f.write('{"epoch": 0, "micro_batch": 99, "completion": "sampled after the checkpoint"}\n')
     return train(config, resume=True)
 
 
@@ -67,6 +70,10 @@ def _assert_same_run(whole, resumed, keys=("loss", "reward", "completions/mean_l
     wa = load_file(str(whole.run_dir / "adapter_model.safetensors"))
     wb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    samples = [[{**row, "prompt": row["prompt"].rsplit(":", 1)[-1]}          # file:line, the files named apart
+                for row in map(json.loads, (p / "samples.jsonl").read_text().splitlines())]
+               for p in (whole.run_dir, resumed.run_dir)]
+    assert samples[0] and samples[0] == samples[1]   # the killed run's line after the checkpoint gone, none twice
 
 
 def test_resume_inside_a_num_iterations_block_is_exact(tiny_model_dir, tmp_path, reward_module):  # noqa: F811

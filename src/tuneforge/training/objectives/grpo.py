@@ -7,13 +7,23 @@ policy (:func:`tuneforge.training.grpo_rollout.sample`: batched, KV-cached, eval
 ``(seed, epoch, micro-batch)``), scored by the reward functions (:mod:`tuneforge.training.grpo_rewards`),
 group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row of
 ``prompt + completion`` sequences with only the completion tokens trained. With ``grpo.dynamic_sampling`` (on for
-``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter, without
-refilling). The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the
-``init_from`` model, :func:`~tuneforge.training.objectives.reference.reference_model`) and, with
-``num_iterations > 1``, the sampling policy's are computed then, without grad. The loss
+``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter; refilled, below).
+The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the ``init_from`` model,
+:func:`~tuneforge.training.objectives.reference.reference_model`) and, with ``num_iterations > 1``, the sampling
+policy's are computed then, without grad. The loss
 (:func:`~tuneforge.training.grpo_losses.per_token_losses`, :func:`~tuneforge.training.grpo_losses.loss_sum`) then
 runs on the row with grad; with ``num_iterations == 1`` the "old" log-probabilities are the policy's own, detached
 (TRL's shortcut: the ratio is 1 and its gradient the policy gradient).
+
+**Refill.** When the filter leaves fewer than ``batch_size`` groups, up to ``grpo.max_refill_rounds`` more rounds of
+``batch_size`` prompts are sampled (DAPO's dynamic sampling; verl's ``max_num_gen_batches``) and their groups with
+reward variance added, in order, until the row has ``batch_size`` groups (the last round's surplus is not trained). A
+round's prompts are the first of a permutation of the training prompts seeded by ``(seed, epoch, micro-batch,
+round)`` that are not yet in this micro-batch (while some remain), and its completions are sampled with a seed of the
+same key: a rollout is a function of its key and the policy, so resume needs no more state than without refill.
+Advantages are normalised within each round (``scale_rewards: batch``: the round's std). A micro-batch still short
+after the last round trains on the groups it has; the first such one is warned about. ``max_refill_rounds: 0``: no
+refill.
 
 **num_iterations.** Each block of ``gradient_accumulation_steps`` micro-batches is trained ``num_iterations`` steps
 in a row on the same rollouts (an epoch is that many times longer: :meth:`Objective.repeats`), as TRL's
@@ -25,11 +35,14 @@ every process's micro-batches on each process: each would sample all of them).
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
 ``completions/mean_length``, ``/min_length``, ``/max_length``, ``completions/clipped_ratio`` (share that hit
-``max_completion_length``) of the rollouts trained in the step; counts a reward function hands over
-(``counts()``: the judge's ``failed`` and ``unparseable`` calls) as ``rewards/<name>/<key>``, summed over the
-step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over
-the trained completion tokens. ``samples.jsonl`` in the run directory gets ``grpo.log_samples`` completions of
-each rollout with their rewards. Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
+``max_completion_length``) of the rollouts trained in the step (refill rounds' completions included); with refill
+on, ``num_gen_batches`` (generation rounds per micro-batch, 1: no refill needed), ``refill/prompts`` (prompts
+sampled by refill rounds) and ``refill/missing_groups`` (groups still short after the last round), over the step's
+rollouts; counts a reward function hands over (``counts()``: the judge's ``failed`` and ``unparseable`` calls) as
+``rewards/<name>/<key>``, summed over the step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``,
+``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over the trained completion tokens. ``samples.jsonl`` in the run
+directory gets ``grpo.log_samples`` completions of each generation round with their rewards (``refill_round`` on a
+refill round's). Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
 reward, higher is better) and each function's mean.
 """
 
@@ -65,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
+STATE_FILE = "grpo_state.json"          # in a resumable checkpoint: samples.jsonl's size then
 
 
 @dataclass
@@ -232,13 +246,23 @@ class GRPOObjective(Objective):
 
     def save_state(self, folder: Path) -> None:
         """``num_iterations > 1``: the cached rollouts (the current block's) into ``folder``
-        (:mod:`tuneforge.training.grpo_saved_rollouts`), so that a run resumed inside the block trains on them."""
+        (:mod:`tuneforge.training.grpo_saved_rollouts`), so that a run resumed inside the block trains on them; and
+        how many bytes ``samples.jsonl`` holds, so that a resumed run drops the samples its killed predecessor wrote
+        after this checkpoint (it writes them again)."""
         if self.repeats_now > 1 and self.rollouts:
             save_rollouts(self.rollouts, folder / ROLLOUTS_FILE)
+        size = self.samples_path.stat().st_size if self.samples_path and self.samples_path.is_file() else 0
+        (folder / STATE_FILE).write_text(json.dumps({"samples_bytes": size}))
 
     def load_state(self, folder: Path, device: torch.device) -> None:
         path = folder / ROLLOUTS_FILE
         self.rollouts = load_rollouts(path, device, self._pack) if path.is_file() else {}
+        state = folder / STATE_FILE
+        if state.is_file() and self.samples_path is not None and self.samples_path.is_file():
+            size = int(json.loads(state.read_text())["samples_bytes"])
+            if self.samples_path.stat().st_size > size:
+                with open(self.samples_path, "r+b") as f:
+                    f.truncate(size)
 
     def _autocast(self) -> Any:
         kind, dtype, enabled = self.autocast
