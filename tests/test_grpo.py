@@ -85,9 +85,12 @@ def grpo_config(tiny_model_dir, tmp_path, ids_file, name="run", rows=None, **ove
 
 
 def test_reward_rises_on_a_learnable_reward_and_not_without_training(tiny_model_dir, tmp_path, reward_module):
-    trained = train(grpo_config(tiny_model_dir, tmp_path, reward_module, name="trained", max_steps=20))
+    # no refill rounds (tests/test_grpo_blocks.py tests them): the low temperature leaves many groups of equal
+    # rewards, which refill would sample up to 3 more rounds for in every step
+    once = {"max_refill_rounds": 0}
+    trained = train(grpo_config(tiny_model_dir, tmp_path, reward_module, name="trained", max_steps=20, grpo=once))
     frozen = train(grpo_config(tiny_model_dir, tmp_path, reward_module, name="frozen", max_steps=20,
-                               learning_rate=1e-12))
+                               learning_rate=1e-12, grpo=once))
     curve = [r["reward"] for r in trained.metrics]
     still = [r["reward"] for r in frozen.metrics]
     assert sum(curve[-3:]) / 3 > 0.8, curve

@@ -214,7 +214,7 @@ def test_a_grpo_run_with_the_judge_logs_its_failed_calls(fake, tiny_model_dir, t
     config = load_config(data={
         "model": str(tiny_model_dir), "task": "grpo", "output_dir": str(tmp_path / "run"), "max_steps": 2,
         "data": {"train": str(data), "val_fraction": 0}, "batch_size": 2, "progress": False, "eval_share": None,
-        "grpo": {"num_generations": 4, "max_completion_length": 4,
+        "grpo": {"num_generations": 4, "max_completion_length": 4, "max_refill_rounds": 0,   # equal scores: no refill
                  "rewards": [{"name": "judge", "options": {"base_url": fake.url, "model": "judge",
                                                            "default_score": 0.25}}]}})
     result = train(config)

@@ -110,7 +110,13 @@ class GRPOConfig(Settings):
                                 "the sampling policy's log-probabilities for the ratio")
     dynamic_sampling: bool | None = Field(
         None, description="drop groups whose rewards are all equal (their advantages are 0) before the loss "
-        "(DAPO's dynamic sampling, without refilling the batch); unset: on for loss_type dapo, else off")
+        "(DAPO's dynamic sampling; grpo.max_refill_rounds refills the micro-batch); unset: on for loss_type dapo, "
+        "else off")
+    max_refill_rounds: int = Field(
+        3, ge=0, le=100, description="dynamic sampling: when the groups of equal rewards leave a micro-batch short of "
+        "batch_size groups, sample up to this many more rounds of batch_size prompts (drawn by seed, epoch, "
+        "micro-batch and round) and add their groups with reward variance until it is full (DAPO's refill; verl's "
+        "max_num_gen_batches minus 1); 0: train on the groups left")
     share_prompt: bool = Field(True, description="train each prompt once, followed by its completions, each "
                                "attending to the prompt and itself (the same loss and gradients as a copy of the "
                                "prompt per completion, for far fewer tokens); models whose attention is not "
@@ -443,6 +449,12 @@ class RunConfig(Settings):
         if self.data.format != "auto":
             raise ValueError("task 'grpo' reads prompt records (prompt or messages, plus the fields rewards read): "
                              "leave data.format 'auto'")
+        if "max_refill_rounds" in grpo.model_fields_set and grpo.max_refill_rounds and \
+                not grpo.drops_zero_variance():
+            raise ValueError(f"grpo.max_refill_rounds {grpo.max_refill_rounds} refills the groups dynamic sampling "
+                             f"drops, which is off here (loss_type {grpo.loss_type}, dynamic_sampling "
+                             f"{grpo.dynamic_sampling}): set grpo.dynamic_sampling: true or leave "
+                             "max_refill_rounds out")
         from tuneforge.methods.registry import get_method
 
         method = get_method(self.method)

@@ -525,6 +525,7 @@ class TrainingRecipe:
         fingerprint = self.state.fingerprint          # today's (the paths where the run and its data are now)
         self.state.load_state_dict(saved, load_optimizer=self.dist.load_optimizer)
         self.state.fingerprint = fingerprint
+        self.objective.load_state(folder, self.device)
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", folder, self.state.step, self.state.epoch,
                  self.state.micro_batch)
 
@@ -828,6 +829,7 @@ class TrainingRecipe:
             self.tokenizer.save_pretrained(folder)
             if with_state:
                 self.state.save(folder, optimizer_state=gathered.optimizer)
+                self.objective.save_state(folder)         # e.g. GRPO's rollouts of an unfinished block
                 save_file(gathered.trained(), str(folder / TRAINABLE_FILE))
 
         dist, step = self.dist, self.state.step

@@ -75,6 +75,15 @@ class Objective:
         """Write what the objective adds to the model into a checkpoint ``folder``, beside the method's files (a
         reward model's head). Called in every checkpoint, on the main process. Default: nothing."""
 
+    def save_state(self, folder: Path) -> None:
+        """Write the objective's own training state into a resumable checkpoint ``folder`` (one with the trainer
+        state; never copied into the run's output): e.g. GRPO's rollouts of an unfinished ``num_iterations`` block.
+        Called on the main process. Default: nothing."""
+
+    def load_state(self, folder: Path, device: torch.device) -> None:
+        """Read back what :meth:`save_state` wrote into ``folder``, on ``--resume`` (after the trained weights and the
+        trainer state). Default: nothing."""
+
     def after_training(self) -> None:
         """Called once the loop has ended (not after an interruption): e.g. a summary for the log. Default:
         nothing."""

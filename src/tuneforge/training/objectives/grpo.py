@@ -5,31 +5,46 @@ normaliser (the loop does so for all of a step's micro-batches before any forwar
 (:meth:`GRPOObjective.rollout`): ``G = grpo.num_generations`` completions per prompt sampled with the current
 policy (:func:`tuneforge.training.grpo_rollout.sample`: batched, KV-cached, eval mode, no grad, seeded by
 ``(seed, epoch, micro-batch)``), scored by the reward functions (:mod:`tuneforge.training.grpo_rewards`),
-group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row
-with only the completion tokens trained: each prompt once, followed by its completions, each attending to the prompt
-and itself (``grpo.share_prompt``, :func:`tuneforge.data.packing.pack_shared_prompts`), or, for methods and models
-that cannot take that row, one ``prompt + completion`` sequence per completion. With ``grpo.dynamic_sampling`` (on for
-``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter, without
-refilling). The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the
-``init_from`` model, :func:`~tuneforge.training.objectives.reference.reference_model`) and, with
-``num_iterations > 1``, the sampling policy's are computed then, without grad. The loss
+group-normalised into advantages (:func:`tuneforge.training.grpo_losses.group_advantages`), and packed as one row with
+only the completion tokens trained: each prompt once, followed by its completions, each attending to the prompt and
+itself (``grpo.share_prompt``, :func:`tuneforge.data.packing.pack_shared_prompts`), or, for methods and models that
+cannot take that row, one ``prompt + completion`` sequence per completion. With ``grpo.dynamic_sampling`` (on for
+``loss_type: dapo``) groups whose rewards are all equal are left out of the row (DAPO's filter; refilled, below).
+The reference model's per-token log-probabilities (``beta > 0``: the method disabled, or the ``init_from`` model,
+:func:`~tuneforge.training.objectives.reference.reference_model`) and, with ``num_iterations > 1``, the sampling
+policy's are computed then, without grad. The loss
 (:func:`~tuneforge.training.grpo_losses.per_token_losses`, :func:`~tuneforge.training.grpo_losses.loss_sum`) then
 runs on the row with grad; with ``num_iterations == 1`` the "old" log-probabilities are the policy's own, detached
 (TRL's shortcut: the ratio is 1 and its gradient the policy gradient).
 
+**Refill.** When the filter leaves fewer than ``batch_size`` groups, up to ``grpo.max_refill_rounds`` more rounds of
+``batch_size`` prompts are sampled (DAPO's dynamic sampling; verl's ``max_num_gen_batches``) and their groups with
+reward variance added, in order, until the row has ``batch_size`` groups (the last round's surplus is not trained). A
+round's prompts are the first of a permutation of the training prompts seeded by ``(seed, epoch, micro-batch,
+round)`` that are not yet in this micro-batch (while some remain), and its completions are sampled with a seed of the
+same key: a rollout is a function of its key and the policy, so resume needs no more state than without refill.
+Advantages are normalised within each round (``scale_rewards: batch``: the round's std). A micro-batch still short
+after the last round trains on the groups it has; the first such one is warned about. ``max_refill_rounds: 0``: no
+refill.
+
 **num_iterations.** Each block of ``gradient_accumulation_steps`` micro-batches is trained ``num_iterations`` steps
 in a row on the same rollouts (an epoch is that many times longer: :meth:`Objective.repeats`), as TRL's
-``steps_per_generation x num_iterations``. Single process only (the loop draws every process's micro-batches on
-each process: each would sample all of them).
+``steps_per_generation x num_iterations``. Every resumable checkpoint keeps the block's rollouts
+(:mod:`tuneforge.training.grpo_saved_rollouts`): a run resumed inside a block trains its remaining steps on them, as
+the uninterrupted run does, instead of sampling anew with the moved policy. Single process only (the loop draws
+every process's micro-batches on each process: each would sample all of them).
 
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
 ``completions/mean_length``, ``/min_length``, ``/max_length``, ``completions/clipped_ratio`` (share that hit
-``max_completion_length``) of the rollouts trained in the step; counts a reward function hands over
-(``counts()``: the judge's ``failed`` and ``unparseable`` calls) as ``rewards/<name>/<key>``, summed over the
-step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over
-the trained completion tokens. ``samples.jsonl`` in the run directory gets ``grpo.log_samples`` completions of
-each rollout with their rewards. Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
+``max_completion_length``) of the rollouts trained in the step (refill rounds' completions included); with refill
+on, ``num_gen_batches`` (generation rounds per micro-batch, 1: no refill needed), ``refill/prompts`` (prompts
+sampled by refill rounds) and ``refill/missing_groups`` (groups still short after the last round), over the step's
+rollouts; counts a reward function hands over (``counts()``: the judge's ``failed`` and ``unparseable`` calls) as
+``rewards/<name>/<key>``, summed over the step; ``kl`` (``beta > 0``), ``clip_ratio/low_mean``,
+``clip_ratio/high_mean``, ``clip_ratio/region_mean`` over the trained completion tokens. ``samples.jsonl`` in the run
+directory gets ``grpo.log_samples`` completions of each generation round with their rewards (``refill_round`` on a
+refill round's). Validation: one greedy completion per prompt, ``eval_reward`` (the weighted
 reward, higher is better) and each function's mean.
 """
 
@@ -41,7 +56,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -54,6 +69,7 @@ from tuneforge.methods.dispatch import shares_prompts
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
+from tuneforge.training.grpo_saved_rollouts import ROLLOUTS_FILE, Groups, Rollout, load_rollouts, save_rollouts
 from tuneforge.training.grpo_tool_calls import ToolCallReward
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.reference import FrozenWeights, reference_model
@@ -65,23 +81,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
+STATE_FILE = "grpo_state.json"          # in a resumable checkpoint: samples.jsonl's size then
 
 
 @dataclass
-class Rollout:
-    """A micro-batch's sampled completions, ready to train: ``packed`` (the kept sequences, on the device),
-    ``advantages [k]``, ``ref`` and ``old`` log-probabilities ``[k, T]`` (or None), and the metric sums of all
-    its completions (kept or not)."""
+class _Round:
+    """One generation round of a rollout: ``prompts`` (one per group), the ``n = len(prompts) x G`` completions'
+    token ids, their ``advantages [n]`` (fp64, normalised within the round), whether each group's rewards vary
+    (``varied``), and the round's metric sums."""
 
-    packed: PackedBatch
+    prompts: list[GRPOPrompt]
+    ids: list[list[int]]
     advantages: torch.Tensor
-    ref: torch.Tensor | None
-    old: torch.Tensor | None
+    varied: list[bool]
     metrics: dict[str, float]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.packed.num_examples
 
 
 @dataclass
@@ -135,6 +148,15 @@ def _counts(reward: Reward) -> dict[str, int]:
     return counts() if callable(counts) else {}
 
 
+def _merge(into: dict[str, float], metrics: dict[str, float]) -> None:
+    """Add a rollout's (or round's) metric sums to ``into``: sums added, ``length/min`` and ``/max`` their extreme."""
+    for key, value in metrics.items():
+        if key in into and key in ("length/min", "length/max"):
+            into[key] = min(into[key], value) if key == "length/min" else max(into[key], value)
+        else:
+            into[key] = into.get(key, 0.0) + value
+
+
 def _mean_std(sums: dict[str, float], key: str) -> tuple[float, float] | None:
     n = sums.get(f"{key}/n", 0.0)
     if not n:
@@ -166,6 +188,8 @@ class GRPOObjective(Objective):
         self.config: RunConfig | None = None
         self.keep: frozenset[int] = frozenset()     # special tokens kept in completion texts (tool-call markers)
         self.share_prompt = False                   # each prompt once in the trained row (before_training decides)
+        self.train_prompts: list[GRPOPrompt] = []    # where refill rounds draw from
+        self.warned_refill = False
 
     # ---------------------------------------------------------------- data
 
@@ -184,7 +208,9 @@ class GRPOObjective(Objective):
         self.tokenizer, self.config = tokenizer, config
         self.accumulation = config.gradient_accumulation_steps
         needs = {r.name: r.needs for r in self.rewards if r.needs}
-        return prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
+        data = prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
+        self.train_prompts = cast(list[GRPOPrompt], data.train)
+        return data
 
     def repeats(self, config: RunConfig) -> int:
         return config.grpo.num_iterations
@@ -226,6 +252,26 @@ class GRPOObjective(Objective):
             log.info("grpo.share_prompt: each completion trains with its own copy of the prompt (the model's "
                      "attention is not tuneforge's packed attention, or the method re-packs rows)")
 
+    def save_state(self, folder: Path) -> None:
+        """``num_iterations > 1``: the cached rollouts (the current block's) into ``folder``
+        (:mod:`tuneforge.training.grpo_saved_rollouts`), so that a run resumed inside the block trains on them; and
+        how many bytes ``samples.jsonl`` holds, so that a resumed run drops the samples its killed predecessor wrote
+        after this checkpoint (it writes them again)."""
+        if self.repeats_now > 1 and self.rollouts:
+            save_rollouts(self.rollouts, folder / ROLLOUTS_FILE)
+        size = self.samples_path.stat().st_size if self.samples_path and self.samples_path.is_file() else 0
+        (folder / STATE_FILE).write_text(json.dumps({"samples_bytes": size}))
+
+    def load_state(self, folder: Path, device: torch.device) -> None:
+        path = folder / ROLLOUTS_FILE
+        self.rollouts = load_rollouts(path, device, self._pack) if path.is_file() else {}
+        state = folder / STATE_FILE
+        if state.is_file() and self.samples_path is not None and self.samples_path.is_file():
+            size = int(json.loads(state.read_text())["samples_bytes"])
+            if self.samples_path.stat().st_size > size:
+                with open(self.samples_path, "r+b") as f:
+                    f.truncate(size)
+
     def _autocast(self) -> Any:
         kind, dtype, enabled = self.autocast
         return torch.autocast(kind, dtype=dtype, enabled=enabled)
@@ -248,57 +294,107 @@ class GRPOObjective(Objective):
         batch.rollout = cached
         if not batch.logged:
             batch.logged = True
-            for key, value in cached.metrics.items():
-                self.pending[key] = self.pending.get(key, 0.0) + value
+            _merge(self.pending, cached.metrics)
         return cached
 
-    def _make_rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+    def _seed(self, key: tuple[int, int], round: int, stream: int = 0) -> int:
+        """The seed of micro-batch ``key``'s generation round ``round`` (0: its own prompts): ``stream`` 0 its
+        sampling, 1 the draw of its refill prompts."""
+        assert self.config is not None
+        epoch, index = key
+        seed = (self.config.seed * 1_000_003 + epoch) * 1_000_033 + index
+        if round == 0 and stream == 0:
+            return seed
+        return (seed * 1_000_037 + 2 * round + stream) % 2 ** 63
+
+    def _sample_round(self, prompts: list[GRPOPrompt], key: tuple[int, int], round: int,
+                      config: RunConfig) -> _Round:
+        """``G`` completions of each of ``prompts``, sampled with round ``round``'s seed, scored and normalised."""
         assert self.model is not None, "before_training sets the model"
-        grpo, model, group = config.grpo, self.model, config.grpo.num_generations
-        epoch, index = batch.key
-        seed = (config.seed * 1_000_003 + epoch) * 1_000_033 + index
-        prompts = [p.input_ids for p in batch.prompts for _ in range(group)]
+        grpo, group = config.grpo, config.grpo.num_generations
+        inputs = [p.input_ids for p in prompts for _ in range(group)]
         with self._autocast():
-            samples = sample(model, self.tokenizer, prompts, config, seed, keep=self.keep)
+            samples = sample(self.model, self.tokenizer, inputs, config, self._seed(key, round), keep=self.keep)
         tokens = [len(ids) for ids in samples.ids]
-        scores = score(self.rewards, batch.prompts, samples.texts, samples.ids, group)
+        scores = score(self.rewards, prompts, samples.texts, samples.ids, group)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         adv = group_advantages(scores, weights, group, grpo.scale_rewards)
-        grouped = adv.rewards.view(-1, group)
-        spread = nanstd(grouped, dim=1)
-        equal = (torch.isnan(spread) | torch.isclose(spread, torch.zeros_like(spread))).repeat_interleave(group)
-        keep = ~equal if grpo.drops_zero_variance() else torch.ones_like(equal)
+        spread = nanstd(adv.rewards.view(-1, group), dim=1)
+        equal = torch.isnan(spread) | torch.isclose(spread, torch.zeros_like(spread))
         metrics = self._rollout_metrics(scores, adv.rewards, adv.zero_std, tokens, samples.stopped)
-        self._write_samples(batch, samples.texts, scores, adv.rewards, adv.advantages)
-        rows = keep.nonzero()[:, 0].tolist()
+        self._write_samples(prompts, key, round, samples.texts, scores, adv.rewards, adv.advantages)
+        return _Round(prompts, samples.ids, adv.advantages, [not e for e in equal.tolist()], metrics)
+
+    def _refill_prompts(self, batch: GRPOBatch, round: int, used: set[int]) -> list[GRPOPrompt]:
+        """Refill round ``round``'s ``batch_size`` prompts: the first of a permutation of the training prompts seeded
+        by the micro-batch's key and the round, skipping ``used`` (the micro-batch's and earlier rounds'; added to
+        it) while others remain."""
+        n = len(self.train_prompts)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed(batch.key, round, 1)))
+        fresh = [i for i in order.tolist() if i not in used][:len(batch.prompts)]
+        fresh += order.tolist()[:len(batch.prompts) - len(fresh)]
+        used.update(fresh)
+        return [self.train_prompts[i] for i in fresh]
+
+    def _make_rollout(self, batch: GRPOBatch, config: RunConfig) -> Rollout:
+        """Sample, score and pack ``batch``'s rollout (module docstring), refilling filtered groups."""
+        assert self.model is not None, "before_training sets the model"
+        grpo, model, group = config.grpo, self.model, config.grpo.num_generations
+        drops, target = grpo.drops_zero_variance(), len(batch.prompts)
+        rounds = [self._sample_round(batch.prompts, batch.key, 0, config)]
+        kept = sum(rounds[0].varied) if drops else target
+        used = set(batch.example_ids)
+        while kept < target and len(rounds) <= grpo.max_refill_rounds:
+            more = self._refill_prompts(batch, len(rounds), used)
+            rounds.append(self._sample_round(more, batch.key, len(rounds), config))
+            kept += sum(rounds[-1].varied)
+        groups: Groups = []
+        picked: list[torch.Tensor] = []
+        for r in rounds:            # the groups with reward variance (all, without dynamic sampling), up to target
+            rows: list[int] = []
+            for g, prompt in enumerate(r.prompts):
+                if drops and (not r.varied[g] or len(groups) == target):
+                    continue
+                groups.append((prompt.input_ids, r.ids[g * group:(g + 1) * group]))
+                rows.extend(range(g * group, (g + 1) * group))
+            picked.append(r.advantages[rows])
+        metrics: dict[str, float] = {}
+        for r in rounds:
+            _merge(metrics, r.metrics)
+        if drops and grpo.max_refill_rounds:
+            metrics.update({"refill/micro_batches": 1.0, "refill/gen_batches": float(len(rounds)),
+                            "refill/prompts": float(target * (len(rounds) - 1)),
+                            "refill/missing": float(target - len(groups))})
+            if len(groups) < target and not self.warned_refill:
+                self.warned_refill = True
+                log.warning("grpo: micro-batch %d of epoch %d has %d of %d groups with reward variance after "
+                            "grpo.max_refill_rounds %d refill rounds; it trains on those (raise max_refill_rounds, "
+                            "or look at the rewards in samples.jsonl: they may be equal on most prompts). Warned once",
+                            batch.key[1], batch.key[0], len(groups), target, grpo.max_refill_rounds)
         device = next(model.parameters()).device
-        packed = self._pack(batch, [(i, samples.ids[i]) for i in rows], group).to(device)
-        advantages = adv.advantages[rows].to(device=device, dtype=torch.float32)
+        packed = self._pack(groups).to(device)
+        advantages = torch.cat(picked).to(device=device, dtype=torch.float32)
         ref = old = None
-        if rows and grpo.beta > 0:
+        if groups and grpo.beta > 0:
             with self._autocast(), reference_model(model, config, self.init_weights):
                 ref = completion_logps(model, packed, config)
-        if rows and grpo.num_iterations > 1:
+        if groups and grpo.num_iterations > 1:
             with self._autocast(), torch.no_grad():
                 old = completion_logps(model, packed, config)
-        return Rollout(packed, advantages, ref, old, metrics)
+        return Rollout(groups, packed, advantages, ref, old, metrics)
 
-    def _pack(self, batch: GRPOBatch, completions: list[tuple[int, list[int]]], group: int) -> PackedBatch:
-        """The trained row of ``completions`` (``(i, ids)``: completion ``i`` of the micro-batch, of prompt
-        ``i // group``, in order): each prompt once, followed by its completions (``grpo.share_prompt``,
-        :func:`pack_shared_prompts`), or ``prompt + completion`` per completion. An empty row has 0 examples."""
-        if not completions:
+    def _pack(self, groups: Groups) -> PackedBatch:
+        """The trained row of ``groups`` (``(prompt, completions)``), only the completions trained: each prompt
+        once, followed by its completions (``grpo.share_prompt``, :func:`pack_shared_prompts`), or
+        ``prompt + completion`` per completion; no group: a one-token row of 0 examples."""
+        if not groups:
             packed = pack([TokenizedExample([0], [False])])
             packed.num_examples = 0
             return packed
         if self.share_prompt:
-            groups: dict[int, list[list[int]]] = {}
-            for i, ids in completions:
-                groups.setdefault(i // group, []).append(ids)
-            return pack_shared_prompts([(batch.prompts[g].input_ids, c) for g, c in groups.items()])
-        return pack([TokenizedExample(batch.prompts[i // group].input_ids + ids,
-                                      [False] * len(batch.prompts[i // group].input_ids) + [True] * len(ids))
-                     for i, ids in completions])
+            return pack_shared_prompts([(prompt, list(completions)) for prompt, completions in groups])
+        return pack([TokenizedExample(prompt + ids, [False] * len(prompt) + [True] * len(ids))
+                     for prompt, completions in groups for ids in completions])
 
     def _rollout_metrics(self, scores: torch.Tensor, rewards: torch.Tensor, zero_std: torch.Tensor,
                          tokens: list[int], stopped: list[bool]) -> dict[str, float]:
@@ -311,17 +407,18 @@ class GRPOObjective(Objective):
                 out[f"count/rewards/{reward.name}/{key}"] = float(value)
         return out
 
-    def _write_samples(self, batch: GRPOBatch, texts: list[str], scores: torch.Tensor, rewards: torch.Tensor,
-                       advantages: torch.Tensor) -> None:
+    def _write_samples(self, prompts: list[GRPOPrompt], key: tuple[int, int], round: int, texts: list[str],
+                       scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
         count = self.config.grpo.log_samples if self.config is not None else 0
         if not count or self.samples_path is None:
             return
-        group = len(texts) // max(1, len(batch.prompts))
+        group = len(texts) // max(1, len(prompts))
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for i in range(min(count, len(texts))):
-                prompt = batch.prompts[i // group]
-                row = {"epoch": batch.key[0], "micro_batch": batch.key[1], "prompt": prompt.where,
-                       "completion": texts[i], "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
+                prompt = prompts[i // group]
+                row = {"epoch": key[0], "micro_batch": key[1], **({"refill_round": round} if round else {}),
+                       "prompt": prompt.where, "completion": texts[i],
+                       "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
                        "advantage": float(advantages[i]),
                        "rewards": {r.name: None if math.isnan(scores[i, j]) else float(scores[i, j])
                                    for j, r in enumerate(self.rewards)}}
@@ -387,6 +484,10 @@ class GRPOObjective(Objective):
         out["completions/max_length"] = sums["length/max"]
         out["completions/clipped_ratio"] = sums["clipped"] / n
         out.update({key.removeprefix("count/"): value for key, value in sums.items() if key.startswith("count/")})
+        if sums.get("refill/micro_batches"):         # dynamic sampling with refill (verl's num_gen_batches)
+            out["num_gen_batches"] = sums["refill/gen_batches"] / sums["refill/micro_batches"]
+            out["refill/prompts"] = sums["refill/prompts"]
+            out["refill/missing_groups"] = sums["refill/missing"]
         return out
 
     # ---------------------------------------------------------------- validation
