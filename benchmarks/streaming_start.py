@@ -15,7 +15,9 @@ its peak RSS (``ru_maxrss``) and its timings are its own:
 * ``in memory, first run`` and ``in memory, second run``: ``data.streaming: false`` (the ``.pt`` cache).
 
 Each case times the seconds from the start of ``TrainingRecipe.setup()`` to the end of the first optimizer step
-(data preparation, model loading and the step), and reports the peak RSS and its excess over ``model only``.
+(data preparation, model loading and the step), the mean seconds of the ``--more-steps`` steps after it (in the
+first streaming run the tokenizing thread shares the CPU and the GIL with them), and the peak RSS and its excess
+over ``model only``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ def child(args: argparse.Namespace) -> None:
     recipe.loop_start = time.time()
     recipe.train_step()
     first_step = time.time() - start
+    more = time.time()
+    for _ in range(args.more_steps):        # steps while the writer thread (first streaming run) shares the CPU
+        recipe.train_step()
+    more_s = (time.time() - more) / max(1, args.more_steps)
     data = recipe.data
     stored = complete = None
     if isinstance(data, StreamingData):
@@ -76,14 +82,17 @@ def child(args: argparse.Namespace) -> None:
         data.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"first_step_s": round(first_step, 2), "data_ready_s": round(data_ready, 2), "peak_rss": peak,
+                      "next_step_s": round(more_s, 3),
                       "examples_at_first_step": stored, "complete_at_first_step": complete}))
 
 
-def run_case(model: str, data: Path, cache: Path, streaming: bool, finish: bool, folder: Path) -> dict:
+def run_case(model: str, data: Path, cache: Path, streaming: bool, finish: bool, folder: Path,
+             more_steps: int) -> dict:
     out = tempfile.mkdtemp(dir=folder, prefix="run-")
     cmd = [sys.executable, __file__, "--child", "--model", model, "--data", str(data), "--out", out]
     cmd += ["--streaming"] if streaming else []
     cmd += ["--finish"] if finish else []
+    cmd += ["--more-steps", str(more_steps)]
     env = {**os.environ, "TUNEFORGE_CACHE": str(cache)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -97,6 +106,7 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer random model of --model's architecture")
     parser.add_argument("--skip-in-memory", action="store_true")
+    parser.add_argument("--more-steps", type=int, default=5, help="steps timed after the first (mean s a step)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -121,19 +131,25 @@ def main() -> None:
         print(f"{args.records:,} records, {big.stat().st_size / 2**20:,.0f} MiB, written in {time.time() - t:.0f} s; "
               f"model {args.model}{' (tiny)' if args.tiny else ''}", flush=True)
         cases: list[tuple[str, dict]] = []
-        base = run_case(model, small, folder / "cache-base", False, False, folder)
-        cases.append(("model only (64 records)", base))
-        cases.append(("streaming, first run", run_case(model, big, folder / "cache-s", True, True, folder)))
-        cases.append(("streaming, second run", run_case(model, big, folder / "cache-s", True, False, folder)))
+
+        def case(name: str, data: Path, cache: str, streaming: bool, finish: bool = False) -> dict:
+            result = run_case(model, data, folder / cache, streaming, finish, folder, args.more_steps)
+            cases.append((name, result))
+            return result
+
+        base = case("model only (64 records)", small, "cache-base", False)
+        case("streaming, first run", big, "cache-s", True, finish=True)
+        case("streaming, second run", big, "cache-s", True)
         if not args.skip_in_memory:
-            cases.append(("in memory, first run", run_case(model, big, folder / "cache-m", False, False, folder)))
-            cases.append(("in memory, second run", run_case(model, big, folder / "cache-m", False, False, folder)))
-        print(f"{'case':<26} {'first step s':>12} {'data ready s':>12} {'peak RSS MiB':>12} {'over model MiB':>14} "
-              f"{'tokenized at step 1':>20}")
+            case("in memory, first run", big, "cache-m", False)
+            case("in memory, second run", big, "cache-m", False)
+        print(f"{'case':<26} {'first step s':>12} {'data ready s':>12} {'next steps s':>12} {'peak RSS MiB':>12} "
+              f"{'over model MiB':>14} {'tokenized at step 1':>20}")
         for name, r in cases:
             tokenized = ("" if r["examples_at_first_step"] is None else
                          f"{r['examples_at_first_step']:,}{' (all)' if r['complete_at_first_step'] else ''}")
-            print(f"{name:<26} {r['first_step_s']:>12.2f} {r['data_ready_s']:>12.2f} {r['peak_rss'] / 2**20:>12.0f} "
+            print(f"{name:<26} {r['first_step_s']:>12.2f} {r['data_ready_s']:>12.2f} {r['next_step_s']:>12.3f} "
+                  f"{r['peak_rss'] / 2**20:>12.0f} "
                   f"{(r['peak_rss'] - base['peak_rss']) / 2**20:>14.0f} {tokenized:>20}")
 
 

@@ -46,7 +46,7 @@ def test_store_holds_exactly_the_in_memory_tokenization_and_rejects_bad_lines(tm
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = DataConfig(train=str(path), val_fraction=0, streaming=True, shuffle_block=8)
     data = prepare_data(cfg, tokenizer, seed=0)
-    data.close()
+    data.train.wait_for(1 << 62, data.writing)              # the whole file
     reference_cfg = cfg.model_copy(update={"streaming": False})
     rejects: list = []
     reference, _ = tokenize_examples(load_examples(str(path), reference_cfg), tokenizer, reference_cfg, rejects)
@@ -77,6 +77,17 @@ def test_second_run_opens_the_complete_store_without_tokenizing(tmp_path, tokeni
     assert second._writer is None and second.complete
     assert len(second.validation) == 5 and [_key(e) for e in second.validation] == [_key(e) for e in first.validation]
     assert len(second.train) == 35 and list(second.epoch_order(3, 0)) == order
+
+
+def test_a_validation_file_is_tokenized_first_and_kept_apart(tmp_path, tokenizer, cache):
+    train_file = write_jsonl(tmp_path / "train.jsonl", ROWS[:30])
+    validation_file = write_jsonl(tmp_path / "validation.jsonl", ROWS[30:])
+    cfg = DataConfig(train=str(train_file), validation=str(validation_file), streaming=True, shuffle_block=8)
+    data = prepare_data(cfg, tokenizer, seed=0)
+    data.train.wait_for(1 << 62, data.writing)
+    memory = prepare_data(cfg.model_copy(update={"streaming": False}), tokenizer, seed=0)
+    assert [_key(e) for e in data.validation] == [_key(e) for e in memory.validation] and len(data.validation) == 10
+    assert [_key(e) for e in data.train] == [_key(e) for e in memory.train]
 
 
 def test_reader_sees_only_committed_examples_and_a_killed_writer_is_continued(tmp_path):
@@ -140,8 +151,8 @@ def test_a_stopped_writer_is_continued_to_the_same_store(tmp_path, tokenizer, ca
 
 
 def _settings(tiny_model_dir, data, out):
-    return {"model": str(tiny_model_dir), "data": {"train": str(data), "val_fraction": 0.2, "streaming": True,
-                                                     "shuffle_block": 8},
+    return {"model": str(tiny_model_dir), "data": {"train": str(data), "val_fraction": 0.2, "val_max_examples": 3,
+                                                     "streaming": True, "shuffle_block": 8},
             "output_dir": str(out), "max_steps": 6, "batch_size": 4, "gradient_accumulation_steps": 2,
             "learning_rate": 3e-3, "eval_every": 3, "save_every": 1, "keep_best": False, "progress": False,
             "seed": 7, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
@@ -168,10 +179,24 @@ def test_streaming_run_resumes_bitwise_as_the_uninterrupted_run(tiny_model_dir, 
             raise Killed
         return path
 
+    import tuneforge.data.dataset as dataset
+
+    original_tokenize, calls = dataset.tokenize_record, []
+
+    def stall_at_33(*args):                    # the writer is still at record 33 when the run dies at step 3
+        calls.append(1)
+        if len(calls) == 33:
+            threading.current_thread().stop.wait()
+        return original_tokenize(*args)
+
     with monkeypatch.context() as m:
         m.setattr(TrainingRecipe, "save_checkpoint", crash)
+        m.setattr(dataset, "tokenize_record", stall_at_33)
+        m.setattr(streaming, "CHUNK_RECORDS", 4)
         with pytest.raises(Killed):
             train(config)
+    stopped = read_manifest(next((tmp_path / "cache-b" / "tokenized").glob("*.store")))
+    assert not stopped["complete"] and stopped["records"] == 33       # the resumed run continues the store
     train(config, resume=True)
     rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("a", "b")]
