@@ -380,6 +380,14 @@ class RunConfig(Settings):
     def _combinations(self) -> "RunConfig":
         if self.task == "pretrain" and self.data.train_on == "assistant" and self.data.format not in ("auto", "text"):
             raise ValueError("task 'pretrain' trains on raw text: set data.format to 'text' (or leave it 'auto')")
+        if self.data.streaming:
+            if self.task not in ("sft", "pretrain"):
+                raise ValueError(f"data.streaming trains task sft or pretrain (got task {self.task!r}): set "
+                                 "data.streaming: false")
+            if self.max_steps is None:
+                raise ValueError("data.streaming needs max_steps: the number of examples is known only once the "
+                                 "whole file is tokenized, so epochs cannot set the run's length and learning-rate "
+                                 "schedule (set max_steps: N)")
         from tuneforge.methods.registry import get_method
 
         check = get_method(self.method).check_config      # the method's own combinations (qlora: compute_dtype)

@@ -83,28 +83,37 @@ def load_examples(path: str, cfg: DataConfig, task: str = "sft") -> LoadedFile:
     kind = task_kind(task, cfg.format)
     tools = data_tools(cfg)
     for rec in iter_records(path):
-        if rec.data is None:
-            out.rejects.append(Reject.unreadable(rec))
+        got = normalise_record(rec, cfg, kind, tools)
+        if isinstance(got, Reject):
+            out.rejects.append(got)
             continue
-        data = rename_columns(rec.data, cfg.columns)
-        fmt = cfg.format if cfg.format != "auto" else detect_format(data)
-        if fmt is None:
-            out.rejects.append(Reject.of(rec, [("unknown_format", f"fields {sorted(rec.data)[:8]} match none of "
-                                                f"{_KNOWN_FIELDS} (map columns with data.columns)")]))
-            continue
-        if (mismatch := kind_mismatch(fmt, kind)) is not None:
-            out.rejects.append(Reject.of(rec, [("mixed_kinds", mismatch)]))
-            continue
-        try:
-            example = to_example(data, fmt, cfg.system_prompt, tools)
-        except RecordError as e:
-            out.rejects.append(Reject.of(rec, [(e.check, f"{fmt}: {e}")]))
-            continue
-        example.meta["where"] = rec.where
-        example.meta["raw"] = rec
+        example, fmt = got
         out.examples.append(example)
         out.formats[fmt] = out.formats.get(fmt, 0) + 1
     return out
+
+
+def normalise_record(rec: RawRecord, cfg: DataConfig, kind: str, tools: list[dict] | None,
+                     ) -> tuple[Example, str] | Reject:
+    """One record read from a file as an :class:`Example` and its format, or the :class:`Reject` that says why it
+    cannot be used (the per-record checks of :data:`TRAINING_CHECKS` before tokenization). ``kind``:
+    :func:`~tuneforge.data.formats.task_kind` of the run; ``tools``: :func:`data_tools`."""
+    if rec.data is None:
+        return Reject.unreadable(rec)
+    data = rename_columns(rec.data, cfg.columns)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(data)
+    if fmt is None:
+        return Reject.of(rec, [("unknown_format", f"fields {sorted(rec.data)[:8]} match none of "
+                                f"{_KNOWN_FIELDS} (map columns with data.columns)")])
+    if (mismatch := kind_mismatch(fmt, kind)) is not None:
+        return Reject.of(rec, [("mixed_kinds", mismatch)])
+    try:
+        example = to_example(data, fmt, cfg.system_prompt, tools)
+    except RecordError as e:
+        return Reject.of(rec, [(e.check, f"{fmt}: {e}")])
+    example.meta["where"] = rec.where
+    example.meta["raw"] = rec
+    return example, fmt
 
 
 def data_tools(cfg: DataConfig) -> list[dict] | None:
@@ -169,26 +178,37 @@ def tokenize_examples(loaded: LoadedFile, tokenizer, cfg: DataConfig, rejects: l
     Returns (examples, truncated count)."""
     out, truncated = [], 0
     for example in loaded.examples:
-        raw: RawRecord = example.meta["raw"]
-        try:
-            tok = tokenize_example(example, tokenizer, cfg.train_on, cfg.train_reasoning)
-        except RecordError as e:
-            rejects.append(Reject.of(raw, [(e.check, str(e))]))
+        got = tokenize_record(example, tokenizer, cfg)
+        if isinstance(got, Reject):
+            rejects.append(got)
             continue
-        if len(tok) > cfg.max_length:
-            if cfg.too_long == "error":
-                raise DataError(f"{example.meta['where']}: {len(tok)} tokens > data.max_length={cfg.max_length}; "
-                                "raise max_length or set data.too_long to drop/truncate")
-            if cfg.too_long == "drop":
-                rejects.append(Reject.of(raw, [("too_long", f"{len(tok)} tokens > max_length {cfg.max_length}")]))
-                continue
-            tok = TokenizedExample(tok.input_ids[: cfg.max_length], tok.trained[: cfg.max_length])
-            truncated += 1
-        if tok.num_trained == 0:
-            rejects.append(Reject.of(raw, [("no_trained_tokens", "no trained tokens left (answer truncated away?)")]))
-            continue
+        tok, was_truncated = got
+        truncated += was_truncated
         out.append(tok)
     return out, truncated
+
+
+def tokenize_record(example: Example, tokenizer, cfg: DataConfig) -> tuple[TokenizedExample, bool] | Reject:
+    """``example`` tokenized and whether it was truncated to ``data.max_length``, or the :class:`Reject` of an
+    example that cannot be rendered, is over-long (``too_long: drop``) or has no trained token left. An over-long
+    example with ``too_long: error`` raises :class:`DataError`."""
+    raw: RawRecord = example.meta["raw"]
+    try:
+        tok = tokenize_example(example, tokenizer, cfg.train_on, cfg.train_reasoning)
+    except RecordError as e:
+        return Reject.of(raw, [(e.check, str(e))])
+    truncated = False
+    if len(tok) > cfg.max_length:
+        if cfg.too_long == "error":
+            raise DataError(f"{example.meta['where']}: {len(tok)} tokens > data.max_length={cfg.max_length}; "
+                            "raise max_length or set data.too_long to drop/truncate")
+        if cfg.too_long == "drop":
+            return Reject.of(raw, [("too_long", f"{len(tok)} tokens > max_length {cfg.max_length}")])
+        tok = TokenizedExample(tok.input_ids[: cfg.max_length], tok.trained[: cfg.max_length])
+        truncated = True
+    if tok.num_trained == 0:
+        return Reject.of(raw, [("no_trained_tokens", "no trained tokens left (answer truncated away?)")])
+    return tok, truncated
 
 
 RENDER_VERSION = 5  # bump when rendering/tokenization or the cached payload changes, to invalidate cached data
@@ -202,6 +222,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     chat template), every ``data:`` setting, the seed (which decides the split) and the task, so a second
     run on unchanged data and tokenizer does not tokenize again, and any change does. A list of sources in
     ``data.train`` is a mixture (:func:`tuneforge.data.mixture.prepare_mixture`: each source cached on its own).
+    ``data.streaming``: a :class:`tuneforge.data.streaming.StreamingData` over a memory-mapped token store, filled
+    in the background (:mod:`tuneforge.data.streaming`).
     """
     from tuneforge.data.token_cache import cached_tokenize, tokenizer_fingerprint
     from tuneforge.fileutil import file_sha256
@@ -210,11 +232,16 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         return prepare_mixture(cfg, tokenizer, seed, task, use_cache)
     train = cfg.train_file()
 
-    settings = cfg.model_dump(mode="json", exclude={"train", "validation", "tools"})
+    settings = cfg.model_dump(mode="json", exclude={"train", "validation", "tools", "streaming", "shuffle_block"})
     key = {"render_version": RENDER_VERSION, "task": task, "seed": seed, "settings": settings,
            "tools": file_sha256(cfg.tools) if cfg.tools else None,
            "train": data_sha256(train), "validation": data_sha256(cfg.validation) if cfg.validation else None,
            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if cfg.streaming:
+        from tuneforge.data.streaming import prepare_streaming
+
+        # the store folder (<key>.store) is apart from the in-memory entry (<key>.pt) of the same key
+        return prepare_streaming(cfg, tokenizer, seed, task, key, use_cache=use_cache)  # type: ignore[return-value]
     payload = cached_tokenize(key, lambda: _prepare(cfg, tokenizer, seed, task).to_payload(), enabled=use_cache)
     data = PreparedData.from_payload(payload)
     log_rejects(data.rejects, "records")

@@ -96,6 +96,13 @@ class DataConfig(Settings):
     max_length: int = Field(1024, ge=8, description="tokens an example may have")
     too_long: Literal["drop", "truncate", "error"] = Field("drop", description="an example over max_length: "
                                                            "dropped (to rejects.jsonl), truncated, or an error")
+    streaming: bool = Field(False, description="read and tokenize data.train lazily, in a background thread, into a "
+                            "memory-mapped token store in the cache; training starts once the first examples are "
+                            "tokenized and memory stays bounded (SFT and pretrain, one data.train; needs max_steps). "
+                            "See the data guide: streaming")
+    shuffle_block: int = Field(4096, ge=1, description="data.streaming: the examples shuffled together, in blocks of "
+                               "this many in file order (the first epoch takes the blocks in order, later epochs in a "
+                               "seeded order)")
 
     @field_validator("columns")
     @classmethod
@@ -117,6 +124,9 @@ class DataConfig(Settings):
             if self.validation is not None:
                 raise ValueError("data.validation: with a list of sources in data.train, give each source its own "
                                  "validation file (or leave it to data.val_fraction)")
+            if self.streaming:
+                raise ValueError("data.streaming reads one data.train (a file or a folder of shards), not a list of "
+                                 "sources: set data.streaming: false for a mixture")
         return self
 
     @property

@@ -82,6 +82,7 @@ def count_tokens(config: RunConfig) -> TrainingTokens:
     """Tokenize ``config.data`` as training does (its token cache entry) and count what the run trains."""
     from tuneforge.data.dataset import prepare_data
     from tuneforge.data.rendering import set_template_kwargs
+    from tuneforge.data.streaming import StreamingData
     from tuneforge.data.templates.resolve import apply_template
     from tuneforge.models.loading import load_tokenizer
 
@@ -93,7 +94,12 @@ def count_tokens(config: RunConfig) -> TrainingTokens:
                    needs_chat=config.task != "pretrain" and config.data.format != "text")
     set_template_kwargs(tokenizer, config.template_kwargs)
     data = prepare_data(config.data, tokenizer, config.seed, config.task)
-    lengths = [len(e) for e in data.train]
+    if isinstance(data, StreamingData):      # data.streaming: the whole file, from the store (tokenized to the end)
+        data.train.wait_for(1 << 62, data.writing)
+        lengths = [data.train.length(i) for i in range(len(data.train))]
+        data.close()
+    else:
+        lengths = [len(e) for e in data.train]
     if not lengths:
         raise ValueError(f"data.train {config.data.train}: no training example left after the data step")
     steps = config.optimizer_steps(len(lengths))

@@ -37,6 +37,7 @@ from tuneforge.data.dataset import write_rejects
 from tuneforge.data.loaders import data_sha256
 from tuneforge.data.packing import PackedBatch, batches_per_epoch
 from tuneforge.data.rendering import set_template_kwargs
+from tuneforge.data.streaming import StreamingData
 from tuneforge.data.templates import apply_template
 from tuneforge.data.tool_formats import resolve as resolve_tool_format
 from tuneforge.errors import ConfigError
@@ -363,7 +364,8 @@ class TrainingRecipe:
         log.info("training %d steps x %d examples = %.2f epochs of %d examples%s", self.steps, per_step,
                  self.steps * per_step / max(1, data.epoch_length), data.epoch_length,
                  " (max_steps; set epochs or a larger max_steps to see more of the data)"
-                 if config.max_steps and self.steps * per_step < data.epoch_length else "")
+                 if config.max_steps and self.steps * per_step < data.epoch_length else
+                 " (data.streaming: the examples tokenized so far)" if isinstance(data, StreamingData) else "")
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * self.steps)
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps)
@@ -544,6 +546,8 @@ class TrainingRecipe:
         Each batch's ``example_ids`` are indices into ``data.train`` (a mixture's epoch draws from its sources:
         :meth:`PreparedData.epoch_examples`); a mixture's examples and tokens of each source are counted."""
         state, config = self.state, self.config
+        if isinstance(self.data, StreamingData):
+            return self._next_streamed(n)
         per_epoch = batches_per_epoch(self.data.epoch_length, config.batch_size) * self.objective.repeats(config)
         out: list[PackedBatch] = []
         while len(out) < n:
@@ -558,6 +562,25 @@ class TrainingRecipe:
             batch = next(self._stream)
             batch.example_ids = [self._epoch_view[1][i] for i in batch.example_ids]
             self._count_sources(batch)
+            out.append(batch)
+            state.micro_batch += 1
+            self._stream_at = (state.epoch, state.micro_batch)
+        return out
+
+    def _next_streamed(self, n: int) -> list[PackedBatch]:
+        """:meth:`_next_micro_batches` of ``data.streaming``: an epoch ends where its stream does (the number of
+        examples is not known before the file is read); ``example_ids`` index the token store."""
+        state, config, data = self.state, self.config, self.data
+        assert isinstance(data, StreamingData)
+        out: list[PackedBatch] = []
+        while len(out) < n:
+            if self._stream is None or self._stream_at != (state.epoch, state.micro_batch):
+                self._stream = data.micro_batches(config.batch_size, config.seed, state.epoch, start=state.micro_batch)
+            batch = next(self._stream, None)
+            if batch is None:                       # the epoch's last micro-batch was drawn
+                state.epoch, state.micro_batch = state.epoch + 1, 0
+                self._stream = None
+                continue
             out.append(batch)
             state.micro_batch += 1
             self._stream_at = (state.epoch, state.micro_batch)
@@ -860,6 +883,8 @@ class TrainingRecipe:
             self._loop()
             self.objective.after_training()
         finally:
+            if isinstance(self.data, StreamingData):
+                self.data.close()           # what it tokenized stays in the store; the next run continues it
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.metrics.close()
@@ -952,6 +977,8 @@ class TrainingRecipe:
         plot_loss_curve(self.metrics.rows, self.layout.loss_curve,
                         title=f"{config.method} on {', '.join(Path(p).name for p in config.data.train_paths())}")
         data = self.data
+        if isinstance(data, StreamingData) and data.rejects:     # the records rejected while training ran
+            write_rejects(data.rejects, self.layout.rejects)
         best_score = None if state.best_step is None else state.best_score
         record = RunRecord(
             tuneforge_run=1,
