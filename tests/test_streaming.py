@@ -70,9 +70,9 @@ def test_second_run_opens_the_complete_store_without_tokenizing(tmp_path, tokeni
     first = prepare_data(cfg, tokenizer, seed=3)
     first._writer.join()                       # the whole file
     order = list(first.epoch_order(3, 0))
-    import tuneforge.data.dataset as dataset
+    import tuneforge.data.record_checks as record_checks
 
-    monkeypatch.setattr(dataset, "tokenize_example", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(record_checks, "tokenize_example", lambda *a, **k: pytest.fail("tokenized again"))
     second = prepare_data(cfg, tokenizer, seed=3)
     assert second._writer is None and second.complete
     assert len(second.validation) == 5 and [_key(e) for e in second.validation] == [_key(e) for e in first.validation]
@@ -121,10 +121,8 @@ def test_reader_sees_only_committed_examples_and_a_killed_writer_is_continued(tm
 def test_a_stopped_writer_is_continued_to_the_same_store(tmp_path, tokenizer, cache, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     cfg = DataConfig(train=str(path), val_fraction=0.5, val_max_examples=3, streaming=True, shuffle_block=8)
-    import tuneforge.data.dataset as dataset
-
     calls = []
-    original = dataset.tokenize_record
+    original = streaming.tokenize_record
 
     def stop_after_25(*args):
         calls.append(1)
@@ -133,7 +131,7 @@ def test_a_stopped_writer_is_continued_to_the_same_store(tmp_path, tokenizer, ca
         return original(*args)
 
     with monkeypatch.context() as m:
-        m.setattr(dataset, "tokenize_record", stop_after_25)
+        m.setattr(streaming, "tokenize_record", stop_after_25)
         data = prepare_data(cfg, tokenizer, seed=1)
         data._writer.join()
     stopped = read_manifest(data.folder)
@@ -179,9 +177,7 @@ def test_streaming_run_resumes_bitwise_as_the_uninterrupted_run(tiny_model_dir, 
             raise Killed
         return path
 
-    import tuneforge.data.dataset as dataset
-
-    original_tokenize, calls = dataset.tokenize_record, []
+    original_tokenize, calls = streaming.tokenize_record, []
 
     def stall_at_33(*args):                    # the writer is still at record 33 when the run dies at step 3
         calls.append(1)
@@ -191,7 +187,7 @@ def test_streaming_run_resumes_bitwise_as_the_uninterrupted_run(tiny_model_dir, 
 
     with monkeypatch.context() as m:
         m.setattr(TrainingRecipe, "save_checkpoint", crash)
-        m.setattr(dataset, "tokenize_record", stall_at_33)
+        m.setattr(streaming, "tokenize_record", stall_at_33)
         m.setattr(streaming, "CHUNK_RECORDS", 4)
         with pytest.raises(Killed):
             train(config)

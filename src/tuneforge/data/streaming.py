@@ -3,8 +3,9 @@
 :func:`prepare_streaming` opens the run's :mod:`~tuneforge.data.token_store` under the content-hash cache (the
 same key as the in-memory cache, :func:`tuneforge.data.dataset.prepare_data`). A complete store is used at once,
 with no tokenization. Otherwise a thread reads ``data.train`` record by record (:func:`~tuneforge.data.loaders.
-iter_records` streams), applies each record's checks (:func:`~tuneforge.data.dataset.normalise_record`,
-:func:`~tuneforge.data.dataset.tokenize_record`: every check of :data:`~tuneforge.data.dataset.TRAINING_CHECKS`,
+iter_records` streams), applies each record's checks (:func:`~tuneforge.data.record_checks.normalise_record`,
+:func:`~tuneforge.data.record_checks.tokenize_record`: every check of
+:data:`~tuneforge.data.record_checks.TRAINING_CHECKS`,
 rejects to the store's ``rejects.jsonl``) and appends the examples in chunks of :data:`CHUNK_RECORDS` records; a
 store a killed run left incomplete is continued where its last chunk ended. Training starts once the validation
 examples and the first training examples are committed; memory holds one chunk and the examples of a step, never
@@ -48,6 +49,7 @@ from tuneforge.data.errors import DataError
 from tuneforge.data.formats import task_kind
 from tuneforge.data.loaders import iter_records
 from tuneforge.data.packing import PackedBatch, pack
+from tuneforge.data.record_checks import data_tools, normalise_record, tokenize_record
 from tuneforge.data.rejects import Reason, Reject, reject_line
 from tuneforge.data.rendering import TokenizedExample
 from tuneforge.data.settings import DataConfig
@@ -86,8 +88,6 @@ class _Writer(threading.Thread):
             self.lock.release()
 
     def _fill(self) -> None:
-        from tuneforge.data.dataset import data_tools, normalise_record, tokenize_record
-
         cfg, writer = self.cfg, self.writer
         manifest = writer.manifest
         done, formats, truncated = manifest["records"], dict(manifest["formats"]), manifest["truncated"]
