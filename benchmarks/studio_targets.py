@@ -240,8 +240,9 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     cli = [r for r in results if r["kind"] == "cli"]
     ui = [r for r in results if r["kind"] == "ui"]
     a, b = statistics.mean(r["tokens_per_s"] for r in cli), statistics.mean(r["tokens_per_s"] for r in ui)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# studio targets: {args.steps} steps x {args.rounds} rounds (A: CLI, B: UI), {args.config}, "
-             f"model {args.model or 'the config'}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"model {args.model or 'the config'}, {os.cpu_count()} cores, {when}",
              "", "| run | round | tokens/s | wall s | studio CPU s per s |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['kind']} | {r['round']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "

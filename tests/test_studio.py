@@ -39,6 +39,20 @@ def test_the_cli_refuses_another_host_without_auth(monkeypatch, capsys):
     assert out.out == ""                        # refused before the banner: one line, nothing said to be serving
 
 
+def test_the_studios_queue_does_not_poll_every_millisecond():
+    """Gradio's queue sleeps 1 ms between polls when idle (its process then took ~4% of a core with no page open);
+    the studio sets Windows' 50 ms. Fails when a Gradio upgrade renames the attributes (the calming would be lost)."""
+    gr = pytest.importorskip("gradio", reason="the studio needs the ui extra")
+    from tuneforge.studio.app import QUEUE_IDLE_SLEEP_S, calm_queue
+
+    with gr.Blocks() as app:
+        gr.Markdown("x")
+    app.queue()
+    assert app._queue.sleep_when_free < QUEUE_IDLE_SLEEP_S          # Gradio's own default, not already calm
+    calm_queue(app)
+    assert (app._queue.sleep_when_free, app._queue.progress_update_sleep_when_free) == (0.05, 0.1)
+
+
 def _values(fields, **changed):
     keys = [f.key for f in fields]
     values = [f.default for f in fields]

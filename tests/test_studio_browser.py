@@ -47,11 +47,12 @@ def _free_port() -> int:
 def studio(tmp_path_factory, tiny_model_dir):
     """The studio on a free local port: ``(url, runs folder)``; every process it started is stopped at the end."""
     from tuneforge.studio import process
-    from tuneforge.studio.app import build_app
+    from tuneforge.studio.app import build_app, calm_queue
 
     folder = tmp_path_factory.mktemp("studio-runs")
     app = build_app(folder, model=str(tiny_model_dir))
     app.queue()
+    calm_queue(app)                     # as tuneforge ui does
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}", folder
@@ -286,6 +287,7 @@ def test_ship_packages_refuses_a_bad_export_and_serves_a_run(browser, studio, tm
         choose(browser, "ship-run", str(folder / "no-such-run"))
         browser.find_element(By.ID, "ship-export").click()
         wait_for(browser, lambda d: "is not a folder" in text_of(d, "ship-message"), 20, "the refusal")
+        choose(browser, "ship-run", str(folder / "three"))           # back to the run: its log in the picture
 
         choose(browser, "ship-adapters", str(folder / "three"))
         port = _free_port()
