@@ -150,13 +150,20 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             t0 = time.perf_counter()
-            with urllib.request.urlopen(self.url, timeout=30) as r:
-                r.read()
-            t1 = time.perf_counter()
-            self.client.predict(self.run_dir, api_name="/on_tick")
+            try:                        # a failed request counts as never answered (inf)
+                with urllib.request.urlopen(self.url, timeout=30) as r:
+                    r.read()
+                t1 = time.perf_counter()
+                self.page_s.append(t1 - t0)
+            except OSError:
+                t1 = time.perf_counter()
+                self.page_s.append(float("inf"))
+            try:
+                self.client.predict(self.run_dir, api_name="/on_tick")
+                self.tick_s.append(time.perf_counter() - t1)
+            except Exception:
+                self.tick_s.append(float("inf"))
             t2 = time.perf_counter()
-            self.page_s.append(t1 - t0)
-            self.tick_s.append(t2 - t1)
             self.done.wait(max(0.0, self.every_s - (t2 - t0)))
 
 
