@@ -4,6 +4,7 @@ runs' status from their files, the training process's pid file (one run at a tim
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -36,6 +37,20 @@ def test_the_cli_refuses_another_host_without_auth(monkeypatch, capsys):
     out = capsys.readouterr()
     assert "--auth user:password" in out.err
     assert out.out == ""                        # refused before the banner: one line, nothing said to be serving
+
+
+def test_the_studios_queue_does_not_poll_every_millisecond():
+    """Gradio's queue sleeps 1 ms between polls when idle (its process then took ~4% of a core with no page open);
+    the studio sets Windows' 50 ms. Fails when a Gradio upgrade renames the attributes (the calming would be lost)."""
+    gr = pytest.importorskip("gradio", reason="the studio needs the ui extra")
+    from tuneforge.studio.app import QUEUE_IDLE_SLEEP_S, calm_queue
+
+    with gr.Blocks() as app:
+        gr.Markdown("x")
+    app.queue()
+    assert app._queue.sleep_when_free < QUEUE_IDLE_SLEEP_S          # Gradio's own default, not already calm
+    calm_queue(app)
+    assert (app._queue.sleep_when_free, app._queue.progress_update_sleep_when_free) == (0.05, 0.1)
 
 
 def _values(fields, **changed):
@@ -101,6 +116,26 @@ def test_run_status_comes_from_the_run_directory(tmp_path):
     assert (rows["a"].method, rows["a"].data, rows["a"].steps, rows["a"].time_s) == ("lora", "x.jsonl", 3, 12.0)
     assert rows["a"].best_score == "eval_loss 1.5000 (step 3)"
     assert rows["d"].steps == 1                 # the half-written last row is skipped
+
+
+def test_a_package_and_the_servers_folder_are_not_runs(tmp_path):
+    """The Ship tab packages into ``<run>-package`` and keeps the server's pid in ``.serve``, both beside the runs:
+    neither is listed (nor makes the Train tab think a run is training)."""
+    from tuneforge.studio.train_tab import running_run
+
+    _run(tmp_path, "a", **{"run.json": json.dumps({"method": "lora", "steps": 3})})
+    _run(tmp_path, "a-package", **{"tuneforge.json": "{}"})
+    (tmp_path / ".serve").mkdir()
+    (tmp_path / ".serve" / process.PID_FILE).write_text(str(os.getpid()))        # a live pid: "running"
+    assert [r.path.name for r in list_runs(tmp_path)] == ["a"]
+    assert running_run(tmp_path) is None
+
+
+def test_the_ship_tab_offers_the_exporters_quantizations():
+    from tuneforge.export.gguf import QUANTS
+    from tuneforge.studio.ship_tab import QUANTS as OFFERED
+
+    assert OFFERED == list(QUANTS)
 
 
 def test_the_runs_tab_shows_the_gates_tuneforge_pipeline_recorded(tmp_path):

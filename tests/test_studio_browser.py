@@ -2,7 +2,9 @@
 
 One studio serves the whole module (a tiny random model of SmolLM2's shape as its base, the runs in a temporary
 folder); the tests run in order: load the quickstart data and see the preview, refuse an invalid setting, train 3
-steps and watch the loss curve get points, stop a run and resume it, chat with the base and the run side by side.
+steps and watch the loss curve get points, stop a run and resume it, chat with the base and the run side by side,
+evaluate two runs and see their reports side by side, package the run, have a bad export refused, and serve it
+(one request through the openai client to the URL the page shows, then stopped).
 A failed test saves a screenshot (its path in the failure); ``TUNEFORGE_STUDIO_SHOTS=DIR`` saves every tab's
 screenshot there (the docs' pictures: docs/guides/img/studio-*.png).
 """
@@ -32,6 +34,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SHOTS = os.environ.get("TUNEFORGE_STUDIO_SHOTS")
+DATA = Path(__file__).resolve().parents[1] / "src" / "tuneforge" / "recipes" / "data"
 
 
 def _free_port() -> int:
@@ -44,11 +47,12 @@ def _free_port() -> int:
 def studio(tmp_path_factory, tiny_model_dir):
     """The studio on a free local port: ``(url, runs folder)``; every process it started is stopped at the end."""
     from tuneforge.studio import process
-    from tuneforge.studio.app import build_app
+    from tuneforge.studio.app import build_app, calm_queue
 
     folder = tmp_path_factory.mktemp("studio-runs")
     app = build_app(folder, model=str(tiny_model_dir))
     app.queue()
+    calm_queue(app)                     # as tuneforge ui does
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}", folder
@@ -206,6 +210,117 @@ def test_chat_answers_with_base_and_run_side_by_side(browser, studio, tmp_path):
         assert "three" in text_of(browser, "chat-answer-1")          # the run's column is labelled with its name
         assert "error" not in text_of(browser, "chat-status")
         shoot(browser, "chat")
-        for name in ("evaluate", "ship"):
-            tab(browser, name.capitalize())
-            shoot(browser, name)
+
+
+def choose(driver, elem_id: str, value: str) -> None:
+    """Type ``value`` into the dropdown ``elem_id`` (the runs' dropdowns take a path typed in) and pick it."""
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    box.send_keys(value)
+    box.send_keys(Keys.ENTER)
+    driver.find_element(By.TAG_NAME, "h2").click()         # away from it: its list of choices closes
+
+
+def report_rows(driver, elem_id: str) -> list[str]:
+    """The column names in the rows of the embedded report's metric table (``table.main``), read inside its iframe;
+    sorted (the report orders the rows by score)."""
+    frames = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} iframe")
+    if not frames:
+        return []
+    driver.switch_to.frame(frames[0])
+    try:
+        return sorted(td.text.strip() for td in driver.find_elements(By.CSS_SELECTOR,
+                                                                     "table.main tbody tr td:first-child"))
+    finally:
+        driver.switch_to.default_content()
+
+
+def test_evaluate_a_run_and_compare_two_reports_side_by_side(browser, studio, tmp_path):
+    """Two finished runs evaluated from the tab with different columns (``three``: base and tuned; ``three-b``, a
+    copy of its run directory: tuned alone), then shown side by side: each frame holds its own run's metric table."""
+    folder = studio[1]
+    shutil.copytree(folder / "three", folder / "three-b", ignore=shutil.ignore_patterns("eval", "studio*"))
+    with screenshot_on_failure(browser, "evaluate", tmp_path):
+        tab(browser, "Evaluate")
+        set_field(browser, "eval-data", str(DATA / "tickets_test.jsonl"))
+        set_field(browser, "eval-max", "2")
+        choose(browser, "eval-run", str(folder / "three-b"))
+        browser.find_element(By.XPATH, "//*[@id='eval-columns']//label[normalize-space()='base']").click()
+        browser.find_element(By.ID, "eval-start").click()
+        wait_for(browser, lambda d: "evaluating three-b" in text_of(d, "eval-message"), 20, "the first evaluation")
+        choose(browser, "eval-run", str(folder / "three"))
+        browser.find_element(By.XPATH, "//*[@id='eval-columns']//label[normalize-space()='base']").click()
+        browser.find_element(By.ID, "eval-start").click()
+        wait_for(browser, lambda d: "evaluating three " in text_of(d, "eval-message") + " ", 20, "the second one")
+        wait_for(browser, lambda d: report_rows(d, "eval-report") == ["base", "tuned"], 120,
+                 "three's report embedded, its metric table with the base and tuned rows")
+        assert "report:" in browser.find_element(By.CSS_SELECTOR, "#eval-log textarea").get_attribute("value")
+        choose(browser, "eval-other", str(folder / "three-b"))
+        wait_for(browser, lambda d: report_rows(d, "eval-report-other") == ["tuned"], 120,
+                 "three-b's report beside it (tuned alone)")
+        assert report_rows(browser, "eval-report") == ["base", "tuned"]
+        shoot(browser, "evaluate")
+
+
+def test_ship_packages_refuses_a_bad_export_and_serves_a_run(browser, studio, tmp_path):
+    from openai import OpenAI
+
+    folder = studio[1]
+    with screenshot_on_failure(browser, "ship", tmp_path):
+        tab(browser, "Ship")
+        choose(browser, "ship-run", str(folder / "three"))
+        browser.find_element(By.ID, "ship-package").click()
+        package = folder / "three-package"
+        wait_for(browser, lambda d: f"into {package}" in text_of(d, "ship-message"), 20, "the packaging started")
+        wait_for(browser, lambda d: f"-> {package}" in browser.find_element(By.CSS_SELECTOR, "#ship-log textarea")
+                 .get_attribute("value"), 60, "the package's report in the log")
+        assert (package / "tuneforge.json").is_file() and (package / "adapter_model.safetensors").is_file()
+
+        # the quantization choices offered; a run that is not a folder is refused with its message
+        browser.find_element(By.CSS_SELECTOR, "#ship-quant input").click()
+        offered = wait_for(browser, lambda d: [li.text.strip(" ✓\n") for li in d.find_elements(
+            By.CSS_SELECTOR, "li[data-testid=dropdown-option]") if li.is_displayed()], 10, "the quantization choices")
+        from tuneforge.export.gguf import QUANTS
+        assert offered == list(QUANTS)
+        browser.find_element(By.TAG_NAME, "h2").click()
+        choose(browser, "ship-run", str(folder / "no-such-run"))
+        browser.find_element(By.ID, "ship-export").click()
+        wait_for(browser, lambda d: "is not a folder" in text_of(d, "ship-message"), 20, "the refusal")
+        choose(browser, "ship-run", str(folder / "three"))           # back to the run: its log in the picture
+
+        choose(browser, "ship-adapters", str(folder / "three"))
+        port = _free_port()
+        set_field(browser, "ship-port", str(port))
+        browser.find_element(By.ID, "ship-serve").click()
+        wait_for(browser, lambda d: "serving at" in text_of(d, "ship-serving"), 20, "the server's URL")
+        shown = text_of(browser, "ship-serving")
+        url = re.search(r"serving at (http://\S+)", shown).group(1)
+        assert url == f"http://127.0.0.1:{port}"
+        assert f"curl {url}/v1/chat/completions" in shown and f'OpenAI(base_url="{url}/v1"' in shown
+        wait_for(browser, lambda d: "server running (pid" in text_of(d, "ship-serve-status"), 20, "its status")
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 90
+        while True:                     # the server loads the base model first: its port opens when ready
+            try:
+                answer = client.chat.completions.create(model="three", max_tokens=4,
+                                                        messages=[{"role": "user", "content": "Hello"}])
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert isinstance(answer.choices[0].message.content, str) and answer.choices[0].finish_reason in \
+            {"stop", "length"}
+        assert answer.model == "three"
+        shoot(browser, "ship")
+        browser.find_element(By.ID, "ship-serve-stop").click()
+        wait_for(browser, lambda d: "server stopped" in text_of(d, "ship-serving"), 30, "the server stopped")
+        wait_for(browser, lambda d: "no server running" in text_of(d, "ship-serve-status"), 20, "its status")
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        tab(browser, "Runs")
+        browser.find_element(By.ID, "runs-refresh").click()
+        time.sleep(1)
+        listed = text_of(browser, "runs-table")
+        assert "three-package" not in listed and ".serve" not in listed     # a package and the server are not runs

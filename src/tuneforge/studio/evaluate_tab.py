@@ -47,22 +47,29 @@ def build(folder: str, tab: Any = None) -> None:
 
     with gr.Row():
         run = gr.Dropdown(finished(), label="run", allow_custom_value=True, elem_id="eval-run", scale=3)
-        other = gr.Dropdown(finished(), label="compare with (optional)", allow_custom_value=True, scale=3)
+        other = gr.Dropdown(finished(), label="compare with (optional)", allow_custom_value=True,
+                            elem_id="eval-other", scale=3)
         refresh = gr.Button("Refresh runs", scale=1)
     with gr.Row():
-        columns = gr.CheckboxGroup(COLUMNS, value=["base", "tuned"], label="columns")
-        data = gr.Textbox(label="test file (default: the config's eval.data, else data.validation)")
-        max_examples = gr.Number(0, label="max examples per set (0: all)", precision=0, minimum=0)
+        columns = gr.CheckboxGroup(COLUMNS, value=["base", "tuned"], label="columns", elem_id="eval-columns")
+        data = gr.Textbox(label="test file (default: the config's eval.data, else data.validation)",
+                          elem_id="eval-data")
+        max_examples = gr.Number(0, label="max examples per set (0: all)", precision=0, minimum=0,
+                                 elem_id="eval-max")
         go = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     message = gr.Markdown(elem_id="eval-message")
     log = gr.Textbox(label="log", lines=6, max_lines=6, elem_id="eval-log")
     with gr.Row():
         report = gr.HTML(elem_id="eval-report")
-        report_other = gr.HTML()
+        report_other = gr.HTML(elem_id="eval-report-other")
 
     def on_go(run_dir: str | None, cols: list[str], test: str, limit: float | None) -> str:
         if not run_dir:
             return "choose a finished run"
+        if not Path(run_dir).is_dir():
+            return f"**refused:** {run_dir} is not a folder: choose a finished run"
+        if not cols:
+            return "**refused:** choose at least one column"
         try:
             process.start(run_dir, eval_args(run_dir, cols, test.strip() or None, int(limit) if limit else None),
                           name=PID, log_name=LOG)

@@ -3,7 +3,9 @@
 Status comes from the run directory's files alone: ``running`` (its ``studio.pid`` process is alive),
 ``finished`` (``run.json`` written; ``finished (regressed)`` when the run ended worse than it started),
 ``stopped`` (no process, no ``run.json``, a ``last`` checkpoint that ``Resume`` continues) or ``failed`` (none of
-these; ``studio.log`` says why). A run directory is a folder with ``config.yaml`` or ``metrics.jsonl``.
+these; ``studio.log`` says why). A run directory is a folder with ``config.yaml`` or ``metrics.jsonl``; a package
+(``tuneforge.json``, what the Ship tab's Package writes beside the run) and a hidden folder (the server's ``.serve``)
+are not runs.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class RunSummary:
 
 def is_run_dir(path: Path) -> bool:
     run = RunDir(path)
+    if path.name.startswith(".") or run.manifest.is_file():
+        return False
     return path.is_dir() and (run.config.is_file() or run.metrics.is_file() or (path / process.PID_FILE).is_file())
 
 

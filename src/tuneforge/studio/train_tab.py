@@ -11,6 +11,7 @@ Resume while a run under the studio's folder is training is refused.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 import time
@@ -23,7 +24,7 @@ import yaml  # type: ignore[import-untyped]
 from tuneforge.config import dump_config
 from tuneforge.studio import process
 from tuneforge.studio.form import FormField, schema_fields, validate
-from tuneforge.studio.runs_tab import has_last_checkpoint, last_metrics, list_runs, run_status
+from tuneforge.studio.runs_tab import has_last_checkpoint, is_run_dir, last_metrics, list_runs, run_status
 
 STUDIO_CONFIG = "studio.yaml"
 
@@ -33,8 +34,24 @@ class Refused(RuntimeError):
 
 
 def running_run(folder: str | Path) -> Path | None:
-    """The run under ``folder`` that is training now, if any."""
-    return next((r.path for r in list_runs(folder) if r.status == "running"), None)
+    """The run under ``folder`` that is training now, if any: a run directory whose ``studio.pid`` process is alive
+    (only the pid files are read: the live view asks every second)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
+    return next((p for p in candidates if (p / process.PID_FILE).is_file() and is_run_dir(p)
+                 and process.read_pid(p) is not None), None)
+
+
+def form_fields() -> list[FormField]:
+    """The schema's fields in the form's order (the ``data:`` section, the top-level keys, then every other section):
+    the order of the Start button's inputs after the run name."""
+    groups: dict[str, list[FormField]] = {}
+    for f in schema_fields():
+        groups.setdefault(f.section, []).append(f)
+    order = ["data", ""] + [s for s in groups if s not in ("data", "")]
+    return [f for section in order for f in groups[section]]
 
 
 def start_run(folder: str | Path, name: str, fields: list[FormField], values: list[Any]) -> tuple[Path, dict]:
@@ -96,14 +113,26 @@ class Progress:
         return " · ".join(parts)
 
 
+@functools.lru_cache(maxsize=64)
+def _max_steps_of(path: str, mtime_ns: int) -> int | None:
+    """``max_steps`` of a config file, parsed once per version of the file (the live view asks every second; a
+    whole resolved config takes pure-Python YAML ~10-25 ms)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return int(tree["max_steps"]) if isinstance(tree, dict) and isinstance(tree.get("max_steps"), int) else None
+
+
 def _total_steps(run_dir: Path) -> int | None:
     for name in (STUDIO_CONFIG, "config.yaml"):
         try:
-            tree = yaml.safe_load((run_dir / name).read_text())
-        except (OSError, yaml.YAMLError):
+            mtime_ns = (run_dir / name).stat().st_mtime_ns
+        except OSError:
             continue
-        if isinstance(tree, dict) and isinstance(tree.get("max_steps"), int):
-            return int(tree["max_steps"])
+        steps = _max_steps_of(str(run_dir / name), mtime_ns)
+        if steps is not None:
+            return steps
     return None
 
 
@@ -134,8 +163,13 @@ def loss_plot(p: Progress, out: Path) -> Path:
     return out
 
 
-def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float = 1.0) -> None:
-    """The tab's components; ``defaults``: initial form values by dotted key (e.g. the quickstart's data)."""
+def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float = 1.0,
+          plot_every_s: float = 5.0) -> None:
+    """The tab's components; ``defaults``: initial form values by dotted key (e.g. the quickstart's data).
+
+    The status line and the log refresh every ``refresh_s`` seconds; the loss plot (drawn with matplotlib, the live
+    view's only real work in the studio's process) at most every ``plot_every_s`` seconds while the run trains, and
+    once more when it ends, so the page open beside a run takes next to nothing from the cores it trains on."""
     import gradio as gr
 
     from tuneforge.studio.form import _yaml_text
@@ -143,10 +177,10 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
     defaults = defaults or {}
     plots = Path(tempfile.mkdtemp(prefix="tuneforge-studio-"))        # the live loss plots, one per change
     components: list[Any] = []
+    fields = form_fields()                  # in the order of ``components``
     groups: dict[str, list[FormField]] = {}
-    for f in schema_fields():
+    for f in fields:
         groups.setdefault(f.section, []).append(f)
-    fields: list[FormField] = []            # in the order of ``components``
     with gr.Row():
         name = gr.Textbox(f"run-{time.strftime('%Y%m%d-%H%M%S')}", label=f"run name (a folder under {folder})",
                           elem_id="train-name", scale=3)
@@ -165,14 +199,12 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
         log = gr.Textbox(label="log (studio.log)", lines=10, max_lines=10, elem_id="train-log", autoscroll=True,
                          scale=2)
     plan_box = gr.Textbox(label="memory plan (tuneforge plan)", lines=4, elem_id="train-plan")
-    order = ["data", ""] + [s for s in groups if s not in ("data", "")]
-    for section in order:
+    for section in groups:
         title = {"": "run", "data": "data"}.get(section, section)
         opened = ("", "data", str(defaults.get("method", "lora")))    # the default method's section too
         with gr.Accordion(title, open=section in opened):
             with gr.Row(equal_height=False):
                 for f in groups[section]:
-                    fields.append(f)
                     value = defaults.get(f.key, f.default)
                     value = _yaml_text(value) if f.kind == "text" and not isinstance(value, str) else value
                     kwargs: dict[str, Any] = {"label": f.key, "info": f.description, "min_width": 260,
@@ -228,8 +260,8 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
         return f"resumed {Path(run_dir).name}"
 
     def on_tick(run_dir: str | None, seen: str) -> tuple:
-        """The live view; the curve is redrawn only when its points changed (``seen``: the run and its counts),
-        so a finished run's plot stays still."""
+        """The live view; the curve is redrawn only when its points changed (``seen``: the run and its counts at the
+        last drawing, ``@`` its time), so a finished run's plot stays still."""
         picked: Any = gr.update()           # never written back: a Start's choice must not race with a tick
         if not run_dir:
             busy = running_run(folder)
@@ -238,10 +270,15 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
             run_dir = picked = str(busy)
         p = progress(run_dir)
         key = f"{run_dir}:{len(p.train)}:{len(p.validation)}"
+        seen_key, _, drawn_at = seen.partition("@")
+        due = p.status != "running" or time.monotonic() - float(drawn_at or 0) >= plot_every_s
         curve_value = gr.update()
-        if key != seen and (p.train or p.validation):
+        if key != seen_key and (p.train or p.validation) and due:
+            for old in plots.glob("loss-*.png"):        # Gradio has its own copy of the one shown
+                old.unlink(missing_ok=True)
             curve_value = str(loss_plot(p, plots / f"loss-{abs(hash(key))}.png"))
-        return picked, p.line(), curve_value, process.log_tail(run_dir), key
+            seen = f"{key}@{time.monotonic()}"
+        return picked, p.line(), curve_value, process.log_tail(run_dir), seen
 
     check.click(on_check, components, [message, plan_box, *components])
     start.click(on_start, [name, *components], [message, run_pick, *components])
