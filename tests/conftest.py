@@ -81,3 +81,23 @@ def write_jsonl(path, rows):
 
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+class Killed(Exception):
+    """Raised by :func:`crash_after_checkpoint`'s ``save_checkpoint``: a run that dies right after a checkpoint."""
+
+
+def crash_after_checkpoint(step: int):
+    """A ``TrainingRecipe.save_checkpoint`` that saves, then raises :class:`Killed` once the ``last`` checkpoint of
+    ``step`` is written (set it with ``monkeypatch.setattr(TrainingRecipe, "save_checkpoint", ...)``)."""
+    from tuneforge.training.trainer import TrainingRecipe
+
+    original = TrainingRecipe.save_checkpoint
+
+    def crash(self, kind, with_state=True):
+        path = original(self, kind, with_state)
+        if kind == "last" and self.state.step == step:
+            raise Killed
+        return path
+
+    return crash

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import Killed, crash_after_checkpoint, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.mixture import Mixture, MixtureSource, examples_per_epoch
@@ -256,22 +256,13 @@ def test_a_mixture_run_counts_each_source_in_metrics_and_run_json_and_validates_
     assert evals[-1]["eval_loss"] == pytest.approx(direct, rel=1e-4)
 
 
-class Killed(Exception):
-    pass
-
 
 def test_a_resumed_mixture_run_is_bitwise_the_uninterrupted_one(tiny_model_dir, files, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     train(load_config(data=_mix_settings(tiny_model_dir, files, whole)))
     out = tmp_path / "resumed"
     config = load_config(data=_mix_settings(tiny_model_dir, files, out))
-    original = TrainingRecipe.save_checkpoint
-
-    def crash(self, kind, with_state=True):
-        path = original(self, kind, with_state)
-        if kind == "last" and self.state.step == 3:
-            raise Killed
-        return path
+    crash = crash_after_checkpoint(3)
 
     with monkeypatch.context() as m:
         m.setattr(TrainingRecipe, "save_checkpoint", crash)

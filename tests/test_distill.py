@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import Killed, crash_after_checkpoint, write_jsonl
 from test_preference import recipe_for
 from tuneforge.config import load_config
 from tuneforge.data.packing import pack
@@ -247,21 +247,12 @@ def test_a_second_run_loads_the_teachers_top_k_and_never_runs_the_teacher(tiny_m
 # ------------------------------------------------------------------------------------------ resume
 
 def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model_dir, teacher_dir, tmp_path, monkeypatch):
-    class Killed(Exception):
-        pass
-
     common = {"max_steps": 4, "save_every": 1, "eval_every": 2, "keep_best": False, "seed": 7,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "learning_rate": 3e-3, "gradient_accumulation_steps": 2,
               "distill": {"alpha": 0.5}}
     whole = train(distill_config(tiny_model_dir, teacher_dir, tmp_path, name="whole", **common))
     config = distill_config(tiny_model_dir, teacher_dir, tmp_path, name="stopped", **common)
-    original = TrainingRecipe.save_checkpoint
-
-    def crash(self, kind, with_state=True):
-        path = original(self, kind, with_state)
-        if kind == "last" and self.state.step == 2:
-            raise Killed
-        return path
+    crash = crash_after_checkpoint(2)
 
     with monkeypatch.context() as m:
         m.setattr(TrainingRecipe, "save_checkpoint", crash)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge.data.streaming as streaming
-from conftest import write_jsonl
+from conftest import Killed, crash_after_checkpoint, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.data.dataset import load_examples, prepare_data, tokenize_examples
 from tuneforge.data.errors import DataError
@@ -156,9 +156,6 @@ def _settings(tiny_model_dir, data, out):
             "seed": 7, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
 
 
-class Killed(Exception):
-    pass
-
 
 def test_streaming_run_resumes_bitwise_as_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", [*ROWS, "{broken"])
@@ -169,13 +166,7 @@ def test_streaming_run_resumes_bitwise_as_the_uninterrupted_run(tiny_model_dir, 
     # another cache: the crashed run tokenizes on its own; it dies after step 3's checkpoint
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache-b"))
     config = load_config(data=_settings(tiny_model_dir, data, tmp_path / "b"))
-    original = TrainingRecipe.save_checkpoint
-
-    def crash(self, kind, with_state=True):
-        path = original(self, kind, with_state)
-        if kind == "last" and self.state.step == 3:
-            raise Killed
-        return path
+    crash = crash_after_checkpoint(3)
 
     original_tokenize, calls = streaming.tokenize_record, []
 
