@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import Killed, crash_after_checkpoint, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.training.checkpoint import CheckpointDir
 from tuneforge.training.trainer import ResumeError, TrainingRecipe, train
@@ -72,9 +72,6 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     train(load_config(data=_settings(tiny_model_dir, write_jsonl(folder / "train.jsonl", ROWS), out)))
     return out
 
-
-class Killed(Exception):
-    pass
 
 
 def test_crash_after_a_checkpoint_then_resume_is_bitwise_the_uninterrupted_run(
@@ -173,16 +170,8 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tiny_model_dir,
 def _crashed_after(tiny_model_dir, data, out, step, monkeypatch):
     """A run of :func:`_settings` that saved its step-``step`` checkpoint and then died."""
     config = load_config(data=_settings(tiny_model_dir, data, out))
-    original = TrainingRecipe.save_checkpoint
-
-    def crash(self, kind, with_state=True):
-        path = original(self, kind, with_state)
-        if kind == "last" and self.state.step == step:
-            raise Killed
-        return path
-
     with monkeypatch.context() as m:
-        m.setattr(TrainingRecipe, "save_checkpoint", crash)
+        m.setattr(TrainingRecipe, "save_checkpoint", crash_after_checkpoint(step))
         with pytest.raises(Killed):
             train(config)
     return config
