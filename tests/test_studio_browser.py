@@ -161,7 +161,8 @@ def test_a_3_step_run_draws_its_loss_curve_and_finishes(browser, studio, tmp_pat
         wait_for(browser, lambda d: points(text_of(d, "train-status")) > 0, 90, "the first loss points")
         wait_for(browser, lambda d: "finished" in text_of(d, "train-status"), 90, "the run to finish")
         assert "loss points: 3 train" in text_of(browser, "train-status")
-        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-curve img"), 20, "the loss plot")
+        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-curve svg polyline"), 20,
+                 "the loss curve")
         assert (studio[1] / "three" / "run.json").is_file()
         shoot(browser, "train")
         tab(browser, "Runs")

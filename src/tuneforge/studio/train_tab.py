@@ -1,7 +1,8 @@
 """The Train tab: the run-config form (:mod:`tuneforge.studio.form`), the memory plan for its settings
 (:func:`tuneforge.estimate.plan.plan_for_config`, as ``tuneforge plan``), and Start / Stop / Resume of
-``tuneforge train`` as its own process (:mod:`tuneforge.studio.process`), watched through its run directory:
-the loss curve (train and validation rows of ``metrics.jsonl``), tokens/s, ETA and the log's tail.
+``tuneforge train`` as its own process (:mod:`tuneforge.studio.process`), watched through its run directory
+(:mod:`tuneforge.studio.live_view`, which reads only what was appended): the loss curve (train and validation rows
+of ``metrics.jsonl``), tokens/s, ETA and the log's tail.
 
 Start writes the validated config, every key resolved (:func:`tuneforge.config.dump_config`), to
 ``<run>/studio.yaml`` and runs ``tuneforge train <run>/studio.yaml``; Resume runs it again with ``--resume``
@@ -11,22 +12,16 @@ Resume while a run under the studio's folder is training is refused.
 
 from __future__ import annotations
 
-import functools
 import re
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml  # type: ignore[import-untyped]
 
 from tuneforge.config import dump_config
 from tuneforge.studio import process
 from tuneforge.studio.form import FormField, schema_fields, validate
-from tuneforge.studio.runs_tab import has_last_checkpoint, is_run_dir, last_metrics, list_runs, run_status
-
-STUDIO_CONFIG = "studio.yaml"
+from tuneforge.studio.live_view import STUDIO_CONFIG, LiveView, Progress
+from tuneforge.studio.runs_tab import has_last_checkpoint, is_run_dir, list_runs
 
 
 class Refused(RuntimeError):
@@ -42,6 +37,12 @@ def running_run(folder: str | Path) -> Path | None:
     candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
     return next((p for p in candidates if (p / process.PID_FILE).is_file() and is_run_dir(p)
                  and process.read_pid(p) is not None), None)
+
+
+def _training_now(folder: str | Path) -> str | None:
+    """The "watching run" a page opens with: the run training now, if any."""
+    busy = running_run(folder)
+    return None if busy is None else str(busy)
 
 
 def form_fields() -> list[FormField]:
@@ -91,91 +92,28 @@ def resume_run(folder: str | Path, run_dir: str | Path) -> None:
     process.start(run_dir, ["train", str(config), "--resume"])
 
 
-@dataclass
-class Progress:
-    """What the live view shows of a run: the loss points, the last step, tokens/s and the seconds left."""
-
-    status: str
-    train: list[tuple[int, float]]
-    validation: list[tuple[int, float]]
-    step: int = 0
-    total_steps: int | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-
-    def line(self) -> str:
-        parts = [self.status, f"step {self.step}" + (f" / {self.total_steps}" if self.total_steps else ""),
-                 f"loss points: {len(self.train)} train, {len(self.validation)} validation"]
-        if self.tokens_per_s is not None:
-            parts.append(f"{self.tokens_per_s:.0f} tokens/s")
-        if self.eta_s is not None and self.status == "running":
-            parts.append(f"ETA {self.eta_s:.0f} s")
-        return " · ".join(parts)
-
-
-@functools.lru_cache(maxsize=64)
-def _max_steps_of(path: str, mtime_ns: int) -> int | None:
-    """``max_steps`` of a config file, parsed once per version of the file (the live view asks every second; a
-    whole resolved config takes pure-Python YAML ~10-25 ms)."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return int(tree["max_steps"]) if isinstance(tree, dict) and isinstance(tree.get("max_steps"), int) else None
-
-
-def _total_steps(run_dir: Path) -> int | None:
-    for name in (STUDIO_CONFIG, "config.yaml"):
-        try:
-            mtime_ns = (run_dir / name).stat().st_mtime_ns
-        except OSError:
-            continue
-        steps = _max_steps_of(str(run_dir / name), mtime_ns)
-        if steps is not None:
-            return steps
-    return None
-
-
 def progress(run_dir: str | Path) -> Progress:
-    """The live view of ``run_dir`` from its files."""
-    run_dir = Path(run_dir)
-    rows = last_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    validation = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    p = Progress(run_status(run_dir), train, validation, total_steps=_total_steps(run_dir))
-    if rows:
-        last = rows[-1]
-        p.step = int(last.get("step", 0))
-        p.tokens_per_s = last.get("avg_tokens_per_s")
-        elapsed = last.get("elapsed_s")
-        if p.total_steps and elapsed and p.step:
-            p.eta_s = max(0.0, (p.total_steps - p.step) * float(elapsed) / p.step)
-    return p
-
-
-def loss_plot(p: Progress, out: Path) -> Path:
-    """The loss points drawn as the run's own ``loss_curve.png`` is (:func:`~tuneforge.training.metrics.
-    plot_loss_curve`: train loss per step, validation loss at each evaluation), into the PNG ``out``."""
-    from tuneforge.training.metrics import plot_loss_curve
-
-    rows = [{"step": s, "loss": v} for s, v in p.train] + [{"step": s, "eval_loss": v} for s, v in p.validation]
-    plot_loss_curve(rows, out, title="loss (live, from metrics.jsonl)")
-    return out
+    """The live view of ``run_dir`` from its files, read once (the tab keeps a :class:`~tuneforge.studio.live_view.
+    LiveView` that reads only what changed)."""
+    view = LiveView()
+    view.tick(str(run_dir), now=0.0)
+    return view.progress()
 
 
 def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float = 1.0,
-          plot_every_s: float = 5.0) -> None:
-    """The tab's components; ``defaults``: initial form values by dotted key (e.g. the quickstart's data).
+          plot_every_s: float = 5.0) -> list[Any]:
+    """The tab's components; ``defaults``: initial form values by dotted key (e.g. the quickstart's data). Returns
+    the tab's timers (the page runs only the shown tab's; this one starts paused).
 
-    The status line and the log refresh every ``refresh_s`` seconds; the loss plot (drawn with matplotlib, the live
-    view's only real work in the studio's process) at most every ``plot_every_s`` seconds while the run trains, and
-    once more when it ends, so the page open beside a run takes next to nothing from the cores it trains on."""
+    Every ``refresh_s`` seconds the live view (:mod:`tuneforge.studio.live_view`) reads what was appended to the run's
+    files: the status line, the log's tail, and the loss curve (an inline SVG, as the evaluation report's) drawn when
+    new points arrived, at most every ``plot_every_s`` seconds while the run trains and once more when it ends, so a
+    page open beside a run takes next to nothing from the cores it trains on."""
     import gradio as gr
 
     from tuneforge.studio.form import _yaml_text
 
     defaults = defaults or {}
-    plots = Path(tempfile.mkdtemp(prefix="tuneforge-studio-"))        # the live loss plots, one per change
     components: list[Any] = []
     fields = form_fields()                  # in the order of ``components``
     groups: dict[str, list[FormField]] = {}
@@ -191,11 +129,11 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
     message = gr.Markdown(elem_id="train-message")
     with gr.Row():
         run_pick = gr.Dropdown([str(r.path) for r in list_runs(folder)], label="watching run",
-                               allow_custom_value=True, elem_id="train-run", scale=2)
+                               value=lambda: _training_now(folder), allow_custom_value=True, elem_id="train-run",
+                               scale=2)
         status = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        curve = gr.Image(label="loss", elem_id="train-curve", type="filepath", interactive=False, scale=3,
-                         height=300)
+        curve = gr.HTML(label="loss", elem_id="train-curve", min_height=240)
         log = gr.Textbox(label="log (studio.log)", lines=10, max_lines=10, elem_id="train-log", autoscroll=True,
                          scale=2)
     plan_box = gr.Textbox(label="memory plan (tuneforge plan)", lines=4, elem_id="train-plan")
@@ -245,12 +183,14 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
         return [f"started `tuneforge train` in {run_dir}", gr.update(choices=runs, value=str(run_dir))] + \
             field_updates({})
 
-    def on_stop(run_dir: str | None) -> str:
+    def on_stop(run_dir: str | None, view: LiveView) -> str:
+        run_dir = run_dir or view.run_dir           # none picked: the run the live view shows
         if not run_dir or not process.stop(run_dir):
             return "no run is training there"
         return f"stopping {Path(run_dir).name}: it finishes its step and saves a checkpoint (then Resume continues)"
 
-    def on_resume(run_dir: str | None) -> str:
+    def on_resume(run_dir: str | None, view: LiveView) -> str:
+        run_dir = run_dir or view.run_dir
         if not run_dir:
             return "choose the run to resume"
         try:
@@ -259,30 +199,24 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
             return f"**refused:** {e}"
         return f"resumed {Path(run_dir).name}"
 
-    def on_tick(run_dir: str | None, seen: str) -> tuple:
-        """The live view; the curve is redrawn only when its points changed (``seen``: the run and its counts at the
-        last drawing, ``@`` its time), so a finished run's plot stays still."""
-        picked: Any = gr.update()           # never written back: a Start's choice must not race with a tick
+    def on_tick(run_dir: str | None, view: LiveView) -> tuple:
+        """The live view (:class:`~tuneforge.studio.live_view.LiveView`) of the run picked, else of the run training
+        now, else of the one shown last. Its strings are sent as they are, changed or not: in Gradio 6 a
+        ``gr.skip()`` costs the server more than an unchanged string (see :mod:`~tuneforge.studio.live_view`). The
+        dropdown is not an output: an update would rebuild it every tick (and race with a Start's choice)."""
         if not run_dir:
             busy = running_run(folder)
-            if busy is None:
-                return picked, "no run chosen", gr.update(), "", seen
-            run_dir = picked = str(busy)
-        p = progress(run_dir)
-        key = f"{run_dir}:{len(p.train)}:{len(p.validation)}"
-        seen_key, _, drawn_at = seen.partition("@")
-        due = p.status != "running" or time.monotonic() - float(drawn_at or 0) >= plot_every_s
-        curve_value = gr.update()
-        if key != seen_key and (p.train or p.validation) and due:
-            for old in plots.glob("loss-*.png"):        # Gradio has its own copy of the one shown
-                old.unlink(missing_ok=True)
-            curve_value = str(loss_plot(p, plots / f"loss-{abs(hash(key))}.png"))
-            seen = f"{key}@{time.monotonic()}"
-        return picked, p.line(), curve_value, process.log_tail(run_dir), seen
+            run_dir = str(busy) if busy is not None else view.run_dir
+            if not run_dir:
+                return "no run chosen", "", "", view
+        view.tick(run_dir, time.monotonic(), plot_every_s)
+        return view.status_line, view.curve_html, view.log_text, view
 
     check.click(on_check, components, [message, plan_box, *components])
     start.click(on_start, [name, *components], [message, run_pick, *components])
-    stop.click(on_stop, run_pick, message)
-    resume.click(on_resume, run_pick, message)
-    seen = gr.State("")
-    gr.Timer(refresh_s).tick(on_tick, [run_pick, seen], [run_pick, status, curve, log, seen], show_progress="hidden")
+    view = gr.State(LiveView())            # per page: what its live view has read
+    stop.click(on_stop, [run_pick, view], message)
+    resume.click(on_resume, [run_pick, view], message)
+    timer = gr.Timer(refresh_s, active=False)
+    timer.tick(on_tick, [run_pick, view], [status, curve, log, view], show_progress="hidden")
+    return [timer]
