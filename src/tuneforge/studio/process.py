@@ -4,6 +4,11 @@ pid file they leave in their folder, stopped with SIGTERM.
 A training run's folder holds ``studio.pid`` (the pid of ``tuneforge train``) and ``studio.log`` (its output)
 beside what the trainer writes, so a studio closed and opened again finds a run still training. SIGTERM makes
 the trainer finish its step and write the ``last`` checkpoint (``tuneforge train --resume`` continues it).
+
+A child trains as the same command typed in a shell would: its output goes straight into the log file (the studio
+never reads a pipe from it, so no progress bar's redraws pass through the studio's process), and it gets the
+environment the studio was started with (:func:`child_env`: not the torch variables that libraries imported by the
+studio set in its own process).
 """
 
 from __future__ import annotations
@@ -58,6 +63,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+LIBRARY_SET_ENV = ("TORCHINDUCTOR_CACHE_DIR",)     # set in the studio's process when Gradio's imports load torch
+
+
+def _launch_env() -> dict[str, str] | None:
+    """The environment this process was started with (``/proc/self/environ``; None where there is none)."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in pairs}
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``tuneforge`` child: this process's (a thread count set on purpose, such as
+    ``OMP_NUM_THREADS``, is passed on), less the variables of :data:`LIBRARY_SET_ENV` that were not there when it
+    started (set by a library imported here: a CLI run would not have them), plus ``extra``."""
+    launched = _launch_env()
+    env = {k: v for k, v in os.environ.items()
+           if launched is None or k in launched or k not in LIBRARY_SET_ENV}
+    return {**env, **(extra or {})}
+
+
 def start(folder: str | os.PathLike, args: list[str], name: str = PID_FILE, log_name: str = LOG_FILE,
           env: dict[str, str] | None = None) -> int:
     """Start ``tuneforge ARGS`` in its own session with its output in ``folder/log_name``; record its pid.
@@ -71,8 +99,7 @@ def start(folder: str | os.PathLike, args: list[str], name: str = PID_FILE, log_
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / log_name, "ab") as log:
         proc = subprocess.Popen(tuneforge_command(*args), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "TUNEFORGE_STUDIO": "1", **(env or {})})
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=child_env(env))
     (folder / name).write_text(str(proc.pid))
     return proc.pid
 
@@ -97,5 +124,10 @@ def log_tail(folder: str | os.PathLike, lines: int = 30, log_name: str = LOG_FIL
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - 64_000))
         text = f.read().decode("utf-8", "replace")
+    return tail_lines(text, lines)
+
+
+def tail_lines(text: str, lines: int) -> str:
+    """The last ``lines`` lines of ``text``, each progress bar's carriage-return redraws cut to their last state."""
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
     return "\n".join(shown[-lines:])
