@@ -8,6 +8,7 @@ ask who is there.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -56,24 +57,39 @@ def build_app(folder: str | Path = "runs", model: str | None = None, data_folder
     model = model or DEFAULT_MODEL
     files = data_tab.data_files(*(p for p in (data_folder, ".") if p)) + quickstart_data()
     files.sort(key=lambda f: not f.endswith("tickets_train.jsonl"))       # the quickstart's training file first
+    timers: dict[str, list[Any]] = {}           # each tab's timers: only the shown tab's tick
     with gr.Blocks(title="tuneforge studio", analytics_enabled=False) as app:
         gr.Markdown(f"## tuneforge studio\nruns in `{folder}`")
-        with gr.Tab("Runs", id="runs"):
-            runs_tab.build(folder)
-        with gr.Tab("Data", id="data"):
+        with gr.Tab("Runs", id="runs") as runs:         # shown first: its timer is the one that starts active
+            timers["runs"] = runs_tab.build(folder)
+        with gr.Tab("Data", id="data") as data:
             data_tab.build(model, files)
-        with gr.Tab("Train", id="train"):
+        with gr.Tab("Train", id="train") as train:
             defaults = {"model": model}
             if files:
                 defaults["data.train"] = files[0]
-            train_tab.build(folder, defaults)
-        with gr.Tab("Chat", id="chat") as tab:
-            chat_tab.build(folder, model, tab)
-        with gr.Tab("Evaluate", id="evaluate") as tab:
-            evaluate_tab.build(folder, tab)
-        with gr.Tab("Ship", id="ship") as tab:
-            ship_tab.build(folder, model, tab)
+            timers["train"] = train_tab.build(folder, defaults)
+        with gr.Tab("Chat", id="chat") as chat:
+            chat_tab.build(folder, model, chat)
+        with gr.Tab("Evaluate", id="evaluate") as evaluate:
+            timers["evaluate"] = evaluate_tab.build(folder, evaluate)
+        with gr.Tab("Ship", id="ship") as ship:
+            timers["ship"] = ship_tab.build(folder, model, ship)
+        every = [t for own in timers.values() for t in own]
+        for name, tab in {"runs": runs, "data": data, "train": train, "chat": chat, "evaluate": evaluate,
+                          "ship": ship}.items():
+            shown = {id(t) for t in timers.get(name, [])}
+            tab.select(functools.partial(_timers_for, [id(t) in shown for t in every]), outputs=every,
+                       show_progress="hidden", api_visibility="private")
     return app
+
+
+def _timers_for(active: list[bool]) -> list[Any]:
+    """The timers' updates when a tab is shown: its own tick, every other tab's pause (a page polls only what it
+    shows)."""
+    import gradio as gr
+
+    return [gr.Timer(active=a) for a in active]
 
 
 def calm_queue(app: Any) -> None:

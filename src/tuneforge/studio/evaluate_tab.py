@@ -38,8 +38,9 @@ def report_frame(run_dir: str | None, height: int = 700) -> str:
             f'srcdoc="{html.escape(report.read_text(encoding="utf-8"), quote=True)}"></iframe>')
 
 
-def build(folder: str, tab: Any = None) -> None:
-    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs."""
+def build(folder: str, tab: Any = None) -> list[Any]:
+    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs. Returns the tab's timers
+    (the page runs only the shown tab's; this one starts paused)."""
     import gradio as gr
 
     def finished() -> list[str]:
@@ -90,4 +91,6 @@ def build(folder: str, tab: Any = None) -> None:
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
     if tab is not None:
         tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
-    gr.Timer(3.0).tick(on_tick, [run, other], [log, report, report_other], show_progress="hidden")
+    timer = gr.Timer(3.0, active=False)
+    timer.tick(on_tick, [run, other], [log, report, report_other], show_progress="hidden")
+    return [timer]

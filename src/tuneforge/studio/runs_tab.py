@@ -10,6 +10,7 @@ are not runs.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,17 @@ def has_last_checkpoint(path: str | Path) -> bool:
 
 def _config_tree(run: RunDir) -> dict[str, Any]:
     try:
-        tree = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+        return _parsed_config(str(run.config), run.config.stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_config(path: str, mtime_ns: int) -> dict[str, Any]:
+    """A run's config, parsed once per version of the file (pure-Python YAML takes ~10-25 ms a config, and the tab
+    lists every run every few seconds). Read only: the dict is shared."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return {}
     return tree if isinstance(tree, dict) else {}
@@ -168,12 +179,15 @@ def table(folder: str | Path) -> list[list[Any]]:
     return [r.row() for r in list_runs(folder)]
 
 
-def build(folder: str, refresh_s: float = 5.0) -> None:
-    """The tab's components: the table, refreshed every ``refresh_s`` seconds and on the Refresh button."""
+def build(folder: str, refresh_s: float = 5.0) -> list[Any]:
+    """The tab's components: the table, refreshed every ``refresh_s`` seconds and on the Refresh button. Returns the
+    tab's timers (the page runs only the shown tab's)."""
     import gradio as gr
 
     gr.Markdown(f"Runs under `{folder}`: status from each run directory's files (`studio.pid`, `run.json`, "
                 "`checkpoints/last`); best score from `eval/report.json`, else the best validation loss.")
+    timer = gr.Timer(refresh_s)
     grid = gr.Dataframe(value=lambda: table(folder), headers=COLUMNS, interactive=False, wrap=True,
-                        elem_id="runs-table", every=gr.Timer(refresh_s))
+                        elem_id="runs-table", every=timer)
     gr.Button("Refresh", elem_id="runs-refresh").click(lambda: table(folder), outputs=grid)
+    return [timer]

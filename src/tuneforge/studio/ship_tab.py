@@ -49,8 +49,9 @@ def serve_status(serve_dir: Path) -> str:
     return f"server running (pid {pid}){where}"
 
 
-def build(folder: str, model: str | None = None, tab: Any = None) -> None:
-    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs."""
+def build(folder: str, model: str | None = None, tab: Any = None) -> list[Any]:
+    """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs. Returns the tab's timers
+    (the page runs only the shown tab's; this one starts paused)."""
     import gradio as gr
 
     from tuneforge.models.registry import DEFAULT_MODEL
@@ -141,4 +142,6 @@ def build(folder: str, model: str | None = None, tab: Any = None) -> None:
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
     if tab is not None:
         tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
-    gr.Timer(3.0).tick(on_tick, run, [ship_log, serve_log, status], show_progress="hidden")
+    timer = gr.Timer(3.0, active=False)
+    timer.tick(on_tick, run, [ship_log, serve_log, status], show_progress="hidden")
+    return [timer]
