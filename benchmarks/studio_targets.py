@@ -4,19 +4,31 @@ page stays responsive while it trains (a request answers within 1 s).
     python benchmarks/studio_targets.py                          # SmolLM2-135M, the quickstart, 40 steps, A/B x3
     python benchmarks/studio_targets.py --steps 60 --rounds 4 --out benchmarks/results/studio_targets_cpu_DATE.txt
     python benchmarks/studio_targets.py --model tiny --steps 3 --rounds 1     # a smoke test (random tiny model)
+    python benchmarks/studio_targets.py --client none        # the studio's process alone beside the UI runs
 
 One studio (``tuneforge ui``) runs as its own process for the whole measurement. Each round trains the same config
 (the quickstart's, with ``--steps`` steps and no evaluation until the end) twice, alternating:
 
-- **A, CLI**: ``tuneforge train CONFIG`` in a fresh process; the studio is up but no page polls it.
+- **A, CLI**: ``tuneforge train CONFIG`` in a fresh process; the studio is up but no page is open on it.
 - **B, UI**: the Train tab's Start button (its endpoint ``/on_start``, called through ``gradio_client`` with the
-  form's values: the studio itself starts ``tuneforge train``), while this script does what an open page does
-  every second: a GET of the page and the Train tab's live-view tick (``/on_tick``: status, loss curve, log).
+  form's values: the studio itself starts ``tuneforge train``), watched by the ``--client``:
+
+  - ``browser`` (the default where Debian's chromium and chromedriver and Selenium are installed): a real headless
+    chromium, as the browser tests drive it, with the studio open on the Train tab for the whole run, as a user
+    watching it (the page's own timer asks for the live view every second); this script measures responsiveness
+    beside it with a light request every ``--poll-s``: a GET of ``/gradio_api/app_id`` (a few bytes, answered by
+    the studio's server as every request is). The page is loaded before the Start and closed (``about:blank``)
+    after the run, so the CLI runs have no page open;
+  - ``poller`` (the default without a browser): this script asks what an open page asks, and more (an open tab
+    does not fetch the whole page again): a GET of the page and the live-view tick (``/on_tick``: status, loss curve,
+    log) every ``--poll-s``;
+  - ``none``: nothing watches (the studio's process alone beside the run); no latency is measured.
 
 tokens/s is each run's last ``avg_tokens_per_s`` in ``metrics.jsonl`` (tokens trained / wall seconds since the
-first step); the ratio is B's mean over A's. Latency is each poll's wall time (p50, p95, max) over every B run; the
-studio process's CPU seconds per wall second during A and B (from ``/proc``) show what the UI itself takes.
-The poller runs in this process and takes its own share of the cores, as a browser would.
+first step); the ratio is B's mean over A's. Latency is each request's wall time (p50, p95, max) over every B run;
+the studio process's CPU seconds per wall second during A and B (from ``/proc``) show what the UI itself takes, and
+with ``browser`` the chromium processes' too. The client shares the cores with the run, as a browser on the same
+machine would.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -48,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "SmolLM2-shaped model, for a smoke test")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--rounds", type=int, default=3, help="A/B alternations")
-    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between the page's polls during a UI run")
+    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between the client's requests during a UI run")
+    p.add_argument("--client", choices=["poller", "browser", "none"], default=None,
+                   help="what watches the UI runs: a headless chromium on the Train tab (default where chromium, "
+                        "chromedriver and Selenium are installed), this script polling the page and the live view "
+                        "(default otherwise), or nothing")
     p.add_argument("--out", help="also write the table (and the raw numbers, as JSON lines) to this file")
     return p.parse_args(argv)
 
@@ -167,6 +184,104 @@ class Poller(threading.Thread):
             self.done.wait(max(0.0, self.every_s - (t2 - t0)))
 
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+LIGHT_REQUEST = "gradio_api/app_id"
+
+
+def browser_available() -> bool:
+    """Debian's chromium and chromedriver and Selenium, as the browser tests need them."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
+
+
+class Prober(threading.Thread):
+    """Responsiveness beside an open page: every ``every_s`` a GET of a small endpoint; each one's wall time."""
+
+    def __init__(self, url: str, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every_s = url, every_s
+        self.probe_s: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            t0 = time.perf_counter()
+            try:                        # a failed request counts as never answered (inf)
+                with urllib.request.urlopen(self.url, timeout=30) as r:
+                    r.read()
+                self.probe_s.append(time.perf_counter() - t0)
+            except OSError:
+                self.probe_s.append(float("inf"))
+            self.done.wait(max(0.0, self.every_s - (time.perf_counter() - t0)))
+
+
+class Browser:
+    """A headless chromium driven by Selenium (the options of tests/test_studio_browser.py), started once; it opens
+    the studio on the Train tab for a UI run and leaves it (``about:blank``) afterwards."""
+
+    def __init__(self) -> None:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+
+        options = Options()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                    "--disable-gpu"):
+            options.add_argument(arg)
+        self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+    def watch(self, url: str) -> None:
+        """Open the studio and show the Train tab (its live view then asks every second, as for a user)."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver.get(url)
+        WebDriverWait(self.driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[role='tab']"))
+        tab = next(b for b in self.driver.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+                   if b.text.strip() == "Train")
+        tab.click()
+        WebDriverWait(self.driver, 60).until(lambda d: d.find_element(By.ID, "train-status").is_displayed())
+
+    def status(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.ID, "train-status").text
+
+    def leave(self) -> None:
+        self.driver.get("about:blank")
+
+    def cpu_s(self) -> float:
+        """CPU seconds of chromedriver and every process under it (chromium's browser, GPU, renderer processes)."""
+        pid = self.driver.service.process.pid
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parents[int(stat.parent.name)] = int(fields[1])
+        tree, grew = {pid}, True
+        while grew:
+            below = {p for p, parent in parents.items() if parent in tree} - tree
+            tree |= below
+            grew = bool(below)
+        total = 0.0
+        for p in tree:
+            try:
+                total += cpu_s(p)
+            except (OSError, IndexError):
+                continue
+        return total
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -174,6 +289,11 @@ def pct(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.client is None:
+        args.client = "browser" if browser_available() else "poller"
+    elif args.client == "browser" and not browser_available():
+        raise SystemExit("--client browser needs Debian's chromium and chromium-driver (apt-get install chromium "
+                         "chromium-driver) and Selenium (pip install selenium)")
     from gradio_client import Client
 
     work = Path(tempfile.mkdtemp(prefix="studio-targets-"))
@@ -194,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ui = subprocess.Popen(tuneforge("ui", "--runs", str(runs), "--port", str(port), "--model", str(tree["model"])),
                           stdout=ui_log, stderr=subprocess.STDOUT)
     results: list[dict[str, Any]] = []
+    browser: Browser | None = None
     try:
         for _ in range(240):
             try:
@@ -204,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"tuneforge ui exited: {work / 'ui.log'}") from None
                 time.sleep(0.5)
         client = Client(url, verbose=False)
+        if args.client == "browser":
+            browser = Browser()
         for i in range(args.rounds):
             # A: the command line
             run_dir = runs / f"cli-{i}"
@@ -217,22 +340,42 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.monotonic() - t0
             results.append({"kind": "cli", "round": i, "tokens_per_s": tokens_per_s(run_dir), "wall_s": wall,
                             "ui_cpu_per_s": (cpu_s(ui.pid) - ui_cpu) / wall})
-            # B: the studio's Start button, with the page polling
+            # B: the studio's Start button, watched by the client
             name = f"ui-{i}"
+            if browser is not None:
+                browser.watch(url)      # loaded before the Start: a user opens the page, then starts the run
             ui_cpu, t0 = cpu_s(ui.pid), time.monotonic()
+            browser_cpu = browser.cpu_s() if browser is not None else 0.0
             message = client.predict(name, *values, api_name="/on_start")[0]
             if "started" not in str(message):
                 raise SystemExit(f"the studio did not start the run: {message}")
-            poller = Poller(url, Client(url, verbose=False), str(runs / name), args.poll_s)
-            poller.start()
+            watcher: Poller | Prober | None = None
+            if args.client == "poller":
+                watcher = Poller(url, Client(url, verbose=False), str(runs / name), args.poll_s)
+            elif args.client == "browser":
+                watcher = Prober(url + LIGHT_REQUEST, args.poll_s)
+            if watcher is not None:
+                watcher.start()
             wait_finished(runs / name)
-            poller.done.set()
-            poller.join()
+            if watcher is not None:
+                watcher.done.set()
+                watcher.join()
             wall = time.monotonic() - t0
-            results.append({"kind": "ui", "round": i, "tokens_per_s": tokens_per_s(runs / name), "wall_s": wall,
-                            "ui_cpu_per_s": (cpu_s(ui.pid) - ui_cpu) / wall, "page_s": poller.page_s,
-                            "tick_s": poller.tick_s})
+            row: dict[str, Any] = {"kind": "ui", "round": i, "tokens_per_s": tokens_per_s(runs / name),
+                                   "wall_s": wall, "ui_cpu_per_s": (cpu_s(ui.pid) - ui_cpu) / wall}
+            if isinstance(watcher, Poller):
+                row.update(page_s=watcher.page_s, tick_s=watcher.tick_s)
+            elif isinstance(watcher, Prober):
+                row.update(probe_s=watcher.probe_s)
+            if browser is not None:
+                row["browser_cpu_per_s"] = (browser.cpu_s() - browser_cpu) / wall
+                time.sleep(args.poll_s + 1)                 # the page's last ticks: it shows the finished run
+                row["page_status"] = browser.status()
+                browser.leave()
+            results.append(row)
     finally:
+        if browser is not None:
+            browser.close()
         ui.terminate()
         ui.wait(30)
         ui_log.close()
@@ -248,21 +391,32 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ui = [r for r in results if r["kind"] == "ui"]
     a, b = statistics.mean(r["tokens_per_s"] for r in cli), statistics.mean(r["tokens_per_s"] for r in ui)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    watched = {"browser": "a headless chromium open on the Train tab", "poller": "this script polling the page "
+               "and /on_tick", "none": "nothing"}[args.client]
     lines = [f"# studio targets: {args.steps} steps x {args.rounds} rounds (A: CLI, B: UI), {args.config}, "
-             f"model {args.model or 'the config'}, {os.cpu_count()} cores, {when}",
-             "", "| run | round | tokens/s | wall s | studio CPU s per s |", "|---|---|---|---|---|"]
+             f"model {args.model or 'the config'}, {os.cpu_count()} cores, client {args.client} (UI runs watched "
+             f"by {watched}), {when}",
+             "", "| run | round | tokens/s | wall s | studio CPU s per s | browser CPU s per s |",
+             "|---|---|---|---|---|---|"]
     for r in results:
+        shown = f"{r['browser_cpu_per_s']:.3f}" if "browser_cpu_per_s" in r else ""
         lines.append(f"| {r['kind']} | {r['round']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
-                     f"{r['ui_cpu_per_s']:.3f} |")
-    lines += ["", f"UI / CLI tokens/s: {b / a:.3f} (target: >= 0.95)", "",
-              "| request (every {:.0f} s during UI runs) | n | p50 s | p95 s | max s |".format(args.poll_s),
+                     f"{r['ui_cpu_per_s']:.3f} | {shown} |")
+    lines += ["", f"UI / CLI tokens/s: {b / a:.3f} (target: >= 0.95)"]
+    if args.client == "none":
+        return "\n".join(lines + ["", "no client: latency not measured (--client browser or poller measures it)"])
+    lines += ["", "| request (every {:.0f} s during UI runs) | n | p50 s | p95 s | max s |".format(args.poll_s),
               "|---|---|---|---|---|"]
-    for what, key in (("GET / (the page)", "page_s"), ("/on_tick (Train tab's live view)", "tick_s")):
-        values = [v for r in ui for v in r[key]]
+    for what, key in (("GET / (the page)", "page_s"), ("/on_tick (Train tab's live view)", "tick_s"),
+                      (f"GET /{LIGHT_REQUEST} (beside the open page)", "probe_s")):
+        values = [v for r in ui for v in r.get(key, [])]
         if values:
             lines.append(f"| {what} | {len(values)} | {pct(values, 0.5):.3f} | {pct(values, 0.95):.3f} | "
                          f"{max(values):.3f} |")
     lines.append("\ntarget: every request within 1 s")
+    seen = [r["page_status"] for r in ui if r.get("page_status")]
+    if seen:
+        lines += ["", "the open page's status line after each UI run: " + " | ".join(seen)]
     return "\n".join(lines)
 
 
