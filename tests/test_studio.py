@@ -171,3 +171,25 @@ def test_a_run_name_stays_a_folder_under_the_runs_folder(tmp_path):
     fields = schema_fields()
     run_dir, errors = start_run(tmp_path, "../elsewhere", fields, _values(fields, data__train=DATA))
     assert "run name" in errors[""] and not (tmp_path.parent / "elsewhere").exists()
+
+
+def test_an_ended_process_that_another_process_started_is_not_running(tmp_path):
+    """A run the studio started is the studio's child: once it ends it is a zombie until the studio reaps it. Read
+    from another process (the benchmark, a second studio), that zombie is not running (it read as running, so
+    `studio_targets.py --client none` waited forever)."""
+    import subprocess
+    import time
+
+    code = "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":    # not reaped by its parent
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (tmp_path / process.PID_FILE).write_text(str(pid))
+        assert process.read_pid(tmp_path) is None
+    finally:
+        parent.kill()
+        parent.wait()

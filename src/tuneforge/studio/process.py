@@ -13,6 +13,7 @@ studio set in its own process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -53,13 +54,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:        # a zombie (our own child, exited, not yet reaped) is not running
+    try:        # a zombie (exited, not yet reaped by its parent) is not running
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state == "Z":
+    except (OSError, IndexError):
+        return True
+    if state == "Z":
+        with contextlib.suppress(ChildProcessError):        # our own child: reap it; another's: its parent will
             os.waitpid(pid, os.WNOHANG)
-            return False
-    except (OSError, IndexError, ChildProcessError):
-        pass
+        return False
     return True
 
 
