@@ -862,7 +862,7 @@ class TrainingRecipe:
             self.tokenizer.save_pretrained(folder)
             if with_state:
                 self.state.save(folder, optimizer_state=gathered.optimizer)
-                self.objective.save_state(folder)         # e.g. GRPO's rollouts of an unfinished block
+                self.objective.save_state(folder)         # e.g. the size of GRPO's samples.jsonl
                 save_file(gathered.trained(), str(folder / TRAINABLE_FILE))
 
         dist, step = self.dist, self.state.step

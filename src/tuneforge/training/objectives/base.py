@@ -88,7 +88,7 @@ class Objective:
 
     def save_state(self, folder: Path) -> None:
         """Write the objective's own training state into a resumable checkpoint ``folder`` (one with the trainer
-        state; never copied into the run's output): e.g. GRPO's rollouts of an unfinished ``num_iterations`` block.
+        state; never copied into the run's output): e.g. how much of GRPO's samples.jsonl it covers.
         Called on the main process. Default: nothing."""
 
     def save_process_state(self, folder: Path) -> None:
