@@ -9,8 +9,9 @@ today: DDP (``tests/test_distributed.py``: 2 processes on CPU with gloo end with
 FSDP2 (accelerate's ``fsdp_version: 2``, i.e. torch's ``fully_shard``) for ``lora`` and ``full`` on the
 ``sft``/``pretrain`` objectives (``tests/test_distributed_fsdp.py``, same proof), and DeepSpeed ZeRO-2 and
 ZeRO-3 (accelerate's ``distributed_type: DEEPSPEED``) for ``lora`` on the same objectives
-(``tests/test_distributed_deepspeed.py``, same proof). FSDP1 and the combinations not tested (QLoRA, other
-methods, preference training, offloading, ...) are refused with one line.
+(``tests/test_distributed_deepspeed.py``, same proof). DDP also trains ``task: grpo``
+(``tests/test_grpo_distributed.py``, same proof, samples included). FSDP1 and the combinations not tested (QLoRA,
+other methods, preference or GRPO training under FSDP2 or DeepSpeed, offloading, ...) are refused with one line.
 
 What the loop does with it (``training/trainer.py``):
 
@@ -18,7 +19,9 @@ What the loop does with it (``training/trainer.py``):
   (``world x gradient_accumulation_steps`` of them) and trains on its share ``rank::world``; so every process
   runs the same number of micro-batches (DDP would hang otherwise), the data cursor is the same everywhere
   (resume needs no per-rank state) and the step's normaliser (target tokens, or pairs) is summed over all
-  of them without communication.
+  of them without communication. An objective whose normaliser is work only the process training the micro-batch
+  should do (GRPO's rollout: ``Objective.local_normaliser``) is asked for its own share's, summed over the processes
+  (one all-reduce).
 * The objective's loss runs inside the wrapped module (:class:`~tuneforge.training.strategies.ObjectiveModule`:
   forward, LM head and loss in one ``forward``), so DDP's hooks see every parameter that gets a gradient;
   gradients are synchronised on the last micro-batch only (``no_sync`` before). DDP averages gradients over

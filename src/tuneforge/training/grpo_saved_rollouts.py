@@ -11,11 +11,17 @@ trained groups' tokens (int64, end to end: ``prompts`` with ``prompt_lengths [g]
 sampling policy's log-probabilities ``ref``/``old [k, T]`` (fp32, where the rollout has them), and in the file's
 metadata its key ``(epoch, micro-batch)`` and its metric sums (JSON). Reading it back packs the groups again (packing
 is deterministic), so the loss sees the same tensors bit for bit.
+
+Several processes (DDP): each samples only its own micro-batches, so each writes its own file
+(:func:`rollouts_file`: process 0 the one above, process ``r`` ``grpo_rollouts.rank<r>.safetensors``). A resumed run
+reads every process's file on every process (a rollout is found by its key): so it resumes on another number of
+processes too (with ``gradient_accumulation_steps`` to match, as any resume: the trainer's fingerprint).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,20 @@ from safetensors.torch import load_file, save_file
 from tuneforge.data.packing import PackedBatch
 
 ROLLOUTS_FILE = "grpo_rollouts.safetensors"
+
+
+def rollouts_file(rank: int) -> str:
+    """The file of process ``rank``'s rollouts in a checkpoint: each process (DDP) holds only its own micro-batches'.
+    Process 0 (and a single process) writes :data:`ROLLOUTS_FILE`."""
+    return ROLLOUTS_FILE if rank == 0 else f"grpo_rollouts.rank{rank}.safetensors"
+
+
+def rollouts_files(folder: Path) -> list[Path]:
+    """Every process's rollouts file in checkpoint ``folder`` (:func:`rollouts_file`), process 0's first."""
+    ranks = {int(m.group(1)): p for p in folder.glob("grpo_rollouts.rank*.safetensors")
+             if (m := re.fullmatch(r"grpo_rollouts\.rank(\d+)\.safetensors", p.name))}
+    own = [folder / ROLLOUTS_FILE] if (folder / ROLLOUTS_FILE).is_file() else []
+    return own + [ranks[r] for r in sorted(ranks)]
 
 
 Groups = list[tuple[list[int], list[list[int]]]]

@@ -289,6 +289,7 @@ class TrainingRecipe:
         self.started = time.time()
         # the engine of this launch (one process, DDP, FSDP2, DeepSpeed): training/strategies/
         self.dist = dist = setup_distributed(cpu=config.device == "cpu")
+        self.objective.processes = dist
         if dist.is_main:
             check_output_dir(self.run_dir)
         if config.auto_fit:
@@ -603,8 +604,12 @@ class TrainingRecipe:
         dist = self.dist
         # every process draws the step's micro-batches of all processes and trains on its share (distributed.py)
         batches = self._next_micro_batches(config.gradient_accumulation_steps * dist.world)
-        normaliser = sum(objective.normaliser(b) for b in batches)
         mine = batches[dist.rank::dist.world]
+        if objective.local_normaliser:
+            # the normaliser's work (GRPO: the rollout) on this process's share only, summed over the processes
+            normaliser = dist.sum(sum(objective.normaliser(b) for b in mine))
+        else:
+            normaliser = sum(objective.normaliser(b) for b in batches)
         step_loss = 0.0
         sums: dict[str, float] = {}
         for i, batch in enumerate(mine):
@@ -616,6 +621,9 @@ class TrainingRecipe:
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         step_loss, sums = dist.sum(step_loss), dist.sum_each(sums)       # over the processes
+        objective.end_step()
+        if objective.local_normaliser and not normaliser:
+            dist.zero_grad()      # nothing trained anywhere: no gradient, as one process (which runs no micro-batch)
         # the whole gradient's norm, clipped (max_norm inf: measured for the finiteness check, nothing scaled);
         # DeepSpeed's engine has clipped and stepped already (or skipped a non-finite step)
         grad_norm = dist.clip_grad_norm(config.max_grad_norm or math.inf)
@@ -640,7 +648,9 @@ class TrainingRecipe:
         dist.zero_grad()
 
         state.step += 1
-        step_tokens = sum(b.num_tokens for b in batches)
+        # a local normaliser: only this process's micro-batches know their tokens (GRPO: their rollouts')
+        step_tokens = (int(dist.sum(sum(b.num_tokens for b in mine))) if objective.local_normaliser else
+                       sum(b.num_tokens for b in batches))
         state.seen_tokens += step_tokens
         elapsed = time.time() - self.loop_start
         loss = step_loss / max(normaliser, 1)
@@ -852,7 +862,7 @@ class TrainingRecipe:
             self.tokenizer.save_pretrained(folder)
             if with_state:
                 self.state.save(folder, optimizer_state=gathered.optimizer)
-                self.objective.save_state(folder)         # e.g. GRPO's rollouts of an unfinished block
+                self.objective.save_state(folder)         # e.g. the size of GRPO's samples.jsonl
                 save_file(gathered.trained(), str(folder / TRAINABLE_FILE))
 
         dist, step = self.dist, self.state.step
@@ -860,6 +870,8 @@ class TrainingRecipe:
         folder = dist.broadcast(self.checkpoints.begin(kind, step) if dist.is_main else None)
         if with_state:
             dist.save_engine_state(folder)
+            self.objective.save_process_state(folder)     # e.g. GRPO's rollouts of this process's micro-batches
+            dist.barrier()                                # in the folder before the main process commits it
         keep = self.config.keep_checkpoints if kind == "last" else 1
         path = self.checkpoints.commit(kind, step, folder, write, keep=keep) if dist.is_main else \
             self.checkpoints.root / f"{kind}-{step:06d}"

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tuneforge.training.strategies import SingleProcess, Strategy
+
 if TYPE_CHECKING:
     from tuneforge.config import RunConfig
     from tuneforge.data.dataset import PreparedData
@@ -38,6 +40,13 @@ class Objective:
     Attributes:
         eval_metric: the key of :meth:`evaluate`'s result that picks the best checkpoint.
         higher_is_better: which way ``eval_metric`` improves.
+        local_normaliser: whether :meth:`normaliser` does work that only the process training the micro-batch
+            should do (GRPO: its rollout). The loop then asks each process for its own share of the step's
+            micro-batches only and sums the normalisers (and the step's tokens) over the processes; otherwise every
+            process asks for all of the step's micro-batches (no communication).
+        processes: the run's processes (the loop's :class:`~tuneforge.training.strategies.Strategy`, set before
+            :meth:`prepare_data`; one process by default): ``rank``, ``world``, ``is_main`` and the collectives an
+            objective may call where every process calls them (:meth:`end_step`, :meth:`evaluate`).
     """
 
     eval_metric: str = "eval_loss"
@@ -45,9 +54,11 @@ class Objective:
     # whether the loop's divergence and collapse checks apply to this objective's loss (a loss that starts near 0
     # and changes sign, or a gradient that is exactly 0 while there is nothing to learn yet, as RL's, does not)
     watches_divergence: bool = True
+    local_normaliser: bool = False
 
     def __init__(self, task: str) -> None:
         self.task = task
+        self.processes: Strategy = SingleProcess()
 
     def prepare_data(self, config: RunConfig, tokenizer: Any) -> PreparedData:
         """Load, render and tokenize ``config.data`` into train and validation examples (and rejects)."""
@@ -77,16 +88,26 @@ class Objective:
 
     def save_state(self, folder: Path) -> None:
         """Write the objective's own training state into a resumable checkpoint ``folder`` (one with the trainer
-        state; never copied into the run's output): e.g. GRPO's rollouts of an unfinished ``num_iterations`` block.
+        state; never copied into the run's output): e.g. how much of GRPO's samples.jsonl it covers.
         Called on the main process. Default: nothing."""
 
+    def save_process_state(self, folder: Path) -> None:
+        """Write what this process alone holds of the objective's training state into a resumable checkpoint
+        ``folder``: called on every process, before the main process writes the checkpoint (:meth:`save_state`);
+        e.g. GRPO's rollouts of its own micro-batches. Default: nothing."""
+
     def load_state(self, folder: Path, device: torch.device) -> None:
-        """Read back what :meth:`save_state` wrote into ``folder``, on ``--resume`` (after the trained weights and the
-        trainer state). Default: nothing."""
+        """Read back what :meth:`save_state` (and :meth:`save_process_state`) wrote into ``folder``, on ``--resume``
+        (after the trained weights and the trainer state), on every process. Default: nothing."""
 
     def after_training(self) -> None:
         """Called once the loop has ended (not after an interruption): e.g. a summary for the log. Default:
         nothing."""
+
+    def end_step(self) -> None:
+        """Called on every process once a step's micro-batches have trained, before :meth:`mean_metrics` (every
+        process reaches it: collectives through :attr:`processes` are allowed): e.g. GRPO gathers its rollouts'
+        metrics and samples. Default: nothing."""
 
     def normaliser(self, batch: PackedBatch) -> float:
         """Units this micro-batch contributes to the step's normaliser, known before any forward."""

@@ -1,7 +1,7 @@
 """GRPO (``task: grpo``): online RL with verifiable rewards, on padding-free packed rows.
 
 **A step.** A micro-batch is ``batch_size`` prompts (:mod:`tuneforge.data.grpo`). When the loop first asks for its
-normaliser (the loop does so for all of a step's micro-batches before any forward), its *rollout* is made
+normaliser (the loop does so for all of a step's micro-batches of this process before any forward), its rollout is made
 (:meth:`GRPOObjective.rollout`): ``G = grpo.num_generations`` completions per prompt sampled with the current
 policy (:func:`tuneforge.training.grpo_rollout.sample`: batched, KV-cached, eval mode, no grad, seeded by
 ``(seed, epoch, micro-batch)``), scored by the reward functions (:mod:`tuneforge.training.grpo_rewards`),
@@ -31,8 +31,18 @@ refill.
 in a row on the same rollouts (an epoch is that many times longer: :meth:`Objective.repeats`), as TRL's
 ``steps_per_generation x num_iterations``. Every resumable checkpoint keeps the block's rollouts
 (:mod:`tuneforge.training.grpo_saved_rollouts`): a run resumed inside a block trains its remaining steps on them, as
-the uninterrupted run does, instead of sampling anew with the moved policy. Single process only (the loop draws
-every process's micro-batches on each process: each would sample all of them).
+the uninterrupted run does, instead of sampling anew with the moved policy.
+
+**Several processes (DDP).** The loop draws every process's micro-batches on each process but asks each for the
+normaliser of its own share only (:attr:`Objective.local_normaliser`), summed over the processes: so each process
+samples only its own micro-batches, with the seeds one process would use for them (the key), and 2 processes with 1
+accumulation step train what 1 process with 2 trains. A block of ``num_iterations`` is a step's micro-batches of
+all processes (``gradient_accumulation_steps x processes``). No collective runs inside a rollout (refill rounds
+differ between processes): at the step's end (:meth:`GRPOObjective.end_step`) the rollout metrics are gathered and
+summed (lengths' min and max: their extremes), and the main process writes every process's samples.jsonl rows in
+micro-batch order. Each process checkpoints its own rollouts (:func:`~tuneforge.training.grpo_saved_rollouts.
+rollouts_file`); a resumed run reads every process's. Validation: each process samples its share of the batches, the
+reward sums added over the processes. FSDP2 and DeepSpeed refuse ``task: grpo`` (their ``check``).
 
 **Metrics** (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std`` (each function's, over
 the completions it scored), ``frac_reward_zero_std`` (share of completions in groups of equal rewards),
@@ -69,7 +79,14 @@ from tuneforge.methods.dispatch import shares_prompts
 from tuneforge.training.grpo_losses import group_advantages, loss_sum, nanstd, per_token_losses
 from tuneforge.training.grpo_rewards import Reward, build_rewards
 from tuneforge.training.grpo_rollout import completion_logps, completion_mask, sample
-from tuneforge.training.grpo_saved_rollouts import ROLLOUTS_FILE, Groups, Rollout, load_rollouts, save_rollouts
+from tuneforge.training.grpo_saved_rollouts import (
+    Groups,
+    Rollout,
+    load_rollouts,
+    rollouts_file,
+    rollouts_files,
+    save_rollouts,
+)
 from tuneforge.training.grpo_tool_calls import ToolCallReward
 from tuneforge.training.objectives.base import Objective, ObjectiveOutput
 from tuneforge.training.objectives.reference import FrozenWeights, reference_model
@@ -157,6 +174,20 @@ def _merge(into: dict[str, float], metrics: dict[str, float]) -> None:
             into[key] = into.get(key, 0.0) + value
 
 
+def _in_order(per_process: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The samples.jsonl rows of a step's processes (each process's in the order it sampled) as one process writes
+    them: by micro-batch ``(epoch, micro_batch)``, the rounds of a rollout in their order; a micro-batch two processes
+    both sampled (a step holding it twice, at the end of an epoch with ``num_iterations > 1``) once."""
+    by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for rows in per_process:
+        mine: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for row in rows:
+            mine.setdefault((row["epoch"], row["micro_batch"]), []).append(row)
+        for key, kept in mine.items():
+            by_key.setdefault(key, kept)
+    return [row for key in sorted(by_key) for row in by_key[key]]
+
+
 def _mean_std(sums: dict[str, float], key: str) -> tuple[float, float] | None:
     n = sums.get(f"{key}/n", 0.0)
     if not n:
@@ -172,6 +203,7 @@ class GRPOObjective(Objective):
     eval_metric = "eval_reward"
     higher_is_better = True
     watches_divergence = False       # the loss starts near 0 and changes sign; a zero gradient: nothing to learn yet
+    local_normaliser = True          # the normaliser makes the rollout: each process its own micro-batches'
 
     def __init__(self, task: str) -> None:
         super().__init__(task)
@@ -183,7 +215,8 @@ class GRPOObjective(Objective):
         self.pending: dict[str, float] = {}
         self.autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16, False)
         self.samples_path: Path | None = None
-        self.accumulation = 1            # gradient_accumulation_steps: a block of rollouts
+        self.sample_rows: list[dict[str, Any]] = []   # samples.jsonl's rows of this step's rollouts (end_step writes)
+        self.accumulation = 1            # gradient_accumulation_steps x processes: a block of rollouts (a step's)
         self.repeats_now = 1             # num_iterations (validation batches: 1)
         self.config: RunConfig | None = None
         self.keep: frozenset[int] = frozenset()     # special tokens kept in completion texts (tool-call markers)
@@ -206,7 +239,7 @@ class GRPOObjective(Objective):
         called = [r.fn.fmt for r in self.rewards if isinstance(r.fn, ToolCallReward)]
         self.keep = frozenset(special_marker_ids(tokenizer, called[0]).values()) if called else frozenset()
         self.tokenizer, self.config = tokenizer, config
-        self.accumulation = config.gradient_accumulation_steps
+        self.accumulation = config.gradient_accumulation_steps * self.processes.world
         needs = {r.name: r.needs for r in self.rewards if r.needs}
         data = prepare_prompts(config.data, tokenizer, config.seed, needs, config.grpo.max_completion_length)
         self.train_prompts = cast(list[GRPOPrompt], data.train)
@@ -235,13 +268,10 @@ class GRPOObjective(Objective):
     def before_training(self, model: torch.nn.Module, data: PreparedData, config: RunConfig,
                         device: torch.device) -> None:
         """Keep the model (rollouts sample from it) and the run's autocast; the frozen ``init_from`` adapter as the
-        reference (``beta > 0``). Single process only."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            raise ConfigError("task 'grpo' trains in one process for now: launch it without accelerate/torchrun")
+        reference (``beta > 0``)."""
         self.model, self.config = model, config
         self.repeats_now = config.grpo.num_iterations
-        self.accumulation = config.gradient_accumulation_steps
+        self.accumulation = config.gradient_accumulation_steps * self.processes.world
         kind = device.type
         self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         if config.init_from and config.grpo.beta > 0:
@@ -252,21 +282,28 @@ class GRPOObjective(Objective):
             log.info("grpo.share_prompt: each completion trains with its own copy of the prompt (the model's "
                      "attention is not tuneforge's packed attention, or the method re-packs rows)")
 
-    def save_state(self, folder: Path) -> None:
-        """``num_iterations > 1``: the cached rollouts (the current block's) into ``folder``
-        (:mod:`tuneforge.training.grpo_saved_rollouts`), so that a run resumed inside the block trains on them; and
-        how many bytes ``samples.jsonl`` holds, so that a resumed run drops the samples its killed predecessor wrote
-        after this checkpoint (it writes them again)."""
+    def save_process_state(self, folder: Path) -> None:
+        """``num_iterations > 1``: this process's cached rollouts (the current block's) into ``folder``
+        (:mod:`tuneforge.training.grpo_saved_rollouts`, one file per process), so that a run resumed inside the block
+        trains on them."""
         if self.repeats_now > 1 and self.rollouts:
-            save_rollouts(self.rollouts, folder / ROLLOUTS_FILE)
+            save_rollouts(self.rollouts, folder / rollouts_file(self.processes.rank))
+
+    def save_state(self, folder: Path) -> None:
+        """How many bytes ``samples.jsonl`` holds, so that a resumed run drops the samples its killed predecessor
+        wrote after this checkpoint (it writes them again)."""
         size = self.samples_path.stat().st_size if self.samples_path and self.samples_path.is_file() else 0
         (folder / STATE_FILE).write_text(json.dumps({"samples_bytes": size}))
 
     def load_state(self, folder: Path, device: torch.device) -> None:
-        path = folder / ROLLOUTS_FILE
-        self.rollouts = load_rollouts(path, device, self._pack) if path.is_file() else {}
+        """Every process's saved rollouts (a rollout is found by its key, so a run may resume on another number of
+        processes); the main process cuts ``samples.jsonl`` back to the checkpoint's size."""
+        self.rollouts = {}
+        for path in rollouts_files(folder):
+            self.rollouts.update(load_rollouts(path, device, self._pack))
         state = folder / STATE_FILE
-        if state.is_file() and self.samples_path is not None and self.samples_path.is_file():
+        if (self.processes.is_main and state.is_file() and self.samples_path is not None
+                and self.samples_path.is_file()):
             size = int(json.loads(state.read_text())["samples_bytes"])
             if self.samples_path.stat().st_size > size:
                 with open(self.samples_path, "r+b") as f:
@@ -409,20 +446,34 @@ class GRPOObjective(Objective):
 
     def _write_samples(self, prompts: list[GRPOPrompt], key: tuple[int, int], round: int, texts: list[str],
                        scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+        """Keep ``grpo.log_samples`` rows of a generation round for samples.jsonl (:meth:`end_step` writes them)."""
         count = self.config.grpo.log_samples if self.config is not None else 0
         if not count or self.samples_path is None:
             return
         group = len(texts) // max(1, len(prompts))
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            for i in range(min(count, len(texts))):
-                prompt = prompts[i // group]
-                row = {"epoch": key[0], "micro_batch": key[1], **({"refill_round": round} if round else {}),
-                       "prompt": prompt.where, "completion": texts[i],
-                       "reward": None if math.isnan(rewards[i]) else float(rewards[i]),
-                       "advantage": float(advantages[i]),
-                       "rewards": {r.name: None if math.isnan(scores[i, j]) else float(scores[i, j])
-                                   for j, r in enumerate(self.rewards)}}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for i in range(min(count, len(texts))):
+            prompt = prompts[i // group]
+            self.sample_rows.append({
+                "epoch": key[0], "micro_batch": key[1], **({"refill_round": round} if round else {}),
+                "prompt": prompt.where, "completion": texts[i],
+                "reward": None if math.isnan(rewards[i]) else float(rewards[i]), "advantage": float(advantages[i]),
+                "rewards": {r.name: None if math.isnan(scores[i, j]) else float(scores[i, j])
+                            for j, r in enumerate(self.rewards)}})
+
+    def end_step(self) -> None:
+        """Every process, once a step has trained: the rollout metrics of the step summed over the processes
+        (``length/min`` and ``/max``: their extremes), and the step's samples.jsonl rows written by the main process
+        in micro-batch order (as one process writes them: :func:`_in_order`)."""
+        rows, self.sample_rows = self.sample_rows, []
+        if self.processes.world > 1:
+            gathered = self.processes.all_gather_objects((self.pending, rows))
+            self.pending = {}
+            for pending, _ in gathered:            # rank order
+                _merge(self.pending, pending)
+            rows = _in_order([r for _, r in gathered])
+        if rows and self.processes.is_main and self.samples_path is not None:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
     # ---------------------------------------------------------------- the loss
 
@@ -496,9 +547,11 @@ class GRPOObjective(Objective):
     def evaluate(self, model: torch.nn.Module, batches: list[PackedBatch], device: torch.device,
                  config: RunConfig) -> dict[str, float]:
         """One greedy completion per validation prompt: ``eval_reward`` (the weighted reward's mean) and each
-        function's mean."""
+        function's mean. Several processes: each samples its share of the batches (``rank::world``) and the sums
+        are added over the processes (every process gets the same metrics)."""
         totals: dict[str, float] = {}
-        for batch in batches:
+        processes = self.processes
+        for batch in batches[processes.rank::processes.world]:
             assert isinstance(batch, GRPOBatch)
             samples = sample(model, self.tokenizer, [p.input_ids for p in batch.prompts], config, seed=0, greedy=True,
                              keep=self.keep)
@@ -511,6 +564,11 @@ class GRPOObjective(Objective):
             for key, values in [("reward", rewards)] + [(f"rewards/{r.name}", scores[:, i])
                                                         for i, r in enumerate(self.rewards)]:
                 for k, v in _sums(values, key).items():
+                    totals[k] = totals.get(k, 0.0) + v
+        if processes.world > 1:
+            parts, totals = processes.all_gather_objects(totals), {}
+            for part in parts:                     # rank order
+                for k, v in part.items():
                     totals[k] = totals.get(k, 0.0) + v
         out = {}
         for key in ["reward"] + [f"rewards/{r.name}" for r in self.rewards]:

@@ -12,7 +12,8 @@ to train), :meth:`~Strategy.prepare` (wrap the model, build the optimizer), per 
 and :meth:`~Strategy.zero_grad`; :meth:`~Strategy.run` for an evaluation; :meth:`~Strategy.gather` and
 :meth:`~Strategy.save_engine_state` for a checkpoint; :meth:`~Strategy.load_trained` and
 :meth:`~Strategy.load_optimizer` on resume, after :meth:`~Strategy.launch_of` has refused a checkpoint
-another engine wrote.
+another engine wrote. The collectives (:meth:`~Strategy.sum`, :meth:`~Strategy.all_gather_objects`, ...) where the
+loop, or an objective through its ``processes``, combines what each process computed.
 """
 
 from __future__ import annotations
@@ -246,6 +247,10 @@ class Strategy(ABC):
         """Each of ``values`` summed over the processes."""
 
     @abstractmethod
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (picklable), in rank order, on every process."""
+
+    @abstractmethod
     def main_process_first(self) -> contextlib.AbstractContextManager[None]:
         """The main process runs the block first (e.g. filling the tokenized-data cache), then the others."""
 
@@ -259,11 +264,12 @@ class Parallel(Strategy):
 
     def forward_backward(self, batch: Any, normaliser: float, last: bool) -> Any:
         # the engine averages gradients over processes: each scales its loss back to the step's sum. Every
-        # process runs every micro-batch, also one without a trained token (the engine's collectives need all)
+        # process runs every micro-batch, also one without a trained token (the engine's collectives need all); a
+        # step without any (GRPO: every group filtered out) gets a zero gradient
         with self.no_sync(skip=not last):
             with self.precision.autocast():
                 out = cast(torch.nn.Module, self.wrapped)(batch)
-            self.backward(out.loss_sum * (self.world / normaliser))
+            self.backward(out.loss_sum * (self.world / normaliser if normaliser else 0.0))
         return out
 
     @contextlib.contextmanager
@@ -293,6 +299,11 @@ class Parallel(Strategy):
 
     def sum_each(self, values: dict[str, float]) -> dict[str, float]:
         return {k: self.sum(v) for k, v in sorted(values.items())}      # one order on every process
+
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
 
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:

@@ -37,6 +37,9 @@ class SingleProcess(Strategy):
     def sum_each(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        return [value]
+
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
         yield
