@@ -154,6 +154,17 @@ def wait_finished(run_dir: Path, timeout_s: float = 3600) -> None:
         raise SystemExit(f"{run_dir}: the run did not finish: {run_dir / 'studio.log'}")
 
 
+def timed_get(url: str) -> float:
+    """The wall seconds of a GET of ``url`` (read to the end); a failed request counts as never answered (inf)."""
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            r.read()
+    except OSError:
+        return float("inf")
+    return time.perf_counter() - t0
+
+
 class Poller(threading.Thread):
     """What an open page does while a run trains: every ``every_s`` a GET of the page and the live-view tick."""
 
@@ -167,14 +178,8 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             t0 = time.perf_counter()
-            try:                        # a failed request counts as never answered (inf)
-                with urllib.request.urlopen(self.url, timeout=30) as r:
-                    r.read()
-                t1 = time.perf_counter()
-                self.page_s.append(t1 - t0)
-            except OSError:
-                t1 = time.perf_counter()
-                self.page_s.append(float("inf"))
+            self.page_s.append(timed_get(self.url))
+            t1 = time.perf_counter()
             try:
                 self.client.predict(self.run_dir, api_name="/on_tick")
                 self.tick_s.append(time.perf_counter() - t1)
@@ -210,12 +215,7 @@ class Prober(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             t0 = time.perf_counter()
-            try:                        # a failed request counts as never answered (inf)
-                with urllib.request.urlopen(self.url, timeout=30) as r:
-                    r.read()
-                self.probe_s.append(time.perf_counter() - t0)
-            except OSError:
-                self.probe_s.append(float("inf"))
+            self.probe_s.append(timed_get(self.url))
             self.done.wait(max(0.0, self.every_s - (time.perf_counter() - t0)))
 
 
