@@ -301,7 +301,9 @@ def loss_curve_svg(rows: list[dict], width: int = 560, height: int = 220) -> str
     def xy(p: tuple[float, float]) -> str:
         return f"{pad_l + (p[0] - x0) * sx:.1f},{height - pad_b - (p[1] - y0) * sy:.1f}"
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+    # viewBox + max-width: the curve shrinks to a narrower column (the studio's Train tab) instead of being cut off
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+             f"viewBox='0 0 {width} {height}' style='max-width:100%;height:auto' role='img' "
              f"aria-label='loss curve'><rect width='100%' height='100%' fill='#fff'/>"]
     for k in range(5):
         y = y0 + (y1 - y0) * k / 4
