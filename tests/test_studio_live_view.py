@@ -2,7 +2,7 @@
 them and reports no change (the curve is not drawn again); new rows of ``metrics.jsonl`` are parsed from where the
 last tick stopped and give new points, equal to a full re-read (:func:`~tuneforge.studio.runs_tab.last_metrics`,
 the reference); the log's tail equals :func:`~tuneforge.studio.process.log_tail`'s. Also: the training child's
-environment, and the page's timers (only the shown tab's tick)."""
+environment, and the page's timers (all active)."""
 
 from __future__ import annotations
 
@@ -134,9 +134,10 @@ def test_the_training_child_gets_the_environment_the_studio_started_with(monkeyp
     assert (env["OMP_NUM_THREADS"], env["EXTRA"], env["PATH"]) == ("3", "1", os.environ["PATH"])
 
 
-def test_the_page_runs_only_the_shown_tabs_timer(tmp_path):
-    """Every tab's timer starts paused but the first tab's (Runs); showing a tab starts its timers and pauses the
-    others'. Fails if a tab's timer ticks while another tab is shown."""
+def test_every_tabs_timer_is_active(tmp_path):
+    """Every tab's timer ticks from the page's load on: a timer started paused and set going by its tab's select
+    raced with the tab's first render (the Train tab's live view never ticked in about 2 of 5 browser-test runs).
+    Fails if any timer starts paused."""
     pytest.importorskip("gradio", reason="the studio needs the ui extra")
     from tuneforge.studio.app import build_app
 
@@ -144,10 +145,4 @@ def test_the_page_runs_only_the_shown_tabs_timer(tmp_path):
     config = app.get_config_file()
     timers = [c for c in config["components"] if c["type"] == "timer"]
     assert [(t["props"]["value"], t["props"]["active"]) for t in timers] == \
-        [(5.0, True), (1.0, False), (3.0, False), (3.0, False)]         # Runs, Train, Evaluate, Ship
-    train_timer = timers[1]["id"]
-    tab_ids = {c["props"].get("label"): c["id"] for c in config["components"] if c["type"] == "tabitem"}
-    handlers = [f for f in app.fns.values() if f.targets == [(tab_ids["Train"], "select")]
-                and [o._id for o in f.outputs] == [t["id"] for t in timers]]
-    assert len(handlers) == 1, "one select handler of the Train tab sets the timers"
-    assert [u.active for u in handlers[0].fn()] == [t["id"] == train_timer for t in timers]
+        [(5.0, True), (1.0, True), (3.0, True), (3.0, True)]         # Runs, Train, Evaluate, Ship

@@ -40,7 +40,7 @@ def report_frame(run_dir: str | None, height: int = 700) -> str:
 
 def build(folder: str, tab: Any = None) -> list[Any]:
     """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs. Returns the tab's timers
-    (the page runs only the shown tab's; this one starts paused)."""
+   ."""
     import gradio as gr
 
     def finished() -> list[str]:
@@ -91,6 +91,6 @@ def build(folder: str, tab: Any = None) -> list[Any]:
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
     if tab is not None:
         tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, other])
-    timer = gr.Timer(3.0, active=False)
+    timer = gr.Timer(3.0)           # active from the start: a tab's select pauses the others (app.py), never starts it
     timer.tick(on_tick, [run, other], [log, report, report_other], show_progress="hidden")
     return [timer]

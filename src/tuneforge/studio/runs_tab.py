@@ -181,7 +181,7 @@ def table(folder: str | Path) -> list[list[Any]]:
 
 def build(folder: str, refresh_s: float = 5.0) -> list[Any]:
     """The tab's components: the table, refreshed every ``refresh_s`` seconds and on the Refresh button. Returns the
-    tab's timers (the page runs only the shown tab's)."""
+    tab's timers."""
     import gradio as gr
 
     gr.Markdown(f"Runs under `{folder}`: status from each run directory's files (`studio.pid`, `run.json`, "

@@ -51,7 +51,7 @@ def serve_status(serve_dir: Path) -> str:
 
 def build(folder: str, model: str | None = None, tab: Any = None) -> list[Any]:
     """The tab's components; ``tab``: its Tab, whose selection refreshes the lists of runs. Returns the tab's timers
-    (the page runs only the shown tab's; this one starts paused)."""
+   ."""
     import gradio as gr
 
     from tuneforge.models.registry import DEFAULT_MODEL
@@ -142,6 +142,6 @@ def build(folder: str, model: str | None = None, tab: Any = None) -> list[Any]:
     refresh.click(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
     if tab is not None:
         tab.select(lambda: (gr.update(choices=finished()), gr.update(choices=finished())), outputs=[run, adapters])
-    timer = gr.Timer(3.0, active=False)
+    timer = gr.Timer(3.0)           # active from the start: a tab's select pauses the others (app.py), never starts it
     timer.tick(on_tick, run, [ship_log, serve_log, status], show_progress="hidden")
     return [timer]

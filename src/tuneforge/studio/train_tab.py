@@ -103,7 +103,7 @@ def progress(run_dir: str | Path) -> Progress:
 def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float = 1.0,
           plot_every_s: float = 5.0) -> list[Any]:
     """The tab's components; ``defaults``: initial form values by dotted key (e.g. the quickstart's data). Returns
-    the tab's timers (the page runs only the shown tab's; this one starts paused).
+    the tab's timers.
 
     Every ``refresh_s`` seconds the live view (:mod:`tuneforge.studio.live_view`) reads what was appended to the run's
     files: the status line, the log's tail, and the loss curve (an inline SVG, as the evaluation report's) drawn when
@@ -217,6 +217,6 @@ def build(folder: str, defaults: dict[str, Any] | None = None, refresh_s: float 
     view = gr.State(LiveView())            # per page: what its live view has read
     stop.click(on_stop, [run_pick, view], message)
     resume.click(on_resume, [run_pick, view], message)
-    timer = gr.Timer(refresh_s, active=False)
+    timer = gr.Timer(refresh_s)     # active from the start: a tab's select pauses the others (app.py), never starts it
     timer.tick(on_tick, [run_pick, view], [status, curve, log, view], show_progress="hidden")
     return [timer]
