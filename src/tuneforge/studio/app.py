@@ -56,24 +56,23 @@ def build_app(folder: str | Path = "runs", model: str | None = None, data_folder
     model = model or DEFAULT_MODEL
     files = data_tab.data_files(*(p for p in (data_folder, ".") if p)) + quickstart_data()
     files.sort(key=lambda f: not f.endswith("tickets_train.jsonl"))       # the quickstart's training file first
-    timers: dict[str, list[Any]] = {}           # each tab's timers
     with gr.Blocks(title="tuneforge studio", analytics_enabled=False) as app:
         gr.Markdown(f"## tuneforge studio\nruns in `{folder}`")
         with gr.Tab("Runs", id="runs"):
-            timers["runs"] = runs_tab.build(folder)
+            runs_tab.build(folder)
         with gr.Tab("Data", id="data"):
             data_tab.build(model, files)
         with gr.Tab("Train", id="train"):
             defaults = {"model": model}
             if files:
                 defaults["data.train"] = files[0]
-            timers["train"] = train_tab.build(folder, defaults)
+            train_tab.build(folder, defaults)
         with gr.Tab("Chat", id="chat") as chat:
             chat_tab.build(folder, model, chat)
         with gr.Tab("Evaluate", id="evaluate") as evaluate:
-            timers["evaluate"] = evaluate_tab.build(folder, evaluate)
+            evaluate_tab.build(folder, evaluate)
         with gr.Tab("Ship", id="ship") as ship:
-            timers["ship"] = ship_tab.build(folder, model, ship)
+            ship_tab.build(folder, model, ship)
         # every timer ticks, whatever tab is shown: pausing the hidden tabs' timers from each tab's select raced
         # with the tab's first render (the Train tab's live view never ticked in about 2 of 5 browser-test runs)
     return app
